@@ -1,0 +1,363 @@
+//! The CLI adapter: `keel chat` over a local Unix socket (mode 0600), and
+//! `keel run --stdin` serving one local user from stdin/stdout.
+//!
+//! Socket protocol, JSON lines. Client → keel: `{"text": "...", "chat":
+//! "local", "id": "<unique>"}` (`chat` and `id` optional; `id` makes a resend
+//! after a reconnect idempotent). keel → client: `{"ack": "accepted" |
+//! "duplicate", "seq": N}` once the turn is durable (R1), or `{"error":
+//! "..."}`; replies arrive as `{"reply": "...", "in_reply_to": "<id>"}`.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix::prelude::*;
+use futures::future::BoxFuture;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, Notify};
+
+use crate::error::{SendError, StoreError};
+use crate::health::Gate;
+use crate::ids::check_external_id;
+use crate::metrics::Metrics;
+use crate::outbox::{OutboundReply, ReplySink};
+use crate::session::{Deliver, Delivered, SessionRegistry};
+
+/// The chat name used by `keel run --stdin`.
+pub const STDIN_CHAT: &str = "stdin";
+/// Longest line a socket client may send.
+const MAX_LINE_BYTES: usize = 128 * 1024;
+
+/// Who is connected, so replies can find them.
+#[derive(Clone, Default)]
+pub struct CliClients {
+    inner: Arc<Mutex<ClientsInner>>,
+    /// Signalled whenever a stdin reply is printed.
+    printed: Arc<Notify>,
+}
+
+#[derive(Default)]
+struct ClientsInner {
+    sockets: HashMap<String, Vec<(u64, mpsc::UnboundedSender<String>)>>,
+    stdout: bool,
+    /// Keys of stdin messages whose reply has not been printed yet.
+    awaiting_stdout: HashSet<String>,
+}
+
+impl CliClients {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ClientsInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Delivers replies on the `cli` channel.
+pub struct CliSink {
+    pub clients: CliClients,
+}
+
+impl ReplySink for CliSink {
+    fn send(&self, reply: OutboundReply) -> BoxFuture<'static, Result<(), SendError>> {
+        let clients = self.clients.clone();
+        Box::pin(async move {
+            let line = json!({"reply": reply.text, "in_reply_to": reply.in_reply_to}).to_string();
+            if reply.chat == STDIN_CHAT && clients.lock().stdout {
+                let mut out = tokio::io::stdout();
+                let text = format!("{}\n", reply.text);
+                out.write_all(text.as_bytes())
+                    .await
+                    .map_err(|e| SendError::Transient(format!("stdout: {e}")))?;
+                out.flush()
+                    .await
+                    .map_err(|e| SendError::Transient(format!("stdout: {e}")))?;
+                if let Some(key) = &reply.in_reply_to {
+                    clients.lock().awaiting_stdout.remove(key);
+                }
+                clients.printed.notify_waiters();
+                return Ok(());
+            }
+            let mut inner = clients.lock();
+            let conns = inner.sockets.entry(reply.chat.clone()).or_default();
+            conns.retain(|(_, tx)| !tx.is_closed());
+            if conns.is_empty() {
+                return Err(SendError::Transient(format!(
+                    "no `keel chat` client connected for chat {:?}",
+                    reply.chat
+                )));
+            }
+            for (_, tx) in conns.iter() {
+                let _ = tx.send(line.clone());
+            }
+            Ok(())
+        })
+    }
+}
+
+/// The CLI adapter actor. Stopping it stops accepting connections.
+pub struct CliAdapter {
+    pub socket: Option<PathBuf>,
+    pub registry: Addr<SessionRegistry>,
+    pub gate: Gate,
+    pub metrics: Metrics,
+    pub clients: CliClients,
+}
+
+impl Actor for CliAdapter {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        let Some(path) = self.socket.clone() else {
+            return;
+        };
+        // keel holds the data-dir lock, so a socket file left here is stale.
+        let _ = std::fs::remove_file(&path);
+        let listener = match UnixListener::bind(&path) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "cli adapter cannot bind its socket; `keel chat` is unavailable");
+                return;
+            }
+        };
+        use std::os::unix::fs::PermissionsExt;
+        if let Err(e) = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot set socket mode 0600");
+        }
+        tracing::info!(path = %path.display(), "cli adapter listening");
+        let conn = Conn {
+            registry: self.registry.clone(),
+            gate: self.gate.clone(),
+            metrics: self.metrics.clone(),
+            clients: self.clients.clone(),
+        };
+        let accept = async move {
+            static NEXT: AtomicU64 = AtomicU64::new(1);
+            loop {
+                match listener.accept().await {
+                    Ok((stream, _)) => {
+                        let conn = conn.clone();
+                        let id = NEXT.fetch_add(1, Ordering::Relaxed);
+                        actix_rt::spawn(async move { conn.serve(id, stream).await });
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cli accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        };
+        ctx.spawn(actix::fut::wrap_future(accept));
+    }
+
+    fn stopped(&mut self, _: &mut Self::Context) {
+        if let Some(path) = &self.socket {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Serve stdin until EOF; resolves when every reply has been printed (or the
+/// deadline passed). Sent by the app once intake is open.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ServeStdin {
+    pub reply_deadline: Duration,
+}
+
+impl Handler<ServeStdin> for CliAdapter {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, msg: ServeStdin, _: &mut Context<Self>) -> Self::Result {
+        self.clients.lock().stdout = true;
+        let conn = Conn {
+            registry: self.registry.clone(),
+            gate: self.gate.clone(),
+            metrics: self.metrics.clone(),
+            clients: self.clients.clone(),
+        };
+        Box::pin(async move { conn.serve_stdin(msg.reply_deadline).await })
+    }
+}
+
+#[derive(Clone)]
+struct Conn {
+    registry: Addr<SessionRegistry>,
+    gate: Gate,
+    metrics: Metrics,
+    clients: CliClients,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClientLine {
+    text: String,
+    chat: Option<String>,
+    id: Option<String>,
+}
+
+/// A key for a message that came without one: unique per process and line.
+fn fresh_key(prefix: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!(
+        "{prefix}-{}-{nanos}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+impl Conn {
+    async fn deliver(&self, chat: &str, key: String, text: String) -> Result<Delivered, String> {
+        let Some(_guard) = self.gate.enter() else {
+            return Err(
+                "keel is not accepting messages right now (starting or shutting down)".into(),
+            );
+        };
+        let res = self
+            .registry
+            .send(Deliver {
+                channel: "cli".into(),
+                chat: chat.to_string(),
+                from: "local".into(),
+                key,
+                text,
+            })
+            .await
+            .unwrap_or(Err(StoreError::Closed));
+        let outcome = match &res {
+            Ok(Delivered::Accepted { .. }) => "accepted",
+            Ok(Delivered::Duplicate { .. }) => "duplicate",
+            Err(_) => "unavailable",
+        };
+        self.metrics
+            .inbound
+            .with_label_values(&["cli", outcome])
+            .inc();
+        res.map_err(|e| e.to_string())
+    }
+
+    async fn serve(self, conn_id: u64, stream: UnixStream) {
+        let (read, mut write) = stream.into_split();
+        let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+        let writer = actix_rt::spawn(async move {
+            while let Some(line) = rx.recv().await {
+                if write
+                    .write_all(format!("{line}\n").as_bytes())
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        let mut lines = BufReader::new(read);
+        let mut registered: HashSet<String> = HashSet::new();
+        let mut buf = String::new();
+        loop {
+            buf.clear();
+            match (&mut lines)
+                .take(MAX_LINE_BYTES as u64 + 1)
+                .read_line(&mut buf)
+                .await
+            {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            if buf.len() > MAX_LINE_BYTES {
+                let _ = tx.send(
+                    json!({"error": format!("line longer than {MAX_LINE_BYTES} bytes")})
+                        .to_string(),
+                );
+                break;
+            }
+            let reply = match serde_json::from_str::<ClientLine>(buf.trim_end()) {
+                Err(e) => json!({"error": format!("invalid request: {e}")}),
+                Ok(line) => {
+                    let chat = line.chat.unwrap_or_else(|| "local".to_string());
+                    if let Err(e) = check_external_id("chat", &chat) {
+                        json!({"error": e})
+                    } else if line.text.trim().is_empty() || line.text.contains('\0') {
+                        json!({"error": "text must be non-empty and contain no NUL"})
+                    } else {
+                        if registered.insert(chat.clone()) {
+                            self.clients
+                                .lock()
+                                .sockets
+                                .entry(chat.clone())
+                                .or_default()
+                                .push((conn_id, tx.clone()));
+                        }
+                        let key = line.id.unwrap_or_else(|| fresh_key("cli"));
+                        match check_external_id("id", &key) {
+                            Err(e) => json!({"error": e}),
+                            Ok(()) => match self.deliver(&chat, key, line.text).await {
+                                Ok(Delivered::Accepted { seq, .. }) => {
+                                    json!({"ack": "accepted", "seq": seq})
+                                }
+                                Ok(Delivered::Duplicate { seq, .. }) => {
+                                    json!({"ack": "duplicate", "seq": seq})
+                                }
+                                Err(e) => json!({"error": e}),
+                            },
+                        }
+                    }
+                }
+            };
+            if tx.send(reply.to_string()).is_err() {
+                break;
+            }
+        }
+        {
+            let mut inner = self.clients.lock();
+            for chat in registered {
+                if let Some(v) = inner.sockets.get_mut(&chat) {
+                    v.retain(|(id, _)| *id != conn_id);
+                }
+            }
+        }
+        drop(tx);
+        let _ = writer.await;
+    }
+
+    async fn serve_stdin(self, reply_deadline: Duration) {
+        let mut lines = BufReader::new(tokio::io::stdin()).lines();
+        loop {
+            let line = match lines.next_line().await {
+                Ok(Some(l)) => l,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "stdin unreadable; stopping");
+                    break;
+                }
+            };
+            if line.trim().is_empty() {
+                continue;
+            }
+            let key = fresh_key("stdin");
+            self.clients.lock().awaiting_stdout.insert(key.clone());
+            if let Err(e) = self.deliver(STDIN_CHAT, key.clone(), line).await {
+                self.clients.lock().awaiting_stdout.remove(&key);
+                eprintln!("keel: message not stored: {e}");
+            }
+        }
+        // EOF: wait until every reply has been printed, then return.
+        let wait = async {
+            loop {
+                let printed = self.clients.printed.notified();
+                if self.clients.lock().awaiting_stdout.is_empty() {
+                    return;
+                }
+                printed.await;
+            }
+        };
+        if tokio::time::timeout(reply_deadline, wait).await.is_err() {
+            tracing::warn!("stdin closed; some replies were not printed before the deadline (they stay in the outbox)");
+        }
+    }
+}

@@ -1,0 +1,396 @@
+//! The webhook adapter: `POST /v1/messages` in, replies POSTed to
+//! `webhook.reply_url` out.
+//!
+//! Order of checks on a request: body size (streamed, never buffered past the
+//! limit) → content encoding → signature over the raw body (constant time) →
+//! JSON shape → field rules → intake gate → durable commit → 200. Every
+//! rejection is a 4xx with a one-line `{"error": ...}` and stores nothing.
+
+use std::sync::{Arc, RwLock};
+
+use actix::Addr;
+use actix_web::{web, HttpRequest, HttpResponse};
+use futures::future::BoxFuture;
+use futures::StreamExt;
+use hmac::{Hmac, Mac};
+use serde::de::{self, Deserializer, Visitor};
+use serde::Deserialize;
+use serde_json::json;
+use sha2::Sha256;
+
+use crate::error::{SendError, StoreError};
+use crate::health::Gate;
+use crate::ids::check_external_id;
+use crate::metrics::Metrics;
+use crate::outbox::{OutboundReply, ReplySink};
+use crate::session::{Deliver, Delivered, SessionRegistry};
+
+/// Longest message text accepted, in bytes.
+pub const MAX_TEXT_BYTES: usize = 64 * 1024;
+
+/// Reloadable webhook settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WebhookSettings {
+    pub secret: Option<String>,
+    pub max_body_bytes: usize,
+}
+
+/// What the webhook handler needs; shared by all HTTP workers.
+#[derive(Clone)]
+pub struct WebhookState {
+    pub settings: Arc<RwLock<WebhookSettings>>,
+    pub registry: Addr<SessionRegistry>,
+    pub gate: Gate,
+    pub metrics: Metrics,
+}
+
+/// A validated inbound message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InboundMessage {
+    pub id: String,
+    pub chat: String,
+    pub from: String,
+    pub text: String,
+}
+
+#[derive(Deserialize)]
+struct Wire {
+    #[serde(deserialize_with = "message_id")]
+    id: String,
+    #[serde(deserialize_with = "chat_id")]
+    chat: String,
+    #[serde(deserialize_with = "chat_id")]
+    from: String,
+    text: String,
+}
+
+/// `id`: a string, or a non-negative integer (kept as its decimal text).
+fn message_id<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    d.deserialize_any(IdVisitor { negative_ok: false })
+}
+
+/// `chat` / `from`: a string or any i64 (Telegram-style negative ids).
+fn chat_id<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    d.deserialize_any(IdVisitor { negative_ok: true })
+}
+
+struct IdVisitor {
+    negative_ok: bool,
+}
+
+impl<'de> Visitor<'de> for IdVisitor {
+    type Value = String;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.negative_ok {
+            f.write_str("a string or an integer")
+        } else {
+            f.write_str("a string or a non-negative integer")
+        }
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<String, E> {
+        Ok(v.to_string())
+    }
+
+    fn visit_string<E: de::Error>(self, v: String) -> Result<String, E> {
+        Ok(v)
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<String, E> {
+        Ok(v.to_string())
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<String, E> {
+        if v < 0 && !self.negative_ok {
+            return Err(E::invalid_value(de::Unexpected::Signed(v), &self));
+        }
+        Ok(v.to_string())
+    }
+}
+
+/// A rejection: HTTP status and one line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub status: u16,
+    pub error: String,
+}
+
+fn reject(status: u16, error: impl Into<String>) -> Rejection {
+    Rejection {
+        status,
+        error: error.into(),
+    }
+}
+
+/// Verify `X-Keel-Signature: sha256=<hex>` over the raw body.
+pub fn check_signature(secret: &str, header: Option<&[u8]>, body: &[u8]) -> Result<(), Rejection> {
+    let Some(header) = header else {
+        return Err(reject(401, "missing X-Keel-Signature header"));
+    };
+    let Some(hex_sig) = header.strip_prefix(b"sha256=") else {
+        return Err(reject(401, "X-Keel-Signature must look like sha256=<hex>"));
+    };
+    let Ok(sig) = hex::decode(hex_sig) else {
+        return Err(reject(401, "X-Keel-Signature is not valid hex"));
+    };
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes())
+        .map_err(|_| reject(500, "webhook secret unusable"))?;
+    mac.update(body);
+    // `verify_slice` compares in constant time.
+    mac.verify_slice(&sig)
+        .map_err(|_| reject(401, "signature does not match the body"))
+}
+
+/// Parse and validate a request body.
+pub fn parse_message(body: &[u8]) -> Result<InboundMessage, Rejection> {
+    let wire: Wire =
+        serde_json::from_slice(body).map_err(|e| reject(400, format!("invalid JSON body: {e}")))?;
+    check_external_id("id", &wire.id).map_err(|e| reject(400, e))?;
+    check_external_id("chat", &wire.chat).map_err(|e| reject(400, e))?;
+    check_external_id("from", &wire.from).map_err(|e| reject(400, e))?;
+    if wire.text.trim().is_empty() {
+        return Err(reject(400, "text must not be empty"));
+    }
+    if wire.text.len() > MAX_TEXT_BYTES {
+        return Err(reject(
+            413,
+            format!(
+                "text is {} bytes (at most {MAX_TEXT_BYTES})",
+                wire.text.len()
+            ),
+        ));
+    }
+    if wire.text.contains('\0') {
+        return Err(reject(400, "text contains a NUL character"));
+    }
+    Ok(InboundMessage {
+        id: wire.id,
+        chat: wire.chat,
+        from: wire.from,
+        text: wire.text,
+    })
+}
+
+fn error_response(r: &Rejection) -> HttpResponse {
+    HttpResponse::build(
+        actix_web::http::StatusCode::from_u16(r.status)
+            .unwrap_or(actix_web::http::StatusCode::BAD_REQUEST),
+    )
+    .json(json!({ "error": r.error }))
+}
+
+/// Read the body, refusing anything over `limit` without buffering it.
+async fn read_limited(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+    limit: usize,
+) -> Result<web::BytesMut, Rejection> {
+    if let Some(len) = req
+        .headers()
+        .get(actix_web::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        if len > limit as u64 {
+            return Err(reject(
+                413,
+                format!("body is {len} bytes (at most {limit})"),
+            ));
+        }
+    }
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| reject(400, format!("cannot read body: {e}")))?;
+        if body.len() + chunk.len() > limit {
+            return Err(reject(413, format!("body exceeds {limit} bytes")));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// `POST /v1/messages`.
+pub async fn post_message(
+    state: web::Data<WebhookState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> HttpResponse {
+    let settings = state
+        .settings
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let result = handle(&state, &settings, &req, payload).await;
+    let outcome = match &result {
+        Ok(Delivered::Accepted { .. }) => "accepted",
+        Ok(Delivered::Duplicate { .. }) => "duplicate",
+        Err(r) if r.status == 503 => "unavailable",
+        Err(_) => "rejected",
+    };
+    state
+        .metrics
+        .inbound
+        .with_label_values(&["webhook", outcome])
+        .inc();
+    match result {
+        Ok(Delivered::Accepted { session, .. }) => {
+            HttpResponse::Ok().json(json!({"status": "accepted", "session": session}))
+        }
+        Ok(Delivered::Duplicate { session, .. }) => {
+            HttpResponse::Ok().json(json!({"status": "duplicate", "session": session}))
+        }
+        Err(r) => {
+            if r.status != 503 {
+                // `{:?}` escapes control characters: no log injection.
+                tracing::info!(status = r.status, error = ?r.error, "webhook request rejected");
+            }
+            error_response(&r)
+        }
+    }
+}
+
+async fn handle(
+    state: &WebhookState,
+    settings: &WebhookSettings,
+    req: &HttpRequest,
+    payload: web::Payload,
+) -> Result<Delivered, Rejection> {
+    if let Some(enc) = req.headers().get(actix_web::http::header::CONTENT_ENCODING) {
+        if !enc.as_bytes().eq_ignore_ascii_case(b"identity") {
+            return Err(reject(
+                415,
+                "Content-Encoding is not supported; send plain JSON",
+            ));
+        }
+    }
+    let body = read_limited(req, payload, settings.max_body_bytes).await?;
+    if let Some(secret) = &settings.secret {
+        let header = req.headers().get("x-keel-signature").map(|v| v.as_bytes());
+        check_signature(secret, header, &body)?;
+    }
+    let msg = parse_message(&body)?;
+    let Some(_guard) = state.gate.enter() else {
+        return Err(reject(
+            503,
+            "not accepting messages right now (starting or shutting down)",
+        ));
+    };
+    let delivered = state
+        .registry
+        .send(Deliver {
+            channel: "webhook".into(),
+            chat: msg.chat,
+            from: msg.from,
+            key: msg.id,
+            text: msg.text,
+        })
+        .await
+        .unwrap_or(Err(StoreError::Closed));
+    delivered.map_err(|e| match e {
+        StoreError::Invalid(m) => reject(422, m),
+        StoreError::Closed => reject(503, "shutting down"),
+        other => reject(503, other.to_string()),
+    })
+}
+
+/// Sends webhook replies to `reply_url`.
+pub struct WebhookSink {
+    pub client: reqwest::Client,
+    pub url: String,
+}
+
+impl ReplySink for WebhookSink {
+    fn send(&self, reply: OutboundReply) -> BoxFuture<'static, Result<(), SendError>> {
+        let req = self.client.post(&self.url).json(&json!({
+            "id": reply.id.to_string(),
+            "chat": reply.chat,
+            "in_reply_to": reply.in_reply_to,
+            "text": reply.text,
+        }));
+        Box::pin(async move {
+            let resp = req.send().await.map_err(|e| {
+                let detail = crate::agent::without_url(&e);
+                // A timeout means the request may have arrived.
+                if e.is_timeout() {
+                    SendError::Unknown(detail)
+                } else {
+                    SendError::Transient(detail)
+                }
+            })?;
+            let status = resp.status();
+            if status.is_success() {
+                return Ok(());
+            }
+            if status.as_u16() == 429 {
+                let wait = resp
+                    .headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .unwrap_or(1)
+                    .min(3600);
+                return Err(SendError::RetryAfter(std::time::Duration::from_secs(wait)));
+            }
+            if status.is_client_error() && status.as_u16() != 408 {
+                return Err(SendError::Permanent(format!(
+                    "reply_url answered HTTP {}",
+                    status.as_u16()
+                )));
+            }
+            Err(SendError::Transient(format!(
+                "reply_url answered HTTP {}",
+                status.as_u16()
+            )))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sign(secret: &str, body: &[u8]) -> String {
+        let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+        mac.update(body);
+        format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+    }
+
+    #[test]
+    fn signatures_are_checked() {
+        let body = br#"{"id":"1"}"#;
+        let good = sign("k", body);
+        assert!(check_signature("k", Some(good.as_bytes()), body).is_ok());
+        assert_eq!(check_signature("k", None, body).unwrap_err().status, 401);
+        let other = sign("other", body);
+        assert!(check_signature("k", Some(other.as_bytes()), body).is_err());
+        assert!(check_signature("k", Some(b"sha256=zz"), body).is_err());
+        assert!(check_signature("k", Some(b"sha1=00"), body).is_err());
+        assert!(check_signature("k", Some(good.as_bytes()), b"{\"id\":\"2\"}").is_err());
+    }
+
+    #[test]
+    fn ids_accept_strings_and_integers_only() {
+        let ok = parse_message(br#"{"id":7,"chat":-100123,"from":"u","text":"hi"}"#).unwrap();
+        assert_eq!((ok.id.as_str(), ok.chat.as_str()), ("7", "-100123"));
+        for bad in [
+            r#"{"id":1.5,"chat":"c","from":"u","text":"hi"}"#,
+            r#"{"id":-1,"chat":"c","from":"u","text":"hi"}"#,
+            r#"{"id":null,"chat":"c","from":"u","text":"hi"}"#,
+            r#"{"id":"1","chat":"c","from":"u","text":"hi","id":"2"}"#,
+            r#"{"id":"1","chat":"c\n","from":"u","text":"hi"}"#,
+            r#"{"id":"1","chat":"c","from":"u","text":"a\u0000b"}"#,
+            r#"{"id":"1","chat":"c","from":"u","text":"\ud800"}"#,
+            r#"{"id":"1","chat":"c","from":"u"}"#,
+            r#"{"id":"","chat":"c","from":"u","text":"hi"}"#,
+        ] {
+            let r = parse_message(bad.as_bytes()).unwrap_err();
+            assert_eq!(r.status, 400, "{bad}: {}", r.error);
+            assert!(!r.error.contains('\n'));
+        }
+        let unknown = parse_message(br#"{"id":"1","chat":"c","from":"u","text":"hi","x":[1]}"#);
+        assert!(unknown.is_ok());
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        assert_eq!(parse_message(deep.as_bytes()).unwrap_err().status, 400);
+    }
+}

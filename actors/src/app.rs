@@ -1,0 +1,276 @@
+//! Build the actor graph from a `Config`, in the start order of R32:
+//! config → store (open, integrity check, migrate) → recovery (boot epoch,
+//! unsent replies, awaiting turns) → adapters by priority → owner notice →
+//! ready. The `settings_*` functions are the one path that turns a `Config`
+//! into running settings; startup and SIGHUP reload both go through them.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use actix::prelude::*;
+use tokio::sync::oneshot;
+
+use crate::adapter::cli::{CliAdapter, CliClients, CliSink};
+use crate::adapter::webhook::{WebhookSettings, WebhookSink, WebhookState};
+use crate::agent::AgentSettings;
+use crate::brain::CommandBrain;
+use crate::config::Config;
+use crate::error::StoreError;
+use crate::health::{Gate, Health, Phase};
+use crate::lifecycle::{ExitReport, Lifecycle, LogLevelHook};
+use crate::metrics::Metrics;
+use crate::outbox::{OutboxActor, OutboxKick, ReplySink};
+use crate::persistence::{
+    self, CommitNotice, PersistenceActor, RecordBoot, SessionKey, StoreOptions,
+};
+use crate::session::{ResumeAwaiting, SessionRegistry, SessionSettings};
+
+/// Why keel could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Config(String),
+}
+
+/// Options that only exist on the command line.
+#[derive(Clone, Default)]
+pub struct RunOptions {
+    /// Serve one local user on stdin/stdout (`keel run --stdin`).
+    pub stdin: bool,
+    /// Changes the log filter on reload (owned by the binary).
+    pub log_level: Option<LogLevelHook>,
+}
+
+/// A started keel.
+pub struct Running {
+    pub lifecycle: Addr<Lifecycle>,
+    /// Resolves when shutdown finished.
+    pub done: oneshot::Receiver<ExitReport>,
+    /// The HTTP address actually bound (useful with port 0).
+    pub http_addr: SocketAddr,
+    pub cli: Option<Addr<CliAdapter>>,
+    pub boot_epoch: i64,
+}
+
+/// Channels that have somewhere to send replies.
+pub fn routed_channels(config: &Config, cli_enabled: bool) -> HashSet<String> {
+    let mut routed = HashSet::new();
+    if cli_enabled {
+        routed.insert("cli".to_string());
+    }
+    if config.webhook.enabled && config.webhook.reply_url.is_some() {
+        routed.insert("webhook".to_string());
+    }
+    routed
+}
+
+pub fn settings_sessions(config: &Config, cli_enabled: bool) -> SessionSettings {
+    let agent = config.agent.url.as_ref().map(|url| AgentSettings {
+        url: url.clone(),
+        timeout: Duration::from_millis(config.agent.timeout_ms),
+        attempts: config.agent.attempts,
+    });
+    SessionSettings {
+        brain: Arc::new(CommandBrain::new(agent.is_some())),
+        routed_channels: routed_channels(config, cli_enabled),
+        agent,
+    }
+}
+
+pub fn settings_webhook(config: &Config) -> WebhookSettings {
+    WebhookSettings {
+        secret: config.webhook.secret.clone(),
+        max_body_bytes: config.webhook.max_body_bytes,
+    }
+}
+
+pub fn settings_sinks(
+    config: &Config,
+    http: &reqwest::Client,
+    cli: Option<&CliClients>,
+) -> HashMap<String, Arc<dyn ReplySink>> {
+    let mut sinks: HashMap<String, Arc<dyn ReplySink>> = HashMap::new();
+    if let Some(clients) = cli {
+        sinks.insert(
+            "cli".into(),
+            Arc::new(CliSink {
+                clients: clients.clone(),
+            }),
+        );
+    }
+    if let (true, Some(url)) = (config.webhook.enabled, &config.webhook.reply_url) {
+        sinks.insert(
+            "webhook".into(),
+            Arc::new(WebhookSink {
+                client: http.clone(),
+                url: url.clone(),
+            }),
+        );
+    }
+    sinks
+}
+
+/// The "keel restarted" text (R18).
+fn restart_notice(boot_epoch: i64, pending_replies: i64, awaiting: usize) -> String {
+    let mut text = format!("keel restarted (start #{boot_epoch}).");
+    if pending_replies > 0 {
+        text.push_str(&format!(
+            " {pending_replies} unsent replies are being delivered now."
+        ));
+    }
+    if awaiting > 0 {
+        text.push_str(&format!(
+            " {awaiting} messages were still waiting for the agent; they are being answered."
+        ));
+    }
+    text.push_str(" If you were waiting on something, ask again.");
+    text
+}
+
+/// Start keel. Must run inside an actix `System`.
+pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartError> {
+    let metrics = Metrics::new();
+    let health = Health::new(metrics.clone());
+    let gate = Gate::closed();
+
+    // Stores: open, integrity check, migrate (blocking, before anything else).
+    let store_opts = StoreOptions::from_config(&config);
+    let open_opts = store_opts.clone();
+    let (conn, report) = tokio::task::spawn_blocking(move || persistence::open_store(&open_opts))
+        .await
+        .map_err(|e| StartError::Config(format!("store open task failed: {e}")))??;
+    tracing::info!(
+        path = %store_opts.path.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| ":memory:".into()),
+        schema = report.schema_version,
+        migrated_from = report.migrated_from,
+        "store open"
+    );
+    let persistence =
+        PersistenceActor::new(conn, store_opts, health.clone(), metrics.clone()).start();
+
+    // The HTTP listener comes up early so /healthz and /readyz answer during
+    // recovery; the webhook route refuses messages until the gate opens.
+    let http = reqwest::Client::new();
+    let cli_enabled = config.cli.enabled;
+    let cli_clients = cli_enabled.then(CliClients::default);
+    let outbox = OutboxActor::new(
+        persistence.clone(),
+        settings_sinks(&config, &http, cli_clients.as_ref()),
+        config.outbox.clone(),
+        metrics.clone(),
+    );
+    // Recovery: count this start, then start the outbox (it sends what an
+    // earlier run left unsent) and resume turns awaiting the agent.
+    let stats = persistence
+        .send(RecordBoot)
+        .await
+        .unwrap_or(Err(StoreError::Closed))?;
+    metrics.boot_epoch.set(stats.boot_epoch);
+    let outbox = outbox.start();
+    let registry = SessionRegistry::new(
+        persistence.clone(),
+        outbox.clone().recipient(),
+        settings_sessions(&config, cli_enabled),
+        metrics.clone(),
+    )
+    .start();
+    let awaiting = registry
+        .send(ResumeAwaiting)
+        .await
+        .unwrap_or(Err(StoreError::Closed))?;
+
+    // Adapters in priority order (R15): cli, then webhook.
+    let cli = cli_clients.as_ref().map(|clients| {
+        let socket = (!config.ephemeral).then(|| config.cli_socket());
+        CliAdapter {
+            socket,
+            registry: registry.clone(),
+            gate: gate.clone(),
+            metrics: metrics.clone(),
+            clients: clients.clone(),
+        }
+        .start()
+    });
+    let webhook_settings = Arc::new(RwLock::new(settings_webhook(&config)));
+    let webhook = config.webhook.enabled.then(|| WebhookState {
+        settings: webhook_settings.clone(),
+        registry: registry.clone(),
+        gate: gate.clone(),
+        metrics: metrics.clone(),
+    });
+    let addr = config
+        .listen_addr()
+        .map_err(|e| StartError::Config(format!("listen: {e}")))?;
+    let (http_addr, server) = crate::http::serve(
+        addr,
+        health.clone(),
+        metrics.clone(),
+        persistence.clone(),
+        webhook,
+    )
+    .map_err(|source| StartError::Bind { addr, source })?;
+    tracing::info!(addr = %http_addr, "http listening");
+
+    // Owner notification (R18), through the outbox like any reply.
+    if let Some(owner) = &config.owner {
+        let session = SessionKey::new(&owner.channel, &owner.chat);
+        let deliver = routed_channels(&config, cli_enabled).contains(&owner.channel);
+        let text = restart_notice(stats.boot_epoch, stats.outbox_pending, awaiting);
+        persistence
+            .send(CommitNotice {
+                session,
+                text,
+                deliver,
+            })
+            .await
+            .unwrap_or(Err(StoreError::Closed))?;
+        outbox.do_send(OutboxKick);
+    }
+
+    // Ready: intake opens.
+    gate.open();
+    health.set_phase(Phase::Ready);
+    tracing::info!(
+        boot_epoch = stats.boot_epoch,
+        sessions = stats.sessions,
+        unsent_replies = stats.outbox_pending,
+        awaiting_agent = awaiting,
+        "keel ready"
+    );
+
+    let (done_tx, done) = oneshot::channel();
+    let lifecycle = Lifecycle {
+        config,
+        health,
+        gate,
+        metrics,
+        persistence,
+        registry,
+        outbox,
+        cli: cli.clone(),
+        http: server,
+        http_client: http,
+        cli_clients,
+        webhook_settings,
+        log_level: opts.log_level,
+        shutting_down: false,
+        done: Some(done_tx),
+    }
+    .start();
+    Ok(Running {
+        lifecycle,
+        done,
+        http_addr,
+        cli,
+        boot_epoch: stats.boot_epoch,
+    })
+}

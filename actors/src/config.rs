@@ -1,0 +1,391 @@
+//! keel's configuration: the `keel.toml` schema with defaults, and validation.
+//!
+//! Parsing and validation are pure (text in, `Config` or a one-line error
+//! out) so startup and SIGHUP reload run exactly the same checks. Reading the
+//! file and overlaying flags and environment happens in the binary (`src/`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::ConfigError;
+
+/// The whole configuration. Unknown keys are rejected so a typo is an error,
+/// not a silently ignored setting.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where the SQLite database and the CLI socket live.
+    pub data_dir: PathBuf,
+    /// Admin + webhook HTTP listener.
+    pub listen: String,
+    /// `tracing` filter directive, e.g. `info` or `keel_actors=debug`.
+    pub log_level: String,
+    /// Deadline for draining in-flight work on SIGTERM (R33).
+    pub shutdown_timeout_ms: u64,
+    /// Run fully in memory: no files at all (R5).
+    pub ephemeral: bool,
+    pub storage: StorageConfig,
+    pub webhook: WebhookConfig,
+    pub cli: CliConfig,
+    pub agent: AgentConfig,
+    pub owner: Option<OwnerConfig>,
+    pub outbox: OutboxConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("./keel-data"),
+            listen: "127.0.0.1:7878".to_string(),
+            log_level: "info".to_string(),
+            shutdown_timeout_ms: 5_000,
+            ephemeral: false,
+            storage: StorageConfig::default(),
+            webhook: WebhookConfig::default(),
+            cli: CliConfig::default(),
+            agent: AgentConfig::default(),
+            owner: None,
+            outbox: OutboxConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Synchronous {
+    /// fsync at every commit: an acknowledged message survives power loss.
+    Full,
+    /// fsync at checkpoints only: survives a process crash, not power loss.
+    Normal,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    pub synchronous: Synchronous,
+    pub busy_timeout_ms: u64,
+    /// Upper bound on jobs sharing one transaction (one fsync).
+    pub max_batch: usize,
+    /// How often a degraded store retries a write to see if the cause is gone.
+    pub probe_interval_ms: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            synchronous: Synchronous::Full,
+            busy_timeout_ms: 5_000,
+            max_batch: 1_024,
+            probe_interval_ms: 500,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhookConfig {
+    pub enabled: bool,
+    /// When set, every POST must carry `X-Keel-Signature: sha256=<hex>`.
+    pub secret: Option<String>,
+    /// Where replies to webhook chats are POSTed; none = replies are only stored.
+    pub reply_url: Option<String>,
+    pub max_body_bytes: usize,
+}
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        WebhookConfig {
+            enabled: true,
+            secret: None,
+            reply_url: None,
+            max_body_bytes: 256 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CliConfig {
+    pub enabled: bool,
+    /// Unix socket for `keel chat`, relative to `data_dir` unless absolute.
+    pub socket: PathBuf,
+}
+
+impl Default for CliConfig {
+    fn default() -> Self {
+        CliConfig {
+            enabled: true,
+            socket: PathBuf::from("keel.sock"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// External agent (HTTP JSON); none = the built-in brain acknowledges.
+    pub url: Option<String>,
+    pub timeout_ms: u64,
+    pub attempts: u32,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            url: None,
+            timeout_ms: 30_000,
+            attempts: 3,
+        }
+    }
+}
+
+/// Who is told "keel restarted …" after every start (R18), and on which channel.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OwnerConfig {
+    pub channel: String,
+    pub chat: String,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboxConfig {
+    /// Replies in flight at once across all channels.
+    pub concurrency: usize,
+    pub send_timeout_ms: u64,
+    pub retry_min_ms: u64,
+    pub retry_max_ms: u64,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        OutboxConfig {
+            concurrency: 32,
+            send_timeout_ms: 10_000,
+            retry_min_ms: 200,
+            retry_max_ms: 30_000,
+        }
+    }
+}
+
+impl Config {
+    /// Parse and validate TOML text. `origin` names the source in errors.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            origin: origin.to_string(),
+            detail: one_line(&e.to_string()),
+        })?;
+        config.validate(origin)?;
+        Ok(config)
+    }
+
+    /// Checks that serde cannot express. Runs at startup and on every reload.
+    pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let invalid = |key: &'static str, detail: String| ConfigError::Invalid {
+            origin: origin.to_string(),
+            key,
+            detail,
+        };
+        self.listen_addr()
+            .map_err(|e| invalid("listen", format!("{e}: {:?}", self.listen)))?;
+        if !self.ephemeral && self.data_dir.as_os_str().is_empty() {
+            return Err(invalid("data_dir", "must not be empty".into()));
+        }
+        tracing_filter_ok(&self.log_level)
+            .map_err(|e| invalid("log_level", format!("{e}: {:?}", self.log_level)))?;
+        if self.shutdown_timeout_ms == 0 || self.shutdown_timeout_ms > 600_000 {
+            return Err(invalid(
+                "shutdown_timeout_ms",
+                "must be between 1 and 600000".into(),
+            ));
+        }
+        if self.storage.max_batch == 0 || self.storage.max_batch > 100_000 {
+            return Err(invalid(
+                "storage.max_batch",
+                "must be between 1 and 100000".into(),
+            ));
+        }
+        if self.storage.probe_interval_ms == 0 {
+            return Err(invalid("storage.probe_interval_ms", "must be > 0".into()));
+        }
+        if let Some(secret) = &self.webhook.secret {
+            if secret.is_empty() {
+                return Err(invalid(
+                    "webhook.secret",
+                    "must not be empty (remove the key to disable signatures)".into(),
+                ));
+            }
+        }
+        if self.webhook.max_body_bytes == 0 || self.webhook.max_body_bytes > 64 * 1024 * 1024 {
+            return Err(invalid(
+                "webhook.max_body_bytes",
+                "must be between 1 and 67108864".into(),
+            ));
+        }
+        for (key, url) in [
+            ("webhook.reply_url", &self.webhook.reply_url),
+            ("agent.url", &self.agent.url),
+        ] {
+            if let Some(url) = url {
+                check_http_url(url).map_err(|e| invalid(key, e))?;
+            }
+        }
+        if self.agent.attempts == 0 || self.agent.timeout_ms == 0 {
+            return Err(invalid(
+                "agent",
+                "timeout_ms and attempts must be > 0".into(),
+            ));
+        }
+        if let Some(owner) = &self.owner {
+            if !matches!(owner.channel.as_str(), "webhook" | "cli") {
+                return Err(invalid(
+                    "owner.channel",
+                    format!("unknown channel {:?} (known: webhook, cli)", owner.channel),
+                ));
+            }
+            crate::ids::check_external_id("owner.chat", &owner.chat)
+                .map_err(|e| invalid("owner.chat", e))?;
+        }
+        if self.outbox.concurrency == 0
+            || self.outbox.retry_min_ms == 0
+            || self.outbox.retry_max_ms < self.outbox.retry_min_ms
+        {
+            return Err(invalid(
+                "outbox",
+                "concurrency and retry_min_ms must be > 0 and retry_max_ms >= retry_min_ms".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn listen_addr(&self) -> Result<SocketAddr, std::net::AddrParseError> {
+        self.listen.parse()
+    }
+
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_millis(self.shutdown_timeout_ms)
+    }
+
+    /// The database file, or `None` when running ephemeral.
+    pub fn db_path(&self) -> Option<PathBuf> {
+        (!self.ephemeral).then(|| self.data_dir.join("keel.db"))
+    }
+
+    pub fn cli_socket(&self) -> PathBuf {
+        if self.cli.socket.is_absolute() {
+            self.cli.socket.clone()
+        } else {
+            self.data_dir.join(&self.cli.socket)
+        }
+    }
+
+    /// Settings that a reload cannot change in a running process.
+    pub fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        if self.data_dir != new.data_dir {
+            changed.push("data_dir");
+        }
+        if self.listen != new.listen {
+            changed.push("listen");
+        }
+        if self.ephemeral != new.ephemeral {
+            changed.push("ephemeral");
+        }
+        if self.storage != new.storage {
+            changed.push("storage");
+        }
+        if self.cli != new.cli {
+            changed.push("cli");
+        }
+        if self.webhook.enabled != new.webhook.enabled {
+            changed.push("webhook.enabled");
+        }
+        changed
+    }
+}
+
+fn check_http_url(url: &str) -> Result<(), String> {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .ok_or_else(|| format!("{url:?} must start with http:// or https://"))?;
+    if rest.is_empty() || rest.starts_with('/') {
+        return Err(format!("{url:?} has no host"));
+    }
+    if url.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err("must not contain spaces or control characters".into());
+    }
+    Ok(())
+}
+
+/// A cheap syntax check for filter directives (`info`, `a=debug,b=warn`).
+fn tracing_filter_ok(filter: &str) -> Result<(), &'static str> {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    if filter.trim().is_empty() {
+        return Err("must not be empty");
+    }
+    for directive in filter.split(',') {
+        let level = directive.rsplit('=').next().unwrap_or("").trim();
+        if !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+            return Err("each directive must end in trace, debug, info, warn, error or off");
+        }
+    }
+    Ok(())
+}
+
+/// Keep config errors on one line: toml's messages span several.
+fn one_line(s: &str) -> String {
+    s.split('\n')
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.chars().all(|c| c == '|' || c == '^' || c == ' '))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = Config::from_toml("", "test").unwrap();
+        assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_with_its_name() {
+        let err = Config::from_toml("[webhook]\nsecrte = \"x\"\n", "keel.toml").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.starts_with("keel.toml:"), "{msg}");
+        assert!(msg.contains("secrte"), "{msg}");
+        assert!(!msg.contains('\n'), "{msg}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        for (text, key) in [
+            ("listen = \"nope\"", "listen"),
+            ("log_level = \"loud\"", "log_level"),
+            ("shutdown_timeout_ms = 0", "shutdown_timeout_ms"),
+            ("[webhook]\nsecret = \"\"", "webhook.secret"),
+            ("[webhook]\nreply_url = \"ftp://x\"", "webhook.reply_url"),
+            (
+                "[owner]\nchannel = \"pigeon\"\nchat = \"x\"",
+                "owner.channel",
+            ),
+        ] {
+            let msg = Config::from_toml(text, "t").unwrap_err().to_string();
+            assert!(msg.contains(key), "{text} -> {msg}");
+        }
+    }
+
+    #[test]
+    fn wrong_type_and_overflow_are_errors() {
+        assert!(Config::from_toml("shutdown_timeout_ms = \"5\"", "t").is_err());
+        assert!(Config::from_toml("shutdown_timeout_ms = 99999999999999999999", "t").is_err());
+        assert!(Config::from_toml("listen = \"a\"\nlisten = \"b\"", "t").is_err());
+    }
+}

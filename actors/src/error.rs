@@ -1,0 +1,114 @@
+//! Error enums, one per boundary. Messages are lowercase one-liners without a
+//! trailing period, so they read well inside a log line or a JSON `error` field.
+
+use std::path::PathBuf;
+
+/// Everything the store can report. `Clone` because one failed group commit is
+/// reported to every caller whose work was in the batch.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// Storage is failing right now (disk full, I/O error, read-only file
+    /// system). Nothing in the batch was committed; callers must not
+    /// acknowledge. The writer reopens the database and keeps probing.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    /// The database file is damaged. keel refuses to start over it.
+    #[error("database {path} is corrupt ({detail}); keep the file and repair it with: sqlite3 {path} '.recover' | sqlite3 {path}.recovered")]
+    Corrupt { path: PathBuf, detail: String },
+    /// The file was written by a newer keel.
+    #[error("database {path} has schema version {found}, newer than this binary supports ({supported}); run a newer keel or restore a backup")]
+    SchemaTooNew {
+        path: PathBuf,
+        found: i64,
+        supported: i64,
+    },
+    /// The database could not be opened at all.
+    #[error("cannot open database {path}: {detail}")]
+    Open { path: PathBuf, detail: String },
+    /// The persistence actor has shut down; no more work is accepted.
+    #[error("store is closed")]
+    Closed,
+    /// A request that cannot succeed whatever the storage does.
+    #[error("{0}")]
+    Invalid(String),
+    /// Any other SQLite error.
+    #[error("sqlite: {0}")]
+    Sqlite(String),
+}
+
+impl StoreError {
+    /// True when retrying later may succeed (the caller answers 503, not 4xx).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_) | StoreError::Closed)
+    }
+
+    /// Classify a rusqlite error: storage-level failures poison the whole
+    /// batch and the connection; everything else fails only its own job.
+    pub fn from_sqlite(err: rusqlite::Error) -> StoreError {
+        if let Some(reason) = storage_failure(&err) {
+            StoreError::Unavailable(reason)
+        } else {
+            StoreError::Sqlite(err.to_string())
+        }
+    }
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(err: rusqlite::Error) -> Self {
+        StoreError::from_sqlite(err)
+    }
+}
+
+/// Returns a short reason when `err` means the storage itself is failing.
+pub(crate) fn storage_failure(err: &rusqlite::Error) -> Option<String> {
+    use rusqlite::ErrorCode::*;
+    let rusqlite::Error::SqliteFailure(e, msg) = err else {
+        return None;
+    };
+    let what = match e.code {
+        DiskFull => "disk full",
+        SystemIoFailure => "I/O error",
+        ReadOnly => "read-only storage",
+        CannotOpen => "cannot open database file",
+        PermissionDenied => "permission denied",
+        DatabaseCorrupt => "database corrupt",
+        NotADatabase => "not a database",
+        DatabaseBusy | DatabaseLocked => "database busy",
+        OutOfMemory => "out of memory",
+        _ => return None,
+    };
+    Some(match msg {
+        Some(m) => format!("{what} ({m})"),
+        None => format!("{what} (sqlite extended code {})", e.extended_code),
+    })
+}
+
+/// Errors from loading or validating configuration.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{origin}: {detail}")]
+    Parse { origin: String, detail: String },
+    #[error("{origin}: {key}: {detail}")]
+    Invalid {
+        origin: String,
+        key: &'static str,
+        detail: String,
+    },
+}
+
+/// Errors an adapter reports when sending a reply out.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SendError {
+    /// Worth retrying after the usual backoff.
+    #[error("{0}")]
+    Transient(String),
+    /// The upstream asked us to wait this long.
+    #[error("retry after {0:?}")]
+    RetryAfter(std::time::Duration),
+    /// The request left but no answer came back: it may have been delivered.
+    #[error("outcome unknown: {0}")]
+    Unknown(String),
+    /// Retrying will not help (no route for this channel, 4xx).
+    #[error("{0}")]
+    Permanent(String),
+}

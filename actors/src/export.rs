@@ -1,0 +1,41 @@
+//! `keel sessions export DIR` (R6): one `{session}.json` per session, each
+//! written atomically (temp + fsync + rename + dir fsync) with mode 0600,
+//! under a file name that no session id can turn into a path outside DIR.
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::Connection;
+use serde_json::{json, Value};
+
+use crate::error::StoreError;
+use crate::ids::session_file_name;
+use crate::persistence::{store, write_atomic};
+
+/// Export every session in `conn` into `dir`. Returns the files written.
+pub fn export_sessions(conn: &Connection, dir: &Path) -> Result<Vec<PathBuf>, StoreError> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| StoreError::Invalid(format!("cannot create {}: {e}", dir.display())))?;
+    let mut written = Vec::new();
+    for s in store::list_sessions(conn)? {
+        let turns = store::session_turns(conn, &s.id, 0, i64::MAX)?.unwrap_or_default();
+        let memory: Value = store::session_memory(conn, &s.id)?
+            .and_then(|m| serde_json::from_str(&m).ok())
+            .unwrap_or_else(|| json!({}));
+        let doc = json!({
+            "id": s.id,
+            "channel": s.channel,
+            "chat": s.chat,
+            "created_at": s.created_at,
+            "updated_at": s.updated_at,
+            "memory": memory,
+            "turns": turns,
+        });
+        let path = dir.join(session_file_name(&s.id));
+        let bytes =
+            serde_json::to_vec_pretty(&doc).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        write_atomic(&path, &bytes)
+            .map_err(|e| StoreError::Invalid(format!("cannot write {}: {e}", path.display())))?;
+        written.push(path);
+    }
+    Ok(written)
+}

@@ -1,0 +1,160 @@
+//! The HTTP listener: health and admin endpoints (R36) plus the webhook
+//! adapter's route. Bound before recovery so `/healthz` and `/readyz`
+//! answer from the first moment; the webhook route refuses messages until
+//! the intake gate opens.
+
+use std::net::SocketAddr;
+
+use actix::Addr;
+use actix_web::{dev::ServerHandle, web, App, HttpResponse, HttpServer};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::adapter::webhook::{self, WebhookState};
+use crate::error::StoreError;
+use crate::health::Health;
+use crate::ids::MAX_ID_BYTES;
+use crate::metrics::Metrics;
+use crate::persistence::{GetSessions, GetTurns, PersistenceActor};
+
+#[derive(Clone)]
+struct AdminState {
+    health: Health,
+    metrics: Metrics,
+    persistence: Addr<PersistenceActor>,
+}
+
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(json!({"status": "ok"}))
+}
+
+async fn readyz(state: web::Data<AdminState>) -> HttpResponse {
+    let r = state.health.readiness();
+    if r.ready {
+        HttpResponse::Ok().json(json!({"status": r.status}))
+    } else {
+        HttpResponse::ServiceUnavailable().json(json!({"status": r.status, "reason": r.reason}))
+    }
+}
+
+async fn metrics_text(state: web::Data<AdminState>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(state.metrics.render())
+}
+
+fn store_error(e: StoreError) -> HttpResponse {
+    if e.is_transient() {
+        HttpResponse::ServiceUnavailable().json(json!({"error": e.to_string()}))
+    } else {
+        tracing::error!(error = %e, "admin query failed");
+        HttpResponse::InternalServerError().json(json!({"error": e.to_string()}))
+    }
+}
+
+async fn sessions(state: web::Data<AdminState>) -> HttpResponse {
+    match state
+        .persistence
+        .send(GetSessions)
+        .await
+        .unwrap_or(Err(StoreError::Closed))
+    {
+        Ok(list) => HttpResponse::Ok().json(json!({ "sessions": list })),
+        Err(e) => store_error(e),
+    }
+}
+
+#[derive(Deserialize)]
+struct TurnsQuery {
+    after: Option<i64>,
+    limit: Option<i64>,
+}
+
+async fn turns(
+    state: web::Data<AdminState>,
+    path: web::Path<String>,
+    query: web::Query<TurnsQuery>,
+) -> HttpResponse {
+    let session = path.into_inner();
+    if session.is_empty()
+        || session.len() > MAX_ID_BYTES + 16
+        || session.chars().any(char::is_control)
+    {
+        return HttpResponse::BadRequest().json(json!({"error": "invalid session id"}));
+    }
+    let limit = query.limit.unwrap_or(10_000).clamp(1, 100_000);
+    let after = query.after.unwrap_or(0).max(0);
+    match state
+        .persistence
+        .send(GetTurns {
+            session: session.clone(),
+            after_seq: after,
+            limit,
+        })
+        .await
+        .unwrap_or(Err(StoreError::Closed))
+    {
+        Ok(Some(turns)) => HttpResponse::Ok().json(json!({"session": session, "turns": turns})),
+        Ok(None) => HttpResponse::NotFound().json(json!({"error": "no such session"})),
+        Err(e) => store_error(e),
+    }
+}
+
+async fn not_found() -> HttpResponse {
+    HttpResponse::NotFound().json(json!({"error": "no such endpoint"}))
+}
+
+/// Bind the listener and start serving. Returns the bound address (useful
+/// with port 0) and a handle to stop it.
+pub fn serve(
+    addr: SocketAddr,
+    health: Health,
+    metrics: Metrics,
+    persistence: Addr<PersistenceActor>,
+    webhook: Option<WebhookState>,
+) -> std::io::Result<(SocketAddr, ServerHandle)> {
+    let admin = AdminState {
+        health,
+        metrics,
+        persistence,
+    };
+    let server = HttpServer::new(move || {
+        let mut app = App::new()
+            .app_data(web::Data::new(admin.clone()))
+            .app_data(web::PathConfig::default().error_handler(|e, _| {
+                actix_web::error::InternalError::from_response(
+                    e,
+                    HttpResponse::BadRequest().json(json!({"error": "invalid path"})),
+                )
+                .into()
+            }))
+            .app_data(web::QueryConfig::default().error_handler(|e, _| {
+                let msg = e.to_string();
+                actix_web::error::InternalError::from_response(
+                    e,
+                    HttpResponse::BadRequest().json(json!({ "error": msg })),
+                )
+                .into()
+            }))
+            .route("/healthz", web::get().to(healthz))
+            .route("/readyz", web::get().to(readyz))
+            .route("/metrics", web::get().to(metrics_text))
+            .route("/v1/sessions", web::get().to(sessions))
+            .route("/v1/sessions/{session}/turns", web::get().to(turns));
+        if let Some(state) = &webhook {
+            app = app
+                .app_data(web::Data::new(state.clone()))
+                .route("/v1/messages", web::post().to(webhook::post_message));
+        }
+        app.default_service(web::to(not_found))
+    })
+    .workers(2)
+    .disable_signals()
+    .shutdown_timeout(1)
+    .bind(addr)?;
+    let bound = server.addrs().first().copied().unwrap_or(addr);
+    let server = server.run();
+    let handle = server.handle();
+    actix_rt::spawn(server);
+    Ok((bound, handle))
+}

@@ -1,0 +1,32 @@
+//! keel's actors, their messages and the store.
+//!
+//! Code map (read ARCHITECTURE.md at the repository root for the why):
+//! - [`app`] builds the actor graph from a [`config::Config`] in the start
+//!   order of R32; its `settings_*` functions are shared by startup and reload.
+//! - [`lifecycle`] — the `Lifecycle` controller: `Shutdown` cascade, `Reload`.
+//! - [`persistence`] — `PersistenceActor` (the one writer, group commit),
+//!   `persistence::store` (all SQL), `persistence::migrate` (schema).
+//! - [`session`] — `SessionRegistry` and one `SessionActor` per conversation.
+//! - [`brain`] — the built-in command brain; [`agent`] the external agent client.
+//! - [`outbox`] — `OutboxActor`: sends stored replies, marks them sent.
+//! - [`adapter`] — channels: `cli` (socket + stdin), `webhook` (HTTP).
+//! - [`http`] — health, readiness, metrics and admin endpoints.
+//! - [`health`] — readiness state and the intake gate; [`metrics`] — Prometheus.
+//! - [`ids`] — validation of outside ids, safe file names; [`export`] — session export.
+//! - [`error`] — `thiserror` enums per boundary.
+
+pub mod adapter;
+pub mod agent;
+pub mod app;
+pub mod brain;
+pub mod config;
+pub mod error;
+pub mod export;
+pub mod health;
+pub mod http;
+pub mod ids;
+pub mod lifecycle;
+pub mod metrics;
+pub mod outbox;
+pub mod persistence;
+pub mod session;

@@ -1,0 +1,193 @@
+//! Shutdown and reload, as messages to the `Lifecycle` controller.
+//!
+//! `Shutdown` cascades (R33): `/readyz` → 503, the intake gate closes and
+//! in-flight messages drain (returning as soon as drained, bounded by the
+//! deadline), the CLI adapter stops, in-flight reply sends are recorded, the
+//! store finishes its queue, checkpoints the WAL (TRUNCATE) and closes, the
+//! HTTP listener stops. Only then is `done` resolved; the binary exits 0.
+//!
+//! `Reload` applies a config that already passed the startup validation
+//! (R34): log level, webhook secret and limits, reply routes, agent. Settings
+//! that need a restart are named in a warning and left as they are.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use actix::prelude::*;
+use actix_web::dev::ServerHandle;
+use tokio::sync::oneshot;
+
+use crate::adapter::cli::{CliAdapter, CliClients};
+use crate::adapter::webhook::WebhookSettings;
+use crate::app::{settings_sessions, settings_sinks, settings_webhook};
+use crate::config::Config;
+use crate::health::{Gate, Health, Phase};
+use crate::metrics::Metrics;
+use crate::outbox::{DrainOutbox, OutboxActor, SetSinks};
+use crate::persistence::{CloseStore, PersistenceActor};
+use crate::session::{Reconfigure, SessionRegistry};
+
+/// Changes the log filter; returns a one-line error for a bad directive.
+pub type LogLevelHook = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// How shutdown went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExitReport {
+    /// Messages still in flight when the drain deadline passed (0 = clean).
+    pub abandoned: usize,
+    /// Whether the store checkpointed and closed cleanly.
+    pub store_closed: bool,
+}
+
+/// Start the shutdown cascade. Sent by the binary on SIGTERM/SIGINT (and at
+/// stdin EOF). A second `Shutdown` while one runs is ignored; the binary
+/// exits at once on a second signal instead.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct Shutdown {
+    pub reason: String,
+}
+
+/// Apply a new, already validated config. Sent by the binary on SIGHUP.
+/// Returns the settings that need a restart to change.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Vec<&'static str>")]
+pub struct Reload(pub Config);
+
+pub struct Lifecycle {
+    pub(crate) config: Config,
+    pub(crate) health: Health,
+    pub(crate) gate: Gate,
+    pub(crate) metrics: Metrics,
+    pub(crate) persistence: Addr<PersistenceActor>,
+    pub(crate) registry: Addr<SessionRegistry>,
+    pub(crate) outbox: Addr<OutboxActor>,
+    pub(crate) cli: Option<Addr<CliAdapter>>,
+    pub(crate) http: ServerHandle,
+    pub(crate) http_client: reqwest::Client,
+    pub(crate) cli_clients: Option<CliClients>,
+    pub(crate) webhook_settings: Arc<RwLock<WebhookSettings>>,
+    pub(crate) log_level: Option<LogLevelHook>,
+    pub(crate) shutting_down: bool,
+    pub(crate) done: Option<oneshot::Sender<ExitReport>>,
+}
+
+impl Actor for Lifecycle {
+    type Context = Context<Self>;
+}
+
+impl Handler<Shutdown> for Lifecycle {
+    type Result = ResponseActFuture<Self, ()>;
+
+    fn handle(&mut self, msg: Shutdown, _: &mut Context<Self>) -> Self::Result {
+        if self.shutting_down {
+            return Box::pin(fut::ready(()));
+        }
+        self.shutting_down = true;
+        tracing::info!(reason = %msg.reason, "shutting down");
+        self.health.set_phase(Phase::ShuttingDown);
+        let deadline = tokio::time::Instant::now() + self.config.shutdown_timeout();
+        let gate = self.gate.clone();
+        let cli = self.cli.clone();
+        let outbox = self.outbox.clone();
+        let persistence = self.persistence.clone();
+        let http = self.http.clone();
+        let cascade = async move {
+            // 1. Stop intake and drain what is in flight.
+            let left = gate
+                .close_and_drain(deadline.saturating_duration_since(tokio::time::Instant::now()))
+                .await;
+            if left > 0 {
+                tracing::warn!(in_flight = left, "drain deadline passed; those messages were not acknowledged and will be redelivered");
+            }
+            // 2. Adapters stop accepting connections.
+            if let Some(cli) = cli {
+                cli.do_send(StopAdapter);
+            }
+            // 3. Reply sends under way get recorded (bounded by the deadline).
+            let remaining = deadline
+                .saturating_duration_since(tokio::time::Instant::now())
+                .max(Duration::from_millis(100));
+            let _ = tokio::time::timeout(remaining, outbox.send(DrainOutbox)).await;
+            // 4. Flush, checkpoint, close.
+            let store_closed = match persistence.send(CloseStore).await {
+                Ok(Ok((busy, log, done))) => {
+                    tracing::info!(busy, wal_frames = log, checkpointed = done, "store closed");
+                    busy == 0
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "store did not close cleanly");
+                    false
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "persistence actor gone before close");
+                    false
+                }
+            };
+            // 5. The listener goes last so /readyz says shutting_down throughout.
+            http.stop(false).await;
+            ExitReport {
+                abandoned: left,
+                store_closed,
+            }
+        };
+        Box::pin(cascade.into_actor(self).map(|report, this, _| {
+            if let Some(done) = this.done.take() {
+                let _ = done.send(report);
+            }
+        }))
+    }
+}
+
+/// Stop an adapter actor. Sent by the lifecycle controller.
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "()")]
+pub struct StopAdapter;
+
+impl Handler<StopAdapter> for CliAdapter {
+    type Result = ();
+    fn handle(&mut self, _: StopAdapter, ctx: &mut Context<Self>) {
+        ctx.stop();
+    }
+}
+
+impl Handler<Reload> for Lifecycle {
+    type Result = MessageResult<Reload>;
+
+    fn handle(&mut self, msg: Reload, _: &mut Context<Self>) -> Self::Result {
+        let new = msg.0;
+        let needs_restart = self.config.restart_only_changes(&new);
+        if self.config.log_level != new.log_level {
+            if let Some(hook) = &self.log_level {
+                if let Err(e) = hook(&new.log_level) {
+                    tracing::warn!(error = %e, "log level not changed");
+                }
+            }
+        }
+        *self
+            .webhook_settings
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = settings_webhook(&new);
+        let cli_enabled = self.cli_clients.is_some();
+        self.registry
+            .do_send(Reconfigure(settings_sessions(&new, cli_enabled)));
+        let sinks: HashMap<_, _> =
+            settings_sinks(&new, &self.http_client, self.cli_clients.as_ref());
+        self.outbox.do_send(SetSinks(sinks));
+        self.metrics
+            .config_reloads
+            .with_label_values(&["applied"])
+            .inc();
+        // Keep the restart-only settings as they run now.
+        let mut applied = new;
+        applied.data_dir = self.config.data_dir.clone();
+        applied.listen = self.config.listen.clone();
+        applied.ephemeral = self.config.ephemeral;
+        applied.storage = self.config.storage.clone();
+        applied.cli = self.config.cli.clone();
+        applied.webhook.enabled = self.config.webhook.enabled;
+        self.config = applied;
+        MessageResult(needs_restart)
+    }
+}

@@ -1,0 +1,700 @@
+//! All runtime SQL lives here: one documented function per query or unit of
+//! work, bound parameters only, statements cached. Functions take a
+//! `&Connection` and run inside whatever transaction the writer opened, so a
+//! unit of work here is atomic with everything else in its group commit.
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+
+use crate::error::StoreError;
+
+/// Current time as RFC 3339 UTC with milliseconds: sortable as text.
+pub fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// Where a session lives: `id` is `"<channel>:<chat>"`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SessionKey {
+    pub id: String,
+    pub channel: String,
+    pub chat: String,
+}
+
+impl SessionKey {
+    pub fn new(channel: &str, chat: &str) -> SessionKey {
+        SessionKey {
+            id: format!("{channel}:{chat}"),
+            channel: channel.to_string(),
+            chat: chat.to_string(),
+        }
+    }
+}
+
+/// One inbound message and, when the brain answered at once, its reply:
+/// committed together (R3: the reply is in the outbox before anyone sends it).
+#[derive(Debug, Clone)]
+pub struct Exchange {
+    pub session: SessionKey,
+    /// The sender on its channel (user id), recorded as a principal.
+    pub from: String,
+    /// Idempotency key: the channel's message id (R2).
+    pub key: String,
+    pub text: String,
+    /// `None`: the message waits for the external agent (turn status `awaiting`).
+    pub reply: Option<ReplyPlan>,
+    /// New working-memory JSON, when the brain changed it.
+    pub memory: Option<String>,
+}
+
+/// A reply to store; `deliver` puts it in the outbox (false when the channel
+/// has no delivery route, e.g. a webhook without `reply_url`).
+#[derive(Debug, Clone)]
+pub struct ReplyPlan {
+    pub text: String,
+    pub deliver: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExchangeOutcome {
+    Accepted {
+        user_seq: i64,
+        reply_seq: Option<i64>,
+        outbox_id: Option<i64>,
+    },
+    /// The key was seen before: nothing was written.
+    Duplicate { user_seq: i64 },
+}
+
+/// A turn as shown to operators and to the brain.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TurnRow {
+    pub seq: i64,
+    pub role: String,
+    pub text: String,
+    pub key: Option<String>,
+    pub created_at: String,
+    /// For outgoing turns: whether the channel accepted it (`None`: no route).
+    pub sent: Option<bool>,
+}
+
+/// What a session actor loads when it wakes up.
+#[derive(Debug, Clone, Default)]
+pub struct SessionSnapshot {
+    pub memory_json: String,
+    /// The newest turns, oldest first.
+    pub recent: Vec<TurnRow>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct SessionSummary {
+    pub id: String,
+    pub channel: String,
+    pub chat: String,
+    pub turns: i64,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+/// A reply waiting to be sent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxRow {
+    pub id: i64,
+    pub session_id: String,
+    pub channel: String,
+    pub chat: String,
+    pub in_reply_to: Option<String>,
+    pub text: String,
+    pub attempts: i64,
+}
+
+/// A user turn still waiting for the external agent (resumed after restart).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AwaitingTurn {
+    pub session: SessionKey,
+    pub seq: i64,
+    pub key: Option<String>,
+    pub text: String,
+}
+
+/// Counts for `keel status` and the startup notification.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct StoreStats {
+    pub schema_version: i64,
+    pub boot_epoch: i64,
+    pub sessions: i64,
+    pub turns: i64,
+    pub outbox_pending: i64,
+    pub outbox_unknown: i64,
+    pub outbox_sent: i64,
+    pub awaiting_agent: i64,
+}
+
+/// Create the principal and the session if they do not exist yet.
+fn ensure_session(
+    conn: &Connection,
+    session: &SessionKey,
+    from: Option<&str>,
+    at: &str,
+) -> Result<(), StoreError> {
+    let principal = from.map(|f| format!("{}:{f}", session.channel));
+    if let (Some(pid), Some(f)) = (&principal, from) {
+        conn.prepare_cached(
+            "INSERT OR IGNORE INTO principals (id, channel, external_id, created_at)
+             VALUES (?1, ?2, ?3, ?4)",
+        )?
+        .execute(params![pid, session.channel, f, at])?;
+    }
+    conn.prepare_cached(
+        "INSERT OR IGNORE INTO sessions (id, channel, chat, principal_id, created_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
+    )?
+    .execute(params![
+        session.id,
+        session.channel,
+        session.chat,
+        principal,
+        at
+    ])?;
+    Ok(())
+}
+
+/// Reserve `n` consecutive sequence numbers in a session; returns the first.
+fn take_seqs(
+    conn: &Connection,
+    session_id: &str,
+    n: i64,
+    memory: Option<&str>,
+    at: &str,
+) -> Result<i64, StoreError> {
+    let first: i64 = conn
+        .prepare_cached("SELECT next_seq FROM sessions WHERE id = ?1")?
+        .query_row([session_id], |r| r.get(0))?;
+    conn.prepare_cached(
+        "UPDATE sessions SET next_seq = next_seq + ?2, updated_at = ?3,
+                memory_json = COALESCE(?4, memory_json)
+         WHERE id = ?1",
+    )?
+    .execute(params![session_id, n, at, memory])?;
+    Ok(first)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn insert_turn(
+    conn: &Connection,
+    session_id: &str,
+    seq: i64,
+    role: &str,
+    text: &str,
+    key: Option<&str>,
+    principal: Option<&str>,
+    in_reply_to: Option<i64>,
+    status: Option<&str>,
+    at: &str,
+) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO turns (session_id, seq, role, content, key, principal_id, in_reply_to, status, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    )?
+    .execute(params![session_id, seq, role, text, key, principal, in_reply_to, status, at])?;
+    Ok(())
+}
+
+fn insert_outbox(
+    conn: &Connection,
+    session: &SessionKey,
+    turn_seq: i64,
+    in_reply_to: Option<&str>,
+    text: &str,
+    at: &str,
+) -> Result<i64, StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO outbox (session_id, turn_seq, channel, chat, in_reply_to, text, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(params![
+        session.id,
+        turn_seq,
+        session.channel,
+        session.chat,
+        in_reply_to,
+        text,
+        at
+    ])?;
+    Ok(conn.last_insert_rowid())
+}
+
+/// Store an inbound turn (once per key) and its reply + outbox row.
+pub fn commit_exchange(conn: &Connection, ex: &Exchange) -> Result<ExchangeOutcome, StoreError> {
+    let at = now();
+    ensure_session(conn, &ex.session, Some(&ex.from), &at)?;
+    let seen: Option<i64> = conn
+        .prepare_cached("SELECT seq FROM turns WHERE session_id = ?1 AND key = ?2")?
+        .query_row(params![ex.session.id, ex.key], |r| r.get(0))
+        .optional()?;
+    if let Some(user_seq) = seen {
+        return Ok(ExchangeOutcome::Duplicate { user_seq });
+    }
+    let n = if ex.reply.is_some() { 2 } else { 1 };
+    let user_seq = take_seqs(conn, &ex.session.id, n, ex.memory.as_deref(), &at)?;
+    let principal = format!("{}:{}", ex.session.channel, ex.from);
+    let status = if ex.reply.is_some() {
+        "answered"
+    } else {
+        "awaiting"
+    };
+    insert_turn(
+        conn,
+        &ex.session.id,
+        user_seq,
+        "user",
+        &ex.text,
+        Some(&ex.key),
+        Some(&principal),
+        None,
+        Some(status),
+        &at,
+    )?;
+    let (mut reply_seq, mut outbox_id) = (None, None);
+    if let Some(reply) = &ex.reply {
+        let seq = user_seq + 1;
+        insert_turn(
+            conn,
+            &ex.session.id,
+            seq,
+            "assistant",
+            &reply.text,
+            None,
+            None,
+            Some(user_seq),
+            None,
+            &at,
+        )?;
+        reply_seq = Some(seq);
+        if reply.deliver {
+            outbox_id = Some(insert_outbox(
+                conn,
+                &ex.session,
+                seq,
+                Some(&ex.key),
+                &reply.text,
+                &at,
+            )?);
+        }
+    }
+    Ok(ExchangeOutcome::Accepted {
+        user_seq,
+        reply_seq,
+        outbox_id,
+    })
+}
+
+/// Store the external agent's reply to an awaiting user turn. Idempotent: a
+/// turn that is already answered is left alone and `None` is returned.
+pub fn commit_agent_reply(
+    conn: &Connection,
+    session: &SessionKey,
+    user_seq: i64,
+    reply: &ReplyPlan,
+) -> Result<Option<(i64, Option<i64>)>, StoreError> {
+    let at = now();
+    let row: Option<(Option<String>, Option<String>)> = conn
+        .prepare_cached("SELECT status, key FROM turns WHERE session_id = ?1 AND seq = ?2")?
+        .query_row(params![session.id, user_seq], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()?;
+    let Some((Some(status), key)) = row else {
+        return Err(StoreError::Invalid(format!(
+            "no user turn {user_seq} in session {}",
+            session.id
+        )));
+    };
+    if status != "awaiting" {
+        return Ok(None);
+    }
+    conn.prepare_cached("UPDATE turns SET status = 'answered' WHERE session_id = ?1 AND seq = ?2")?
+        .execute(params![session.id, user_seq])?;
+    let seq = take_seqs(conn, &session.id, 1, None, &at)?;
+    insert_turn(
+        conn,
+        &session.id,
+        seq,
+        "assistant",
+        &reply.text,
+        None,
+        None,
+        Some(user_seq),
+        None,
+        &at,
+    )?;
+    let outbox = if reply.deliver {
+        Some(insert_outbox(
+            conn,
+            session,
+            seq,
+            key.as_deref(),
+            &reply.text,
+            &at,
+        )?)
+    } else {
+        None
+    };
+    Ok(Some((seq, outbox)))
+}
+
+/// A message from keel itself (e.g. "restarted") to a chat, via the outbox.
+pub fn commit_notice(
+    conn: &Connection,
+    session: &SessionKey,
+    text: &str,
+    deliver: bool,
+) -> Result<(i64, Option<i64>), StoreError> {
+    let at = now();
+    ensure_session(conn, session, None, &at)?;
+    let seq = take_seqs(conn, &session.id, 1, None, &at)?;
+    insert_turn(
+        conn,
+        &session.id,
+        seq,
+        "system",
+        text,
+        None,
+        None,
+        None,
+        None,
+        &at,
+    )?;
+    let outbox = if deliver {
+        Some(insert_outbox(conn, session, seq, None, text, &at)?)
+    } else {
+        None
+    };
+    Ok((seq, outbox))
+}
+
+/// Working memory and the newest `tail` turns of a session.
+pub fn load_session(
+    conn: &Connection,
+    session_id: &str,
+    tail: i64,
+) -> Result<Option<SessionSnapshot>, StoreError> {
+    let memory: Option<String> = conn
+        .prepare_cached("SELECT memory_json FROM sessions WHERE id = ?1")?
+        .query_row([session_id], |r| r.get(0))
+        .optional()?;
+    let Some(memory_json) = memory else {
+        return Ok(None);
+    };
+    let mut recent = turns_desc(conn, session_id, tail)?;
+    recent.reverse();
+    Ok(Some(SessionSnapshot {
+        memory_json,
+        recent,
+    }))
+}
+
+const TURN_COLUMNS: &str = "SELECT t.seq, t.role, t.content, t.key, t.created_at,
+        CASE WHEN t.role = 'user' THEN NULL
+             ELSE (SELECT o.state = 'sent' FROM outbox o
+                   WHERE o.session_id = t.session_id AND o.turn_seq = t.seq) END
+     FROM turns t";
+
+fn turn_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TurnRow> {
+    Ok(TurnRow {
+        seq: r.get(0)?,
+        role: r.get(1)?,
+        text: r.get(2)?,
+        key: r.get(3)?,
+        created_at: r.get(4)?,
+        sent: r.get(5)?,
+    })
+}
+
+fn turns_desc(conn: &Connection, session_id: &str, limit: i64) -> Result<Vec<TurnRow>, StoreError> {
+    let sql = format!("{TURN_COLUMNS} WHERE t.session_id = ?1 ORDER BY t.seq DESC LIMIT ?2");
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let rows = stmt
+        .query_map(params![session_id, limit], turn_row)?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+/// Turns of a session in order, after `after_seq`, at most `limit`.
+/// `None` when the session does not exist.
+pub fn session_turns(
+    conn: &Connection,
+    session_id: &str,
+    after_seq: i64,
+    limit: i64,
+) -> Result<Option<Vec<TurnRow>>, StoreError> {
+    let exists: Option<i64> = conn
+        .prepare_cached("SELECT 1 FROM sessions WHERE id = ?1")?
+        .query_row([session_id], |r| r.get(0))
+        .optional()?;
+    if exists.is_none() {
+        return Ok(None);
+    }
+    let sql =
+        format!("{TURN_COLUMNS} WHERE t.session_id = ?1 AND t.seq > ?2 ORDER BY t.seq LIMIT ?3");
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let rows = stmt
+        .query_map(params![session_id, after_seq, limit], turn_row)?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Some(rows))
+}
+
+/// All sessions, ordered by id.
+pub fn list_sessions(conn: &Connection) -> Result<Vec<SessionSummary>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, channel, chat, next_seq - 1, created_at, updated_at FROM sessions ORDER BY id",
+    )?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok(SessionSummary {
+                id: r.get(0)?,
+                channel: r.get(1)?,
+                chat: r.get(2)?,
+                turns: r.get(3)?,
+                created_at: r.get(4)?,
+                updated_at: r.get(5)?,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+/// A session's memory JSON, or `None` when it does not exist.
+pub fn session_memory(conn: &Connection, session_id: &str) -> Result<Option<String>, StoreError> {
+    Ok(conn
+        .prepare_cached("SELECT memory_json FROM sessions WHERE id = ?1")?
+        .query_row([session_id], |r| r.get(0))
+        .optional()?)
+}
+
+/// Pending outbox rows with `id > after`, oldest first.
+pub fn pending_outbox(
+    conn: &Connection,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<OutboxRow>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, session_id, channel, chat, in_reply_to, text, attempts FROM outbox
+         WHERE state = 'pending' AND id > ?1 ORDER BY id LIMIT ?2",
+    )?;
+    let rows = stmt
+        .query_map(params![after, limit], |r| {
+            Ok(OutboxRow {
+                id: r.get(0)?,
+                session_id: r.get(1)?,
+                channel: r.get(2)?,
+                chat: r.get(3)?,
+                in_reply_to: r.get(4)?,
+                text: r.get(5)?,
+                attempts: r.get(6)?,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+/// The channel accepted the reply.
+pub fn mark_outbox_sent(conn: &Connection, id: i64) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "UPDATE outbox SET state = 'sent', attempts = attempts + 1, sent_at = ?2, last_error = NULL
+         WHERE id = ?1",
+    )?
+    .execute(params![id, now()])?;
+    Ok(())
+}
+
+/// A send attempt failed. `unknown` records that the request may have
+/// arrived (it stays pending and is sent again: at-least-once, counted).
+pub fn record_outbox_failure(conn: &Connection, id: i64, error: &str) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "UPDATE outbox SET attempts = attempts + 1, last_error = ?2 WHERE id = ?1",
+    )?
+    .execute(params![id, error])?;
+    Ok(())
+}
+
+/// Give up on a reply that can never be delivered (no route).
+pub fn mark_outbox_failed(conn: &Connection, id: i64, error: &str) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "UPDATE outbox SET state = 'failed', attempts = attempts + 1, last_error = ?2 WHERE id = ?1",
+    )?
+    .execute(params![id, error])?;
+    Ok(())
+}
+
+/// User turns still waiting for the external agent, oldest first.
+pub fn awaiting_turns(conn: &Connection, limit: i64) -> Result<Vec<AwaitingTurn>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT t.session_id, s.channel, s.chat, t.seq, t.key, t.content
+         FROM turns t JOIN sessions s ON s.id = t.session_id
+         WHERE t.status = 'awaiting' ORDER BY t.created_at, t.seq LIMIT ?1",
+    )?;
+    let rows = stmt
+        .query_map([limit], |r| {
+            Ok(AwaitingTurn {
+                session: SessionKey {
+                    id: r.get(0)?,
+                    channel: r.get(1)?,
+                    chat: r.get(2)?,
+                },
+                seq: r.get(3)?,
+                key: r.get(4)?,
+                text: r.get(5)?,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+/// Count this start (R38) and return the new boot epoch.
+pub fn next_boot_epoch(conn: &Connection) -> Result<i64, StoreError> {
+    let current: Option<String> = conn
+        .prepare_cached("SELECT value FROM meta WHERE key = 'boot_epoch'")?
+        .query_row([], |r| r.get(0))
+        .optional()?;
+    let next = current.and_then(|v| v.parse::<i64>().ok()).unwrap_or(0) + 1;
+    conn.prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES ('boot_epoch', ?1)")?
+        .execute([next.to_string()])?;
+    Ok(next)
+}
+
+/// A tiny write used to find out whether storage works again.
+pub fn probe(conn: &Connection) -> Result<(), StoreError> {
+    conn.prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES ('last_probe', ?1)")?
+        .execute([now()])?;
+    Ok(())
+}
+
+/// Counts for status output.
+pub fn stats(conn: &Connection) -> Result<StoreStats, StoreError> {
+    let one = |sql: &str| -> Result<i64, StoreError> {
+        Ok(conn.prepare_cached(sql)?.query_row([], |r| r.get(0))?)
+    };
+    Ok(StoreStats {
+        schema_version: one("PRAGMA user_version")?,
+        boot_epoch: one("SELECT COALESCE((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'boot_epoch'), 0)")?,
+        sessions: one("SELECT COUNT(*) FROM sessions")?,
+        turns: one("SELECT COALESCE(SUM(next_seq - 1), 0) FROM sessions")?,
+        outbox_pending: one("SELECT COUNT(*) FROM outbox WHERE state = 'pending'")?,
+        outbox_unknown: one("SELECT COUNT(*) FROM outbox WHERE state = 'unknown'")?,
+        outbox_sent: one("SELECT COUNT(*) FROM outbox WHERE state = 'sent'")?,
+        awaiting_agent: one("SELECT COUNT(*) FROM turns WHERE status = 'awaiting'")?,
+    })
+}
+
+/// `PRAGMA quick_check`: "ok" or the first problems found.
+pub fn quick_check(conn: &Connection) -> Result<Vec<String>, rusqlite::Error> {
+    let mut stmt = conn.prepare("PRAGMA quick_check(20)")?;
+    let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+    rows.collect()
+}
+
+/// Fold the WAL back into the database file and truncate it to zero bytes.
+/// Returns (busy, wal frames, frames checkpointed).
+pub fn checkpoint_truncate(conn: &Connection) -> Result<(i64, i64, i64), StoreError> {
+    Ok(conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+    })?)
+}
+
+/// Bench reference rows: the same statements as one exchange, without the
+/// actor system. Used by `keel bench` to measure the machine's own limit.
+pub fn bench_reference_exchange(conn: &Connection, ex: &Exchange) -> Result<(), StoreError> {
+    commit_exchange(conn, ex).map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::persistence::migrate;
+
+    fn db() -> Connection {
+        let mut c = Connection::open_in_memory().unwrap();
+        migrate::migrate(&mut c, std::path::Path::new(":memory:")).unwrap();
+        c
+    }
+
+    fn ex(chat: &str, key: &str, text: &str, reply: Option<&str>) -> Exchange {
+        Exchange {
+            session: SessionKey::new("webhook", chat),
+            from: "u1".into(),
+            key: key.into(),
+            text: text.into(),
+            reply: reply.map(|t| ReplyPlan {
+                text: t.into(),
+                deliver: true,
+            }),
+            memory: None,
+        }
+    }
+
+    #[test]
+    fn an_exchange_stores_turns_and_outbox_once_per_key() {
+        let c = db();
+        let out = commit_exchange(&c, &ex("c1", "m1", "hi", Some("hello"))).unwrap();
+        assert_eq!(
+            out,
+            ExchangeOutcome::Accepted {
+                user_seq: 1,
+                reply_seq: Some(2),
+                outbox_id: Some(1)
+            }
+        );
+        let dup = commit_exchange(&c, &ex("c1", "m1", "hi again", Some("x"))).unwrap();
+        assert_eq!(dup, ExchangeOutcome::Duplicate { user_seq: 1 });
+        let turns = session_turns(&c, "webhook:c1", 0, 100).unwrap().unwrap();
+        assert_eq!(turns.len(), 2);
+        assert_eq!(turns[0].key.as_deref(), Some("m1"));
+        assert_eq!(turns[1].sent, Some(false));
+        let pending = pending_outbox(&c, 0, 10).unwrap();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].in_reply_to.as_deref(), Some("m1"));
+        mark_outbox_sent(&c, pending[0].id).unwrap();
+        assert!(pending_outbox(&c, 0, 10).unwrap().is_empty());
+        let turns = session_turns(&c, "webhook:c1", 0, 100).unwrap().unwrap();
+        assert_eq!(turns[1].sent, Some(true));
+    }
+
+    #[test]
+    fn hostile_text_is_stored_literally() {
+        let c = db();
+        let evil = "'); DROP TABLE sessions;--";
+        commit_exchange(&c, &ex(evil, evil, evil, None)).unwrap();
+        let id = format!("webhook:{evil}");
+        let turns = session_turns(&c, &id, 0, 10).unwrap().unwrap();
+        assert_eq!(turns[0].text, evil);
+        assert_eq!(list_sessions(&c).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn agent_replies_answer_awaiting_turns_once() {
+        let c = db();
+        commit_exchange(&c, &ex("c1", "m1", "question", None)).unwrap();
+        let waiting = awaiting_turns(&c, 10).unwrap();
+        assert_eq!(waiting.len(), 1);
+        let plan = ReplyPlan {
+            text: "answer".into(),
+            deliver: true,
+        };
+        let s = SessionKey::new("webhook", "c1");
+        assert_eq!(
+            commit_agent_reply(&c, &s, 1, &plan).unwrap(),
+            Some((2, Some(1)))
+        );
+        assert_eq!(commit_agent_reply(&c, &s, 1, &plan).unwrap(), None);
+        assert!(awaiting_turns(&c, 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn boot_epoch_counts_up() {
+        let c = db();
+        assert_eq!(next_boot_epoch(&c).unwrap(), 1);
+        assert_eq!(next_boot_epoch(&c).unwrap(), 2);
+        assert_eq!(stats(&c).unwrap().boot_epoch, 2);
+    }
+}

@@ -1,0 +1,548 @@
+//! Sessions (R6): the `SessionRegistry` spawns one `SessionActor` per
+//! conversation and forwards each inbound message to it.
+//!
+//! A session actor handles its messages one at a time (`AtomicResponse`), so
+//! a conversation's turns are ordered, while different sessions commit
+//! concurrently and share group commits. For each message it asks the brain
+//! for a decision against its cached snapshot (memory + recent turns), then
+//! sends ONE `CommitExchange`: the inbound turn, the reply and its outbox row
+//! become durable together, and only then does the adapter acknowledge.
+//! Free text for an external agent is stored as `awaiting` first (so the
+//! sender is acknowledged without waiting for the agent), then answered by a
+//! per-session queue; awaiting turns are resumed after a restart.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use serde_json::{Map, Value};
+
+use crate::agent::{self, AgentSettings};
+use crate::brain::{Brain, BrainInput, Decision, RECENT_TURNS};
+use crate::error::StoreError;
+use crate::metrics::Metrics;
+use crate::outbox::OutboxKick;
+use crate::persistence::{
+    AwaitingTurn, CommitAgentReply, CommitExchange, Exchange, ExchangeOutcome, GetAwaiting,
+    GetSession, PersistenceActor, ReplyPlan, SessionKey, TurnRow,
+};
+
+/// Everything a session needs that config can change (replaced on reload).
+#[derive(Clone)]
+pub struct SessionSettings {
+    pub brain: Arc<dyn Brain>,
+    /// Channels whose replies go to the outbox (they have a delivery route).
+    pub routed_channels: HashSet<String>,
+    pub agent: Option<AgentSettings>,
+}
+
+/// An inbound message from an adapter. The adapter acknowledges upstream
+/// only after `Ok` (R1). Sent by adapters to the registry.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<Delivered, StoreError>")]
+pub struct Deliver {
+    pub channel: String,
+    pub chat: String,
+    pub from: String,
+    /// The channel's message id: the idempotency key (R2).
+    pub key: String,
+    pub text: String,
+}
+
+/// The durable outcome of a `Deliver`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivered {
+    Accepted { session: String, seq: i64 },
+    Duplicate { session: String, seq: i64 },
+}
+
+/// Replace the settings (config reload). Sent by the app.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Reconfigure(pub SessionSettings);
+
+/// Resume user turns left awaiting the agent (startup). Sent by the app.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<usize, StoreError>")]
+pub struct ResumeAwaiting;
+
+/// Session work started (+1) or finished (-1); a session is evicted from
+/// memory only when idle and not busy. Sent by session actors.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+struct Busy {
+    id: String,
+    delta: i64,
+}
+
+struct Entry {
+    addr: Addr<SessionActor>,
+    busy: i64,
+    last_used: tokio::time::Instant,
+}
+
+/// Spawns and finds session actors. Lives on the main arbiter.
+pub struct SessionRegistry {
+    persistence: Addr<PersistenceActor>,
+    outbox: Recipient<OutboxKick>,
+    settings: SessionSettings,
+    metrics: Metrics,
+    http: reqwest::Client,
+    sessions: HashMap<String, Entry>,
+    /// Sessions idle this long (and not busy) leave memory.
+    idle_ttl: Duration,
+}
+
+impl SessionRegistry {
+    pub fn new(
+        persistence: Addr<PersistenceActor>,
+        outbox: Recipient<OutboxKick>,
+        settings: SessionSettings,
+        metrics: Metrics,
+    ) -> SessionRegistry {
+        SessionRegistry {
+            persistence,
+            outbox,
+            settings,
+            metrics,
+            http: reqwest::Client::new(),
+            sessions: HashMap::new(),
+            idle_ttl: Duration::from_secs(600),
+        }
+    }
+
+    fn session(&mut self, key: &SessionKey, me: Addr<SessionRegistry>) -> &mut Entry {
+        let metrics = &self.metrics;
+        let entry = self.sessions.entry(key.id.clone()).or_insert_with(|| {
+            metrics.sessions_active.inc();
+            let actor = SessionActor {
+                key: key.clone(),
+                persistence: self.persistence.clone(),
+                outbox: self.outbox.clone(),
+                registry: me,
+                settings: self.settings.clone(),
+                http: self.http.clone(),
+                cache: None,
+                agent_queue: VecDeque::new(),
+                agent_running: false,
+            };
+            Entry {
+                addr: actor.start(),
+                busy: 0,
+                last_used: tokio::time::Instant::now(),
+            }
+        });
+        entry.last_used = tokio::time::Instant::now();
+        entry
+    }
+
+    fn evict_idle(&mut self) {
+        let now = tokio::time::Instant::now();
+        let ttl = self.idle_ttl;
+        let before = self.sessions.len();
+        // Dropping the last Addr stops an actor once its mailbox is empty;
+        // `busy == 0` means nothing is queued or running for it.
+        self.sessions
+            .retain(|_, e| e.busy > 0 || now.duration_since(e.last_used) < ttl);
+        let evicted = before - self.sessions.len();
+        if evicted > 0 {
+            self.metrics.sessions_active.sub(evicted as i64);
+            tracing::debug!(evicted, "evicted idle sessions");
+        }
+    }
+}
+
+impl Actor for SessionRegistry {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        // Every adapter funnels through here; do not let actix's default
+        // mailbox of 16 throttle a burst from many clients.
+        ctx.set_mailbox_capacity(65_536);
+        ctx.run_interval(Duration::from_secs(60), |this, _| this.evict_idle());
+    }
+}
+
+impl Handler<Deliver> for SessionRegistry {
+    type Result = ResponseActFuture<Self, Result<Delivered, StoreError>>;
+
+    fn handle(&mut self, msg: Deliver, ctx: &mut Context<Self>) -> Self::Result {
+        let key = SessionKey::new(&msg.channel, &msg.chat);
+        let id = key.id.clone();
+        let entry = self.session(&key, ctx.address());
+        entry.busy += 1;
+        let request = entry.addr.send(msg);
+        Box::pin(request.into_actor(self).map(move |res, this, _| {
+            if let Some(e) = this.sessions.get_mut(&id) {
+                e.busy -= 1;
+            }
+            res.unwrap_or(Err(StoreError::Closed))
+        }))
+    }
+}
+
+impl Handler<Busy> for SessionRegistry {
+    type Result = ();
+    fn handle(&mut self, msg: Busy, _: &mut Context<Self>) {
+        if let Some(e) = self.sessions.get_mut(&msg.id) {
+            e.busy += msg.delta;
+            e.last_used = tokio::time::Instant::now();
+        }
+    }
+}
+
+impl Handler<Reconfigure> for SessionRegistry {
+    type Result = ();
+    fn handle(&mut self, msg: Reconfigure, _: &mut Context<Self>) {
+        for e in self.sessions.values() {
+            e.addr.do_send(Reconfigure(msg.0.clone()));
+        }
+        self.settings = msg.0;
+    }
+}
+
+impl Handler<ResumeAwaiting> for SessionRegistry {
+    type Result = ResponseActFuture<Self, Result<usize, StoreError>>;
+    fn handle(&mut self, _: ResumeAwaiting, _: &mut Context<Self>) -> Self::Result {
+        let req = self.persistence.send(GetAwaiting { limit: 100_000 });
+        Box::pin(req.into_actor(self).map(|res, this, ctx| {
+            let turns = res.unwrap_or(Err(StoreError::Closed))?;
+            let n = turns.len();
+            for turn in turns {
+                let entry = this.session(&turn.session, ctx.address());
+                entry.addr.do_send(Resume(turn));
+            }
+            Ok(n)
+        }))
+    }
+}
+
+// ---------------------------------------------------------------------------
+
+struct Cache {
+    memory: Map<String, Value>,
+    recent: VecDeque<TurnRow>,
+}
+
+impl Cache {
+    fn push(&mut self, turn: TurnRow) {
+        self.recent.push_back(turn);
+        while self.recent.len() > RECENT_TURNS {
+            self.recent.pop_front();
+        }
+    }
+}
+
+/// One conversation. Started by the registry.
+pub struct SessionActor {
+    key: SessionKey,
+    persistence: Addr<PersistenceActor>,
+    outbox: Recipient<OutboxKick>,
+    registry: Addr<SessionRegistry>,
+    settings: SessionSettings,
+    http: reqwest::Client,
+    /// Loaded lazily; dropped after a failed commit so the next message
+    /// reloads what is really on disk.
+    cache: Option<Cache>,
+    agent_queue: VecDeque<AwaitingTurn>,
+    agent_running: bool,
+}
+
+impl Actor for SessionActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(1_024);
+    }
+}
+
+/// Resume one awaiting turn. Sent by the registry.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+struct Resume(AwaitingTurn);
+
+impl Handler<Reconfigure> for SessionActor {
+    type Result = ();
+    fn handle(&mut self, msg: Reconfigure, _: &mut Context<Self>) {
+        self.settings = msg.0;
+    }
+}
+
+impl Handler<Resume> for SessionActor {
+    type Result = ();
+    fn handle(&mut self, msg: Resume, ctx: &mut Context<Self>) {
+        self.enqueue_agent(msg.0, ctx);
+    }
+}
+
+fn now_text() -> String {
+    crate::persistence::store::now()
+}
+
+impl Handler<Deliver> for SessionActor {
+    type Result = AtomicResponse<Self, Result<Delivered, StoreError>>;
+
+    fn handle(&mut self, msg: Deliver, _: &mut Context<Self>) -> Self::Result {
+        let load = self.cache.is_none().then(|| {
+            self.persistence.send(GetSession {
+                id: self.key.id.clone(),
+                tail: RECENT_TURNS as i64,
+            })
+        });
+        let fut = async move {
+            match load {
+                Some(req) => Some(req.await.unwrap_or(Err(StoreError::Closed))),
+                None => None,
+            }
+        }
+        .into_actor(self)
+        .then(move |loaded, this, _| {
+            if let Some(loaded) = loaded {
+                match loaded {
+                    Ok(snapshot) => {
+                        let snapshot = snapshot.unwrap_or_default();
+                        let memory =
+                            serde_json::from_str(&snapshot.memory_json).unwrap_or_default();
+                        this.cache = Some(Cache {
+                            memory,
+                            recent: snapshot.recent.into(),
+                        });
+                    }
+                    Err(e) => {
+                        let failed: ResponseActFuture<Self, _> = Box::pin(fut::ready(Err(e)));
+                        return failed;
+                    }
+                }
+            }
+            Box::pin(this.exchange(msg))
+        });
+        AtomicResponse::new(Box::pin(fut))
+    }
+}
+
+impl SessionActor {
+    /// Decide and commit one message. The cache is loaded.
+    fn exchange(
+        &mut self,
+        msg: Deliver,
+    ) -> impl ActorFuture<Self, Output = Result<Delivered, StoreError>> {
+        let cache = self.cache.as_ref().expect("cache loaded before exchange");
+        let recent: Vec<TurnRow> = cache.recent.iter().cloned().collect();
+        let decision = self.settings.brain.decide(&BrainInput {
+            session: &self.key,
+            from: &msg.from,
+            text: &msg.text,
+            memory: &cache.memory,
+            recent: &recent,
+        });
+        let deliver = self.settings.routed_channels.contains(&self.key.channel);
+        let (reply, memory) = match &decision {
+            Decision::Reply { text, memory } => (
+                Some(ReplyPlan {
+                    text: text.clone(),
+                    deliver,
+                }),
+                memory.clone(),
+            ),
+            Decision::Forward => (None, None),
+        };
+        let exchange = Exchange {
+            session: self.key.clone(),
+            from: msg.from.clone(),
+            key: msg.key.clone(),
+            text: msg.text.clone(),
+            reply: reply.clone(),
+            memory: memory
+                .as_ref()
+                .map(|m| Value::Object(m.clone()).to_string()),
+        };
+        self.persistence
+            .send(CommitExchange(exchange))
+            .into_actor(self)
+            .map(move |res, this, ctx| {
+                let outcome = match res.unwrap_or(Err(StoreError::Closed)) {
+                    Ok(o) => o,
+                    Err(e) => {
+                        this.cache = None;
+                        return Err(e);
+                    }
+                };
+                let session = this.key.id.clone();
+                match outcome {
+                    ExchangeOutcome::Duplicate { user_seq } => Ok(Delivered::Duplicate {
+                        session,
+                        seq: user_seq,
+                    }),
+                    ExchangeOutcome::Accepted {
+                        user_seq,
+                        reply_seq,
+                        outbox_id,
+                    } => {
+                        let at = now_text();
+                        let cache = this.cache.as_mut().expect("cache stays loaded");
+                        cache.push(TurnRow {
+                            seq: user_seq,
+                            role: "user".into(),
+                            text: msg.text.clone(),
+                            key: Some(msg.key.clone()),
+                            created_at: at.clone(),
+                            sent: None,
+                        });
+                        if let (Some(seq), Some(plan)) = (reply_seq, &reply) {
+                            cache.push(TurnRow {
+                                seq,
+                                role: "assistant".into(),
+                                text: plan.text.clone(),
+                                key: None,
+                                created_at: at,
+                                sent: plan.deliver.then_some(false),
+                            });
+                        }
+                        if let Some(m) = memory {
+                            cache.memory = m;
+                        }
+                        if outbox_id.is_some() {
+                            this.outbox.do_send(OutboxKick);
+                        }
+                        if decision == Decision::Forward {
+                            this.enqueue_agent(
+                                AwaitingTurn {
+                                    session: this.key.clone(),
+                                    seq: user_seq,
+                                    key: Some(msg.key),
+                                    text: msg.text,
+                                },
+                                ctx,
+                            );
+                        }
+                        Ok(Delivered::Accepted {
+                            session,
+                            seq: user_seq,
+                        })
+                    }
+                }
+            })
+    }
+
+    fn enqueue_agent(&mut self, turn: AwaitingTurn, ctx: &mut Context<Self>) {
+        self.registry.do_send(Busy {
+            id: self.key.id.clone(),
+            delta: 1,
+        });
+        self.agent_queue.push_back(turn);
+        self.run_agent(ctx);
+    }
+
+    /// Answer awaiting turns one at a time, in order.
+    fn run_agent(&mut self, ctx: &mut Context<Self>) {
+        if self.agent_running {
+            return;
+        }
+        let Some(turn) = self.agent_queue.pop_front() else {
+            return;
+        };
+        self.agent_running = true;
+        let settings = self.settings.agent.clone();
+        let http = self.http.clone();
+        let history: Vec<TurnRow> = self
+            .cache
+            .as_ref()
+            .map(|c| c.recent.iter().cloned().collect())
+            .unwrap_or_default();
+        let deliver = self.settings.routed_channels.contains(&self.key.channel);
+        let persistence = self.persistence.clone();
+        let key = self.key.clone();
+        let work = async move {
+            let text = match settings {
+                None => {
+                    "Got it — your message is saved. (No agent is configured any more.)".to_string()
+                }
+                Some(s) => ask_with_retries(&http, &s, &turn, &history).await,
+            };
+            let plan = ReplyPlan { text, deliver };
+            // Retry the commit while storage is failing: the turn is durable
+            // as awaiting, so a restart would also resume it.
+            let mut delay = Duration::from_millis(200);
+            loop {
+                let req = CommitAgentReply {
+                    session: key.clone(),
+                    user_seq: turn.seq,
+                    reply: plan.clone(),
+                };
+                match persistence
+                    .send(req)
+                    .await
+                    .unwrap_or(Err(StoreError::Closed))
+                {
+                    Ok(done) => return Some((turn.seq, plan, done)),
+                    Err(e) if e.is_transient() && !matches!(e, StoreError::Closed) => {
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(10));
+                    }
+                    Err(e) => {
+                        tracing::error!(session = %key.id, error = %e, "could not store agent reply");
+                        return None;
+                    }
+                }
+            }
+        };
+        ctx.spawn(work.into_actor(self).map(|result, this, ctx| {
+            if let Some((user_seq, plan, Some((seq, outbox)))) = result {
+                if let Some(cache) = this.cache.as_mut() {
+                    cache.push(TurnRow {
+                        seq,
+                        role: "assistant".into(),
+                        text: plan.text,
+                        key: None,
+                        created_at: now_text(),
+                        sent: plan.deliver.then_some(false),
+                    });
+                }
+                if outbox.is_some() {
+                    this.outbox.do_send(OutboxKick);
+                }
+                tracing::debug!(session = %this.key.id, user_seq, "agent replied");
+            }
+            this.agent_running = false;
+            this.registry.do_send(Busy {
+                id: this.key.id.clone(),
+                delta: -1,
+            });
+            this.run_agent(ctx);
+        }));
+    }
+}
+
+async fn ask_with_retries(
+    http: &reqwest::Client,
+    settings: &AgentSettings,
+    turn: &AwaitingTurn,
+    history: &[TurnRow],
+) -> String {
+    let mut last = String::new();
+    let mut delay = Duration::from_millis(500);
+    for attempt in 1..=settings.attempts {
+        match agent::ask(
+            http,
+            settings,
+            &turn.session,
+            turn.key.as_deref(),
+            &turn.text,
+            history,
+        )
+        .await
+        {
+            Ok(text) => return text,
+            Err(e) => {
+                tracing::warn!(session = %turn.session.id, attempt, error = %e, "agent call failed");
+                last = e;
+            }
+        }
+        if attempt < settings.attempts {
+            tokio::time::sleep(delay).await;
+            delay *= 2;
+        }
+    }
+    format!("Sorry, the agent is unavailable right now ({last}). Your message is saved; please ask again later.")
+}

@@ -1,0 +1,150 @@
+//! Operator commands: `status`, `sessions`, `migrate` read or prepare the
+//! store directly (read-only where possible, so they are safe while keel
+//! runs); `run`, `chat` and `bench` live in their own modules.
+
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use keel_actors::config::Config;
+use keel_actors::persistence::{self, migrate, store, StoreOptions};
+use serde_json::json;
+
+use crate::cli::{Cli, Command, DataDirArg, SessionsCmd};
+
+pub fn dispatch(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Run(args) => crate::run::run(args),
+        Command::Chat(args) => crate::chat::chat(args),
+        Command::Status { dir, json } => status(&dir, json),
+        Command::Sessions { cmd } => sessions(cmd),
+        Command::Migrate { dir } => migrate_cmd(&dir),
+        Command::Bench(args) => crate::bench::bench(args),
+    }
+}
+
+fn config_for(dir: &DataDirArg) -> Result<Config> {
+    crate::config::load(dir, None)
+}
+
+fn open_ro(config: &Config) -> Result<persistence::Connection> {
+    let path = config.data_dir.join("keel.db");
+    Ok(persistence::open_read_only(&path)?)
+}
+
+fn status(dir: &DataDirArg, as_json: bool) -> Result<ExitCode> {
+    let config = config_for(dir)?;
+    let conn = open_ro(&config)?;
+    let stats = store::stats(&conn)?;
+    let pid = crate::run::running_pid(&config.data_dir);
+    if as_json {
+        println!(
+            "{}",
+            json!({
+                "data_dir": config.data_dir,
+                "running": pid.is_some(),
+                "pid": pid,
+                "store": stats,
+                "schema_supported": migrate::latest_version(),
+            })
+        );
+    } else {
+        println!("data dir:        {}", config.data_dir.display());
+        match pid {
+            Some(p) => println!("daemon:          running (pid {p})"),
+            None => println!("daemon:          not running"),
+        }
+        println!(
+            "schema version:  {} (binary supports {})",
+            stats.schema_version,
+            migrate::latest_version()
+        );
+        println!("boot epoch:      {}", stats.boot_epoch);
+        println!("sessions:        {}", stats.sessions);
+        println!("turns:           {}", stats.turns);
+        println!("outbox pending:  {}", stats.outbox_pending);
+        println!("outbox sent:     {}", stats.outbox_sent);
+        println!("awaiting agent:  {}", stats.awaiting_agent);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn sessions(cmd: SessionsCmd) -> Result<ExitCode> {
+    match cmd {
+        SessionsCmd::List { dir, json: as_json } => {
+            let conn = open_ro(&config_for(&dir)?)?;
+            let list = store::list_sessions(&conn)?;
+            if as_json {
+                println!("{}", json!({ "sessions": list }));
+            } else if list.is_empty() {
+                println!("no sessions");
+            } else {
+                for s in list {
+                    println!(
+                        "{}\t{} turns\tupdated {}",
+                        s.id.escape_debug(),
+                        s.turns,
+                        s.updated_at
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        SessionsCmd::Show {
+            id,
+            dir,
+            json: as_json,
+        } => {
+            let conn = open_ro(&config_for(&dir)?)?;
+            let Some(turns) = store::session_turns(&conn, &id, 0, i64::MAX)? else {
+                eprintln!("keel: error: no session {:?}", id);
+                return Ok(ExitCode::from(2));
+            };
+            let memory = store::session_memory(&conn, &id)?.unwrap_or_else(|| "{}".into());
+            if as_json {
+                let memory: serde_json::Value = serde_json::from_str(&memory).unwrap_or(json!({}));
+                println!(
+                    "{}",
+                    json!({"session": id, "memory": memory, "turns": turns})
+                );
+            } else {
+                println!("session {}  memory {}", id.escape_debug(), memory);
+                for t in turns {
+                    let sent = match t.sent {
+                        Some(true) => " [sent]",
+                        Some(false) => " [unsent]",
+                        None => "",
+                    };
+                    println!(
+                        "#{} {} {}{}: {}",
+                        t.seq,
+                        t.created_at,
+                        t.role,
+                        sent,
+                        t.text.escape_debug()
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        SessionsCmd::Export { out, dir } => {
+            let conn = open_ro(&config_for(&dir)?)?;
+            let files = keel_actors::export::export_sessions(&conn, &out)?;
+            println!("exported {} sessions to {}", files.len(), out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn migrate_cmd(dir: &DataDirArg) -> Result<ExitCode> {
+    let config = config_for(dir)?;
+    let _lock = crate::run::lock_data_dir(&config.data_dir)?;
+    // SAFETY: umask only changes this process's file-creation mask.
+    unsafe { libc::umask(0o077) };
+    let (_conn, report) = persistence::open_store(&StoreOptions::from_config(&config))
+        .with_context(|| format!("migrating {}", config.data_dir.display()))?;
+    println!(
+        "schema version {} (was {})",
+        report.schema_version, report.migrated_from
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,79 @@
+//! Loading configuration: the file (if any), then flags and environment on
+//! top, then the library's validation. Startup and SIGHUP reload both call
+//! `load`, so a reload is checked exactly like a start (R34).
+
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use keel_actors::config::Config;
+
+use crate::cli::{DataDirArg, RunArgs};
+
+/// Largest config file read.
+const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
+
+/// Which file to read, if any: `--config`/`KEEL_CONFIG`, else ./keel.toml if present.
+pub fn config_path(dir: &DataDirArg) -> Option<PathBuf> {
+    dir.config.clone().or_else(|| {
+        let default = PathBuf::from("keel.toml");
+        default.is_file().then_some(default)
+    })
+}
+
+/// Read a config file defensively: regular file, bounded size, UTF-8.
+fn read_config_file(path: &Path) -> Result<String> {
+    let meta = fs::metadata(path).with_context(|| format!("config {}", path.display()))?;
+    let ft = meta.file_type();
+    if !ft.is_file() || ft.is_fifo() || ft.is_char_device() || ft.is_block_device() {
+        bail!("config {}: not a regular file", path.display());
+    }
+    if meta.len() > MAX_CONFIG_BYTES {
+        bail!(
+            "config {}: {} bytes is too large (at most {MAX_CONFIG_BYTES})",
+            path.display(),
+            meta.len()
+        );
+    }
+    let mut bytes = Vec::new();
+    fs::File::open(path)
+        .and_then(|f| f.take(MAX_CONFIG_BYTES + 1).read_to_end(&mut bytes))
+        .with_context(|| format!("config {}", path.display()))?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "config {}: not UTF-8 (byte {})",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        )
+    })?;
+    if text.contains("secret") && meta.permissions().mode() & 0o004 != 0 {
+        tracing::warn!(path = %path.display(), "config file holds a secret and is world-readable; chmod 600 it");
+    }
+    Ok(text)
+}
+
+/// The config for `dir` (+ run flags when given).
+pub fn load(dir: &DataDirArg, run: Option<&RunArgs>) -> Result<Config> {
+    let mut config = match config_path(dir) {
+        Some(path) => {
+            let text = read_config_file(&path)?;
+            Config::from_toml(&text, &path.display().to_string())?
+        }
+        None => Config::default(),
+    };
+    if let Some(d) = &dir.data_dir {
+        config.data_dir = d.clone();
+    }
+    if let Some(run) = run {
+        if let Some(listen) = &run.listen {
+            config.listen = listen.clone();
+        }
+        if run.ephemeral {
+            config.ephemeral = true;
+        }
+    }
+    config.validate("command line")?;
+    Ok(config)
+}

@@ -1,0 +1,29 @@
+//! The `keel` binary: the process boundary. Parses the command line, loads
+//! config, owns signals, the data-dir lock, logging and exit codes; all the
+//! actual work lives in the `keel_actors` library.
+
+mod bench;
+mod chat;
+mod cli;
+mod commands;
+mod config;
+mod run;
+mod signals;
+mod telemetry;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let args = cli::Cli::parse();
+    match commands::dispatch(args) {
+        Ok(code) => code,
+        Err(e) => {
+            // One line: the whole context chain, joined.
+            let msg = format!("{e:#}").replace('\n', " ");
+            eprintln!("keel: error: {msg}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,168 @@
+//! `keel run`: lock the data dir, start the actor system, route signals,
+//! exit 0 after an orderly shutdown.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use futures::StreamExt;
+use keel_actors::adapter::cli::ServeStdin;
+use keel_actors::app::{self, RunOptions};
+use keel_actors::lifecycle::{Reload, Shutdown};
+
+use crate::cli::RunArgs;
+use crate::signals::{self, SignalTo};
+
+/// Take the data dir's exclusive lock (held for the life of the process), so
+/// two keels never write one database.
+pub fn lock_data_dir(dir: &Path) -> Result<File> {
+    std::fs::create_dir_all(dir).with_context(|| {
+        format!(
+            "cannot create data dir {} (needs write permission on its parent)",
+            dir.display()
+        )
+    })?;
+    let path = dir.join("keel.lock");
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| {
+            format!(
+                "cannot open {} (keel needs read and write permission on the data dir)",
+                path.display()
+            )
+        })?;
+    // SAFETY: flock on a file descriptor we own; no memory is involved.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let holder = std::fs::read_to_string(&path).unwrap_or_default();
+        bail!(
+            "data dir {} is in use by another keel (pid {}); stop it first",
+            dir.display(),
+            holder.trim()
+        );
+    }
+    file.set_len(0)?;
+    write!(file, "{}", std::process::id())?;
+    Ok(file)
+}
+
+/// Is a daemon holding the lock? Returns its pid.
+pub fn running_pid(dir: &Path) -> Option<u32> {
+    let path = dir.join("keel.lock");
+    let file = File::open(&path).ok()?;
+    // SAFETY: as above.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
+    if rc == 0 {
+        // SAFETY: as above; release the probe lock at once.
+        unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) };
+        return None;
+    }
+    std::fs::read_to_string(&path).ok()?.trim().parse().ok()
+}
+
+pub fn run(args: RunArgs) -> Result<ExitCode> {
+    let config = crate::config::load(&args.dir, Some(&args))?;
+    let log_hook = crate::telemetry::init(&config.log_level)?;
+    // Every file keel creates holds state: owner-only (0600 / 0700).
+    // SAFETY: umask only changes this process's file-creation mask.
+    unsafe { libc::umask(0o077) };
+    let _lock = if config.ephemeral {
+        None
+    } else {
+        Some(lock_data_dir(&config.data_dir)?)
+    };
+    let reload_args = args.clone();
+    let system = actix_rt::System::new();
+    let result = system.block_on(async move {
+        let mut signals = signals::stream().context("cannot install signal handlers")?;
+        let drain_deadline = config.shutdown_timeout();
+        let running = app::start(
+            config,
+            RunOptions {
+                stdin: args.stdin,
+                log_level: Some(log_hook),
+            },
+        )
+        .await?;
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+        let lifecycle = running.lifecycle.clone();
+        if args.stdin {
+            if let Some(cli) = running.cli.clone() {
+                let lifecycle = lifecycle.clone();
+                actix_rt::spawn(async move {
+                    let _ = cli
+                        .send(ServeStdin {
+                            reply_deadline: Duration::from_secs(60),
+                        })
+                        .await;
+                    lifecycle.do_send(Shutdown {
+                        reason: "stdin closed".into(),
+                    });
+                });
+            }
+        }
+        let mut done = running.done;
+        let mut stopping = false;
+        loop {
+            tokio::select! {
+                report = &mut done => {
+                    let report = report.context("shutdown did not complete")?;
+                    tracing::info!(abandoned = report.abandoned, store_closed = report.store_closed, "keel stopped");
+                    return Ok::<_, anyhow::Error>(report.store_closed);
+                }
+                Some(sig) = signals.next() => match sig {
+                    SignalTo::Shutdown if stopping => {
+                        // Nothing acknowledged depends on the rest of the
+                        // cascade: every ack followed a durable commit.
+                        eprintln!("keel: second signal, exiting now");
+                        std::process::exit(1);
+                    }
+                    SignalTo::Shutdown => {
+                        stopping = true;
+                        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+                        tracing::info!(deadline = ?drain_deadline, "signal received");
+                        lifecycle.do_send(Shutdown { reason: "signal".into() });
+                    }
+                    SignalTo::Reload => reload(&reload_args, &lifecycle).await,
+                },
+            }
+        }
+    });
+    match result {
+        Ok(true) => Ok(ExitCode::SUCCESS),
+        Ok(false) => Ok(ExitCode::from(1)),
+        Err(e) => Err(e),
+    }
+}
+
+/// SIGHUP: load and validate through the same path as startup; apply or
+/// reject as a whole.
+async fn reload(args: &RunArgs, lifecycle: &actix::Addr<keel_actors::lifecycle::Lifecycle>) {
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Reloading]);
+    match crate::config::load(&args.dir, Some(args)) {
+        Err(e) => {
+            let msg = format!("{e:#}").replace('\n', " ");
+            tracing::error!(error = %msg, "config reload rejected; keeping the running config");
+        }
+        Ok(config) => match lifecycle.send(Reload(config)).await {
+            Ok(needs_restart) => {
+                if !needs_restart.is_empty() {
+                    tracing::warn!(settings = ?needs_restart, "these settings change only after a restart");
+                }
+                tracing::info!("config reloaded");
+            }
+            Err(e) => tracing::error!(error = %e, "config reload failed"),
+        },
+    }
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+}

@@ -1,0 +1,216 @@
+//! The command line: `keel status`, `keel sessions list|show` read the store directly
+//! and are safe while the daemon writes to it; `keel migrate` prints the schema
+//! version; `keel run --stdin` is a chat on stdin/stdout that exits 0 at EOF.
+
+mod common;
+
+use std::process::Output;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{client_specs, free_port, run_keel, Config, Daemon, Ledger, Load};
+use serde_json::Value;
+
+/// How long a CLI command may run.
+const CLI_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Stdout as JSON; panics with the output when the command failed or printed no JSON.
+fn json_stdout(what: &str, out: &Output) -> Value {
+    assert!(
+        out.status.success(),
+        "{what} exited {}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{what} printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// Every string anywhere inside a JSON value.
+fn strings(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::String(s) => out.push(s.clone()),
+        Value::Array(a) => a.iter().for_each(|x| strings(x, out)),
+        Value::Object(o) => o.values().for_each(|x| strings(x, out)),
+        _ => {}
+    }
+}
+
+fn all_strings(v: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    strings(v, &mut out);
+    out
+}
+
+/// A running daemon with two chats (`c1`, `c2`) and a load writing to others.
+async fn daemon_with_messages() -> (Daemon, Load, Arc<Ledger>) {
+    let d = Daemon::start(Config::default()).await;
+    for i in 0..3 {
+        d.post_ok(&format!("c1-{i}"), "c1", &format!("one-{i}"))
+            .await;
+        d.post_ok(&format!("c2-{i}"), "c2", &format!("two-{i}"))
+            .await;
+    }
+    let ledger = Arc::new(Ledger::new());
+    let load = Load::start(d.base(), None, client_specs(4, "cli"), ledger.clone());
+    assert!(
+        load.wait_acked(10, Duration::from_secs(30)).await,
+        "load made no progress"
+    );
+    (d, load, ledger)
+}
+
+/// Stops the load and checks the daemon lost nothing while the CLI read the store.
+async fn finish(d: Daemon, load: Load, ledger: Arc<Ledger>) {
+    load.stop().await;
+    assert_eq!(d.readyz().await.expect("readyz").status, 200);
+    ledger.check(&d.user_key_counts().await).assert_clean();
+    d.assert_no_panics();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_json_is_valid_while_daemon_runs() {
+    let (d, load, ledger) = daemon_with_messages().await;
+    let data = d.data_dir.to_str().expect("utf8").to_string();
+    for _ in 0..5 {
+        let out = run_keel(
+            &["status", "--json", "--data-dir", &data],
+            None,
+            CLI_DEADLINE,
+        )
+        .await;
+        let v = json_stdout("keel status --json", &out);
+        assert!(
+            v.as_object().is_some_and(|o| !o.is_empty()),
+            "keel status --json printed no object: {v}"
+        );
+    }
+    finish(d, load, ledger).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_list_json_names_every_session_while_daemon_runs() {
+    let (d, load, ledger) = daemon_with_messages().await;
+    let data = d.data_dir.to_str().expect("utf8").to_string();
+    for _ in 0..5 {
+        let out = run_keel(
+            &["sessions", "list", "--json", "--data-dir", &data],
+            None,
+            CLI_DEADLINE,
+        )
+        .await;
+        let names = all_strings(&json_stdout("keel sessions list --json", &out));
+        for s in ["webhook:c1", "webhook:c2"] {
+            assert!(names.iter().any(|n| n == s), "{s} missing from {names:?}");
+        }
+    }
+    finish(d, load, ledger).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_show_json_lists_the_turns_of_one_session() {
+    let (d, load, ledger) = daemon_with_messages().await;
+    let data = d.data_dir.to_str().expect("utf8").to_string();
+    let out = run_keel(
+        &[
+            "sessions",
+            "show",
+            "webhook:c1",
+            "--json",
+            "--data-dir",
+            &data,
+        ],
+        None,
+        CLI_DEADLINE,
+    )
+    .await;
+    let texts = all_strings(&json_stdout("keel sessions show webhook:c1 --json", &out));
+    for i in 0..3 {
+        let want = format!("one-{i}");
+        assert!(texts.contains(&want), "{want} missing from {texts:?}");
+        let other = format!("two-{i}");
+        assert!(!texts.contains(&other), "c2's {other} shown for c1");
+    }
+    finish(d, load, ledger).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_on_fresh_dir_prints_the_schema_version() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    std::fs::create_dir(&data).expect("mkdir");
+    let data_arg = data.to_str().expect("utf8");
+    let out = run_keel(&["migrate", "--data-dir", data_arg], None, CLI_DEADLINE).await;
+    assert!(
+        out.status.success(),
+        "keel migrate exited {}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let conn = rusqlite::Connection::open(data.join("keel.db")).expect("open db");
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .expect("user_version");
+    assert!(version > 0, "schema version {version} after migrate");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let printed = stdout
+        .split(|c: char| !c.is_ascii_digit())
+        .any(|w| w == version.to_string());
+    assert!(
+        printed,
+        "migrate did not print schema version {version}: {stdout:?}"
+    );
+
+    // Migrating again is a no-op that still reports the same version.
+    let again = run_keel(&["migrate", "--data-dir", data_arg], None, CLI_DEADLINE).await;
+    assert!(again.status.success());
+    assert!(String::from_utf8_lossy(&again.stdout).contains(&version.to_string()));
+}
+
+/// Runs `keel run --stdin` on `data` with `input` piped in; asserts exit 0 at EOF.
+async fn run_stdin(data: &str, input: &str) -> String {
+    let listen = format!("127.0.0.1:{}", free_port());
+    let out = run_keel(
+        &["run", "--stdin", "--data-dir", data, "--listen", &listen],
+        Some(input.as_bytes()),
+        CLI_DEADLINE,
+    )
+    .await;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "keel run --stdin exited {} at EOF; stdout {stdout:?}; stderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_stdin_remember_then_recall_prints_the_value_and_exits_at_eof() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    std::fs::create_dir(&data).expect("mkdir");
+    let data = data.to_str().expect("utf8");
+    let stdout = run_stdin(data, "/remember color blue\n/recall color\n").await;
+    assert!(stdout.contains("blue"), "no `blue` on stdout: {stdout:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_stdin_recall_finds_a_value_remembered_in_an_earlier_run() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    std::fs::create_dir(&data).expect("mkdir");
+    let data = data.to_str().expect("utf8");
+    run_stdin(data, "/remember flavour pistachio\n").await;
+    // This run never sees the value in its input: it can only come from the store.
+    let stdout = run_stdin(data, "/recall flavour\n").await;
+    assert!(
+        stdout.contains("pistachio"),
+        "recall after restart: {stdout:?}"
+    );
+}
