@@ -76,6 +76,10 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     // Every file keel creates holds state: owner-only (0600 / 0700).
     // SAFETY: umask only changes this process's file-creation mask.
     unsafe { libc::umask(0o077) };
+    // A write past RLIMIT_FSIZE must fail with EFBIG (→ degraded, retried),
+    // not kill the process with SIGXFSZ.
+    // SAFETY: setting a signal's disposition to SIG_IGN is async-signal-safe.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
     let _lock = if config.ephemeral {
         None
     } else {

@@ -157,8 +157,9 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
     let persistence =
         PersistenceActor::new(conn, store_opts, health.clone(), metrics.clone()).start();
 
-    // The HTTP listener comes up early so /healthz and /readyz answer during
-    // recovery; the webhook route refuses messages until the gate opens.
+    // The HTTP listener comes up before recovery so /healthz and /readyz
+    // answer throughout; the webhook route refuses messages (503) until the
+    // intake gate opens at the end.
     let http = reqwest::Client::new();
     let cli_enabled = config.cli.enabled;
     let cli_clients = cli_enabled.then(CliClients::default);
@@ -168,13 +169,6 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         config.outbox.clone(),
         metrics.clone(),
     );
-    // Recovery: count this start, then start the outbox (it sends what an
-    // earlier run left unsent) and resume turns awaiting the agent.
-    let stats = persistence
-        .send(RecordBoot)
-        .await
-        .unwrap_or(Err(StoreError::Closed))?;
-    metrics.boot_epoch.set(stats.boot_epoch);
     let outbox = outbox.start();
     let registry = SessionRegistry::new(
         persistence.clone(),
@@ -183,23 +177,6 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         metrics.clone(),
     )
     .start();
-    let awaiting = registry
-        .send(ResumeAwaiting)
-        .await
-        .unwrap_or(Err(StoreError::Closed))?;
-
-    // Adapters in priority order (R15): cli, then webhook.
-    let cli = cli_clients.as_ref().map(|clients| {
-        let socket = (!config.ephemeral).then(|| config.cli_socket());
-        CliAdapter {
-            socket,
-            registry: registry.clone(),
-            gate: gate.clone(),
-            metrics: metrics.clone(),
-            clients: clients.clone(),
-        }
-        .start()
-    });
     let webhook_settings = Arc::new(RwLock::new(settings_webhook(&config)));
     let webhook = config.webhook.enabled.then(|| WebhookState {
         settings: webhook_settings.clone(),
@@ -220,6 +197,31 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
     .map_err(|source| StartError::Bind { addr, source })?;
     tracing::info!(addr = %http_addr, "http listening");
 
+    // Recovery: count this start (R38) and resume turns awaiting the agent;
+    // the outbox is already sending what an earlier run left unsent (R3).
+    let stats = persistence
+        .send(RecordBoot)
+        .await
+        .unwrap_or(Err(StoreError::Closed))?;
+    metrics.boot_epoch.set(stats.boot_epoch);
+    let awaiting = registry
+        .send(ResumeAwaiting)
+        .await
+        .unwrap_or(Err(StoreError::Closed))?;
+
+    // Adapters in priority order (R15): cli, then webhook (its route is
+    // bound already; its intake opens with the gate below).
+    let cli = cli_clients.as_ref().map(|clients| {
+        let socket = (!config.ephemeral).then(|| config.cli_socket());
+        CliAdapter {
+            socket,
+            registry: registry.clone(),
+            gate: gate.clone(),
+            metrics: metrics.clone(),
+            clients: clients.clone(),
+        }
+        .start()
+    });
     // Owner notification (R18), through the outbox like any reply.
     if let Some(owner) = &config.owner {
         let session = SessionKey::new(&owner.channel, &owner.chat);

@@ -15,6 +15,7 @@
 //! works again (R35).
 
 pub mod migrate;
+pub mod reference;
 pub mod store;
 
 use std::fs::{self, File, OpenOptions};
@@ -379,7 +380,9 @@ impl Writer {
     fn commit(&mut self, mut jobs: Vec<Box<dyn Job>>) {
         let started = Instant::now();
         let n = jobs.len();
+        let mut wrote = false;
         let result = self.connection().and_then(|conn| {
+            let before = conn.total_changes();
             conn.execute_batch("BEGIN IMMEDIATE")?;
             for job in jobs.iter_mut() {
                 conn.execute_batch("SAVEPOINT job")?;
@@ -390,6 +393,7 @@ impl Writer {
                 }
             }
             conn.execute_batch("COMMIT")?;
+            wrote = conn.total_changes() > before;
             Ok(())
         });
         match &result {
@@ -398,7 +402,11 @@ impl Writer {
                 self.metrics
                     .commit_seconds
                     .observe(started.elapsed().as_secs_f64());
-                self.recovered();
+                // A batch of reads proves nothing about writing; only a
+                // durable write (or the probe) ends a degraded period.
+                if wrote {
+                    self.recovered();
+                }
             }
             Err(e) => self.failed(e),
         }

@@ -563,10 +563,18 @@ pub fn next_boot_epoch(conn: &Connection) -> Result<i64, StoreError> {
     Ok(next)
 }
 
-/// A tiny write used to find out whether storage works again.
+/// Bytes the storage probe writes: enough that "the probe succeeded" means
+/// there is real headroom again, not just room for one tiny page.
+const PROBE_BYTES: i64 = 64 * 1024;
+
+/// A write used to find out whether storage works again.
 pub fn probe(conn: &Connection) -> Result<(), StoreError> {
     conn.prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES ('last_probe', ?1)")?
         .execute([now()])?;
+    conn.prepare_cached(
+        "INSERT OR REPLACE INTO meta (key, value) VALUES ('probe_headroom', randomblob(?1))",
+    )?
+    .execute([PROBE_BYTES])?;
     Ok(())
 }
 
