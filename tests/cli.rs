@@ -8,7 +8,7 @@ use std::process::Output;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{client_specs, free_port, run_keel, Config, Daemon, Ledger, Load};
+use common::{client_specs, free_port, run_keel, Config, Daemon, Ledger, Load, Outcome};
 use serde_json::Value;
 
 /// How long a CLI command may run.
@@ -49,13 +49,15 @@ fn all_strings(v: &Value) -> Vec<String> {
 /// A running daemon with two chats (`c1`, `c2`) and a load writing to others.
 async fn daemon_with_messages() -> (Daemon, Load, Arc<Ledger>) {
     let d = Daemon::start(Config::default()).await;
-    for i in 0..3 {
-        d.post_ok(&format!("c1-{i}"), "c1", &format!("one-{i}"))
-            .await;
-        d.post_ok(&format!("c2-{i}"), "c2", &format!("two-{i}"))
-            .await;
-    }
     let ledger = Arc::new(Ledger::new());
+    for i in 0..3 {
+        for (chat, word) in [("c1", "one"), ("c2", "two")] {
+            let (id, text) = (format!("{chat}-{i}"), format!("{word}-{i}"));
+            ledger.invoke(&id, chat, "tester", &text);
+            d.post_ok(&id, chat, &text).await;
+            ledger.complete(&id, Outcome::Ok);
+        }
+    }
     let load = Load::start(d.base(), None, client_specs(4, "cli"), ledger.clone());
     assert!(
         load.wait_acked(10, Duration::from_secs(30)).await,

@@ -3,9 +3,12 @@
 //! - disk full: a 2 MiB tmpfs as the data dir, filled by a filler file while keel
 //!   runs: POST 503, `/readyz` 503 "degraded", `/healthz` 200; remove the filler and
 //!   keel recovers by itself with every acknowledged message intact.
-//! - read-only: `mount -o remount,ro` of the data dir while keel runs. Linux refuses
-//!   that remount (EBUSY) while a file on it is open for writing, which keel's open
-//!   database always is; the test then checks keel is unaffected by the attempt.
+//! - read-only data dir: refused at start with the path named, nothing created;
+//!   works again once writable. (Linux refuses `remount,ro` while keel holds its
+//!   database open for writing, so runtime write failures are injected with a full
+//!   disk and with `RLIMIT_FSIZE` instead.)
+//! - permission denied (F4): keel as uid 65534 on a root-owned 0700 data dir exits
+//!   non-zero naming the path.
 //! - file size limit: `RLIMIT_FSIZE` lowered on the running process (SIGXFSZ ignored)
 //!   makes every write fail with EFBIG; raising it again must let keel recover.
 //! - corrupted database (header overwritten, middle zero-filled): start refuses,
@@ -77,7 +80,7 @@ impl Drop for Mount {
 
 /// POSTs one message recorded in the ledger; returns the response.
 async fn post_logged(d: &Daemon, ledger: &Ledger, id: &str, chat: &str, text: &str) -> Resp {
-    ledger.invoke(id, chat, text);
+    ledger.invoke(id, chat, "u", text);
     let r = d
         .post_message(&json!({"id": id, "chat": chat, "from": "u", "text": text}))
         .await;
@@ -186,46 +189,115 @@ async fn disk_full_degrades_then_recovers_by_itself() {
     d.assert_no_panics();
 }
 
+/// Runs `keel run` on `data` (no config file) and expects a refusal that
+/// names `data`; `uid` runs it as another user.
+async fn expect_start_refused(data: &Path, uid: Option<u32>, why: &str) -> String {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(common::keel_bin());
+    cmd.arg("run")
+        .arg("--data-dir")
+        .arg(data)
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{}", common::free_port()))
+        .env_remove("KEEL_CONFIG")
+        .env_remove("KEEL_DATA_DIR")
+        .env_remove("KEEL_LISTEN")
+        .env_remove("RUST_BACKTRACE")
+        .current_dir("/");
+    if let Some(uid) = uid {
+        cmd.uid(uid).gid(uid);
+    }
+    let mut cmd = tokio::process::Command::from(cmd);
+    cmd.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let child = cmd.spawn().expect("spawn keel");
+    let out = tokio::time::timeout(REFUSAL_DEADLINE, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("keel kept running on {why}"))
+        .expect("wait keel");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "keel started on {why}:\n{stderr}");
+    let path = data.display().to_string();
+    let line = stderr
+        .lines()
+        .find(|l| l.contains(&path))
+        .unwrap_or_else(|| panic!("no stderr line names {path} ({why}):\n{stderr}"));
+    assert!(!stderr.contains("panicked"), "panic on {why}:\n{stderr}");
+    line.to_string()
+}
+
+// A read-only data dir. Linux refuses `mount -o remount,ro` (EBUSY) while a
+// file on the file system is open for writing, which keel's database always is,
+// so "becomes read-only while running" cannot happen; runtime write failures
+// are covered by the disk-full and file-size-limit tests. What can happen is a
+// start on a read-only data dir: keel must refuse it, name the directory and
+// the problem, create nothing, and start normally once it is writable again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn read_only_remount_degrades_and_recovers_or_is_refused_by_the_kernel() {
-    if !root_or_skip("read_only_remount_degrades_and_recovers_or_is_refused_by_the_kernel") {
+async fn read_only_data_dir_is_refused_at_start_then_works_when_writable() {
+    if !root_or_skip("read_only_data_dir_is_refused_at_start_then_works_when_writable") {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");
     let data = tmp.path().join("data");
     std::fs::create_dir(&data).expect("mkdir");
     let mount = Mount::tmpfs(&data, "16m");
+    // An initialised store with one acknowledged message.
     let mut d = Daemon::start_in(Config::default(), data.clone()).await;
     let ledger = Ledger::new();
     let r = post_logged(&d, &ledger, "ro-0", "ro", "before").await;
     assert_eq!(r.status, 200, "{}", r.body);
+    assert!(d.sigterm(FAULT_DEADLINE).await.success());
+    let listing = |dir: &Path| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .expect("read_dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let before = listing(&data);
+    let db_hash = sha256_file(&data.join("keel.db"));
 
-    match mount.remount("ro") {
-        Ok(()) => {
-            assert!(
-                post_until_503(&d, &ledger, "ro", 20).await,
-                "no 503 on a read-only fs"
-            );
-            assert_degraded(&d).await;
-            mount.remount("rw").expect("remount rw");
-            assert_recovers(&d, &ledger, "ro").await;
-        }
-        Err(e) => {
-            // EBUSY: the kernel keeps a filesystem with files open for writing
-            // writable. keel must simply carry on.
-            assert!(e.contains("busy"), "remount,ro failed unexpectedly: {e}");
-            eprintln!(
-                "remount,ro refused by the kernel while keel runs ({})",
-                e.trim()
-            );
-            assert_eq!(d.readyz().await.expect("readyz").status, 200);
-            let r = post_logged(&d, &ledger, "ro-1", "ro", "still").await;
-            assert_eq!(r.status, 200, "{}", r.body);
-        }
-    }
+    mount
+        .remount("ro")
+        .expect("remount ro (nothing is open now)");
+    let line = expect_start_refused(&data, None, "a read-only data dir").await;
+    assert!(line.to_lowercase().contains("read-only"), "{line}");
+    assert_eq!(
+        listing(&data),
+        before,
+        "keel created files on a read-only dir"
+    );
+    assert_eq!(sha256_file(&data.join("keel.db")), db_hash);
+
+    mount.remount("rw").expect("remount rw");
+    d.restart().await;
     ledger.check(&d.user_key_counts().await).assert_clean();
     assert!(d.sigterm(FAULT_DEADLINE).await.success());
     d.assert_no_panics();
+}
+
+// F4: permission denied. Root ignores file modes, so keel runs as uid 65534
+// against a root-owned 0700 data dir: it must exit non-zero naming the path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permission_denied_data_dir_is_refused_with_the_path_named() {
+    if !root_or_skip("permission_denied_data_dir_is_refused_with_the_path_named") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    use std::os::unix::fs::PermissionsExt;
+    // The parent must be traversable by uid 65534 so the error is about `data`.
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let data = tmp.path().join("data");
+    std::fs::create_dir(&data).expect("mkdir");
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let line = expect_start_refused(&data, Some(65534), "a data dir it may not write").await;
+    assert!(line.to_lowercase().contains("permission denied"), "{line}");
+    assert!(
+        std::fs::read_dir(&data).expect("read_dir").next().is_none(),
+        "files created"
+    );
 }
 
 /// Sets the soft `RLIMIT_FSIZE` of a running process.

@@ -116,6 +116,8 @@ async fn readyz_during_shutdown_is_503_shutting_down_or_refused() {
             }
         }
         exited = d.try_wait();
+        // Pace the polling (this is not waiting for anything in particular).
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let status =
         exited.unwrap_or_else(|| panic!("keel did not exit; observations {observations:?}"));
@@ -144,6 +146,12 @@ async fn second_sigint_exits_promptly_during_slow_drain() {
         d.post_ok(id, "int", "hello").await;
     }
     d.signal(libc::SIGINT);
+    // Two signals sent while the first is still pending merge into one.
+    assert!(
+        d.wait_signal_taken(libc::SIGINT, Duration::from_secs(5))
+            .await,
+        "the first SIGINT stayed pending"
+    );
     d.signal(libc::SIGINT);
     let sent = Instant::now();
     let exited = d.wait_exit(Duration::from_secs(3)).await;
@@ -171,7 +179,7 @@ async fn sigterm_when_idle_exits_well_before_the_deadline() {
     .await;
     d.post_ok("idle-1", "idle", "hello").await;
     let ledger = Ledger::new();
-    ledger.invoke("idle-1", "idle", "hello");
+    ledger.invoke("idle-1", "idle", "tester", "hello");
     ledger.complete("idle-1", Outcome::Ok);
     let sent = Instant::now();
     let status = d.sigterm(Duration::from_secs(5)).await;

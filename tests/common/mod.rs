@@ -57,7 +57,20 @@ pub fn free_port() -> u16 {
 }
 
 /// Polls `check` every [`POLL`] until it returns `Some`, or `None` at the deadline.
-pub async fn poll_until<T, F, Fut>(deadline: Duration, mut check: F) -> Option<T>
+pub async fn poll_until<T, F, Fut>(deadline: Duration, check: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    poll_every(POLL, deadline, check).await
+}
+
+/// Polls `check` every `interval` until it returns `Some`, or `None` at the deadline.
+pub async fn poll_every<T, F, Fut>(
+    interval: Duration,
+    deadline: Duration,
+    mut check: F,
+) -> Option<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
@@ -70,7 +83,7 @@ where
         if Instant::now() >= end {
             return None;
         }
-        tokio::time::sleep(POLL).await;
+        tokio::time::sleep(interval).await;
     }
 }
 
@@ -454,6 +467,23 @@ impl Daemon {
         assert_eq!(rc, 0, "kill({pid}, {sig}) failed");
     }
 
+    /// Waits until `sig`, sent to the whole process, is no longer pending (it reached
+    /// the handler); standard signals sent while one is pending merge into one.
+    pub async fn wait_signal_taken(&self, sig: libc::c_int, deadline: Duration) -> bool {
+        let pid = self.pid().expect("keel is not running");
+        let bit = 1u64 << (sig - 1);
+        poll_every(Duration::from_millis(2), deadline, || async move {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+            let pending = status
+                .lines()
+                .find_map(|l| l.strip_prefix("ShdPnd:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())?;
+            (pending & bit == 0).then_some(())
+        })
+        .await
+        .is_some()
+    }
+
     /// Kills the real process with SIGKILL and reaps it.
     pub fn sigkill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -723,20 +753,27 @@ pub async fn raw_request(
     deadline: Duration,
 ) -> RawOutcome {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let attempt = async {
-        let mut stream = match tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+    let request = request.to_vec();
+    let attempt = async move {
+        let stream = match tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
             Ok(s) => s,
             Err(e) => panic!("connect 127.0.0.1:{port}: {e}"),
         };
-        // The server may answer (and close) before reading everything: ignore write errors.
-        let _ = stream.write_all(request).await;
-        if half_close {
-            let _ = stream.shutdown().await;
-        }
+        let (mut rd, mut wr) = stream.into_split();
+        // Write concurrently with reading: the server may answer (and close) before
+        // it has read everything, so write errors are expected and ignored.
+        let writer = tokio::spawn(async move {
+            let _ = wr.write_all(&request).await;
+            if half_close {
+                let _ = wr.shutdown().await;
+            }
+            // Keep the write half open until the reader is done.
+            wr
+        });
         let mut buf = Vec::new();
         let mut chunk = [0u8; 8192];
         loop {
-            match stream.read(&mut chunk).await {
+            match rd.read(&mut chunk).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => buf.extend_from_slice(&chunk[..n]),
             }
@@ -745,6 +782,7 @@ pub async fn raw_request(
                 break;
             }
         }
+        writer.abort();
         parse_status(&buf)
     };
     tokio::time::timeout(deadline, attempt)
@@ -913,6 +951,7 @@ pub enum Outcome {
 #[derive(Clone, Debug)]
 pub struct Op {
     pub chat: String,
+    pub from: String,
     pub text: String,
     pub outcome: Outcome,
 }
@@ -978,9 +1017,10 @@ impl Ledger {
     }
 
     /// Records an operation as invoked (outcome unknown until answered).
-    pub fn invoke(&self, id: &str, chat: &str, text: &str) {
+    pub fn invoke(&self, id: &str, chat: &str, from: &str, text: &str) {
         let op = Op {
             chat: chat.to_string(),
+            from: from.to_string(),
             text: text.to_string(),
             outcome: Outcome::Unknown,
         };
@@ -1164,7 +1204,7 @@ impl Load {
                             "id": id, "chat": spec.chat, "from": spec.prefix, "text": text,
                         }))
                         .expect("serialize");
-                        ledger.invoke(&id, &spec.chat, &text);
+                        ledger.invoke(&id, &spec.chat, &spec.prefix, &text);
                         let mut req = client
                             .post(format!("{base}/v1/messages"))
                             .header("content-type", "application/json");

@@ -83,7 +83,7 @@ impl<'de> Visitor<'de> for IdVisitor {
 
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if self.negative_ok {
-            f.write_str("a string or an integer")
+            f.write_str("a string or a 64-bit signed integer")
         } else {
             f.write_str("a string or a non-negative integer")
         }
@@ -98,6 +98,10 @@ impl<'de> Visitor<'de> for IdVisitor {
     }
 
     fn visit_u64<E: de::Error>(self, v: u64) -> Result<String, E> {
+        // Chat and user ids are i64 on every channel keel speaks.
+        if self.negative_ok && v > i64::MAX as u64 {
+            return Err(E::invalid_value(de::Unexpected::Unsigned(v), &self));
+        }
         Ok(v.to_string())
     }
 
