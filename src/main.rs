@@ -20,10 +20,13 @@ fn main() -> ExitCode {
     match commands::dispatch(args) {
         Ok(code) => code,
         Err(e) => {
-            // One line: the whole context chain, joined.
-            let msg = format!("{e:#}").replace('\n', " ");
-            eprintln!("keel: error: {msg}");
+            eprintln!("keel: error: {}", one_line(&e));
             ExitCode::from(1)
         }
     }
+}
+
+/// An error and its causes on one line (`a: b: c`), for stderr.
+pub fn one_line(e: &anyhow::Error) -> String {
+    format!("{e:#}").replace('\n', " ")
 }

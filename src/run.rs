@@ -90,14 +90,24 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     let result = system.block_on(async move {
         let mut signals = signals::stream().context("cannot install signal handlers")?;
         let drain_deadline = config.shutdown_timeout();
-        let running = app::start(
+        let running = match app::start(
             config,
             RunOptions {
                 stdin: args.stdin,
                 log_level: Some(log_hook),
             },
         )
-        .await?;
+        .await
+        {
+            Ok(running) => running,
+            Err(e) => {
+                // Exit from inside the runtime: actors started before the
+                // failure must not be dropped after it is gone. Nothing was
+                // acknowledged yet, so there is nothing to flush.
+                eprintln!("keel: error: {}", crate::one_line(&anyhow::Error::from(e)));
+                std::process::exit(1);
+            }
+        };
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
         let lifecycle = running.lifecycle.clone();
         if args.stdin {
@@ -155,7 +165,7 @@ async fn reload(args: &RunArgs, lifecycle: &actix::Addr<keel_actors::lifecycle::
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Reloading]);
     match crate::config::load(&args.dir, Some(args)) {
         Err(e) => {
-            let msg = format!("{e:#}").replace('\n', " ");
+            let msg = crate::one_line(&e);
             tracing::error!(error = %msg, "config reload rejected; keeping the running config");
         }
         Ok(config) => match lifecycle.send(Reload(config)).await {

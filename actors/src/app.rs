@@ -32,9 +32,10 @@ use crate::session::{ResumeAwaiting, SessionRegistry, SessionSettings};
 pub enum StartError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Bind {
         addr: SocketAddr,
+        #[source]
         source: std::io::Error,
     },
     #[error("{0}")]
