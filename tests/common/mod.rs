@@ -129,6 +129,10 @@ pub struct Config {
     pub shutdown_timeout_ms: Option<u64>,
     /// `webhook.max_body_bytes`.
     pub max_body_bytes: Option<u64>,
+    /// `agent.url` (with `agent.timeout_ms` and `agent.attempts`).
+    pub agent: Option<(String, u64, u32)>,
+    /// `[owner]` chat on the webhook channel.
+    pub owner_chat: Option<String>,
 }
 
 impl Config {
@@ -147,6 +151,18 @@ impl Config {
         }
         if let Some(max) = self.max_body_bytes {
             s.push_str(&format!("max_body_bytes = {max}\n"));
+        }
+        if let Some((url, timeout_ms, attempts)) = &self.agent {
+            s.push_str(&format!(
+                "\n[agent]\nurl = {}\ntimeout_ms = {timeout_ms}\nattempts = {attempts}\n",
+                toml_str(url)
+            ));
+        }
+        if let Some(chat) = &self.owner_chat {
+            s.push_str(&format!(
+                "\n[owner]\nchannel = \"webhook\"\nchat = {}\n",
+                toml_str(chat)
+            ));
         }
         s
     }
@@ -899,6 +915,81 @@ impl Drop for ReplyServer {
     fn drop(&mut self) {
         let stop = self.handle.stop(false);
         futures::executor::block_on(stop);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A fake external agent (`agent.url`): records every request and answers
+/// `{"text": "agent: <text>"}`, or HTTP 500 while `failing` is set.
+pub struct AgentServer {
+    pub url: String,
+    requests: Arc<Mutex<Vec<Value>>>,
+    pub failing: Arc<std::sync::atomic::AtomicBool>,
+    handle: actix_web::dev::ServerHandle,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl AgentServer {
+    pub fn start() -> AgentServer {
+        use actix_web::{web, App, HttpResponse, HttpServer};
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind agent server");
+        let url = format!(
+            "http://127.0.0.1:{}/agent",
+            listener.local_addr().expect("addr").port()
+        );
+        let requests: Arc<Mutex<Vec<Value>>> = Arc::default();
+        let failing = Arc::new(AtomicBool::new(false));
+        let (store, fail) = (requests.clone(), failing.clone());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let system = actix_web::rt::System::new();
+            system.block_on(async move {
+                let server = HttpServer::new(move || {
+                    let (store, fail) = (store.clone(), fail.clone());
+                    App::new().default_service(web::to(move |body: web::Bytes| {
+                        let (store, fail) = (store.clone(), fail.clone());
+                        async move {
+                            let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                            store.lock().expect("agent lock").push(v.clone());
+                            if fail.load(Ordering::SeqCst) {
+                                return HttpResponse::InternalServerError().finish();
+                            }
+                            let text = v["text"].as_str().unwrap_or("").to_string();
+                            HttpResponse::Ok().json(json!({"text": format!("agent: {text}")}))
+                        }
+                    }))
+                })
+                .workers(1)
+                .disable_signals()
+                .listen(listener)
+                .expect("listen agent server")
+                .run();
+                tx.send(server.handle()).expect("send handle");
+                let _ = server.await;
+            });
+        });
+        let handle = rx.recv().expect("agent server started");
+        AgentServer {
+            url,
+            requests,
+            failing,
+            handle,
+            thread: Some(thread),
+        }
+    }
+
+    /// Every request body received so far.
+    pub fn requests(&self) -> Vec<Value> {
+        self.requests.lock().expect("agent lock").clone()
+    }
+}
+
+impl Drop for AgentServer {
+    fn drop(&mut self) {
+        futures::executor::block_on(self.handle.stop(false));
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
