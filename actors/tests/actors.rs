@@ -15,8 +15,8 @@ use keel_actors::health::Health;
 use keel_actors::metrics::Metrics;
 use keel_actors::outbox::{OutboundReply, OutboxActor, OutboxKick, ReplySink};
 use keel_actors::persistence::{
-    self, CommitAgentReply, CommitExchange, Exchange, ExchangeOutcome, GetTurns, PersistenceActor, ReplyPlan,
-    SessionKey, StoreOptions,
+    self, CommitAgentReply, CommitExchange, Exchange, ExchangeOutcome, GetTurns, PersistenceActor,
+    ReplyPlan, SessionKey, StoreOptions,
 };
 use keel_actors::session::{Deliver, Delivered, SessionRegistry, SessionSettings};
 use tokio::sync::mpsc;
@@ -58,17 +58,30 @@ async fn concurrent_appends_share_commits_and_are_durable_when_acknowledged() {
     let metrics = Metrics::new();
     let store = start_store(Some(path.clone()), &metrics);
     let n = 200;
-    let sends = (0..n).map(|i| store.send(CommitExchange(exchange(&format!("c{}", i % 16), &i.to_string()))));
+    let sends = (0..n).map(|i| {
+        store.send(CommitExchange(exchange(
+            &format!("c{}", i % 16),
+            &i.to_string(),
+        )))
+    });
     for res in join_all(sends).await {
-        assert!(matches!(res.unwrap().unwrap(), ExchangeOutcome::Accepted { .. }));
+        assert!(matches!(
+            res.unwrap().unwrap(),
+            ExchangeOutcome::Accepted { .. }
+        ));
     }
     // Group commit: fewer commits than messages.
     let commits = metrics.commit_batch_size.get_sample_count();
-    assert!(commits < n as u64, "{commits} commits for {n} messages: no batching");
+    assert!(
+        commits < n as u64,
+        "{commits} commits for {n} messages: no batching"
+    );
     // Every acknowledged message is visible to an independent connection.
     let other = rusqlite::Connection::open(&path).unwrap();
     let users: i64 = other
-        .query_row("SELECT COUNT(*) FROM turns WHERE role = 'user'", [], |r| r.get(0))
+        .query_row("SELECT COUNT(*) FROM turns WHERE role = 'user'", [], |r| {
+            r.get(0)
+        })
         .unwrap();
     assert_eq!(users, n);
 }
@@ -90,7 +103,10 @@ async fn one_failing_job_does_not_fail_its_batch() {
     let good = store.send(CommitExchange(exchange("c1", "k1")));
     let (bad, good) = futures::join!(bad, good);
     assert!(matches!(bad.unwrap(), Err(StoreError::Invalid(_))));
-    assert!(matches!(good.unwrap().unwrap(), ExchangeOutcome::Accepted { .. }));
+    assert!(matches!(
+        good.unwrap().unwrap(),
+        ExchangeOutcome::Accepted { .. }
+    ));
     let turns = store
         .send(GetTurns {
             session: "webhook:c1".into(),
@@ -159,7 +175,10 @@ async fn failed_sends_back_off_exponentially_then_mark_sent() {
     // 1 s, 2 s, 4 s (±20 % jitter): exponential, never a hot loop.
     for (gap, base) in gaps.iter().zip([1_000u64, 2_000, 4_000]) {
         let ms = gap.as_millis() as u64;
-        assert!(ms >= base * 8 / 10 && ms <= base * 12 / 10 + 50, "gap {ms} ms, expected ~{base}");
+        assert!(
+            ms >= base * 8 / 10 && ms <= base * 12 / 10 + 50,
+            "gap {ms} ms, expected ~{base}"
+        );
     }
     // The fourth attempt succeeded: the row is marked sent once recorded.
     let mut sent = false;
@@ -198,7 +217,13 @@ async fn a_redelivered_message_is_stored_and_answered_once() {
             calls: tx,
         }),
     );
-    let outbox = OutboxActor::new(store.clone(), sinks, OutboxConfig::default(), metrics.clone()).start();
+    let outbox = OutboxActor::new(
+        store.clone(),
+        sinks,
+        OutboxConfig::default(),
+        metrics.clone(),
+    )
+    .start();
     let settings = SessionSettings {
         brain: Arc::new(CommandBrain::new(false)),
         routed_channels: ["webhook".to_string()].into_iter().collect(),
