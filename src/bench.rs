@@ -290,6 +290,9 @@ impl RowMaker {
                         deliver: false,
                     }),
                     memory: None,
+                    // As in keel after a session's first message: the
+                    // session and sender rows exist.
+                    known: n >= self.clients as u64,
                 }
             })
             .collect()

@@ -223,7 +223,14 @@ impl Handler<ResumeAwaiting> for SessionRegistry {
 struct Cache {
     memory: Map<String, Value>,
     recent: VecDeque<TurnRow>,
+    /// The session row exists, and these senders have principal rows.
+    stored: bool,
+    senders: HashSet<String>,
 }
+
+/// Senders remembered per session before the set is reset (bounds memory
+/// in very large group chats; forgetting only costs an existence check).
+const MAX_KNOWN_SENDERS: usize = 1_000;
 
 impl Cache {
     fn push(&mut self, turn: TurnRow) {
@@ -301,12 +308,15 @@ impl Handler<Deliver> for SessionActor {
             if let Some(loaded) = loaded {
                 match loaded {
                     Ok(snapshot) => {
+                        let stored = snapshot.is_some();
                         let snapshot = snapshot.unwrap_or_default();
                         let memory =
                             serde_json::from_str(&snapshot.memory_json).unwrap_or_default();
                         this.cache = Some(Cache {
                             memory,
                             recent: snapshot.recent.into(),
+                            stored,
+                            senders: HashSet::new(),
                         });
                     }
                     Err(e) => {
@@ -327,14 +337,15 @@ impl SessionActor {
         &mut self,
         msg: Deliver,
     ) -> impl ActorFuture<Self, Output = Result<Delivered, StoreError>> {
-        let cache = self.cache.as_ref().expect("cache loaded before exchange");
-        let recent: Vec<TurnRow> = cache.recent.iter().cloned().collect();
+        let cache = self.cache.as_mut().expect("cache loaded before exchange");
+        // A contiguous view, not a copy: this runs for every message.
+        let recent: &[TurnRow] = cache.recent.make_contiguous();
         let decision = self.settings.brain.decide(&BrainInput {
             session: &self.key,
             from: &msg.from,
             text: &msg.text,
             memory: &cache.memory,
-            recent: &recent,
+            recent,
         });
         let deliver = self.settings.routed_channels.contains(&self.key.channel);
         let (reply, memory) = match &decision {
@@ -356,6 +367,7 @@ impl SessionActor {
             memory: memory
                 .as_ref()
                 .map(|m| Value::Object(m.clone()).to_string()),
+            known: cache.stored && cache.senders.contains(&msg.from),
         };
         self.persistence
             .send(CommitExchange(exchange))
@@ -381,6 +393,11 @@ impl SessionActor {
                     } => {
                         let at = now_text();
                         let cache = this.cache.as_mut().expect("cache stays loaded");
+                        cache.stored = true;
+                        if cache.senders.len() >= MAX_KNOWN_SENDERS {
+                            cache.senders.clear();
+                        }
+                        cache.senders.insert(msg.from.clone());
                         cache.push(TurnRow {
                             seq: user_seq,
                             role: "user".into(),

@@ -48,6 +48,7 @@ fn exchange(chat: &str, key: &str) -> Exchange {
             deliver: true,
         }),
         memory: None,
+        known: false,
     }
 }
 

@@ -251,6 +251,88 @@ pub fn open_read_only(path: &Path) -> Result<Connection, StoreError> {
 }
 
 // ---------------------------------------------------------------------------
+// Background checkpoints.
+
+/// WAL size (pages) after a commit at which the checkpointer is nudged.
+const CHECKPOINT_NUDGE_PAGES: i32 = 4_000;
+/// WAL size at which the writer checkpoints inline, as SQLite's own
+/// auto-checkpoint would: under sustained load a background PASSIVE
+/// checkpoint may never catch up, and the WAL must stay bounded.
+const CHECKPOINT_FORCE_PAGES: i32 = 32_000;
+
+/// Runs `PRAGMA wal_checkpoint(PASSIVE)` on its own connection when nudged,
+/// so copying the WAL back into the database (and its fsync) happens beside
+/// the writer instead of inside one unlucky commit.
+struct Checkpointer {
+    nudge: mpsc::SyncSender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Checkpointer {
+    fn start(opts: &StoreOptions) -> Option<Checkpointer> {
+        opts.path.as_ref()?;
+        let (nudge, rx) = mpsc::sync_channel::<()>(1);
+        let opts = opts.clone();
+        let thread = std::thread::Builder::new()
+            .name("keel-checkpoint".into())
+            .spawn(move || {
+                let mut conn: Option<Connection> = None;
+                while rx.recv().is_ok() {
+                    if conn.is_none() {
+                        conn = open_connection(&opts).ok();
+                    }
+                    let Some(c) = &conn else { continue };
+                    if let Err(e) =
+                        c.wal_checkpoint_v2(None::<&str>, rusqlite::wal::CheckpointMode::PASSIVE)
+                    {
+                        // The writer sees storage trouble on its own writes;
+                        // here it is only worth a retry with a fresh handle.
+                        tracing::debug!(error = %e, "background checkpoint failed");
+                        conn = None;
+                    }
+                }
+            })
+            .expect("spawn the checkpoint thread");
+        Some(Checkpointer { nudge, thread })
+    }
+
+    /// Stop the thread; returns once no checkpoint is running.
+    fn stop(self) {
+        drop(self.nudge);
+        let _ = self.thread.join();
+    }
+}
+
+/// Replace SQLite's inline auto-checkpoint with a nudge to the checkpointer
+/// (and an inline checkpoint only past the hard bound).
+fn install_wal_hook(
+    conn: &mut Connection,
+    nudge: Option<mpsc::SyncSender<()>>,
+) -> Result<(), StoreError> {
+    let Some(nudge) = nudge else {
+        return Ok(());
+    };
+    conn.wal_hook(Some(
+        move |wal: &mut rusqlite::hooks::Wal, pages: std::ffi::c_int| {
+            if pages >= CHECKPOINT_FORCE_PAGES {
+                // Never fail the hook: its error would be reported as a failed
+                // COMMIT although the transaction is already durable. BUSY here
+                // means the background checkpoint is running; the next commit
+                // tries again.
+                if let Err(e) = wal.checkpoint() {
+                    tracing::debug!(error = %e, pages, "inline checkpoint skipped");
+                }
+            } else if pages >= CHECKPOINT_NUDGE_PAGES {
+                // Full channel = a nudge is already pending: nothing to add.
+                let _ = nudge.try_send(());
+            }
+            Ok(())
+        },
+    ))?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
 // The writer thread.
 
 /// A unit of work run inside the group transaction.
@@ -309,6 +391,7 @@ enum Cmd {
 
 struct Writer {
     conn: Option<Connection>,
+    checkpointer: Option<Checkpointer>,
     opts: StoreOptions,
     health: Health,
     metrics: Metrics,
@@ -362,7 +445,11 @@ impl Writer {
     /// The connection, reopened if a failure dropped it.
     fn connection(&mut self) -> Result<&Connection, StoreError> {
         if self.conn.is_none() {
-            let conn = open_connection(&self.opts)?;
+            let mut conn = open_connection(&self.opts)?;
+            install_wal_hook(
+                &mut conn,
+                self.checkpointer.as_ref().map(|c| c.nudge.clone()),
+            )?;
             let path = self.opts.display_path();
             let v = migrate::check_not_newer(&conn, &path)?;
             if v != migrate::latest_version() {
@@ -383,16 +470,23 @@ impl Writer {
         let mut wrote = false;
         let result = self.connection().and_then(|conn| {
             let before = conn.total_changes();
-            conn.execute_batch("BEGIN IMMEDIATE")?;
+            // Cached statements: these run once or twice per job, so parsing
+            // them every time would be a measurable share of the hot path.
+            let exec = |sql: &str| -> Result<(), StoreError> {
+                conn.prepare_cached(sql)?.execute([])?;
+                Ok(())
+            };
+            exec("BEGIN IMMEDIATE")?;
             for job in jobs.iter_mut() {
-                conn.execute_batch("SAVEPOINT job")?;
+                exec("SAVEPOINT job")?;
                 if job.run(conn)? {
-                    conn.execute_batch("RELEASE job")?;
+                    exec("RELEASE job")?;
                 } else {
-                    conn.execute_batch("ROLLBACK TO job; RELEASE job")?;
+                    exec("ROLLBACK TO job")?;
+                    exec("RELEASE job")?;
                 }
             }
-            conn.execute_batch("COMMIT")?;
+            exec("COMMIT")?;
             wrote = conn.total_changes() > before;
             Ok(())
         });
@@ -465,6 +559,15 @@ impl Writer {
     }
 
     fn close(&mut self) -> Result<(i64, i64, i64), StoreError> {
+        if let Some(conn) = self.conn.as_mut() {
+            // Drops the hook's copy of the nudge sender.
+            let _ = conn.wal_hook(
+                None::<fn(&mut rusqlite::hooks::Wal, std::ffi::c_int) -> rusqlite::Result<()>>,
+            );
+        }
+        if let Some(c) = self.checkpointer.take() {
+            c.stop();
+        }
         let Some(conn) = self.conn.take() else {
             return Err(StoreError::Unavailable(
                 "database was not open at shutdown".into(),
@@ -495,14 +598,20 @@ pub struct PersistenceActor {
 impl PersistenceActor {
     /// Start the writer thread over an opened connection.
     pub fn new(
-        conn: Connection,
+        mut conn: Connection,
         opts: StoreOptions,
         health: Health,
         metrics: Metrics,
     ) -> PersistenceActor {
+        let checkpointer = Checkpointer::start(&opts);
+        if let Err(e) = install_wal_hook(&mut conn, checkpointer.as_ref().map(|c| c.nudge.clone()))
+        {
+            tracing::warn!(error = %e, "cannot install the WAL hook; SQLite checkpoints inline");
+        }
         let (tx, rx) = mpsc::channel();
         let writer = Writer {
             conn: Some(conn),
+            checkpointer,
             opts,
             health,
             metrics,

@@ -76,6 +76,7 @@ mod tests {
                     deliver: false,
                 }),
                 memory: None,
+                known: false,
             })
             .collect()
     }

@@ -45,6 +45,9 @@ pub struct Exchange {
     pub reply: Option<ReplyPlan>,
     /// New working-memory JSON, when the brain changed it.
     pub memory: Option<String>,
+    /// The session and this sender are already stored (the session actor
+    /// knows): skip the two existence checks on the hot path.
+    pub known: bool,
 }
 
 /// A reply to store; `deliver` puts it in the outbox (false when the channel
@@ -227,7 +230,9 @@ fn insert_outbox(
 /// Store an inbound turn (once per key) and its reply + outbox row.
 pub fn commit_exchange(conn: &Connection, ex: &Exchange) -> Result<ExchangeOutcome, StoreError> {
     let at = now();
-    ensure_session(conn, &ex.session, Some(&ex.from), &at)?;
+    if !ex.known {
+        ensure_session(conn, &ex.session, Some(&ex.from), &at)?;
+    }
     let seen: Option<i64> = conn
         .prepare_cached("SELECT seq FROM turns WHERE session_id = ?1 AND key = ?2")?
         .query_row(params![ex.session.id, ex.key], |r| r.get(0))
@@ -638,6 +643,7 @@ mod tests {
                 deliver: true,
             }),
             memory: None,
+            known: false,
         }
     }
 
