@@ -14,6 +14,7 @@
 //! - [`health`] — readiness state and the intake gate; [`metrics`] — Prometheus.
 //! - [`ids`] — validation of outside ids, safe file names; [`export`] — session export.
 //! - [`error`] — `thiserror` enums per boundary.
+//! - [`timer`] — `TimerActor` (durable timers, bounded window), schedules, `/remind`.
 
 pub mod adapter;
 pub mod agent;
@@ -30,3 +31,4 @@ pub mod metrics;
 pub mod outbox;
 pub mod persistence;
 pub mod session;
+pub mod timer;

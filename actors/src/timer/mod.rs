@@ -1,0 +1,2 @@
+//! Durable timers.
+pub mod schedule;
