@@ -270,7 +270,7 @@ impl RowMaker {
         });
         let reply = match decision {
             Decision::Reply { text, .. } => text,
-            Decision::Forward => "ok".to_string(),
+            Decision::Forward | Decision::Act(_) => "ok".to_string(),
         };
         RowMaker { clients, reply }
     }
@@ -293,6 +293,7 @@ impl RowMaker {
                     // As in keel after a session's first message: the
                     // session and sender rows exist.
                     known: n >= self.clients as u64,
+                    effect: None,
                 }
             })
             .collect()

@@ -1,6 +1,6 @@
 //! Build the actor graph from a `Config`, in the start order of R32:
 //! config → store (open, integrity check, migrate) → recovery (boot epoch,
-//! unsent replies, awaiting turns) → adapters by priority → owner notice →
+//! unsent replies, awaiting turns, overdue timers) → adapters by priority → owner notice →
 //! ready. The `settings_*` functions are the one path that turns a `Config`
 //! into running settings; startup and SIGHUP reload both go through them.
 
@@ -26,6 +26,7 @@ use crate::persistence::{
     self, CommitNotice, PersistenceActor, RecordBoot, SessionKey, StoreOptions,
 };
 use crate::session::{ResumeAwaiting, SessionRegistry, SessionSettings};
+use crate::timer::{RecoverTimers, TimerActor, TimerSettings, TimerStats, WallClock};
 
 /// Why keel could not start.
 #[derive(Debug, thiserror::Error)]
@@ -80,8 +81,10 @@ pub fn settings_sessions(config: &Config, cli_enabled: bool) -> SessionSettings 
         timeout: Duration::from_millis(config.agent.timeout_ms),
         attempts: config.agent.attempts,
     });
+    let mut brain = CommandBrain::new(agent.is_some());
+    crate::timer::commands::register(&mut brain);
     SessionSettings {
-        brain: Arc::new(CommandBrain::new(agent.is_some())),
+        brain: Arc::new(brain),
         routed_channels: routed_channels(config, cli_enabled),
         agent,
     }
@@ -121,8 +124,17 @@ pub fn settings_sinks(
 }
 
 /// The "keel restarted" text (R18).
-fn restart_notice(boot_epoch: i64, pending_replies: i64, awaiting: usize) -> String {
+fn restart_notice(
+    boot_epoch: i64,
+    pending_replies: i64,
+    awaiting: usize,
+    timers: &TimerStats,
+) -> String {
     let mut text = format!("keel restarted (start #{boot_epoch}).");
+    text.push_str(&format!(
+        " Timers recovered: {} fired late, {} skipped.",
+        timers.late, timers.missed
+    ));
     if pending_replies > 0 {
         text.push_str(&format!(
             " {pending_replies} unsent replies are being delivered now."
@@ -171,12 +183,17 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         metrics.clone(),
     );
     let outbox = outbox.start();
+    // The timer actor's address exists from here (sessions tell it about new
+    // timers); it starts running after recovery below.
+    let timer_ctx: Context<TimerActor> = Context::new();
+    let timers = timer_ctx.address();
     let registry = SessionRegistry::new(
         persistence.clone(),
         outbox.clone().recipient(),
         settings_sessions(&config, cli_enabled),
         metrics.clone(),
     )
+    .with_timers(timers.clone().recipient())
     .start();
     let webhook_settings = Arc::new(RwLock::new(settings_webhook(&config)));
     let webhook = config.webhook.enabled.then(|| WebhookState {
@@ -209,6 +226,26 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         .send(ResumeAwaiting)
         .await
         .unwrap_or(Err(StoreError::Closed))?;
+    // Timers: fire what came due while keel was down, per misfire policy (R10).
+    timer_ctx.run(TimerActor::new(
+        persistence.clone(),
+        outbox.clone().recipient(),
+        Arc::new(WallClock),
+        TimerSettings::new(
+            config.timers.retention_days,
+            routed_channels(&config, cli_enabled),
+        ),
+    ));
+    let timer_stats = timers
+        .send(RecoverTimers)
+        .await
+        .unwrap_or(Err(StoreError::Closed))?;
+    tracing::info!(
+        fired = timer_stats.fired,
+        late = timer_stats.late,
+        skipped = timer_stats.missed,
+        "timers recovered"
+    );
 
     // Adapters in priority order (R15): cli, then webhook (its route is
     // bound already; its intake opens with the gate below).
@@ -227,7 +264,12 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
     if let Some(owner) = &config.owner {
         let session = SessionKey::new(&owner.channel, &owner.chat);
         let deliver = routed_channels(&config, cli_enabled).contains(&owner.channel);
-        let text = restart_notice(stats.boot_epoch, stats.outbox_pending, awaiting);
+        let text = restart_notice(
+            stats.boot_epoch,
+            stats.outbox_pending,
+            awaiting,
+            &timer_stats,
+        );
         persistence
             .send(CommitNotice {
                 session,
@@ -259,6 +301,7 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         persistence,
         registry,
         outbox,
+        timers,
         cli: cli.clone(),
         http: server,
         http_client: http,

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
+use crate::persistence::timers::Effect;
 use crate::persistence::{SessionKey, TurnRow};
 
 /// What the brain sees of one inbound message.
@@ -36,10 +37,13 @@ pub enum Decision {
     },
     /// Ask the external agent (the turn is stored as awaiting first).
     Forward,
+    /// Apply `Effect` in the inbound turn's transaction; the store renders
+    /// the reply text (e.g. the new timer's id).
+    Act(Effect),
 }
 
 impl Decision {
-    fn say(text: impl Into<String>) -> Decision {
+    pub fn say(text: impl Into<String>) -> Decision {
         Decision::Reply {
             text: text.into(),
             memory: None,
@@ -244,7 +248,7 @@ mod tests {
     fn reply_text(d: Decision) -> String {
         match d {
             Decision::Reply { text, .. } => text,
-            Decision::Forward => panic!("expected a reply"),
+            other => panic!("expected a reply, got {other:?}"),
         }
     }
 

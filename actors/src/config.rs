@@ -33,6 +33,7 @@ pub struct Config {
     pub agent: AgentConfig,
     pub owner: Option<OwnerConfig>,
     pub outbox: OutboxConfig,
+    pub timers: TimersConfig,
 }
 
 impl Default for Config {
@@ -49,7 +50,22 @@ impl Default for Config {
             agent: AgentConfig::default(),
             owner: None,
             outbox: OutboxConfig::default(),
+            timers: TimersConfig::default(),
         }
+    }
+}
+
+/// `[timers]`: history retention (R11).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TimersConfig {
+    /// Done/cancelled timers and fire receipts older than this are pruned.
+    pub retention_days: u32,
+}
+
+impl Default for TimersConfig {
+    fn default() -> Self {
+        TimersConfig { retention_days: 30 }
     }
 }
 
@@ -206,6 +222,12 @@ impl Config {
             return Err(invalid(
                 "storage.max_batch",
                 "must be between 1 and 100000".into(),
+            ));
+        }
+        if self.timers.retention_days == 0 || self.timers.retention_days > 36_500 {
+            return Err(invalid(
+                "timers.retention_days",
+                "must be between 1 and 36500".into(),
             ));
         }
         if self.storage.probe_interval_ms == 0 {

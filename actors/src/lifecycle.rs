@@ -27,6 +27,7 @@ use crate::metrics::Metrics;
 use crate::outbox::{DrainOutbox, OutboxActor, SetSinks};
 use crate::persistence::{CloseStore, PersistenceActor};
 use crate::session::{Reconfigure, SessionRegistry};
+use crate::timer::{StopTimers, TimerActor};
 
 /// Changes the log filter; returns a one-line error for a bad directive.
 pub type LogLevelHook = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
@@ -63,6 +64,7 @@ pub struct Lifecycle {
     pub(crate) persistence: Addr<PersistenceActor>,
     pub(crate) registry: Addr<SessionRegistry>,
     pub(crate) outbox: Addr<OutboxActor>,
+    pub(crate) timers: Addr<TimerActor>,
     pub(crate) cli: Option<Addr<CliAdapter>>,
     pub(crate) http: ServerHandle,
     pub(crate) http_client: reqwest::Client,
@@ -91,6 +93,7 @@ impl Handler<Shutdown> for Lifecycle {
         let gate = self.gate.clone();
         let cli = self.cli.clone();
         let outbox = self.outbox.clone();
+        let timers = self.timers.clone();
         let persistence = self.persistence.clone();
         let http = self.http.clone();
         let cascade = async move {
@@ -105,12 +108,15 @@ impl Handler<Shutdown> for Lifecycle {
             if let Some(cli) = cli {
                 cli.do_send(StopAdapter);
             }
-            // 3. Reply sends under way get recorded (bounded by the deadline).
+            // 3. Timers stop firing (fires already queued commit or roll back
+            //    as a unit before CloseStore, which queues behind them).
+            let _ = timers.send(StopTimers).await;
+            // 4. Reply sends under way get recorded (bounded by the deadline).
             let remaining = deadline
                 .saturating_duration_since(tokio::time::Instant::now())
                 .max(Duration::from_millis(100));
             let _ = tokio::time::timeout(remaining, outbox.send(DrainOutbox)).await;
-            // 4. Flush, checkpoint, close.
+            // 5. Flush, checkpoint, close.
             let store_closed = match persistence.send(CloseStore).await {
                 Ok(Ok((busy, log, done))) => {
                     tracing::info!(busy, wal_frames = log, checkpointed = done, "store closed");
@@ -125,7 +131,7 @@ impl Handler<Shutdown> for Lifecycle {
                     false
                 }
             };
-            // 5. The listener goes last so /readyz says shutting_down throughout.
+            // 6. The listener goes last so /readyz says shutting_down throughout.
             http.stop(false).await;
             ExitReport {
                 abandoned: left,

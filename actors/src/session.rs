@@ -27,6 +27,7 @@ use crate::persistence::{
     AwaitingTurn, CommitAgentReply, CommitExchange, Exchange, ExchangeOutcome, GetAwaiting,
     GetSession, PersistenceActor, ReplyPlan, SessionKey, TurnRow,
 };
+use crate::timer::TimersChanged;
 
 /// Everything a session needs that config can change (replaced on reload).
 #[derive(Clone)]
@@ -86,6 +87,8 @@ struct Entry {
 pub struct SessionRegistry {
     persistence: Addr<PersistenceActor>,
     outbox: Recipient<OutboxKick>,
+    /// Told when a command created or cancelled a timer.
+    timers: Option<Recipient<TimersChanged>>,
     settings: SessionSettings,
     metrics: Metrics,
     http: reqwest::Client,
@@ -104,12 +107,19 @@ impl SessionRegistry {
         SessionRegistry {
             persistence,
             outbox,
+            timers: None,
             settings,
             metrics,
             http: reqwest::Client::new(),
             sessions: HashMap::new(),
             idle_ttl: Duration::from_secs(600),
         }
+    }
+
+    /// Tell `timers` when a command creates or cancels a timer.
+    pub fn with_timers(mut self, timers: Recipient<TimersChanged>) -> SessionRegistry {
+        self.timers = Some(timers);
+        self
     }
 
     fn session(&mut self, key: &SessionKey, me: Addr<SessionRegistry>) -> &mut Entry {
@@ -120,6 +130,7 @@ impl SessionRegistry {
                 key: key.clone(),
                 persistence: self.persistence.clone(),
                 outbox: self.outbox.clone(),
+                timers: self.timers.clone(),
                 registry: me,
                 settings: self.settings.clone(),
                 http: self.http.clone(),
@@ -246,6 +257,7 @@ pub struct SessionActor {
     key: SessionKey,
     persistence: Addr<PersistenceActor>,
     outbox: Recipient<OutboxKick>,
+    timers: Option<Recipient<TimersChanged>>,
     registry: Addr<SessionRegistry>,
     settings: SessionSettings,
     http: reqwest::Client,
@@ -348,16 +360,27 @@ impl SessionActor {
             recent,
         });
         let deliver = self.settings.routed_channels.contains(&self.key.channel);
-        let (reply, memory) = match &decision {
+        let (reply, memory, effect) = match &decision {
             Decision::Reply { text, memory } => (
                 Some(ReplyPlan {
                     text: text.clone(),
                     deliver,
                 }),
                 memory.clone(),
+                None,
             ),
-            Decision::Forward => (None, None),
+            Decision::Forward => (None, None, None),
+            // The store renders the reply text while applying the effect.
+            Decision::Act(effect) => (
+                Some(ReplyPlan {
+                    text: String::new(),
+                    deliver,
+                }),
+                None,
+                Some(effect.clone()),
+            ),
         };
+        let timers_changed = effect.as_ref().is_some_and(|e| e.changes_timers());
         let exchange = Exchange {
             session: self.key.clone(),
             from: msg.from.clone(),
@@ -368,6 +391,7 @@ impl SessionActor {
                 .as_ref()
                 .map(|m| Value::Object(m.clone()).to_string()),
             known: cache.stored && cache.senders.contains(&msg.from),
+            effect,
         };
         self.persistence
             .send(CommitExchange(exchange))
@@ -421,6 +445,16 @@ impl SessionActor {
                         }
                         if outbox_id.is_some() {
                             this.outbox.do_send(OutboxKick);
+                        }
+                        if let Decision::Act(_) = decision {
+                            // The reply text was rendered by the store: reload
+                            // the snapshot next time instead of caching "".
+                            this.cache = None;
+                        }
+                        if timers_changed {
+                            if let Some(timers) = &this.timers {
+                                timers.do_send(TimersChanged);
+                            }
                         }
                         if decision == Decision::Forward {
                             this.enqueue_agent(

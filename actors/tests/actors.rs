@@ -49,6 +49,7 @@ fn exchange(chat: &str, key: &str) -> Exchange {
         }),
         memory: None,
         known: false,
+        effect: None,
     }
 }
 

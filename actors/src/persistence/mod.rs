@@ -17,6 +17,7 @@
 pub mod migrate;
 pub mod reference;
 pub mod store;
+pub mod timers;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -629,7 +630,7 @@ impl PersistenceActor {
     }
 
     /// Queue `f` for the next group commit; resolves after it is durable.
-    fn call<T, F>(&self, f: F) -> ResponseFuture<Result<T, StoreError>>
+    pub(crate) fn call<T, F>(&self, f: F) -> ResponseFuture<Result<T, StoreError>>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,

@@ -77,6 +77,7 @@ mod tests {
                 }),
                 memory: None,
                 known: false,
+                effect: None,
             })
             .collect()
     }

@@ -48,6 +48,9 @@ pub struct Exchange {
     /// The session and this sender are already stored (the session actor
     /// knows): skip the two existence checks on the hot path.
     pub known: bool,
+    /// A command's effect (timers, timezone), applied in this transaction;
+    /// when set, the text it renders replaces `reply.text`.
+    pub effect: Option<super::timers::Effect>,
 }
 
 /// A reply to store; `deliver` puts it in the outbox (false when the channel
@@ -240,10 +243,23 @@ pub fn commit_exchange(conn: &Connection, ex: &Exchange) -> Result<ExchangeOutco
     if let Some(user_seq) = seen {
         return Ok(ExchangeOutcome::Duplicate { user_seq });
     }
-    let n = if ex.reply.is_some() { 2 } else { 1 };
-    let user_seq = take_seqs(conn, &ex.session.id, n, ex.memory.as_deref(), &at)?;
     let principal = format!("{}:{}", ex.session.channel, ex.from);
-    let status = if ex.reply.is_some() {
+    let rendered;
+    let reply = match (&ex.reply, &ex.effect) {
+        (Some(plan), Some(effect)) => {
+            let now_ms = chrono::Utc::now().timestamp_millis();
+            let text = super::timers::apply_effect(conn, &ex.session, &principal, effect, now_ms)?;
+            rendered = ReplyPlan {
+                text,
+                deliver: plan.deliver,
+            };
+            Some(&rendered)
+        }
+        (plan, _) => plan.as_ref(),
+    };
+    let n = if reply.is_some() { 2 } else { 1 };
+    let user_seq = take_seqs(conn, &ex.session.id, n, ex.memory.as_deref(), &at)?;
+    let status = if reply.is_some() {
         "answered"
     } else {
         "awaiting"
@@ -261,7 +277,7 @@ pub fn commit_exchange(conn: &Connection, ex: &Exchange) -> Result<ExchangeOutco
         &at,
     )?;
     let (mut reply_seq, mut outbox_id) = (None, None);
-    if let Some(reply) = &ex.reply {
+    if let Some(reply) = reply {
         let seq = user_seq + 1;
         insert_turn(
             conn,
@@ -644,6 +660,7 @@ mod tests {
             }),
             memory: None,
             known: false,
+            effect: None,
         }
     }
 

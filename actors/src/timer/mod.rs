@@ -1,2 +1,468 @@
-//! Durable timers.
+//! Durable timers (R7–R12): the `TimerActor`, schedules and chat commands.
+//!
+//! The actor keeps only a bounded window of the earliest due active timers
+//! in memory (at most `window` entries from the `(next_run)` partial index)
+//! and ONE pending wake-up for the earliest of them — never a timer per row.
+//! When the window drains and the store holds more, it is refilled; a
+//! command that creates or cancels a timer sends `TimersChanged` and the
+//! window is reloaded (coalesced while a reload or fire is in flight).
+//!
+//! Firing goes through the `PersistenceActor`: each due timer is ONE unit of
+//! work (`persistence::timers::fire_timer`) that writes the receipt
+//! `(timer_id, due_at)`, the callback's effect and the timer's next state in
+//! one transaction. A crash before that commit fires it again after restart;
+//! after the commit, never (R9).
+//!
+//! Wall-clock time comes from an injected [`Clock`] so tests can jump it
+//! (C7); the wait itself is a tokio timer capped at `max_sleep`, so a jump
+//! of the wall clock is noticed within that cap.
+
+pub mod commands;
+pub mod plan;
 pub mod schedule;
+
+use std::collections::{BTreeSet, HashSet};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use futures::future::join_all;
+
+use crate::error::StoreError;
+use crate::outbox::OutboxKick;
+use crate::persistence::timers::{FireOutcome, FireTimer, GetDueWindow, PruneTimers};
+use crate::persistence::PersistenceActor;
+
+/// Wall-clock time in unix milliseconds, injectable for tests.
+pub trait Clock: Send + Sync + 'static {
+    fn now_ms(&self) -> i64;
+}
+
+/// The system clock.
+pub struct WallClock;
+
+impl Clock for WallClock {
+    fn now_ms(&self) -> i64 {
+        chrono::Utc::now().timestamp_millis()
+    }
+}
+
+/// A clock that moves only when told (tests: clock jumps, C7).
+#[derive(Default)]
+pub struct ManualClock(AtomicI64);
+
+impl ManualClock {
+    pub fn new(now_ms: i64) -> ManualClock {
+        ManualClock(AtomicI64::new(now_ms))
+    }
+    pub fn set(&self, now_ms: i64) {
+        self.0.store(now_ms, Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_ms(&self) -> i64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// How the timer actor runs.
+#[derive(Clone)]
+pub struct TimerSettings {
+    /// Most timers held in memory at once.
+    pub window: usize,
+    /// Longest single wait: bounds how late a wall-clock jump is noticed.
+    pub max_sleep: Duration,
+    /// Finished timers and receipts older than this are pruned.
+    pub retention: Duration,
+    /// How often the pruning job runs.
+    pub prune_every: Duration,
+    /// Channels with a delivery route (reminders to others are stored only).
+    pub routed: Arc<HashSet<String>>,
+}
+
+impl TimerSettings {
+    pub fn new(retention_days: u32, routed: HashSet<String>) -> TimerSettings {
+        TimerSettings {
+            window: 1024,
+            max_sleep: Duration::from_secs(1),
+            retention: Duration::from_secs(u64::from(retention_days) * 86_400),
+            prune_every: Duration::from_secs(3_600),
+            routed: Arc::new(routed),
+        }
+    }
+}
+
+/// Running totals, for tests and the startup notice.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TimerStats {
+    /// Due instants fired.
+    pub fired: i64,
+    /// Of those, fired late (after downtime or a clock jump).
+    pub late: i64,
+    /// Due instants that will never fire (skip policy, coalesced, too old).
+    pub missed: i64,
+    /// Timers parked with an error.
+    pub parked: i64,
+    /// Window reloads from the store.
+    pub reloads: i64,
+    /// Timers currently held in memory.
+    pub in_window: usize,
+}
+
+/// A command created or cancelled a timer: refresh the window. Sent by
+/// session actors after their commit.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct TimersChanged;
+
+/// Fire what is overdue right now (startup recovery, R10) and start the
+/// schedule. Sent once by the app after recovery; the answer feeds the
+/// owner notification.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<TimerStats, StoreError>")]
+pub struct RecoverTimers;
+
+/// Look at the clock now (tests move a `ManualClock`, then send this).
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct Tick;
+
+/// Totals so far. Sent by tests and status.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "TimerStats")]
+pub struct GetTimerStats;
+
+/// Stop scheduling (shutdown, before `CloseStore`). Fires already handed
+/// to the store complete or roll back as a unit. Sent by the lifecycle.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct StopTimers;
+
+/// Emitted after every fire batch (tests wait on it instead of sleeping).
+pub type FireEvents = tokio::sync::mpsc::UnboundedSender<Vec<FireOutcome>>;
+
+pub struct TimerActor {
+    store: Addr<PersistenceActor>,
+    outbox: Recipient<OutboxKick>,
+    clock: Arc<dyn Clock>,
+    settings: TimerSettings,
+    /// `(next_run, id)` of the earliest due active timers.
+    window: BTreeSet<(i64, i64)>,
+    /// The window holds every active timer (the last load was short).
+    complete: bool,
+    /// A reload or fire batch is in flight: one at a time.
+    busy: bool,
+    /// A reload was asked for while busy.
+    dirty: bool,
+    /// Recovery ran; before it the actor does not fire on its own.
+    running: bool,
+    stopped: bool,
+    wake: Option<SpawnHandle>,
+    stats: TimerStats,
+    events: Option<FireEvents>,
+}
+
+impl TimerActor {
+    pub fn new(
+        store: Addr<PersistenceActor>,
+        outbox: Recipient<OutboxKick>,
+        clock: Arc<dyn Clock>,
+        settings: TimerSettings,
+    ) -> TimerActor {
+        TimerActor {
+            store,
+            outbox,
+            clock,
+            settings,
+            window: BTreeSet::new(),
+            complete: false,
+            busy: false,
+            dirty: false,
+            running: false,
+            stopped: false,
+            wake: None,
+            stats: TimerStats::default(),
+            events: None,
+        }
+    }
+
+    /// Report every fire batch on `events` (tests).
+    pub fn with_events(mut self, events: FireEvents) -> TimerActor {
+        self.events = Some(events);
+        self
+    }
+
+    fn set_window(&mut self, rows: Vec<(i64, i64)>) {
+        self.complete = rows.len() < self.settings.window;
+        self.window = rows.into_iter().map(|(id, next)| (next, id)).collect();
+        self.stats.reloads += 1;
+        self.stats.in_window = self.window.len();
+    }
+
+    /// Put a rescheduled timer back if it belongs in the window: when the
+    /// window is partial, only instants up to its last entry (later ones are
+    /// picked up by the next refill).
+    fn reinsert(&mut self, id: i64, next: i64) {
+        let fits = self.complete || self.window.last().is_some_and(|&(last, _)| next <= last);
+        if fits {
+            self.window.insert((next, id));
+            while self.window.len() > self.settings.window {
+                self.window.pop_last();
+                self.complete = false;
+            }
+        }
+        self.stats.in_window = self.window.len();
+    }
+
+    /// Remove and return every entry due at `now` (at most one window).
+    fn take_due(&mut self, now: i64) -> Vec<(i64, i64)> {
+        let mut due = Vec::new();
+        while let Some(&(next, id)) = self.window.first() {
+            if next > now {
+                break;
+            }
+            self.window.pop_first();
+            due.push((id, next));
+        }
+        self.stats.in_window = self.window.len();
+        due
+    }
+
+    fn fire_all(
+        &self,
+        due: Vec<(i64, i64)>,
+        now: i64,
+    ) -> impl std::future::Future<Output = Vec<(i64, Result<FireOutcome, StoreError>)>> {
+        let store = self.store.clone();
+        let routed = self.settings.routed.clone();
+        let sends: Vec<_> = due
+            .into_iter()
+            .map(|(id, due)| {
+                let req = store.send(FireTimer {
+                    id,
+                    due,
+                    now_ms: now,
+                    routed: routed.clone(),
+                });
+                async move { (id, req.await.unwrap_or(Err(StoreError::Closed))) }
+            })
+            .collect();
+        join_all(sends)
+    }
+
+    /// Account for a fire batch; returns whether anything failed.
+    fn absorb(&mut self, results: Vec<(i64, Result<FireOutcome, StoreError>)>) -> bool {
+        let mut failed = false;
+        let mut outcomes = Vec::with_capacity(results.len());
+        let mut kick = false;
+        for (id, r) in results {
+            match r {
+                Ok(o) => {
+                    self.stats.fired += o.fired;
+                    self.stats.late += o.late;
+                    self.stats.missed += o.missed;
+                    self.stats.parked += i64::from(o.parked);
+                    kick |= o.outbox_rows > 0;
+                    if let Some(next) = o.next_run {
+                        self.reinsert(id, next);
+                    }
+                    outcomes.push(o);
+                }
+                Err(e) => {
+                    // Not committed: the row still says due; a reload finds it.
+                    tracing::warn!(timer = id, error = %e, "timer fire failed; will retry");
+                    failed = true;
+                }
+            }
+        }
+        if kick {
+            self.outbox.do_send(OutboxKick);
+        }
+        if let Some(events) = &self.events {
+            let _ = events.send(outcomes);
+        }
+        failed
+    }
+
+    /// The one driver: refill, fire what is due, or wait for the earliest.
+    fn cycle(&mut self, ctx: &mut Context<Self>) {
+        if self.busy || !self.running || self.stopped {
+            return;
+        }
+        if let Some(h) = self.wake.take() {
+            ctx.cancel_future(h);
+        }
+        if self.dirty || (self.window.is_empty() && !self.complete) {
+            self.reload(ctx);
+            return;
+        }
+        let now = self.clock.now_ms();
+        let due = self.take_due(now);
+        if due.is_empty() {
+            let wait = self
+                .window
+                .first()
+                .map(|&(next, _)| Duration::from_millis((next - now).max(0) as u64))
+                .unwrap_or(self.settings.max_sleep)
+                .min(self.settings.max_sleep);
+            self.wake = Some(ctx.run_later(wait, |this, ctx| {
+                this.wake = None;
+                this.cycle(ctx);
+            }));
+            return;
+        }
+        self.busy = true;
+        let fut = self.fire_all(due, now);
+        ctx.spawn(fut.into_actor(self).map(|results, this, ctx| {
+            this.busy = false;
+            if this.absorb(results) {
+                this.dirty = true;
+                this.wake = Some(ctx.run_later(this.settings.max_sleep, |this, ctx| {
+                    this.wake = None;
+                    this.cycle(ctx);
+                }));
+                return;
+            }
+            this.cycle(ctx);
+        }));
+    }
+
+    fn reload(&mut self, ctx: &mut Context<Self>) {
+        self.busy = true;
+        self.dirty = false;
+        let req = self.store.send(GetDueWindow {
+            limit: self.settings.window as i64,
+        });
+        ctx.spawn(req.into_actor(self).map(|res, this, ctx| {
+            this.busy = false;
+            match res.unwrap_or(Err(StoreError::Closed)) {
+                Ok(rows) => {
+                    this.set_window(rows);
+                    this.cycle(ctx);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot load the timer window; retrying");
+                    this.dirty = true;
+                    this.wake = Some(ctx.run_later(this.settings.max_sleep, |this, ctx| {
+                        this.wake = None;
+                        this.cycle(ctx);
+                    }));
+                }
+            }
+        }));
+    }
+
+    fn prune(&mut self, _ctx: &mut Context<Self>) {
+        let now = self.clock.now_ms();
+        let cut = now - self.settings.retention.as_millis() as i64;
+        let before = chrono::DateTime::from_timestamp_millis(cut)
+            .unwrap_or_default()
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let req = self.store.send(PruneTimers {
+            before,
+            before_ms: cut,
+            limit: 10_000,
+        });
+        actix::spawn(async move {
+            match req.await.unwrap_or(Err(StoreError::Closed)) {
+                Ok((timers, receipts)) if timers + receipts > 0 => {
+                    tracing::info!(timers, receipts, "pruned timer history");
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "timer history pruning failed"),
+            }
+        });
+    }
+}
+
+impl Actor for TimerActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        // Creates arrive in bursts; do_send ignores the capacity anyway.
+        ctx.set_mailbox_capacity(1024);
+        ctx.run_interval(self.settings.prune_every, |this, ctx| this.prune(ctx));
+    }
+}
+
+impl Handler<RecoverTimers> for TimerActor {
+    type Result = ResponseActFuture<Self, Result<TimerStats, StoreError>>;
+
+    fn handle(&mut self, _: RecoverTimers, _: &mut Context<Self>) -> Self::Result {
+        self.busy = true;
+        let req = self.store.send(GetDueWindow {
+            limit: self.settings.window as i64,
+        });
+        Box::pin(
+            req.into_actor(self)
+                .then(
+                    |res, this, _| -> fut::LocalBoxActorFuture<Self, Result<(), StoreError>> {
+                        let loaded = res.unwrap_or(Err(StoreError::Closed));
+                        let due = match loaded {
+                            Ok(rows) => {
+                                this.set_window(rows);
+                                this.take_due(this.clock.now_ms())
+                            }
+                            Err(e) => {
+                                this.busy = false;
+                                return fut::ready(Err(e)).boxed_local();
+                            }
+                        };
+                        let now = this.clock.now_ms();
+                        this.fire_all(due, now)
+                            .into_actor(this)
+                            .map(|results, this, _| {
+                                if this.absorb(results) {
+                                    this.dirty = true;
+                                }
+                                Ok(())
+                            })
+                            .boxed_local()
+                    },
+                )
+                .map(|res: Result<(), StoreError>, this, ctx| {
+                    this.busy = false;
+                    res?;
+                    this.running = true;
+                    this.prune(ctx);
+                    this.cycle(ctx);
+                    Ok(this.stats.clone())
+                }),
+        )
+    }
+}
+
+impl Handler<TimersChanged> for TimerActor {
+    type Result = ();
+    fn handle(&mut self, _: TimersChanged, ctx: &mut Context<Self>) {
+        self.dirty = true;
+        self.cycle(ctx);
+    }
+}
+
+impl Handler<Tick> for TimerActor {
+    type Result = ();
+    fn handle(&mut self, _: Tick, ctx: &mut Context<Self>) {
+        self.cycle(ctx);
+    }
+}
+
+impl Handler<GetTimerStats> for TimerActor {
+    type Result = MessageResult<GetTimerStats>;
+    fn handle(&mut self, _: GetTimerStats, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.stats.clone())
+    }
+}
+
+impl Handler<StopTimers> for TimerActor {
+    type Result = ();
+    fn handle(&mut self, _: StopTimers, ctx: &mut Context<Self>) {
+        self.stopped = true;
+        if let Some(h) = self.wake.take() {
+            ctx.cancel_future(h);
+        }
+        ctx.stop();
+    }
+}

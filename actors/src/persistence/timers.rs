@@ -1,0 +1,589 @@
+//! Timer SQL (R7–R11): creating, cancelling, listing and firing timers, the
+//! timer actor's window query and the retention job. Like `store.rs`: one
+//! documented function per unit of work, bound parameters, cached statements,
+//! run inside the writer's transaction.
+//!
+//! Chat commands that touch timers reach the store as an [`Effect`] on the
+//! inbound `Exchange`: the effect runs in the same transaction as the inbound
+//! turn (a redelivered message is a duplicate and creates nothing) and
+//! renders the reply text, because only the store knows the new timer's id
+//! or the current list.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use actix::prelude::*;
+use chrono::{TimeZone, Utc};
+use chrono_tz::Tz;
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::{Deserialize, Serialize};
+
+use super::store::{self, SessionKey};
+use super::PersistenceActor;
+use crate::error::StoreError;
+use crate::timer::plan::{plan_fire, Misfire, LATE_AFTER_MS};
+use crate::timer::schedule::{first_run, parse_tz, Schedule, ScheduleSpec};
+
+/// A change a chat command asks the store to make, inside the transaction
+/// of the message that asked for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    CreateTimer(TimerRequest),
+    /// Cancel one of this session's timers.
+    CancelTimer(i64),
+    /// Render this session's active timers as the reply.
+    ListTimers,
+    /// Store the sender's IANA timezone (already validated).
+    SetTimezone(String),
+}
+
+impl Effect {
+    /// Whether the timer actor's window may have changed.
+    pub fn changes_timers(&self) -> bool {
+        matches!(self, Effect::CreateTimer(_) | Effect::CancelTimer(_))
+    }
+}
+
+/// `/remind …` as parsed by the brain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TimerRequest {
+    pub spec: ScheduleSpec,
+    /// The reminder text.
+    pub text: String,
+    pub misfire: Misfire,
+}
+
+/// Callback kinds, by name, with typed params (R7). Unknown names in the
+/// database park the timer instead of failing the actor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Callback {
+    Reminder(ReminderParams),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReminderParams {
+    pub text: String,
+}
+
+impl Callback {
+    pub fn parse(kind: &str, params_json: &str) -> Result<Callback, String> {
+        match kind {
+            "reminder" => serde_json::from_str(params_json)
+                .map(Callback::Reminder)
+                .map_err(|e| format!("bad reminder params: {e}")),
+            other => Err(format!("unknown callback kind {other:?}")),
+        }
+    }
+}
+
+/// Catch-up window of timers created by chat commands: a week.
+pub const DEFAULT_CATCHUP_SECS: i64 = 7 * 86_400;
+/// Active timers one session may hold.
+pub const MAX_ACTIVE_PER_SESSION: i64 = 10_000;
+
+/// A timer as shown to operators and in `/timers`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TimerRow {
+    pub id: i64,
+    pub session_id: String,
+    pub kind: String,
+    pub schedule: String,
+    pub timezone: String,
+    pub callback: String,
+    pub params_json: String,
+    pub misfire: String,
+    pub next_run: Option<i64>,
+    pub last_fired: Option<i64>,
+    pub fired_count: i64,
+    pub missed_count: i64,
+    pub state: String,
+    pub error: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+const TIMER_COLUMNS: &str = "SELECT id, session_id, kind, schedule, timezone, callback, params_json,
+        misfire, next_run, last_fired, fired_count, missed_count, state, error, created_at, updated_at
+     FROM timers";
+
+fn timer_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TimerRow> {
+    Ok(TimerRow {
+        id: r.get(0)?,
+        session_id: r.get(1)?,
+        kind: r.get(2)?,
+        schedule: r.get(3)?,
+        timezone: r.get(4)?,
+        callback: r.get(5)?,
+        params_json: r.get(6)?,
+        misfire: r.get(7)?,
+        next_run: r.get(8)?,
+        last_fired: r.get(9)?,
+        fired_count: r.get(10)?,
+        missed_count: r.get(11)?,
+        state: r.get(12)?,
+        error: r.get(13)?,
+        created_at: r.get(14)?,
+        updated_at: r.get(15)?,
+    })
+}
+
+/// A unix-ms instant shown in a zone, e.g. `2026-12-01 09:00 CET`.
+pub fn show_instant(ms: i64, tz: Tz) -> String {
+    match Utc.timestamp_millis_opt(ms).single() {
+        Some(t) => t
+            .with_timezone(&tz)
+            .format("%Y-%m-%d %H:%M:%S %Z")
+            .to_string(),
+        None => ms.to_string(),
+    }
+}
+
+fn principal_timezone(conn: &Connection, principal: &str) -> Result<Option<String>, StoreError> {
+    Ok(conn
+        .prepare_cached("SELECT timezone FROM principals WHERE id = ?1")?
+        .query_row([principal], |r| r.get::<_, Option<String>>(0))
+        .optional()?
+        .flatten())
+}
+
+/// Run a command's effect; returns the reply text. Errors the participant
+/// can fix (past instant, never-firing schedule) are replies, not failures.
+pub fn apply_effect(
+    conn: &Connection,
+    session: &SessionKey,
+    principal: &str,
+    effect: &Effect,
+    now_ms: i64,
+) -> Result<String, StoreError> {
+    let at = store::now();
+    match effect {
+        Effect::SetTimezone(name) => {
+            conn.prepare_cached("UPDATE principals SET timezone = ?2 WHERE id = ?1")?
+                .execute(params![principal, name])?;
+            Ok(format!(
+                "Timezone set to {name}. New reminders use it; existing ones keep theirs."
+            ))
+        }
+        Effect::CreateTimer(req) => {
+            let zone = principal_timezone(conn, principal)?.unwrap_or_else(|| "UTC".into());
+            let tz = parse_tz(&zone).unwrap_or(Tz::UTC);
+            let (schedule, next) = match first_run(&req.spec, tz, now_ms) {
+                Ok(v) => v,
+                Err(e) => return Ok(format!("Cannot set that reminder: {e}.")),
+            };
+            let active: i64 = conn
+                .prepare_cached(
+                    "SELECT COUNT(*) FROM timers WHERE session_id = ?1 AND state = 'active'",
+                )?
+                .query_row([&session.id], |r| r.get(0))?;
+            if active >= MAX_ACTIVE_PER_SESSION {
+                return Ok(format!(
+                    "Cannot set that reminder: this chat already has {MAX_ACTIVE_PER_SESSION} active timers."
+                ));
+            }
+            let schedule_text = match &schedule {
+                Schedule::Once => next.to_string(),
+                Schedule::Cron(e) => e.clone(),
+                Schedule::Interval(ms) => ms.to_string(),
+            };
+            let params_json = serde_json::to_string(&ReminderParams {
+                text: req.text.clone(),
+            })
+            .map_err(|e| StoreError::Invalid(e.to_string()))?;
+            conn.prepare_cached(
+                "INSERT INTO timers (session_id, principal_id, kind, schedule, timezone, callback,
+                     params_json, misfire, catchup_secs, next_run, state, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 'reminder', ?6, ?7, ?8, ?9, 'active', ?10, ?10)",
+            )?
+            .execute(params![
+                session.id,
+                principal,
+                schedule.kind(),
+                schedule_text,
+                zone,
+                params_json,
+                req.misfire.as_str(),
+                DEFAULT_CATCHUP_SECS,
+                next,
+                at
+            ])?;
+            let id = conn.last_insert_rowid();
+            Ok(format!(
+                "Reminder #{id} set for {} ({zone}). /cancel {id} to remove it.",
+                show_instant(next, tz)
+            ))
+        }
+        Effect::CancelTimer(id) => {
+            let n = conn
+                .prepare_cached(
+                    "UPDATE timers SET state = 'cancelled', next_run = NULL, updated_at = ?3
+                     WHERE id = ?1 AND session_id = ?2 AND state IN ('active', 'parked')",
+                )?
+                .execute(params![id, session.id, at])?;
+            Ok(if n == 1 {
+                format!("Timer #{id} cancelled.")
+            } else {
+                format!("No active timer #{id} in this chat. Send /timers for the list.")
+            })
+        }
+        Effect::ListTimers => {
+            let rows = session_timers(conn, &session.id, 50)?;
+            if rows.is_empty() {
+                return Ok("No active timers. Set one with /remind in 10m TEXT".into());
+            }
+            let lines: Vec<String> = rows
+                .iter()
+                .map(|t| {
+                    let tz = parse_tz(&t.timezone).unwrap_or(Tz::UTC);
+                    let text = Callback::parse(&t.callback, &t.params_json)
+                        .map(|Callback::Reminder(p)| p.text)
+                        .unwrap_or_default();
+                    let when = t
+                        .next_run
+                        .map(|n| show_instant(n, tz))
+                        .unwrap_or_else(|| t.state.clone());
+                    let every = match t.kind.as_str() {
+                        "cron" => format!(" (cron {})", t.schedule),
+                        "interval" => format!(
+                            " (every {}s)",
+                            t.schedule.parse::<i64>().unwrap_or(0) / 1000
+                        ),
+                        _ => String::new(),
+                    };
+                    format!("#{} {when}{every}: {}", t.id, truncate(&text, 80))
+                })
+                .collect();
+            Ok(lines.join("\n"))
+        }
+    }
+}
+
+fn truncate(s: &str, max_chars: usize) -> String {
+    match s.char_indices().nth(max_chars) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_string(),
+    }
+}
+
+/// Active and parked timers of one session, soonest first.
+pub fn session_timers(
+    conn: &Connection,
+    session_id: &str,
+    limit: i64,
+) -> Result<Vec<TimerRow>, StoreError> {
+    let sql = format!(
+        "{TIMER_COLUMNS} WHERE session_id = ?1 AND state IN ('active', 'parked')
+         ORDER BY next_run IS NULL, next_run, id LIMIT ?2"
+    );
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let rows = stmt
+        .query_map(params![session_id, limit], timer_row)?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+/// Every timer, newest first (operator listing), at most `limit`.
+pub fn list_timers(conn: &Connection, limit: i64) -> Result<Vec<TimerRow>, StoreError> {
+    let sql = format!("{TIMER_COLUMNS} ORDER BY id DESC LIMIT ?1");
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let rows = stmt
+        .query_map([limit], timer_row)?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+/// One timer by id.
+pub fn get_timer(conn: &Connection, id: i64) -> Result<Option<TimerRow>, StoreError> {
+    let sql = format!("{TIMER_COLUMNS} WHERE id = ?1");
+    Ok(conn
+        .prepare_cached(&sql)?
+        .query_row([id], timer_row)
+        .optional()?)
+}
+
+/// Cancel any timer (operator). Returns whether it was active or parked.
+pub fn cancel_timer(conn: &Connection, id: i64) -> Result<bool, StoreError> {
+    let n = conn
+        .prepare_cached(
+            "UPDATE timers SET state = 'cancelled', next_run = NULL, updated_at = ?2
+             WHERE id = ?1 AND state IN ('active', 'parked')",
+        )?
+        .execute(params![id, store::now()])?;
+    Ok(n == 1)
+}
+
+/// The earliest due active timers: `(id, next_run)`, at most `limit`, from
+/// the partial index. The timer actor's window.
+pub fn due_window(conn: &Connection, limit: i64) -> Result<Vec<(i64, i64)>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, next_run FROM timers WHERE state = 'active' AND next_run IS NOT NULL
+         ORDER BY next_run, id LIMIT ?1",
+    )?;
+    let rows = stmt
+        .query_map([limit], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+/// What one fire did.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct FireOutcome {
+    /// Due instants fired now (receipts written).
+    pub fired: i64,
+    /// Of those, fired later than `LATE_AFTER_MS`.
+    pub late: i64,
+    /// Due instants that will never fire.
+    pub missed: i64,
+    /// The timer's next due instant (`None`: done, parked or stale).
+    pub next_run: Option<i64>,
+    /// Outbox rows written (kick the outbox).
+    pub outbox_rows: i64,
+    /// The timer was parked (unknown callback, bad schedule).
+    pub parked: bool,
+    /// The timer was not due at `due` any more (cancelled or fired already).
+    pub stale: bool,
+}
+
+fn park(conn: &Connection, id: i64, error: &str) -> Result<FireOutcome, StoreError> {
+    conn.prepare_cached(
+        "UPDATE timers SET state = 'parked', next_run = NULL, error = ?2, updated_at = ?3 WHERE id = ?1",
+    )?
+    .execute(params![id, error, store::now()])?;
+    tracing::warn!(timer = id, %error, "timer parked");
+    Ok(FireOutcome {
+        parked: true,
+        ..FireOutcome::default()
+    })
+}
+
+/// Fire timer `id`, expected due at `due`, at `now_ms` — ONE unit of work:
+/// the receipt `(id, due instant)` (a receipt that exists already means the
+/// instant fired: nothing happens), the callback's effect (a reminder turn +
+/// outbox row) and the timer's next state. `routed`: channels with a
+/// delivery route.
+pub fn fire_timer(
+    conn: &Connection,
+    id: i64,
+    due: i64,
+    now_ms: i64,
+    routed: &HashSet<String>,
+) -> Result<FireOutcome, StoreError> {
+    type Row = (
+        String,
+        String,
+        String,
+        String,
+        String,
+        String,
+        String,
+        String,
+        i64,
+        Option<i64>,
+    );
+    let row: Option<Row> = conn
+        .prepare_cached(
+            "SELECT t.state, t.kind, t.schedule, t.timezone, t.callback, t.params_json, t.misfire,
+                    s.channel || char(0) || s.chat, t.catchup_secs, t.next_run
+             FROM timers t JOIN sessions s ON s.id = t.session_id WHERE t.id = ?1",
+        )?
+        .query_row([id], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+                r.get(6)?,
+                r.get(7)?,
+                r.get(8)?,
+                r.get(9)?,
+            ))
+        })
+        .optional()?;
+    let stale = FireOutcome {
+        stale: true,
+        ..FireOutcome::default()
+    };
+    let Some((state, kind, schedule, zone, callback, params_json, misfire, route, catchup, next)) =
+        row
+    else {
+        return Ok(stale);
+    };
+    if state != "active" || next != Some(due) {
+        return Ok(stale);
+    }
+    let Some((channel, chat)) = route.split_once('\0') else {
+        return park(conn, id, "session has no channel");
+    };
+    let session = SessionKey::new(channel, chat);
+    let tz = match parse_tz(&zone) {
+        Ok(tz) => tz,
+        Err(e) => return park(conn, id, &e.to_string()),
+    };
+    let schedule = match Schedule::from_row(&kind, &schedule) {
+        Ok(s) => s,
+        Err(e) => return park(conn, id, &e.to_string()),
+    };
+    let callback = match Callback::parse(&callback, &params_json) {
+        Ok(c) => c,
+        Err(e) => return park(conn, id, &e),
+    };
+    let policy = Misfire::parse(&misfire).unwrap_or(Misfire::FireOnce);
+    let plan = match plan_fire(
+        &schedule,
+        tz,
+        policy,
+        catchup.saturating_mul(1000),
+        due,
+        now_ms,
+    ) {
+        Ok(p) => p,
+        Err(e) => return park(conn, id, &e.to_string()),
+    };
+    let mut out = FireOutcome {
+        missed: plan.missed,
+        next_run: plan.next,
+        ..FireOutcome::default()
+    };
+    for &instant in &plan.fires {
+        let late_ms = (now_ms - instant).max(0);
+        let inserted = conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO timer_fires (timer_id, due_at, fired_at, late_ms)
+                 VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![id, instant, now_ms, late_ms])?;
+        if inserted == 0 {
+            continue;
+        }
+        out.fired += 1;
+        if late_ms > LATE_AFTER_MS {
+            out.late += 1;
+        }
+        match &callback {
+            Callback::Reminder(p) => {
+                let mut text = format!("⏰ Reminder #{id}: {}", p.text);
+                if late_ms > LATE_AFTER_MS {
+                    text.push_str(&format!(
+                        " (late by {}s: keel was not running at {})",
+                        late_ms / 1000,
+                        show_instant(instant, tz)
+                    ));
+                }
+                let deliver = routed.contains(&session.channel);
+                let (_, outbox) = store::commit_notice(conn, &session, &text, deliver)?;
+                out.outbox_rows += i64::from(outbox.is_some());
+            }
+        }
+    }
+    let last = plan.fires.last().copied();
+    conn.prepare_cached(
+        "UPDATE timers SET next_run = ?2, state = ?3, last_fired = COALESCE(?4, last_fired),
+                fired_count = fired_count + ?5, missed_count = missed_count + ?6, updated_at = ?7
+         WHERE id = ?1",
+    )?
+    .execute(params![
+        id,
+        plan.next,
+        if plan.next.is_some() {
+            "active"
+        } else {
+            "done"
+        },
+        last,
+        out.fired,
+        out.missed,
+        store::now()
+    ])?;
+    Ok(out)
+}
+
+/// Delete done/cancelled timers last changed before `before` (RFC 3339) and
+/// receipts fired before `before_ms`. Returns (timers, receipts) deleted.
+/// A receipt is consulted only while its timer's `next_run` is at or before
+/// the receipt's instant, which ends with the commit that wrote it; old
+/// receipts are kept for operators and the tests, then pruned.
+pub fn prune(
+    conn: &Connection,
+    before: &str,
+    before_ms: i64,
+    limit: i64,
+) -> Result<(usize, usize), StoreError> {
+    let timers = conn
+        .prepare_cached(
+            "DELETE FROM timers WHERE id IN (
+                 SELECT id FROM timers WHERE state IN ('done', 'cancelled') AND updated_at < ?1
+                 LIMIT ?2)",
+        )?
+        .execute(params![before, limit])?;
+    let receipts = conn
+        .prepare_cached(
+            "DELETE FROM timer_fires WHERE (timer_id, due_at) IN (
+                 SELECT timer_id, due_at FROM timer_fires WHERE fired_at < ?1 LIMIT ?2)",
+        )?
+        .execute(params![before_ms, limit])?;
+    Ok((timers, receipts))
+}
+
+/// Counts for status: (active, parked, fires).
+pub fn timer_counts(conn: &Connection) -> Result<(i64, i64, i64), StoreError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT (SELECT COUNT(*) FROM timers WHERE state = 'active'),
+                    (SELECT COUNT(*) FROM timers WHERE state = 'parked'),
+                    (SELECT COUNT(*) FROM timer_fires)",
+        )?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?)
+}
+
+// ---- messages to the PersistenceActor ----
+
+/// Load the timer window. Sent by the timer actor.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<Vec<(i64, i64)>, StoreError>")]
+pub struct GetDueWindow {
+    pub limit: i64,
+}
+
+impl Handler<GetDueWindow> for PersistenceActor {
+    type Result = ResponseFuture<Result<Vec<(i64, i64)>, StoreError>>;
+    fn handle(&mut self, msg: GetDueWindow, _: &mut Context<Self>) -> Self::Result {
+        self.call(move |c| due_window(c, msg.limit))
+    }
+}
+
+/// Fire one due timer in one transaction. Sent by the timer actor.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<FireOutcome, StoreError>")]
+pub struct FireTimer {
+    pub id: i64,
+    pub due: i64,
+    pub now_ms: i64,
+    pub routed: Arc<HashSet<String>>,
+}
+
+impl Handler<FireTimer> for PersistenceActor {
+    type Result = ResponseFuture<Result<FireOutcome, StoreError>>;
+    fn handle(&mut self, msg: FireTimer, _: &mut Context<Self>) -> Self::Result {
+        self.call(move |c| fire_timer(c, msg.id, msg.due, msg.now_ms, &msg.routed))
+    }
+}
+
+/// Prune timer history and receipts. Sent by the timer actor periodically.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<(usize, usize), StoreError>")]
+pub struct PruneTimers {
+    /// RFC 3339 cut-off for finished timers.
+    pub before: String,
+    /// Unix-ms cut-off for receipts.
+    pub before_ms: i64,
+    pub limit: i64,
+}
+
+impl Handler<PruneTimers> for PersistenceActor {
+    type Result = ResponseFuture<Result<(usize, usize), StoreError>>;
+    fn handle(&mut self, msg: PruneTimers, _: &mut Context<Self>) -> Self::Result {
+        self.call(move |c| prune(c, &msg.before, msg.before_ms, msg.limit))
+    }
+}
