@@ -587,3 +587,148 @@ impl Handler<PruneTimers> for PersistenceActor {
         self.call(move |c| prune(c, &msg.before, msg.before_ms, msg.limit))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::persistence::migrate;
+    use crate::persistence::store::{commit_exchange, Exchange, ExchangeOutcome, ReplyPlan};
+
+    fn db() -> Connection {
+        let mut c = Connection::open_in_memory().unwrap();
+        migrate::migrate(&mut c, std::path::Path::new(":memory:")).unwrap();
+        c
+    }
+
+    fn command(c: &Connection, chat: &str, key: &str, effect: Effect) -> ExchangeOutcome {
+        commit_exchange(
+            c,
+            &Exchange {
+                session: SessionKey::new("webhook", chat),
+                from: "u1".into(),
+                key: key.into(),
+                text: format!("command {key}"),
+                reply: Some(ReplyPlan {
+                    text: String::new(),
+                    deliver: true,
+                }),
+                memory: None,
+                known: false,
+                effect: Some(effect),
+            },
+        )
+        .unwrap()
+    }
+
+    fn remind(spec: ScheduleSpec) -> Effect {
+        Effect::CreateTimer(TimerRequest {
+            spec,
+            text: "tea".into(),
+            misfire: Misfire::FireOnce,
+        })
+    }
+
+    fn routed() -> HashSet<String> {
+        HashSet::from(["webhook".to_string()])
+    }
+
+    fn count(c: &Connection, sql: &str) -> i64 {
+        c.query_row(sql, [], |r| r.get(0)).unwrap()
+    }
+
+    #[test]
+    fn a_redelivered_remind_creates_one_timer_and_the_reply_names_it() {
+        let c = db();
+        command(&c, "c1", "m1", remind(ScheduleSpec::Delay(60_000)));
+        let dup = command(&c, "c1", "m1", remind(ScheduleSpec::Delay(60_000)));
+        assert!(matches!(dup, ExchangeOutcome::Duplicate { .. }));
+        assert_eq!(count(&c, "SELECT COUNT(*) FROM timers"), 1);
+        let reply: String = c
+            .query_row("SELECT text FROM outbox ORDER BY id LIMIT 1", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert!(reply.starts_with("Reminder #1 set for"), "{reply}");
+    }
+
+    #[test]
+    fn a_due_instant_fires_exactly_once_with_its_reminder() {
+        let c = db();
+        command(&c, "c1", "m1", remind(ScheduleSpec::Delay(60_000)));
+        let (id, due) = due_window(&c, 10).unwrap()[0];
+        let first = fire_timer(&c, id, due, due + 5, &routed()).unwrap();
+        assert_eq!(
+            (first.fired, first.outbox_rows, first.next_run),
+            (1, 1, None)
+        );
+        let again = fire_timer(&c, id, due, due + 10, &routed()).unwrap();
+        assert!(again.stale);
+        assert_eq!(count(&c, "SELECT COUNT(*) FROM timer_fires"), 1);
+        assert_eq!(
+            count(
+                &c,
+                "SELECT COUNT(*) FROM outbox WHERE text LIKE '⏰ Reminder #1: tea%'"
+            ),
+            1
+        );
+        assert_eq!(get_timer(&c, id).unwrap().unwrap().state, "done");
+        assert!(due_window(&c, 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn an_unknown_callback_kind_parks_the_timer_and_keeps_the_row() {
+        let c = db();
+        command(&c, "c1", "m1", remind(ScheduleSpec::Delay(60_000)));
+        c.execute("UPDATE timers SET callback = 'launch_rockets'", [])
+            .unwrap();
+        let (id, due) = due_window(&c, 10).unwrap()[0];
+        let out = fire_timer(&c, id, due, due, &routed()).unwrap();
+        assert!(out.parked);
+        let row = get_timer(&c, id).unwrap().unwrap();
+        assert_eq!(row.state, "parked");
+        assert!(row.error.unwrap().contains("launch_rockets"));
+        assert_eq!(count(&c, "SELECT COUNT(*) FROM timer_fires"), 0);
+    }
+
+    #[test]
+    fn cancel_only_touches_the_sessions_own_timers() {
+        let c = db();
+        command(&c, "c1", "m1", remind(ScheduleSpec::Every(60_000)));
+        command(&c, "c2", "m1", Effect::CancelTimer(1));
+        assert_eq!(get_timer(&c, 1).unwrap().unwrap().state, "active");
+        command(&c, "c1", "m2", Effect::CancelTimer(1));
+        assert_eq!(get_timer(&c, 1).unwrap().unwrap().state, "cancelled");
+        assert!(due_window(&c, 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn timezone_is_stored_on_the_principal_and_used_by_new_timers() {
+        let c = db();
+        command(&c, "c1", "m1", Effect::SetTimezone("Europe/Berlin".into()));
+        command(
+            &c,
+            "c1",
+            "m2",
+            remind(ScheduleSpec::Cron("0 9 * * *".into())),
+        );
+        let row = get_timer(&c, 1).unwrap().unwrap();
+        assert_eq!(row.timezone, "Europe/Berlin");
+        let local = show_instant(row.next_run.unwrap(), Tz::Europe__Berlin);
+        assert!(local.contains(" 09:00:00 "), "{local}");
+    }
+
+    #[test]
+    fn pruning_removes_old_history_but_not_active_timers() {
+        let c = db();
+        command(&c, "c1", "m1", remind(ScheduleSpec::Delay(60_000)));
+        command(&c, "c1", "m2", remind(ScheduleSpec::Every(60_000)));
+        let (id, due) = due_window(&c, 10).unwrap()[0];
+        fire_timer(&c, id, due, due, &routed()).unwrap();
+        let (timers, receipts) = prune(&c, "9999-01-01T00:00:00Z", i64::MAX, 100).unwrap();
+        assert_eq!((timers, receipts), (1, 1));
+        assert_eq!(
+            count(&c, "SELECT COUNT(*) FROM timers WHERE state = 'active'"),
+            1
+        );
+    }
+}
