@@ -1,0 +1,175 @@
+//! TimerActor tests with a controlled wall clock (TESTING.md C7): the window
+//! stays bounded and refills until every timer fired, and clock jumps back an
+//! hour or forward a day neither double nor drop fires beyond the policy.
+//! Real actors over a real SQLite file; the tests wait on the fire events the
+//! actor emits, never on sleeps.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use keel_actors::config::Synchronous;
+use keel_actors::health::Health;
+use keel_actors::metrics::Metrics;
+use keel_actors::outbox::OutboxKick;
+use keel_actors::persistence::timers::{Effect, FireOutcome, TimerRequest};
+use keel_actors::persistence::{
+    self, CommitExchange, Exchange, PersistenceActor, ReplyPlan, SessionKey, StoreOptions,
+};
+use keel_actors::timer::plan::Misfire;
+use keel_actors::timer::schedule::ScheduleSpec;
+use keel_actors::timer::{
+    GetTimerStats, ManualClock, RecoverTimers, Tick, TimerActor, TimerSettings,
+};
+use tokio::sync::mpsc;
+
+fn start_store(path: std::path::PathBuf) -> Addr<PersistenceActor> {
+    let opts = StoreOptions {
+        path: Some(path),
+        synchronous: Synchronous::Normal,
+        busy_timeout: Duration::from_secs(5),
+        max_batch: 1024,
+        probe_interval: Duration::from_millis(100),
+    };
+    let metrics = Metrics::new();
+    let (conn, _) = persistence::open_store(&opts).expect("open store");
+    PersistenceActor::new(conn, opts, Health::new(metrics.clone()), metrics).start()
+}
+
+/// Counts outbox kicks (the timer actor kicks after writing reminders).
+struct Kicks;
+impl Actor for Kicks {
+    type Context = Context<Self>;
+}
+impl Handler<OutboxKick> for Kicks {
+    type Result = ();
+    fn handle(&mut self, _: OutboxKick, _: &mut Context<Self>) {}
+}
+
+async fn create(store: &Addr<PersistenceActor>, key: &str, spec: ScheduleSpec) {
+    let ex = Exchange {
+        session: SessionKey::new("webhook", "c1"),
+        from: "u1".into(),
+        key: key.into(),
+        text: format!("/remind {key}"),
+        reply: Some(ReplyPlan {
+            text: String::new(),
+            deliver: true,
+        }),
+        memory: None,
+        known: false,
+        effect: Some(Effect::CreateTimer(TimerRequest {
+            spec,
+            text: format!("note {key}"),
+            misfire: Misfire::FireOnce,
+        })),
+    };
+    store.send(CommitExchange(ex)).await.unwrap().unwrap();
+}
+
+fn start_timers(
+    store: &Addr<PersistenceActor>,
+    clock: Arc<ManualClock>,
+    window: usize,
+) -> (Addr<TimerActor>, mpsc::UnboundedReceiver<Vec<FireOutcome>>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut settings = TimerSettings::new(30, HashSet::from(["webhook".to_string()]));
+    settings.window = window;
+    // Only `Tick` moves this actor: the controlled clock never advances alone.
+    settings.max_sleep = Duration::from_secs(3_600);
+    let actor =
+        TimerActor::new(store.clone(), Kicks.start().recipient(), clock, settings).with_events(tx);
+    (actor.start(), rx)
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+fn count(path: &std::path::Path, sql: &str) -> i64 {
+    let c = rusqlite::Connection::open(path).unwrap();
+    c.query_row(sql, [], |r| r.get(0)).unwrap()
+}
+
+#[actix_rt::test]
+async fn the_window_stays_bounded_and_refills_until_every_timer_fired() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keel.db");
+    let store = start_store(path.clone());
+    let t0 = now_ms();
+    for i in 0..10 {
+        create(
+            &store,
+            &format!("k{i}"),
+            ScheduleSpec::Delay(60_000 + i * 1_000),
+        )
+        .await;
+    }
+    let clock = Arc::new(ManualClock::new(t0));
+    let (timers, mut events) = start_timers(&store, clock.clone(), 4);
+    let stats = timers.send(RecoverTimers).await.unwrap().unwrap();
+    assert_eq!((stats.fired, stats.in_window), (0, 4), "window of 4 of 10");
+    // Everything comes due; the actor fires, drains and refills its window.
+    clock.set(t0 + 3_600_000);
+    timers.send(Tick).await.unwrap();
+    let mut fired = 0;
+    while fired < 10 {
+        let batch = tokio::time::timeout(Duration::from_secs(30), events.recv())
+            .await
+            .expect("fire events stopped")
+            .unwrap();
+        assert!(batch.len() <= 4, "a batch larger than the window");
+        fired += batch.iter().map(|o| o.fired).sum::<i64>();
+    }
+    let stats = timers.send(GetTimerStats).await.unwrap();
+    assert_eq!(stats.fired, 10);
+    assert!(
+        stats.reloads >= 3,
+        "{stats:?}: the window was never refilled"
+    );
+    assert_eq!(count(&path, "SELECT COUNT(*) FROM timer_fires"), 10);
+    assert_eq!(
+        count(&path, "SELECT COUNT(*) FROM timers WHERE state = 'done'"),
+        10
+    );
+}
+
+#[actix_rt::test]
+async fn clock_jumps_neither_double_nor_drop_fires() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keel.db");
+    let store = start_store(path.clone());
+    let t0 = now_ms();
+    create(&store, "every", ScheduleSpec::Every(60_000)).await;
+    let due = count(&path, "SELECT next_run FROM timers");
+    let clock = Arc::new(ManualClock::new(t0));
+    let (timers, mut events) = start_timers(&store, clock.clone(), 16);
+    timers.send(RecoverTimers).await.unwrap().unwrap();
+
+    // On time: one fire.
+    clock.set(due + 10);
+    timers.send(Tick).await.unwrap();
+    let batch = events.recv().await.unwrap();
+    assert_eq!((batch[0].fired, batch[0].late), (1, 0));
+    assert_eq!(batch[0].next_run, Some(due + 60_000));
+
+    // Back one hour: the fired instant does not fire again, nothing fires.
+    clock.set(due + 10 - 3_600_000);
+    timers.send(Tick).await.unwrap();
+    let stats = timers.send(GetTimerStats).await.unwrap();
+    assert_eq!(stats.fired, 1, "a backwards jump fired something");
+
+    // Forward one day: fire_once fires once, late; the other minutes are missed.
+    clock.set(due + 86_400_000);
+    timers.send(Tick).await.unwrap();
+    let batch = events.recv().await.unwrap();
+    assert_eq!((batch[0].fired, batch[0].late), (1, 1));
+    assert_eq!(
+        batch[0].missed, 1_439,
+        "minutes in the day minus the one fired"
+    );
+    assert_eq!(batch[0].next_run, Some(due + 86_400_000 + 60_000));
+    assert_eq!(count(&path, "SELECT COUNT(*) FROM timer_fires"), 2);
+    assert_eq!(count(&path, "SELECT missed_count FROM timers"), 1_439);
+}
