@@ -280,7 +280,7 @@ impl TimerActor {
         if kick {
             self.outbox.do_send(OutboxKick);
         }
-        if let Some(events) = &self.events {
+        if let (Some(events), false) = (&self.events, outcomes.is_empty()) {
             let _ = events.send(outcomes);
         }
         failed
