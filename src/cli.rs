@@ -45,6 +45,11 @@ pub enum Command {
         #[command(subcommand)]
         cmd: SessionsCmd,
     },
+    /// Inspect durable timers (safe while keel runs); cancel one (keel stopped).
+    Timers {
+        #[command(subcommand)]
+        cmd: TimersCmd,
+    },
     /// Create or upgrade the database schema, then exit.
     Migrate {
         #[command(flatten)]
@@ -101,6 +106,31 @@ pub enum SessionsCmd {
     /// Write one {session}.json per session into DIR (atomic, mode 0600).
     Export {
         out: PathBuf,
+        #[command(flatten)]
+        dir: DataDirArg,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TimersCmd {
+    /// List timers, newest first.
+    List {
+        #[command(flatten)]
+        dir: DataDirArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one timer.
+    Show {
+        id: i64,
+        #[command(flatten)]
+        dir: DataDirArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel one timer; refuses while keel runs (one writer): use /cancel ID in the chat then.
+    Cancel {
+        id: i64,
         #[command(flatten)]
         dir: DataDirArg,
     },

@@ -17,6 +17,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Chat(args) => crate::chat::chat(args),
         Command::Status { dir, json } => status(&dir, json),
         Command::Sessions { cmd } => sessions(cmd),
+        Command::Timers { cmd } => crate::timers_cmd::timers_cmd(cmd),
         Command::Migrate { dir } => migrate_cmd(&dir),
         Command::Bench(args) => crate::bench::bench(args),
     }

@@ -10,6 +10,7 @@ mod config;
 mod run;
 mod signals;
 mod telemetry;
+mod timers_cmd;
 
 use std::process::ExitCode;
 

@@ -1,0 +1,112 @@
+//! `keel timers list|show ID|cancel ID`: the operator's view of durable
+//! timers. `list` and `show` read the store read-only (safe while keel runs);
+//! `cancel` writes, and keel has one writer, so it takes the data-dir lock
+//! like `keel migrate` and refuses while the daemon runs (use `/cancel ID`
+//! in the chat then).
+
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use keel_actors::persistence::timers::{self, TimerRow};
+use keel_actors::persistence::{self, StoreOptions};
+use serde_json::json;
+
+use crate::cli::{DataDirArg, TimersCmd};
+
+pub fn timers_cmd(cmd: TimersCmd) -> Result<ExitCode> {
+    match cmd {
+        TimersCmd::List { dir, json: as_json } => {
+            let conn = open_ro(&dir)?;
+            let rows = timers::list_timers(&conn, 10_000).map_err(no_table)?;
+            if as_json {
+                println!("{}", json!({ "timers": rows }));
+            } else if rows.is_empty() {
+                println!("no timers");
+            } else {
+                for t in &rows {
+                    println!("{}", line(t));
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        TimersCmd::Show {
+            id,
+            dir,
+            json: as_json,
+        } => {
+            let conn = open_ro(&dir)?;
+            let Some(t) = timers::get_timer(&conn, id).map_err(no_table)? else {
+                eprintln!("keel: error: no timer {id}");
+                return Ok(ExitCode::from(2));
+            };
+            if as_json {
+                println!("{}", json!(t));
+            } else {
+                println!("{}", line(&t));
+                println!("  callback {} {}", t.callback, t.params_json.escape_debug());
+                println!(
+                    "  misfire {}  fired {}  missed {}  last fired {:?}",
+                    t.misfire, t.fired_count, t.missed_count, t.last_fired
+                );
+                if let Some(e) = &t.error {
+                    println!("  error {}", e.escape_debug());
+                }
+                println!("  created {}  updated {}", t.created_at, t.updated_at);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        TimersCmd::Cancel { id, dir } => {
+            let config = crate::config::load(&dir, None)?;
+            if let Some(pid) = crate::run::running_pid(&config.data_dir) {
+                bail!("keel is running (pid {pid}); cancel in the chat with /cancel {id}, or stop keel first");
+            }
+            let _lock = crate::run::lock_data_dir(&config.data_dir)?;
+            let (mut conn, _) = persistence::open_store(&StoreOptions::from_config(&config))
+                .with_context(|| format!("opening {}", config.data_dir.display()))?;
+            let tx = conn.transaction()?;
+            let cancelled = timers::cancel_timer(&tx, id)?;
+            tx.commit()?;
+            if cancelled {
+                println!("timer {id} cancelled");
+                Ok(ExitCode::SUCCESS)
+            } else {
+                eprintln!("keel: error: no active timer {id}");
+                Ok(ExitCode::from(2))
+            }
+        }
+    }
+}
+
+fn open_ro(dir: &DataDirArg) -> Result<persistence::Connection> {
+    let config = crate::config::load(dir, None)?;
+    Ok(persistence::open_read_only(
+        &config.data_dir.join("keel.db"),
+    )?)
+}
+
+/// A store older than schema 2 has no timers table: say so in one line.
+fn no_table(e: keel_actors::error::StoreError) -> anyhow::Error {
+    if e.to_string().contains("no such table") {
+        anyhow::anyhow!("this store has no timers yet (schema predates them; run keel migrate)")
+    } else {
+        e.into()
+    }
+}
+
+fn line(t: &TimerRow) -> String {
+    let tz = keel_actors::timer::schedule::parse_tz(&t.timezone).unwrap_or_default();
+    let next = t
+        .next_run
+        .map(|n| timers::show_instant(n, tz))
+        .unwrap_or_else(|| "-".into());
+    format!(
+        "#{}\t{}\t{}\t{} {}\tnext {}\t{}",
+        t.id,
+        t.state,
+        t.session_id.escape_debug(),
+        t.kind,
+        t.schedule.escape_debug(),
+        next,
+        t.timezone
+    )
+}
