@@ -329,3 +329,52 @@ async fn hostile_remind_and_tz_inputs_get_one_line_errors_and_create_nothing() {
     assert!(d.sigterm(DEADLINE).await.success());
     d.assert_no_panics();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keel_timers_lists_and_shows_while_running_and_cancels_only_when_stopped() {
+    let replies = ReplyServer::start();
+    let mut d = Daemon::start(Config {
+        reply_url: Some(replies.url.clone()),
+        ..Config::default()
+    })
+    .await;
+    d.post_ok("m1", "ops", "/remind every day at 09:00 water the plants")
+        .await;
+    assert!(reply_to(&replies, "m1")
+        .await
+        .starts_with("Reminder #1 set"));
+    let db = d.db_path();
+    let dir = db.parent().expect("data dir").to_string_lossy().into_owned();
+    let list = d
+        .cli(&["timers", "list", "--json", "--data-dir", &dir])
+        .await;
+    assert!(list.status.success(), "{list:?}");
+    let v: serde_json::Value = serde_json::from_slice(&list.stdout).expect("json");
+    assert_eq!(v["timers"][0]["id"], 1);
+    assert_eq!(v["timers"][0]["kind"], "cron");
+    assert_eq!(v["timers"][0]["schedule"], "0 9 * * *");
+    let show = d.cli(&["timers", "show", "1", "--data-dir", &dir]).await;
+    let text = String::from_utf8_lossy(&show.stdout);
+    assert!(
+        show.status.success() && text.contains("water the plants"),
+        "{text}"
+    );
+    let missing = d.cli(&["timers", "show", "42", "--data-dir", &dir]).await;
+    assert_eq!(missing.status.code(), Some(2));
+    // One writer: cancel refuses while keel runs, with the chat alternative.
+    let refused = d.cli(&["timers", "cancel", "1", "--data-dir", &dir]).await;
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && err.contains("/cancel 1"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(d.sigterm(DEADLINE).await.success());
+    let cancelled = d.cli(&["timers", "cancel", "1", "--data-dir", &dir]).await;
+    assert!(cancelled.status.success(), "{cancelled:?}");
+    let show = d
+        .cli(&["timers", "show", "1", "--json", "--data-dir", &dir])
+        .await;
+    let v: serde_json::Value = serde_json::from_slice(&show.stdout).expect("json");
+    assert_eq!(v["state"], "cancelled");
+}
