@@ -172,7 +172,7 @@ async fn timers_due_during_downtime_follow_their_misfire_policy() {
         ..Config::default()
     })
     .await;
-    d.post_ok("once", "c1", "/remind in 3s one-shot").await;
+    d.post_ok("once", "c1", "/remind in 5s one-shot").await;
     d.post_ok("skip", "c1", "/remind every 1s --skip ticks-skip")
         .await;
     d.post_ok("fire1", "c1", "/remind every 1s ticks-once")
@@ -188,9 +188,14 @@ async fn timers_due_during_downtime_follow_their_misfire_policy() {
     })
     .await;
     assert!(running.is_some(), "recurring timers never fired");
+    assert_eq!(
+        count(&d, "SELECT fired_count FROM timers WHERE kind = 'once'"),
+        0,
+        "the one-shot fired before the outage; the test proves nothing"
+    );
     d.sigkill();
-    // Down for ~6 s: the one-shot comes due during the outage.
-    wait_until_clock(created + 3_000 + 3_000).await;
+    // Down until 3 s past the one-shot's instant: it comes due during the outage.
+    wait_until_clock(created + 5_000 + 3_000).await;
     d.restart().await;
 
     let q = |sql: &str| count(&d, sql);
@@ -344,7 +349,11 @@ async fn keel_timers_lists_and_shows_while_running_and_cancels_only_when_stopped
         .await
         .starts_with("Reminder #1 set"));
     let db = d.db_path();
-    let dir = db.parent().expect("data dir").to_string_lossy().into_owned();
+    let dir = db
+        .parent()
+        .expect("data dir")
+        .to_string_lossy()
+        .into_owned();
     let list = d
         .cli(&["timers", "list", "--json", "--data-dir", &dir])
         .await;

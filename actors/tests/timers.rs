@@ -20,7 +20,7 @@ use keel_actors::persistence::{
 use keel_actors::timer::plan::Misfire;
 use keel_actors::timer::schedule::ScheduleSpec;
 use keel_actors::timer::{
-    GetTimerStats, ManualClock, RecoverTimers, Tick, TimerActor, TimerSettings,
+    GetTimerStats, ManualClock, RecoverTimers, Tick, TimerActor, TimerSettings, TimersChanged,
 };
 use tokio::sync::mpsc;
 
@@ -172,4 +172,50 @@ async fn clock_jumps_neither_double_nor_drop_fires() {
     assert_eq!(batch[0].next_run, Some(due + 86_400_000 + 60_000));
     assert_eq!(count(&path, "SELECT COUNT(*) FROM timer_fires"), 2);
     assert_eq!(count(&path, "SELECT missed_count FROM timers"), 1_439);
+}
+
+#[actix_rt::test]
+async fn a_timer_created_ahead_of_a_full_window_fires_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keel.db");
+    let store = start_store(path.clone());
+    let t0 = now_ms();
+    for i in 0..6 {
+        create(
+            &store,
+            &format!("late{i}"),
+            ScheduleSpec::Delay(3_600_000 + i * 1_000),
+        )
+        .await;
+    }
+    let clock = Arc::new(ManualClock::new(t0));
+    let (timers, mut events) = start_timers(&store, clock.clone(), 4);
+    let stats = timers.send(RecoverTimers).await.unwrap().unwrap();
+    assert_eq!(stats.in_window, 4);
+    // A new, earlier timer: the session tells the actor, the window updates.
+    create(&store, "soon", ScheduleSpec::Delay(60_000)).await;
+    timers.send(TimersChanged).await.unwrap();
+    let soon = count(
+        &path,
+        "SELECT next_run FROM timers WHERE params_json LIKE '%soon%'",
+    );
+    clock.set(soon + 5);
+    timers.send(Tick).await.unwrap();
+    let batch = tokio::time::timeout(Duration::from_secs(30), events.recv())
+        .await
+        .expect("no fire")
+        .unwrap();
+    assert_eq!(batch.len(), 1, "only the new timer is due");
+    assert_eq!((batch[0].fired, batch[0].next_run), (1, None));
+    let fired: String = rusqlite::Connection::open(&path)
+        .unwrap()
+        .query_row(
+            "SELECT t.params_json FROM timer_fires f JOIN timers t ON t.id = f.timer_id",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(fired.contains("soon"), "{fired}");
+    let stats = timers.send(GetTimerStats).await.unwrap();
+    assert!(stats.in_window <= 4, "{stats:?}");
 }

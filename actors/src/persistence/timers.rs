@@ -526,17 +526,6 @@ pub fn prune(
     Ok((timers, receipts))
 }
 
-/// Counts for status: (active, parked, fires).
-pub fn timer_counts(conn: &Connection) -> Result<(i64, i64, i64), StoreError> {
-    Ok(conn
-        .prepare_cached(
-            "SELECT (SELECT COUNT(*) FROM timers WHERE state = 'active'),
-                    (SELECT COUNT(*) FROM timers WHERE state = 'parked'),
-                    (SELECT COUNT(*) FROM timer_fires)",
-        )?
-        .query_row([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?)
-}
-
 // ---- messages to the PersistenceActor ----
 
 /// Load the timer window. Sent by the timer actor.
