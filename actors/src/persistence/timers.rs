@@ -356,6 +356,20 @@ fn park(conn: &Connection, id: i64, error: &str) -> Result<FireOutcome, StoreErr
     })
 }
 
+/// What `fire_timer` reads about one timer and its session.
+struct DueRow {
+    state: String,
+    kind: String,
+    schedule: String,
+    zone: String,
+    callback: String,
+    params_json: String,
+    misfire: String,
+    catchup_secs: i64,
+    next_run: Option<i64>,
+    session: SessionKey,
+}
+
 /// Fire timer `id`, expected due at `due`, at `now_ms` — ONE unit of work:
 /// the receipt `(id, due instant)` (a receipt that exists already means the
 /// instant fired: nothing happens), the callback's effect (a reminder turn +
@@ -368,55 +382,53 @@ pub fn fire_timer(
     now_ms: i64,
     routed: &HashSet<String>,
 ) -> Result<FireOutcome, StoreError> {
-    type Row = (
-        String,
-        String,
-        String,
-        String,
-        String,
-        String,
-        String,
-        String,
-        i64,
-        Option<i64>,
-    );
-    let row: Option<Row> = conn
+    let row: Option<DueRow> = conn
         .prepare_cached(
             "SELECT t.state, t.kind, t.schedule, t.timezone, t.callback, t.params_json, t.misfire,
-                    s.channel || char(0) || s.chat, t.catchup_secs, t.next_run
+                    t.catchup_secs, t.next_run, s.id, s.channel, s.chat
              FROM timers t JOIN sessions s ON s.id = t.session_id WHERE t.id = ?1",
         )?
         .query_row([id], |r| {
-            Ok((
-                r.get(0)?,
-                r.get(1)?,
-                r.get(2)?,
-                r.get(3)?,
-                r.get(4)?,
-                r.get(5)?,
-                r.get(6)?,
-                r.get(7)?,
-                r.get(8)?,
-                r.get(9)?,
-            ))
+            Ok(DueRow {
+                state: r.get(0)?,
+                kind: r.get(1)?,
+                schedule: r.get(2)?,
+                zone: r.get(3)?,
+                callback: r.get(4)?,
+                params_json: r.get(5)?,
+                misfire: r.get(6)?,
+                catchup_secs: r.get(7)?,
+                next_run: r.get(8)?,
+                session: SessionKey {
+                    id: r.get(9)?,
+                    channel: r.get(10)?,
+                    chat: r.get(11)?,
+                },
+            })
         })
         .optional()?;
     let stale = FireOutcome {
         stale: true,
         ..FireOutcome::default()
     };
-    let Some((state, kind, schedule, zone, callback, params_json, misfire, route, catchup, next)) =
-        row
+    let Some(DueRow {
+        state,
+        kind,
+        schedule,
+        zone,
+        callback,
+        params_json,
+        misfire,
+        catchup_secs: catchup,
+        next_run: next,
+        session,
+    }) = row
     else {
         return Ok(stale);
     };
     if state != "active" || next != Some(due) {
         return Ok(stale);
     }
-    let Some((channel, chat)) = route.split_once('\0') else {
-        return park(conn, id, "session has no channel");
-    };
-    let session = SessionKey::new(channel, chat);
     let tz = match parse_tz(&zone) {
         Ok(tz) => tz,
         Err(e) => return park(conn, id, &e.to_string()),
