@@ -394,6 +394,7 @@ mod tests {
             ("shutdown_timeout_ms = 0", "shutdown_timeout_ms"),
             ("[webhook]\nsecret = \"\"", "webhook.secret"),
             ("[webhook]\nreply_url = \"ftp://x\"", "webhook.reply_url"),
+            ("[timers]\nretention_days = 0", "timers.retention_days"),
             (
                 "[owner]\nchannel = \"pigeon\"\nchat = \"x\"",
                 "owner.channel",
