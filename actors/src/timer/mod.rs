@@ -78,6 +78,9 @@ pub struct TimerSettings {
     pub retention: Duration,
     /// How often the pruning job runs.
     pub prune_every: Duration,
+    /// How often the window is reloaded even without `TimersChanged`: a
+    /// safety net, so a lost notification delays a timer, never drops it.
+    pub resync_every: Duration,
     /// Channels with a delivery route (reminders to others are stored only).
     pub routed: Arc<HashSet<String>>,
 }
@@ -89,6 +92,7 @@ impl TimerSettings {
             max_sleep: Duration::from_secs(1),
             retention: Duration::from_secs(u64::from(retention_days) * 86_400),
             prune_every: Duration::from_secs(3_600),
+            resync_every: Duration::from_secs(60),
             routed: Arc::new(routed),
         }
     }
@@ -384,6 +388,10 @@ impl Actor for TimerActor {
         // Creates arrive in bursts; do_send ignores the capacity anyway.
         ctx.set_mailbox_capacity(1024);
         ctx.run_interval(self.settings.prune_every, |this, ctx| this.prune(ctx));
+        ctx.run_interval(self.settings.resync_every, |this, ctx| {
+            this.dirty = true;
+            this.cycle(ctx);
+        });
     }
 }
 
