@@ -33,6 +33,10 @@ pub struct Config {
     pub agent: AgentConfig,
     pub owner: Option<OwnerConfig>,
     pub outbox: OutboxConfig,
+    /// Telegram Bot API long polling (R13, R14).
+    pub telegram: crate::adapter::telegram::TelegramConfig,
+    /// Restart policy of supervised adapters (R16).
+    pub adapters: crate::adapter::supervisor::SupervisionConfig,
 }
 
 impl Default for Config {
@@ -49,6 +53,8 @@ impl Default for Config {
             agent: AgentConfig::default(),
             owner: None,
             outbox: OutboxConfig::default(),
+            telegram: Default::default(),
+            adapters: Default::default(),
         }
     }
 }
@@ -240,10 +246,13 @@ impl Config {
             ));
         }
         if let Some(owner) = &self.owner {
-            if !matches!(owner.channel.as_str(), "webhook" | "cli") {
+            if !matches!(owner.channel.as_str(), "webhook" | "cli" | "telegram") {
                 return Err(invalid(
                     "owner.channel",
-                    format!("unknown channel {:?} (known: webhook, cli)", owner.channel),
+                    format!(
+                        "unknown channel {:?} (known: webhook, cli, telegram)",
+                        owner.channel
+                    ),
                 ));
             }
             crate::ids::check_external_id("owner.chat", &owner.chat)
@@ -258,6 +267,8 @@ impl Config {
                 "concurrency and retry_min_ms must be > 0 and retry_max_ms >= retry_min_ms".into(),
             ));
         }
+        self.telegram.validate().map_err(|e| invalid("telegram", e))?;
+        self.adapters.validate().map_err(|e| invalid("adapters", e))?;
         Ok(())
     }
 
@@ -296,6 +307,9 @@ impl Config {
         }
         if self.storage != new.storage {
             changed.push("storage");
+        }
+        if self.telegram != new.telegram {
+            changed.push("telegram");
         }
         if self.cli != new.cli {
             changed.push("cli");
