@@ -111,7 +111,7 @@ impl SupervisionReport for StoreReport {
         let text = format!("adapter {adapter} gave up: {reason}");
         let persistence = self.persistence.clone();
         let outbox = self.outbox.clone();
-        actix::spawn(async move {
+        tokio::spawn(async move {
             let res = persistence
                 .send(CommitNotice {
                     session: SessionKey::new(&channel, &chat),
