@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use common::{poll_until, Config, Daemon, ReplyServer};
 use serde_json::{json, Value};
-use telegram::{config_toml, Fault, FakeTelegram};
+use telegram::{config_toml, FakeTelegram, Fault};
 
 const DEADLINE: Duration = Duration::from_secs(90);
 const FAST_BACKOFF: &str =
@@ -93,7 +93,11 @@ async fn telegram_updates_survive_two_sigkills_exactly_once_and_all_answered() {
             (tg.sent().len() >= kill_at).then_some(())
         })
         .await;
-        assert!(reached.is_some(), "{} replies before kill point {kill_at}", tg.sent().len());
+        assert!(
+            reached.is_some(),
+            "{} replies before kill point {kill_at}",
+            tg.sent().len()
+        );
         d.sigkill();
         d.restart().await;
     }
@@ -126,7 +130,10 @@ async fn telegram_updates_survive_two_sigkills_exactly_once_and_all_answered() {
     })
     .await
     .expect("the new bot polls");
-    assert_eq!(first.1, 0, "the new bot does not resume at the old bot's offset");
+    assert_eq!(
+        first.1, 0,
+        "the new bot does not resume at the old bot's offset"
+    );
     d.assert_no_panics();
 }
 
@@ -148,10 +155,7 @@ async fn telegram_outages_are_ridden_out_and_a_canary_token_never_leaks() {
         Fault::Status(200, json!("not the bot api"), None),
     ]);
     // The first two replies: one rate limited, one timing out after it left.
-    tg.fail_sends([
-        Fault::api(429, "Too Many Requests", Some(1)),
-        Fault::Hang,
-    ]);
+    tg.fail_sends([Fault::api(429, "Too Many Requests", Some(1)), Fault::Hang]);
     let mut ids = vec![tg.push_text(1, "/recall k1000")];
     let bad = tg.push_raw(json!({"edited_message": {"chat": {"id": 1}, "text": "x"}}));
     ids.push(tg.push_text(2, "/recall k1002"));
@@ -167,18 +171,29 @@ async fn telegram_outages_are_ridden_out_and_a_canary_token_never_leaks() {
 
     let counts = d.user_key_counts().await;
     for id in &ids {
-        assert_eq!(counts.get(&id.to_string()), Some(&1), "update {id} stored once");
+        assert_eq!(
+            counts.get(&id.to_string()),
+            Some(&1),
+            "update {id} stored once"
+        );
     }
-    assert!(!counts.contains_key(&bad.to_string()), "malformed update not stored");
+    assert!(
+        !counts.contains_key(&bad.to_string()),
+        "malformed update not stored"
+    );
     assert!(
         tg.offsets().iter().any(|o| *o > bad),
         "the malformed update did not stall the offset"
     );
     assert_offsets_monotonic(&tg.offsets());
-    assert!(d.wait_for_log("telegram update rejected", 1, DEADLINE).await);
+    assert!(
+        d.wait_for_log("telegram update rejected", 1, DEADLINE)
+            .await
+    );
     let metrics = d.get("/metrics").await.unwrap().body;
     assert!(
-        metrics.contains("keel_outbox_unknown_total 1") || metrics.contains("keel_outbox_unknown_total 2"),
+        metrics.contains("keel_outbox_unknown_total 1")
+            || metrics.contains("keel_outbox_unknown_total 2"),
         "the hung send is counted as unknown:\n{metrics}"
     );
     assert!(metrics.contains(r#"keel_adapter_state{adapter="telegram",state="running"} 1"#));
@@ -230,15 +245,20 @@ async fn stops_and_tells_the_owner(fault: Fault, expect: &str) {
     tg.fail_polls([fault]);
     d.boot().await;
     let notice = poll_until(DEADLINE, || async {
-        replies
-            .replies()
-            .into_iter()
-            .find(|r| r["text"].as_str().unwrap_or("").starts_with("adapter telegram gave up"))
+        replies.replies().into_iter().find(|r| {
+            r["text"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("adapter telegram gave up")
+        })
     })
     .await
     .expect("the owner is told on the webhook");
     assert_eq!(notice["chat"], "owner");
-    assert!(notice["text"].as_str().unwrap().contains(expect), "{notice}");
+    assert!(
+        notice["text"].as_str().unwrap().contains(expect),
+        "{notice}"
+    );
     // Other adapters keep working.
     let r = d.post_ok("after-stop", "c1", "/help").await;
     assert_eq!(r["status"], "accepted");
@@ -255,7 +275,10 @@ async fn stops_and_tells_the_owner(fault: Fault, expect: &str) {
         .await;
     let v: Value = serde_json::from_slice(&status.stdout).expect("status json");
     assert_eq!(v["adapters"]["telegram"]["state"], "stopped", "{v}");
-    assert!(v["adapters"]["telegram"]["last_error"].as_str().unwrap().contains(expect));
+    assert!(v["adapters"]["telegram"]["last_error"]
+        .as_str()
+        .unwrap()
+        .contains(expect));
     assert_eq!(v["adapters"]["webhook"]["state"], "running");
     assert_eq!(tg.offsets().len(), 1, "no retry after {expect}");
     let metrics = d.get("/metrics").await.unwrap().body;
@@ -271,7 +294,11 @@ async fn telegram_401_stops_the_adapter_and_the_owner_hears_it_on_the_webhook() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn telegram_409_stops_the_adapter_and_the_owner_hears_it_on_the_webhook() {
     stops_and_tells_the_owner(
-        Fault::api(409, "Conflict: terminated by other getUpdates request", None),
+        Fault::api(
+            409,
+            "Conflict: terminated by other getUpdates request",
+            None,
+        ),
         "HTTP 409",
     )
     .await;

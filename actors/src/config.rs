@@ -267,8 +267,12 @@ impl Config {
                 "concurrency and retry_min_ms must be > 0 and retry_max_ms >= retry_min_ms".into(),
             ));
         }
-        self.telegram.validate().map_err(|e| invalid("telegram", e))?;
-        self.adapters.validate().map_err(|e| invalid("adapters", e))?;
+        self.telegram
+            .validate()
+            .map_err(|e| invalid("telegram", e))?;
+        self.adapters
+            .validate()
+            .map_err(|e| invalid("adapters", e))?;
         Ok(())
     }
 

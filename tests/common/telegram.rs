@@ -111,7 +111,10 @@ impl FakeTelegram {
     pub fn start() -> FakeTelegram {
         use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind fake telegram");
-        let url = format!("http://127.0.0.1:{}", listener.local_addr().expect("addr").port());
+        let url = format!(
+            "http://127.0.0.1:{}",
+            listener.local_addr().expect("addr").port()
+        );
         let inner: Arc<Mutex<Inner>> = Arc::new(Mutex::new(Inner {
             next_id: 1000,
             ..Inner::default()
@@ -125,11 +128,13 @@ impl FakeTelegram {
                 let server = HttpServer::new(move || {
                     let inner = i2.clone();
                     let notify = n2.clone();
-                    App::new().default_service(web::to(move |req: HttpRequest, body: web::Bytes| {
-                        let inner = inner.clone();
-                        let notify = notify.clone();
-                        async move { handle(req, body, inner, notify).await }
-                    }))
+                    App::new().default_service(web::to(
+                        move |req: HttpRequest, body: web::Bytes| {
+                            let inner = inner.clone();
+                            let notify = notify.clone();
+                            async move { handle(req, body, inner, notify).await }
+                        },
+                    ))
                 })
                 .workers(2)
                 .disable_signals()
@@ -176,7 +181,10 @@ impl FakeTelegram {
                         g.offsets.push((token, offset));
                         // An offset confirms everything below it.
                         if offset > 0 {
-                            while g.queue.front().and_then(|u| u["update_id"].as_i64())
+                            while g
+                                .queue
+                                .front()
+                                .and_then(|u| u["update_id"].as_i64())
                                 .is_some_and(|id| id < offset)
                             {
                                 g.queue.pop_front();
@@ -277,7 +285,13 @@ impl FakeTelegram {
 
     /// Offsets received with getUpdates, in order (0 = no offset sent).
     pub fn offsets(&self) -> Vec<i64> {
-        self.inner.lock().unwrap().offsets.iter().map(|(_, o)| *o).collect()
+        self.inner
+            .lock()
+            .unwrap()
+            .offsets
+            .iter()
+            .map(|(_, o)| *o)
+            .collect()
     }
 
     /// `(token, offset)` of every getUpdates.

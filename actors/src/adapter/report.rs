@@ -85,9 +85,7 @@ pub fn pick_owner(
         .find(|(channel, _)| {
             channel != failed
                 && routed.contains(channel)
-                && statuses
-                    .get(channel)
-                    .is_none_or(|s| s.state == "running")
+                && statuses.get(channel).is_none_or(|s| s.state == "running")
         })
         .cloned()
 }
@@ -105,7 +103,10 @@ impl SupervisionReport for StoreReport {
     fn gave_up(&self, adapter: &str, reason: &str, statuses: &HashMap<String, AdapterStatus>) {
         let Some((channel, chat)) = pick_owner(&self.owners, &self.routed, adapter, statuses)
         else {
-            tracing::error!(adapter, "no healthy adapter to tell the owner that this adapter gave up");
+            tracing::error!(
+                adapter,
+                "no healthy adapter to tell the owner that this adapter gave up"
+            );
             return;
         };
         let text = format!("adapter {adapter} gave up: {reason}");
@@ -128,37 +129,6 @@ impl SupervisionReport for StoreReport {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_owner_is_told_on_a_healthy_routed_channel_other_than_the_failed_one() {
-        let owners = vec![
-            ("telegram".to_string(), "42".to_string()),
-            ("webhook".to_string(), "owner".to_string()),
-        ];
-        let routed: HashSet<String> = ["telegram", "webhook"].map(String::from).into();
-        let mut statuses = HashMap::new();
-        let got = pick_owner(&owners, &routed, "telegram", &statuses);
-        assert_eq!(got, Some(("webhook".into(), "owner".into())));
-        let got = pick_owner(&owners, &routed, "slack", &statuses);
-        assert_eq!(got, Some(("telegram".into(), "42".into())));
-        statuses.insert(
-            "telegram".to_string(),
-            AdapterStatus {
-                state: "backoff".into(),
-                attempts: 2,
-                last_error: None,
-            },
-        );
-        let got = pick_owner(&owners, &routed, "slack", &statuses);
-        assert_eq!(got, Some(("webhook".into(), "owner".into())));
-        let only_webhook: HashSet<String> = ["telegram"].map(String::from).into();
-        assert_eq!(pick_owner(&owners, &only_webhook, "telegram", &statuses), None);
-    }
-}
-
 /// What [`start_adapters`] needs from the actor graph.
 pub struct AdapterDeps {
     pub http: reqwest::Client,
@@ -178,9 +148,9 @@ pub fn start_adapters(
     config: &crate::config::Config,
     deps: AdapterDeps,
 ) -> Addr<super::supervisor::AdapterSupervisor> {
-    use std::sync::Arc;
     use super::supervisor::{Adapter, AdapterSupervisor, Statuses};
     use super::telegram::{BotApi, TelegramAdapter};
+    use std::sync::Arc;
 
     let mut owners: OwnerTargets = Vec::new();
     if let Some(o) = &config.owner {
@@ -221,4 +191,38 @@ pub fn start_adapters(
         }));
     }
     AdapterSupervisor::start_all(adapters, config.adapters.clone(), report, statuses).start()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_owner_is_told_on_a_healthy_routed_channel_other_than_the_failed_one() {
+        let owners = vec![
+            ("telegram".to_string(), "42".to_string()),
+            ("webhook".to_string(), "owner".to_string()),
+        ];
+        let routed: HashSet<String> = ["telegram", "webhook"].map(String::from).into();
+        let mut statuses = HashMap::new();
+        let got = pick_owner(&owners, &routed, "telegram", &statuses);
+        assert_eq!(got, Some(("webhook".into(), "owner".into())));
+        let got = pick_owner(&owners, &routed, "slack", &statuses);
+        assert_eq!(got, Some(("telegram".into(), "42".into())));
+        statuses.insert(
+            "telegram".to_string(),
+            AdapterStatus {
+                state: "backoff".into(),
+                attempts: 2,
+                last_error: None,
+            },
+        );
+        let got = pick_owner(&owners, &routed, "slack", &statuses);
+        assert_eq!(got, Some(("webhook".into(), "owner".into())));
+        let only_webhook: HashSet<String> = ["telegram"].map(String::from).into();
+        assert_eq!(
+            pick_owner(&owners, &only_webhook, "telegram", &statuses),
+            None
+        );
+    }
 }

@@ -193,7 +193,11 @@ pub async fn supervise(
                 attempts += 1;
                 if attempts > cfg.attempts {
                     tracing::error!(adapter = name, attempts = attempts - 1, error = %reason, "adapter gave up");
-                    set(AdapterStatus::new("gave_up", attempts - 1, last_error.clone()));
+                    set(AdapterStatus::new(
+                        "gave_up",
+                        attempts - 1,
+                        last_error.clone(),
+                    ));
                     let all = statuses.lock().unwrap_or_else(|p| p.into_inner()).clone();
                     report.gave_up(name, &reason, &all);
                     return;
@@ -314,7 +318,15 @@ mod tests {
     #[test]
     fn backoff_schedule_table() {
         let cfg = SupervisionConfig::default();
-        let table = [(1, 5), (2, 10), (3, 20), (4, 40), (5, 60), (6, 60), (40, 60)];
+        let table = [
+            (1, 5),
+            (2, 10),
+            (3, 20),
+            (4, 40),
+            (5, 60),
+            (6, 60),
+            (40, 60),
+        ];
         for (attempt, secs) in table {
             assert_eq!(
                 backoff_delay(&cfg, attempt, 0.0),
@@ -328,10 +340,7 @@ mod tests {
             Duration::from_millis(4_500),
             "10% off 5 s"
         );
-        let none = SupervisionConfig {
-            jitter: 0.0,
-            ..cfg
-        };
+        let none = SupervisionConfig { jitter: 0.0, ..cfg };
         assert_eq!(backoff_delay(&none, 3, 0.99), Duration::from_secs(20));
     }
 
@@ -352,7 +361,10 @@ mod tests {
         fn name(&self) -> &'static str {
             "telegram"
         }
-        fn run(&self, mut stop: watch::Receiver<bool>) -> BoxFuture<'static, Result<(), AdapterError>> {
+        fn run(
+            &self,
+            mut stop: watch::Receiver<bool>,
+        ) -> BoxFuture<'static, Result<(), AdapterError>> {
             let _ = self.starts.send(tokio::time::Instant::now());
             let step = self.steps.lock().unwrap().pop_front();
             Box::pin(async move {
@@ -438,14 +450,19 @@ mod tests {
         for _ in 0..starts {
             at.push(h.starts.recv().await.expect("a start"));
         }
-        at.windows(2)
-            .map(|w| (w[1] - w[0]).as_secs())
-            .collect()
+        at.windows(2).map(|w| (w[1] - w[0]).as_secs()).collect()
     }
 
     #[tokio::test(start_paused = true)]
     async fn failures_and_panics_restart_on_the_backoff_schedule_then_give_up() {
-        let steps = vec![transient(), Step::Panic, transient(), transient(), transient(), transient()];
+        let steps = vec![
+            transient(),
+            Step::Panic,
+            transient(),
+            transient(),
+            transient(),
+            transient(),
+        ];
         let mut h = run(steps, no_jitter());
         assert_eq!(gaps(&mut h, 6).await, vec![5, 10, 20, 40, 60]);
         h.task.await.unwrap();

@@ -96,7 +96,10 @@ impl TelegramConfig {
             return Err("api_base must be an http:// or https:// URL".into());
         }
         if let Some(t) = &self.token {
-            if t.is_empty() || t.chars().any(|c| c.is_whitespace() || c == '/' || c.is_control()) {
+            if t.is_empty()
+                || t.chars()
+                    .any(|c| c.is_whitespace() || c == '/' || c.is_control())
+            {
                 return Err("token must be non-empty, without spaces or '/'".into());
             }
         }
@@ -164,7 +167,11 @@ struct Parameters {
 }
 
 /// Classify a Bot API response (status, `Retry-After` header, body).
-pub fn classify(status: u16, retry_after_header: Option<u64>, body: &[u8]) -> Result<Value, ApiError> {
+pub fn classify(
+    status: u16,
+    retry_after_header: Option<u64>,
+    body: &[u8],
+) -> Result<Value, ApiError> {
     let env: Option<Envelope> = serde_json::from_slice(body).ok();
     if let Some(env) = &env {
         if env.ok && (200..300).contains(&status) {
@@ -182,7 +189,11 @@ pub fn classify(status: u16, retry_after_header: Option<u64>, body: &[u8]) -> Re
                 format!("HTTP {status}")
             }
         });
-    let description: String = description.chars().filter(|c| !c.is_control()).take(200).collect();
+    let description: String = description
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(200)
+        .collect();
     Err(match code {
         429 => ApiError::RateLimited(
             env.as_ref()
@@ -208,7 +219,12 @@ impl BotApi {
     }
 
     /// POST `method` with a JSON body; the whole request is bounded by `timeout`.
-    pub async fn call(&self, method: &str, body: &Value, timeout: Duration) -> Result<Value, ApiError> {
+    pub async fn call(
+        &self,
+        method: &str,
+        body: &Value,
+        timeout: Duration,
+    ) -> Result<Value, ApiError> {
         let url = format!("{}/{method}", self.base);
         let sent = self
             .client
@@ -260,7 +276,9 @@ impl From<ApiError> for AdapterError {
     fn from(e: ApiError) -> AdapterError {
         match e {
             ApiError::RateLimited(Some(d)) => AdapterError::RetryAfter(d),
-            ApiError::RateLimited(None) => AdapterError::Transient("HTTP 429 without retry_after".into()),
+            ApiError::RateLimited(None) => {
+                AdapterError::Transient("HTTP 429 without retry_after".into())
+            }
             ApiError::Unauthorized(d) => AdapterError::Unauthorized(d),
             ApiError::Conflict(d) => AdapterError::Conflict(d),
             ApiError::Rejected(d) | ApiError::Transient(d) | ApiError::Unknown(d) => {
@@ -342,9 +360,9 @@ impl Adapter for TelegramAdapter {
         let persistence = self.persistence.clone();
         let gate = self.gate.clone();
         let metrics = self.metrics.clone();
-        Box::pin(async move {
-            poll_loop(api, config, registry, persistence, gate, metrics, stop).await
-        })
+        Box::pin(
+            async move { poll_loop(api, config, registry, persistence, gate, metrics, stop).await },
+        )
     }
 }
 
@@ -385,7 +403,11 @@ async fn poll_loop(
         };
         let updates = match result? {
             Value::Array(u) => u,
-            _ => return Err(AdapterError::Transient("getUpdates result is not a list".into())),
+            _ => {
+                return Err(AdapterError::Transient(
+                    "getUpdates result is not a list".into(),
+                ))
+            }
         };
         if updates.is_empty() {
             continue;
@@ -415,7 +437,10 @@ async fn poll_loop(
                 )),
                 Err(reason) => {
                     tracing::warn!(update_id = id, reason = %reason, "telegram update rejected");
-                    metrics.inbound.with_label_values(&["telegram", "rejected"]).inc();
+                    metrics
+                        .inbound
+                        .with_label_values(&["telegram", "rejected"])
+                        .inc();
                     state.rejected.push(id);
                 }
             }
@@ -423,18 +448,30 @@ async fn poll_loop(
         for (id, request) in pending {
             match request.await.unwrap_or(Err(StoreError::Closed)) {
                 Ok(crate::session::Delivered::Accepted { .. }) => {
-                    metrics.inbound.with_label_values(&["telegram", "accepted"]).inc();
+                    metrics
+                        .inbound
+                        .with_label_values(&["telegram", "accepted"])
+                        .inc();
                 }
                 Ok(crate::session::Delivered::Duplicate { .. }) => {
-                    metrics.inbound.with_label_values(&["telegram", "duplicate"]).inc();
+                    metrics
+                        .inbound
+                        .with_label_values(&["telegram", "duplicate"])
+                        .inc();
                 }
                 Err(StoreError::Invalid(reason)) => {
                     tracing::warn!(update_id = id, reason = %reason, "telegram update rejected");
-                    metrics.inbound.with_label_values(&["telegram", "rejected"]).inc();
+                    metrics
+                        .inbound
+                        .with_label_values(&["telegram", "rejected"])
+                        .inc();
                     state.rejected.push(id);
                 }
                 Err(e) => {
-                    metrics.inbound.with_label_values(&["telegram", "unavailable"]).inc();
+                    metrics
+                        .inbound
+                        .with_label_values(&["telegram", "unavailable"])
+                        .inc();
                     return Err(AdapterError::Store(e));
                 }
             }
@@ -462,7 +499,9 @@ pub struct TelegramSink {
 /// Map a Bot API failure of `sendMessage` to what the outbox does with it.
 pub fn send_error(e: ApiError) -> SendError {
     match e {
-        ApiError::RateLimited(wait) => SendError::RetryAfter(wait.unwrap_or(Duration::from_secs(1))),
+        ApiError::RateLimited(wait) => {
+            SendError::RetryAfter(wait.unwrap_or(Duration::from_secs(1)))
+        }
         ApiError::Unknown(d) => SendError::Unknown(d),
         ApiError::Rejected(d) => SendError::Permanent(format!("telegram rejected the reply: {d}")),
         // A revoked token may be replaced: keep the reply pending.
@@ -513,13 +552,29 @@ mod tests {
         );
         assert_eq!(classify(429, None, b""), Err(ApiError::RateLimited(None)));
         assert!(matches!(
-            classify(401, None, br#"{"ok":false,"error_code":401,"description":"Unauthorized"}"#),
+            classify(
+                401,
+                None,
+                br#"{"ok":false,"error_code":401,"description":"Unauthorized"}"#
+            ),
             Err(ApiError::Unauthorized(_))
         ));
-        assert!(matches!(classify(409, None, b"{}"), Err(ApiError::Conflict(_))));
-        assert!(matches!(classify(502, None, b"<html>"), Err(ApiError::Transient(_))));
-        assert!(matches!(classify(200, None, b"not json"), Err(ApiError::Transient(_))));
-        assert!(matches!(classify(403, None, b"{}"), Err(ApiError::Rejected(_))));
+        assert!(matches!(
+            classify(409, None, b"{}"),
+            Err(ApiError::Conflict(_))
+        ));
+        assert!(matches!(
+            classify(502, None, b"<html>"),
+            Err(ApiError::Transient(_))
+        ));
+        assert!(matches!(
+            classify(200, None, b"not json"),
+            Err(ApiError::Transient(_))
+        ));
+        assert!(matches!(
+            classify(403, None, b"{}"),
+            Err(ApiError::Rejected(_))
+        ));
     }
 
     #[test]
@@ -528,9 +583,18 @@ mod tests {
             send_error(ApiError::RateLimited(Some(Duration::from_secs(4)))),
             SendError::RetryAfter(d) if d == Duration::from_secs(4)
         ));
-        assert!(matches!(send_error(ApiError::Unknown("t".into())), SendError::Unknown(_)));
-        assert!(matches!(send_error(ApiError::Rejected("x".into())), SendError::Permanent(_)));
-        assert!(matches!(send_error(ApiError::Transient("x".into())), SendError::Transient(_)));
+        assert!(matches!(
+            send_error(ApiError::Unknown("t".into())),
+            SendError::Unknown(_)
+        ));
+        assert!(matches!(
+            send_error(ApiError::Rejected("x".into())),
+            SendError::Permanent(_)
+        ));
+        assert!(matches!(
+            send_error(ApiError::Transient("x".into())),
+            SendError::Transient(_)
+        ));
     }
 
     #[test]
@@ -559,7 +623,10 @@ mod tests {
         let a = state_key("123:secret-canary");
         assert!(a.starts_with("telegram:") && !a.contains("secret"));
         assert_ne!(a, state_key("123:other"));
-        assert_eq!(redact("GET /bot123:abc/x", "123:abc"), "GET /bot<redacted>/x");
+        assert_eq!(
+            redact("GET /bot123:abc/x", "123:abc"),
+            "GET /bot<redacted>/x"
+        );
         let cfg = TelegramConfig {
             token: Some("123:secret-canary".into()),
             ..TelegramConfig::default()
