@@ -189,6 +189,10 @@ pub async fn supervise(
         let delay = match error {
             // The server's own word; a rate limit is not a failed attempt.
             AdapterError::RetryAfter(wait) => wait,
+            // Storage trouble is not the channel's fault and heals on its own
+            // (R35): retry at the first backoff step without counting, so a
+            // long disk-full spell never makes an adapter give up.
+            AdapterError::Store(_) => backoff_delay(&cfg, 1, rng.gen::<f64>()),
             _ => {
                 attempts += 1;
                 if attempts > cfg.attempts {
@@ -353,13 +357,14 @@ mod tests {
     }
 
     struct Scripted {
+        name: &'static str,
         steps: Mutex<VecDeque<Step>>,
         starts: mpsc::UnboundedSender<tokio::time::Instant>,
     }
 
     impl Adapter for Scripted {
         fn name(&self) -> &'static str {
-            "telegram"
+            self.name
         }
         fn run(
             &self,
@@ -414,6 +419,7 @@ mod tests {
         let (etx, events) = mpsc::unbounded_channel();
         let (stop, rx) = watch::channel(false);
         let adapter = Arc::new(Scripted {
+            name: "telegram",
             steps: Mutex::new(steps.into()),
             starts: stx,
         });
@@ -511,6 +517,35 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn store_failures_are_retried_without_counting_towards_giving_up() {
+        let store = || {
+            Step::Fail(AdapterError::Store(crate::error::StoreError::Unavailable(
+                "disk full".into(),
+            )))
+        };
+        let steps = vec![
+            store(),
+            store(),
+            store(),
+            store(),
+            store(),
+            store(),
+            store(),
+            transient(),
+        ];
+        let mut h = run(steps, no_jitter());
+        assert_eq!(gaps(&mut h, 9).await, vec![5, 5, 5, 5, 5, 5, 5, 5]);
+        let _ = h.stop.send(true);
+        h.task.await.unwrap();
+        while let Ok(e) = h.events.try_recv() {
+            assert!(
+                !matches!(e, Event::GaveUp(_)),
+                "gave up over storage trouble"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn unauthorized_and_conflict_stop_without_retrying() {
         for error in [
             AdapterError::Unauthorized("revoked".into()),
@@ -566,5 +601,51 @@ mod tests {
         h.task.await.unwrap();
         assert!(before.elapsed() < Duration::from_secs(1));
         assert!(h.starts.try_recv().is_err());
+    }
+
+    #[actix::test]
+    async fn one_failing_adapter_does_not_block_the_others_and_stop_ends_all() {
+        tokio::time::pause();
+        let (stx, mut starts) = mpsc::unbounded_channel();
+        let (etx, mut events) = mpsc::unbounded_channel();
+        let failing = Arc::new(Scripted {
+            name: "telegram",
+            steps: Mutex::new(
+                vec![Step::Fail(AdapterError::Unauthorized("revoked".into()))].into(),
+            ),
+            starts: stx.clone(),
+        });
+        let healthy = Arc::new(Scripted {
+            name: "slack",
+            steps: Mutex::new(VecDeque::new()),
+            starts: stx,
+        });
+        let statuses = Statuses::default();
+        let sup = AdapterSupervisor::start_all(
+            vec![healthy, failing],
+            SupervisionConfig::default(),
+            Arc::new(Recorder(etx)),
+            statuses.clone(),
+        )
+        .start();
+        starts.recv().await.unwrap();
+        starts.recv().await.unwrap();
+        // The failing one gives up (an event the supervisor emits) …
+        while !matches!(events.recv().await, Some(Event::GaveUp(_))) {}
+        // … while the other keeps running.
+        let all = sup.send(GetAdapterStatus).await.unwrap();
+        assert_eq!(all["telegram"].state, "stopped");
+        assert_eq!(all["slack"].state, "running");
+        sup.send(StopAdapters {
+            deadline: Duration::from_secs(5),
+        })
+        .await
+        .unwrap();
+        let all = statuses.lock().unwrap().clone();
+        assert_eq!(all["slack"].state, "stopped");
+        assert_eq!(
+            all["telegram"].last_error.as_deref(),
+            Some("token rejected (HTTP 401): revoked")
+        );
     }
 }
