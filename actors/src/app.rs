@@ -74,6 +74,9 @@ pub fn routed_channels(config: &Config, cli_enabled: bool) -> HashSet<String> {
     if config.telegram.enabled && config.telegram.token.is_some() {
         routed.insert("telegram".to_string());
     }
+    if config.slack.enabled {
+        routed.insert("slack".to_string());
+    }
     routed
 }
 
@@ -129,6 +132,17 @@ pub fn settings_sinks(
                     &config.telegram.api_base,
                     token,
                 ),
+                timeout: Duration::from_millis(config.outbox.send_timeout_ms),
+            }),
+        );
+    }
+    if let (true, Some(token)) = (config.slack.enabled, &config.slack.bot_token) {
+        sinks.insert(
+            "slack".into(),
+            Arc::new(crate::adapter::slack::SlackSink {
+                client: http.clone(),
+                api_base: config.slack.api_base.clone(),
+                bot_token: token.clone(),
                 timeout: Duration::from_millis(config.outbox.send_timeout_ms),
             }),
         );

@@ -35,6 +35,8 @@ pub struct Config {
     pub outbox: OutboxConfig,
     /// Telegram Bot API long polling (R13, R14).
     pub telegram: crate::adapter::telegram::TelegramConfig,
+    /// Slack Socket Mode (R13).
+    pub slack: crate::adapter::slack::SlackConfig,
     /// Restart policy of supervised adapters (R16).
     pub adapters: crate::adapter::supervisor::SupervisionConfig,
 }
@@ -54,6 +56,7 @@ impl Default for Config {
             owner: None,
             outbox: OutboxConfig::default(),
             telegram: Default::default(),
+            slack: Default::default(),
             adapters: Default::default(),
         }
     }
@@ -246,11 +249,14 @@ impl Config {
             ));
         }
         if let Some(owner) = &self.owner {
-            if !matches!(owner.channel.as_str(), "webhook" | "cli" | "telegram") {
+            if !matches!(
+                owner.channel.as_str(),
+                "webhook" | "cli" | "telegram" | "slack"
+            ) {
                 return Err(invalid(
                     "owner.channel",
                     format!(
-                        "unknown channel {:?} (known: webhook, cli, telegram)",
+                        "unknown channel {:?} (known: webhook, cli, telegram, slack)",
                         owner.channel
                     ),
                 ));
@@ -270,6 +276,7 @@ impl Config {
         self.telegram
             .validate()
             .map_err(|e| invalid("telegram", e))?;
+        self.slack.validate().map_err(|e| invalid("slack", e))?;
         self.adapters
             .validate()
             .map_err(|e| invalid("adapters", e))?;
@@ -314,6 +321,9 @@ impl Config {
         }
         if self.telegram != new.telegram {
             changed.push("telegram");
+        }
+        if self.slack != new.slack {
+            changed.push("slack");
         }
         if self.cli != new.cli {
             changed.push("cli");

@@ -171,6 +171,7 @@ impl Handler<Reload> for Lifecycle {
         let needs_restart = self.config.restart_only_changes(&new);
         // The poller keeps its token until a restart; replies use the same one.
         new.telegram = self.config.telegram.clone();
+        new.slack = self.config.slack.clone();
         if self.config.log_level != new.log_level {
             if let Some(hook) = &self.log_level {
                 if let Err(e) = hook(&new.log_level) {

@@ -6,6 +6,7 @@
 
 pub mod cli;
 pub mod report;
+pub mod slack;
 pub mod supervisor;
 pub mod telegram;
 pub mod webhook;

@@ -180,6 +180,11 @@ pub fn start_adapters(
             .insert(name.to_string(), status);
     }
     let mut adapters: Vec<Arc<dyn Adapter>> = Vec::new();
+    let (slack_registry, slack_gate, slack_metrics) = (
+        deps.registry.clone(),
+        deps.gate.clone(),
+        deps.metrics.clone(),
+    );
     if let (true, Some(token)) = (config.telegram.enabled, &config.telegram.token) {
         adapters.push(Arc::new(TelegramAdapter {
             api: BotApi::new(deps.http.clone(), &config.telegram.api_base, token),
@@ -188,6 +193,15 @@ pub fn start_adapters(
             persistence: deps.persistence,
             gate: deps.gate,
             metrics: deps.metrics,
+        }));
+    }
+    if config.slack.enabled {
+        adapters.push(Arc::new(super::slack::SlackAdapter {
+            client: deps.http.clone(),
+            config: config.slack.clone(),
+            registry: slack_registry,
+            gate: slack_gate,
+            metrics: slack_metrics,
         }));
     }
     AdapterSupervisor::start_all(adapters, config.adapters.clone(), report, statuses).start()
