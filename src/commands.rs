@@ -37,6 +37,7 @@ fn status(dir: &DataDirArg, as_json: bool) -> Result<ExitCode> {
     let conn = open_ro(&config)?;
     let stats = store::stats(&conn)?;
     let pid = crate::run::running_pid(&config.data_dir);
+    let adapters = adapter_statuses(&conn)?;
     if as_json {
         println!(
             "{}",
@@ -46,6 +47,7 @@ fn status(dir: &DataDirArg, as_json: bool) -> Result<ExitCode> {
                 "pid": pid,
                 "store": stats,
                 "schema_supported": migrate::latest_version(),
+                "adapters": adapters,
             })
         );
     } else {
@@ -65,8 +67,37 @@ fn status(dir: &DataDirArg, as_json: bool) -> Result<ExitCode> {
         println!("outbox pending:  {}", stats.outbox_pending);
         println!("outbox sent:     {}", stats.outbox_sent);
         println!("awaiting agent:  {}", stats.awaiting_agent);
+        for (name, s) in adapters.as_object().into_iter().flatten() {
+            println!(
+                "adapter {name:<8} {} (attempts {}){}",
+                s["state"].as_str().unwrap_or("?"),
+                s["attempts"],
+                s["last_error"]
+                    .as_str()
+                    .map(|e| format!(", last error: {e}"))
+                    .unwrap_or_default()
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Each adapter's last reported status (`adapter_state` rows `status:*`).
+fn adapter_statuses(conn: &persistence::Connection) -> Result<serde_json::Value> {
+    let mut out = serde_json::Map::new();
+    for row in persistence::adapter_state::statuses(conn)? {
+        let name = row
+            .adapter
+            .trim_start_matches(persistence::adapter_state::STATUS_PREFIX)
+            .to_string();
+        let mut v: serde_json::Value =
+            serde_json::from_str(&row.state_json).unwrap_or(serde_json::Value::Null);
+        if let Some(obj) = v.as_object_mut() {
+            obj.insert("updated_at".into(), row.updated_at.into());
+        }
+        out.insert(name, v);
+    }
+    Ok(serde_json::Value::Object(out))
 }
 
 fn sessions(cmd: SessionsCmd) -> Result<ExitCode> {

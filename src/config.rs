@@ -74,6 +74,12 @@ pub fn load(dir: &DataDirArg, run: Option<&RunArgs>) -> Result<Config> {
             config.ephemeral = true;
         }
     }
+    if config.telegram.token.is_none() {
+        // The token may live outside the config file (e.g. a systemd credential).
+        config.telegram.token = std::env::var("KEEL_TELEGRAM_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty());
+    }
     config.validate("command line")?;
     Ok(config)
 }

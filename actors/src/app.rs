@@ -72,6 +72,12 @@ pub fn routed_channels(config: &Config, cli_enabled: bool) -> HashSet<String> {
     if config.webhook.enabled && config.webhook.reply_url.is_some() {
         routed.insert("webhook".to_string());
     }
+    if config.telegram.enabled && config.telegram.token.is_some() {
+        routed.insert("telegram".to_string());
+    }
+    if config.slack.enabled {
+        routed.insert("slack".to_string());
+    }
     routed
 }
 
@@ -120,6 +126,30 @@ pub fn settings_sinks(
             }),
         );
     }
+    if let (true, Some(token)) = (config.telegram.enabled, &config.telegram.token) {
+        sinks.insert(
+            "telegram".into(),
+            Arc::new(crate::adapter::telegram::TelegramSink {
+                api: crate::adapter::telegram::BotApi::new(
+                    http.clone(),
+                    &config.telegram.api_base,
+                    token,
+                ),
+                timeout: Duration::from_millis(config.outbox.send_timeout_ms),
+            }),
+        );
+    }
+    if let (true, Some(token)) = (config.slack.enabled, &config.slack.bot_token) {
+        sinks.insert(
+            "slack".into(),
+            Arc::new(crate::adapter::slack::SlackSink {
+                client: http.clone(),
+                api_base: config.slack.api_base.clone(),
+                bot_token: token.clone(),
+                timeout: Duration::from_millis(config.outbox.send_timeout_ms),
+            }),
+        );
+    }
     sinks
 }
 
@@ -151,6 +181,11 @@ fn restart_notice(
 
 /// Start keel. Must run inside an actix `System`.
 pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartError> {
+    if config.telegram.enabled && config.telegram.token.is_none() {
+        return Err(StartError::Config(
+            "telegram.enabled is set but there is no token (set telegram.token or KEEL_TELEGRAM_TOKEN)".into(),
+        ));
+    }
     let metrics = Metrics::new();
     let health = Health::new(metrics.clone());
     let gate = Gate::closed();
@@ -281,8 +316,25 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         outbox.do_send(OutboxKick);
     }
 
-    // Ready: intake opens.
+    // Ready: intake opens; then the supervised adapters (telegram) start
+    // polling, in priority order (R15).
     gate.open();
+    let adapters = crate::adapter::report::start_adapters(
+        &config,
+        crate::adapter::report::AdapterDeps {
+            http: http.clone(),
+            registry: registry.clone(),
+            persistence: persistence.clone(),
+            outbox: outbox.clone(),
+            gate: gate.clone(),
+            metrics: metrics.clone(),
+            routed: routed_channels(&config, cli_enabled),
+            unsupervised: [("cli", cli_enabled), ("webhook", config.webhook.enabled)]
+                .into_iter()
+                .filter_map(|(n, on)| on.then_some(n))
+                .collect(),
+        },
+    );
     health.set_phase(Phase::Ready);
     tracing::info!(
         boot_epoch = stats.boot_epoch,
@@ -303,6 +355,7 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         outbox,
         timers,
         cli: cli.clone(),
+        adapters: Some(adapters),
         http: server,
         http_client: http,
         cli_clients,

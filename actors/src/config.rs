@@ -34,6 +34,12 @@ pub struct Config {
     pub owner: Option<OwnerConfig>,
     pub outbox: OutboxConfig,
     pub timers: TimersConfig,
+    /// Telegram Bot API long polling (R13, R14).
+    pub telegram: crate::adapter::telegram::TelegramConfig,
+    /// Slack Socket Mode (R13).
+    pub slack: crate::adapter::slack::SlackConfig,
+    /// Restart policy of supervised adapters (R16).
+    pub adapters: crate::adapter::supervisor::SupervisionConfig,
 }
 
 impl Default for Config {
@@ -51,6 +57,9 @@ impl Default for Config {
             owner: None,
             outbox: OutboxConfig::default(),
             timers: TimersConfig::default(),
+            telegram: Default::default(),
+            slack: Default::default(),
+            adapters: Default::default(),
         }
     }
 }
@@ -262,10 +271,16 @@ impl Config {
             ));
         }
         if let Some(owner) = &self.owner {
-            if !matches!(owner.channel.as_str(), "webhook" | "cli") {
+            if !matches!(
+                owner.channel.as_str(),
+                "webhook" | "cli" | "telegram" | "slack"
+            ) {
                 return Err(invalid(
                     "owner.channel",
-                    format!("unknown channel {:?} (known: webhook, cli)", owner.channel),
+                    format!(
+                        "unknown channel {:?} (known: webhook, cli, telegram, slack)",
+                        owner.channel
+                    ),
                 ));
             }
             crate::ids::check_external_id("owner.chat", &owner.chat)
@@ -280,6 +295,13 @@ impl Config {
                 "concurrency and retry_min_ms must be > 0 and retry_max_ms >= retry_min_ms".into(),
             ));
         }
+        self.telegram
+            .validate()
+            .map_err(|e| invalid("telegram", e))?;
+        self.slack.validate().map_err(|e| invalid("slack", e))?;
+        self.adapters
+            .validate()
+            .map_err(|e| invalid("adapters", e))?;
         Ok(())
     }
 
@@ -318,6 +340,12 @@ impl Config {
         }
         if self.storage != new.storage {
             changed.push("storage");
+        }
+        if self.telegram != new.telegram {
+            changed.push("telegram");
+        }
+        if self.slack != new.slack {
+            changed.push("slack");
         }
         if self.cli != new.cli {
             changed.push("cli");

@@ -112,3 +112,41 @@ pub enum SendError {
     #[error("{0}")]
     Permanent(String),
 }
+
+/// Why a supervised adapter stopped running (R16). Messages never hold a
+/// token: adapters redact it before building one.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AdapterError {
+    /// The upstream asked us to wait this long (HTTP 429 `retry_after`).
+    #[error("rate limited; retry after {0:?}")]
+    RetryAfter(std::time::Duration),
+    /// The upstream rejected the credentials (HTTP 401): retrying cannot help.
+    #[error("token rejected (HTTP 401): {0}")]
+    Unauthorized(String),
+    /// Another client holds the channel (HTTP 409): retrying would fight it.
+    #[error("conflict (HTTP 409): {0}")]
+    Conflict(String),
+    /// Network trouble, 5xx, bad JSON: worth a retry after backoff.
+    #[error("{0}")]
+    Transient(String),
+    /// The store refused the batch; nothing was confirmed upstream.
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    /// The adapter's task panicked.
+    #[error("panicked: {0}")]
+    Panicked(String),
+    /// The adapter returned although nobody asked it to stop.
+    #[error("exited unexpectedly")]
+    Exited,
+}
+
+impl AdapterError {
+    /// False for failures a restart cannot fix (revoked token, another
+    /// poller): the supervisor stops the adapter instead of retrying.
+    pub fn is_transient(&self) -> bool {
+        !matches!(
+            self,
+            AdapterError::Unauthorized(_) | AdapterError::Conflict(_)
+        )
+    }
+}

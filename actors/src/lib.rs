@@ -9,7 +9,9 @@
 //! - [`session`] — `SessionRegistry` and one `SessionActor` per conversation.
 //! - [`brain`] — the built-in command brain; [`agent`] the external agent client.
 //! - [`outbox`] — `OutboxActor`: sends stored replies, marks them sent.
-//! - [`adapter`] — channels: `cli` (socket + stdin), `webhook` (HTTP).
+//! - [`adapter`] — channels: `cli` (socket + stdin), `webhook` (HTTP),
+//!   `telegram` (Bot API long polling), `slack` (Socket Mode); `supervisor`
+//!   restarts them with backoff.
 //! - [`http`] — health, readiness, metrics and admin endpoints.
 //! - [`health`] — readiness state and the intake gate; [`metrics`] — Prometheus.
 //! - [`ids`] — validation of outside ids, safe file names; [`export`] — session export.

@@ -66,6 +66,8 @@ pub struct Lifecycle {
     pub(crate) outbox: Addr<OutboxActor>,
     pub(crate) timers: Addr<TimerActor>,
     pub(crate) cli: Option<Addr<CliAdapter>>,
+    /// Supervised adapters (telegram); stopped first on shutdown.
+    pub(crate) adapters: Option<Addr<crate::adapter::supervisor::AdapterSupervisor>>,
     pub(crate) http: ServerHandle,
     pub(crate) http_client: reqwest::Client,
     pub(crate) cli_clients: Option<CliClients>,
@@ -96,7 +98,16 @@ impl Handler<Shutdown> for Lifecycle {
         let timers = self.timers.clone();
         let persistence = self.persistence.clone();
         let http = self.http.clone();
+        let adapters = self.adapters.clone();
         let cascade = async move {
+            // 0. Pollers stop first: a long poll in flight is abandoned and
+            //    its offset not advanced, so Telegram sends it again later.
+            if let Some(adapters) = adapters {
+                let budget = deadline.saturating_duration_since(tokio::time::Instant::now());
+                let _ = adapters
+                    .send(crate::adapter::supervisor::StopAdapters { deadline: budget })
+                    .await;
+            }
             // 1. Stop intake and drain what is in flight.
             let left = gate
                 .close_and_drain(deadline.saturating_duration_since(tokio::time::Instant::now()))
@@ -162,8 +173,11 @@ impl Handler<Reload> for Lifecycle {
     type Result = MessageResult<Reload>;
 
     fn handle(&mut self, msg: Reload, _: &mut Context<Self>) -> Self::Result {
-        let new = msg.0;
+        let mut new = msg.0;
         let needs_restart = self.config.restart_only_changes(&new);
+        // The poller keeps its token until a restart; replies use the same one.
+        new.telegram = self.config.telegram.clone();
+        new.slack = self.config.slack.clone();
         if self.config.log_level != new.log_level {
             if let Some(hook) = &self.log_level {
                 if let Err(e) = hook(&new.log_level) {

@@ -100,6 +100,13 @@ impl Metrics {
         m
     }
 
+    /// Register a collector defined elsewhere (e.g. the adapter metrics).
+    pub fn register(&self, c: Box<dyn prometheus::core::Collector>) {
+        if let Err(e) = self.registry.register(c) {
+            tracing::warn!(error = %e, "metric not registered");
+        }
+    }
+
     /// Prometheus text exposition format.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();

@@ -5,6 +5,10 @@
 //! that the outbox actor calls. Adapters never talk to each other.
 
 pub mod cli;
+pub mod report;
+pub mod slack;
+pub mod supervisor;
+pub mod telegram;
 pub mod webhook;
 
 /// Channel names, in start priority order (R15).

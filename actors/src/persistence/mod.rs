@@ -14,6 +14,7 @@
 //! trusted), reports `degraded`, and probes with a tiny write until storage
 //! works again (R35).
 
+pub mod adapter_state;
 pub mod migrate;
 pub mod reference;
 pub mod store;
@@ -35,6 +36,7 @@ use crate::config::{Config, Synchronous};
 use crate::error::StoreError;
 use crate::health::Health;
 use crate::metrics::Metrics;
+pub use adapter_state::{GetAdapterState, PutAdapterState};
 pub use store::{
     AwaitingTurn, Exchange, ExchangeOutcome, OutboxRow, ReplyPlan, SessionKey, SessionSnapshot,
     SessionSummary, StoreStats, TurnRow,

@@ -1,0 +1,242 @@
+//! Where the adapter supervisor reports in keel: each status change goes to
+//! `adapter_state` (row `status:<adapter>`, read by `keel status`) and to
+//! `/metrics`; a give-up becomes a system notice to the owner on a healthy
+//! channel (R17), committed and sent through the outbox like any reply.
+
+use std::collections::{HashMap, HashSet};
+
+use actix::prelude::*;
+use prometheus::{IntGaugeVec, Opts};
+
+use super::supervisor::{AdapterStatus, SupervisionReport};
+use crate::error::StoreError;
+use crate::metrics::Metrics;
+use crate::outbox::{OutboxActor, OutboxKick};
+use crate::persistence::adapter_state::STATUS_PREFIX;
+use crate::persistence::{CommitNotice, PersistenceActor, PutAdapterState, SessionKey};
+
+/// States an adapter can be in (one gauge series each).
+const STATES: &[&str] = &["running", "backoff", "stopped", "gave_up"];
+
+/// Adapter metrics: `keel_adapter_state{adapter,state}` (1 for the current
+/// state) and `keel_adapter_attempts{adapter}`.
+#[derive(Clone)]
+pub struct AdapterMetrics {
+    pub state: IntGaugeVec,
+    pub attempts: IntGaugeVec,
+}
+
+impl AdapterMetrics {
+    /// Create and register on keel's registry.
+    pub fn register(metrics: &Metrics) -> AdapterMetrics {
+        let state = IntGaugeVec::new(
+            Opts::new("keel_adapter_state", "1 for each adapter's current state"),
+            &["adapter", "state"],
+        )
+        .expect("static metric definition");
+        let attempts = IntGaugeVec::new(
+            Opts::new(
+                "keel_adapter_attempts",
+                "Failed attempts since the adapter was last healthy",
+            ),
+            &["adapter"],
+        )
+        .expect("static metric definition");
+        metrics.register(Box::new(state.clone()));
+        metrics.register(Box::new(attempts.clone()));
+        AdapterMetrics { state, attempts }
+    }
+
+    fn set(&self, adapter: &str, status: &AdapterStatus) {
+        for s in STATES {
+            self.state
+                .with_label_values(&[adapter, s])
+                .set(i64::from(*s == status.state));
+        }
+        self.attempts
+            .with_label_values(&[adapter])
+            .set(i64::from(status.attempts));
+    }
+}
+
+/// The owner's chats, in order of preference: `[owner]`, then
+/// `telegram.owner_chat`.
+pub type OwnerTargets = Vec<(String, String)>;
+
+pub struct StoreReport {
+    pub persistence: Addr<PersistenceActor>,
+    pub outbox: Addr<OutboxActor>,
+    pub metrics: AdapterMetrics,
+    pub owners: OwnerTargets,
+    /// Channels with a reply route (a sink) right now.
+    pub routed: HashSet<String>,
+}
+
+/// Pick the owner chat to tell that `failed` gave up: a routed channel other
+/// than the failed one whose adapter (if supervised) is running.
+pub fn pick_owner(
+    owners: &OwnerTargets,
+    routed: &HashSet<String>,
+    failed: &str,
+    statuses: &HashMap<String, AdapterStatus>,
+) -> Option<(String, String)> {
+    owners
+        .iter()
+        .find(|(channel, _)| {
+            channel != failed
+                && routed.contains(channel)
+                && statuses.get(channel).is_none_or(|s| s.state == "running")
+        })
+        .cloned()
+}
+
+impl SupervisionReport for StoreReport {
+    fn status(&self, adapter: &str, status: &AdapterStatus) {
+        self.metrics.set(adapter, status);
+        let json = serde_json::to_string(status).unwrap_or_default();
+        self.persistence.do_send(PutAdapterState {
+            adapter: format!("{STATUS_PREFIX}{adapter}"),
+            state_json: json,
+        });
+    }
+
+    fn gave_up(&self, adapter: &str, reason: &str, statuses: &HashMap<String, AdapterStatus>) {
+        let Some((channel, chat)) = pick_owner(&self.owners, &self.routed, adapter, statuses)
+        else {
+            tracing::error!(
+                adapter,
+                "no healthy adapter to tell the owner that this adapter gave up"
+            );
+            return;
+        };
+        let text = format!("adapter {adapter} gave up: {reason}");
+        let persistence = self.persistence.clone();
+        let outbox = self.outbox.clone();
+        tokio::spawn(async move {
+            let res = persistence
+                .send(CommitNotice {
+                    session: SessionKey::new(&channel, &chat),
+                    text,
+                    deliver: true,
+                })
+                .await
+                .unwrap_or(Err(StoreError::Closed));
+            match res {
+                Ok(_) => outbox.do_send(OutboxKick),
+                Err(e) => tracing::error!(error = %e, "cannot store the give-up notice"),
+            }
+        });
+    }
+}
+
+/// What [`start_adapters`] needs from the actor graph.
+pub struct AdapterDeps {
+    pub http: reqwest::Client,
+    pub registry: Addr<crate::session::SessionRegistry>,
+    pub persistence: Addr<PersistenceActor>,
+    pub outbox: Addr<OutboxActor>,
+    pub gate: crate::health::Gate,
+    pub metrics: Metrics,
+    pub routed: HashSet<String>,
+    /// Channels that run outside the supervisor (cli, webhook): shown as running.
+    pub unsupervised: Vec<&'static str>,
+}
+
+/// Build and start the supervised adapters of `config` (R15). Called once by
+/// `app::start`, after recovery.
+pub fn start_adapters(
+    config: &crate::config::Config,
+    deps: AdapterDeps,
+) -> Addr<super::supervisor::AdapterSupervisor> {
+    use super::supervisor::{Adapter, AdapterSupervisor, Statuses};
+    use super::telegram::{BotApi, TelegramAdapter};
+    use std::sync::Arc;
+
+    let mut owners: OwnerTargets = Vec::new();
+    if let Some(o) = &config.owner {
+        owners.push((o.channel.clone(), o.chat.clone()));
+    }
+    if let Some(chat) = &config.telegram.owner_chat {
+        owners.push(("telegram".into(), chat.clone()));
+    }
+    let report = Arc::new(StoreReport {
+        persistence: deps.persistence.clone(),
+        outbox: deps.outbox.clone(),
+        metrics: AdapterMetrics::register(&deps.metrics),
+        owners,
+        routed: deps.routed,
+    });
+    let statuses = Statuses::default();
+    for name in deps.unsupervised {
+        let status = AdapterStatus {
+            state: "running".into(),
+            attempts: 0,
+            last_error: None,
+        };
+        report.status(name, &status);
+        statuses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), status);
+    }
+    let mut adapters: Vec<Arc<dyn Adapter>> = Vec::new();
+    let (slack_registry, slack_gate, slack_metrics) = (
+        deps.registry.clone(),
+        deps.gate.clone(),
+        deps.metrics.clone(),
+    );
+    if let (true, Some(token)) = (config.telegram.enabled, &config.telegram.token) {
+        adapters.push(Arc::new(TelegramAdapter {
+            api: BotApi::new(deps.http.clone(), &config.telegram.api_base, token),
+            config: config.telegram.clone(),
+            registry: deps.registry,
+            persistence: deps.persistence,
+            gate: deps.gate,
+            metrics: deps.metrics,
+        }));
+    }
+    if config.slack.enabled {
+        adapters.push(Arc::new(super::slack::SlackAdapter {
+            client: deps.http.clone(),
+            config: config.slack.clone(),
+            registry: slack_registry,
+            gate: slack_gate,
+            metrics: slack_metrics,
+        }));
+    }
+    AdapterSupervisor::start_all(adapters, config.adapters.clone(), report, statuses).start()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_owner_is_told_on_a_healthy_routed_channel_other_than_the_failed_one() {
+        let owners = vec![
+            ("telegram".to_string(), "42".to_string()),
+            ("webhook".to_string(), "owner".to_string()),
+        ];
+        let routed: HashSet<String> = ["telegram", "webhook"].map(String::from).into();
+        let mut statuses = HashMap::new();
+        let got = pick_owner(&owners, &routed, "telegram", &statuses);
+        assert_eq!(got, Some(("webhook".into(), "owner".into())));
+        let got = pick_owner(&owners, &routed, "slack", &statuses);
+        assert_eq!(got, Some(("telegram".into(), "42".into())));
+        statuses.insert(
+            "telegram".to_string(),
+            AdapterStatus {
+                state: "backoff".into(),
+                attempts: 2,
+                last_error: None,
+            },
+        );
+        let got = pick_owner(&owners, &routed, "slack", &statuses);
+        assert_eq!(got, Some(("webhook".into(), "owner".into())));
+        let only_webhook: HashSet<String> = ["telegram"].map(String::from).into();
+        assert_eq!(
+            pick_owner(&owners, &only_webhook, "telegram", &statuses),
+            None
+        );
+    }
+}

@@ -1,0 +1,651 @@
+//! The adapter supervisor (R15–R17). Named `AdapterSupervisor`: actix's own
+//! `Supervisor` restarts at once, without backoff, and never after a panic.
+//!
+//! Each supervised adapter runs in its own task under [`supervise`]: the
+//! adapter's `run` future is polled inside `catch_unwind`, so an error and a
+//! panic both come back as an [`AdapterError`]. A transient failure is
+//! retried after [`backoff_delay`] (5, 10, 20, 40, 60 s by default, jitter
+//! from a seeded RNG), a 429 after exactly the time the server asked for;
+//! a run that stayed up for `healthy_after_ms` resets the count. A revoked
+//! token (401) or another poller (409) stops the adapter at once, and so does
+//! the last failed attempt; either way the owner is told through a healthy
+//! adapter (the [`SupervisionReport`] decides which). Adapters start in
+//! priority order and independently: one failing never blocks the others.
+//!
+//! All waiting goes through `tokio::time`, so tests pause the clock.
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix::prelude::*;
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::error::AdapterError;
+
+/// Restart policy, `[adapters]` in keel.toml.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SupervisionConfig {
+    /// Delay before the first restart; doubled per failed attempt.
+    pub backoff_initial_ms: u64,
+    /// Cap on one delay.
+    pub backoff_max_ms: u64,
+    /// Restarts tried before giving up.
+    pub attempts: u32,
+    /// A run that lasted this long resets the attempt count.
+    pub healthy_after_ms: u64,
+    /// Up to this fraction of a delay is taken off at random (0 = none).
+    pub jitter: f64,
+    /// Seed of the jitter RNG; none = a random seed per start.
+    pub seed: Option<u64>,
+}
+
+impl Default for SupervisionConfig {
+    fn default() -> Self {
+        SupervisionConfig {
+            backoff_initial_ms: 5_000,
+            backoff_max_ms: 60_000,
+            attempts: 5,
+            healthy_after_ms: 60_000,
+            jitter: 0.1,
+            seed: None,
+        }
+    }
+}
+
+impl SupervisionConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.backoff_initial_ms == 0 || self.backoff_max_ms < self.backoff_initial_ms {
+            return Err("backoff_initial_ms must be > 0 and backoff_max_ms >= it".into());
+        }
+        if !(0.0..=1.0).contains(&self.jitter) {
+            return Err("jitter must be between 0 and 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// Delay before restart number `attempt` (1-based): `initial * 2^(attempt-1)`
+/// capped at `max`, minus up to `jitter` of it (`unit` in [0, 1) from the
+/// RNG). Pure, so the schedule has a table test.
+pub fn backoff_delay(cfg: &SupervisionConfig, attempt: u32, unit: f64) -> Duration {
+    let exp = attempt.saturating_sub(1).min(32);
+    let base = cfg
+        .backoff_initial_ms
+        .saturating_mul(1u64 << exp)
+        .min(cfg.backoff_max_ms);
+    let cut = (base as f64 * cfg.jitter * unit.clamp(0.0, 1.0)) as u64;
+    Duration::from_millis(base - cut.min(base))
+}
+
+/// A channel adapter the supervisor can (re)start.
+pub trait Adapter: Send + Sync + 'static {
+    /// Channel name (`telegram`, …).
+    fn name(&self) -> &'static str;
+    /// Run until `stop` turns true (then `Ok`) or a failure (`Err`). Called
+    /// again for every restart.
+    fn run(&self, stop: watch::Receiver<bool>) -> BoxFuture<'static, Result<(), AdapterError>>;
+}
+
+/// What `keel status` and `/metrics` show for one adapter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdapterStatus {
+    /// `running`, `backoff`, `stopped` (401/409 or shutdown) or `gave_up`.
+    pub state: String,
+    /// Failed attempts since the last healthy period.
+    pub attempts: u32,
+    pub last_error: Option<String>,
+}
+
+impl AdapterStatus {
+    fn new(state: &str, attempts: u32, last_error: Option<String>) -> AdapterStatus {
+        AdapterStatus {
+            state: state.to_string(),
+            attempts,
+            last_error,
+        }
+    }
+}
+
+/// Where the supervisor reports to (the store and metrics in keel; a channel
+/// in tests). Called from the supervision tasks; must not block.
+pub trait SupervisionReport: Send + Sync + 'static {
+    /// An adapter changed state.
+    fn status(&self, adapter: &str, status: &AdapterStatus);
+    /// An adapter stopped for good; tell the owner (R17). `statuses` holds
+    /// every adapter's current state, to pick a healthy one.
+    fn gave_up(&self, adapter: &str, reason: &str, statuses: &HashMap<String, AdapterStatus>);
+}
+
+/// Every adapter's last reported status, shared with the supervisor actor.
+pub type Statuses = Arc<Mutex<HashMap<String, AdapterStatus>>>;
+
+fn panic_text(p: Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".into()
+    }
+}
+
+/// Supervise one adapter until it is stopped or gives up.
+pub async fn supervise(
+    adapter: Arc<dyn Adapter>,
+    cfg: SupervisionConfig,
+    report: Arc<dyn SupervisionReport>,
+    statuses: Statuses,
+    mut stop: watch::Receiver<bool>,
+    mut rng: StdRng,
+) {
+    let name = adapter.name();
+    let set = |status: AdapterStatus| {
+        report.status(name, &status);
+        statuses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), status);
+    };
+    let mut attempts: u32 = 0;
+    let mut last_error: Option<String> = None;
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        set(AdapterStatus::new("running", attempts, last_error.clone()));
+        tracing::info!(adapter = name, attempts, "adapter started");
+        let started = tokio::time::Instant::now();
+        let outcome = AssertUnwindSafe(adapter.run(stop.clone()))
+            .catch_unwind()
+            .await;
+        if *stop.borrow() {
+            break;
+        }
+        let error = match outcome {
+            Ok(Ok(())) => AdapterError::Exited,
+            Ok(Err(e)) => e,
+            Err(panic) => AdapterError::Panicked(panic_text(panic)),
+        };
+        if started.elapsed() >= Duration::from_millis(cfg.healthy_after_ms) {
+            attempts = 0;
+        }
+        let reason = error.to_string();
+        last_error = Some(reason.clone());
+        if !error.is_transient() {
+            tracing::error!(adapter = name, error = %reason, "adapter stopped; it will not be restarted");
+            set(AdapterStatus::new("stopped", attempts, last_error.clone()));
+            let all = statuses.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            report.gave_up(name, &reason, &all);
+            return;
+        }
+        let delay = match error {
+            // The server's own word; a rate limit is not a failed attempt.
+            AdapterError::RetryAfter(wait) => wait,
+            // Storage trouble is not the channel's fault and heals on its own
+            // (R35): retry at the first backoff step without counting, so a
+            // long disk-full spell never makes an adapter give up.
+            AdapterError::Store(_) => backoff_delay(&cfg, 1, rng.gen::<f64>()),
+            _ => {
+                attempts += 1;
+                if attempts > cfg.attempts {
+                    tracing::error!(adapter = name, attempts = attempts - 1, error = %reason, "adapter gave up");
+                    set(AdapterStatus::new(
+                        "gave_up",
+                        attempts - 1,
+                        last_error.clone(),
+                    ));
+                    let all = statuses.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    report.gave_up(name, &reason, &all);
+                    return;
+                }
+                backoff_delay(&cfg, attempts, rng.gen::<f64>())
+            }
+        };
+        tracing::warn!(adapter = name, attempts, error = %reason, delay_ms = delay.as_millis() as u64, "adapter failed; restarting after backoff");
+        set(AdapterStatus::new("backoff", attempts, last_error.clone()));
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop.changed() => break,
+        }
+    }
+    set(AdapterStatus::new("stopped", attempts, last_error));
+}
+
+/// Owns the supervision tasks of every supervised adapter.
+pub struct AdapterSupervisor {
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    pub statuses: Statuses,
+}
+
+impl AdapterSupervisor {
+    /// Start `adapters` in priority order (R15), each in its own task.
+    pub fn start_all(
+        mut adapters: Vec<Arc<dyn Adapter>>,
+        cfg: SupervisionConfig,
+        report: Arc<dyn SupervisionReport>,
+        statuses: Statuses,
+    ) -> AdapterSupervisor {
+        let rank = |n: &str| {
+            super::PRIORITY
+                .iter()
+                .position(|p| *p == n)
+                .unwrap_or(usize::MAX)
+        };
+        adapters.sort_by_key(|a| rank(a.name()));
+        let (stop, rx) = watch::channel(false);
+        let mut seeder = match cfg.seed {
+            Some(s) => StdRng::seed_from_u64(s),
+            None => StdRng::from_entropy(),
+        };
+        let tasks = adapters
+            .into_iter()
+            .map(|a| {
+                let rng = StdRng::seed_from_u64(seeder.gen());
+                tokio::spawn(supervise(
+                    a,
+                    cfg.clone(),
+                    report.clone(),
+                    statuses.clone(),
+                    rx.clone(),
+                    rng,
+                ))
+            })
+            .collect();
+        AdapterSupervisor {
+            stop,
+            tasks,
+            statuses,
+        }
+    }
+}
+
+impl Actor for AdapterSupervisor {
+    type Context = Context<Self>;
+}
+
+/// Stop every supervised adapter (an in-flight long poll is abandoned, the
+/// offset not advanced) and resolve when their tasks ended or `deadline`
+/// passed. Sent first by the lifecycle controller on shutdown (R33).
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "()")]
+pub struct StopAdapters {
+    pub deadline: Duration,
+}
+
+impl Handler<StopAdapters> for AdapterSupervisor {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, msg: StopAdapters, _: &mut Context<Self>) -> Self::Result {
+        let _ = self.stop.send(true);
+        let tasks = std::mem::take(&mut self.tasks);
+        Box::pin(async move {
+            let all = futures::future::join_all(tasks);
+            if tokio::time::timeout(msg.deadline, all).await.is_err() {
+                tracing::warn!("adapters did not stop within the deadline");
+            }
+        })
+    }
+}
+
+/// Every adapter's current status. Sent by the HTTP admin endpoints.
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "HashMap<String, AdapterStatus>")]
+pub struct GetAdapterStatus;
+
+impl Handler<GetAdapterStatus> for AdapterSupervisor {
+    type Result = MessageResult<GetAdapterStatus>;
+    fn handle(&mut self, _: GetAdapterStatus, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(
+            self.statuses
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+    use tokio::sync::mpsc;
+
+    #[test]
+    fn backoff_schedule_table() {
+        let cfg = SupervisionConfig::default();
+        let table = [
+            (1, 5),
+            (2, 10),
+            (3, 20),
+            (4, 40),
+            (5, 60),
+            (6, 60),
+            (40, 60),
+        ];
+        for (attempt, secs) in table {
+            assert_eq!(
+                backoff_delay(&cfg, attempt, 0.0),
+                Duration::from_secs(secs),
+                "attempt {attempt}"
+            );
+        }
+        // Jitter only shortens, by at most the configured fraction.
+        assert_eq!(
+            backoff_delay(&cfg, 1, 1.0),
+            Duration::from_millis(4_500),
+            "10% off 5 s"
+        );
+        let none = SupervisionConfig { jitter: 0.0, ..cfg };
+        assert_eq!(backoff_delay(&none, 3, 0.99), Duration::from_secs(20));
+    }
+
+    /// One scripted run of the fake adapter.
+    enum Step {
+        Fail(AdapterError),
+        Panic,
+        /// Stay up for this long, then fail transiently.
+        UpFor(Duration),
+    }
+
+    struct Scripted {
+        name: &'static str,
+        steps: Mutex<VecDeque<Step>>,
+        starts: mpsc::UnboundedSender<tokio::time::Instant>,
+    }
+
+    impl Adapter for Scripted {
+        fn name(&self) -> &'static str {
+            self.name
+        }
+        fn run(
+            &self,
+            mut stop: watch::Receiver<bool>,
+        ) -> BoxFuture<'static, Result<(), AdapterError>> {
+            let _ = self.starts.send(tokio::time::Instant::now());
+            let step = self.steps.lock().unwrap().pop_front();
+            Box::pin(async move {
+                match step {
+                    Some(Step::Fail(e)) => Err(e),
+                    Some(Step::Panic) => panic!("scripted panic"),
+                    Some(Step::UpFor(d)) => {
+                        tokio::time::sleep(d).await;
+                        Err(AdapterError::Transient("dropped after a while".into()))
+                    }
+                    // Script over: run until stopped.
+                    None => {
+                        let _ = stop.wait_for(|s| *s).await;
+                        Ok(())
+                    }
+                }
+            })
+        }
+    }
+
+    #[derive(Debug, PartialEq)]
+    enum Event {
+        Status(String, u32),
+        GaveUp(String),
+    }
+
+    struct Recorder(mpsc::UnboundedSender<Event>);
+
+    impl SupervisionReport for Recorder {
+        fn status(&self, _: &str, s: &AdapterStatus) {
+            let _ = self.0.send(Event::Status(s.state.clone(), s.attempts));
+        }
+        fn gave_up(&self, _: &str, reason: &str, _: &HashMap<String, AdapterStatus>) {
+            let _ = self.0.send(Event::GaveUp(reason.to_string()));
+        }
+    }
+
+    struct Harness {
+        starts: mpsc::UnboundedReceiver<tokio::time::Instant>,
+        events: mpsc::UnboundedReceiver<Event>,
+        stop: watch::Sender<bool>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    fn run(steps: Vec<Step>, cfg: SupervisionConfig) -> Harness {
+        let (stx, starts) = mpsc::unbounded_channel();
+        let (etx, events) = mpsc::unbounded_channel();
+        let (stop, rx) = watch::channel(false);
+        let adapter = Arc::new(Scripted {
+            name: "telegram",
+            steps: Mutex::new(steps.into()),
+            starts: stx,
+        });
+        let task = tokio::spawn(supervise(
+            adapter,
+            cfg,
+            Arc::new(Recorder(etx)),
+            Statuses::default(),
+            rx,
+            StdRng::seed_from_u64(7),
+        ));
+        Harness {
+            starts,
+            events,
+            stop,
+            task,
+        }
+    }
+
+    fn no_jitter() -> SupervisionConfig {
+        SupervisionConfig {
+            jitter: 0.0,
+            ..SupervisionConfig::default()
+        }
+    }
+
+    fn transient() -> Step {
+        Step::Fail(AdapterError::Transient("HTTP 502".into()))
+    }
+
+    /// Gaps between consecutive starts, in whole seconds.
+    async fn gaps(h: &mut Harness, starts: usize) -> Vec<u64> {
+        let mut at = Vec::new();
+        for _ in 0..starts {
+            at.push(h.starts.recv().await.expect("a start"));
+        }
+        at.windows(2).map(|w| (w[1] - w[0]).as_secs()).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_and_panics_restart_on_the_backoff_schedule_then_give_up() {
+        let steps = vec![
+            transient(),
+            Step::Panic,
+            transient(),
+            transient(),
+            transient(),
+            transient(),
+        ];
+        let mut h = run(steps, no_jitter());
+        assert_eq!(gaps(&mut h, 6).await, vec![5, 10, 20, 40, 60]);
+        h.task.await.unwrap();
+        let mut events = Vec::new();
+        while let Ok(e) = h.events.try_recv() {
+            events.push(e);
+        }
+        assert_eq!(events.last(), Some(&Event::GaveUp("HTTP 502".into())));
+        assert!(events.contains(&Event::Status("gave_up".into(), 5)));
+        assert!(h.starts.try_recv().is_err(), "no start after giving up");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn jitter_is_seeded_and_only_shortens() {
+        let cfg = SupervisionConfig {
+            jitter: 0.5,
+            seed: Some(1),
+            ..SupervisionConfig::default()
+        };
+        let mut a = run(vec![transient(), transient(), transient()], cfg.clone());
+        let mut b = run(vec![transient(), transient(), transient()], cfg);
+        let mut ta = Vec::new();
+        let mut tb = Vec::new();
+        for _ in 0..4 {
+            ta.push(a.starts.recv().await.unwrap());
+            tb.push(b.starts.recv().await.unwrap());
+        }
+        let da: Vec<Duration> = ta.windows(2).map(|w| w[1] - w[0]).collect();
+        let db: Vec<Duration> = tb.windows(2).map(|w| w[1] - w[0]).collect();
+        assert_eq!(da, db, "same seed, same schedule");
+        for (d, full) in da.iter().zip([5u64, 10, 20]) {
+            assert!(*d <= Duration::from_secs(full) && *d >= Duration::from_millis(full * 500));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_is_honoured_and_not_counted_as_an_attempt() {
+        let steps = vec![
+            Step::Fail(AdapterError::RetryAfter(Duration::from_secs(17))),
+            transient(),
+        ];
+        let mut h = run(steps, no_jitter());
+        assert_eq!(gaps(&mut h, 3).await, vec![17, 5]);
+        let _ = h.stop.send(true);
+        h.task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn store_failures_are_retried_without_counting_towards_giving_up() {
+        let store = || {
+            Step::Fail(AdapterError::Store(crate::error::StoreError::Unavailable(
+                "disk full".into(),
+            )))
+        };
+        let steps = vec![
+            store(),
+            store(),
+            store(),
+            store(),
+            store(),
+            store(),
+            store(),
+            transient(),
+        ];
+        let mut h = run(steps, no_jitter());
+        assert_eq!(gaps(&mut h, 9).await, vec![5, 5, 5, 5, 5, 5, 5, 5]);
+        let _ = h.stop.send(true);
+        h.task.await.unwrap();
+        while let Ok(e) = h.events.try_recv() {
+            assert!(
+                !matches!(e, Event::GaveUp(_)),
+                "gave up over storage trouble"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unauthorized_and_conflict_stop_without_retrying() {
+        for error in [
+            AdapterError::Unauthorized("revoked".into()),
+            AdapterError::Conflict("another poller".into()),
+        ] {
+            let text = error.to_string();
+            let mut h = run(vec![Step::Fail(error)], no_jitter());
+            h.task.await.unwrap();
+            assert_eq!(h.starts.len(), 1, "{text}: started once, never again");
+            let mut events = Vec::new();
+            while let Ok(e) = h.events.try_recv() {
+                events.push(e);
+            }
+            assert_eq!(
+                events,
+                vec![
+                    Event::Status("running".into(), 0),
+                    Event::Status("stopped".into(), 0),
+                    Event::GaveUp(text),
+                ]
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_healthy_period_resets_the_attempt_count() {
+        let steps = vec![
+            transient(),
+            transient(),
+            Step::UpFor(Duration::from_secs(61)),
+            transient(),
+        ];
+        let mut h = run(steps, no_jitter());
+        // 5, 10, then up for 61 s, which resets: the next delay is 5 s again,
+        // then 10 s.
+        assert_eq!(gaps(&mut h, 5).await, vec![5, 10, 61 + 5, 10]);
+        let _ = h.stop.send(true);
+        h.task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stop_during_backoff_ends_at_once() {
+        let mut h = run(vec![transient()], no_jitter());
+        h.starts.recv().await.unwrap();
+        // Wait until the supervisor is in backoff, then stop it.
+        loop {
+            if h.events.recv().await == Some(Event::Status("backoff".into(), 1)) {
+                break;
+            }
+        }
+        let before = tokio::time::Instant::now();
+        let _ = h.stop.send(true);
+        h.task.await.unwrap();
+        assert!(before.elapsed() < Duration::from_secs(1));
+        assert!(h.starts.try_recv().is_err());
+    }
+
+    #[actix::test]
+    async fn one_failing_adapter_does_not_block_the_others_and_stop_ends_all() {
+        tokio::time::pause();
+        let (stx, mut starts) = mpsc::unbounded_channel();
+        let (etx, mut events) = mpsc::unbounded_channel();
+        let failing = Arc::new(Scripted {
+            name: "telegram",
+            steps: Mutex::new(
+                vec![Step::Fail(AdapterError::Unauthorized("revoked".into()))].into(),
+            ),
+            starts: stx.clone(),
+        });
+        let healthy = Arc::new(Scripted {
+            name: "slack",
+            steps: Mutex::new(VecDeque::new()),
+            starts: stx,
+        });
+        let statuses = Statuses::default();
+        let sup = AdapterSupervisor::start_all(
+            vec![healthy, failing],
+            SupervisionConfig::default(),
+            Arc::new(Recorder(etx)),
+            statuses.clone(),
+        )
+        .start();
+        starts.recv().await.unwrap();
+        starts.recv().await.unwrap();
+        // The failing one gives up (an event the supervisor emits) …
+        while !matches!(events.recv().await, Some(Event::GaveUp(_))) {}
+        // … while the other keeps running.
+        let all = sup.send(GetAdapterStatus).await.unwrap();
+        assert_eq!(all["telegram"].state, "stopped");
+        assert_eq!(all["slack"].state, "running");
+        sup.send(StopAdapters {
+            deadline: Duration::from_secs(5),
+        })
+        .await
+        .unwrap();
+        let all = statuses.lock().unwrap().clone();
+        assert_eq!(all["slack"].state, "stopped");
+        assert_eq!(
+            all["telegram"].last_error.as_deref(),
+            Some("token rejected (HTTP 401): revoked")
+        );
+    }
+}
