@@ -14,19 +14,6 @@ use serde_json::Value;
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
-/// Waits until the reply server holds a reply to `id`; returns its text.
-async fn reply_to(replies: &ReplyServer, id: &str) -> String {
-    poll_every(Duration::from_millis(20), DEADLINE, || async {
-        replies
-            .replies()
-            .into_iter()
-            .find(|r| r["in_reply_to"] == id)
-            .and_then(|r| r["text"].as_str().map(str::to_string))
-    })
-    .await
-    .unwrap_or_else(|| panic!("no reply to {id} within {DEADLINE:?}"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn free_text_goes_to_the_agent_and_commands_stay_local() {
     let agent = AgentServer::start();
@@ -38,12 +25,15 @@ async fn free_text_goes_to_the_agent_and_commands_stay_local() {
     })
     .await;
     d.post_ok("m1", "c1", "what is the weather").await;
-    assert_eq!(reply_to(&replies, "m1").await, "agent: what is the weather");
+    assert_eq!(
+        replies.reply_to("m1", DEADLINE).await,
+        "agent: what is the weather"
+    );
     let req = &agent.requests()[0];
     assert_eq!(req["session"], "webhook:c1");
     assert_eq!(req["key"], "m1");
     d.post_ok("m2", "c1", "/remember city Oslo").await;
-    assert_eq!(reply_to(&replies, "m2").await, "Remembered city.");
+    assert_eq!(replies.reply_to("m2", DEADLINE).await, "Remembered city.");
     assert_eq!(agent.requests().len(), 1, "a command reached the agent");
     // The stored conversation: question, agent answer (sent), command, reply.
     let turns = d.turns("webhook:c1").await;
@@ -65,7 +55,7 @@ async fn a_failing_agent_gets_the_user_an_apology_not_silence() {
     })
     .await;
     d.post_ok("m1", "c1", "hello?").await;
-    let text = reply_to(&replies, "m1").await;
+    let text = replies.reply_to("m1", DEADLINE).await;
     assert!(text.contains("agent is unavailable"), "{text}");
     assert_eq!(agent.requests().len(), 2, "attempts = 2");
     assert!(d.sigterm(DEADLINE).await.success());
@@ -93,7 +83,10 @@ async fn a_turn_waiting_for_the_agent_is_answered_after_sigkill() {
     d.config.agent = Some((agent.url.clone(), 5_000, 2));
     d.write_config_text(&d.config.to_toml());
     d.restart().await;
-    assert_eq!(reply_to(&replies, "m1").await, "agent: slow question");
+    assert_eq!(
+        replies.reply_to("m1", DEADLINE).await,
+        "agent: slow question"
+    );
     let answered = d
         .turns("webhook:c1")
         .await

@@ -217,16 +217,7 @@ async fn telegram_outages_are_ridden_out_and_a_canary_token_never_leaks() {
             seen.push_str(&t.text);
         }
     }
-    let status = d
-        .cli(&[
-            "status",
-            "--json",
-            "--data-dir",
-            d.data_dir.to_str().unwrap(),
-            "--config",
-            d.config_path.to_str().unwrap(),
-        ])
-        .await;
+    let status = d.status_json().await;
     seen.push_str(&String::from_utf8_lossy(&status.stdout));
     seen.push_str(&String::from_utf8_lossy(&status.stderr));
     assert!(status.status.success(), "keel status failed");
@@ -269,16 +260,7 @@ async fn stops_and_tells_the_owner(faults: Vec<Fault>, policy: &str, state: &str
     let r = d.post_ok("after-stop", "c1", "/help").await;
     assert_eq!(r["status"], "accepted");
     // No retry storm: one poll, never repeated.
-    let status = d
-        .cli(&[
-            "status",
-            "--json",
-            "--data-dir",
-            d.data_dir.to_str().unwrap(),
-            "--config",
-            d.config_path.to_str().unwrap(),
-        ])
-        .await;
+    let status = d.status_json().await;
     let v: Value = serde_json::from_slice(&status.stdout).expect("status json");
     assert_eq!(v["adapters"]["telegram"]["state"], state, "{v}");
     assert!(v["adapters"]["telegram"]["last_error"]

@@ -47,19 +47,6 @@ async fn wait_until_clock(t: i64) {
     );
 }
 
-/// The reply to message `id`, waited for.
-async fn reply_to(replies: &ReplyServer, id: &str) -> String {
-    poll_every(Duration::from_millis(20), DEADLINE, || async {
-        replies
-            .replies()
-            .into_iter()
-            .find(|r| r["in_reply_to"] == id)
-            .and_then(|r| r["text"].as_str().map(str::to_string))
-    })
-    .await
-    .unwrap_or_else(|| panic!("no reply to {id} within {DEADLINE:?}"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_thousand_reminders_fire_exactly_once_across_a_sigkill() {
     const TIMERS: usize = 1_000;
@@ -298,7 +285,7 @@ async fn hostile_remind_and_tz_inputs_get_one_line_errors_and_create_nothing() {
         let msg = json!({"id": id, "chat": "evil", "from": "tester", "text": text});
         let r = d.post_message(&msg).await.expect("post");
         assert_eq!(r.status, 200, "{text}: {}", r.body);
-        let reply = reply_to(&replies, &id).await;
+        let reply = replies.reply_to(&id, DEADLINE).await;
         assert!(reply.contains(expect), "{text:?} → {reply:?}");
         assert!(
             !reply.contains('\n'),
@@ -323,9 +310,12 @@ async fn hostile_remind_and_tz_inputs_get_one_line_errors_and_create_nothing() {
     );
     // A good zone is stored; /timers lists the reminder in it.
     d.post_ok("tz", "evil", "/tz Europe/Berlin").await;
-    assert!(reply_to(&replies, "tz").await.contains("Europe/Berlin"));
+    assert!(replies
+        .reply_to("tz", DEADLINE)
+        .await
+        .contains("Europe/Berlin"));
     d.post_ok("list", "evil", "/timers").await;
-    let list = reply_to(&replies, "list").await;
+    let list = replies.reply_to("list", DEADLINE).await;
     assert!(
         list.starts_with("#1 ") && list.contains("DROP TABLE"),
         "{list}"
@@ -345,7 +335,8 @@ async fn keel_timers_lists_and_shows_while_running_and_cancels_only_when_stopped
     .await;
     d.post_ok("m1", "ops", "/remind every day at 09:00 water the plants")
         .await;
-    assert!(reply_to(&replies, "m1")
+    assert!(replies
+        .reply_to("m1", DEADLINE)
         .await
         .starts_with("Reminder #1 set"));
     let db = d.db_path();

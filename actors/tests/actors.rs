@@ -37,6 +37,23 @@ fn start_store(path: Option<std::path::PathBuf>, metrics: &Metrics) -> Addr<Pers
     PersistenceActor::new(conn, opts, Health::new(metrics.clone()), metrics.clone()).start()
 }
 
+/// The stored turns of an existing session.
+async fn turns_of(
+    store: &Addr<PersistenceActor>,
+    session: &str,
+) -> Vec<keel_actors::persistence::TurnRow> {
+    store
+        .send(GetTurns {
+            session: session.into(),
+            after_seq: 0,
+            limit: 100,
+        })
+        .await
+        .expect("mailbox")
+        .expect("store")
+        .expect("session exists")
+}
+
 fn exchange(chat: &str, key: &str) -> Exchange {
     Exchange {
         session: SessionKey::new("webhook", chat),
@@ -109,17 +126,7 @@ async fn one_failing_job_does_not_fail_its_batch() {
         good.unwrap().unwrap(),
         ExchangeOutcome::Accepted { .. }
     ));
-    let turns = store
-        .send(GetTurns {
-            session: "webhook:c1".into(),
-            after_seq: 0,
-            limit: 10,
-        })
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert_eq!(turns.len(), 2);
+    assert_eq!(turns_of(&store, "webhook:c1").await.len(), 2);
 }
 
 /// A sink that fails the first `fail` sends, recording when each came.
@@ -185,16 +192,7 @@ async fn failed_sends_back_off_exponentially_then_mark_sent() {
     // The fourth attempt succeeded: the row is marked sent once recorded.
     let mut sent = false;
     for _ in 0..100 {
-        let turns = store
-            .send(GetTurns {
-                session: "webhook:c1".into(),
-                after_seq: 0,
-                limit: 10,
-            })
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        let turns = turns_of(&store, "webhook:c1").await;
         if turns[1].sent == Some(true) {
             sent = true;
             break;

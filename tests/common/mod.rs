@@ -695,6 +695,21 @@ impl Daemon {
     pub async fn cli(&self, args: &[&str]) -> Output {
         run_keel(args, None, Duration::from_secs(60)).await
     }
+
+    /// `keel status --json` against this daemon's data dir and config.
+    pub async fn status_json(&self) -> Output {
+        let data_dir = self.data_dir.to_string_lossy().into_owned();
+        let config = self.config_path.to_string_lossy().into_owned();
+        self.cli(&[
+            "status",
+            "--json",
+            "--data-dir",
+            &data_dir,
+            "--config",
+            &config,
+        ])
+        .await
+    }
 }
 
 impl Drop for Daemon {
@@ -894,6 +909,18 @@ impl ReplyServer {
     /// Every reply received so far.
     pub fn replies(&self) -> Vec<Value> {
         self.replies.lock().expect("replies lock").clone()
+    }
+
+    /// The text of the first reply to message `id`, waited for up to `deadline`.
+    pub async fn reply_to(&self, id: &str, deadline: Duration) -> String {
+        poll_every(Duration::from_millis(20), deadline, || async {
+            self.replies()
+                .into_iter()
+                .find(|r| r["in_reply_to"] == id)
+                .and_then(|r| r["text"].as_str().map(str::to_string))
+        })
+        .await
+        .unwrap_or_else(|| panic!("no reply to {id} within {deadline:?}"))
     }
 
     /// How many replies arrived per `in_reply_to`.
