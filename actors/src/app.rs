@@ -216,7 +216,8 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         settings_sinks(&config, &http, cli_clients.as_ref()),
         config.outbox.clone(),
         metrics.clone(),
-    );
+    )
+    .with_retry(config.adapters.clone());
     let outbox = outbox.start();
     // The timer actor's address exists from here (sessions tell it about new
     // timers); it starts running after recovery below.

@@ -180,9 +180,9 @@ pub struct OwnerConfig {
 pub struct OutboxConfig {
     /// Replies in flight at once across all channels.
     pub concurrency: usize,
+    /// No answer within this long: the send's outcome is `unknown`. Resends
+    /// follow the `[adapters]` backoff policy (see `outbox.rs`).
     pub send_timeout_ms: u64,
-    pub retry_min_ms: u64,
-    pub retry_max_ms: u64,
 }
 
 impl Default for OutboxConfig {
@@ -190,8 +190,6 @@ impl Default for OutboxConfig {
         OutboxConfig {
             concurrency: 32,
             send_timeout_ms: 10_000,
-            retry_min_ms: 200,
-            retry_max_ms: 30_000,
         }
     }
 }
@@ -286,13 +284,10 @@ impl Config {
             crate::ids::check_external_id("owner.chat", &owner.chat)
                 .map_err(|e| invalid("owner.chat", e))?;
         }
-        if self.outbox.concurrency == 0
-            || self.outbox.retry_min_ms == 0
-            || self.outbox.retry_max_ms < self.outbox.retry_min_ms
-        {
+        if self.outbox.concurrency == 0 || self.outbox.send_timeout_ms == 0 {
             return Err(invalid(
                 "outbox",
-                "concurrency and retry_min_ms must be > 0 and retry_max_ms >= retry_min_ms".into(),
+                "concurrency and send_timeout_ms must be > 0".into(),
             ));
         }
         self.telegram

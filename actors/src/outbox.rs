@@ -6,6 +6,24 @@
 //! one session go out one at a time, in order. Delivery is at-least-once: a
 //! crash between "accepted" and "marked sent" resends, and the reply's `id`
 //! lets the receiver drop the repeat.
+//!
+//! Retry policy (R16 "outbound sends retry with the same policy"): the
+//! adapter supervisor's pure [`backoff_delay`] over the same `[adapters]`
+//! config (5, 10, 20, 40, 60 s cap by default, seeded jitter that only
+//! shortens). A `RetryAfter` from the channel is waited exactly and not
+//! counted. What "gave up" means for a reply: a *transient* failure never
+//! drops it. After `attempts` consecutive failures the channel is reported
+//! as failing (an error log line and `keel_outbox_channel_failing{channel}`
+//! = 1) and its replies keep being retried at the cap, each attempt counted
+//! in the row's `attempts`, until the channel accepts again. Only a
+//! *permanent* rejection (a 4xx the channel will repeat forever) marks a row
+//! `failed`, with an error log line and `keel_outbox_failed_total`.
+//!
+//! A send whose outcome is unknown (the request left, no answer within
+//! `send_timeout_ms`) is recorded with state `unknown` and counted
+//! (`keel_outbox_unknown_total`); it is resent under the same policy (the
+//! outbox id lets receivers drop the repeat) and becomes `sent` once a resend
+//! is accepted. `unknown` rows are picked up again after a restart.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -13,8 +31,12 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use futures::future::BoxFuture;
-use rand::Rng;
+use prometheus::{IntCounter, IntGaugeVec, Opts};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use tokio::sync::oneshot;
+
+use crate::adapter::supervisor::{backoff_delay, SupervisionConfig};
 
 use crate::config::OutboxConfig;
 use crate::error::{SendError, StoreError};
@@ -59,15 +81,51 @@ const STORE_RETRY: Duration = Duration::from_millis(500);
 
 #[derive(Default)]
 struct ChannelState {
+    /// Consecutive failed sends (RetryAfter not counted); reset on success.
     failures: u32,
     paused_until: Option<tokio::time::Instant>,
+}
+
+/// Outbox metrics beyond the shared counters in [`Metrics`]: registered here
+/// so the outbox owns its policy's observability.
+#[derive(Clone)]
+struct OutboxMetrics {
+    /// 1 while a channel has failed more than `attempts` times in a row.
+    failing: IntGaugeVec,
+    /// Replies marked `failed` after a permanent rejection.
+    failed: IntCounter,
+}
+
+impl OutboxMetrics {
+    fn register(metrics: &Metrics) -> OutboxMetrics {
+        let failing = IntGaugeVec::new(
+            Opts::new(
+                "keel_outbox_channel_failing",
+                "1 while a channel's replies failed more than `attempts` times in a row (still retried at the cap)",
+            ),
+            &["channel"],
+        )
+        .expect("static metric definition");
+        let failed = IntCounter::new(
+            "keel_outbox_failed_total",
+            "Replies marked failed after a permanent rejection by the channel",
+        )
+        .expect("static metric definition");
+        metrics.register(Box::new(failing.clone()));
+        metrics.register(Box::new(failed.clone()));
+        OutboxMetrics { failing, failed }
+    }
 }
 
 pub struct OutboxActor {
     persistence: Addr<PersistenceActor>,
     sinks: HashMap<String, Arc<dyn ReplySink>>,
     config: OutboxConfig,
+    /// The supervisor's restart policy, used for resends too.
+    retry: SupervisionConfig,
+    rng: StdRng,
     metrics: Metrics,
+    own_metrics: OutboxMetrics,
     queue: VecDeque<OutboxRow>,
     /// Row ids being sent, and the sessions they belong to.
     in_flight: HashSet<i64>,
@@ -95,6 +153,9 @@ impl OutboxActor {
             persistence,
             sinks,
             config,
+            retry: SupervisionConfig::default(),
+            rng: StdRng::from_entropy(),
+            own_metrics: OutboxMetrics::register(&metrics),
             metrics,
             queue: VecDeque::new(),
             in_flight: HashSet::new(),
@@ -108,6 +169,17 @@ impl OutboxActor {
             drained: Vec::new(),
             wake_scheduled: false,
         }
+    }
+
+    /// Use `retry` (the `[adapters]` policy) for resends. Called by the app
+    /// with the same config the adapter supervisor gets.
+    pub fn with_retry(mut self, retry: SupervisionConfig) -> OutboxActor {
+        self.rng = match retry.seed {
+            Some(seed) => StdRng::seed_from_u64(seed),
+            None => StdRng::from_entropy(),
+        };
+        self.retry = retry;
+        self
     }
 
     fn refill(&mut self, ctx: &mut Context<Self>) {
@@ -132,8 +204,13 @@ impl OutboxActor {
                 Ok(rows) => {
                     let full = rows.len() as i64 == PAGE;
                     for row in rows {
-                        this.high_water = this.high_water.max(row.id);
-                        this.queue.push_back(row);
+                        if !row.unknown {
+                            this.high_water = this.high_water.max(row.id);
+                        }
+                        // A re-read after SetSinks may see a row being sent.
+                        if !this.in_flight.contains(&row.id) {
+                            this.queue.push_back(row);
+                        }
                     }
                     if full {
                         this.dirty = true;
@@ -226,6 +303,7 @@ impl OutboxActor {
             let outcome = match &result {
                 Ok(()) => SendOutcome::Sent,
                 Err(SendError::Permanent(e)) => SendOutcome::GaveUp(e.clone()),
+                Err(e @ SendError::Unknown(_)) => SendOutcome::Unknown(e.to_string()),
                 Err(e) => SendOutcome::Failed(e.to_string()),
             };
             let recorded = persistence
@@ -244,8 +322,15 @@ impl OutboxActor {
             match result {
                 Ok(()) => {
                     this.metrics.outbox_sent.inc();
+                    if channel.failures > this.retry.attempts {
+                        tracing::info!(channel = %row.channel, "channel accepts replies again");
+                    }
                     channel.failures = 0;
                     channel.paused_until = None;
+                    this.own_metrics
+                        .failing
+                        .with_label_values(&[row.channel.as_str()])
+                        .set(0);
                     if let Err(e) = recorded {
                         // Sent but not recorded: it will be sent again after a
                         // restart (at-least-once); the id lets receivers dedupe.
@@ -253,17 +338,29 @@ impl OutboxActor {
                     }
                 }
                 Err(SendError::Permanent(e)) => {
-                    tracing::warn!(id = row.id, channel = %row.channel, error = %e, "reply rejected by the channel; giving up on it");
+                    this.own_metrics.failed.inc();
+                    tracing::error!(id = row.id, channel = %row.channel, error = %e, "reply rejected by the channel; marked failed");
                 }
                 Err(e) => {
-                    this.metrics.outbox_send_failures.inc();
-                    if matches!(e, SendError::Unknown(_)) {
-                        this.metrics.outbox_unknown.inc();
-                    }
-                    channel.failures = channel.failures.saturating_add(1);
                     let delay = match &e {
+                        // The channel's own word; a rate limit is not a failure.
                         SendError::RetryAfter(d) => *d,
-                        _ => backoff(&this.config, channel.failures),
+                        _ => {
+                            this.metrics.outbox_send_failures.inc();
+                            if matches!(e, SendError::Unknown(_)) {
+                                this.metrics.outbox_unknown.inc();
+                            }
+                            channel.failures = channel.failures.saturating_add(1);
+                            if channel.failures == this.retry.attempts.saturating_add(1) {
+                                this.own_metrics
+                                    .failing
+                                    .with_label_values(&[row.channel.as_str()])
+                                    .set(1);
+                                tracing::error!(channel = %row.channel, failures = channel.failures, error = %e,
+                                    "replies on this channel keep failing; still retrying at the backoff cap");
+                            }
+                            backoff_delay(&this.retry, channel.failures, this.rng.gen::<f64>())
+                        }
                     };
                     channel.paused_until = Some(tokio::time::Instant::now() + delay);
                     tracing::warn!(id = row.id, channel = %row.channel, error = %e, retry_in = ?delay, "reply not delivered; will retry");
@@ -278,18 +375,6 @@ impl OutboxActor {
             this.pump(ctx);
         }));
     }
-}
-
-/// Retry delay after `failures` consecutive failures: exponential from
-/// `retry_min_ms`, capped at `retry_max_ms`, with ±20 % jitter.
-pub fn backoff(config: &OutboxConfig, failures: u32) -> Duration {
-    let exp = failures.saturating_sub(1).min(20);
-    let base = config
-        .retry_min_ms
-        .saturating_mul(1u64 << exp)
-        .min(config.retry_max_ms);
-    let jitter = rand::thread_rng().gen_range(0.8..1.2);
-    Duration::from_millis((base as f64 * jitter) as u64)
 }
 
 impl Actor for OutboxActor {
@@ -336,26 +421,5 @@ impl Handler<DrainOutbox> for OutboxActor {
         Box::pin(async move {
             let _ = rx.await;
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_and_caps() {
-        let c = OutboxConfig {
-            concurrency: 1,
-            send_timeout_ms: 1000,
-            retry_min_ms: 100,
-            retry_max_ms: 1000,
-        };
-        let d1 = backoff(&c, 1).as_millis();
-        let d3 = backoff(&c, 3).as_millis();
-        let d30 = backoff(&c, 30).as_millis();
-        assert!((80..=120).contains(&d1), "{d1}");
-        assert!((320..=480).contains(&d3), "{d3}");
-        assert!((800..=1200).contains(&d30), "{d30}");
     }
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use futures::future::{join_all, BoxFuture};
+use keel_actors::adapter::supervisor::SupervisionConfig;
 use keel_actors::brain::CommandBrain;
 use keel_actors::config::{OutboxConfig, Synchronous};
 use keel_actors::error::{SendError, StoreError};
@@ -15,8 +16,8 @@ use keel_actors::health::Health;
 use keel_actors::metrics::Metrics;
 use keel_actors::outbox::{OutboundReply, OutboxActor, OutboxKick, ReplySink};
 use keel_actors::persistence::{
-    self, CommitAgentReply, CommitExchange, Exchange, ExchangeOutcome, GetTurns, PersistenceActor,
-    ReplyPlan, SessionKey, StoreOptions,
+    self, CommitAgentReply, CommitExchange, Exchange, ExchangeOutcome, GetStats, GetTurns,
+    PersistenceActor, ReplyPlan, SessionKey, StoreOptions,
 };
 use keel_actors::session::{Deliver, Delivered, SessionRegistry, SessionSettings};
 use tokio::sync::mpsc;
@@ -149,14 +150,25 @@ impl ReplySink for FlakySink {
     }
 }
 
+/// The supervisor's policy without jitter: 5, 10, 20, 40, 60 s cap, 5 attempts.
+fn retry_policy() -> SupervisionConfig {
+    SupervisionConfig {
+        jitter: 0.0,
+        seed: Some(7),
+        ..SupervisionConfig::default()
+    }
+}
+
 #[actix_rt::test]
 async fn failed_sends_back_off_exponentially_then_mark_sent() {
     tokio::time::pause();
     let metrics = Metrics::new();
     let store = start_store(None, &metrics);
     let (tx, mut calls) = mpsc::unbounded_channel();
+    // Seven failures: more than the policy's 5 attempts. A reply is never
+    // dropped for a transient failure; it is retried at the cap.
     let sink = Arc::new(FlakySink {
-        fail: Mutex::new(3),
+        fail: Mutex::new(7),
         calls: tx,
     });
     let mut sinks: HashMap<String, Arc<dyn ReplySink>> = HashMap::new();
@@ -164,32 +176,33 @@ async fn failed_sends_back_off_exponentially_then_mark_sent() {
     let config = OutboxConfig {
         concurrency: 4,
         send_timeout_ms: 1_000,
-        retry_min_ms: 1_000,
-        retry_max_ms: 60_000,
     };
     store
         .send(CommitExchange(exchange("c1", "k1")))
         .await
         .unwrap()
         .unwrap();
-    let outbox = OutboxActor::new(store.clone(), sinks, config, metrics.clone()).start();
+    let outbox = OutboxActor::new(store.clone(), sinks, config, metrics.clone())
+        .with_retry(retry_policy())
+        .start();
     outbox.do_send(OutboxKick);
     let mut times = Vec::new();
-    for _ in 0..4 {
+    for _ in 0..8 {
         let (at, reply) = calls.recv().await.unwrap();
         assert_eq!(reply.in_reply_to.as_deref(), Some("k1"));
         times.push(at);
+        if times.len() == 7 {
+            // Past the 5 attempts: the channel is reported as failing.
+            assert!(metrics
+                .render()
+                .contains("keel_outbox_channel_failing{channel=\"webhook\"} 1"));
+        }
     }
-    let gaps: Vec<Duration> = times.windows(2).map(|w| w[1] - w[0]).collect();
-    // 1 s, 2 s, 4 s (±20 % jitter): exponential, never a hot loop.
-    for (gap, base) in gaps.iter().zip([1_000u64, 2_000, 4_000]) {
-        let ms = gap.as_millis() as u64;
-        assert!(
-            ms >= base * 8 / 10 && ms <= base * 12 / 10 + 50,
-            "gap {ms} ms, expected ~{base}"
-        );
-    }
-    // The fourth attempt succeeded: the row is marked sent once recorded.
+    let gaps: Vec<u64> = times.windows(2).map(|w| (w[1] - w[0]).as_secs()).collect();
+    // The adapter supervisor's schedule, then the cap: never a hot loop,
+    // never given up.
+    assert_eq!(gaps, vec![5, 10, 20, 40, 60, 60, 60]);
+    // The eighth attempt succeeded: the row is marked sent once recorded.
     let mut sent = false;
     for _ in 0..100 {
         let turns = turns_of(&store, "webhook:c1").await;
@@ -201,7 +214,104 @@ async fn failed_sends_back_off_exponentially_then_mark_sent() {
     }
     assert!(sent, "reply never marked sent");
     assert_eq!(metrics.outbox_sent.get(), 1);
-    assert_eq!(metrics.outbox_send_failures.get(), 3);
+    assert_eq!(metrics.outbox_send_failures.get(), 7);
+    assert!(metrics
+        .render()
+        .contains("keel_outbox_channel_failing{channel=\"webhook\"} 0"));
+}
+
+/// Answers each send from a script; `None` hangs (the request left, no
+/// answer comes back).
+struct ScriptedSink {
+    script: Mutex<std::collections::VecDeque<Option<Result<(), SendError>>>>,
+    calls: mpsc::UnboundedSender<(tokio::time::Instant, OutboundReply)>,
+}
+
+impl ReplySink for ScriptedSink {
+    fn send(&self, reply: OutboundReply) -> BoxFuture<'static, Result<(), SendError>> {
+        let _ = self.calls.send((tokio::time::Instant::now(), reply));
+        match self.script.lock().unwrap().pop_front() {
+            Some(Some(result)) => Box::pin(async move { result }),
+            Some(None) => Box::pin(futures::future::pending()),
+            None => Box::pin(async { Ok(()) }),
+        }
+    }
+}
+
+#[actix_rt::test]
+async fn a_send_without_answer_is_recorded_unknown_counted_and_resent() {
+    tokio::time::pause();
+    let metrics = Metrics::new();
+    let store = start_store(None, &metrics);
+    let (tx, mut calls) = mpsc::unbounded_channel();
+    let sink = Arc::new(ScriptedSink {
+        script: Mutex::new(
+            vec![
+                Some(Err(SendError::RetryAfter(Duration::from_secs(3)))),
+                None,
+                None,
+            ]
+            .into(),
+        ),
+        calls: tx,
+    });
+    let mut sinks: HashMap<String, Arc<dyn ReplySink>> = HashMap::new();
+    sinks.insert("webhook".into(), sink);
+    store
+        .send(CommitExchange(exchange("c1", "k1")))
+        .await
+        .unwrap()
+        .unwrap();
+    let config = OutboxConfig {
+        concurrency: 4,
+        send_timeout_ms: 1_000,
+    };
+    let outbox = OutboxActor::new(store.clone(), sinks, config.clone(), metrics.clone())
+        .with_retry(retry_policy());
+    outbox.start().do_send(OutboxKick);
+    let mut times = Vec::new();
+    for _ in 0..3 {
+        times.push(calls.recv().await.unwrap().0);
+    }
+    // RetryAfter: exactly 3 s, not counted. Then a 1 s timeout (unknown)
+    // and the first backoff step, 5 s.
+    let gaps: Vec<u64> = times.windows(2).map(|w| (w[1] - w[0]).as_secs()).collect();
+    assert_eq!(gaps, vec![3, 6]);
+    // The third send hangs too: the row is `unknown` and counted.
+    let stats = store.send(GetStats).await.unwrap().unwrap();
+    assert_eq!(stats.outbox_unknown, 1);
+    assert_eq!(stats.outbox_pending, 0);
+    assert_eq!(metrics.outbox_unknown.get(), 1);
+    assert_eq!(metrics.outbox_send_failures.get(), 1);
+    // After a restart (a fresh outbox over the same store) the unknown row is
+    // resent, and marked sent once accepted.
+    let (tx, mut again) = mpsc::unbounded_channel();
+    let mut sinks: HashMap<String, Arc<dyn ReplySink>> = HashMap::new();
+    sinks.insert(
+        "webhook".into(),
+        Arc::new(ScriptedSink {
+            script: Mutex::new(Default::default()),
+            calls: tx,
+        }),
+    );
+    OutboxActor::new(store.clone(), sinks, config, Metrics::new())
+        .with_retry(retry_policy())
+        .start()
+        .do_send(OutboxKick);
+    let (_, reply) = again.recv().await.unwrap();
+    assert_eq!(reply.in_reply_to.as_deref(), Some("k1"));
+    let mut sent = false;
+    for _ in 0..100 {
+        let turns = turns_of(&store, "webhook:c1").await;
+        if turns[1].sent == Some(true) {
+            sent = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(sent, "the unknown reply was never resent and marked sent");
+    let stats = store.send(GetStats).await.unwrap().unwrap();
+    assert_eq!(stats.outbox_unknown, 0);
 }
 
 #[actix_rt::test]

@@ -780,7 +780,16 @@ pub struct GetPendingOutbox {
 impl Handler<GetPendingOutbox> for PersistenceActor {
     type Result = ResponseFuture<Result<Vec<OutboxRow>, StoreError>>;
     fn handle(&mut self, msg: GetPendingOutbox, _: &mut Context<Self>) -> Self::Result {
-        self.call(move |c| store::pending_outbox(c, msg.after, msg.limit))
+        self.call(move |c| {
+            let mut rows = store::pending_outbox(c, msg.after, msg.limit)?;
+            // A first page (start, new routes) also takes the rows whose last
+            // send had an unknown outcome: they are resent too.
+            if msg.after == 0 {
+                rows.extend(store::unknown_outbox(c, msg.limit)?);
+                rows.sort_by_key(|r| r.id);
+            }
+            Ok(rows)
+        })
     }
 }
 
@@ -788,7 +797,11 @@ impl Handler<GetPendingOutbox> for PersistenceActor {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SendOutcome {
     Sent,
+    /// Failed; stays `pending` and is retried.
     Failed(String),
+    /// The request left but no answer came: state `unknown`, still retried.
+    Unknown(String),
+    /// Rejected for good: state `failed`.
     GaveUp(String),
 }
 
@@ -806,6 +819,7 @@ impl Handler<RecordSend> for PersistenceActor {
         self.call(move |c| match &msg.outcome {
             SendOutcome::Sent => store::mark_outbox_sent(c, msg.id),
             SendOutcome::Failed(e) => store::record_outbox_failure(c, msg.id, e),
+            SendOutcome::Unknown(e) => store::mark_outbox_unknown(c, msg.id, e),
             SendOutcome::GaveUp(e) => store::mark_outbox_failed(c, msg.id, e),
         })
     }

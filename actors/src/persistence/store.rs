@@ -112,6 +112,9 @@ pub struct OutboxRow {
     pub in_reply_to: Option<String>,
     pub text: String,
     pub attempts: i64,
+    /// State `unknown` (read outside the pending pages, so it does not move
+    /// the outbox's page position).
+    pub unknown: bool,
 }
 
 /// A user turn still waiting for the external agent (resumed after restart).
@@ -513,6 +516,7 @@ pub fn pending_outbox(
                 in_reply_to: r.get(4)?,
                 text: r.get(5)?,
                 attempts: r.get(6)?,
+                unknown: false,
             })
         })?
         .collect::<Result<Vec<_>, _>>()?;
@@ -537,6 +541,42 @@ pub fn record_outbox_failure(conn: &Connection, id: i64, error: &str) -> Result<
     )?
     .execute(params![id, error])?;
     Ok(())
+}
+
+/// The request left but no answer came back: the reply may have arrived.
+/// State `unknown` (counted by `keel status`); it is resent, and a later
+/// accepted send marks it `sent`.
+pub fn mark_outbox_unknown(conn: &Connection, id: i64, error: &str) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "UPDATE outbox SET state = 'unknown', attempts = attempts + 1, last_error = ?2 WHERE id = ?1",
+    )?
+    .execute(params![id, error])?;
+    Ok(())
+}
+
+/// Rows whose last send had an unknown outcome, oldest first. Read on the
+/// outbox's first page only (start, new routes): there is no index on
+/// `unknown` (schema change avoided), so this scans, but only then.
+pub fn unknown_outbox(conn: &Connection, limit: i64) -> Result<Vec<OutboxRow>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, session_id, channel, chat, in_reply_to, text, attempts FROM outbox
+         WHERE state = 'unknown' ORDER BY id LIMIT ?1",
+    )?;
+    let rows = stmt
+        .query_map(params![limit], |r| {
+            Ok(OutboxRow {
+                id: r.get(0)?,
+                session_id: r.get(1)?,
+                channel: r.get(2)?,
+                chat: r.get(3)?,
+                in_reply_to: r.get(4)?,
+                text: r.get(5)?,
+                attempts: r.get(6)?,
+                unknown: true,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
 }
 
 /// Give up on a reply that can never be delivered (no route).
