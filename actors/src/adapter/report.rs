@@ -4,6 +4,7 @@
 //! channel (R17), committed and sent through the outbox like any reply.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 
 use actix::prelude::*;
 use prometheus::{IntGaugeVec, Opts};
@@ -18,12 +19,48 @@ use crate::persistence::{CommitNotice, PersistenceActor, PutAdapterState, Sessio
 /// States an adapter can be in (one gauge series each).
 const STATES: &[&str] = &["running", "backoff", "stopped", "gave_up"];
 
+/// Longest error text put into a metric label.
+const MAX_LABEL_CHARS: usize = 120;
+
 /// Adapter metrics: `keel_adapter_state{adapter,state}` (1 for the current
-/// state) and `keel_adapter_attempts{adapter}`.
+/// state), `keel_adapter_attempts{adapter}` and
+/// `keel_adapter_last_error{adapter,error}` (info-style: 1 for the last
+/// error, one series per adapter, the text passed through [`label_text`]).
 #[derive(Clone)]
 pub struct AdapterMetrics {
     pub state: IntGaugeVec,
     pub attempts: IntGaugeVec,
+    pub last_error: IntGaugeVec,
+    /// The error label currently exported per adapter, so a new error
+    /// replaces the old series instead of adding one.
+    shown: Arc<Mutex<HashMap<String, String>>>,
+}
+
+/// An error text fit for a metric label: token-looking words replaced by
+/// `[redacted]` (errors are built without tokens already; this is the second
+/// line of defence), control characters and quotes dropped, bounded to
+/// [`MAX_LABEL_CHARS`] characters.
+pub fn label_text(error: &str) -> String {
+    let looks_secret = |w: &str| {
+        let w = w.trim_matches(|c: char| !c.is_ascii_alphanumeric());
+        w.starts_with("xox")
+            || w.starts_with("xapp-")
+            || w.to_ascii_lowercase().contains("token=")
+            || w.contains("/bot")
+            || w.split_once(':').is_some_and(|(id, rest)| {
+                !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()) && rest.len() >= 20
+            })
+    };
+    let words: Vec<&str> = error
+        .split_whitespace()
+        .map(|w| if looks_secret(w) { "[redacted]" } else { w })
+        .collect();
+    words
+        .join(" ")
+        .chars()
+        .filter(|c| !c.is_control() && *c != '"' && *c != '\\')
+        .take(MAX_LABEL_CHARS)
+        .collect()
 }
 
 impl AdapterMetrics {
@@ -42,9 +79,23 @@ impl AdapterMetrics {
             &["adapter"],
         )
         .expect("static metric definition");
+        let last_error = IntGaugeVec::new(
+            Opts::new(
+                "keel_adapter_last_error",
+                "1 for each adapter's last error (sanitized, bounded text)",
+            ),
+            &["adapter", "error"],
+        )
+        .expect("static metric definition");
         metrics.register(Box::new(state.clone()));
         metrics.register(Box::new(attempts.clone()));
-        AdapterMetrics { state, attempts }
+        metrics.register(Box::new(last_error.clone()));
+        AdapterMetrics {
+            state,
+            attempts,
+            last_error,
+            shown: Arc::default(),
+        }
     }
 
     fn set(&self, adapter: &str, status: &AdapterStatus) {
@@ -56,6 +107,17 @@ impl AdapterMetrics {
         self.attempts
             .with_label_values(&[adapter])
             .set(i64::from(status.attempts));
+        let Some(error) = &status.last_error else {
+            return;
+        };
+        let label = label_text(error);
+        let mut shown = self.shown.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(old) = shown.insert(adapter.to_string(), label.clone()) {
+            if old != label {
+                let _ = self.last_error.remove_label_values(&[adapter, &old]);
+            }
+        }
+        self.last_error.with_label_values(&[adapter, &label]).set(1);
     }
 }
 
@@ -150,7 +212,6 @@ pub fn start_adapters(
 ) -> Addr<super::supervisor::AdapterSupervisor> {
     use super::supervisor::{Adapter, AdapterSupervisor, Statuses};
     use super::telegram::{BotApi, TelegramAdapter};
-    use std::sync::Arc;
 
     let mut owners: OwnerTargets = Vec::new();
     if let Some(o) = &config.owner {
@@ -210,6 +271,35 @@ pub fn start_adapters(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_labels_are_sanitized_bounded_and_replaced() {
+        let label = label_text(
+            "HTTP 401 at https://x/bot123456:AAbbCCddEEffGGhhIIjjKK/getMe \"quoted\"\n next",
+        );
+        assert!(!label.contains("123456:AA"), "{label}");
+        assert!(!label.contains('"') && !label.contains('\n'), "{label}");
+        assert!(label_text("token xoxb-1-2-abc rejected").contains("[redacted]"));
+        assert!(label_text("bare 987654:abcdefghijklmnopqrstuvwxyz").contains("[redacted]"));
+        assert_eq!(
+            label_text(&"e".repeat(500)).chars().count(),
+            MAX_LABEL_CHARS
+        );
+
+        let metrics = Metrics::new();
+        let m = AdapterMetrics::register(&metrics);
+        let status = |e: &str| AdapterStatus {
+            state: "backoff".into(),
+            attempts: 1,
+            last_error: Some(e.into()),
+        };
+        m.set("slack", &status("HTTP 502"));
+        m.set("slack", &status("connection reset"));
+        let text = metrics.render();
+        assert!(text
+            .contains("keel_adapter_last_error{adapter=\"slack\",error=\"connection reset\"} 1"));
+        assert!(!text.contains("HTTP 502"), "old error series removed");
+    }
 
     #[test]
     fn the_owner_is_told_on_a_healthy_routed_channel_other_than_the_failed_one() {
