@@ -80,6 +80,13 @@ pub fn load(dir: &DataDirArg, run: Option<&RunArgs>) -> Result<Config> {
             .ok()
             .filter(|t| !t.is_empty());
     }
+    let env_token = |name: &str| std::env::var(name).ok().filter(|t| !t.is_empty());
+    if config.slack.app_token.is_none() {
+        config.slack.app_token = env_token("KEEL_SLACK_APP_TOKEN");
+    }
+    if config.slack.bot_token.is_none() {
+        config.slack.bot_token = env_token("KEEL_SLACK_BOT_TOKEN");
+    }
     config.validate("command line")?;
     Ok(config)
 }

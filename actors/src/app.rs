@@ -186,6 +186,13 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
             "telegram.enabled is set but there is no token (set telegram.token or KEEL_TELEGRAM_TOKEN)".into(),
         ));
     }
+    if config.slack.enabled
+        && (config.slack.app_token.is_none() || config.slack.bot_token.is_none())
+    {
+        return Err(StartError::Config(
+            "slack.enabled is set but a token is missing (set slack.app_token and slack.bot_token, or KEEL_SLACK_APP_TOKEN and KEEL_SLACK_BOT_TOKEN)".into(),
+        ));
+    }
     let metrics = Metrics::new();
     let health = Health::new(metrics.clone());
     let gate = Gate::closed();

@@ -272,6 +272,8 @@ pub struct Daemon {
     pub client: reqwest::Client,
     /// Start the child with SIGXFSZ ignored (for `RLIMIT_FSIZE` fault tests).
     pub ignore_sigxfsz: bool,
+    /// Extra environment for `keel run` (e.g. tokens from env).
+    pub env: Vec<(String, String)>,
 }
 
 impl Daemon {
@@ -312,6 +314,7 @@ impl Daemon {
             boots: 0,
             client: http_client(),
             ignore_sigxfsz: false,
+            env: Vec::new(),
         }
     }
 
@@ -354,7 +357,8 @@ impl Daemon {
             .env_remove("KEEL_DATA_DIR")
             .env_remove("KEEL_LISTEN")
             .env_remove("KEEL_CONFIG")
-            .env("NO_COLOR", "1");
+            .env("NO_COLOR", "1")
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         cmd
     }
 

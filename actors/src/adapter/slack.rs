@@ -11,7 +11,14 @@
 //! A socket that stays connected but silent — no `hello` and no frame at all,
 //! pings included, within `silence_timeout_s` — is treated as dead ("ghost"
 //! socket) and the adapter fails so the supervisor reconnects it.
-//! Tokens are sent only in `Authorization` headers and never logged.
+//! A server that keeps sending `disconnect` (or closing) right after the
+//! socket opened does not make keel reconnect in a hot loop: after
+//! [`MAX_QUICK_DISCONNECTS`] sockets in a row that each lived less than
+//! [`QUICK_SOCKET`], the run fails and the supervisor's backoff applies.
+//! `invalid_auth` / `not_authed` / `account_inactive` or an HTTP 401 from
+//! `apps.connections.open` stops the adapter (no retry) with that reason.
+//! Tokens (from keel.toml or `KEEL_SLACK_APP_TOKEN` / `KEEL_SLACK_BOT_TOKEN`)
+//! are sent only in `Authorization` headers and never logged.
 
 use std::time::Duration;
 
@@ -32,7 +39,14 @@ use crate::metrics::Metrics;
 use crate::outbox::{OutboundReply, ReplySink};
 use crate::session::{Deliver, Delivered, SessionRegistry};
 
-/// `[slack]` in keel.toml.
+/// A socket that ends (disconnect, close) sooner than this after opening
+/// counts as a quick disconnect.
+pub const QUICK_SOCKET: Duration = Duration::from_secs(10);
+/// Quick disconnects in a row after which the run fails (and backs off).
+pub const MAX_QUICK_DISCONNECTS: u32 = 3;
+
+/// `[slack]` in keel.toml. Tokens may come from `KEEL_SLACK_APP_TOKEN` and
+/// `KEEL_SLACK_BOT_TOKEN` instead (read by the binary).
 #[derive(Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct SlackConfig {
@@ -76,9 +90,6 @@ impl SlackConfig {
     pub fn validate(&self) -> Result<(), String> {
         if !(self.api_base.starts_with("http://") || self.api_base.starts_with("https://")) {
             return Err("api_base must be an http:// or https:// URL".into());
-        }
-        if self.enabled && (self.app_token.is_none() || self.bot_token.is_none()) {
-            return Err("enabled needs app_token and bot_token".into());
         }
         if self.silence_timeout_s == 0 || self.silence_timeout_s > 3600 {
             return Err("silence_timeout_s must be between 1 and 3600".into());
@@ -194,12 +205,16 @@ async fn socket_loop(
         "{}/apps.connections.open",
         config.api_base.trim_end_matches('/')
     );
+    let mut quick_disconnects: u32 = 0;
     loop {
         let opened = web_api(&client, &open_url, &app_token, &json!({}), silence).await;
         let url = match opened {
             Ok(v) => v["url"].as_str().unwrap_or_default().to_string(),
-            Err((_, e, _))
-                if e == "invalid_auth" || e == "not_authed" || e == "account_inactive" =>
+            Err((status, e, _))
+                if status == Some(401)
+                    || e == "invalid_auth"
+                    || e == "not_authed"
+                    || e == "account_inactive" =>
             {
                 return Err(AdapterError::Unauthorized(format!(
                     "apps.connections.open: {e}"
@@ -223,6 +238,7 @@ async fn socket_loop(
             }
             Err(_) => return Err(AdapterError::Transient("socket connect timed out".into())),
         };
+        let opened_at = tokio::time::Instant::now();
         let mut hello = false;
         loop {
             let frame = tokio::select! {
@@ -308,6 +324,18 @@ async fn socket_loop(
                     }
                 }
             }
+        }
+        // The socket ended without a failure of ours. A server that ends
+        // every socket at once must not get a reconnect hot loop.
+        if opened_at.elapsed() < QUICK_SOCKET {
+            quick_disconnects += 1;
+            if quick_disconnects >= MAX_QUICK_DISCONNECTS {
+                return Err(AdapterError::Transient(format!(
+                    "slack keeps disconnecting: {quick_disconnects} sockets in a row ended within {QUICK_SOCKET:?}"
+                )));
+            }
+        } else {
+            quick_disconnects = 0;
         }
     }
 }
