@@ -216,3 +216,65 @@ async fn run_stdin_recall_finds_a_value_remembered_in_an_earlier_run() {
         "recall after restart: {stdout:?}"
     );
 }
+
+/// Send one line over the `keel chat` socket and read its ack (or error).
+async fn socket_line(path: &std::path::Path, id: &str) -> std::io::Result<Value> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let stream = tokio::net::UnixStream::connect(path).await?;
+    let (read, mut write) = stream.into_split();
+    let line = serde_json::json!({"text": "/help", "id": id}).to_string() + "\n";
+    write.write_all(line.as_bytes()).await?;
+    // The reply may overtake the ack on the same connection: read to the ack.
+    let mut lines = BufReader::new(read).lines();
+    while let Some(answer) = lines.next_line().await? {
+        let v: Value = serde_json::from_str(&answer).map_err(std::io::Error::other)?;
+        if v.get("ack").is_some() || v.get("error").is_some() {
+            return Ok(v);
+        }
+    }
+    Err(std::io::Error::other("closed before the ack"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_socket_listener_is_supervised_and_rebinds_after_its_file_vanished() {
+    let mut d = Daemon::new(Config::default(), None);
+    let text = d.config.to_toml()
+        + "\n[adapters]\nbackoff_initial_ms = 50\nbackoff_max_ms = 400\nattempts = 10\nseed = 1\n";
+    d.write_config_text(&text);
+    d.boot().await;
+    let socket = d.data_dir.join("keel.sock");
+    let first = socket_line(&socket, "sock-1")
+        .await
+        .expect("chat over socket");
+    assert_eq!(first["ack"], "accepted", "{first}");
+    // Someone removes the socket file: `keel chat` could never connect again
+    // although the listener still runs. The supervisor binds a new one.
+    std::fs::remove_file(&socket).expect("remove socket");
+    assert!(
+        d.wait_for_log("was removed or replaced", 1, CLI_DEADLINE)
+            .await
+    );
+    let again = common::poll_until(CLI_DEADLINE, || async {
+        socket_line(&socket, "sock-2").await.ok()
+    })
+    .await
+    .expect("socket bound again");
+    assert_eq!(again["ack"], "accepted", "{again}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let out = d.status_json().await;
+    let v = json_stdout("status", &out);
+    let cli = &v["adapters"]["cli"];
+    assert_eq!(cli["state"], "running", "{v}");
+    assert!(
+        cli["last_error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("removed or replaced"),
+        "{v}"
+    );
+    let metrics = d.get("/metrics").await.unwrap().body;
+    assert!(metrics.contains(r#"keel_adapter_state{adapter="cli",state="running"} 1"#));
+    d.assert_no_panics();
+}

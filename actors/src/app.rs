@@ -293,9 +293,7 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
     // Adapters in priority order (R15): cli, then webhook (its route is
     // bound already; its intake opens with the gate below).
     let cli = cli_clients.as_ref().map(|clients| {
-        let socket = (!config.ephemeral).then(|| config.cli_socket());
         CliAdapter {
-            socket,
             registry: registry.clone(),
             gate: gate.clone(),
             metrics: metrics.clone(),
@@ -337,12 +335,25 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
             gate: gate.clone(),
             metrics: metrics.clone(),
             routed: routed_channels(&config, cli_enabled),
-            unsupervised: [("cli", cli_enabled), ("webhook", config.webhook.enabled)]
-                .into_iter()
-                .filter_map(|(n, on)| on.then_some(n))
-                .collect(),
+            // The `keel chat` socket runs under the supervisor; without one
+            // (ephemeral: stdin only) cli is listed like the webhook.
+            cli_socket: cli_clients
+                .as_ref()
+                .filter(|_| !config.ephemeral)
+                .map(|c| (config.cli_socket(), c.clone())),
+            unsupervised: [
+                ("cli", cli_enabled && config.ephemeral),
+                ("webhook", config.webhook.enabled),
+            ]
+            .into_iter()
+            .filter_map(|(n, on)| on.then_some(n))
+            .collect(),
         },
     );
+    if let (Some(clients), false) = (&cli_clients, config.ephemeral) {
+        // Ready means `keel chat` can connect: wait for the first bind.
+        clients.first_bind(Duration::from_secs(5)).await;
+    }
     health.set_phase(Phase::Ready);
     tracing::info!(
         boot_epoch = stats.boot_epoch,

@@ -6,6 +6,13 @@
 //! after a reconnect idempotent). keel → client: `{"ack": "accepted" |
 //! "duplicate", "seq": N}` once the turn is durable (R1), or `{"error":
 //! "..."}`; replies arrive as `{"reply": "...", "in_reply_to": "<id>"}`.
+//!
+//! The socket listener ([`CliListener`]) runs under the adapter supervisor
+//! like Telegram and Slack: a bind or accept failure, or the socket file
+//! vanishing or being replaced (checked every [`SOCKET_CHECK`]), ends the
+//! run and the supervisor binds a fresh socket after its backoff. Open
+//! connections are not affected by a restart. The `CliAdapter` actor serves
+//! stdin (`keel run --stdin`).
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -34,11 +41,24 @@ pub const STDIN_CHAT: &str = "stdin";
 const MAX_LINE_BYTES: usize = 128 * 1024;
 
 /// Who is connected, so replies can find them.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct CliClients {
     inner: Arc<Mutex<ClientsInner>>,
     /// Signalled whenever a stdin reply is printed.
     printed: Arc<Notify>,
+    /// Bind attempts of the socket listener so far (ok or not), so startup
+    /// can report ready only once `keel chat` can connect.
+    binds: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl Default for CliClients {
+    fn default() -> Self {
+        CliClients {
+            inner: Arc::default(),
+            printed: Arc::default(),
+            binds: Arc::new(tokio::sync::watch::channel(0).0),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -50,6 +70,13 @@ struct ClientsInner {
 }
 
 impl CliClients {
+    /// Resolve once the socket listener tried its first bind (or `deadline`
+    /// passed). Awaited by the app before it reports ready.
+    pub async fn first_bind(&self, deadline: Duration) {
+        let mut rx = self.binds.subscribe();
+        let _ = tokio::time::timeout(deadline, rx.wait_for(|n| *n > 0)).await;
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, ClientsInner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -97,9 +124,94 @@ impl ReplySink for CliSink {
     }
 }
 
-/// The CLI adapter actor. Stopping it stops accepting connections.
+/// How often the listener checks that its socket file is still its own.
+pub const SOCKET_CHECK: Duration = Duration::from_secs(1);
+
+/// The `keel chat` socket listener, (re)started by the adapter supervisor.
+pub struct CliListener {
+    pub socket: PathBuf,
+    pub registry: Addr<SessionRegistry>,
+    pub gate: Gate,
+    pub metrics: Metrics,
+    pub clients: CliClients,
+}
+
+/// Device and inode of a path, to notice a socket file removed or replaced.
+fn file_id(path: &std::path::Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+impl super::supervisor::Adapter for CliListener {
+    fn name(&self) -> &'static str {
+        "cli"
+    }
+
+    fn run(
+        &self,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) -> BoxFuture<'static, Result<(), crate::error::AdapterError>> {
+        use crate::error::AdapterError;
+        let path = self.socket.clone();
+        let conn = Conn {
+            registry: self.registry.clone(),
+            gate: self.gate.clone(),
+            metrics: self.metrics.clone(),
+            clients: self.clients.clone(),
+        };
+        Box::pin(async move {
+            // keel holds the data-dir lock, so a socket file left here is stale.
+            let _ = std::fs::remove_file(&path);
+            let bound = UnixListener::bind(&path);
+            if bound.is_ok() {
+                use std::os::unix::fs::PermissionsExt;
+                let mode = std::fs::Permissions::from_mode(0o600);
+                if let Err(e) = std::fs::set_permissions(&path, mode) {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot set socket mode 0600");
+                }
+            }
+            conn.clients.binds.send_modify(|n| *n += 1);
+            let listener = bound.map_err(|e| {
+                AdapterError::Transient(format!("cli socket {}: bind: {e}", path.display()))
+            })?;
+            let ours = file_id(&path);
+            tracing::info!(path = %path.display(), "cli adapter listening");
+            let mut check = tokio::time::interval(SOCKET_CHECK);
+            static NEXT: AtomicU64 = AtomicU64::new(1);
+            let result = loop {
+                tokio::select! {
+                    _ = stop.wait_for(|s| *s) => break Ok(()),
+                    _ = check.tick() => {
+                        if ours.is_none() || file_id(&path) != ours {
+                            break Err(AdapterError::Transient(format!(
+                                "cli socket {} was removed or replaced", path.display()
+                            )));
+                        }
+                    }
+                    accepted = listener.accept() => match accepted {
+                        Ok((stream, _)) => {
+                            let conn = conn.clone();
+                            let id = NEXT.fetch_add(1, Ordering::Relaxed);
+                            tokio::spawn(async move { conn.serve(id, stream).await });
+                        }
+                        Err(e) => break Err(AdapterError::Transient(format!("cli accept failed: {e}"))),
+                    },
+                }
+            };
+            // Remove the file only if it is still ours (not a newer socket).
+            if file_id(&path) == ours {
+                let _ = std::fs::remove_file(&path);
+            }
+            result
+        })
+    }
+}
+
+/// The CLI adapter actor: serves stdin (`ServeStdin`). The socket is served
+/// by [`CliListener`] under the supervisor.
 pub struct CliAdapter {
-    pub socket: Option<PathBuf>,
     pub registry: Addr<SessionRegistry>,
     pub gate: Gate,
     pub metrics: Metrics,
@@ -108,55 +220,6 @@ pub struct CliAdapter {
 
 impl Actor for CliAdapter {
     type Context = Context<Self>;
-
-    fn started(&mut self, ctx: &mut Self::Context) {
-        let Some(path) = self.socket.clone() else {
-            return;
-        };
-        // keel holds the data-dir lock, so a socket file left here is stale.
-        let _ = std::fs::remove_file(&path);
-        let listener = match UnixListener::bind(&path) {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!(path = %path.display(), error = %e, "cli adapter cannot bind its socket; `keel chat` is unavailable");
-                return;
-            }
-        };
-        use std::os::unix::fs::PermissionsExt;
-        if let Err(e) = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)) {
-            tracing::warn!(path = %path.display(), error = %e, "cannot set socket mode 0600");
-        }
-        tracing::info!(path = %path.display(), "cli adapter listening");
-        let conn = Conn {
-            registry: self.registry.clone(),
-            gate: self.gate.clone(),
-            metrics: self.metrics.clone(),
-            clients: self.clients.clone(),
-        };
-        let accept = async move {
-            static NEXT: AtomicU64 = AtomicU64::new(1);
-            loop {
-                match listener.accept().await {
-                    Ok((stream, _)) => {
-                        let conn = conn.clone();
-                        let id = NEXT.fetch_add(1, Ordering::Relaxed);
-                        actix_rt::spawn(async move { conn.serve(id, stream).await });
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cli accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                }
-            }
-        };
-        ctx.spawn(actix::fut::wrap_future(accept));
-    }
-
-    fn stopped(&mut self, _: &mut Self::Context) {
-        if let Some(path) = &self.socket {
-            let _ = std::fs::remove_file(path);
-        }
-    }
 }
 
 /// Serve stdin until EOF; resolves when every reply has been printed (or the
@@ -245,7 +308,7 @@ impl Conn {
     async fn serve(self, conn_id: u64, stream: UnixStream) {
         let (read, mut write) = stream.into_split();
         let (tx, mut rx) = mpsc::unbounded_channel::<String>();
-        let writer = actix_rt::spawn(async move {
+        let writer = tokio::spawn(async move {
             while let Some(line) = rx.recv().await {
                 if write
                     .write_all(format!("{line}\n").as_bytes())

@@ -200,7 +200,13 @@ pub struct AdapterDeps {
     pub gate: crate::health::Gate,
     pub metrics: Metrics,
     pub routed: HashSet<String>,
-    /// Channels that run outside the supervisor (cli, webhook): shown as running.
+    /// The `keel chat` socket path and client table, when the socket is on.
+    pub cli_socket: Option<(std::path::PathBuf, super::cli::CliClients)>,
+    /// Channels that run outside the supervisor: shown as running. The
+    /// webhook is a route of the shared HTTP server: it cannot fail on its
+    /// own (a bind failure fails startup), its intake follows the gate, and
+    /// its health is `/healthz` / `/readyz`; its reply sink's failures show
+    /// in the outbox metrics.
     pub unsupervised: Vec<&'static str>,
 }
 
@@ -241,6 +247,15 @@ pub fn start_adapters(
             .insert(name.to_string(), status);
     }
     let mut adapters: Vec<Arc<dyn Adapter>> = Vec::new();
+    if let Some((socket, clients)) = deps.cli_socket {
+        adapters.push(Arc::new(super::cli::CliListener {
+            socket,
+            registry: deps.registry.clone(),
+            gate: deps.gate.clone(),
+            metrics: deps.metrics.clone(),
+            clients,
+        }));
+    }
     let (slack_registry, slack_gate, slack_metrics) = (
         deps.registry.clone(),
         deps.gate.clone(),
