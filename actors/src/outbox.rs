@@ -137,6 +137,8 @@ pub struct OutboxActor {
     channels: HashMap<String, ChannelState>,
     /// Rows whose channel has no sink right now (reported once each).
     unrouted: HashSet<i64>,
+    /// `unknown` rows were read since the start or the last new routes.
+    unknown_loaded: bool,
     draining: bool,
     drained: Vec<oneshot::Sender<()>>,
     wake_scheduled: bool,
@@ -165,6 +167,7 @@ impl OutboxActor {
             dirty: false,
             channels: HashMap::new(),
             unrouted: HashSet::new(),
+            unknown_loaded: false,
             draining: false,
             drained: Vec::new(),
             wake_scheduled: false,
@@ -194,21 +197,27 @@ impl OutboxActor {
         }
         self.refilling = true;
         self.dirty = false;
+        let with_unknown = !self.unknown_loaded;
         let req = self.persistence.send(GetPendingOutbox {
             after: self.high_water,
             limit: PAGE,
+            with_unknown,
         });
-        ctx.spawn(req.into_actor(self).map(|res, this, ctx| {
+        ctx.spawn(req.into_actor(self).map(move |res, this, ctx| {
             this.refilling = false;
             match res.unwrap_or(Err(StoreError::Closed)) {
                 Ok(rows) => {
-                    let full = rows.len() as i64 == PAGE;
+                    this.unknown_loaded |= with_unknown;
+                    let full = rows.iter().filter(|r| !r.unknown).count() as i64 == PAGE;
                     for row in rows {
                         if !row.unknown {
                             this.high_water = this.high_water.max(row.id);
                         }
-                        // A re-read after SetSinks may see a row being sent.
-                        if !this.in_flight.contains(&row.id) {
+                        // A re-read after SetSinks may see a row being sent
+                        // or still queued.
+                        let known = this.in_flight.contains(&row.id)
+                            || (row.unknown && this.queue.iter().any(|q| q.id == row.id));
+                        if !known {
                             this.queue.push_back(row);
                         }
                     }
@@ -403,6 +412,14 @@ impl Handler<SetSinks> for OutboxActor {
             self.unrouted.clear();
             self.high_water = 0;
             self.queue.retain(|r| self.in_flight.contains(&r.id));
+            self.unknown_loaded = false;
+        }
+        // New routes, fresh start for every channel's failure count.
+        for channel in self.channels.keys() {
+            self.own_metrics
+                .failing
+                .with_label_values(&[channel.as_str()])
+                .set(0);
         }
         self.channels.clear();
         self.refill(ctx);

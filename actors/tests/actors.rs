@@ -277,12 +277,19 @@ async fn a_send_without_answer_is_recorded_unknown_counted_and_resent() {
     // and the first backoff step, 5 s.
     let gaps: Vec<u64> = times.windows(2).map(|w| (w[1] - w[0]).as_secs()).collect();
     assert_eq!(gaps, vec![3, 6]);
-    // The third send hangs too: the row is `unknown` and counted.
+    // The third send hangs too: the row is `unknown` and counted. (While
+    // this test waits for the store's thread the paused clock may run on
+    // and time the third send out as well: one row, one or two counts.)
     let stats = store.send(GetStats).await.unwrap().unwrap();
     assert_eq!(stats.outbox_unknown, 1);
     assert_eq!(stats.outbox_pending, 0);
-    assert_eq!(metrics.outbox_unknown.get(), 1);
-    assert_eq!(metrics.outbox_send_failures.get(), 1);
+    let unknown = metrics.outbox_unknown.get();
+    assert!((1..=2).contains(&unknown), "{unknown}");
+    assert_eq!(
+        metrics.outbox_send_failures.get(),
+        unknown,
+        "all were unknown"
+    );
     // After a restart (a fresh outbox over the same store) the unknown row is
     // resent, and marked sent once accepted.
     let (tx, mut again) = mpsc::unbounded_channel();

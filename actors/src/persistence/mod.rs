@@ -775,6 +775,9 @@ impl Handler<GetSessions> for PersistenceActor {
 pub struct GetPendingOutbox {
     pub after: i64,
     pub limit: i64,
+    /// Also return the rows in state `unknown` (one scan; the outbox asks
+    /// at start and after new routes only).
+    pub with_unknown: bool,
 }
 
 impl Handler<GetPendingOutbox> for PersistenceActor {
@@ -782,9 +785,8 @@ impl Handler<GetPendingOutbox> for PersistenceActor {
     fn handle(&mut self, msg: GetPendingOutbox, _: &mut Context<Self>) -> Self::Result {
         self.call(move |c| {
             let mut rows = store::pending_outbox(c, msg.after, msg.limit)?;
-            // A first page (start, new routes) also takes the rows whose last
-            // send had an unknown outcome: they are resent too.
-            if msg.after == 0 {
+            // Rows whose last send had an unknown outcome are resent too.
+            if msg.with_unknown {
                 rows.extend(store::unknown_outbox(c, msg.limit)?);
                 rows.sort_by_key(|r| r.id);
             }

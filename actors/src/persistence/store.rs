@@ -533,11 +533,12 @@ pub fn mark_outbox_sent(conn: &Connection, id: i64) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// A send attempt failed. `unknown` records that the request may have
+/// A send attempt failed (never undoes `sent`: an earlier attempt may have
+/// been accepted meanwhile). `unknown` records that the request may have
 /// arrived (it stays pending and is sent again: at-least-once, counted).
 pub fn record_outbox_failure(conn: &Connection, id: i64, error: &str) -> Result<(), StoreError> {
     conn.prepare_cached(
-        "UPDATE outbox SET attempts = attempts + 1, last_error = ?2 WHERE id = ?1",
+        "UPDATE outbox SET attempts = attempts + 1, last_error = ?2 WHERE id = ?1 AND state != 'sent'",
     )?
     .execute(params![id, error])?;
     Ok(())
@@ -548,7 +549,7 @@ pub fn record_outbox_failure(conn: &Connection, id: i64, error: &str) -> Result<
 /// accepted send marks it `sent`.
 pub fn mark_outbox_unknown(conn: &Connection, id: i64, error: &str) -> Result<(), StoreError> {
     conn.prepare_cached(
-        "UPDATE outbox SET state = 'unknown', attempts = attempts + 1, last_error = ?2 WHERE id = ?1",
+        "UPDATE outbox SET state = 'unknown', attempts = attempts + 1, last_error = ?2 WHERE id = ?1 AND state != 'sent'",
     )?
     .execute(params![id, error])?;
     Ok(())
@@ -582,7 +583,7 @@ pub fn unknown_outbox(conn: &Connection, limit: i64) -> Result<Vec<OutboxRow>, S
 /// Give up on a reply that can never be delivered (no route).
 pub fn mark_outbox_failed(conn: &Connection, id: i64, error: &str) -> Result<(), StoreError> {
     conn.prepare_cached(
-        "UPDATE outbox SET state = 'failed', attempts = attempts + 1, last_error = ?2 WHERE id = ?1",
+        "UPDATE outbox SET state = 'failed', attempts = attempts + 1, last_error = ?2 WHERE id = ?1 AND state != 'sent'",
     )?
     .execute(params![id, error])?;
     Ok(())
