@@ -142,7 +142,8 @@ fn mib(kib: u64) -> f64 {
 /// min-heap by next run, as peers do at start.
 fn scan_only(db: &Path) -> Result<ExitCode> {
     let t = Instant::now();
-    let conn = persistence::open_read_only(db).with_context(|| format!("opening {}", db.display()))?;
+    let conn =
+        persistence::open_read_only(db).with_context(|| format!("opening {}", db.display()))?;
     let all = timers::bench_load_all_timers(&conn)?;
     let heap: BinaryHeap<std::cmp::Reverse<(i64, i64)>> = all
         .iter()
@@ -195,7 +196,10 @@ fn start_timed(binary: &Path, dir: &Path) -> Result<(Keel, f64)> {
         loop {
             if let Some(status) = keel.child.try_wait()? {
                 keel.exited = Some(status);
-                bail!("keel exited with {status}; its log:\n{}", log_tail(&keel.log));
+                bail!(
+                    "keel exited with {status}; its log:\n{}",
+                    log_tail(&keel.log)
+                );
             }
             if let Ok(r) = http.get(format!("{base}/readyz")).send().await {
                 if r.status() == reqwest::StatusCode::OK {
@@ -203,7 +207,10 @@ fn start_timed(binary: &Path, dir: &Path) -> Result<(Keel, f64)> {
                 }
             }
             if Instant::now() >= deadline {
-                bail!("keel was not ready within 60 s; its log:\n{}", log_tail(&keel.log));
+                bail!(
+                    "keel was not ready within 60 s; its log:\n{}",
+                    log_tail(&keel.log)
+                );
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
@@ -312,7 +319,10 @@ fn bench_timers(args: TimerBenchArgs) -> Result<ExitCode> {
     // pending count too, so the window is refilled from a large index.
     let pending = args.pending.first().copied().unwrap_or(0);
     let mut fires = Vec::new();
-    for (name, count, step_us) in [("due", args.due, 1_000_000 / args.due.max(1)), ("burst", args.burst, 0)] {
+    for (name, count, step_us) in [
+        ("due", args.due, 1_000_000 / args.due.max(1)),
+        ("burst", args.burst, 0),
+    ] {
         let dir = scratch.path.join(name);
         let db = dir.join("keel").join("keel.db");
         std::fs::create_dir_all(db.parent().unwrap_or(&dir))?;
@@ -340,6 +350,36 @@ fn bench_timers(args: TimerBenchArgs) -> Result<ExitCode> {
         fires.push((name, line));
     }
 
+    // Reference: the same fires (fire_timer, due window by window, one
+    // transaction per window) in this process with nothing else running:
+    // the machine's limit for these rows.
+    let reference_fps = {
+        let dir = scratch.path.join("reference");
+        let db = dir.join("keel.db");
+        progress(format!("reference: {} fires back to back", args.burst));
+        let mut opts = store_opts(&db);
+        opts.synchronous = Synchronous::Full;
+        let (conn, _) = persistence::open_store(&opts)?;
+        let due_at = now_ms() - 1;
+        timers::bench_seed_timers(&conn, "burst", args.burst, due_at, 0)?;
+        let routed = std::collections::HashSet::new();
+        let t = Instant::now();
+        let mut fired = 0;
+        loop {
+            let window = timers::due_window(&conn, 1024)?;
+            if window.is_empty() {
+                break;
+            }
+            let tx = conn.unchecked_transaction()?;
+            let now = now_ms();
+            for (id, due) in window {
+                fired += timers::fire_timer(&tx, id, due, now, &routed)?.fired;
+            }
+            tx.commit()?;
+        }
+        fired as f64 / t.elapsed().as_secs_f64()
+    };
+
     let report = json!({
         "ready": ready.iter().map(|r| json!({
             "pending": r.pending,
@@ -358,11 +398,12 @@ fn bench_timers(args: TimerBenchArgs) -> Result<ExitCode> {
             "late_max_ms": f.max_ms,
             "fires_per_s": f.count as f64 / f.span_s.max(1e-9),
         })).collect::<Vec<_>>(),
+        "reference_fires_per_s": reference_fps,
     });
     if args.json {
         println!("{report}");
     } else {
-        print_table(&ready, &fires);
+        print_table(&ready, &fires, reference_fps);
     }
     if args.keep {
         eprintln!("keel bench: scratch kept in {}", scratch.path.display());
@@ -378,12 +419,18 @@ fn verdict(ok: bool) -> &'static str {
     }
 }
 
-fn print_table(ready: &[ReadyLine], fires: &[(&str, FireLine)]) {
+fn print_table(ready: &[ReadyLine], fires: &[(&str, FireLine)], reference_fps: f64) {
     println!("keel bench timers (targets: ready < {TARGET_READY_MS} ms, RSS < {TARGET_RSS_MIB} MiB, p99 late < {TARGET_P99_MS} ms)");
     println!();
     println!(
         "{:>10}  {:>14} {:>12} {:>12}   {:>16} {:>14}   {:>8}",
-        "pending", "keel ready ms", "keel HWM MiB", "keel RSS MiB", "baseline load ms", "baseline MiB", "verdict"
+        "pending",
+        "keel ready ms",
+        "keel HWM MiB",
+        "keel RSS MiB",
+        "baseline load ms",
+        "baseline MiB",
+        "verdict"
     );
     for r in ready {
         let ok = r.keel_ready_ms < TARGET_READY_MS && mib(r.keel_hwm_kib) < TARGET_RSS_MIB;
@@ -421,7 +468,18 @@ fn print_table(ready: &[ReadyLine], fires: &[(&str, FireLine)]) {
             f.p99_ms,
             f.max_ms,
             f.count as f64 / f.span_s.max(1e-9),
-            if *name == "due" { verdict(f.p99_ms < TARGET_P99_MS) } else { "-" }
+            if *name == "due" {
+                verdict(f.p99_ms < TARGET_P99_MS)
+            } else {
+                "-"
+            }
+        );
+    }
+    if let Some((_, f)) = fires.iter().find(|(n, _)| *n == "burst") {
+        let fps = f.count as f64 / f.span_s.max(1e-9);
+        println!(
+            "reference (same fires back to back, one transaction per 1024): {reference_fps:.0} fires/s; burst is {:.2}x of it",
+            fps / reference_fps.max(1e-9)
         );
     }
 }

@@ -241,8 +241,10 @@ pub fn open_store(opts: &StoreOptions) -> Result<(Connection, OpenReport), Store
             }
         } else {
             // A cheap read of the schema page still refuses a bad header.
-            conn.query_row("SELECT COUNT(*) FROM sqlite_master", [], |r| r.get::<_, i64>(0))
-                .map_err(|e| classify_open_error(&path, e))?;
+            conn.query_row("SELECT COUNT(*) FROM sqlite_master", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map_err(|e| classify_open_error(&path, e))?;
             check_in_background(db.clone());
         }
     }

@@ -325,6 +325,27 @@ pub fn due_window(conn: &Connection, limit: i64) -> Result<Vec<(i64, i64)>, Stor
     Ok(rows)
 }
 
+/// Like [`due_window`], but only entries after `(next_run, id)` = `after`
+/// (keyset order on the same index): the timer actor refills its window
+/// this way while fires it already took are still being committed.
+pub fn due_window_after(
+    conn: &Connection,
+    after: (i64, i64),
+    limit: i64,
+) -> Result<Vec<(i64, i64)>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, next_run FROM timers WHERE state = 'active' AND next_run IS NOT NULL
+             AND (next_run, id) > (?1, ?2)
+         ORDER BY next_run, id LIMIT ?3",
+    )?;
+    let rows = stmt
+        .query_map(params![after.0, after.1, limit], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
 /// What one fire did.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct FireOutcome {
@@ -541,9 +562,8 @@ pub fn prune(
 /// Active, parked, done and cancelled timers: `(state, count)`, for
 /// `keel status`. A scan of the table: on demand only, never at start.
 pub fn count_by_state(conn: &Connection) -> Result<Vec<(String, i64)>, StoreError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT state, COUNT(*) FROM timers GROUP BY state ORDER BY state",
-    )?;
+    let mut stmt =
+        conn.prepare_cached("SELECT state, COUNT(*) FROM timers GROUP BY state ORDER BY state")?;
     let rows = stmt
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<Result<Vec<_>, _>>()?;
@@ -575,7 +595,14 @@ pub fn bench_seed_timers(
                  '{\"text\":\"bench\"}', 'fire_once', ?5, ?3 + i * ?4 / 1000, 'active', ?6, ?6
              FROM seq",
         )?
-        .execute(params![session.id, n, first_ms, step_us, DEFAULT_CATCHUP_SECS, at])?;
+        .execute(params![
+            session.id,
+            n,
+            first_ms,
+            step_us,
+            DEFAULT_CATCHUP_SECS,
+            at
+        ])?;
     tx.commit()?;
     Ok(inserted as i64)
 }
@@ -642,12 +669,18 @@ pub fn count_receipts(conn: &Connection) -> Result<i64, StoreError> {
 #[rtype(result = "Result<Vec<(i64, i64)>, StoreError>")]
 pub struct GetDueWindow {
     pub limit: i64,
+    /// Only entries after this `(next_run, id)` (a refill while fires are
+    /// in flight); `None`: from the start.
+    pub after: Option<(i64, i64)>,
 }
 
 impl Handler<GetDueWindow> for PersistenceActor {
     type Result = ResponseFuture<Result<Vec<(i64, i64)>, StoreError>>;
     fn handle(&mut self, msg: GetDueWindow, _: &mut Context<Self>) -> Self::Result {
-        self.call(move |c| due_window(c, msg.limit))
+        self.call(move |c| match msg.after {
+            None => due_window(c, msg.limit),
+            Some(after) => due_window_after(c, after, msg.limit),
+        })
     }
 }
 
@@ -786,6 +819,22 @@ mod tests {
         assert_eq!(row.state, "parked");
         assert!(row.error.unwrap().contains("launch_rockets"));
         assert_eq!(count(&c, "SELECT COUNT(*) FROM timer_fires"), 0);
+    }
+
+    #[test]
+    fn the_window_refill_starts_after_the_cursor() {
+        let c = db();
+        timers_seed(&c);
+        let all = due_window(&c, 10).unwrap();
+        assert_eq!(all.len(), 5);
+        let (id, next) = all[1];
+        let rest = due_window_after(&c, (next, id), 10).unwrap();
+        assert_eq!(rest, all[2..].to_vec());
+    }
+
+    fn timers_seed(c: &Connection) {
+        bench_seed_timers(c, "seed", 3, 1_000, 0).unwrap();
+        bench_seed_timers(c, "seed", 2, 2_000, 1_000_000).unwrap();
     }
 
     #[test]

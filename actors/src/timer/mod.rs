@@ -144,6 +144,10 @@ pub struct GetTimerStats;
 #[rtype(result = "()")]
 pub struct StopTimers;
 
+/// Most fires handed to the store and not answered yet, in windows: bounds
+/// memory while commits lag behind a burst.
+const MAX_IN_FLIGHT_WINDOWS: usize = 4;
+
 /// Emitted after every fire batch (tests wait on it instead of sleeping).
 pub type FireEvents = tokio::sync::mpsc::UnboundedSender<Vec<FireOutcome>>;
 
@@ -156,9 +160,24 @@ pub struct TimerActor {
     window: BTreeSet<(i64, i64)>,
     /// The window holds every active timer (the last load was short).
     complete: bool,
-    /// A reload or fire batch is in flight: one at a time.
-    busy: bool,
-    /// A reload was asked for while busy.
+    /// A full window load is in flight (nothing fires meanwhile).
+    loading: bool,
+    /// A read-ahead refill (after the window's last entry) is in flight;
+    /// firing goes on from what the window holds.
+    refilling: bool,
+    /// The window was trimmed while a refill was in flight: its rows may
+    /// not join up with the window's new end, so they are dropped.
+    trimmed: bool,
+    /// Fire batches handed to the store and not answered yet. Firing does
+    /// not wait for the previous batch's commit (the writer group-commits
+    /// them), so one fsync does not delay the next due instant.
+    in_flight: usize,
+    /// Timers in those batches.
+    in_flight_fires: usize,
+    /// The last `(next_run, id)` taken for firing since the last full load:
+    /// a refill while fires are in flight starts after it.
+    cursor: Option<(i64, i64)>,
+    /// A full reload was asked for; it runs once no fire is in flight.
     dirty: bool,
     /// Recovery ran; before it the actor does not fire on its own.
     running: bool,
@@ -182,7 +201,12 @@ impl TimerActor {
             settings,
             window: BTreeSet::new(),
             complete: false,
-            busy: false,
+            loading: false,
+            refilling: false,
+            trimmed: false,
+            in_flight: 0,
+            in_flight_fires: 0,
+            cursor: None,
             dirty: false,
             running: false,
             stopped: false,
@@ -201,6 +225,32 @@ impl TimerActor {
     fn set_window(&mut self, rows: Vec<(i64, i64)>) {
         self.complete = rows.len() < self.settings.window;
         self.window = rows.into_iter().map(|(id, next)| (next, id)).collect();
+        self.cursor = None;
+        self.stats.reloads += 1;
+        self.stats.in_window = self.window.len();
+    }
+
+    /// Merge a refill loaded after `cursor` (entries rescheduled meanwhile
+    /// stay; the window stays bounded).
+    fn extend_window(&mut self, rows: Vec<(i64, i64)>) {
+        if std::mem::take(&mut self.trimmed) {
+            self.complete = false;
+            return;
+        }
+        let short = rows.len() < self.settings.window;
+        let bound = rows.iter().map(|&(id, next)| (next, id)).max();
+        self.window
+            .extend(rows.into_iter().map(|(id, next)| (next, id)));
+        if let (false, Some(bound)) = (short, bound) {
+            // Entries put back past the page's end may have unloaded
+            // neighbours in the store: the next refill brings them.
+            let _ = self.window.split_off(&(bound.0, bound.1.saturating_add(1)));
+        }
+        self.complete = short;
+        while self.window.len() > self.settings.window {
+            self.window.pop_last();
+            self.complete = false;
+        }
         self.stats.reloads += 1;
         self.stats.in_window = self.window.len();
     }
@@ -209,12 +259,21 @@ impl TimerActor {
     /// window is partial, only instants up to its last entry (later ones are
     /// picked up by the next refill).
     fn reinsert(&mut self, id: i64, next: i64) {
-        let fits = self.complete || self.window.last().is_some_and(|&(last, _)| next <= last);
+        // While a refill is in flight a later entry is kept too: the refill
+        // covers it, or `extend_window` drops it past the page's end.
+        let fits = self.complete
+            || self.refilling
+            || self.window.last().is_some_and(|&(last, _)| next <= last);
+        if !fits && self.cursor.is_some_and(|c| (next, id) <= c) {
+            // Behind the refill cursor: only a full reload finds it.
+            self.dirty = true;
+        }
         if fits {
             self.window.insert((next, id));
             while self.window.len() > self.settings.window {
                 self.window.pop_last();
                 self.complete = false;
+                self.trimmed |= self.refilling;
             }
         }
         self.stats.in_window = self.window.len();
@@ -229,6 +288,7 @@ impl TimerActor {
             }
             self.window.pop_first();
             due.push((id, next));
+            self.cursor = self.cursor.max(Some((next, id)));
         }
         self.stats.in_window = self.window.len();
         due
@@ -290,16 +350,41 @@ impl TimerActor {
         failed
     }
 
+    fn saturated(&self) -> bool {
+        self.in_flight_fires >= MAX_IN_FLIGHT_WINDOWS * self.settings.window.max(1)
+    }
+
     /// The one driver: refill, fire what is due, or wait for the earliest.
     fn cycle(&mut self, ctx: &mut Context<Self>) {
-        if self.busy || !self.running || self.stopped {
+        if self.loading || !self.running || self.stopped {
             return;
         }
         if let Some(h) = self.wake.take() {
             ctx.cancel_future(h);
         }
         if self.dirty || (self.window.is_empty() && !self.complete) {
-            self.reload(ctx);
+            if self.in_flight == 0 && !self.refilling {
+                self.reload(ctx, None);
+                return;
+            }
+            if self.dirty || self.refilling {
+                // The next answered batch or refill calls `cycle` again.
+                return;
+            }
+        }
+        // Read ahead: refill before the window runs dry, so firing never
+        // waits for a load queued behind a commit.
+        if !self.complete && !self.refilling && self.window.len() <= self.settings.window / 2 {
+            let after = self
+                .window
+                .last()
+                .map(|&(next, id)| (next, id))
+                .max(self.cursor);
+            if after.is_some() {
+                self.reload(ctx, after);
+            }
+        }
+        if self.saturated() {
             return;
         }
         let now = self.clock.now_ms();
@@ -317,12 +402,18 @@ impl TimerActor {
             }));
             return;
         }
-        self.busy = true;
+        let n = due.len();
+        self.in_flight += 1;
+        self.in_flight_fires += n;
         let fut = self.fire_all(due, now);
-        ctx.spawn(fut.into_actor(self).map(|results, this, ctx| {
-            this.busy = false;
+        ctx.spawn(fut.into_actor(self).map(move |results, this, ctx| {
+            this.in_flight -= 1;
+            this.in_flight_fires -= n;
             if this.absorb(results) {
                 this.dirty = true;
+                if let Some(h) = this.wake.take() {
+                    ctx.cancel_future(h);
+                }
                 this.wake = Some(ctx.run_later(this.settings.max_sleep, |this, ctx| {
                     this.wake = None;
                     this.cycle(ctx);
@@ -331,24 +422,45 @@ impl TimerActor {
             }
             this.cycle(ctx);
         }));
+        // Look again at once: what else is due, or when to wake.
+        self.cycle(ctx);
     }
 
-    fn reload(&mut self, ctx: &mut Context<Self>) {
-        self.busy = true;
-        self.dirty = false;
+    /// Load the window: from the start (`after = None`, replaces it) or
+    /// after a cursor (merged into it).
+    fn reload(&mut self, ctx: &mut Context<Self>, after: Option<(i64, i64)>) {
+        if after.is_none() {
+            self.loading = true;
+            self.dirty = false;
+        } else {
+            self.refilling = true;
+            self.trimmed = false;
+        }
         let req = self.store.send(GetDueWindow {
             limit: self.settings.window as i64,
+            after,
         });
-        ctx.spawn(req.into_actor(self).map(|res, this, ctx| {
-            this.busy = false;
+        ctx.spawn(req.into_actor(self).map(move |res, this, ctx| {
+            if after.is_none() {
+                this.loading = false;
+            } else {
+                this.refilling = false;
+            }
             match res.unwrap_or(Err(StoreError::Closed)) {
                 Ok(rows) => {
-                    this.set_window(rows);
+                    if after.is_none() {
+                        this.set_window(rows);
+                    } else {
+                        this.extend_window(rows);
+                    }
                     this.cycle(ctx);
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot load the timer window; retrying");
                     this.dirty = true;
+                    if let Some(h) = this.wake.take() {
+                        ctx.cancel_future(h);
+                    }
                     this.wake = Some(ctx.run_later(this.settings.max_sleep, |this, ctx| {
                         this.wake = None;
                         this.cycle(ctx);
@@ -399,9 +511,10 @@ impl Handler<RecoverTimers> for TimerActor {
     type Result = ResponseActFuture<Self, Result<TimerStats, StoreError>>;
 
     fn handle(&mut self, _: RecoverTimers, _: &mut Context<Self>) -> Self::Result {
-        self.busy = true;
+        self.loading = true;
         let req = self.store.send(GetDueWindow {
             limit: self.settings.window as i64,
+            after: None,
         });
         Box::pin(
             req.into_actor(self)
@@ -414,7 +527,7 @@ impl Handler<RecoverTimers> for TimerActor {
                                 this.take_due(this.clock.now_ms())
                             }
                             Err(e) => {
-                                this.busy = false;
+                                this.loading = false;
                                 return fut::ready(Err(e)).boxed_local();
                             }
                         };
@@ -431,7 +544,7 @@ impl Handler<RecoverTimers> for TimerActor {
                     },
                 )
                 .map(|res: Result<(), StoreError>, this, ctx| {
-                    this.busy = false;
+                    this.loading = false;
                     res?;
                     this.running = true;
                     this.prune(ctx);
