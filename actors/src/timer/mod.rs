@@ -18,6 +18,7 @@
 //! of the wall clock is noticed within that cap.
 
 pub mod commands;
+pub mod metrics;
 pub mod plan;
 pub mod schedule;
 
@@ -31,8 +32,11 @@ use futures::future::join_all;
 
 use crate::error::StoreError;
 use crate::outbox::OutboxKick;
-use crate::persistence::timers::{FireOutcome, FireTimer, GetDueWindow, PruneTimers};
+use crate::persistence::timers::{
+    CountActiveTimers, FireOutcome, FireTimer, GetDueWindow, PruneTimers,
+};
 use crate::persistence::PersistenceActor;
+pub use metrics::TimerMetrics;
 
 /// Wall-clock time in unix milliseconds, injectable for tests.
 pub trait Clock: Send + Sync + 'static {
@@ -138,6 +142,12 @@ pub struct Tick;
 #[rtype(result = "TimerStats")]
 pub struct GetTimerStats;
 
+/// Channels with a delivery route changed (SIGHUP reload): reminders fired
+/// from now on use them. Sent by the lifecycle controller.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct SetTimerRoutes(pub HashSet<String>);
+
 /// Stop scheduling (shutdown, before `CloseStore`). Fires already handed
 /// to the store complete or roll back as a unit. Sent by the lifecycle.
 #[derive(Debug, Clone, Message)]
@@ -147,6 +157,9 @@ pub struct StopTimers;
 /// Most fires handed to the store and not answered yet, in windows: bounds
 /// memory while commits lag behind a burst.
 const MAX_IN_FLIGHT_WINDOWS: usize = 4;
+
+/// `(id, due, fired at, outcome)` of one fire.
+type Fired = (i64, i64, i64, Result<FireOutcome, StoreError>);
 
 /// Emitted after every fire batch (tests wait on it instead of sleeping).
 pub type FireEvents = tokio::sync::mpsc::UnboundedSender<Vec<FireOutcome>>;
@@ -185,6 +198,7 @@ pub struct TimerActor {
     wake: Option<SpawnHandle>,
     stats: TimerStats,
     events: Option<FireEvents>,
+    metrics: Option<TimerMetrics>,
 }
 
 impl TimerActor {
@@ -213,7 +227,14 @@ impl TimerActor {
             wake: None,
             stats: TimerStats::default(),
             events: None,
+            metrics: None,
         }
+    }
+
+    /// Export figures in `/metrics`.
+    pub fn with_metrics(mut self, metrics: TimerMetrics) -> TimerActor {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Report every fire batch on `events` (tests).
@@ -298,7 +319,7 @@ impl TimerActor {
         &self,
         due: Vec<(i64, i64)>,
         now: i64,
-    ) -> impl std::future::Future<Output = Vec<(i64, Result<FireOutcome, StoreError>)>> {
+    ) -> impl std::future::Future<Output = Vec<Fired>> {
         let store = self.store.clone();
         let routed = self.settings.routed.clone();
         let sends: Vec<_> = due
@@ -310,20 +331,29 @@ impl TimerActor {
                     now_ms: now,
                     routed: routed.clone(),
                 });
-                async move { (id, req.await.unwrap_or(Err(StoreError::Closed))) }
+                async move { (id, due, now, req.await.unwrap_or(Err(StoreError::Closed))) }
             })
             .collect();
         join_all(sends)
     }
 
     /// Account for a fire batch; returns whether anything failed.
-    fn absorb(&mut self, results: Vec<(i64, Result<FireOutcome, StoreError>)>) -> bool {
+    fn absorb(&mut self, results: Vec<Fired>) -> bool {
         let mut failed = false;
         let mut outcomes = Vec::with_capacity(results.len());
         let mut kick = false;
-        for (id, r) in results {
+        for (id, due, now, r) in results {
             match r {
                 Ok(o) => {
+                    if let Some(m) = &self.metrics {
+                        m.fired.inc_by(o.fired.max(0) as u64);
+                        m.late.inc_by(o.late.max(0) as u64);
+                        m.missed.inc_by(o.missed.max(0) as u64);
+                        m.parked.inc_by(u64::from(o.parked));
+                        if o.fired > 0 {
+                            m.lateness.observe((now - due).max(0) as f64 / 1000.0);
+                        }
+                    }
                     self.stats.fired += o.fired;
                     self.stats.late += o.late;
                     self.stats.missed += o.missed;
@@ -343,6 +373,9 @@ impl TimerActor {
         }
         if kick {
             self.outbox.do_send(OutboxKick);
+        }
+        if let Some(m) = &self.metrics {
+            m.in_window.set(self.window.len() as i64);
         }
         if let (Some(events), false) = (&self.events, outcomes.is_empty()) {
             let _ = events.send(outcomes);
@@ -481,6 +514,10 @@ impl TimerActor {
             before_ms: cut,
             limit: 10_000,
         });
+        let count = self
+            .metrics
+            .clone()
+            .map(|m| (m, self.store.send(CountActiveTimers)));
         actix::spawn(async move {
             match req.await.unwrap_or(Err(StoreError::Closed)) {
                 Ok((timers, receipts)) if timers + receipts > 0 => {
@@ -488,6 +525,11 @@ impl TimerActor {
                 }
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "timer history pruning failed"),
+            }
+            if let Some((m, count)) = count {
+                if let Ok(Ok(n)) = count.await {
+                    m.active.set(n);
+                }
             }
         });
     }
@@ -574,6 +616,13 @@ impl Handler<GetTimerStats> for TimerActor {
     type Result = MessageResult<GetTimerStats>;
     fn handle(&mut self, _: GetTimerStats, _: &mut Context<Self>) -> Self::Result {
         MessageResult(self.stats.clone())
+    }
+}
+
+impl Handler<SetTimerRoutes> for TimerActor {
+    type Result = ();
+    fn handle(&mut self, msg: SetTimerRoutes, _: &mut Context<Self>) {
+        self.settings.routed = Arc::new(msg.0);
     }
 }
 
