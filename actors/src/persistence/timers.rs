@@ -992,7 +992,7 @@ mod tests {
         assert_eq!(
             count(
                 &c,
-                "SELECT COUNT(*) FROM turns WHERE text = 'Timer #1 cancelled by timer #2.'"
+                "SELECT COUNT(*) FROM turns WHERE content = 'Timer #1 cancelled by timer #2.'"
             ),
             1
         );
@@ -1005,7 +1005,7 @@ mod tests {
         assert_eq!(
             count(
                 &c,
-                "SELECT COUNT(*) FROM turns WHERE text LIKE 'Timer #4 found no active timer #3%'"
+                "SELECT COUNT(*) FROM turns WHERE content LIKE 'Timer #4 found no active timer #3%'"
             ),
             1
         );
