@@ -636,6 +636,34 @@ fn transition_timer(
     Ok(n == 1)
 }
 
+/// Fire several due timers in the writer's transaction, each in its own
+/// savepoint: a timer whose fire fails is rolled back alone (it stays due),
+/// the others commit together. Storage failure (`Unavailable`) fails all.
+pub fn fire_timers(
+    conn: &Connection,
+    fires: &[(i64, i64)],
+    now_ms: i64,
+    routed: &HashSet<String>,
+) -> Result<Vec<Result<FireOutcome, StoreError>>, StoreError> {
+    let mut out = Vec::with_capacity(fires.len());
+    for &(id, due) in fires {
+        conn.prepare_cached("SAVEPOINT fire")?.execute([])?;
+        match fire_timer(conn, id, due, now_ms, routed) {
+            Ok(o) => {
+                conn.prepare_cached("RELEASE fire")?.execute([])?;
+                out.push(Ok(o));
+            }
+            Err(StoreError::Unavailable(reason)) => return Err(StoreError::Unavailable(reason)),
+            Err(e) => {
+                conn.prepare_cached("ROLLBACK TO fire")?.execute([])?;
+                conn.prepare_cached("RELEASE fire")?.execute([])?;
+                out.push(Err(e));
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Delete done/cancelled timers last changed before `before` (RFC 3339) and
 /// receipts fired before `before_ms`. Returns (timers, receipts) deleted.
 /// A receipt is consulted only while its timer's `next_run` is at or before
@@ -825,6 +853,24 @@ impl Handler<FireTimer> for PersistenceActor {
     type Result = ResponseFuture<Result<FireOutcome, StoreError>>;
     fn handle(&mut self, msg: FireTimer, _: &mut Context<Self>) -> Self::Result {
         self.call(move |c| fire_timer(c, msg.id, msg.due, msg.now_ms, &msg.routed))
+    }
+}
+
+/// Fire a batch of due timers in one writer job (one savepoint each). Sent
+/// by the timer actor; the answer comes after the group commit.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<Vec<Result<FireOutcome, StoreError>>, StoreError>")]
+pub struct FireTimers {
+    /// `(id, due)` pairs.
+    pub fires: Vec<(i64, i64)>,
+    pub now_ms: i64,
+    pub routed: Arc<HashSet<String>>,
+}
+
+impl Handler<FireTimers> for PersistenceActor {
+    type Result = ResponseFuture<Result<Vec<Result<FireOutcome, StoreError>>, StoreError>>;
+    fn handle(&mut self, msg: FireTimers, _: &mut Context<Self>) -> Self::Result {
+        self.call(move |c| fire_timers(c, &msg.fires, msg.now_ms, &msg.routed))
     }
 }
 

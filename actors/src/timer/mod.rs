@@ -28,12 +28,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use futures::future::join_all;
 
 use crate::error::StoreError;
 use crate::outbox::OutboxKick;
 use crate::persistence::timers::{
-    CountActiveTimers, FireOutcome, FireTimer, GetDueWindow, PruneTimers,
+    CountActiveTimers, FireOutcome, FireTimers, GetDueWindow, PruneTimers,
 };
 use crate::persistence::PersistenceActor;
 pub use metrics::TimerMetrics;
@@ -320,21 +319,36 @@ impl TimerActor {
         due: Vec<(i64, i64)>,
         now: i64,
     ) -> impl std::future::Future<Output = Vec<Fired>> {
-        let store = self.store.clone();
-        let routed = self.settings.routed.clone();
-        let sends: Vec<_> = due
-            .into_iter()
-            .map(|(id, due)| {
-                let req = store.send(FireTimer {
-                    id,
-                    due,
-                    now_ms: now,
-                    routed: routed.clone(),
-                });
-                async move { (id, due, now, req.await.unwrap_or(Err(StoreError::Closed))) }
-            })
-            .collect();
-        join_all(sends)
+        let req = self.store.send(FireTimers {
+            fires: due.clone(),
+            now_ms: now,
+            routed: self.settings.routed.clone(),
+        });
+        async move {
+            let answer = req.await.unwrap_or(Err(StoreError::Closed));
+            match answer {
+                Ok(outcomes) if outcomes.len() == due.len() => due
+                    .into_iter()
+                    .zip(outcomes)
+                    .map(|((id, due), r)| (id, due, now, r))
+                    .collect(),
+                Ok(_) => due
+                    .into_iter()
+                    .map(|(id, due)| {
+                        (
+                            id,
+                            due,
+                            now,
+                            Err(StoreError::Invalid("short fire batch".into())),
+                        )
+                    })
+                    .collect(),
+                Err(e) => due
+                    .into_iter()
+                    .map(|(id, due)| (id, due, now, Err(e.clone())))
+                    .collect(),
+            }
+        }
     }
 
     /// Account for a fire batch; returns whether anything failed.
