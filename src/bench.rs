@@ -199,12 +199,12 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode> {
 }
 
 /// A progress line on stderr (stdout carries only the result).
-fn progress(line: String) {
+pub(crate) fn progress(line: String) {
     eprintln!("keel bench: {line}");
 }
 
 /// A single-threaded tokio runtime (the binary has no multi-thread feature).
-fn runtime() -> Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -215,13 +215,13 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 // Scratch directory.
 
 /// A fresh directory under the system temp dir, removed on drop unless kept.
-struct Scratch {
-    path: PathBuf,
+pub(crate) struct Scratch {
+    pub(crate) path: PathBuf,
     keep: bool,
 }
 
 impl Scratch {
-    fn create(keep: bool) -> Result<Scratch> {
+    pub(crate) fn create(keep: bool) -> Result<Scratch> {
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos())
@@ -365,17 +365,17 @@ fn micros(d: Duration) -> u32 {
 // The keel under test.
 
 /// A keel daemon started for the benchmark; stopped (SIGTERM) on drop.
-struct Keel {
-    child: Child,
-    pid: i32,
-    addr: String,
-    log: PathBuf,
-    exited: Option<ExitStatus>,
+pub(crate) struct Keel {
+    pub(crate) child: Child,
+    pub(crate) pid: i32,
+    pub(crate) addr: String,
+    pub(crate) log: PathBuf,
+    pub(crate) exited: Option<ExitStatus>,
 }
 
 impl Keel {
     /// Start `binary run` on a fresh data dir under `scratch` and a free port.
-    fn start(binary: &Path, scratch: &Path) -> Result<Keel> {
+    pub(crate) fn start(binary: &Path, scratch: &Path) -> Result<Keel> {
         let addr = {
             let l = TcpListener::bind("127.0.0.1:0").context("cannot find a free port")?;
             l.local_addr()
@@ -456,7 +456,7 @@ impl Keel {
     }
 
     /// SIGTERM, wait for an orderly exit (SIGKILL after `STOP_DEADLINE`).
-    fn stop(&mut self) -> Result<ExitStatus> {
+    pub(crate) fn stop(&mut self) -> Result<ExitStatus> {
         if let Some(status) = self.exited {
             return Ok(status);
         }
@@ -494,7 +494,7 @@ impl Drop for Keel {
 }
 
 /// The last few KiB of keel's log, for error messages.
-fn log_tail(path: &Path) -> String {
+pub(crate) fn log_tail(path: &Path) -> String {
     const TAIL: u64 = 4096;
     let mut text = String::new();
     let read = File::open(path).and_then(|mut f| {

@@ -55,8 +55,9 @@ pub enum Command {
         #[command(flatten)]
         dir: DataDirArg,
     },
-    /// Load generator: measure acknowledged messages/s against references.
-    Bench(crate::bench::BenchArgs),
+    /// Benchmarks: `messages` (default: acknowledged messages/s against
+    /// references) and `timers` (ready time, RSS, fire latency).
+    Bench(crate::bench_timers::BenchCli),
 }
 
 #[derive(Debug, Clone, Args)]

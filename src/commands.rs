@@ -19,7 +19,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Sessions { cmd } => sessions(cmd),
         Command::Timers { cmd } => crate::timers_cmd::timers_cmd(cmd),
         Command::Migrate { dir } => migrate_cmd(&dir),
-        Command::Bench(args) => crate::bench::bench(args),
+        Command::Bench(args) => crate::bench_timers::dispatch(args),
     }
 }
 
@@ -38,6 +38,11 @@ fn status(dir: &DataDirArg, as_json: bool) -> Result<ExitCode> {
     let stats = store::stats(&conn)?;
     let pid = crate::run::running_pid(&config.data_dir);
     let adapters = adapter_statuses(&conn)?;
+    let timers: serde_json::Map<String, serde_json::Value> =
+        persistence::timers::count_by_state(&conn)?
+            .into_iter()
+            .map(|(state, n)| (state, n.into()))
+            .collect();
     if as_json {
         println!(
             "{}",
@@ -48,6 +53,7 @@ fn status(dir: &DataDirArg, as_json: bool) -> Result<ExitCode> {
                 "store": stats,
                 "schema_supported": migrate::latest_version(),
                 "adapters": adapters,
+                "timers": timers,
             })
         );
     } else {
@@ -67,6 +73,16 @@ fn status(dir: &DataDirArg, as_json: bool) -> Result<ExitCode> {
         println!("outbox pending:  {}", stats.outbox_pending);
         println!("outbox sent:     {}", stats.outbox_sent);
         println!("awaiting agent:  {}", stats.awaiting_agent);
+        let by_state: Vec<String> = ["active", "parked", "done", "cancelled"]
+            .iter()
+            .map(|st| {
+                format!(
+                    "{st} {}",
+                    timers.get(*st).and_then(|v| v.as_i64()).unwrap_or(0)
+                )
+            })
+            .collect();
+        println!("timers:          {}", by_state.join(", "));
         for (name, s) in adapters.as_object().into_iter().flatten() {
             println!(
                 "adapter {name:<8} {} (attempts {}){}",

@@ -3,6 +3,7 @@
 //! actual work lives in the `keel_actors` library.
 
 mod bench;
+mod bench_timers;
 mod chat;
 mod cli;
 mod commands;

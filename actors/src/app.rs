@@ -270,15 +270,18 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         .await
         .unwrap_or(Err(StoreError::Closed))?;
     // Timers: fire what came due while keel was down, per misfire policy (R10).
-    timer_ctx.run(TimerActor::new(
-        persistence.clone(),
-        outbox.clone().recipient(),
-        Arc::new(WallClock),
-        TimerSettings::new(
-            config.timers.retention_days,
-            routed_channels(&config, cli_enabled),
-        ),
-    ));
+    timer_ctx.run(
+        TimerActor::new(
+            persistence.clone(),
+            outbox.clone().recipient(),
+            Arc::new(WallClock),
+            TimerSettings::new(
+                config.timers.retention_days,
+                routed_channels(&config, cli_enabled),
+            ),
+        )
+        .with_metrics(crate::timer::TimerMetrics::new(&metrics)),
+    );
     let timer_stats = timers
         .send(RecoverTimers)
         .await

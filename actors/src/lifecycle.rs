@@ -195,6 +195,11 @@ impl Handler<Reload> for Lifecycle {
         let sinks: HashMap<_, _> =
             settings_sinks(&new, &self.http_client, self.cli_clients.as_ref());
         self.outbox.do_send(SetSinks(sinks));
+        self.timers
+            .do_send(crate::timer::SetTimerRoutes(crate::app::routed_channels(
+                &new,
+                cli_enabled,
+            )));
         self.metrics
             .config_reloads
             .with_label_values(&["applied"])

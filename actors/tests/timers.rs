@@ -2,7 +2,8 @@
 //! stays bounded and refills until every timer fired, and clock jumps back an
 //! hour or forward a day neither double nor drop fires beyond the policy.
 //! Real actors over a real SQLite file; the tests wait on the fire events the
-//! actor emits, never on sleeps.
+//! actor emits, never on sleeps. Also: a burst larger than the window fires
+//! each instant once while commits overlap, and SIGHUP's routes apply.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -20,7 +21,8 @@ use keel_actors::persistence::{
 use keel_actors::timer::plan::Misfire;
 use keel_actors::timer::schedule::ScheduleSpec;
 use keel_actors::timer::{
-    GetTimerStats, ManualClock, RecoverTimers, Tick, TimerActor, TimerSettings, TimersChanged,
+    GetTimerStats, ManualClock, RecoverTimers, SetTimerRoutes, Tick, TimerActor, TimerSettings,
+    TimersChanged,
 };
 use tokio::sync::mpsc;
 
@@ -218,4 +220,89 @@ async fn a_timer_created_ahead_of_a_full_window_fires_first() {
     assert!(fired.contains("soon"), "{fired}");
     let stats = timers.send(GetTimerStats).await.unwrap();
     assert!(stats.in_window <= 4, "{stats:?}");
+}
+
+#[actix_rt::test]
+async fn a_burst_larger_than_the_window_fires_each_instant_once_while_commits_overlap() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keel.db");
+    let store = start_store(path.clone());
+    let t0 = now_ms();
+    // 300 one-shots due at the same instant and 3 recurring ones among
+    // them: refills read ahead while earlier fires are still committing.
+    {
+        let (conn, _) = persistence::open_store(&StoreOptions {
+            path: Some(path.clone()),
+            synchronous: Synchronous::Normal,
+            busy_timeout: Duration::from_secs(5),
+            max_batch: 1024,
+            probe_interval: Duration::from_millis(100),
+        })
+        .unwrap();
+        persistence::timers::bench_seed_timers(&conn, "burst", 300, t0 + 1_000, 0).unwrap();
+    }
+    for i in 0..3 {
+        create(&store, &format!("every{i}"), ScheduleSpec::Every(3_600_000)).await;
+    }
+    let clock = Arc::new(ManualClock::new(t0));
+    let (timers, mut events) = start_timers(&store, clock.clone(), 8);
+    timers.send(RecoverTimers).await.unwrap().unwrap();
+    clock.set(t0 + 3_600_000 + 1_000);
+    timers.send(Tick).await.unwrap();
+    let mut fired = 0;
+    while fired < 303 {
+        let batch = tokio::time::timeout(Duration::from_secs(30), events.recv())
+            .await
+            .expect("fire events stopped")
+            .unwrap();
+        assert!(batch.len() <= 8, "a batch larger than the window");
+        fired += batch.iter().map(|o| o.fired).sum::<i64>();
+    }
+    assert_eq!(fired, 303);
+    assert_eq!(count(&path, "SELECT COUNT(*) FROM timer_fires"), 303);
+    assert_eq!(
+        count(&path, "SELECT COUNT(*) FROM timers WHERE state = 'done'"),
+        300
+    );
+    // Nothing else is due: a further look fires nothing.
+    timers.send(Tick).await.unwrap();
+    let stats = timers.send(GetTimerStats).await.unwrap();
+    assert_eq!(stats.fired, 303, "{stats:?}");
+}
+
+#[actix_rt::test]
+async fn reminders_use_the_delivery_routes_set_on_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keel.db");
+    let store = start_store(path.clone());
+    let t0 = now_ms();
+    create(&store, "a", ScheduleSpec::Delay(60_000)).await;
+    create(&store, "b", ScheduleSpec::Delay(120_000)).await;
+    let clock = Arc::new(ManualClock::new(t0));
+    let (tx, mut events) = mpsc::unbounded_channel();
+    let mut settings = TimerSettings::new(30, HashSet::new());
+    settings.max_sleep = Duration::from_secs(3_600);
+    let timers = TimerActor::new(
+        store.clone(),
+        Kicks.start().recipient(),
+        clock.clone(),
+        settings,
+    )
+    .with_events(tx)
+    .start();
+    timers.send(RecoverTimers).await.unwrap().unwrap();
+    // No route for webhook yet: the reminder is stored, not delivered.
+    clock.set(t0 + 61_000);
+    timers.send(Tick).await.unwrap();
+    let batch = events.recv().await.unwrap();
+    assert_eq!((batch[0].fired, batch[0].outbox_rows), (1, 0));
+    // SIGHUP adds the route: the next reminder is delivered.
+    timers
+        .send(SetTimerRoutes(HashSet::from(["webhook".to_string()])))
+        .await
+        .unwrap();
+    clock.set(t0 + 121_000);
+    timers.send(Tick).await.unwrap();
+    let batch = events.recv().await.unwrap();
+    assert_eq!((batch[0].fired, batch[0].outbox_rows), (1, 1));
 }

@@ -140,7 +140,7 @@ pub struct StoreStats {
 }
 
 /// Create the principal and the session if they do not exist yet.
-fn ensure_session(
+pub(crate) fn ensure_session(
     conn: &Connection,
     session: &SessionKey,
     from: Option<&str>,

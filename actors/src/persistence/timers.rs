@@ -53,11 +53,20 @@ pub struct TimerRequest {
     pub misfire: Misfire,
 }
 
-/// Callback kinds, by name, with typed params (R7). Unknown names in the
-/// database park the timer instead of failing the actor.
+/// Callback kinds, by name, with typed params (R7). Unknown names or bad
+/// params in the database park the timer instead of failing the actor.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Callback {
+    /// `reminder`: a message to the session through the outbox.
     Reminder(ReminderParams),
+    /// `state_transition`: move another timer of the same session to a
+    /// state (e.g. stop a daily reminder on a date), recorded as a system
+    /// turn of the session; never delivered.
+    StateTransition(StateTransitionParams),
+    /// `task`: placeholder until tasks exist. Firing parks the timer with
+    /// the error "tasks not available yet" (params kept, no receipt), so
+    /// no instant is consumed and an operator can re-activate it later.
+    Task(TaskParams),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,13 +74,61 @@ pub struct ReminderParams {
     pub text: String,
 }
 
+/// Target states a `state_transition` may set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TransitionTo {
+    /// Stopped for good (moves to history).
+    Cancelled,
+    /// Stopped with a note; `keel timers` shows it, nothing fires.
+    Parked,
+}
+
+impl TransitionTo {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransitionTo::Cancelled => "cancelled",
+            TransitionTo::Parked => "parked",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateTransitionParams {
+    /// The timer to move; it must belong to the same session.
+    pub timer_id: i64,
+    pub to: TransitionTo,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskParams {
+    /// The task to run, once tasks exist.
+    pub name: String,
+    #[serde(default)]
+    pub args: serde_json::Value,
+}
+
 impl Callback {
     pub fn parse(kind: &str, params_json: &str) -> Result<Callback, String> {
+        fn typed<T: serde::de::DeserializeOwned>(kind: &str, json: &str) -> Result<T, String> {
+            serde_json::from_str(json).map_err(|e| format!("bad {kind} params: {e}"))
+        }
         match kind {
-            "reminder" => serde_json::from_str(params_json)
-                .map(Callback::Reminder)
-                .map_err(|e| format!("bad reminder params: {e}")),
+            "reminder" => typed(kind, params_json).map(Callback::Reminder),
+            "state_transition" => typed(kind, params_json).map(Callback::StateTransition),
+            "task" => typed(kind, params_json).map(Callback::Task),
             other => Err(format!("unknown callback kind {other:?}")),
+        }
+    }
+
+    /// One line for `/timers`.
+    pub fn describe(&self) -> String {
+        match self {
+            Callback::Reminder(p) => p.text.clone(),
+            Callback::StateTransition(p) => format!("set timer #{} {}", p.timer_id, p.to.as_str()),
+            Callback::Task(p) => format!("task {}", p.name),
         }
     }
 }
@@ -236,7 +293,7 @@ pub fn apply_effect(
                 .map(|t| {
                     let tz = parse_tz(&t.timezone).unwrap_or(Tz::UTC);
                     let text = Callback::parse(&t.callback, &t.params_json)
-                        .map(|Callback::Reminder(p)| p.text)
+                        .map(|c| c.describe())
                         .unwrap_or_default();
                     let when = t
                         .next_run
@@ -321,6 +378,27 @@ pub fn due_window(conn: &Connection, limit: i64) -> Result<Vec<(i64, i64)>, Stor
     )?;
     let rows = stmt
         .query_map([limit], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+/// Like [`due_window`], but only entries after `(next_run, id)` = `after`
+/// (keyset order on the same index): the timer actor refills its window
+/// this way while fires it already took are still being committed.
+pub fn due_window_after(
+    conn: &Connection,
+    after: (i64, i64),
+    limit: i64,
+) -> Result<Vec<(i64, i64)>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, next_run FROM timers WHERE state = 'active' AND next_run IS NOT NULL
+             AND (next_run, id) > (?1, ?2)
+         ORDER BY next_run, id LIMIT ?3",
+    )?;
+    let rows = stmt
+        .query_map(params![after.0, after.1, limit], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?
         .collect::<Result<Vec<_>, _>>()?;
     Ok(rows)
 }
@@ -438,6 +516,13 @@ pub fn fire_timer(
         Err(e) => return park(conn, id, &e.to_string()),
     };
     let callback = match Callback::parse(&callback, &params_json) {
+        Ok(Callback::Task(p)) => {
+            return park(
+                conn,
+                id,
+                &format!("tasks not available yet (task {:?} kept)", p.name),
+            )
+        }
         Ok(c) => c,
         Err(e) => return park(conn, id, &e),
     };
@@ -487,6 +572,20 @@ pub fn fire_timer(
                 let (_, outbox) = store::commit_notice(conn, &session, &text, deliver)?;
                 out.outbox_rows += i64::from(outbox.is_some());
             }
+            Callback::StateTransition(p) => {
+                let moved = transition_timer(conn, &session.id, id, p)?;
+                let text = if moved {
+                    format!("Timer #{} {} by timer #{id}.", p.timer_id, p.to.as_str())
+                } else {
+                    format!(
+                        "Timer #{id} found no active timer #{} in this chat to set {}.",
+                        p.timer_id,
+                        p.to.as_str()
+                    )
+                };
+                store::commit_notice(conn, &session, &text, false)?;
+            }
+            Callback::Task(_) => {}
         }
     }
     let last = plan.fires.last().copied();
@@ -508,6 +607,60 @@ pub fn fire_timer(
         out.missed,
         store::now()
     ])?;
+    Ok(out)
+}
+
+/// `state_transition`: move timer `p.timer_id` of session `session_id`
+/// (not `by` itself) from active/parked to `p.to`. Returns whether it moved.
+fn transition_timer(
+    conn: &Connection,
+    session_id: &str,
+    by: i64,
+    p: &StateTransitionParams,
+) -> Result<bool, StoreError> {
+    let note = format!("set {} by timer #{by}", p.to.as_str());
+    let n = conn
+        .prepare_cached(
+            "UPDATE timers SET state = ?3, next_run = NULL,
+                 error = CASE WHEN ?3 = 'parked' THEN ?4 ELSE error END, updated_at = ?5
+             WHERE id = ?1 AND session_id = ?2 AND id != ?6 AND state IN ('active', 'parked')",
+        )?
+        .execute(params![
+            p.timer_id,
+            session_id,
+            p.to.as_str(),
+            note,
+            store::now(),
+            by
+        ])?;
+    Ok(n == 1)
+}
+
+/// Fire several due timers in the writer's transaction, each in its own
+/// savepoint: a timer whose fire fails is rolled back alone (it stays due),
+/// the others commit together. Storage failure (`Unavailable`) fails all.
+pub fn fire_timers(
+    conn: &Connection,
+    fires: &[(i64, i64)],
+    now_ms: i64,
+    routed: &HashSet<String>,
+) -> Result<Vec<Result<FireOutcome, StoreError>>, StoreError> {
+    let mut out = Vec::with_capacity(fires.len());
+    for &(id, due) in fires {
+        conn.prepare_cached("SAVEPOINT fire")?.execute([])?;
+        match fire_timer(conn, id, due, now_ms, routed) {
+            Ok(o) => {
+                conn.prepare_cached("RELEASE fire")?.execute([])?;
+                out.push(Ok(o));
+            }
+            Err(StoreError::Unavailable(reason)) => return Err(StoreError::Unavailable(reason)),
+            Err(e) => {
+                conn.prepare_cached("ROLLBACK TO fire")?.execute([])?;
+                conn.prepare_cached("RELEASE fire")?.execute([])?;
+                out.push(Err(e));
+            }
+        }
+    }
     Ok(out)
 }
 
@@ -538,6 +691,119 @@ pub fn prune(
     Ok((timers, receipts))
 }
 
+/// Active, parked, done and cancelled timers: `(state, count)`, for
+/// `keel status`. A scan of the table: on demand only, never at start.
+pub fn count_by_state(conn: &Connection) -> Result<Vec<(String, i64)>, StoreError> {
+    let mut stmt =
+        conn.prepare_cached("SELECT state, COUNT(*) FROM timers GROUP BY state ORDER BY state")?;
+    let rows = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+/// Active timers, counted through the `timers_due` partial index (about
+/// 20 ms of CPU per million): `/metrics`, not the hot path.
+pub fn count_active(conn: &Connection) -> Result<i64, StoreError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT COUNT(*) FROM timers WHERE state = 'active' AND next_run IS NOT NULL",
+        )?
+        .query_row([], |r| r.get(0))?)
+}
+
+/// `keel bench timers`: insert `n` active one-shot reminders into session
+/// `webhook:<chat>` in one statement, the i-th due at
+/// `first_ms + i * step_us / 1000`. Returns the rows inserted. Benchmark
+/// seeding only: one transaction, whatever `n`.
+pub fn bench_seed_timers(
+    conn: &Connection,
+    chat: &str,
+    n: i64,
+    first_ms: i64,
+    step_us: i64,
+) -> Result<i64, StoreError> {
+    let tx = conn.unchecked_transaction()?;
+    let session = SessionKey::new("webhook", chat);
+    let at = store::now();
+    store::ensure_session(&tx, &session, None, &at)?;
+    let inserted = tx
+        .prepare_cached(
+            "WITH RECURSIVE seq(i) AS (SELECT 0 WHERE ?2 > 0
+                 UNION ALL SELECT i + 1 FROM seq WHERE i + 1 < ?2)
+             INSERT INTO timers (session_id, kind, schedule, timezone, callback, params_json,
+                 misfire, catchup_secs, next_run, state, created_at, updated_at)
+             SELECT ?1, 'once', CAST(?3 + i * ?4 / 1000 AS TEXT), 'UTC', 'reminder',
+                 '{\"text\":\"bench\"}', 'fire_once', ?5, ?3 + i * ?4 / 1000, 'active', ?6, ?6
+             FROM seq",
+        )?
+        .execute(params![
+            session.id,
+            n,
+            first_ms,
+            step_us,
+            DEFAULT_CATCHUP_SECS,
+            at
+        ])?;
+    tx.commit()?;
+    Ok(inserted as i64)
+}
+
+/// An active timer as a peer scheduler holds it when it loads everything
+/// at start (the benchmark's baseline).
+#[derive(Debug, Clone)]
+pub struct LoadedTimer {
+    pub id: i64,
+    pub session_id: String,
+    pub kind: String,
+    pub schedule: String,
+    pub timezone: String,
+    pub callback: String,
+    pub params_json: String,
+    pub next_run: i64,
+}
+
+/// `keel bench timers` baseline: every active timer, a full scan into
+/// structs (what keel's window avoids).
+pub fn bench_load_all_timers(conn: &Connection) -> Result<Vec<LoadedTimer>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, session_id, kind, schedule, timezone, callback, params_json, next_run
+         FROM timers WHERE state = 'active' AND next_run IS NOT NULL",
+    )?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok(LoadedTimer {
+                id: r.get(0)?,
+                session_id: r.get(1)?,
+                kind: r.get(2)?,
+                schedule: r.get(3)?,
+                timezone: r.get(4)?,
+                callback: r.get(5)?,
+                params_json: r.get(6)?,
+                next_run: r.get(7)?,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+/// `keel bench timers`: `(due_at, late_ms)` of every receipt, and how
+/// many there are.
+pub fn bench_receipts(conn: &Connection) -> Result<Vec<(i64, i64)>, StoreError> {
+    let mut stmt = conn.prepare_cached("SELECT due_at, late_ms FROM timer_fires")?;
+    let rows = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+/// `keel bench timers`: receipts written so far.
+pub fn count_receipts(conn: &Connection) -> Result<i64, StoreError> {
+    Ok(conn
+        .prepare_cached("SELECT COUNT(*) FROM timer_fires")?
+        .query_row([], |r| r.get(0))?)
+}
+
 // ---- messages to the PersistenceActor ----
 
 /// Load the timer window. Sent by the timer actor.
@@ -545,12 +811,31 @@ pub fn prune(
 #[rtype(result = "Result<Vec<(i64, i64)>, StoreError>")]
 pub struct GetDueWindow {
     pub limit: i64,
+    /// Only entries after this `(next_run, id)` (a refill while fires are
+    /// in flight); `None`: from the start.
+    pub after: Option<(i64, i64)>,
 }
 
 impl Handler<GetDueWindow> for PersistenceActor {
     type Result = ResponseFuture<Result<Vec<(i64, i64)>, StoreError>>;
     fn handle(&mut self, msg: GetDueWindow, _: &mut Context<Self>) -> Self::Result {
-        self.call(move |c| due_window(c, msg.limit))
+        self.call(move |c| match msg.after {
+            None => due_window(c, msg.limit),
+            Some(after) => due_window_after(c, after, msg.limit),
+        })
+    }
+}
+
+/// Count the active timers (through the `timers_due` index). Sent by the
+/// timer actor after recovery and at every pruning run, for `/metrics`.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<i64, StoreError>")]
+pub struct CountActiveTimers;
+
+impl Handler<CountActiveTimers> for PersistenceActor {
+    type Result = ResponseFuture<Result<i64, StoreError>>;
+    fn handle(&mut self, _: CountActiveTimers, _: &mut Context<Self>) -> Self::Result {
+        self.call(count_active)
     }
 }
 
@@ -568,6 +853,24 @@ impl Handler<FireTimer> for PersistenceActor {
     type Result = ResponseFuture<Result<FireOutcome, StoreError>>;
     fn handle(&mut self, msg: FireTimer, _: &mut Context<Self>) -> Self::Result {
         self.call(move |c| fire_timer(c, msg.id, msg.due, msg.now_ms, &msg.routed))
+    }
+}
+
+/// Fire a batch of due timers in one writer job (one savepoint each). Sent
+/// by the timer actor; the answer comes after the group commit.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<Vec<Result<FireOutcome, StoreError>>, StoreError>")]
+pub struct FireTimers {
+    /// `(id, due)` pairs.
+    pub fires: Vec<(i64, i64)>,
+    pub now_ms: i64,
+    pub routed: Arc<HashSet<String>>,
+}
+
+impl Handler<FireTimers> for PersistenceActor {
+    type Result = ResponseFuture<Result<Vec<Result<FireOutcome, StoreError>>, StoreError>>;
+    fn handle(&mut self, msg: FireTimers, _: &mut Context<Self>) -> Self::Result {
+        self.call(move |c| fire_timers(c, &msg.fires, msg.now_ms, &msg.routed))
     }
 }
 
@@ -689,6 +992,108 @@ mod tests {
         assert_eq!(row.state, "parked");
         assert!(row.error.unwrap().contains("launch_rockets"));
         assert_eq!(count(&c, "SELECT COUNT(*) FROM timer_fires"), 0);
+    }
+
+    #[test]
+    fn the_window_refill_starts_after_the_cursor() {
+        let c = db();
+        timers_seed(&c);
+        let all = due_window(&c, 10).unwrap();
+        assert_eq!(all.len(), 5);
+        let (id, next) = all[1];
+        let rest = due_window_after(&c, (next, id), 10).unwrap();
+        assert_eq!(rest, all[2..].to_vec());
+    }
+
+    fn timers_seed(c: &Connection) {
+        bench_seed_timers(c, "seed", 3, 1_000, 0).unwrap();
+        bench_seed_timers(c, "seed", 2, 2_000, 1_000_000).unwrap();
+    }
+
+    fn set_callback(c: &Connection, id: i64, kind: &str, params: &str) {
+        c.execute(
+            "UPDATE timers SET callback = ?2, params_json = ?3 WHERE id = ?1",
+            params![id, kind, params],
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn a_state_transition_cancels_another_timer_of_the_same_session_once() {
+        let c = db();
+        command(&c, "c1", "m1", remind(ScheduleSpec::Every(60_000)));
+        command(&c, "c1", "m2", remind(ScheduleSpec::Delay(30_000)));
+        command(&c, "c2", "m1", remind(ScheduleSpec::Every(60_000)));
+        set_callback(
+            &c,
+            2,
+            "state_transition",
+            r#"{"timer_id":1,"to":"cancelled"}"#,
+        );
+        let due = get_timer(&c, 2).unwrap().unwrap().next_run.unwrap();
+        let out = fire_timer(&c, 2, due, due, &routed()).unwrap();
+        assert_eq!((out.fired, out.outbox_rows, out.parked), (1, 0, false));
+        assert_eq!(get_timer(&c, 1).unwrap().unwrap().state, "cancelled");
+        assert_eq!(get_timer(&c, 2).unwrap().unwrap().state, "done");
+        assert_eq!(
+            count(
+                &c,
+                "SELECT COUNT(*) FROM turns WHERE content = 'Timer #1 cancelled by timer #2.'"
+            ),
+            1
+        );
+        // Another session's timer is out of reach: a recorded no-op.
+        command(&c, "c1", "m3", remind(ScheduleSpec::Delay(30_000)));
+        set_callback(&c, 4, "state_transition", r#"{"timer_id":3,"to":"parked"}"#);
+        let due = get_timer(&c, 4).unwrap().unwrap().next_run.unwrap();
+        fire_timer(&c, 4, due, due, &routed()).unwrap();
+        assert_eq!(get_timer(&c, 3).unwrap().unwrap().state, "active");
+        assert_eq!(
+            count(
+                &c,
+                "SELECT COUNT(*) FROM turns WHERE content LIKE 'Timer #4 found no active timer #3%'"
+            ),
+            1
+        );
+    }
+
+    #[test]
+    fn a_state_transition_with_bad_params_parks_the_timer() {
+        let c = db();
+        command(&c, "c1", "m1", remind(ScheduleSpec::Delay(30_000)));
+        set_callback(
+            &c,
+            1,
+            "state_transition",
+            r#"{"timer_id":1,"to":"exploded"}"#,
+        );
+        let due = get_timer(&c, 1).unwrap().unwrap().next_run.unwrap();
+        assert!(fire_timer(&c, 1, due, due, &routed()).unwrap().parked);
+        let row = get_timer(&c, 1).unwrap().unwrap();
+        assert!(row.error.unwrap().contains("bad state_transition params"));
+    }
+
+    #[test]
+    fn a_task_timer_parks_with_tasks_not_available_and_keeps_its_params() {
+        let c = db();
+        command(&c, "c1", "m1", remind(ScheduleSpec::Every(60_000)));
+        let params = r#"{"name":"backup","args":{"full":true}}"#;
+        set_callback(&c, 1, "task", params);
+        let due = get_timer(&c, 1).unwrap().unwrap().next_run.unwrap();
+        let out = fire_timer(&c, 1, due, due, &routed()).unwrap();
+        assert!(out.parked);
+        assert_eq!(out.fired, 0);
+        let row = get_timer(&c, 1).unwrap().unwrap();
+        assert_eq!(
+            (row.state.as_str(), row.params_json.as_str()),
+            ("parked", params)
+        );
+        assert!(row.error.unwrap().starts_with("tasks not available yet"));
+        assert_eq!(count(&c, "SELECT COUNT(*) FROM timer_fires"), 0);
+        assert_eq!(
+            Callback::parse("task", params).unwrap().describe(),
+            "task backup"
+        );
     }
 
     #[test]

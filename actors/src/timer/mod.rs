@@ -18,6 +18,7 @@
 //! of the wall clock is noticed within that cap.
 
 pub mod commands;
+pub mod metrics;
 pub mod plan;
 pub mod schedule;
 
@@ -27,12 +28,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use futures::future::join_all;
 
 use crate::error::StoreError;
 use crate::outbox::OutboxKick;
-use crate::persistence::timers::{FireOutcome, FireTimer, GetDueWindow, PruneTimers};
+use crate::persistence::timers::{
+    CountActiveTimers, FireOutcome, FireTimers, GetDueWindow, PruneTimers,
+};
 use crate::persistence::PersistenceActor;
+pub use metrics::TimerMetrics;
 
 /// Wall-clock time in unix milliseconds, injectable for tests.
 pub trait Clock: Send + Sync + 'static {
@@ -138,11 +141,24 @@ pub struct Tick;
 #[rtype(result = "TimerStats")]
 pub struct GetTimerStats;
 
+/// Channels with a delivery route changed (SIGHUP reload): reminders fired
+/// from now on use them. Sent by the lifecycle controller.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct SetTimerRoutes(pub HashSet<String>);
+
 /// Stop scheduling (shutdown, before `CloseStore`). Fires already handed
 /// to the store complete or roll back as a unit. Sent by the lifecycle.
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "()")]
 pub struct StopTimers;
+
+/// Most fires handed to the store and not answered yet, in windows: bounds
+/// memory while commits lag behind a burst.
+const MAX_IN_FLIGHT_WINDOWS: usize = 4;
+
+/// `(id, due, fired at, outcome)` of one fire.
+type Fired = (i64, i64, i64, Result<FireOutcome, StoreError>);
 
 /// Emitted after every fire batch (tests wait on it instead of sleeping).
 pub type FireEvents = tokio::sync::mpsc::UnboundedSender<Vec<FireOutcome>>;
@@ -156,9 +172,24 @@ pub struct TimerActor {
     window: BTreeSet<(i64, i64)>,
     /// The window holds every active timer (the last load was short).
     complete: bool,
-    /// A reload or fire batch is in flight: one at a time.
-    busy: bool,
-    /// A reload was asked for while busy.
+    /// A full window load is in flight (nothing fires meanwhile).
+    loading: bool,
+    /// A read-ahead refill (after the window's last entry) is in flight;
+    /// firing goes on from what the window holds.
+    refilling: bool,
+    /// The window was trimmed while a refill was in flight: its rows may
+    /// not join up with the window's new end, so they are dropped.
+    trimmed: bool,
+    /// Fire batches handed to the store and not answered yet. Firing does
+    /// not wait for the previous batch's commit (the writer group-commits
+    /// them), so one fsync does not delay the next due instant.
+    in_flight: usize,
+    /// Timers in those batches.
+    in_flight_fires: usize,
+    /// The last `(next_run, id)` taken for firing since the last full load:
+    /// a refill while fires are in flight starts after it.
+    cursor: Option<(i64, i64)>,
+    /// A full reload was asked for; it runs once no fire is in flight.
     dirty: bool,
     /// Recovery ran; before it the actor does not fire on its own.
     running: bool,
@@ -166,6 +197,7 @@ pub struct TimerActor {
     wake: Option<SpawnHandle>,
     stats: TimerStats,
     events: Option<FireEvents>,
+    metrics: Option<TimerMetrics>,
 }
 
 impl TimerActor {
@@ -182,14 +214,26 @@ impl TimerActor {
             settings,
             window: BTreeSet::new(),
             complete: false,
-            busy: false,
+            loading: false,
+            refilling: false,
+            trimmed: false,
+            in_flight: 0,
+            in_flight_fires: 0,
+            cursor: None,
             dirty: false,
             running: false,
             stopped: false,
             wake: None,
             stats: TimerStats::default(),
             events: None,
+            metrics: None,
         }
+    }
+
+    /// Export figures in `/metrics`.
+    pub fn with_metrics(mut self, metrics: TimerMetrics) -> TimerActor {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Report every fire batch on `events` (tests).
@@ -201,6 +245,32 @@ impl TimerActor {
     fn set_window(&mut self, rows: Vec<(i64, i64)>) {
         self.complete = rows.len() < self.settings.window;
         self.window = rows.into_iter().map(|(id, next)| (next, id)).collect();
+        self.cursor = None;
+        self.stats.reloads += 1;
+        self.stats.in_window = self.window.len();
+    }
+
+    /// Merge a refill loaded after `cursor` (entries rescheduled meanwhile
+    /// stay; the window stays bounded).
+    fn extend_window(&mut self, rows: Vec<(i64, i64)>) {
+        if std::mem::take(&mut self.trimmed) {
+            self.complete = false;
+            return;
+        }
+        let short = rows.len() < self.settings.window;
+        let bound = rows.iter().map(|&(id, next)| (next, id)).max();
+        self.window
+            .extend(rows.into_iter().map(|(id, next)| (next, id)));
+        if let (false, Some(bound)) = (short, bound) {
+            // Entries put back past the page's end may have unloaded
+            // neighbours in the store: the next refill brings them.
+            let _ = self.window.split_off(&(bound.0, bound.1.saturating_add(1)));
+        }
+        self.complete = short;
+        while self.window.len() > self.settings.window {
+            self.window.pop_last();
+            self.complete = false;
+        }
         self.stats.reloads += 1;
         self.stats.in_window = self.window.len();
     }
@@ -209,12 +279,21 @@ impl TimerActor {
     /// window is partial, only instants up to its last entry (later ones are
     /// picked up by the next refill).
     fn reinsert(&mut self, id: i64, next: i64) {
-        let fits = self.complete || self.window.last().is_some_and(|&(last, _)| next <= last);
+        // While a refill is in flight a later entry is kept too: the refill
+        // covers it, or `extend_window` drops it past the page's end.
+        let fits = self.complete
+            || self.refilling
+            || self.window.last().is_some_and(|&(last, _)| next <= last);
+        if !fits && self.cursor.is_some_and(|c| (next, id) <= c) {
+            // Behind the refill cursor: only a full reload finds it.
+            self.dirty = true;
+        }
         if fits {
             self.window.insert((next, id));
             while self.window.len() > self.settings.window {
                 self.window.pop_last();
                 self.complete = false;
+                self.trimmed |= self.refilling;
             }
         }
         self.stats.in_window = self.window.len();
@@ -229,6 +308,7 @@ impl TimerActor {
             }
             self.window.pop_first();
             due.push((id, next));
+            self.cursor = self.cursor.max(Some((next, id)));
         }
         self.stats.in_window = self.window.len();
         due
@@ -238,32 +318,56 @@ impl TimerActor {
         &self,
         due: Vec<(i64, i64)>,
         now: i64,
-    ) -> impl std::future::Future<Output = Vec<(i64, Result<FireOutcome, StoreError>)>> {
-        let store = self.store.clone();
-        let routed = self.settings.routed.clone();
-        let sends: Vec<_> = due
-            .into_iter()
-            .map(|(id, due)| {
-                let req = store.send(FireTimer {
-                    id,
-                    due,
-                    now_ms: now,
-                    routed: routed.clone(),
-                });
-                async move { (id, req.await.unwrap_or(Err(StoreError::Closed))) }
-            })
-            .collect();
-        join_all(sends)
+    ) -> impl std::future::Future<Output = Vec<Fired>> {
+        let req = self.store.send(FireTimers {
+            fires: due.clone(),
+            now_ms: now,
+            routed: self.settings.routed.clone(),
+        });
+        async move {
+            let answer = req.await.unwrap_or(Err(StoreError::Closed));
+            match answer {
+                Ok(outcomes) if outcomes.len() == due.len() => due
+                    .into_iter()
+                    .zip(outcomes)
+                    .map(|((id, due), r)| (id, due, now, r))
+                    .collect(),
+                Ok(_) => due
+                    .into_iter()
+                    .map(|(id, due)| {
+                        (
+                            id,
+                            due,
+                            now,
+                            Err(StoreError::Invalid("short fire batch".into())),
+                        )
+                    })
+                    .collect(),
+                Err(e) => due
+                    .into_iter()
+                    .map(|(id, due)| (id, due, now, Err(e.clone())))
+                    .collect(),
+            }
+        }
     }
 
     /// Account for a fire batch; returns whether anything failed.
-    fn absorb(&mut self, results: Vec<(i64, Result<FireOutcome, StoreError>)>) -> bool {
+    fn absorb(&mut self, results: Vec<Fired>) -> bool {
         let mut failed = false;
         let mut outcomes = Vec::with_capacity(results.len());
         let mut kick = false;
-        for (id, r) in results {
+        for (id, due, now, r) in results {
             match r {
                 Ok(o) => {
+                    if let Some(m) = &self.metrics {
+                        m.fired.inc_by(o.fired.max(0) as u64);
+                        m.late.inc_by(o.late.max(0) as u64);
+                        m.missed.inc_by(o.missed.max(0) as u64);
+                        m.parked.inc_by(u64::from(o.parked));
+                        if o.fired > 0 {
+                            m.lateness.observe((now - due).max(0) as f64 / 1000.0);
+                        }
+                    }
                     self.stats.fired += o.fired;
                     self.stats.late += o.late;
                     self.stats.missed += o.missed;
@@ -284,22 +388,50 @@ impl TimerActor {
         if kick {
             self.outbox.do_send(OutboxKick);
         }
+        if let Some(m) = &self.metrics {
+            m.in_window.set(self.window.len() as i64);
+        }
         if let (Some(events), false) = (&self.events, outcomes.is_empty()) {
             let _ = events.send(outcomes);
         }
         failed
     }
 
+    fn saturated(&self) -> bool {
+        self.in_flight_fires >= MAX_IN_FLIGHT_WINDOWS * self.settings.window.max(1)
+    }
+
     /// The one driver: refill, fire what is due, or wait for the earliest.
     fn cycle(&mut self, ctx: &mut Context<Self>) {
-        if self.busy || !self.running || self.stopped {
+        if self.loading || !self.running || self.stopped {
             return;
         }
         if let Some(h) = self.wake.take() {
             ctx.cancel_future(h);
         }
         if self.dirty || (self.window.is_empty() && !self.complete) {
-            self.reload(ctx);
+            if self.in_flight == 0 && !self.refilling {
+                self.reload(ctx, None);
+                return;
+            }
+            if self.dirty || self.refilling {
+                // The next answered batch or refill calls `cycle` again.
+                return;
+            }
+        }
+        // Read ahead: refill before the window runs dry, so firing never
+        // waits for a load queued behind a commit.
+        if !self.complete && !self.refilling && self.window.len() <= self.settings.window / 2 {
+            let after = self
+                .window
+                .last()
+                .map(|&(next, id)| (next, id))
+                .max(self.cursor);
+            if after.is_some() {
+                self.reload(ctx, after);
+            }
+        }
+        if self.saturated() {
             return;
         }
         let now = self.clock.now_ms();
@@ -317,12 +449,18 @@ impl TimerActor {
             }));
             return;
         }
-        self.busy = true;
+        let n = due.len();
+        self.in_flight += 1;
+        self.in_flight_fires += n;
         let fut = self.fire_all(due, now);
-        ctx.spawn(fut.into_actor(self).map(|results, this, ctx| {
-            this.busy = false;
+        ctx.spawn(fut.into_actor(self).map(move |results, this, ctx| {
+            this.in_flight -= 1;
+            this.in_flight_fires -= n;
             if this.absorb(results) {
                 this.dirty = true;
+                if let Some(h) = this.wake.take() {
+                    ctx.cancel_future(h);
+                }
                 this.wake = Some(ctx.run_later(this.settings.max_sleep, |this, ctx| {
                     this.wake = None;
                     this.cycle(ctx);
@@ -331,24 +469,45 @@ impl TimerActor {
             }
             this.cycle(ctx);
         }));
+        // Look again at once: what else is due, or when to wake.
+        self.cycle(ctx);
     }
 
-    fn reload(&mut self, ctx: &mut Context<Self>) {
-        self.busy = true;
-        self.dirty = false;
+    /// Load the window: from the start (`after = None`, replaces it) or
+    /// after a cursor (merged into it).
+    fn reload(&mut self, ctx: &mut Context<Self>, after: Option<(i64, i64)>) {
+        if after.is_none() {
+            self.loading = true;
+            self.dirty = false;
+        } else {
+            self.refilling = true;
+            self.trimmed = false;
+        }
         let req = self.store.send(GetDueWindow {
             limit: self.settings.window as i64,
+            after,
         });
-        ctx.spawn(req.into_actor(self).map(|res, this, ctx| {
-            this.busy = false;
+        ctx.spawn(req.into_actor(self).map(move |res, this, ctx| {
+            if after.is_none() {
+                this.loading = false;
+            } else {
+                this.refilling = false;
+            }
             match res.unwrap_or(Err(StoreError::Closed)) {
                 Ok(rows) => {
-                    this.set_window(rows);
+                    if after.is_none() {
+                        this.set_window(rows);
+                    } else {
+                        this.extend_window(rows);
+                    }
                     this.cycle(ctx);
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot load the timer window; retrying");
                     this.dirty = true;
+                    if let Some(h) = this.wake.take() {
+                        ctx.cancel_future(h);
+                    }
                     this.wake = Some(ctx.run_later(this.settings.max_sleep, |this, ctx| {
                         this.wake = None;
                         this.cycle(ctx);
@@ -369,6 +528,10 @@ impl TimerActor {
             before_ms: cut,
             limit: 10_000,
         });
+        let count = self
+            .metrics
+            .clone()
+            .map(|m| (m, self.store.send(CountActiveTimers)));
         actix::spawn(async move {
             match req.await.unwrap_or(Err(StoreError::Closed)) {
                 Ok((timers, receipts)) if timers + receipts > 0 => {
@@ -376,6 +539,11 @@ impl TimerActor {
                 }
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "timer history pruning failed"),
+            }
+            if let Some((m, count)) = count {
+                if let Ok(Ok(n)) = count.await {
+                    m.active.set(n);
+                }
             }
         });
     }
@@ -399,9 +567,10 @@ impl Handler<RecoverTimers> for TimerActor {
     type Result = ResponseActFuture<Self, Result<TimerStats, StoreError>>;
 
     fn handle(&mut self, _: RecoverTimers, _: &mut Context<Self>) -> Self::Result {
-        self.busy = true;
+        self.loading = true;
         let req = self.store.send(GetDueWindow {
             limit: self.settings.window as i64,
+            after: None,
         });
         Box::pin(
             req.into_actor(self)
@@ -414,7 +583,7 @@ impl Handler<RecoverTimers> for TimerActor {
                                 this.take_due(this.clock.now_ms())
                             }
                             Err(e) => {
-                                this.busy = false;
+                                this.loading = false;
                                 return fut::ready(Err(e)).boxed_local();
                             }
                         };
@@ -431,7 +600,7 @@ impl Handler<RecoverTimers> for TimerActor {
                     },
                 )
                 .map(|res: Result<(), StoreError>, this, ctx| {
-                    this.busy = false;
+                    this.loading = false;
                     res?;
                     this.running = true;
                     this.prune(ctx);
@@ -461,6 +630,13 @@ impl Handler<GetTimerStats> for TimerActor {
     type Result = MessageResult<GetTimerStats>;
     fn handle(&mut self, _: GetTimerStats, _: &mut Context<Self>) -> Self::Result {
         MessageResult(self.stats.clone())
+    }
+}
+
+impl Handler<SetTimerRoutes> for TimerActor {
+    type Result = ();
+    fn handle(&mut self, msg: SetTimerRoutes, _: &mut Context<Self>) {
+        self.settings.routed = Arc::new(msg.0);
     }
 }
 
