@@ -188,8 +188,19 @@ fn migrate_cmd(dir: &DataDirArg) -> Result<ExitCode> {
     let _lock = crate::run::lock_data_dir(&config.data_dir)?;
     // SAFETY: umask only changes this process's file-creation mask.
     unsafe { libc::umask(0o077) };
-    let (_conn, report) = persistence::open_store(&StoreOptions::from_config(&config))
+    let (conn, report) = persistence::open_store(&StoreOptions::from_config(&config))
         .with_context(|| format!("migrating {}", config.data_dir.display()))?;
+    // An operator command can afford the full check a large store skips at start.
+    if let Some(db) = &report.deferred_check {
+        let problems = store::quick_check(&conn)?;
+        if problems != ["ok"] {
+            anyhow::bail!(
+                "database {} is corrupt: {}",
+                db.display(),
+                problems.join("; ")
+            );
+        }
+    }
     println!(
         "schema version {} (was {})",
         report.schema_version, report.migrated_from

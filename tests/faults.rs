@@ -464,3 +464,48 @@ async fn schema_newer_than_binary_is_refused() {
         .expect("user_version");
     assert_eq!(version, 9999);
 }
+
+// A large database (over the 8 MiB start-time check limit) is checked after
+// start so start time does not grow with stored state; damage found then must
+// not stay quiet: an ERROR naming the file and a sticky `degraded` readiness.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damage_in_a_large_database_found_after_start_makes_readyz_degraded() {
+    let mut d = stopped_store(150, 60_000).await;
+    let db = d.db_path();
+    let mut bytes = std::fs::read(&db).expect("read db");
+    assert!(
+        bytes.len() as u64 > 8 << 20,
+        "database only {} bytes: not large enough to defer its check",
+        bytes.len()
+    );
+    let page = 4096;
+    let pages = bytes.len() / page;
+    let (from, to) = (pages / 3 * page, pages / 2 * page);
+    bytes[from..to].fill(0);
+    std::fs::write(&db, &bytes).expect("write db");
+    d.spawn();
+    let degraded = poll_until(FAULT_DEADLINE, || async {
+        let r = d.readyz().await.ok()?;
+        (r.status == 503 && r.json()["status"] == "degraded").then_some(r)
+    })
+    .await
+    .expect("readyz never reported the damage");
+    let reason = degraded.json()["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        reason.contains("corrupt") && reason.contains("keel.db"),
+        "{reason}"
+    );
+    let path = db.display().to_string();
+    assert!(
+        d.wait_for_log(&path, 1, FAULT_DEADLINE).await
+            && d.stderr_boot()
+                .lines()
+                .any(|l| l.contains("ERROR") && l.contains("corrupt")),
+        "no ERROR line naming the file:\n{}",
+        common::tail(&d.stderr_boot(), 20)
+    );
+    d.sigkill();
+}

@@ -209,6 +209,9 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         migrated_from = report.migrated_from,
         "store open"
     );
+    if let Some(db) = report.deferred_check.clone() {
+        persistence::check_in_background(db, health.clone());
+    }
     let persistence =
         PersistenceActor::new(conn, store_opts, health.clone(), metrics.clone()).start();
 

@@ -24,6 +24,8 @@ struct State {
     phase: Phase,
     /// Why storage is failing, while it is.
     storage_degraded: Option<String>,
+    /// Damage found after start (background quick_check); never clears.
+    corrupt: Option<String>,
 }
 
 /// Shared readiness. Cheap to clone.
@@ -47,6 +49,7 @@ impl Health {
             state: Arc::new(Mutex::new(State {
                 phase: Phase::Starting,
                 storage_degraded: None,
+                corrupt: None,
             })),
             metrics,
         }
@@ -74,14 +77,22 @@ impl Health {
         self.metrics.ready.set(0);
     }
 
+    /// The database file is damaged (found after start): `/readyz` reports
+    /// `degraded` until keel is stopped and the file repaired.
+    pub fn storage_corrupt(&self, reason: &str) {
+        self.lock().corrupt = Some(reason.to_string());
+        self.metrics.storage_degraded.set(1);
+        self.metrics.ready.set(0);
+    }
+
     /// Called by the persistence writer after a commit succeeds.
     /// Returns true when this ends a degraded period.
     pub fn storage_ok(&self) -> bool {
         let mut s = self.lock();
         let was = s.storage_degraded.take().is_some();
-        let ready = s.phase == Phase::Ready;
+        let ready = s.phase == Phase::Ready && s.corrupt.is_none();
         drop(s);
-        if was {
+        if was && ready {
             self.metrics.storage_degraded.set(0);
             self.metrics.ready.set(i64::from(ready));
         }
@@ -90,6 +101,13 @@ impl Health {
 
     pub fn readiness(&self) -> Readiness {
         let s = self.lock();
+        if let (Some(reason), false) = (&s.corrupt, s.phase == Phase::ShuttingDown) {
+            return Readiness {
+                ready: false,
+                status: "degraded",
+                reason: format!("database corrupt: {reason}"),
+            };
+        }
         match (s.phase, &s.storage_degraded) {
             (Phase::ShuttingDown, _) => Readiness {
                 ready: false,
@@ -235,6 +253,16 @@ mod tests {
         assert!(r.reason.contains("disk full"));
         assert!(h.storage_ok());
         assert!(h.readiness().ready);
+        h.storage_corrupt("keel.db: page 7");
+        h.storage_failed("disk full");
+        h.storage_ok();
+        let r = h.readiness();
+        assert_eq!(
+            (r.ready, r.status),
+            (false, "degraded"),
+            "corruption is sticky"
+        );
+        assert!(r.reason.contains("page 7"));
         h.set_phase(Phase::ShuttingDown);
         assert_eq!(h.readiness().status, "shutting_down");
     }

@@ -76,6 +76,9 @@ impl StoreOptions {
 pub struct OpenReport {
     pub migrated_from: i64,
     pub schema_version: i64,
+    /// A large database whose `quick_check` is left to the caller
+    /// (`check_in_background` after start, or at once for operator commands).
+    pub deferred_check: Option<PathBuf>,
 }
 
 /// Open a connection and set the pragmas keel relies on. A damaged file is
@@ -190,19 +193,25 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 pub const SYNC_CHECK_MAX_BYTES: u64 = 8 << 20;
 
 /// `quick_check` a large database on its own read-only connection after
-/// start; problems are logged as an error naming the file.
-fn check_in_background(db: PathBuf) {
+/// start. Damage is logged as an error naming the file and makes `/readyz`
+/// report `degraded` for good (`Health::storage_corrupt`): the operator must
+/// see it, and it does not clear on the next successful write.
+pub fn check_in_background(db: PathBuf, health: Health) {
     let spawned = std::thread::Builder::new()
         .name("keel-quick-check".into())
         .spawn(move || {
             let result = open_read_only(&db).and_then(|c| Ok(store::quick_check(&c)?));
             match result {
                 Ok(p) if p == ["ok"] => tracing::debug!(path = %db.display(), "quick_check ok"),
-                Ok(p) => tracing::error!(
-                    path = %db.display(),
-                    problems = %p.join("; "),
-                    "database is corrupt (background quick_check)"
-                ),
+                Ok(p) => {
+                    let problems = p.join("; ");
+                    tracing::error!(
+                        path = %db.display(),
+                        problems = %problems,
+                        "database is corrupt (background quick_check); stop keel and repair it"
+                    );
+                    health.storage_corrupt(&format!("{}: {problems}", db.display()));
+                }
                 Err(e) => tracing::warn!(path = %db.display(), error = %e, "background quick_check failed"),
             }
         });
@@ -225,6 +234,7 @@ pub fn open_store(opts: &StoreOptions) -> Result<(Connection, OpenReport), Store
     }
     let mut conn = open_connection(opts)?;
     let path = opts.display_path();
+    let mut deferred_check = None;
     if let Some(db) = &opts.path {
         // `quick_check` reads every page (~1.4 s for a million timers): a
         // small file is checked before start, a large one after, so start
@@ -245,7 +255,7 @@ pub fn open_store(opts: &StoreOptions) -> Result<(Connection, OpenReport), Store
                 r.get::<_, i64>(0)
             })
             .map_err(|e| classify_open_error(&path, e))?;
-            check_in_background(db.clone());
+            deferred_check = Some(db.clone());
         }
     }
     let report = migrate::migrate(&mut conn, &path)?;
@@ -264,6 +274,7 @@ pub fn open_store(opts: &StoreOptions) -> Result<(Connection, OpenReport), Store
         OpenReport {
             migrated_from: report.from,
             schema_version: report.to,
+            deferred_check,
         },
     ))
 }
