@@ -293,6 +293,7 @@ impl RowMaker {
                     // As in keel after a session's first message: the
                     // session and sender rows exist.
                     known: n >= self.clients as u64,
+                    adapter_state: None,
                     effect: None,
                 }
             })

@@ -49,6 +49,9 @@ pub struct Deliver {
     /// The channel's message id: the idempotency key (R2).
     pub key: String,
     pub text: String,
+    /// `(adapter, state_json)` to store in the same transaction as this turn
+    /// (see `Exchange::adapter_state`); `None` for most messages.
+    pub adapter_state: Option<(String, String)>,
 }
 
 /// The durable outcome of a `Deliver`.
@@ -391,6 +394,7 @@ impl SessionActor {
                 .as_ref()
                 .map(|m| Value::Object(m.clone()).to_string()),
             known: cache.stored && cache.senders.contains(&msg.from),
+            adapter_state: msg.adapter_state.clone(),
             effect,
         };
         self.persistence

@@ -67,6 +67,7 @@ fn exchange(chat: &str, key: &str) -> Exchange {
         }),
         memory: None,
         known: false,
+        adapter_state: None,
         effect: None,
     }
 }
@@ -354,6 +355,7 @@ async fn a_redelivered_message_is_stored_and_answered_once() {
         from: "u".into(),
         key: "m1".into(),
         text: "/remember k v".into(),
+        adapter_state: None,
     };
     let first = registry.send(deliver()).await.unwrap().unwrap();
     let second = registry.send(deliver()).await.unwrap().unwrap();

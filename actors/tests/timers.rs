@@ -61,6 +61,7 @@ async fn create(store: &Addr<PersistenceActor>, key: &str, spec: ScheduleSpec) {
         }),
         memory: None,
         known: false,
+        adapter_state: None,
         effect: Some(Effect::CreateTimer(TimerRequest {
             spec,
             text: format!("note {key}"),

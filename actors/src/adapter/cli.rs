@@ -290,6 +290,7 @@ impl Conn {
                 from: "local".into(),
                 key,
                 text,
+                adapter_state: None,
             })
             .await
             .unwrap_or(Err(StoreError::Closed));

@@ -297,6 +297,7 @@ async fn socket_loop(
                                     from: msg.user,
                                     key: msg.event_id,
                                     text: msg.text,
+                                    adapter_state: None,
                                 })
                                 .await
                                 .unwrap_or(Err(StoreError::Closed));

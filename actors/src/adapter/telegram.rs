@@ -2,25 +2,19 @@
 //! out, against a configurable `api_base` (R13, R14).
 //!
 //! One poll cycle: `getUpdates(offset, timeout, limit)` → every update of the
-//! batch goes to the session registry as a `Deliver` (key = update_id,
-//! session `telegram:<chat_id>`) and is awaited until durable → the batch's
-//! highest update_id is written to `adapter_state` as `{"last_offset": N}`
-//! (after COMMIT) → only then is `getUpdates(offset = N + 1)` sent, which is
-//! what confirms the batch to Telegram.
+//! batch but the last goes to the session registry as a `Deliver` (key =
+//! update_id, session `telegram:<chat_id>`) and is awaited until durable →
+//! the last update's `Deliver` carries `{"last_offset": N}` (N = the batch's
+//! highest update_id), which the store writes to `adapter_state` in the same
+//! transaction as that turn → only then is `getUpdates(offset = N + 1)` sent,
+//! which is what confirms the batch to Telegram.
 //!
-//! Why two commits still keep R14: the turns are committed by their session
-//! actors (each idempotent by update_id through the unique `(session, key)`),
-//! the offset after all of them. A crash between the two leaves the offset at
-//! the previous batch, so Telegram redelivers the batch and the store drops
-//! every repeat: nothing is lost (the offset never passes an unstored update)
-//! and nothing is processed twice (the key is unique). A malformed update is
-//! logged, listed as rejected in the state row and passed over, so it never
-//! stalls the offset.
-//!
-//! The state row is keyed by a fingerprint of the token, so a new bot never
-//! resumes at an old bot's offset. The token itself is never logged: it lives
-//! only in request URLs, and every error text is built without the URL and
-//! passed through [`redact`].
+//! So the offset never becomes durable ahead of a turn of its batch (R14). A
+//! crash before it leaves the offset at the previous batch: Telegram
+//! redelivers, and the unique `(session, key)` drops every stored repeat —
+//! nothing lost, nothing processed twice. A malformed update is logged,
+//! listed as rejected in the state row and passed over, so it never stalls
+//! the offset.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -417,7 +411,7 @@ async fn poll_loop(
             return Ok(());
         };
         let mut max_id = state.last_offset;
-        let mut pending = Vec::new();
+        let mut valid = Vec::new();
         for update in &updates {
             let Some(id) = update_id(update) else {
                 tracing::warn!("telegram update without update_id ignored");
@@ -425,16 +419,7 @@ async fn poll_loop(
             };
             max_id = Some(max_id.map_or(id, |m| m.max(id)));
             match parse_update(update) {
-                Ok(msg) => pending.push((
-                    id,
-                    registry.send(Deliver {
-                        channel: "telegram".into(),
-                        chat: msg.chat,
-                        from: msg.from,
-                        key: id.to_string(),
-                        text: msg.text,
-                    }),
-                )),
+                Ok(msg) => valid.push((id, msg)),
                 Err(reason) => {
                     tracing::warn!(update_id = id, reason = %reason, "telegram update rejected");
                     metrics
@@ -445,49 +430,89 @@ async fn poll_loop(
                 }
             }
         }
+        // All updates but the last are stored first (concurrently, through
+        // their sessions); the last one carries the new offset, so the offset
+        // commits in the same transaction as the batch's final turn and never
+        // becomes durable ahead of any turn of its batch (R14).
+        let last = valid.pop();
+        let pending: Vec<_> = valid
+            .into_iter()
+            .map(|(id, msg)| (id, registry.send(telegram_deliver(msg, id, None))))
+            .collect();
         for (id, request) in pending {
-            match request.await.unwrap_or(Err(StoreError::Closed)) {
-                Ok(crate::session::Delivered::Accepted { .. }) => {
-                    metrics
-                        .inbound
-                        .with_label_values(&["telegram", "accepted"])
-                        .inc();
-                }
-                Ok(crate::session::Delivered::Duplicate { .. }) => {
-                    metrics
-                        .inbound
-                        .with_label_values(&["telegram", "duplicate"])
-                        .inc();
-                }
-                Err(StoreError::Invalid(reason)) => {
-                    tracing::warn!(update_id = id, reason = %reason, "telegram update rejected");
-                    metrics
-                        .inbound
-                        .with_label_values(&["telegram", "rejected"])
-                        .inc();
-                    state.rejected.push(id);
-                }
-                Err(e) => {
-                    metrics
-                        .inbound
-                        .with_label_values(&["telegram", "unavailable"])
-                        .inc();
-                    return Err(AdapterError::Store(e));
-                }
-            }
+            let result = request.await.unwrap_or(Err(StoreError::Closed));
+            record_outcome(&metrics, &mut state, id, result)?;
         }
+        state.last_offset = max_id;
         let keep = state.rejected.len().saturating_sub(20);
         state.rejected.drain(..keep);
-        state.last_offset = max_id;
         let json = serde_json::to_string(&state).unwrap_or_default();
-        persistence
-            .send(PutAdapterState {
-                adapter: key.clone(),
-                state_json: json,
-            })
-            .await
-            .unwrap_or(Err(StoreError::Closed))?;
+        let mut offset_stored = false;
+        if let Some((id, msg)) = last {
+            let deliver = telegram_deliver(msg, id, Some((key.clone(), json.clone())));
+            let result = registry
+                .send(deliver)
+                .await
+                .unwrap_or(Err(StoreError::Closed));
+            offset_stored = result.is_ok();
+            record_outcome(&metrics, &mut state, id, result)?;
+        }
+        if !offset_stored {
+            // No valid update in the batch, or its last one was refused on
+            // its own: the offset is written by itself.
+            let json = serde_json::to_string(&state).unwrap_or_default();
+            persistence
+                .send(PutAdapterState {
+                    adapter: key.clone(),
+                    state_json: json,
+                })
+                .await
+                .unwrap_or(Err(StoreError::Closed))?;
+        }
     }
+}
+
+/// The `Deliver` for one update; `state` rides along on the batch's last.
+fn telegram_deliver(msg: TextUpdate, id: i64, state: Option<(String, String)>) -> Deliver {
+    Deliver {
+        channel: "telegram".into(),
+        chat: msg.chat,
+        from: msg.from,
+        key: id.to_string(),
+        text: msg.text,
+        adapter_state: state,
+    }
+}
+
+/// Count one delivery's outcome; a storage failure ends this poll run (the
+/// supervisor retries it, and the offset has not moved).
+fn record_outcome(
+    metrics: &Metrics,
+    state: &mut OffsetState,
+    id: i64,
+    result: Result<crate::session::Delivered, StoreError>,
+) -> Result<(), AdapterError> {
+    let outcome = match result {
+        Ok(crate::session::Delivered::Accepted { .. }) => "accepted",
+        Ok(crate::session::Delivered::Duplicate { .. }) => "duplicate",
+        Err(StoreError::Invalid(reason)) => {
+            tracing::warn!(update_id = id, reason = %reason, "telegram update rejected");
+            state.rejected.push(id);
+            "rejected"
+        }
+        Err(e) => {
+            metrics
+                .inbound
+                .with_label_values(&["telegram", "unavailable"])
+                .inc();
+            return Err(AdapterError::Store(e));
+        }
+    };
+    metrics
+        .inbound
+        .with_label_values(&["telegram", outcome])
+        .inc();
+    Ok(())
 }
 
 /// Sends replies to Telegram chats with `sendMessage`.

@@ -288,6 +288,7 @@ async fn handle(
             from: msg.from,
             key: msg.id,
             text: msg.text,
+            adapter_state: None,
         })
         .await
         .unwrap_or(Err(StoreError::Closed));

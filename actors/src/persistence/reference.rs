@@ -77,6 +77,7 @@ mod tests {
                 }),
                 memory: None,
                 known: false,
+                adapter_state: None,
                 effect: None,
             })
             .collect()

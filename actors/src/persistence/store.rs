@@ -48,6 +48,10 @@ pub struct Exchange {
     /// The session and this sender are already stored (the session actor
     /// knows): skip the two existence checks on the hot path.
     pub known: bool,
+    /// An adapter's resume state (e.g. the Telegram offset) written in the
+    /// same transaction as this turn — also when the turn is a duplicate —
+    /// so the state never becomes durable without it (R14).
+    pub adapter_state: Option<(String, String)>,
     /// A command's effect (timers, timezone), applied in this transaction;
     /// when set, the text it renders replaces `reply.text`.
     pub effect: Option<super::timers::Effect>,
@@ -236,6 +240,9 @@ fn insert_outbox(
 /// Store an inbound turn (once per key) and its reply + outbox row.
 pub fn commit_exchange(conn: &Connection, ex: &Exchange) -> Result<ExchangeOutcome, StoreError> {
     let at = now();
+    if let Some((adapter, state_json)) = &ex.adapter_state {
+        super::adapter_state::save(conn, adapter, state_json)?;
+    }
     if !ex.known {
         ensure_session(conn, &ex.session, Some(&ex.from), &at)?;
     }
@@ -701,6 +708,7 @@ mod tests {
             }),
             memory: None,
             known: false,
+            adapter_state: None,
             effect: None,
         }
     }
@@ -730,6 +738,24 @@ mod tests {
         assert!(pending_outbox(&c, 0, 10).unwrap().is_empty());
         let turns = session_turns(&c, "webhook:c1", 0, 100).unwrap().unwrap();
         assert_eq!(turns[1].sent, Some(true));
+    }
+
+    #[test]
+    fn adapter_state_rides_in_the_exchange_transaction_even_for_a_duplicate() {
+        let c = db();
+        let mut e = ex("c1", "7", "hi", Some("ok"));
+        e.adapter_state = Some(("telegram:x".into(), r#"{"last_offset":7}"#.into()));
+        commit_exchange(&c, &e).unwrap();
+        let stored = crate::persistence::adapter_state::load(&c, "telegram:x").unwrap();
+        assert_eq!(stored.as_deref(), Some(r#"{"last_offset":7}"#));
+        // A redelivered last update still moves the offset.
+        e.adapter_state = Some(("telegram:x".into(), r#"{"last_offset":8}"#.into()));
+        assert!(matches!(
+            commit_exchange(&c, &e).unwrap(),
+            ExchangeOutcome::Duplicate { .. }
+        ));
+        let stored = crate::persistence::adapter_state::load(&c, "telegram:x").unwrap();
+        assert_eq!(stored.as_deref(), Some(r#"{"last_offset":8}"#));
     }
 
     #[test]

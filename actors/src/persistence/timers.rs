@@ -918,6 +918,7 @@ mod tests {
                 }),
                 memory: None,
                 known: false,
+                adapter_state: None,
                 effect: Some(effect),
             },
         )
