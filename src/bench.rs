@@ -428,11 +428,23 @@ impl Keel {
 
     /// Poll `GET /readyz` until it answers 200.
     async fn wait_ready(&mut self, base: &str) -> Result<()> {
+        self.wait_ready_polling(base, READY_DEADLINE, Duration::from_millis(20))
+            .await
+    }
+
+    /// Poll `/readyz` every `every` until 200; fails if keel exits first or
+    /// `limit` passes.
+    pub(crate) async fn wait_ready_polling(
+        &mut self,
+        base: &str,
+        limit: Duration,
+        every: Duration,
+    ) -> Result<()> {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(1))
             .build()
             .context("cannot build an HTTP client")?;
-        let deadline = Instant::now() + READY_DEADLINE;
+        let deadline = Instant::now() + limit;
         loop {
             if let Some(status) = self.child.try_wait().context("waiting for keel")? {
                 self.exited = Some(status);
@@ -448,11 +460,11 @@ impl Keel {
             }
             if Instant::now() >= deadline {
                 bail!(
-                    "keel was not ready within {READY_DEADLINE:?}; its log:\n{}",
+                    "keel was not ready within {limit:?}; its log:\n{}",
                     log_tail(&self.log)
                 );
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(every).await;
         }
     }
 

@@ -31,7 +31,7 @@ use keel_actors::config::Synchronous;
 use keel_actors::persistence::{self, timers, StoreOptions};
 use serde_json::{json, Value};
 
-use crate::bench::{log_tail, progress, runtime, BenchArgs, Keel, Scratch};
+use crate::bench::{progress, runtime, BenchArgs, Keel, Scratch};
 
 /// Target: restart-to-ready, milliseconds, whatever the count.
 const TARGET_READY_MS: f64 = 200.0;
@@ -190,34 +190,7 @@ fn start_timed(binary: &Path, dir: &Path) -> Result<(Keel, f64)> {
     let mut keel = Keel::start(binary, dir)?;
     let rt = runtime()?;
     let base = format!("http://{}", keel.addr);
-    rt.block_on(async {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(1))
-            .build()
-            .context("cannot build an HTTP client")?;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = keel.child.try_wait()? {
-                keel.exited = Some(status);
-                bail!(
-                    "keel exited with {status}; its log:\n{}",
-                    log_tail(&keel.log)
-                );
-            }
-            if let Ok(r) = http.get(format!("{base}/readyz")).send().await {
-                if r.status() == reqwest::StatusCode::OK {
-                    return Ok(());
-                }
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "keel was not ready within 60 s; its log:\n{}",
-                    log_tail(&keel.log)
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-    })?;
+    rt.block_on(keel.wait_ready_polling(&base, Duration::from_secs(60), Duration::from_millis(2)))?;
     Ok((keel, t.elapsed().as_secs_f64() * 1000.0))
 }
 

@@ -503,29 +503,32 @@ pub fn session_memory(conn: &Connection, session_id: &str) -> Result<Option<Stri
         .optional()?)
 }
 
+const OUTBOX_COLUMNS: &str =
+    "SELECT id, session_id, channel, chat, in_reply_to, text, attempts FROM outbox";
+
+fn outbox_row(r: &rusqlite::Row<'_>, unknown: bool) -> rusqlite::Result<OutboxRow> {
+    Ok(OutboxRow {
+        id: r.get(0)?,
+        session_id: r.get(1)?,
+        channel: r.get(2)?,
+        chat: r.get(3)?,
+        in_reply_to: r.get(4)?,
+        text: r.get(5)?,
+        attempts: r.get(6)?,
+        unknown,
+    })
+}
+
 /// Pending outbox rows with `id > after`, oldest first.
 pub fn pending_outbox(
     conn: &Connection,
     after: i64,
     limit: i64,
 ) -> Result<Vec<OutboxRow>, StoreError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT id, session_id, channel, chat, in_reply_to, text, attempts FROM outbox
-         WHERE state = 'pending' AND id > ?1 ORDER BY id LIMIT ?2",
-    )?;
+    let sql = format!("{OUTBOX_COLUMNS} WHERE state = 'pending' AND id > ?1 ORDER BY id LIMIT ?2");
+    let mut stmt = conn.prepare_cached(&sql)?;
     let rows = stmt
-        .query_map(params![after, limit], |r| {
-            Ok(OutboxRow {
-                id: r.get(0)?,
-                session_id: r.get(1)?,
-                channel: r.get(2)?,
-                chat: r.get(3)?,
-                in_reply_to: r.get(4)?,
-                text: r.get(5)?,
-                attempts: r.get(6)?,
-                unknown: false,
-            })
-        })?
+        .query_map(params![after, limit], |r| outbox_row(r, false))?
         .collect::<Result<Vec<_>, _>>()?;
     Ok(rows)
 }
@@ -566,23 +569,10 @@ pub fn mark_outbox_unknown(conn: &Connection, id: i64, error: &str) -> Result<()
 /// outbox's first page only (start, new routes): there is no index on
 /// `unknown` (schema change avoided), so this scans, but only then.
 pub fn unknown_outbox(conn: &Connection, limit: i64) -> Result<Vec<OutboxRow>, StoreError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT id, session_id, channel, chat, in_reply_to, text, attempts FROM outbox
-         WHERE state = 'unknown' ORDER BY id LIMIT ?1",
-    )?;
+    let sql = format!("{OUTBOX_COLUMNS} WHERE state = 'unknown' ORDER BY id LIMIT ?1");
+    let mut stmt = conn.prepare_cached(&sql)?;
     let rows = stmt
-        .query_map(params![limit], |r| {
-            Ok(OutboxRow {
-                id: r.get(0)?,
-                session_id: r.get(1)?,
-                channel: r.get(2)?,
-                chat: r.get(3)?,
-                in_reply_to: r.get(4)?,
-                text: r.get(5)?,
-                attempts: r.get(6)?,
-                unknown: true,
-            })
-        })?
+        .query_map(params![limit], |r| outbox_row(r, true))?
         .collect::<Result<Vec<_>, _>>()?;
     Ok(rows)
 }
