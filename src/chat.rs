@@ -44,8 +44,9 @@ pub fn chat(args: ChatArgs) -> Result<ExitCode> {
         let id = format!("chat-{}-{}-{n}", std::process::id(), now_nanos());
         let req = json!({"chat": args.chat, "id": id, "text": text});
         writeln!(writer, "{req}")?;
-        // Wait for the ack, then for the reply to this message.
-        let mut acked = false;
+        // Wait for both the ack and the reply to this message; the reply may
+        // come first (the outbox can send it before the ack line is written).
+        let (mut acked, mut replied) = (false, false);
         loop {
             let mut resp = String::new();
             match reader.read_line(&mut resp) {
@@ -67,13 +68,12 @@ pub fn chat(args: ChatArgs) -> Result<ExitCode> {
             }
             if v.get("ack").is_some() {
                 acked = true;
-                continue;
-            }
-            if let Some(reply) = v.get("reply").and_then(Value::as_str) {
+            } else if let Some(reply) = v.get("reply").and_then(Value::as_str) {
                 println!("{reply}");
-                if v.get("in_reply_to").and_then(Value::as_str) == Some(id.as_str()) && acked {
-                    break;
-                }
+                replied |= v.get("in_reply_to").and_then(Value::as_str) == Some(id.as_str());
+            }
+            if acked && replied {
+                break;
             }
         }
     }

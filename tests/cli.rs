@@ -278,3 +278,43 @@ async fn the_cli_socket_listener_is_supervised_and_rebinds_after_its_file_vanish
     assert!(metrics.contains(r#"keel_adapter_state{adapter="cli",state="running"} 1"#));
     d.assert_no_panics();
 }
+
+// `keel chat` waits for the ack and the reply of each line before the next
+// one; the reply may arrive before the ack, and several lines in a row must
+// all be answered (a reply-before-ack used to leave the client waiting).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_answers_every_line_of_a_piped_conversation() {
+    let d = Daemon::start(common::Config::default()).await;
+    let data = d.data_dir.to_string_lossy().into_owned();
+    for round in 0..20 {
+        let out = run_keel(
+            &[
+                "chat",
+                "--data-dir",
+                &data,
+                "--chat",
+                &format!("pipe{round}"),
+            ],
+            Some(b"/remember color blue\n/recall color\n/history 1\n/timers\n"),
+            Duration::from_secs(25),
+        )
+        .await;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "round {round}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for want in [
+            "Remembered color.",
+            "color: blue",
+            "#4 assistant: color: blue",
+            "No active timers",
+        ] {
+            assert!(
+                stdout.contains(want),
+                "round {round}: no {want:?} in:\n{stdout}"
+            );
+        }
+    }
+}
