@@ -55,6 +55,17 @@ async fn turns_of(
         .expect("session exists")
 }
 
+/// Polls (bounded) until the session's reply turn is marked sent.
+async fn reply_marked_sent(store: &Addr<PersistenceActor>, session: &str) -> bool {
+    for _ in 0..100 {
+        if turns_of(store, session).await[1].sent == Some(true) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
 fn exchange(chat: &str, key: &str) -> Exchange {
     Exchange {
         session: SessionKey::new("webhook", chat),
@@ -204,15 +215,7 @@ async fn failed_sends_back_off_exponentially_then_mark_sent() {
     // never given up.
     assert_eq!(gaps, vec![5, 10, 20, 40, 60, 60, 60]);
     // The eighth attempt succeeded: the row is marked sent once recorded.
-    let mut sent = false;
-    for _ in 0..100 {
-        let turns = turns_of(&store, "webhook:c1").await;
-        if turns[1].sent == Some(true) {
-            sent = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let sent = reply_marked_sent(&store, "webhook:c1").await;
     assert!(sent, "reply never marked sent");
     assert_eq!(metrics.outbox_sent.get(), 1);
     assert_eq!(metrics.outbox_send_failures.get(), 7);
@@ -308,15 +311,7 @@ async fn a_send_without_answer_is_recorded_unknown_counted_and_resent() {
         .do_send(OutboxKick);
     let (_, reply) = again.recv().await.unwrap();
     assert_eq!(reply.in_reply_to.as_deref(), Some("k1"));
-    let mut sent = false;
-    for _ in 0..100 {
-        let turns = turns_of(&store, "webhook:c1").await;
-        if turns[1].sent == Some(true) {
-            sent = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let sent = reply_marked_sent(&store, "webhook:c1").await;
     assert!(sent, "the unknown reply was never resent and marked sent");
     let stats = store.send(GetStats).await.unwrap().unwrap();
     assert_eq!(stats.outbox_unknown, 0);

@@ -458,19 +458,25 @@ impl TimerActor {
             this.in_flight_fires -= n;
             if this.absorb(results) {
                 this.dirty = true;
-                if let Some(h) = this.wake.take() {
-                    ctx.cancel_future(h);
-                }
-                this.wake = Some(ctx.run_later(this.settings.max_sleep, |this, ctx| {
-                    this.wake = None;
-                    this.cycle(ctx);
-                }));
+                this.retry_later(ctx);
                 return;
             }
             this.cycle(ctx);
         }));
         // Look again at once: what else is due, or when to wake.
         self.cycle(ctx);
+    }
+
+    /// Replace any pending wake-up with one `max_sleep` from now (after a
+    /// store failure: try again, without a hot loop).
+    fn retry_later(&mut self, ctx: &mut Context<Self>) {
+        if let Some(h) = self.wake.take() {
+            ctx.cancel_future(h);
+        }
+        self.wake = Some(ctx.run_later(self.settings.max_sleep, |this, ctx| {
+            this.wake = None;
+            this.cycle(ctx);
+        }));
     }
 
     /// Load the window: from the start (`after = None`, replaces it) or
@@ -505,13 +511,7 @@ impl TimerActor {
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot load the timer window; retrying");
                     this.dirty = true;
-                    if let Some(h) = this.wake.take() {
-                        ctx.cancel_future(h);
-                    }
-                    this.wake = Some(ctx.run_later(this.settings.max_sleep, |this, ctx| {
-                        this.wake = None;
-                        this.cycle(ctx);
-                    }));
+                    this.retry_later(ctx);
                 }
             }
         }));
