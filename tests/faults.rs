@@ -192,8 +192,22 @@ async fn disk_full_degrades_then_recovers_by_itself() {
 /// Runs `keel run` on `data` (no config file) and expects a refusal that
 /// names `data`; `uid` runs it as another user.
 async fn expect_start_refused(data: &Path, uid: Option<u32>, why: &str) -> String {
+    use std::os::unix::fs::PermissionsExt;
     use std::os::unix::process::CommandExt;
-    let mut cmd = Command::new(common::keel_bin());
+    // Another uid may not reach the build directory (a checkout inside a
+    // 0700 directory): run a copy placed beside `data`, in a dir it can read.
+    let bin = match uid {
+        None => PathBuf::from(common::keel_bin()),
+        Some(_) => {
+            let dir = data.parent().expect("data has a parent");
+            let copy = dir.join("keel-bin");
+            std::fs::copy(common::keel_bin(), &copy).expect("copy keel");
+            std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755))
+                .expect("chmod keel copy");
+            copy
+        }
+    };
+    let mut cmd = Command::new(bin);
     cmd.arg("run")
         .arg("--data-dir")
         .arg(data)
