@@ -1,6 +1,10 @@
 # keel container image: two stages, dependencies cached, non-root runtime.
 #   docker build -t keel .
-#   docker run -v keel-data:/var/lib/keel -p 7878:7878 keel
+#   docker run -v keel-data:/var/lib/keel -p 7878:7878 -e KEEL_WEBHOOK_SECRET=… keel
+# keel listens on 0.0.0.0 here, so it refuses to start with an unsigned
+# webhook: set KEEL_WEBHOOK_SECRET (clients sign with X-Keel-Signature), or
+# KEEL_WEBHOOK_ALLOW_UNSIGNED=true to opt out. Admin endpoints (/v1/sessions*)
+# answer loopback peers only, i.e. from inside the container.
 # `docker stop` sends SIGTERM and waits 10 s by default, longer than keel's
 # 5 s drain deadline (shutdown_timeout_ms); raise both together.
 

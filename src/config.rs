@@ -56,12 +56,16 @@ fn read_config_file(path: &Path) -> Result<String> {
 
 /// The config for `dir` (+ run flags when given).
 pub fn load(dir: &DataDirArg, run: Option<&RunArgs>) -> Result<Config> {
-    let mut config = match config_path(dir) {
+    // Validated once, after flags and environment are applied: a file that
+    // is only valid with them (e.g. a public listener whose webhook secret
+    // comes from KEEL_WEBHOOK_SECRET) must load, and a flag may fix a file.
+    let (mut config, origin) = match config_path(dir) {
         Some(path) => {
             let text = read_config_file(&path)?;
-            Config::from_toml(&text, &path.display().to_string())?
+            let origin = path.display().to_string();
+            (Config::parse_toml(&text, &origin)?, origin)
         }
-        None => Config::default(),
+        None => (Config::default(), "command line".to_string()),
     };
     if let Some(d) = &dir.data_dir {
         config.data_dir = d.clone();
@@ -81,12 +85,22 @@ pub fn load(dir: &DataDirArg, run: Option<&RunArgs>) -> Result<Config> {
             .filter(|t| !t.is_empty());
     }
     let env_token = |name: &str| std::env::var(name).ok().filter(|t| !t.is_empty());
+    if config.webhook.secret.is_none() {
+        config.webhook.secret = env_token("KEEL_WEBHOOK_SECRET");
+    }
+    if let Some(v) = env_token("KEEL_WEBHOOK_ALLOW_UNSIGNED") {
+        config.webhook.allow_unsigned = match v.as_str() {
+            "1" | "true" | "yes" => true,
+            "0" | "false" | "no" => false,
+            _ => bail!("KEEL_WEBHOOK_ALLOW_UNSIGNED must be true or false, not {v:?}"),
+        };
+    }
     if config.slack.app_token.is_none() {
         config.slack.app_token = env_token("KEEL_SLACK_APP_TOKEN");
     }
     if config.slack.bot_token.is_none() {
         config.slack.bot_token = env_token("KEEL_SLACK_BOT_TOKEN");
     }
-    config.validate("command line")?;
+    config.validate(&origin)?;
     Ok(config)
 }

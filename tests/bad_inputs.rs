@@ -430,8 +430,22 @@ async fn replayed_id_is_duplicate_and_stored_once() {
         assert_eq!(again["status"], "duplicate", "{again}");
         assert_eq!(again["session"], "webhook:rep");
     }
-    let changed = d.post_ok("rep-1", "rep", "changed text").await;
-    assert_eq!(changed["status"], "duplicate", "{changed}");
+    // The same key with another text is a conflict (R41), never a silent drop.
+    let changed = d
+        .post_message(
+            &json!({"id": "rep-1", "chat": "rep", "from": "tester", "text": "changed text"}),
+        )
+        .await
+        .expect("POST changed");
+    assert_eq!(changed.status, 409, "{}", changed.body);
+    assert!(changed.error_problem().is_none(), "{}", changed.body);
+    assert!(
+        changed.json()["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("rep-1") && e.contains("different content")),
+        "{}",
+        changed.body
+    );
     let turns = d.turns("webhook:rep").await;
     let user: Vec<_> = turns.iter().filter(|t| t.role == "user").collect();
     assert_eq!(user.len(), 1, "{turns:?}");

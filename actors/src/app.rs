@@ -256,6 +256,9 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         health.clone(),
         metrics.clone(),
         persistence.clone(),
+        crate::http::AdminAccess {
+            loopback_open: config.admin.loopback_open,
+        },
         webhook,
     )
     .map_err(|source| StartError::Bind { addr, source })?;

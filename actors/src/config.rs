@@ -29,6 +29,8 @@ pub struct Config {
     pub ephemeral: bool,
     pub storage: StorageConfig,
     pub webhook: WebhookConfig,
+    /// Who may use the admin endpoints (`/v1/sessions*`, R30, R43).
+    pub admin: AdminConfig,
     pub cli: CliConfig,
     pub agent: AgentConfig,
     pub owner: Option<OwnerConfig>,
@@ -52,6 +54,7 @@ impl Default for Config {
             ephemeral: false,
             storage: StorageConfig::default(),
             webhook: WebhookConfig::default(),
+            admin: AdminConfig::default(),
             cli: CliConfig::default(),
             agent: AgentConfig::default(),
             owner: None,
@@ -118,6 +121,10 @@ pub struct WebhookConfig {
     /// Where replies to webhook chats are POSTed; none = replies are only stored.
     pub reply_url: Option<String>,
     pub max_body_bytes: usize,
+    /// Accept unsigned messages on a non-loopback listener (R43). Without
+    /// it, such a start is refused: anyone who can reach the port could
+    /// post as any sender.
+    pub allow_unsigned: bool,
 }
 
 /// Written by hand so the secret never reaches a log through `{:?}`.
@@ -128,6 +135,7 @@ impl std::fmt::Debug for WebhookConfig {
             .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
             .field("reply_url", &self.reply_url)
             .field("max_body_bytes", &self.max_body_bytes)
+            .field("allow_unsigned", &self.allow_unsigned)
             .finish()
     }
 }
@@ -139,6 +147,24 @@ impl Default for WebhookConfig {
             secret: None,
             reply_url: None,
             max_body_bytes: 256 * 1024,
+            allow_unsigned: false,
+        }
+    }
+}
+
+/// `[admin]`: access to the admin endpoints (R30, R43).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Loopback peers may use the admin endpoints without a token. Other
+    /// peers always need a capability token (403 without one).
+    pub loopback_open: bool,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            loopback_open: true,
         }
     }
 }
@@ -209,12 +235,18 @@ impl Default for OutboxConfig {
 impl Config {
     /// Parse and validate TOML text. `origin` names the source in errors.
     pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            origin: origin.to_string(),
-            detail: one_line(&e.to_string()),
-        })?;
+        let config = Config::parse_toml(text, origin)?;
         config.validate(origin)?;
         Ok(config)
+    }
+
+    /// Parse TOML text without the cross-field checks, for callers that
+    /// overlay flags and environment first and then call `validate`.
+    pub fn parse_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            origin: origin.to_string(),
+            detail: one_line(&e.to_string()),
+        })
     }
 
     /// Checks that serde cannot express. Runs at startup and on every reload.
@@ -224,8 +256,24 @@ impl Config {
             key,
             detail,
         };
-        self.listen_addr()
+        let listen = self
+            .listen_addr()
             .map_err(|e| invalid("listen", format!("{e}: {:?}", self.listen)))?;
+        if self.webhook.enabled
+            && self.webhook.secret.is_none()
+            && !self.webhook.allow_unsigned
+            && !listen.ip().is_loopback()
+        {
+            return Err(invalid(
+                "webhook.secret",
+                format!(
+                    "listen {} is not a loopback address and the webhook has no secret: \
+                     set webhook.secret (or KEEL_WEBHOOK_SECRET), or webhook.allow_unsigned = true \
+                     (KEEL_WEBHOOK_ALLOW_UNSIGNED=true) to accept unsigned messages",
+                    self.listen
+                ),
+            ));
+        }
         if !self.ephemeral && self.data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir", "must not be empty".into()));
         }
@@ -360,6 +408,9 @@ impl Config {
         if self.webhook.enabled != new.webhook.enabled {
             changed.push("webhook.enabled");
         }
+        if self.admin != new.admin {
+            changed.push("admin");
+        }
         changed
     }
 }
@@ -410,6 +461,27 @@ mod tests {
     fn debug_output_never_shows_the_webhook_secret() {
         let c = Config::from_toml("[webhook]\nsecret = \"canary-5ecret\"\n", "t").unwrap();
         assert!(!format!("{c:?}").contains("canary-5ecret"));
+    }
+
+    #[test]
+    fn a_public_webhook_needs_a_secret_or_the_opt_out() {
+        let open = Config::from_toml("listen = \"0.0.0.0:7878\"", "t").unwrap_err();
+        let msg = open.to_string();
+        assert!(
+            msg.contains("webhook.secret") && msg.contains("allow_unsigned"),
+            "{msg}"
+        );
+        assert!(!msg.contains('\n'), "{msg}");
+        for ok in [
+            "listen = \"0.0.0.0:7878\"\n[webhook]\nsecret = \"s\"",
+            "listen = \"0.0.0.0:7878\"\n[webhook]\nallow_unsigned = true",
+            "listen = \"0.0.0.0:7878\"\n[webhook]\nenabled = false",
+            "listen = \"[::1]:7878\"",
+            "listen = \"127.0.0.2:7878\"",
+        ] {
+            assert!(Config::from_toml(ok, "t").is_ok(), "{ok}");
+        }
+        assert!(Config::from_toml("listen = \"[::]:7878\"", "t").is_err());
     }
 
     #[test]

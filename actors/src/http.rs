@@ -2,11 +2,20 @@
 //! adapter's route. Bound before recovery so `/healthz` and `/readyz`
 //! answer from the first moment; the webhook route refuses messages until
 //! the intake gate opens.
+//!
+//! Admin endpoints (`/v1/sessions*`, and every admin route added later) are
+//! mounted with `admin_scope`, whose guard lets through loopback peers while
+//! `[admin] loopback_open` and answers 403 to everyone else (R30, R43).
+//! Capability tokens, which will open them to other peers, come with the
+//! vault; until then no token is valid.
 
 use std::net::SocketAddr;
 
 use actix::Addr;
-use actix_web::{dev::ServerHandle, web, App, HttpResponse, HttpServer};
+use actix_web::body::BoxBody;
+use actix_web::dev::{ServerHandle, ServiceRequest, ServiceResponse};
+use actix_web::middleware::{from_fn, Next};
+use actix_web::{web, App, HttpResponse, HttpServer};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -22,6 +31,62 @@ struct AdminState {
     health: Health,
     metrics: Metrics,
     persistence: Addr<PersistenceActor>,
+    access: AdminAccess,
+}
+
+/// Who may call admin endpoints; from `[admin]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdminAccess {
+    /// Loopback peers need no token.
+    pub loopback_open: bool,
+}
+
+impl AdminAccess {
+    /// Whether a request from `peer` may use an admin endpoint. A peer that
+    /// is not a TCP address (none here) is never trusted.
+    pub fn allows(&self, peer: Option<SocketAddr>) -> bool {
+        self.loopback_open && peer.is_some_and(|p| p.ip().to_canonical().is_loopback())
+    }
+}
+
+/// The guard on every admin scope: 403 with a one-line reason unless the
+/// peer is allowed. Runs before the handler, so a refused request never
+/// reaches the store.
+async fn admin_only(
+    req: ServiceRequest,
+    next: Next<BoxBody>,
+) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
+    let allowed = req
+        .app_data::<web::Data<AdminState>>()
+        .is_some_and(|s| s.access.allows(req.peer_addr()));
+    if allowed {
+        return next.call(req).await;
+    }
+    let reason = if req
+        .headers()
+        .contains_key(actix_web::http::header::AUTHORIZATION)
+    {
+        "admin endpoints need a valid capability token (none is valid until tokens exist)"
+    } else {
+        "admin endpoints answer loopback peers only unless a capability token is presented"
+    };
+    tracing::info!(peer = ?req.peer_addr(), path = %req.path(), "admin request refused");
+    Ok(req.into_response(HttpResponse::Forbidden().json(json!({ "error": reason }))))
+}
+
+/// A scope of admin routes under `path`, behind the admin guard.
+fn admin_scope(
+    path: &str,
+) -> actix_web::Scope<
+    impl actix_web::dev::ServiceFactory<
+        ServiceRequest,
+        Config = (),
+        Response = ServiceResponse<BoxBody>,
+        Error = actix_web::Error,
+        InitError = (),
+    >,
+> {
+    web::scope(path).wrap(from_fn(admin_only))
 }
 
 async fn healthz() -> HttpResponse {
@@ -111,12 +176,14 @@ pub fn serve(
     health: Health,
     metrics: Metrics,
     persistence: Addr<PersistenceActor>,
+    access: AdminAccess,
     webhook: Option<WebhookState>,
 ) -> std::io::Result<(SocketAddr, ServerHandle)> {
     let admin = AdminState {
         health,
         metrics,
         persistence,
+        access,
     };
     let server = HttpServer::new(move || {
         let mut app = App::new()
@@ -139,8 +206,11 @@ pub fn serve(
             .route("/healthz", web::get().to(healthz))
             .route("/readyz", web::get().to(readyz))
             .route("/metrics", web::get().to(metrics_text))
-            .route("/v1/sessions", web::get().to(sessions))
-            .route("/v1/sessions/{session}/turns", web::get().to(turns));
+            .service(
+                admin_scope("/v1/sessions")
+                    .route("", web::get().to(sessions))
+                    .route("/{session}/turns", web::get().to(turns)),
+            );
         if let Some(state) = &webhook {
             app = app
                 .app_data(web::Data::new(state.clone()))
@@ -157,4 +227,38 @@ pub fn serve(
     let handle = server.handle();
     actix_rt::spawn(server);
     Ok((bound, handle))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_peers_pass_while_loopback_is_open() {
+        let open = AdminAccess {
+            loopback_open: true,
+        };
+        let peer = |s: &str| Some(s.parse::<SocketAddr>().unwrap());
+        for ok in [
+            "127.0.0.1:5000",
+            "127.9.9.9:1",
+            "[::1]:5000",
+            "[::ffff:127.0.0.1]:5000",
+        ] {
+            assert!(open.allows(peer(ok)), "{ok}");
+        }
+        for bad in [
+            "10.0.0.1:5000",
+            "192.168.1.2:80",
+            "[::ffff:10.0.0.1]:1",
+            "[fe80::1]:1",
+        ] {
+            assert!(!open.allows(peer(bad)), "{bad}");
+        }
+        assert!(!open.allows(None));
+        let closed = AdminAccess {
+            loopback_open: false,
+        };
+        assert!(!closed.allows(peer("127.0.0.1:5000")));
+    }
 }

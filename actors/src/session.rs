@@ -57,8 +57,32 @@ pub struct Deliver {
 /// The durable outcome of a `Deliver`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Delivered {
-    Accepted { session: String, seq: i64 },
-    Duplicate { session: String, seq: i64 },
+    Accepted {
+        session: String,
+        seq: i64,
+    },
+    Duplicate {
+        session: String,
+        seq: i64,
+    },
+    /// The sender already used this key for a different text: nothing was
+    /// stored (R41). Webhook answers 409; other channels treat it as a
+    /// duplicate (their ids are assigned by the platform, never reused).
+    Conflict {
+        session: String,
+        seq: i64,
+    },
+}
+
+impl Delivered {
+    /// The one outcome label every adapter counts with.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Delivered::Accepted { .. } => "accepted",
+            Delivered::Duplicate { .. } => "duplicate",
+            Delivered::Conflict { .. } => "conflict",
+        }
+    }
 }
 
 /// Replace the settings (config reload). Sent by the app.
@@ -414,6 +438,10 @@ impl SessionActor {
                         session,
                         seq: user_seq,
                     }),
+                    ExchangeOutcome::Conflict { user_seq } => Ok(Delivered::Conflict {
+                        session,
+                        seq: user_seq,
+                    }),
                     ExchangeOutcome::Accepted {
                         user_seq,
                         reply_seq,
@@ -426,23 +454,25 @@ impl SessionActor {
                             cache.senders.clear();
                         }
                         cache.senders.insert(msg.from.clone());
-                        cache.push(TurnRow {
-                            seq: user_seq,
-                            role: "user".into(),
-                            text: msg.text.clone(),
-                            key: Some(msg.key.clone()),
-                            created_at: at.clone(),
-                            sent: None,
-                        });
+                        cache.push(TurnRow::text(
+                            user_seq,
+                            "user",
+                            &msg.text,
+                            Some(&msg.key),
+                            Some(&msg.from),
+                            at.clone(),
+                            None,
+                        ));
                         if let (Some(seq), Some(plan)) = (reply_seq, &reply) {
-                            cache.push(TurnRow {
+                            cache.push(TurnRow::text(
                                 seq,
-                                role: "assistant".into(),
-                                text: plan.text.clone(),
-                                key: None,
-                                created_at: at,
-                                sent: plan.deliver.then_some(false),
-                            });
+                                "assistant",
+                                &plan.text,
+                                None,
+                                None,
+                                at,
+                                plan.deliver.then_some(false),
+                            ));
                         }
                         if let Some(m) = memory {
                             cache.memory = m;
@@ -545,14 +575,15 @@ impl SessionActor {
         ctx.spawn(work.into_actor(self).map(|result, this, ctx| {
             if let Some((user_seq, plan, Some((seq, outbox)))) = result {
                 if let Some(cache) = this.cache.as_mut() {
-                    cache.push(TurnRow {
+                    cache.push(TurnRow::text(
                         seq,
-                        role: "assistant".into(),
-                        text: plan.text,
-                        key: None,
-                        created_at: now_text(),
-                        sent: plan.deliver.then_some(false),
-                    });
+                        "assistant",
+                        &plan.text,
+                        None,
+                        None,
+                        now_text(),
+                        plan.deliver.then_some(false),
+                    ));
                 }
                 if outbox.is_some() {
                     this.outbox.do_send(OutboxKick);

@@ -202,6 +202,10 @@ pub struct Turn {
     pub role: String,
     pub text: String,
     pub key: Option<String>,
+    /// The sender's id (user turns).
+    pub from: Option<String>,
+    /// `text`, a media kind, `edit`, `callback`, …
+    pub kind: String,
     pub sent: Option<bool>,
 }
 
@@ -224,6 +228,12 @@ impl Turn {
                 Some(Value::Number(n)) => Some(n.to_string()),
                 _ => None,
             },
+            from: v.get("from").and_then(Value::as_str).map(str::to_string),
+            kind: v
+                .get("kind")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
             sent: v.get("sent").and_then(Value::as_bool),
         }
     }

@@ -295,8 +295,7 @@ impl Conn {
             .await
             .unwrap_or(Err(StoreError::Closed));
         let outcome = match &res {
-            Ok(Delivered::Accepted { .. }) => "accepted",
-            Ok(Delivered::Duplicate { .. }) => "duplicate",
+            Ok(d) => d.label(),
             Err(_) => "unavailable",
         };
         self.metrics
@@ -366,6 +365,9 @@ impl Conn {
                                 }
                                 Ok(Delivered::Duplicate { seq, .. }) => {
                                     json!({"ack": "duplicate", "seq": seq})
+                                }
+                                Ok(Delivered::Conflict { .. }) => {
+                                    json!({"error": "id already used with different content"})
                                 }
                                 Err(e) => json!({"error": e}),
                             },

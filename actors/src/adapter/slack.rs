@@ -37,7 +37,7 @@ use crate::health::Gate;
 use crate::ids::check_external_id;
 use crate::metrics::Metrics;
 use crate::outbox::{OutboundReply, ReplySink};
-use crate::session::{Deliver, Delivered, SessionRegistry};
+use crate::session::{Deliver, SessionRegistry};
 
 /// A socket that ends (disconnect, close) sooner than this after opening
 /// counts as a quick disconnect.
@@ -302,8 +302,7 @@ async fn socket_loop(
                                 .await
                                 .unwrap_or(Err(StoreError::Closed));
                             let outcome = match res {
-                                Ok(Delivered::Accepted { .. }) => "accepted",
-                                Ok(Delivered::Duplicate { .. }) => "duplicate",
+                                Ok(d) => d.label(),
                                 Err(StoreError::Invalid(_)) => "rejected",
                                 Err(e) => {
                                     metrics

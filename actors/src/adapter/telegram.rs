@@ -493,8 +493,7 @@ fn record_outcome(
     result: Result<crate::session::Delivered, StoreError>,
 ) -> Result<(), AdapterError> {
     let outcome = match result {
-        Ok(crate::session::Delivered::Accepted { .. }) => "accepted",
-        Ok(crate::session::Delivered::Duplicate { .. }) => "duplicate",
+        Ok(d) => d.label(),
         Err(StoreError::Invalid(reason)) => {
             tracing::warn!(update_id = id, reason = %reason, "telegram update rejected");
             state.rejected.push(id);

@@ -227,9 +227,9 @@ pub async fn post_message(
         .clone();
     let result = handle(&state, &settings, &req, payload).await;
     let outcome = match &result {
-        Ok(Delivered::Accepted { .. }) => "accepted",
-        Ok(Delivered::Duplicate { .. }) => "duplicate",
+        Ok(d) => d.label(),
         Err(r) if r.status == 503 => "unavailable",
+        Err(r) if r.status == 409 => "conflict",
         Err(_) => "rejected",
     };
     state
@@ -244,6 +244,8 @@ pub async fn post_message(
         Ok(Delivered::Duplicate { session, .. }) => {
             HttpResponse::Ok().json(json!({"status": "duplicate", "session": session}))
         }
+        // `handle` turns a conflict into a 409 rejection.
+        Ok(Delivered::Conflict { .. }) => error_response(&reject(409, "id already used")),
         Err(r) => {
             if r.status != 503 {
                 // `{:?}` escapes control characters: no log injection.
@@ -280,6 +282,7 @@ async fn handle(
             "not accepting messages right now (starting or shutting down)",
         ));
     };
+    let id = msg.id.clone();
     let delivered = state
         .registry
         .send(Deliver {
@@ -292,11 +295,18 @@ async fn handle(
         })
         .await
         .unwrap_or(Err(StoreError::Closed));
-    delivered.map_err(|e| match e {
-        StoreError::Invalid(m) => reject(422, m),
-        StoreError::Closed => reject(503, "shutting down"),
-        other => reject(503, other.to_string()),
-    })
+    match delivered {
+        // The key is (chat, from, id): the same key with another text is a
+        // client bug that must not pass as a duplicate (R41).
+        Ok(Delivered::Conflict { .. }) => Err(reject(
+            409,
+            format!("id {id:?} already used with different content"),
+        )),
+        Ok(d) => Ok(d),
+        Err(StoreError::Invalid(m)) => Err(reject(422, m)),
+        Err(StoreError::Closed) => Err(reject(503, "shutting down")),
+        Err(other) => Err(reject(503, other.to_string())),
+    }
 }
 
 /// Sends webhook replies to `reply_url`.

@@ -30,6 +30,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "timers",
         sql: include_str!("../../../migrations/0002_timers.sql"),
     },
+    Migration {
+        version: 3,
+        name: "turn_senders",
+        sql: include_str!("../../../migrations/0003_turn_senders.sql"),
+    },
 ];
 
 /// The schema version this binary writes.

@@ -72,8 +72,11 @@ pub enum ExchangeOutcome {
         reply_seq: Option<i64>,
         outbox_id: Option<i64>,
     },
-    /// The key was seen before: nothing was written.
+    /// The key was seen before with the same text: nothing was written.
     Duplicate { user_seq: i64 },
+    /// The key was seen before with a different text (R41): nothing was
+    /// written; the sender reused an id for another message.
+    Conflict { user_seq: i64 },
 }
 
 /// A turn as shown to operators and to the brain.
@@ -82,10 +85,45 @@ pub struct TurnRow {
     pub seq: i64,
     pub role: String,
     pub text: String,
+    /// The id the channel or sender gave (user turns only).
     pub key: Option<String>,
+    /// The sender's id on its channel (user turns only).
+    pub from: Option<String>,
+    /// `text` for plain messages; channels add media kinds, `edit`, `callback`.
+    pub kind: String,
+    /// What the channel said about the turn (file ids, sizes, …), if anything.
+    pub meta: Option<serde_json::Value>,
+    /// For `edit` turns: the seq of the turn revised.
+    pub revises: Option<i64>,
     pub created_at: String,
     /// For outgoing turns: whether the channel accepted it (`None`: no route).
     pub sent: Option<bool>,
+}
+
+impl TurnRow {
+    /// A plain text turn as the session actor caches it after a commit.
+    pub fn text(
+        seq: i64,
+        role: &str,
+        text: &str,
+        key: Option<&str>,
+        from: Option<&str>,
+        created_at: String,
+        sent: Option<bool>,
+    ) -> TurnRow {
+        TurnRow {
+            seq,
+            role: role.to_string(),
+            text: text.to_string(),
+            key: key.map(str::to_string),
+            from: from.map(str::to_string),
+            kind: "text".to_string(),
+            meta: None,
+            revises: None,
+            created_at,
+            sent,
+        }
+    }
 }
 
 /// What a session actor loads when it wakes up.
@@ -246,14 +284,24 @@ pub fn commit_exchange(conn: &Connection, ex: &Exchange) -> Result<ExchangeOutco
     if !ex.known {
         ensure_session(conn, &ex.session, Some(&ex.from), &at)?;
     }
-    let seen: Option<i64> = conn
-        .prepare_cached("SELECT seq FROM turns WHERE session_id = ?1 AND key = ?2")?
-        .query_row(params![ex.session.id, ex.key], |r| r.get(0))
-        .optional()?;
-    if let Some(user_seq) = seen {
-        return Ok(ExchangeOutcome::Duplicate { user_seq });
-    }
     let principal = format!("{}:{}", ex.session.channel, ex.from);
+    // The key is per sender (R41): (session, sender, id).
+    let seen: Option<(i64, String)> = conn
+        .prepare_cached(
+            "SELECT seq, content FROM turns
+             WHERE session_id = ?1 AND principal_id = ?2 AND key = ?3",
+        )?
+        .query_row(params![ex.session.id, principal, ex.key], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()?;
+    if let Some((user_seq, content)) = seen {
+        return Ok(if content == ex.text {
+            ExchangeOutcome::Duplicate { user_seq }
+        } else {
+            ExchangeOutcome::Conflict { user_seq }
+        });
+    }
     let rendered;
     let reply = match (&ex.reply, &ex.effect) {
         (Some(plan), Some(effect)) => {
@@ -425,13 +473,19 @@ pub fn load_session(
     }))
 }
 
+// The sender is the principal id without its "<channel>:" prefix (channel
+// names never contain ':'), so no join is needed.
 const TURN_COLUMNS: &str = "SELECT t.seq, t.role, t.content, t.key, t.created_at,
         CASE WHEN t.role = 'user' THEN NULL
              ELSE (SELECT o.state = 'sent' FROM outbox o
-                   WHERE o.session_id = t.session_id AND o.turn_seq = t.seq) END
+                   WHERE o.session_id = t.session_id AND o.turn_seq = t.seq) END,
+        CASE WHEN t.role = 'user' AND t.principal_id IS NOT NULL
+             THEN substr(t.principal_id, instr(t.principal_id, ':') + 1) END,
+        t.kind, t.meta_json, t.revises
      FROM turns t";
 
 fn turn_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TurnRow> {
+    let meta: Option<String> = r.get(8)?;
     Ok(TurnRow {
         seq: r.get(0)?,
         role: r.get(1)?,
@@ -439,6 +493,11 @@ fn turn_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TurnRow> {
         key: r.get(3)?,
         created_at: r.get(4)?,
         sent: r.get(5)?,
+        from: r.get(6)?,
+        kind: r.get(7)?,
+        // Written only by keel as JSON; unreadable text is shown as a string.
+        meta: meta.map(|m| serde_json::from_str(&m).unwrap_or(serde_json::Value::String(m))),
+        revises: r.get(9)?,
     })
 }
 
@@ -715,14 +774,31 @@ mod tests {
                 outbox_id: Some(1)
             }
         );
-        let dup = commit_exchange(&c, &ex("c1", "m1", "hi again", Some("x"))).unwrap();
+        let dup = commit_exchange(&c, &ex("c1", "m1", "hi", Some("x"))).unwrap();
         assert_eq!(dup, ExchangeOutcome::Duplicate { user_seq: 1 });
+        let conflict = commit_exchange(&c, &ex("c1", "m1", "hi again", Some("x"))).unwrap();
+        assert_eq!(conflict, ExchangeOutcome::Conflict { user_seq: 1 });
+        // Another sender's m1 in the same chat is its own message (R41).
+        let mut other = ex("c1", "m1", "hi again", Some("y"));
+        other.from = "u2".into();
+        assert!(matches!(
+            commit_exchange(&c, &other).unwrap(),
+            ExchangeOutcome::Accepted { user_seq: 3, .. }
+        ));
         let turns = session_turns(&c, "webhook:c1", 0, 100).unwrap().unwrap();
-        assert_eq!(turns.len(), 2);
+        assert_eq!(turns.len(), 4);
         assert_eq!(turns[0].key.as_deref(), Some("m1"));
+        assert_eq!(turns[0].from.as_deref(), Some("u1"));
+        assert_eq!(turns[2].from.as_deref(), Some("u2"));
+        assert_eq!(
+            (turns[1].from.as_deref(), turns[1].key.as_deref()),
+            (None, None)
+        );
         assert_eq!(turns[1].sent, Some(false));
         let pending = pending_outbox(&c, 0, 10).unwrap();
-        assert_eq!(pending.len(), 1);
+        assert_eq!(pending.len(), 2);
+        mark_outbox_sent(&c, pending[1].id).unwrap();
+        let pending = pending_outbox(&c, 0, 10).unwrap();
         assert_eq!(pending[0].in_reply_to.as_deref(), Some("m1"));
         mark_outbox_sent(&c, pending[0].id).unwrap();
         assert!(pending_outbox(&c, 0, 10).unwrap().is_empty());
