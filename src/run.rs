@@ -12,8 +12,8 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use futures::StreamExt;
 use keel_actors::adapter::cli::ServeStdin;
+use keel_actors::app::lifecycle::{Reload, Shutdown};
 use keel_actors::app::{self, RunOptions};
-use keel_actors::lifecycle::{Reload, Shutdown};
 
 use crate::cli::RunArgs;
 use crate::signals::{self, SignalTo};
@@ -161,7 +161,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
 
 /// SIGHUP: load and validate through the same path as startup; apply or
 /// reject as a whole.
-async fn reload(args: &RunArgs, lifecycle: &actix::Addr<keel_actors::lifecycle::Lifecycle>) {
+async fn reload(args: &RunArgs, lifecycle: &actix::Addr<keel_actors::app::lifecycle::Lifecycle>) {
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Reloading]);
     match crate::config::load(&args.dir, Some(args)) {
         Err(e) => {

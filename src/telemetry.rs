@@ -2,7 +2,7 @@
 //! the level. `RUST_LOG`, when set, wins over `log_level` at start.
 
 use anyhow::Result;
-use keel_actors::lifecycle::LogLevelHook;
+use keel_actors::app::lifecycle::LogLevelHook;
 use std::sync::Arc;
 use tracing_subscriber::{fmt, prelude::*, reload, EnvFilter};
 

@@ -94,7 +94,7 @@ fn no_table(e: keel_actors::error::StoreError) -> anyhow::Error {
 }
 
 fn line(t: &TimerRow) -> String {
-    let tz = keel_actors::timer::schedule::parse_tz(&t.timezone).unwrap_or_default();
+    let tz = keel_actors::schedule::parse_tz(&t.timezone).unwrap_or_default();
     let next = t
         .next_run
         .map(|n| timers::show_instant(n, tz))

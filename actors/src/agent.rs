@@ -57,15 +57,17 @@ pub async fn ask(
         .json(&body)
         .send()
         .await
-        .map_err(|e| format!("agent request failed: {}", without_url(&e)))?;
+        .map_err(|e| format!("agent request failed: {}", crate::redact::without_url(&e)))?;
     let status = resp.status();
     if !status.is_success() {
         return Err(format!("agent answered HTTP {}", status.as_u16()));
     }
-    let bytes = resp
-        .bytes()
-        .await
-        .map_err(|e| format!("agent response unreadable: {}", without_url(&e)))?;
+    let bytes = resp.bytes().await.map_err(|e| {
+        format!(
+            "agent response unreadable: {}",
+            crate::redact::without_url(&e)
+        )
+    })?;
     if bytes.len() > MAX_REPLY_BYTES {
         return Err(format!("agent reply too large ({} bytes)", bytes.len()));
     }
@@ -76,30 +78,4 @@ pub async fn ask(
         .or(answer.reply)
         .filter(|t| !t.trim().is_empty())
         .ok_or_else(|| "agent reply has no \"text\"".to_string())
-}
-
-/// reqwest errors include the URL, which may carry a token in its query.
-pub fn without_url(e: &reqwest::Error) -> String {
-    let kind = if e.is_timeout() {
-        "timed out"
-    } else if e.is_connect() {
-        "connection failed"
-    } else if e.is_body() || e.is_decode() {
-        "bad response body"
-    } else if e.is_request() {
-        "request error"
-    } else {
-        "error"
-    };
-    let mut src: Option<&dyn std::error::Error> = std::error::Error::source(e);
-    let mut detail = String::new();
-    while let Some(s) = src {
-        detail = s.to_string();
-        src = s.source();
-    }
-    if detail.is_empty() {
-        kind.to_string()
-    } else {
-        format!("{kind}: {detail}")
-    }
 }

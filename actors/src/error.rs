@@ -83,19 +83,6 @@ pub(crate) fn storage_failure(err: &rusqlite::Error) -> Option<String> {
     })
 }
 
-/// Errors from loading or validating configuration.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum ConfigError {
-    #[error("{origin}: {detail}")]
-    Parse { origin: String, detail: String },
-    #[error("{origin}: {key}: {detail}")]
-    Invalid {
-        origin: String,
-        key: &'static str,
-        detail: String,
-    },
-}
-
 /// Errors an adapter reports when sending a reply out.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum SendError {

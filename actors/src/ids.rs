@@ -2,34 +2,7 @@
 //! ids, and the mapping of a session id to a file name that cannot escape its
 //! directory.
 
-/// Longest external id accepted (chat, user, message id), in bytes.
-pub const MAX_ID_BYTES: usize = 256;
-
-/// Check an id that arrived from a channel. Returns a one-line reason.
-pub fn check_external_id(field: &str, id: &str) -> Result<(), String> {
-    if id.is_empty() {
-        return Err(format!("{field} must not be empty"));
-    }
-    if id.len() > MAX_ID_BYTES {
-        return Err(format!(
-            "{field} is {} bytes long (at most {MAX_ID_BYTES})",
-            id.len()
-        ));
-    }
-    if let Some(c) = id.chars().find(|c| c.is_control() || is_bidi_control(*c)) {
-        return Err(format!(
-            "{field} contains the control character U+{:04X}",
-            c as u32
-        ));
-    }
-    Ok(())
-}
-
-/// Bidirectional overrides make a log line or file name display as something
-/// it is not; no id needs them.
-fn is_bidi_control(c: char) -> bool {
-    matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{200E}' | '\u{200F}')
-}
+pub use crate::config::{check_external_id, MAX_ID_BYTES};
 
 /// A file name for a session id: every byte outside `[A-Za-z0-9_-]` is
 /// percent-encoded (so `/`, `\`, `.`, NUL and non-ASCII can never form a path

@@ -8,7 +8,7 @@
 //! lets the receiver drop the repeat.
 //!
 //! Retry policy (R16 "outbound sends retry with the same policy"): the
-//! adapter supervisor's pure [`backoff_delay`] over the same `[adapters]`
+//! pure [`backoff_delay`] (the supervisor's schedule) over the same `[adapters]`
 //! config (5, 10, 20, 40, 60 s cap by default, seeded jitter that only
 //! shortens). A `RetryAfter` from the channel is waited exactly and not
 //! counted. What "gave up" means for a reply: a *transient* failure never
@@ -36,7 +36,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::sync::oneshot;
 
-use crate::adapter::supervisor::{backoff_delay, SupervisionConfig};
+use crate::backoff::backoff_delay;
+use crate::config::SupervisionConfig;
 
 use crate::config::OutboxConfig;
 use crate::error::{SendError, StoreError};

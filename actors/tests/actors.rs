@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use futures::future::{join_all, BoxFuture};
-use keel_actors::adapter::supervisor::SupervisionConfig;
 use keel_actors::brain::CommandBrain;
+use keel_actors::config::SupervisionConfig;
 use keel_actors::config::{OutboxConfig, Synchronous};
 use keel_actors::error::{SendError, StoreError};
 use keel_actors::health::Health;

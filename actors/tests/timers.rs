@@ -18,8 +18,8 @@ use keel_actors::persistence::timers::{Effect, FireOutcome, TimerRequest};
 use keel_actors::persistence::{
     self, CommitExchange, Exchange, PersistenceActor, ReplyPlan, SessionKey, StoreOptions,
 };
-use keel_actors::timer::plan::Misfire;
-use keel_actors::timer::schedule::ScheduleSpec;
+use keel_actors::schedule::plan::Misfire;
+use keel_actors::schedule::ScheduleSpec;
 use keel_actors::timer::{
     GetTimerStats, ManualClock, RecoverTimers, SetTimerRoutes, Tick, TimerActor, TimerSettings,
     TimersChanged,

@@ -36,27 +36,11 @@ pub struct AdapterMetrics {
     shown: Arc<Mutex<HashMap<String, String>>>,
 }
 
-/// An error text fit for a metric label: token-looking words replaced by
-/// `[redacted]` (errors are built without tokens already; this is the second
-/// line of defence), control characters and quotes dropped, bounded to
-/// [`MAX_LABEL_CHARS`] characters.
+/// An error text fit for a metric label: token-looking words masked
+/// (`redact::mask_secret_words`), control characters and quotes dropped,
+/// bounded to [`MAX_LABEL_CHARS`] characters.
 pub fn label_text(error: &str) -> String {
-    let looks_secret = |w: &str| {
-        let w = w.trim_matches(|c: char| !c.is_ascii_alphanumeric());
-        w.starts_with("xox")
-            || w.starts_with("xapp-")
-            || w.to_ascii_lowercase().contains("token=")
-            || w.contains("/bot")
-            || w.split_once(':').is_some_and(|(id, rest)| {
-                !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()) && rest.len() >= 20
-            })
-    };
-    let words: Vec<&str> = error
-        .split_whitespace()
-        .map(|w| if looks_secret(w) { "[redacted]" } else { w })
-        .collect();
-    words
-        .join(" ")
+    crate::redact::mask_secret_words(error)
         .chars()
         .filter(|c| !c.is_control() && *c != '"' && *c != '\\')
         .take(MAX_LABEL_CHARS)

@@ -25,18 +25,18 @@ use std::time::Duration;
 use actix::Addr;
 use futures::future::BoxFuture;
 use futures::{SinkExt, StreamExt};
-use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
 
 use super::supervisor::Adapter;
-use super::telegram::redact;
+use crate::config::SlackConfig;
 use crate::error::{AdapterError, SendError, StoreError};
 use crate::health::Gate;
 use crate::ids::check_external_id;
 use crate::metrics::Metrics;
 use crate::outbox::{OutboundReply, ReplySink};
+use crate::redact::redact;
 use crate::session::{Deliver, SessionRegistry};
 
 /// A socket that ends (disconnect, close) sooner than this after opening
@@ -44,59 +44,6 @@ use crate::session::{Deliver, SessionRegistry};
 pub const QUICK_SOCKET: Duration = Duration::from_secs(10);
 /// Quick disconnects in a row after which the run fails (and backs off).
 pub const MAX_QUICK_DISCONNECTS: u32 = 3;
-
-/// `[slack]` in keel.toml. Tokens may come from `KEEL_SLACK_APP_TOKEN` and
-/// `KEEL_SLACK_BOT_TOKEN` instead (read by the binary).
-#[derive(Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct SlackConfig {
-    pub enabled: bool,
-    /// Web API base URL (`apps.connections.open`, `chat.postMessage`).
-    pub api_base: String,
-    /// App-level token (`xapp-…`) for Socket Mode.
-    pub app_token: Option<String>,
-    /// Bot token (`xoxb-…`) for `chat.postMessage`.
-    pub bot_token: Option<String>,
-    /// Bound on silence (no hello, no frame, no ping) before reconnecting.
-    pub silence_timeout_s: u64,
-}
-
-impl Default for SlackConfig {
-    fn default() -> Self {
-        SlackConfig {
-            enabled: false,
-            api_base: "https://slack.com/api".into(),
-            app_token: None,
-            bot_token: None,
-            silence_timeout_s: 60,
-        }
-    }
-}
-
-// Hand-written so a `{:?}` of the config never prints a token.
-impl std::fmt::Debug for SlackConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SlackConfig")
-            .field("enabled", &self.enabled)
-            .field("api_base", &self.api_base)
-            .field("app_token", &self.app_token.as_ref().map(|_| "<redacted>"))
-            .field("bot_token", &self.bot_token.as_ref().map(|_| "<redacted>"))
-            .field("silence_timeout_s", &self.silence_timeout_s)
-            .finish()
-    }
-}
-
-impl SlackConfig {
-    pub fn validate(&self) -> Result<(), String> {
-        if !(self.api_base.starts_with("http://") || self.api_base.starts_with("https://")) {
-            return Err("api_base must be an http:// or https:// URL".into());
-        }
-        if self.silence_timeout_s == 0 || self.silence_timeout_s > 3600 {
-            return Err("silence_timeout_s must be between 1 and 3600".into());
-        }
-        Ok(())
-    }
-}
 
 /// A Web API call with a bearer token; `Ok(body)` only for `"ok": true`.
 async fn web_api(
@@ -115,7 +62,7 @@ async fn web_api(
         .await
         .map_err(|e| {
             let kind = if e.is_timeout() { Some(0) } else { None };
-            (kind, redact(&crate::agent::without_url(&e), token), None)
+            (kind, redact(&crate::redact::without_url(&e), token), None)
         })?;
     let status = resp.status().as_u16();
     let retry = resp

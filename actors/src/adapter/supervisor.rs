@@ -27,63 +27,9 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::backoff::backoff_delay;
+use crate::config::SupervisionConfig;
 use crate::error::AdapterError;
-
-/// Restart policy, `[adapters]` in keel.toml.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct SupervisionConfig {
-    /// Delay before the first restart; doubled per failed attempt.
-    pub backoff_initial_ms: u64,
-    /// Cap on one delay.
-    pub backoff_max_ms: u64,
-    /// Restarts tried before giving up.
-    pub attempts: u32,
-    /// A run that lasted this long resets the attempt count.
-    pub healthy_after_ms: u64,
-    /// Up to this fraction of a delay is taken off at random (0 = none).
-    pub jitter: f64,
-    /// Seed of the jitter RNG; none = a random seed per start.
-    pub seed: Option<u64>,
-}
-
-impl Default for SupervisionConfig {
-    fn default() -> Self {
-        SupervisionConfig {
-            backoff_initial_ms: 5_000,
-            backoff_max_ms: 60_000,
-            attempts: 5,
-            healthy_after_ms: 60_000,
-            jitter: 0.1,
-            seed: None,
-        }
-    }
-}
-
-impl SupervisionConfig {
-    pub fn validate(&self) -> Result<(), String> {
-        if self.backoff_initial_ms == 0 || self.backoff_max_ms < self.backoff_initial_ms {
-            return Err("backoff_initial_ms must be > 0 and backoff_max_ms >= it".into());
-        }
-        if !(0.0..=1.0).contains(&self.jitter) {
-            return Err("jitter must be between 0 and 1".into());
-        }
-        Ok(())
-    }
-}
-
-/// Delay before restart number `attempt` (1-based): `initial * 2^(attempt-1)`
-/// capped at `max`, minus up to `jitter` of it (`unit` in [0, 1) from the
-/// RNG). Pure, so the schedule has a table test.
-pub fn backoff_delay(cfg: &SupervisionConfig, attempt: u32, unit: f64) -> Duration {
-    let exp = attempt.saturating_sub(1).min(32);
-    let base = cfg
-        .backoff_initial_ms
-        .saturating_mul(1u64 << exp)
-        .min(cfg.backoff_max_ms);
-    let cut = (base as f64 * cfg.jitter * unit.clamp(0.0, 1.0)) as u64;
-    Duration::from_millis(base - cut.min(base))
-}
 
 /// A channel adapter the supervisor can (re)start.
 pub trait Adapter: Send + Sync + 'static {
@@ -318,35 +264,6 @@ mod tests {
     use super::*;
     use std::collections::VecDeque;
     use tokio::sync::mpsc;
-
-    #[test]
-    fn backoff_schedule_table() {
-        let cfg = SupervisionConfig::default();
-        let table = [
-            (1, 5),
-            (2, 10),
-            (3, 20),
-            (4, 40),
-            (5, 60),
-            (6, 60),
-            (40, 60),
-        ];
-        for (attempt, secs) in table {
-            assert_eq!(
-                backoff_delay(&cfg, attempt, 0.0),
-                Duration::from_secs(secs),
-                "attempt {attempt}"
-            );
-        }
-        // Jitter only shortens, by at most the configured fraction.
-        assert_eq!(
-            backoff_delay(&cfg, 1, 1.0),
-            Duration::from_millis(4_500),
-            "10% off 5 s"
-        );
-        let none = SupervisionConfig { jitter: 0.0, ..cfg };
-        assert_eq!(backoff_delay(&none, 3, 0.99), Duration::from_secs(20));
-    }
 
     /// One scripted run of the fake adapter.
     enum Step {

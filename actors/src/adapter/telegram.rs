@@ -27,93 +27,14 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use super::supervisor::Adapter;
+use crate::config::TelegramConfig;
 use crate::error::{AdapterError, SendError, StoreError};
 use crate::health::Gate;
-use crate::ids::check_external_id;
 use crate::metrics::Metrics;
 use crate::outbox::{OutboundReply, ReplySink};
 use crate::persistence::{GetAdapterState, PersistenceActor, PutAdapterState};
+use crate::redact::redact;
 use crate::session::{Deliver, SessionRegistry};
-
-/// `[telegram]` in keel.toml. The token may come from `KEEL_TELEGRAM_TOKEN`
-/// instead (read by the binary).
-#[derive(Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct TelegramConfig {
-    pub enabled: bool,
-    /// Bot API base URL, without the `/bot<token>` part.
-    pub api_base: String,
-    pub token: Option<String>,
-    /// The owner's chat id (R17/R18 notices when the owner is on Telegram).
-    pub owner_chat: Option<String>,
-    /// Long-poll `timeout` sent to getUpdates, in seconds.
-    pub poll_timeout_s: u64,
-    /// Updates per getUpdates (1–100).
-    pub limit: u32,
-    /// Added to the poll timeout for the total request timeout, so a
-    /// hanging server is noticed.
-    pub request_margin_s: u64,
-}
-
-impl Default for TelegramConfig {
-    fn default() -> Self {
-        TelegramConfig {
-            enabled: false,
-            api_base: "https://api.telegram.org".into(),
-            token: None,
-            owner_chat: None,
-            poll_timeout_s: 30,
-            limit: 100,
-            request_margin_s: 10,
-        }
-    }
-}
-
-// Hand-written so a `{:?}` of the config never prints the token.
-impl std::fmt::Debug for TelegramConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TelegramConfig")
-            .field("enabled", &self.enabled)
-            .field("api_base", &self.api_base)
-            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
-            .field("owner_chat", &self.owner_chat)
-            .field("poll_timeout_s", &self.poll_timeout_s)
-            .field("limit", &self.limit)
-            .field("request_margin_s", &self.request_margin_s)
-            .finish()
-    }
-}
-
-impl TelegramConfig {
-    pub fn validate(&self) -> Result<(), String> {
-        if !(self.api_base.starts_with("http://") || self.api_base.starts_with("https://")) {
-            return Err("api_base must be an http:// or https:// URL".into());
-        }
-        if let Some(t) = &self.token {
-            if t.is_empty()
-                || t.chars()
-                    .any(|c| c.is_whitespace() || c == '/' || c.is_control())
-            {
-                return Err("token must be non-empty, without spaces or '/'".into());
-            }
-        }
-        if let Some(chat) = &self.owner_chat {
-            check_external_id("owner_chat", chat)?;
-        }
-        if self.poll_timeout_s > 600 || !(1..=100).contains(&self.limit) {
-            return Err("poll_timeout_s must be <= 600 and limit between 1 and 100".into());
-        }
-        Ok(())
-    }
-}
-
-/// Replace every occurrence of `token` in `text`.
-pub fn redact(text: &str, token: &str) -> String {
-    if token.is_empty() {
-        return text.to_string();
-    }
-    text.replace(token, "<redacted>")
-}
 
 /// The `adapter_state` key of a bot: a fingerprint of its token.
 pub fn state_key(token: &str) -> String {
@@ -230,7 +151,7 @@ impl BotApi {
         let resp = match sent {
             Ok(r) => r,
             Err(e) => {
-                let detail = redact(&crate::agent::without_url(&e), &self.token);
+                let detail = redact(&crate::redact::without_url(&e), &self.token);
                 return Err(if e.is_timeout() {
                     ApiError::Unknown(detail)
                 } else {
@@ -247,7 +168,7 @@ impl BotApi {
         let body = match resp.bytes().await {
             Ok(b) => b,
             Err(e) => {
-                let detail = redact(&crate::agent::without_url(&e), &self.token);
+                let detail = redact(&crate::redact::without_url(&e), &self.token);
                 return Err(if e.is_timeout() {
                     ApiError::Unknown(detail)
                 } else {

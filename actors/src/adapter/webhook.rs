@@ -325,7 +325,7 @@ impl ReplySink for WebhookSink {
         }));
         Box::pin(async move {
             let resp = req.send().await.map_err(|e| {
-                let detail = crate::agent::without_url(&e);
+                let detail = crate::redact::without_url(&e);
                 // A timeout means the request may have arrived.
                 if e.is_timeout() {
                     SendError::Unknown(detail)

@@ -21,8 +21,8 @@ use serde::{Deserialize, Serialize};
 use super::store::{self, SessionKey};
 use super::PersistenceActor;
 use crate::error::StoreError;
-use crate::timer::plan::{plan_fire, Misfire, LATE_AFTER_MS};
-use crate::timer::schedule::{first_run, parse_tz, Schedule, ScheduleSpec};
+use crate::schedule::plan::{plan_fire, Misfire, LATE_AFTER_MS};
+use crate::schedule::{first_run, parse_tz, Schedule, ScheduleSpec};
 
 /// A change a chat command asks the store to make, inside the transaction
 /// of the message that asked for it.

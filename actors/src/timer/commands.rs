@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use crate::brain::{BrainInput, Command, CommandBrain, Decision};
 use crate::persistence::timers::{Effect, TimerRequest};
-use crate::timer::plan::Misfire;
-use crate::timer::schedule::{
+use crate::schedule::plan::Misfire;
+use crate::schedule::{
     daily_at, parse_cron, parse_duration, parse_instant, parse_time, parse_tz, ScheduleSpec,
 };
 

@@ -19,8 +19,6 @@
 
 pub mod commands;
 pub mod metrics;
-pub mod plan;
-pub mod schedule;
 
 use std::collections::{BTreeSet, HashSet};
 use std::sync::atomic::{AtomicI64, Ordering};

@@ -10,7 +10,24 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::error::ConfigError;
+mod channels;
+mod ids;
+
+pub use channels::{SlackConfig, TelegramConfig};
+pub use ids::{check_external_id, MAX_ID_BYTES};
+
+/// Errors from loading or validating configuration.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{origin}: {detail}")]
+    Parse { origin: String, detail: String },
+    #[error("{origin}: {key}: {detail}")]
+    Invalid {
+        origin: String,
+        key: &'static str,
+        detail: String,
+    },
+}
 
 /// The whole configuration. Unknown keys are rejected so a typo is an error,
 /// not a silently ignored setting.
@@ -37,11 +54,11 @@ pub struct Config {
     pub outbox: OutboxConfig,
     pub timers: TimersConfig,
     /// Telegram Bot API long polling (R13, R14).
-    pub telegram: crate::adapter::telegram::TelegramConfig,
+    pub telegram: TelegramConfig,
     /// Slack Socket Mode (R13).
-    pub slack: crate::adapter::slack::SlackConfig,
-    /// Restart policy of supervised adapters (R16).
-    pub adapters: crate::adapter::supervisor::SupervisionConfig,
+    pub slack: SlackConfig,
+    /// Restart policy of supervised adapters and reply resends (R16).
+    pub adapters: SupervisionConfig,
 }
 
 impl Default for Config {
@@ -64,6 +81,49 @@ impl Default for Config {
             slack: Default::default(),
             adapters: Default::default(),
         }
+    }
+}
+
+/// Restart policy, `[adapters]` in keel.toml.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SupervisionConfig {
+    /// Delay before the first restart; doubled per failed attempt.
+    pub backoff_initial_ms: u64,
+    /// Cap on one delay.
+    pub backoff_max_ms: u64,
+    /// Restarts tried before giving up.
+    pub attempts: u32,
+    /// A run that lasted this long resets the attempt count.
+    pub healthy_after_ms: u64,
+    /// Up to this fraction of a delay is taken off at random (0 = none).
+    pub jitter: f64,
+    /// Seed of the jitter RNG; none = a random seed per start.
+    pub seed: Option<u64>,
+}
+
+impl Default for SupervisionConfig {
+    fn default() -> Self {
+        SupervisionConfig {
+            backoff_initial_ms: 5_000,
+            backoff_max_ms: 60_000,
+            attempts: 5,
+            healthy_after_ms: 60_000,
+            jitter: 0.1,
+            seed: None,
+        }
+    }
+}
+
+impl SupervisionConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.backoff_initial_ms == 0 || self.backoff_max_ms < self.backoff_initial_ms {
+            return Err("backoff_initial_ms must be > 0 and backoff_max_ms >= it".into());
+        }
+        if !(0.0..=1.0).contains(&self.jitter) {
+            return Err("jitter must be between 0 and 1".into());
+        }
+        Ok(())
     }
 }
 
@@ -341,8 +401,7 @@ impl Config {
                     ),
                 ));
             }
-            crate::ids::check_external_id("owner.chat", &owner.chat)
-                .map_err(|e| invalid("owner.chat", e))?;
+            check_external_id("owner.chat", &owner.chat).map_err(|e| invalid("owner.chat", e))?;
         }
         if self.outbox.concurrency == 0 || self.outbox.send_timeout_ms == 0 {
             return Err(invalid(

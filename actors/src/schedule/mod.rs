@@ -9,6 +9,8 @@
 //! time inside the fall-back fold fires once, at its first (earlier)
 //! occurrence. Intervals are absolute durations and ignore DST.
 
+pub mod plan;
+
 use std::str::FromStr;
 
 use chrono::{DateTime, LocalResult, NaiveDate, NaiveDateTime, NaiveTime, TimeZone, Timelike, Utc};

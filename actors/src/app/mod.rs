@@ -19,7 +19,8 @@ use crate::brain::CommandBrain;
 use crate::config::Config;
 use crate::error::StoreError;
 use crate::health::{Gate, Health, Phase};
-use crate::lifecycle::{ExitReport, Lifecycle, LogLevelHook};
+pub mod lifecycle;
+
 use crate::metrics::Metrics;
 use crate::outbox::{OutboxActor, OutboxKick, ReplySink};
 use crate::persistence::{
@@ -27,6 +28,7 @@ use crate::persistence::{
 };
 use crate::session::{ResumeAwaiting, SessionRegistry, SessionSettings};
 use crate::timer::{RecoverTimers, TimerActor, TimerSettings, TimerStats, WallClock};
+use lifecycle::{ExitReport, Lifecycle, LogLevelHook};
 
 /// Why keel could not start.
 #[derive(Debug, thiserror::Error)]

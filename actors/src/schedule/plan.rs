@@ -5,7 +5,7 @@
 use chrono_tz::Tz;
 use serde::{Deserialize, Serialize};
 
-use super::schedule::{next_after, Schedule, ScheduleError};
+use super::{next_after, Schedule, ScheduleError};
 
 /// A fire this much after its due instant counts as late (misfire rules
 /// apply); closer than this is a normal, on-time fire.

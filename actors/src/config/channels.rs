@@ -1,0 +1,132 @@
+//! The channel sections of keel.toml: `[telegram]` and `[slack]`. Plain
+//! data with defaults and validation; the adapters that use them live in
+//! `adapter/`, and nothing here knows about them.
+
+use serde::Deserialize;
+
+use super::ids::check_external_id;
+
+/// `[telegram]` in keel.toml. The token may come from `KEEL_TELEGRAM_TOKEN`
+/// instead (read by the binary).
+#[derive(Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelegramConfig {
+    pub enabled: bool,
+    /// Bot API base URL, without the `/bot<token>` part.
+    pub api_base: String,
+    pub token: Option<String>,
+    /// The owner's chat id (R17/R18 notices when the owner is on Telegram).
+    pub owner_chat: Option<String>,
+    /// Long-poll `timeout` sent to getUpdates, in seconds.
+    pub poll_timeout_s: u64,
+    /// Updates per getUpdates (1–100).
+    pub limit: u32,
+    /// Added to the poll timeout for the total request timeout, so a
+    /// hanging server is noticed.
+    pub request_margin_s: u64,
+}
+
+impl Default for TelegramConfig {
+    fn default() -> Self {
+        TelegramConfig {
+            enabled: false,
+            api_base: "https://api.telegram.org".into(),
+            token: None,
+            owner_chat: None,
+            poll_timeout_s: 30,
+            limit: 100,
+            request_margin_s: 10,
+        }
+    }
+}
+
+// Hand-written so a `{:?}` of the config never prints the token.
+impl std::fmt::Debug for TelegramConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TelegramConfig")
+            .field("enabled", &self.enabled)
+            .field("api_base", &self.api_base)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("owner_chat", &self.owner_chat)
+            .field("poll_timeout_s", &self.poll_timeout_s)
+            .field("limit", &self.limit)
+            .field("request_margin_s", &self.request_margin_s)
+            .finish()
+    }
+}
+
+impl TelegramConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.api_base.starts_with("http://") || self.api_base.starts_with("https://")) {
+            return Err("api_base must be an http:// or https:// URL".into());
+        }
+        if let Some(t) = &self.token {
+            if t.is_empty()
+                || t.chars()
+                    .any(|c| c.is_whitespace() || c == '/' || c.is_control())
+            {
+                return Err("token must be non-empty, without spaces or '/'".into());
+            }
+        }
+        if let Some(chat) = &self.owner_chat {
+            check_external_id("owner_chat", chat)?;
+        }
+        if self.poll_timeout_s > 600 || !(1..=100).contains(&self.limit) {
+            return Err("poll_timeout_s must be <= 600 and limit between 1 and 100".into());
+        }
+        Ok(())
+    }
+}
+
+/// `[slack]` in keel.toml. Tokens may come from `KEEL_SLACK_APP_TOKEN` and
+/// `KEEL_SLACK_BOT_TOKEN` instead (read by the binary).
+#[derive(Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SlackConfig {
+    pub enabled: bool,
+    /// Web API base URL (`apps.connections.open`, `chat.postMessage`).
+    pub api_base: String,
+    /// App-level token (`xapp-…`) for Socket Mode.
+    pub app_token: Option<String>,
+    /// Bot token (`xoxb-…`) for `chat.postMessage`.
+    pub bot_token: Option<String>,
+    /// Bound on silence (no hello, no frame, no ping) before reconnecting.
+    pub silence_timeout_s: u64,
+}
+
+impl Default for SlackConfig {
+    fn default() -> Self {
+        SlackConfig {
+            enabled: false,
+            api_base: "https://slack.com/api".into(),
+            app_token: None,
+            bot_token: None,
+            silence_timeout_s: 60,
+        }
+    }
+}
+
+// Hand-written so a `{:?}` of the config never prints a token.
+impl std::fmt::Debug for SlackConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SlackConfig")
+            .field("enabled", &self.enabled)
+            .field("api_base", &self.api_base)
+            .field("app_token", &self.app_token.as_ref().map(|_| "<redacted>"))
+            .field("bot_token", &self.bot_token.as_ref().map(|_| "<redacted>"))
+            .field("silence_timeout_s", &self.silence_timeout_s)
+            .finish()
+    }
+}
+
+impl SlackConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.api_base.starts_with("http://") || self.api_base.starts_with("https://")) {
+            return Err("api_base must be an http:// or https:// URL".into());
+        }
+        if self.silence_timeout_s == 0 || self.silence_timeout_s > 3600 {
+            return Err("silence_timeout_s must be between 1 and 3600".into());
+        }
+        Ok(())
+    }
+}
