@@ -20,6 +20,9 @@
 //!    count over the time from that instant until the last receipt is
 //!    visible to a reader (commits included).
 
+// Benchmarks measure real elapsed time and name their scratch dirs by the clock.
+#![allow(clippy::disallowed_methods)]
+
 use std::collections::BinaryHeap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
@@ -27,6 +30,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
+use keel_actors::clock::{Clock, WallClock};
 use keel_actors::config::Synchronous;
 use keel_actors::persistence::{self, timers, StoreOptions};
 use serde_json::{json, Value};
@@ -300,7 +304,7 @@ fn bench_timers(args: TimerBenchArgs) -> Result<ExitCode> {
         let t = Instant::now();
         {
             let (conn, _) = persistence::open_store(&store_opts(&db))?;
-            timers::bench_seed_timers(&conn, "pending", n, far, 1000)?;
+            timers::bench_seed_timers(&conn, &WallClock.stamp(), "pending", n, far, 1000)?;
         }
         let seed_s = t.elapsed().as_secs_f64();
         progress(format!("seeded in {seed_s:.1} s; baseline scan"));
@@ -334,9 +338,9 @@ fn bench_timers(args: TimerBenchArgs) -> Result<ExitCode> {
         progress(format!("{name}: seeding {pending} pending + {count} due"));
         let first = {
             let (conn, _) = persistence::open_store(&store_opts(&db))?;
-            timers::bench_seed_timers(&conn, "pending", pending, far, 1000)?;
+            timers::bench_seed_timers(&conn, &WallClock.stamp(), "pending", pending, far, 1000)?;
             let first = now_ms() + LEAD.as_millis() as i64;
-            timers::bench_seed_timers(&conn, name, count, first, step_us)?;
+            timers::bench_seed_timers(&conn, &WallClock.stamp(), name, count, first, step_us)?;
             first
         };
         let (mut keel, _) = start_timed(&binary, &dir)?;
@@ -371,7 +375,7 @@ fn bench_timers(args: TimerBenchArgs) -> Result<ExitCode> {
         opts.synchronous = Synchronous::Full;
         let (conn, _) = persistence::open_store(&opts)?;
         let due_at = now_ms() - 1;
-        timers::bench_seed_timers(&conn, "burst", args.burst, due_at, 0)?;
+        timers::bench_seed_timers(&conn, &WallClock.stamp(), "burst", args.burst, due_at, 0)?;
         // As in keel: the bench keel has no webhook reply_url, so webhook
         // chats are not routed and reminders get no outbox row.
         let routed = std::collections::HashSet::new();

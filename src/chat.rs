@@ -41,7 +41,11 @@ pub fn chat(args: ChatArgs) -> Result<ExitCode> {
             continue;
         }
         n += 1;
-        let id = format!("chat-{}-{}-{n}", std::process::id(), now_nanos());
+        let id = format!(
+            "chat-{}-{:016x}-{n}",
+            std::process::id(),
+            rand::random::<u64>()
+        );
         let req = json!({"chat": args.chat, "id": id, "text": text});
         writeln!(writer, "{req}")?;
         // Wait for both the ack and the reply to this message; the reply may
@@ -78,13 +82,6 @@ pub fn chat(args: ChatArgs) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn now_nanos() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0)
 }
 
 fn atty_stdin() -> bool {

@@ -105,6 +105,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
                 // failure must not be dropped after it is gone. Nothing was
                 // acknowledged yet, so there is nothing to flush.
                 eprintln!("keel: error: {}", crate::one_line(&anyhow::Error::from(e)));
+                #[allow(clippy::disallowed_methods)] // the binary edge ends the process
                 std::process::exit(1);
             }
         };
@@ -139,6 +140,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
                         // Nothing acknowledged depends on the rest of the
                         // cascade: every ack followed a durable commit.
                         eprintln!("keel: second signal, exiting now");
+                        #[allow(clippy::disallowed_methods)] // R33: a second signal exits at once
                         std::process::exit(1);
                     }
                     SignalTo::Shutdown => {

@@ -6,6 +6,7 @@ use keel_actors::app::lifecycle::LogLevelHook;
 use std::sync::Arc;
 use tracing_subscriber::{fmt, prelude::*, reload, EnvFilter};
 
+#[allow(clippy::disallowed_methods)] // RUST_LOG: the binary edge reads the environment
 pub fn init(level: &str) -> Result<LogLevelHook> {
     let initial = std::env::var("RUST_LOG").unwrap_or_else(|_| level.to_string());
     let filter = EnvFilter::try_new(&initial).unwrap_or_else(|_| EnvFilter::new("info"));

@@ -7,6 +7,7 @@
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
+use keel_actors::clock::{Clock, WallClock};
 use keel_actors::persistence::timers::{self, TimerRow};
 use keel_actors::persistence::{self, StoreOptions};
 use serde_json::json;
@@ -64,7 +65,7 @@ pub fn timers_cmd(cmd: TimersCmd) -> Result<ExitCode> {
             let (mut conn, _) = persistence::open_store(&StoreOptions::from_config(&config))
                 .with_context(|| format!("opening {}", config.data_dir.display()))?;
             let tx = conn.transaction()?;
-            let cancelled = timers::cancel_timer(&tx, id)?;
+            let cancelled = timers::cancel_timer(&tx, &WallClock.stamp(), id)?;
             tx.commit()?;
             if cancelled {
                 println!("timer {id} cancelled");

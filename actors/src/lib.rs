@@ -23,6 +23,7 @@ pub mod agent;
 pub mod app;
 pub mod backoff;
 pub mod brain;
+pub mod clock;
 pub mod config;
 pub mod error;
 pub mod export;

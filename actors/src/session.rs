@@ -20,6 +20,7 @@ use serde_json::{Map, Value};
 
 use crate::agent::{self, AgentSettings};
 use crate::brain::{Brain, BrainInput, Decision, RECENT_TURNS};
+use crate::clock::Clock;
 use crate::error::StoreError;
 use crate::metrics::Metrics;
 use crate::outbox::OutboxKick;
@@ -118,6 +119,7 @@ pub struct SessionRegistry {
     timers: Option<Recipient<TimersChanged>>,
     settings: SessionSettings,
     metrics: Metrics,
+    clock: Arc<dyn Clock>,
     http: reqwest::Client,
     sessions: HashMap<String, Entry>,
     /// Sessions idle this long (and not busy) leave memory.
@@ -130,6 +132,7 @@ impl SessionRegistry {
         outbox: Recipient<OutboxKick>,
         settings: SessionSettings,
         metrics: Metrics,
+        clock: Arc<dyn Clock>,
     ) -> SessionRegistry {
         SessionRegistry {
             persistence,
@@ -137,6 +140,7 @@ impl SessionRegistry {
             timers: None,
             settings,
             metrics,
+            clock,
             http: reqwest::Client::new(),
             sessions: HashMap::new(),
             idle_ttl: Duration::from_secs(600),
@@ -160,6 +164,7 @@ impl SessionRegistry {
                 timers: self.timers.clone(),
                 registry: me,
                 settings: self.settings.clone(),
+                clock: self.clock.clone(),
                 http: self.http.clone(),
                 cache: None,
                 agent_queue: VecDeque::new(),
@@ -287,6 +292,7 @@ pub struct SessionActor {
     timers: Option<Recipient<TimersChanged>>,
     registry: Addr<SessionRegistry>,
     settings: SessionSettings,
+    clock: Arc<dyn Clock>,
     http: reqwest::Client,
     /// Loaded lazily; dropped after a failed commit so the next message
     /// reloads what is really on disk.
@@ -320,10 +326,6 @@ impl Handler<Resume> for SessionActor {
     fn handle(&mut self, msg: Resume, ctx: &mut Context<Self>) {
         self.enqueue_agent(msg.0, ctx);
     }
-}
-
-fn now_text() -> String {
-    crate::persistence::store::now()
 }
 
 impl Handler<Deliver> for SessionActor {
@@ -447,7 +449,7 @@ impl SessionActor {
                         reply_seq,
                         outbox_id,
                     } => {
-                        let at = now_text();
+                        let at = this.clock.stamp().text;
                         let cache = this.cache.as_mut().expect("cache stays loaded");
                         cache.stored = true;
                         if cache.senders.len() >= MAX_KNOWN_SENDERS {
@@ -581,7 +583,7 @@ impl SessionActor {
                         &plan.text,
                         None,
                         None,
-                        now_text(),
+                        this.clock.stamp().text,
                         plan.deliver.then_some(false),
                     ));
                 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use futures::future::{join_all, BoxFuture};
 use keel_actors::brain::CommandBrain;
+use keel_actors::clock::WallClock;
 use keel_actors::config::SupervisionConfig;
 use keel_actors::config::{OutboxConfig, Synchronous};
 use keel_actors::error::{SendError, StoreError};
@@ -35,7 +36,14 @@ fn options(path: Option<std::path::PathBuf>) -> StoreOptions {
 fn start_store(path: Option<std::path::PathBuf>, metrics: &Metrics) -> Addr<PersistenceActor> {
     let opts = options(path);
     let (conn, _) = persistence::open_store(&opts).expect("open store");
-    PersistenceActor::new(conn, opts, Health::new(metrics.clone()), metrics.clone()).start()
+    PersistenceActor::new(
+        conn,
+        opts,
+        Health::new(metrics.clone()),
+        metrics.clone(),
+        Arc::new(WallClock),
+    )
+    .start()
 }
 
 /// The stored turns of an existing session.
@@ -342,8 +350,14 @@ async fn a_redelivered_message_is_stored_and_answered_once() {
         routed_channels: ["webhook".to_string()].into_iter().collect(),
         agent: None,
     };
-    let registry =
-        SessionRegistry::new(store.clone(), outbox.recipient(), settings, metrics.clone()).start();
+    let registry = SessionRegistry::new(
+        store.clone(),
+        outbox.recipient(),
+        settings,
+        metrics.clone(),
+        Arc::new(WallClock),
+    )
+    .start();
     let deliver = || Deliver {
         channel: "webhook".into(),
         chat: "c1".into(),

@@ -5,11 +5,15 @@
 //! actor emits, never on sleeps. Also: a burst larger than the window fires
 //! each instant once while commits overlap, and SIGHUP's routes apply.
 
+// Tests drive real processes in real time: clippy.toml's clock and env rules are for keel itself.
+#![allow(clippy::disallowed_methods)]
+
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
+use keel_actors::clock::{ManualClock, Stamp, WallClock};
 use keel_actors::config::Synchronous;
 use keel_actors::health::Health;
 use keel_actors::metrics::Metrics;
@@ -21,8 +25,7 @@ use keel_actors::persistence::{
 use keel_actors::schedule::plan::Misfire;
 use keel_actors::schedule::ScheduleSpec;
 use keel_actors::timer::{
-    GetTimerStats, ManualClock, RecoverTimers, SetTimerRoutes, Tick, TimerActor, TimerSettings,
-    TimersChanged,
+    GetTimerStats, RecoverTimers, SetTimerRoutes, Tick, TimerActor, TimerSettings, TimersChanged,
 };
 use tokio::sync::mpsc;
 
@@ -36,7 +39,16 @@ fn start_store(path: std::path::PathBuf) -> Addr<PersistenceActor> {
     };
     let metrics = Metrics::new();
     let (conn, _) = persistence::open_store(&opts).expect("open store");
-    PersistenceActor::new(conn, opts, Health::new(metrics.clone()), metrics).start()
+    // Fires take their time from the timer actor's ManualClock (FireTimer
+    // carries it); other writes are stamped with the wall clock.
+    PersistenceActor::new(
+        conn,
+        opts,
+        Health::new(metrics.clone()),
+        metrics,
+        Arc::new(WallClock),
+    )
+    .start()
 }
 
 /// Counts outbox kicks (the timer actor kicks after writing reminders).
@@ -240,7 +252,15 @@ async fn a_burst_larger_than_the_window_fires_each_instant_once_while_commits_ov
             probe_interval: Duration::from_millis(100),
         })
         .unwrap();
-        persistence::timers::bench_seed_timers(&conn, "burst", 300, t0 + 1_000, 0).unwrap();
+        persistence::timers::bench_seed_timers(
+            &conn,
+            &Stamp::from_ms(t0),
+            "burst",
+            300,
+            t0 + 1_000,
+            0,
+        )
+        .unwrap();
     }
     for i in 0..3 {
         create(&store, &format!("every{i}"), ScheduleSpec::Every(3_600_000)).await;

@@ -261,16 +261,14 @@ struct ClientLine {
     id: Option<String>,
 }
 
-/// A key for a message that came without one: unique per process and line.
+/// A key for a message that came without one: unique per line, and across
+/// processes by a random part (never a clock read: see `clock.rs`).
 fn fresh_key(prefix: &str) -> String {
     static N: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
     format!(
-        "{prefix}-{}-{nanos}-{}",
+        "{prefix}-{}-{:016x}-{}",
         std::process::id(),
+        rand::random::<u64>(),
         N.fetch_add(1, Ordering::Relaxed)
     )
 }

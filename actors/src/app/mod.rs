@@ -21,13 +21,14 @@ use crate::error::StoreError;
 use crate::health::{Gate, Health, Phase};
 pub mod lifecycle;
 
+use crate::clock::{Clock, WallClock};
 use crate::metrics::Metrics;
 use crate::outbox::{OutboxActor, OutboxKick, ReplySink};
 use crate::persistence::{
     self, CommitNotice, PersistenceActor, RecordBoot, SessionKey, StoreOptions,
 };
 use crate::session::{ResumeAwaiting, SessionRegistry, SessionSettings};
-use crate::timer::{RecoverTimers, TimerActor, TimerSettings, TimerStats, WallClock};
+use crate::timer::{RecoverTimers, TimerActor, TimerSettings, TimerStats};
 use lifecycle::{ExitReport, Lifecycle, LogLevelHook};
 
 /// Why keel could not start.
@@ -196,6 +197,9 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         ));
     }
     let metrics = Metrics::new();
+    // The one wall clock of this process; every actor that reads the time
+    // gets this handle.
+    let clock: Arc<dyn Clock> = Arc::new(WallClock);
     let health = Health::new(metrics.clone());
     let gate = Gate::closed();
 
@@ -214,8 +218,14 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
     if let Some(db) = report.deferred_check.clone() {
         persistence::check_in_background(db, health.clone());
     }
-    let persistence =
-        PersistenceActor::new(conn, store_opts, health.clone(), metrics.clone()).start();
+    let persistence = PersistenceActor::new(
+        conn,
+        store_opts,
+        health.clone(),
+        metrics.clone(),
+        clock.clone(),
+    )
+    .start();
 
     // The HTTP listener comes up before recovery so /healthz and /readyz
     // answer throughout; the webhook route refuses messages (503) until the
@@ -240,6 +250,7 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         outbox.clone().recipient(),
         settings_sessions(&config, cli_enabled),
         metrics.clone(),
+        clock.clone(),
     )
     .with_timers(timers.clone().recipient())
     .start();
@@ -282,7 +293,7 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         TimerActor::new(
             persistence.clone(),
             outbox.clone().recipient(),
-            Arc::new(WallClock),
+            clock.clone(),
             TimerSettings::new(
                 config.timers.retention_days,
                 routed_channels(&config, cli_enabled),

@@ -8,8 +8,8 @@ use actix::prelude::*;
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
-use super::store::now;
 use super::PersistenceActor;
+use crate::clock::Stamp;
 use crate::error::StoreError;
 
 /// Rows whose key starts with this prefix hold a supervised adapter's status.
@@ -32,13 +32,18 @@ pub fn load(conn: &Connection, adapter: &str) -> Result<Option<String>, StoreErr
 }
 
 /// Insert or replace the state stored under `adapter`.
-pub fn save(conn: &Connection, adapter: &str, state_json: &str) -> Result<(), StoreError> {
+pub fn save(
+    conn: &Connection,
+    at: &Stamp,
+    adapter: &str,
+    state_json: &str,
+) -> Result<(), StoreError> {
     conn.prepare_cached(
         "INSERT INTO adapter_state (adapter, state_json, updated_at) VALUES (?1, ?2, ?3)
          ON CONFLICT(adapter) DO UPDATE SET state_json = excluded.state_json,
                                             updated_at = excluded.updated_at",
     )?
-    .execute(params![adapter, state_json, now()])?;
+    .execute(params![adapter, state_json, at.text])?;
     Ok(())
 }
 
@@ -70,7 +75,7 @@ pub struct GetAdapterState {
 impl Handler<GetAdapterState> for PersistenceActor {
     type Result = ResponseFuture<Result<Option<String>, StoreError>>;
     fn handle(&mut self, msg: GetAdapterState, _: &mut Context<Self>) -> Self::Result {
-        self.call(move |c| load(c, &msg.adapter))
+        self.call(move |c, _| load(c, &msg.adapter))
     }
 }
 
@@ -87,13 +92,18 @@ pub struct PutAdapterState {
 impl Handler<PutAdapterState> for PersistenceActor {
     type Result = ResponseFuture<Result<(), StoreError>>;
     fn handle(&mut self, msg: PutAdapterState, _: &mut Context<Self>) -> Self::Result {
-        self.call(move |c| save(c, &msg.adapter, &msg.state_json))
+        self.call(move |c, at| save(c, at, &msg.adapter, &msg.state_json))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A fixed write time for store calls in tests.
+    fn at() -> crate::clock::Stamp {
+        crate::clock::Stamp::from_ms(1_764_590_400_000)
+    }
 
     fn conn() -> Connection {
         let c = Connection::open_in_memory().unwrap();
@@ -109,13 +119,13 @@ mod tests {
     fn save_replaces_and_statuses_lists_only_status_rows() {
         let c = conn();
         assert_eq!(load(&c, "telegram:x").unwrap(), None);
-        save(&c, "telegram:x", r#"{"last_offset":1}"#).unwrap();
-        save(&c, "telegram:x", r#"{"last_offset":7}"#).unwrap();
+        save(&c, &at(), "telegram:x", r#"{"last_offset":1}"#).unwrap();
+        save(&c, &at(), "telegram:x", r#"{"last_offset":7}"#).unwrap();
         assert_eq!(
             load(&c, "telegram:x").unwrap().as_deref(),
             Some(r#"{"last_offset":7}"#)
         );
-        save(&c, "status:telegram", r#"{"state":"running"}"#).unwrap();
+        save(&c, &at(), "status:telegram", r#"{"state":"running"}"#).unwrap();
         let rows = statuses(&c).unwrap();
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].adapter, "status:telegram");

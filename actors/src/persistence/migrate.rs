@@ -8,7 +8,7 @@ use std::path::Path;
 
 use rusqlite::Connection;
 
-use super::store::now;
+use crate::clock::{Clock, WallClock};
 use crate::error::StoreError;
 
 /// One embedded migration.
@@ -81,7 +81,7 @@ pub fn migrate(conn: &mut Connection, path: &Path) -> Result<MigrateReport, Stor
         })?;
         tx.execute(
             "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?1, ?2, ?3)",
-            rusqlite::params![m.version, m.name, now()],
+            rusqlite::params![m.version, m.name, WallClock.stamp().text],
         )?;
         // PRAGMA does not take bound parameters; the value is our own integer.
         tx.execute_batch(&format!("PRAGMA user_version = {}", m.version))?;

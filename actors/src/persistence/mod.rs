@@ -24,7 +24,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -32,6 +32,7 @@ pub use rusqlite::Connection;
 use rusqlite::OpenFlags;
 use tokio::sync::oneshot;
 
+use crate::clock::{Clock, Stamp};
 use crate::config::{Config, Synchronous};
 use crate::error::StoreError;
 use crate::health::Health;
@@ -394,7 +395,7 @@ trait Job: Send {
     /// Run inside a savepoint. `Ok(true)`: keep; `Ok(false)`: this job failed
     /// on its own (its savepoint is rolled back, the batch goes on);
     /// `Err`: storage failed, the whole batch is rolled back.
-    fn run(&mut self, conn: &Connection) -> Result<bool, StoreError>;
+    fn run(&mut self, conn: &Connection, at: &Stamp) -> Result<bool, StoreError>;
     /// Deliver the outcome once the batch is durable (or failed).
     fn finish(self: Box<Self>, batch: Result<(), StoreError>);
 }
@@ -408,13 +409,13 @@ struct FnJob<T, F> {
 impl<T, F> Job for FnJob<T, F>
 where
     T: Send + 'static,
-    F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    F: FnOnce(&Connection, &Stamp) -> Result<T, StoreError> + Send + 'static,
 {
-    fn run(&mut self, conn: &Connection) -> Result<bool, StoreError> {
+    fn run(&mut self, conn: &Connection, at: &Stamp) -> Result<bool, StoreError> {
         let Some(f) = self.f.take() else {
             return Ok(false);
         };
-        let out = f(conn);
+        let out = f(conn, at);
         let ok = match &out {
             Ok(_) => true,
             Err(StoreError::Unavailable(reason)) => {
@@ -449,6 +450,8 @@ struct Writer {
     opts: StoreOptions,
     health: Health,
     metrics: Metrics,
+    /// Timestamps of every row written (one per batch).
+    clock: Arc<dyn Clock>,
     rx: mpsc::Receiver<Cmd>,
     degraded: bool,
 }
@@ -518,10 +521,12 @@ impl Writer {
         Ok(self.conn.as_ref().expect("just set"))
     }
 
+    #[allow(clippy::disallowed_methods)] // real elapsed time of a commit, for a metric
     fn commit(&mut self, mut jobs: Vec<Box<dyn Job>>) {
         let started = Instant::now();
         let n = jobs.len();
         let mut wrote = false;
+        let clock = self.clock.clone();
         let result = self.connection().and_then(|conn| {
             let before = conn.total_changes();
             // Cached statements: these run once or twice per job, so parsing
@@ -531,9 +536,11 @@ impl Writer {
                 Ok(())
             };
             exec("BEGIN IMMEDIATE")?;
+            // One time for the whole batch, from the injected clock.
+            let at = clock.stamp();
             for job in jobs.iter_mut() {
                 exec("SAVEPOINT job")?;
-                if job.run(conn)? {
+                if job.run(conn, &at)? {
                     exec("RELEASE job")?;
                 } else {
                     exec("ROLLBACK TO job")?;
@@ -564,9 +571,10 @@ impl Writer {
     }
 
     fn probe(&mut self) {
+        let at = self.clock.stamp();
         let result = self.connection().and_then(|conn| {
             conn.execute_batch("BEGIN IMMEDIATE")?;
-            store::probe(conn)?;
+            store::probe(conn, &at)?;
             conn.execute_batch("COMMIT")?;
             Ok(())
         });
@@ -656,6 +664,7 @@ impl PersistenceActor {
         opts: StoreOptions,
         health: Health,
         metrics: Metrics,
+        clock: Arc<dyn Clock>,
     ) -> PersistenceActor {
         let checkpointer = Checkpointer::start(&opts);
         if let Err(e) = install_wal_hook(&mut conn, checkpointer.as_ref().map(|c| c.nudge.clone()))
@@ -669,6 +678,7 @@ impl PersistenceActor {
             opts,
             health,
             metrics,
+            clock,
             rx,
             degraded: false,
         };
@@ -686,7 +696,7 @@ impl PersistenceActor {
     pub(crate) fn call<T, F>(&self, f: F) -> ResponseFuture<Result<T, StoreError>>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&Connection, &Stamp) -> Result<T, StoreError> + Send + 'static,
     {
         let (reply, rx) = oneshot::channel();
         let job = Box::new(FnJob {
@@ -741,7 +751,7 @@ pub struct CommitExchange(pub Exchange);
 impl Handler<CommitExchange> for PersistenceActor {
     type Result = ResponseFuture<Result<ExchangeOutcome, StoreError>>;
     fn handle(&mut self, msg: CommitExchange, _: &mut Context<Self>) -> Self::Result {
-        self.call(move |c| store::commit_exchange(c, &msg.0))
+        self.call(move |c, at| store::commit_exchange(c, at, &msg.0))
     }
 }
 
@@ -757,7 +767,9 @@ pub struct CommitAgentReply {
 impl Handler<CommitAgentReply> for PersistenceActor {
     type Result = ResponseFuture<Result<Option<(i64, Option<i64>)>, StoreError>>;
     fn handle(&mut self, msg: CommitAgentReply, _: &mut Context<Self>) -> Self::Result {
-        self.call(move |c| store::commit_agent_reply(c, &msg.session, msg.user_seq, &msg.reply))
+        self.call(move |c, at| {
+            store::commit_agent_reply(c, at, &msg.session, msg.user_seq, &msg.reply)
+        })
     }
 }
 
@@ -773,7 +785,7 @@ pub struct CommitNotice {
 impl Handler<CommitNotice> for PersistenceActor {
     type Result = ResponseFuture<Result<(i64, Option<i64>), StoreError>>;
     fn handle(&mut self, msg: CommitNotice, _: &mut Context<Self>) -> Self::Result {
-        self.call(move |c| store::commit_notice(c, &msg.session, &msg.text, msg.deliver))
+        self.call(move |c, at| store::commit_notice(c, at, &msg.session, &msg.text, msg.deliver))
     }
 }
 
@@ -788,7 +800,7 @@ pub struct GetSession {
 impl Handler<GetSession> for PersistenceActor {
     type Result = ResponseFuture<Result<Option<SessionSnapshot>, StoreError>>;
     fn handle(&mut self, msg: GetSession, _: &mut Context<Self>) -> Self::Result {
-        self.call(move |c| store::load_session(c, &msg.id, msg.tail))
+        self.call(move |c, _| store::load_session(c, &msg.id, msg.tail))
     }
 }
 
@@ -804,7 +816,7 @@ pub struct GetTurns {
 impl Handler<GetTurns> for PersistenceActor {
     type Result = ResponseFuture<Result<Option<Vec<TurnRow>>, StoreError>>;
     fn handle(&mut self, msg: GetTurns, _: &mut Context<Self>) -> Self::Result {
-        self.call(move |c| store::session_turns(c, &msg.session, msg.after_seq, msg.limit))
+        self.call(move |c, _| store::session_turns(c, &msg.session, msg.after_seq, msg.limit))
     }
 }
 
@@ -816,7 +828,7 @@ pub struct GetSessions;
 impl Handler<GetSessions> for PersistenceActor {
     type Result = ResponseFuture<Result<Vec<SessionSummary>, StoreError>>;
     fn handle(&mut self, _: GetSessions, _: &mut Context<Self>) -> Self::Result {
-        self.call(store::list_sessions)
+        self.call(|c, _| store::list_sessions(c))
     }
 }
 
@@ -834,7 +846,7 @@ pub struct GetPendingOutbox {
 impl Handler<GetPendingOutbox> for PersistenceActor {
     type Result = ResponseFuture<Result<Vec<OutboxRow>, StoreError>>;
     fn handle(&mut self, msg: GetPendingOutbox, _: &mut Context<Self>) -> Self::Result {
-        self.call(move |c| {
+        self.call(move |c, _| {
             let mut rows = store::pending_outbox(c, msg.after, msg.limit)?;
             // Rows whose last send had an unknown outcome are resent too.
             if msg.with_unknown {
@@ -869,8 +881,8 @@ pub struct RecordSend {
 impl Handler<RecordSend> for PersistenceActor {
     type Result = ResponseFuture<Result<(), StoreError>>;
     fn handle(&mut self, msg: RecordSend, _: &mut Context<Self>) -> Self::Result {
-        self.call(move |c| match &msg.outcome {
-            SendOutcome::Sent => store::mark_outbox_sent(c, msg.id),
+        self.call(move |c, at| match &msg.outcome {
+            SendOutcome::Sent => store::mark_outbox_sent(c, at, msg.id),
             SendOutcome::Failed(e) => store::record_outbox_failure(c, msg.id, e),
             SendOutcome::Unknown(e) => store::mark_outbox_unknown(c, msg.id, e),
             SendOutcome::GaveUp(e) => store::mark_outbox_failed(c, msg.id, e),
@@ -888,7 +900,7 @@ pub struct GetAwaiting {
 impl Handler<GetAwaiting> for PersistenceActor {
     type Result = ResponseFuture<Result<Vec<AwaitingTurn>, StoreError>>;
     fn handle(&mut self, msg: GetAwaiting, _: &mut Context<Self>) -> Self::Result {
-        self.call(move |c| store::awaiting_turns(c, msg.limit))
+        self.call(move |c, _| store::awaiting_turns(c, msg.limit))
     }
 }
 
@@ -900,7 +912,7 @@ pub struct RecordBoot;
 impl Handler<RecordBoot> for PersistenceActor {
     type Result = ResponseFuture<Result<StoreStats, StoreError>>;
     fn handle(&mut self, _: RecordBoot, _: &mut Context<Self>) -> Self::Result {
-        self.call(|c| {
+        self.call(|c, _| {
             store::next_boot_epoch(c)?;
             store::stats(c)
         })
@@ -915,7 +927,7 @@ pub struct GetStats;
 impl Handler<GetStats> for PersistenceActor {
     type Result = ResponseFuture<Result<StoreStats, StoreError>>;
     fn handle(&mut self, _: GetStats, _: &mut Context<Self>) -> Self::Result {
-        self.call(store::stats)
+        self.call(|c, _| store::stats(c))
     }
 }
 

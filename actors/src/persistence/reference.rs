@@ -15,6 +15,7 @@
 use rusqlite::Connection;
 
 use super::store::{self, Exchange};
+use crate::clock::{Clock, WallClock};
 use crate::error::StoreError;
 
 /// Run `f` inside `BEGIN IMMEDIATE … COMMIT`, rolling back if it fails.
@@ -40,7 +41,9 @@ fn in_transaction(
 /// Reference (a): commit each exchange in its own transaction, in order.
 pub fn one_per_txn(conn: &Connection, exchanges: &[Exchange]) -> Result<(), StoreError> {
     for ex in exchanges {
-        in_transaction(conn, |c| store::commit_exchange(c, ex).map(|_| ()))?;
+        in_transaction(conn, |c| {
+            store::commit_exchange(c, &WallClock.stamp(), ex).map(|_| ())
+        })?;
     }
     Ok(())
 }
@@ -49,8 +52,10 @@ pub fn one_per_txn(conn: &Connection, exchanges: &[Exchange]) -> Result<(), Stor
 pub fn batched(conn: &Connection, exchanges: &[Exchange], batch: usize) -> Result<(), StoreError> {
     for chunk in exchanges.chunks(batch.max(1)) {
         in_transaction(conn, |c| {
+            // Like keel's writer: one timestamp per transaction.
+            let at = WallClock.stamp();
             for ex in chunk {
-                store::commit_exchange(c, ex)?;
+                store::commit_exchange(c, &at, ex)?;
             }
             Ok(())
         })?;

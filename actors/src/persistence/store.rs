@@ -6,12 +6,8 @@
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
+use crate::clock::Stamp;
 use crate::error::StoreError;
-
-/// Current time as RFC 3339 UTC with milliseconds: sortable as text.
-pub fn now() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-}
 
 /// Where a session lives: `id` is `"<channel>:<chat>"`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -276,13 +272,17 @@ fn insert_outbox(
 }
 
 /// Store an inbound turn (once per key) and its reply + outbox row.
-pub fn commit_exchange(conn: &Connection, ex: &Exchange) -> Result<ExchangeOutcome, StoreError> {
-    let at = now();
+pub fn commit_exchange(
+    conn: &Connection,
+    stamp: &Stamp,
+    ex: &Exchange,
+) -> Result<ExchangeOutcome, StoreError> {
+    let at = &stamp.text;
     if let Some((adapter, state_json)) = &ex.adapter_state {
-        super::adapter_state::save(conn, adapter, state_json)?;
+        super::adapter_state::save(conn, stamp, adapter, state_json)?;
     }
     if !ex.known {
-        ensure_session(conn, &ex.session, Some(&ex.from), &at)?;
+        ensure_session(conn, &ex.session, Some(&ex.from), at)?;
     }
     let principal = format!("{}:{}", ex.session.channel, ex.from);
     // The key is per sender (R41): (session, sender, id).
@@ -305,8 +305,7 @@ pub fn commit_exchange(conn: &Connection, ex: &Exchange) -> Result<ExchangeOutco
     let rendered;
     let reply = match (&ex.reply, &ex.effect) {
         (Some(plan), Some(effect)) => {
-            let now_ms = chrono::Utc::now().timestamp_millis();
-            let text = super::timers::apply_effect(conn, &ex.session, &principal, effect, now_ms)?;
+            let text = super::timers::apply_effect(conn, stamp, &ex.session, &principal, effect)?;
             rendered = ReplyPlan {
                 text,
                 deliver: plan.deliver,
@@ -316,7 +315,7 @@ pub fn commit_exchange(conn: &Connection, ex: &Exchange) -> Result<ExchangeOutco
         (plan, _) => plan.as_ref(),
     };
     let n = if reply.is_some() { 2 } else { 1 };
-    let user_seq = take_seqs(conn, &ex.session.id, n, ex.memory.as_deref(), &at)?;
+    let user_seq = take_seqs(conn, &ex.session.id, n, ex.memory.as_deref(), at)?;
     let status = if reply.is_some() {
         "answered"
     } else {
@@ -332,7 +331,7 @@ pub fn commit_exchange(conn: &Connection, ex: &Exchange) -> Result<ExchangeOutco
         Some(&principal),
         None,
         Some(status),
-        &at,
+        at,
     )?;
     let (mut reply_seq, mut outbox_id) = (None, None);
     if let Some(reply) = reply {
@@ -347,7 +346,7 @@ pub fn commit_exchange(conn: &Connection, ex: &Exchange) -> Result<ExchangeOutco
             None,
             Some(user_seq),
             None,
-            &at,
+            at,
         )?;
         reply_seq = Some(seq);
         if reply.deliver {
@@ -357,7 +356,7 @@ pub fn commit_exchange(conn: &Connection, ex: &Exchange) -> Result<ExchangeOutco
                 seq,
                 Some(&ex.key),
                 &reply.text,
-                &at,
+                at,
             )?);
         }
     }
@@ -372,11 +371,12 @@ pub fn commit_exchange(conn: &Connection, ex: &Exchange) -> Result<ExchangeOutco
 /// turn that is already answered is left alone and `None` is returned.
 pub fn commit_agent_reply(
     conn: &Connection,
+    stamp: &Stamp,
     session: &SessionKey,
     user_seq: i64,
     reply: &ReplyPlan,
 ) -> Result<Option<(i64, Option<i64>)>, StoreError> {
-    let at = now();
+    let at = &stamp.text;
     let row: Option<(Option<String>, Option<String>)> = conn
         .prepare_cached("SELECT status, key FROM turns WHERE session_id = ?1 AND seq = ?2")?
         .query_row(params![session.id, user_seq], |r| {
@@ -394,7 +394,7 @@ pub fn commit_agent_reply(
     }
     conn.prepare_cached("UPDATE turns SET status = 'answered' WHERE session_id = ?1 AND seq = ?2")?
         .execute(params![session.id, user_seq])?;
-    let seq = take_seqs(conn, &session.id, 1, None, &at)?;
+    let seq = take_seqs(conn, &session.id, 1, None, at)?;
     insert_turn(
         conn,
         &session.id,
@@ -405,7 +405,7 @@ pub fn commit_agent_reply(
         None,
         Some(user_seq),
         None,
-        &at,
+        at,
     )?;
     let outbox = if reply.deliver {
         Some(insert_outbox(
@@ -414,7 +414,7 @@ pub fn commit_agent_reply(
             seq,
             key.as_deref(),
             &reply.text,
-            &at,
+            at,
         )?)
     } else {
         None
@@ -425,13 +425,14 @@ pub fn commit_agent_reply(
 /// A message from keel itself (e.g. "restarted") to a chat, via the outbox.
 pub fn commit_notice(
     conn: &Connection,
+    stamp: &Stamp,
     session: &SessionKey,
     text: &str,
     deliver: bool,
 ) -> Result<(i64, Option<i64>), StoreError> {
-    let at = now();
-    ensure_session(conn, session, None, &at)?;
-    let seq = take_seqs(conn, &session.id, 1, None, &at)?;
+    let at = &stamp.text;
+    ensure_session(conn, session, None, at)?;
+    let seq = take_seqs(conn, &session.id, 1, None, at)?;
     insert_turn(
         conn,
         &session.id,
@@ -442,10 +443,10 @@ pub fn commit_notice(
         None,
         None,
         None,
-        &at,
+        at,
     )?;
     let outbox = if deliver {
-        Some(insert_outbox(conn, session, seq, None, text, &at)?)
+        Some(insert_outbox(conn, session, seq, None, text, at)?)
     } else {
         None
     };
@@ -593,12 +594,12 @@ pub fn pending_outbox(
 }
 
 /// The channel accepted the reply.
-pub fn mark_outbox_sent(conn: &Connection, id: i64) -> Result<(), StoreError> {
+pub fn mark_outbox_sent(conn: &Connection, at: &Stamp, id: i64) -> Result<(), StoreError> {
     conn.prepare_cached(
         "UPDATE outbox SET state = 'sent', attempts = attempts + 1, sent_at = ?2, last_error = NULL
          WHERE id = ?1",
     )?
-    .execute(params![id, now()])?;
+    .execute(params![id, at.text])?;
     Ok(())
 }
 
@@ -686,9 +687,9 @@ pub fn next_boot_epoch(conn: &Connection) -> Result<i64, StoreError> {
 const PROBE_BYTES: i64 = 64 * 1024;
 
 /// A write used to find out whether storage works again.
-pub fn probe(conn: &Connection) -> Result<(), StoreError> {
+pub fn probe(conn: &Connection, at: &Stamp) -> Result<(), StoreError> {
     conn.prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES ('last_probe', ?1)")?
-        .execute([now()])?;
+        .execute([&at.text])?;
     conn.prepare_cached(
         "INSERT OR REPLACE INTO meta (key, value) VALUES ('probe_headroom', randomblob(?1))",
     )?
@@ -730,13 +731,22 @@ pub fn checkpoint_truncate(conn: &Connection) -> Result<(i64, i64, i64), StoreEr
 
 /// Bench reference rows: the same statements as one exchange, without the
 /// actor system. Used by `keel bench` to measure the machine's own limit.
-pub fn bench_reference_exchange(conn: &Connection, ex: &Exchange) -> Result<(), StoreError> {
-    commit_exchange(conn, ex).map(|_| ())
+pub fn bench_reference_exchange(
+    conn: &Connection,
+    at: &Stamp,
+    ex: &Exchange,
+) -> Result<(), StoreError> {
+    commit_exchange(conn, at, ex).map(|_| ())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A fixed write time for store calls in tests.
+    fn at() -> crate::clock::Stamp {
+        crate::clock::Stamp::from_ms(1_764_590_400_000)
+    }
     use crate::persistence::migrate;
 
     fn db() -> Connection {
@@ -765,7 +775,7 @@ mod tests {
     #[test]
     fn an_exchange_stores_turns_and_outbox_once_per_key() {
         let c = db();
-        let out = commit_exchange(&c, &ex("c1", "m1", "hi", Some("hello"))).unwrap();
+        let out = commit_exchange(&c, &at(), &ex("c1", "m1", "hi", Some("hello"))).unwrap();
         assert_eq!(
             out,
             ExchangeOutcome::Accepted {
@@ -774,15 +784,15 @@ mod tests {
                 outbox_id: Some(1)
             }
         );
-        let dup = commit_exchange(&c, &ex("c1", "m1", "hi", Some("x"))).unwrap();
+        let dup = commit_exchange(&c, &at(), &ex("c1", "m1", "hi", Some("x"))).unwrap();
         assert_eq!(dup, ExchangeOutcome::Duplicate { user_seq: 1 });
-        let conflict = commit_exchange(&c, &ex("c1", "m1", "hi again", Some("x"))).unwrap();
+        let conflict = commit_exchange(&c, &at(), &ex("c1", "m1", "hi again", Some("x"))).unwrap();
         assert_eq!(conflict, ExchangeOutcome::Conflict { user_seq: 1 });
         // Another sender's m1 in the same chat is its own message (R41).
         let mut other = ex("c1", "m1", "hi again", Some("y"));
         other.from = "u2".into();
         assert!(matches!(
-            commit_exchange(&c, &other).unwrap(),
+            commit_exchange(&c, &at(), &other).unwrap(),
             ExchangeOutcome::Accepted { user_seq: 3, .. }
         ));
         let turns = session_turns(&c, "webhook:c1", 0, 100).unwrap().unwrap();
@@ -797,10 +807,10 @@ mod tests {
         assert_eq!(turns[1].sent, Some(false));
         let pending = pending_outbox(&c, 0, 10).unwrap();
         assert_eq!(pending.len(), 2);
-        mark_outbox_sent(&c, pending[1].id).unwrap();
+        mark_outbox_sent(&c, &at(), pending[1].id).unwrap();
         let pending = pending_outbox(&c, 0, 10).unwrap();
         assert_eq!(pending[0].in_reply_to.as_deref(), Some("m1"));
-        mark_outbox_sent(&c, pending[0].id).unwrap();
+        mark_outbox_sent(&c, &at(), pending[0].id).unwrap();
         assert!(pending_outbox(&c, 0, 10).unwrap().is_empty());
         let turns = session_turns(&c, "webhook:c1", 0, 100).unwrap().unwrap();
         assert_eq!(turns[1].sent, Some(true));
@@ -811,13 +821,13 @@ mod tests {
         let c = db();
         let mut e = ex("c1", "7", "hi", Some("ok"));
         e.adapter_state = Some(("telegram:x".into(), r#"{"last_offset":7}"#.into()));
-        commit_exchange(&c, &e).unwrap();
+        commit_exchange(&c, &at(), &e).unwrap();
         let stored = crate::persistence::adapter_state::load(&c, "telegram:x").unwrap();
         assert_eq!(stored.as_deref(), Some(r#"{"last_offset":7}"#));
         // A redelivered last update still moves the offset.
         e.adapter_state = Some(("telegram:x".into(), r#"{"last_offset":8}"#.into()));
         assert!(matches!(
-            commit_exchange(&c, &e).unwrap(),
+            commit_exchange(&c, &at(), &e).unwrap(),
             ExchangeOutcome::Duplicate { .. }
         ));
         let stored = crate::persistence::adapter_state::load(&c, "telegram:x").unwrap();
@@ -828,7 +838,7 @@ mod tests {
     fn hostile_text_is_stored_literally() {
         let c = db();
         let evil = "'); DROP TABLE sessions;--";
-        commit_exchange(&c, &ex(evil, evil, evil, None)).unwrap();
+        commit_exchange(&c, &at(), &ex(evil, evil, evil, None)).unwrap();
         let id = format!("webhook:{evil}");
         let turns = session_turns(&c, &id, 0, 10).unwrap().unwrap();
         assert_eq!(turns[0].text, evil);
@@ -838,7 +848,7 @@ mod tests {
     #[test]
     fn agent_replies_answer_awaiting_turns_once() {
         let c = db();
-        commit_exchange(&c, &ex("c1", "m1", "question", None)).unwrap();
+        commit_exchange(&c, &at(), &ex("c1", "m1", "question", None)).unwrap();
         let waiting = awaiting_turns(&c, 10).unwrap();
         assert_eq!(waiting.len(), 1);
         let plan = ReplyPlan {
@@ -847,10 +857,10 @@ mod tests {
         };
         let s = SessionKey::new("webhook", "c1");
         assert_eq!(
-            commit_agent_reply(&c, &s, 1, &plan).unwrap(),
+            commit_agent_reply(&c, &at(), &s, 1, &plan).unwrap(),
             Some((2, Some(1)))
         );
-        assert_eq!(commit_agent_reply(&c, &s, 1, &plan).unwrap(), None);
+        assert_eq!(commit_agent_reply(&c, &at(), &s, 1, &plan).unwrap(), None);
         assert!(awaiting_turns(&c, 10).unwrap().is_empty());
     }
 

@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use super::store::{self, SessionKey};
 use super::PersistenceActor;
+use crate::clock::Stamp;
 use crate::error::StoreError;
 use crate::schedule::plan::{plan_fire, Misfire, LATE_AFTER_MS};
 use crate::schedule::{first_run, parse_tz, Schedule, ScheduleSpec};
@@ -207,12 +208,12 @@ fn principal_timezone(conn: &Connection, principal: &str) -> Result<Option<Strin
 /// can fix (past instant, never-firing schedule) are replies, not failures.
 pub fn apply_effect(
     conn: &Connection,
+    stamp: &Stamp,
     session: &SessionKey,
     principal: &str,
     effect: &Effect,
-    now_ms: i64,
 ) -> Result<String, StoreError> {
-    let at = store::now();
+    let (at, now_ms) = (&stamp.text, stamp.ms);
     match effect {
         Effect::SetTimezone(name) => {
             conn.prepare_cached("UPDATE principals SET timezone = ?2 WHERE id = ?1")?
@@ -359,13 +360,13 @@ pub fn get_timer(conn: &Connection, id: i64) -> Result<Option<TimerRow>, StoreEr
 }
 
 /// Cancel any timer (operator). Returns whether it was active or parked.
-pub fn cancel_timer(conn: &Connection, id: i64) -> Result<bool, StoreError> {
+pub fn cancel_timer(conn: &Connection, at: &Stamp, id: i64) -> Result<bool, StoreError> {
     let n = conn
         .prepare_cached(
             "UPDATE timers SET state = 'cancelled', next_run = NULL, updated_at = ?2
              WHERE id = ?1 AND state IN ('active', 'parked')",
         )?
-        .execute(params![id, store::now()])?;
+        .execute(params![id, at.text])?;
     Ok(n == 1)
 }
 
@@ -422,11 +423,11 @@ pub struct FireOutcome {
     pub stale: bool,
 }
 
-fn park(conn: &Connection, id: i64, error: &str) -> Result<FireOutcome, StoreError> {
+fn park(conn: &Connection, at: &str, id: i64, error: &str) -> Result<FireOutcome, StoreError> {
     conn.prepare_cached(
         "UPDATE timers SET state = 'parked', next_run = NULL, error = ?2, updated_at = ?3 WHERE id = ?1",
     )?
-    .execute(params![id, error, store::now()])?;
+    .execute(params![id, error, at])?;
     tracing::warn!(timer = id, %error, "timer parked");
     Ok(FireOutcome {
         parked: true,
@@ -460,6 +461,8 @@ pub fn fire_timer(
     now_ms: i64,
     routed: &HashSet<String>,
 ) -> Result<FireOutcome, StoreError> {
+    // `now_ms` comes from the timer actor's injected clock.
+    let at = Stamp::from_ms(now_ms);
     let row: Option<DueRow> = conn
         .prepare_cached(
             "SELECT t.state, t.kind, t.schedule, t.timezone, t.callback, t.params_json, t.misfire,
@@ -509,22 +512,23 @@ pub fn fire_timer(
     }
     let tz = match parse_tz(&zone) {
         Ok(tz) => tz,
-        Err(e) => return park(conn, id, &e.to_string()),
+        Err(e) => return park(conn, &at.text, id, &e.to_string()),
     };
     let schedule = match Schedule::from_row(&kind, &schedule) {
         Ok(s) => s,
-        Err(e) => return park(conn, id, &e.to_string()),
+        Err(e) => return park(conn, &at.text, id, &e.to_string()),
     };
     let callback = match Callback::parse(&callback, &params_json) {
         Ok(Callback::Task(p)) => {
             return park(
                 conn,
+                &at.text,
                 id,
                 &format!("tasks not available yet (task {:?} kept)", p.name),
             )
         }
         Ok(c) => c,
-        Err(e) => return park(conn, id, &e),
+        Err(e) => return park(conn, &at.text, id, &e),
     };
     let policy = Misfire::parse(&misfire).unwrap_or(Misfire::FireOnce);
     let plan = match plan_fire(
@@ -536,7 +540,7 @@ pub fn fire_timer(
         now_ms,
     ) {
         Ok(p) => p,
-        Err(e) => return park(conn, id, &e.to_string()),
+        Err(e) => return park(conn, &at.text, id, &e.to_string()),
     };
     let mut out = FireOutcome {
         missed: plan.missed,
@@ -569,11 +573,11 @@ pub fn fire_timer(
                     ));
                 }
                 let deliver = routed.contains(&session.channel);
-                let (_, outbox) = store::commit_notice(conn, &session, &text, deliver)?;
+                let (_, outbox) = store::commit_notice(conn, &at, &session, &text, deliver)?;
                 out.outbox_rows += i64::from(outbox.is_some());
             }
             Callback::StateTransition(p) => {
-                let moved = transition_timer(conn, &session.id, id, p)?;
+                let moved = transition_timer(conn, &at.text, &session.id, id, p)?;
                 let text = if moved {
                     format!("Timer #{} {} by timer #{id}.", p.timer_id, p.to.as_str())
                 } else {
@@ -583,7 +587,7 @@ pub fn fire_timer(
                         p.to.as_str()
                     )
                 };
-                store::commit_notice(conn, &session, &text, false)?;
+                store::commit_notice(conn, &at, &session, &text, false)?;
             }
             Callback::Task(_) => {}
         }
@@ -605,7 +609,7 @@ pub fn fire_timer(
         last,
         out.fired,
         out.missed,
-        store::now()
+        at.text
     ])?;
     Ok(out)
 }
@@ -614,6 +618,7 @@ pub fn fire_timer(
 /// (not `by` itself) from active/parked to `p.to`. Returns whether it moved.
 fn transition_timer(
     conn: &Connection,
+    at: &str,
     session_id: &str,
     by: i64,
     p: &StateTransitionParams,
@@ -625,14 +630,7 @@ fn transition_timer(
                  error = CASE WHEN ?3 = 'parked' THEN ?4 ELSE error END, updated_at = ?5
              WHERE id = ?1 AND session_id = ?2 AND id != ?6 AND state IN ('active', 'parked')",
         )?
-        .execute(params![
-            p.timer_id,
-            session_id,
-            p.to.as_str(),
-            note,
-            store::now(),
-            by
-        ])?;
+        .execute(params![p.timer_id, session_id, p.to.as_str(), note, at, by])?;
     Ok(n == 1)
 }
 
@@ -718,6 +716,7 @@ pub fn count_active(conn: &Connection) -> Result<i64, StoreError> {
 /// seeding only: one transaction, whatever `n`.
 pub fn bench_seed_timers(
     conn: &Connection,
+    stamp: &Stamp,
     chat: &str,
     n: i64,
     first_ms: i64,
@@ -725,8 +724,8 @@ pub fn bench_seed_timers(
 ) -> Result<i64, StoreError> {
     let tx = conn.unchecked_transaction()?;
     let session = SessionKey::new("webhook", chat);
-    let at = store::now();
-    store::ensure_session(&tx, &session, None, &at)?;
+    let at = &stamp.text;
+    store::ensure_session(&tx, &session, None, at)?;
     let inserted = tx
         .prepare_cached(
             "WITH RECURSIVE seq(i) AS (SELECT 0 WHERE ?2 > 0
@@ -819,7 +818,7 @@ pub struct GetDueWindow {
 impl Handler<GetDueWindow> for PersistenceActor {
     type Result = ResponseFuture<Result<Vec<(i64, i64)>, StoreError>>;
     fn handle(&mut self, msg: GetDueWindow, _: &mut Context<Self>) -> Self::Result {
-        self.call(move |c| match msg.after {
+        self.call(move |c, _| match msg.after {
             None => due_window(c, msg.limit),
             Some(after) => due_window_after(c, after, msg.limit),
         })
@@ -835,7 +834,7 @@ pub struct CountActiveTimers;
 impl Handler<CountActiveTimers> for PersistenceActor {
     type Result = ResponseFuture<Result<i64, StoreError>>;
     fn handle(&mut self, _: CountActiveTimers, _: &mut Context<Self>) -> Self::Result {
-        self.call(count_active)
+        self.call(|c, _| count_active(c))
     }
 }
 
@@ -852,7 +851,7 @@ pub struct FireTimer {
 impl Handler<FireTimer> for PersistenceActor {
     type Result = ResponseFuture<Result<FireOutcome, StoreError>>;
     fn handle(&mut self, msg: FireTimer, _: &mut Context<Self>) -> Self::Result {
-        self.call(move |c| fire_timer(c, msg.id, msg.due, msg.now_ms, &msg.routed))
+        self.call(move |c, _| fire_timer(c, msg.id, msg.due, msg.now_ms, &msg.routed))
     }
 }
 
@@ -870,7 +869,7 @@ pub struct FireTimers {
 impl Handler<FireTimers> for PersistenceActor {
     type Result = ResponseFuture<Result<Vec<Result<FireOutcome, StoreError>>, StoreError>>;
     fn handle(&mut self, msg: FireTimers, _: &mut Context<Self>) -> Self::Result {
-        self.call(move |c| fire_timers(c, &msg.fires, msg.now_ms, &msg.routed))
+        self.call(move |c, _| fire_timers(c, &msg.fires, msg.now_ms, &msg.routed))
     }
 }
 
@@ -888,13 +887,18 @@ pub struct PruneTimers {
 impl Handler<PruneTimers> for PersistenceActor {
     type Result = ResponseFuture<Result<(usize, usize), StoreError>>;
     fn handle(&mut self, msg: PruneTimers, _: &mut Context<Self>) -> Self::Result {
-        self.call(move |c| prune(c, &msg.before, msg.before_ms, msg.limit))
+        self.call(move |c, _| prune(c, &msg.before, msg.before_ms, msg.limit))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A fixed write time for store calls in tests.
+    fn at() -> crate::clock::Stamp {
+        crate::clock::Stamp::from_ms(1_764_590_400_000)
+    }
     use crate::persistence::migrate;
     use crate::persistence::store::{commit_exchange, Exchange, ExchangeOutcome, ReplyPlan};
 
@@ -907,6 +911,7 @@ mod tests {
     fn command(c: &Connection, chat: &str, key: &str, effect: Effect) -> ExchangeOutcome {
         commit_exchange(
             c,
+            &at(),
             &Exchange {
                 session: SessionKey::new("webhook", chat),
                 from: "u1".into(),
@@ -1007,8 +1012,8 @@ mod tests {
     }
 
     fn timers_seed(c: &Connection) {
-        bench_seed_timers(c, "seed", 3, 1_000, 0).unwrap();
-        bench_seed_timers(c, "seed", 2, 2_000, 1_000_000).unwrap();
+        bench_seed_timers(c, &at(), "seed", 3, 1_000, 0).unwrap();
+        bench_seed_timers(c, &at(), "seed", 2, 2_000, 1_000_000).unwrap();
     }
 
     fn set_callback(c: &Connection, id: i64, kind: &str, params: &str) {

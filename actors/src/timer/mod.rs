@@ -21,12 +21,12 @@ pub mod commands;
 pub mod metrics;
 
 use std::collections::{BTreeSet, HashSet};
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
 
+use crate::clock::Clock;
 use crate::error::StoreError;
 use crate::outbox::OutboxKick;
 use crate::persistence::timers::{
@@ -34,39 +34,6 @@ use crate::persistence::timers::{
 };
 use crate::persistence::PersistenceActor;
 pub use metrics::TimerMetrics;
-
-/// Wall-clock time in unix milliseconds, injectable for tests.
-pub trait Clock: Send + Sync + 'static {
-    fn now_ms(&self) -> i64;
-}
-
-/// The system clock.
-pub struct WallClock;
-
-impl Clock for WallClock {
-    fn now_ms(&self) -> i64 {
-        chrono::Utc::now().timestamp_millis()
-    }
-}
-
-/// A clock that moves only when told (tests: clock jumps, C7).
-#[derive(Default)]
-pub struct ManualClock(AtomicI64);
-
-impl ManualClock {
-    pub fn new(now_ms: i64) -> ManualClock {
-        ManualClock(AtomicI64::new(now_ms))
-    }
-    pub fn set(&self, now_ms: i64) {
-        self.0.store(now_ms, Ordering::SeqCst);
-    }
-}
-
-impl Clock for ManualClock {
-    fn now_ms(&self) -> i64 {
-        self.0.load(Ordering::SeqCst)
-    }
-}
 
 /// How the timer actor runs.
 #[derive(Clone)]
