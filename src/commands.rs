@@ -5,6 +5,7 @@
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
+use keel_actors::app::lifecycle::PENDING_KEY;
 use keel_actors::config::Config;
 use keel_actors::persistence::{self, migrate, store, StoreOptions};
 use serde_json::json;
@@ -38,6 +39,16 @@ fn status(dir: &DataDirArg, as_json: bool) -> Result<ExitCode> {
     let stats = store::stats(&conn)?;
     let pid = crate::run::running_pid(&config.data_dir);
     let adapters = adapter_statuses(&conn)?;
+    // Keys a reload could not apply; only meaningful while keel runs (the
+    // next start reads the file anyway).
+    let restart_needed: Vec<String> = match pid {
+        None => Vec::new(),
+        Some(_) => persistence::adapter_state::load(&conn, PENDING_KEY)?
+            .and_then(|j| serde_json::from_str::<serde_json::Value>(&j).ok())
+            .and_then(|v| v.get("keys").cloned())
+            .and_then(|k| serde_json::from_value(k).ok())
+            .unwrap_or_default(),
+    };
     let timers: serde_json::Map<String, serde_json::Value> =
         persistence::timers::count_by_state(&conn)?
             .into_iter()
@@ -54,6 +65,7 @@ fn status(dir: &DataDirArg, as_json: bool) -> Result<ExitCode> {
                 "schema_supported": migrate::latest_version(),
                 "adapters": adapters,
                 "timers": timers,
+                "config": { "restart_needed": restart_needed },
             })
         );
     } else {
@@ -83,6 +95,12 @@ fn status(dir: &DataDirArg, as_json: bool) -> Result<ExitCode> {
             })
             .collect();
         println!("timers:          {}", by_state.join(", "));
+        if !restart_needed.is_empty() {
+            println!(
+                "config:          reloaded; waiting for a restart: {}",
+                restart_needed.join(", ")
+            );
+        }
         for (name, s) in adapters.as_object().into_iter().flatten() {
             println!(
                 "adapter {name:<8} {} (attempts {}){}",

@@ -171,11 +171,15 @@ async fn reload(args: &RunArgs, lifecycle: &actix::Addr<keel_actors::app::lifecy
             tracing::error!(error = %msg, "config reload rejected; keeping the running config");
         }
         Ok(config) => match lifecycle.send(Reload(config)).await {
-            Ok(needs_restart) => {
-                if !needs_restart.is_empty() {
-                    tracing::warn!(settings = ?needs_restart, "these settings change only after a restart");
+            Ok(report) => {
+                // Key names only, never values: some keys hold secrets.
+                tracing::info!("config reloaded ({})", report.summary());
+                if !report.restart_needed.is_empty() {
+                    tracing::warn!(
+                        "these settings change only after a restart: {}",
+                        report.restart_needed.join(", ")
+                    );
                 }
-                tracing::info!("config reloaded");
             }
             Err(e) => tracing::error!(error = %e, "config reload failed"),
         },

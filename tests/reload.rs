@@ -145,3 +145,229 @@ async fn sighup_with_broken_toml_is_rejected_and_old_config_stays() {
     );
     rejected_reload_keeps_old_config(&bad).await;
 }
+
+/// The "config reloaded (applied: …; restart needed: …)" line of reload `n`
+/// (1-based), split into its two key lists.
+async fn reload_lists(d: &Daemon, n: usize) -> (Vec<String>, Vec<String>) {
+    hup_and_wait(d, "config reloaded (", n).await;
+    let log = d.stderr_boot();
+    let line = log
+        .lines()
+        .filter(|l| l.contains("config reloaded ("))
+        .nth(n - 1)
+        .expect("the reload line")
+        .to_string();
+    let inner = line
+        .split_once("config reloaded (")
+        .and_then(|(_, rest)| rest.rsplit_once(')'))
+        .map(|(inner, _)| inner.to_string())
+        .unwrap_or_else(|| panic!("unparsable reload line: {line}"));
+    let (applied, restart) = inner
+        .split_once("; restart needed: ")
+        .unwrap_or_else(|| panic!("no restart list in: {line}"));
+    let keys = |s: &str| -> Vec<String> {
+        let s = s.trim_start_matches("applied: ");
+        if s == "nothing" {
+            vec![]
+        } else {
+            s.split(", ").map(str::to_string).collect()
+        }
+    };
+    (keys(applied), keys(restart))
+}
+
+/// One change per config section; each reload starts from the same base,
+/// so the previous case's change is undone by the next (and reported).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_section_reports_each_changed_key_as_applied_or_restart_needed() {
+    let mut d = Daemon::new(Config::default(), None);
+    let base = "# every key at its default\n";
+    d.write_config_text(base);
+    d.boot().await;
+    // (section, toml added to the base, key, applied live?)
+    let cases: &[(&str, &str, &str, bool)] = &[
+        ("top level", "log_level = \"debug\"\n", "log_level", true),
+        (
+            "top level",
+            "shutdown_timeout_ms = 4000\n",
+            "shutdown_timeout_ms",
+            true,
+        ),
+        (
+            "storage",
+            "[storage]\nmax_batch = 64\n",
+            "storage.max_batch",
+            false,
+        ),
+        (
+            "storage",
+            "[storage]\nsynchronous = \"normal\"\n",
+            "storage.synchronous",
+            false,
+        ),
+        (
+            "webhook",
+            "[webhook]\nmax_body_bytes = 1000\n",
+            "webhook.max_body_bytes",
+            true,
+        ),
+        (
+            "webhook",
+            "[webhook]\nreply_url = \"http://127.0.0.1:9/r\"\n",
+            "webhook.reply_url",
+            true,
+        ),
+        (
+            "webhook",
+            "[webhook]\nenabled = false\n",
+            "webhook.enabled",
+            false,
+        ),
+        (
+            "admin",
+            "[admin]\nloopback_open = false\n",
+            "admin.loopback_open",
+            true,
+        ),
+        (
+            "cli",
+            "[cli]\nsocket = \"other.sock\"\n",
+            "cli.socket",
+            false,
+        ),
+        (
+            "agent",
+            "[agent]\ntimeout_ms = 1234\n",
+            "agent.timeout_ms",
+            true,
+        ),
+        (
+            "owner",
+            "[owner]\nchannel = \"webhook\"\nchat = \"ops\"\n",
+            "owner",
+            false,
+        ),
+        (
+            "outbox",
+            "[outbox]\nconcurrency = 2\n",
+            "outbox.concurrency",
+            true,
+        ),
+        (
+            "outbox",
+            "[outbox]\nsend_timeout_ms = 777\n",
+            "outbox.send_timeout_ms",
+            true,
+        ),
+        (
+            "timers",
+            "[timers]\nretention_days = 3\n",
+            "timers.retention_days",
+            true,
+        ),
+        (
+            "telegram",
+            "[telegram]\nlimit = 7\n",
+            "telegram.limit",
+            false,
+        ),
+        (
+            "slack",
+            "[slack]\nsilence_timeout_s = 9\n",
+            "slack.silence_timeout_s",
+            false,
+        ),
+        (
+            "adapters",
+            "[adapters]\nattempts = 2\n",
+            "adapters.attempts",
+            true,
+        ),
+        ("adapters", "[adapters]\nseed = 5\n", "adapters.seed", false),
+    ];
+    let mut previous: Option<(&str, bool)> = None;
+    for (n, (section, change, key, live)) in cases.iter().enumerate() {
+        d.write_config_text(&format!("{base}{change}"));
+        let (applied, restart) = reload_lists(&d, n + 1).await;
+        let (want, other) = if *live {
+            (&applied, &restart)
+        } else {
+            (&restart, &applied)
+        };
+        assert!(
+            want.iter().any(|k| k == key) && !other.iter().any(|k| k == key),
+            "[{section}] {key}: applied {applied:?}, restart needed {restart:?}"
+        );
+        // Undoing the previous case is reported too (a live key is applied
+        // back; a restart-only one simply stops being pending).
+        if let Some((prev, prev_live)) = previous {
+            if prev != *key && prev_live {
+                assert!(
+                    applied.iter().any(|k| k == prev),
+                    "[{section}] undoing {prev} not reported: {applied:?}"
+                );
+            }
+            if prev != *key && !prev_live {
+                assert!(
+                    !restart.iter().any(|k| k == prev),
+                    "[{section}] {prev} still pending after undo: {restart:?}"
+                );
+            }
+        }
+        previous = Some((key, *live));
+    }
+    assert_eq!(d.readyz().await.expect("readyz").status, 200);
+    d.assert_no_panics();
+}
+
+/// Live keys take effect at once; restart-only keys are listed by
+/// `keel status` while keel runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_keys_take_effect_and_status_lists_the_pending_ones() {
+    let mut d = Daemon::new(Config::default(), None);
+    let base = "log_level = \"info\"\n";
+    d.write_config_text(base);
+    d.boot().await;
+    assert_eq!(d.get("/v1/sessions").await.expect("GET").status, 200);
+
+    d.write_config_text(&format!(
+        "{base}[admin]\nloopback_open = false\n[webhook]\nmax_body_bytes = 200\n[storage]\nmax_batch = 8\n"
+    ));
+    let (applied, restart) = reload_lists(&d, 1).await;
+    assert!(
+        applied.contains(&"admin.loopback_open".to_string()),
+        "{applied:?}"
+    );
+    assert_eq!(restart, vec!["storage.max_batch".to_string()]);
+    // admin applies live: loopback is refused now.
+    assert_eq!(d.get("/v1/sessions").await.expect("GET").status, 403);
+    // The body limit applies live.
+    let big = serde_json::to_vec(
+        &json!({"id": "big", "chat": "c", "from": "u", "text": "x".repeat(300)}),
+    )
+    .expect("json");
+    assert_eq!(post_status(&d, &big, None).await, 413);
+    // keel status names what waits for a restart.
+    let out = d.status_json().await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status json");
+    assert_eq!(
+        v["config"]["restart_needed"],
+        json!(["storage.max_batch"]),
+        "{v}"
+    );
+
+    // Back to the file keel started with: nothing pending, admin open again.
+    d.write_config_text(base);
+    let (_, restart) = reload_lists(&d, 2).await;
+    assert!(restart.is_empty(), "{restart:?}");
+    assert_eq!(d.get("/v1/sessions").await.expect("GET").status, 200);
+    let out = d.status_json().await;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status json");
+    assert_eq!(v["config"]["restart_needed"], json!([]), "{v}");
+    d.assert_no_panics();
+}

@@ -10,6 +10,7 @@
 //! vault; until then no token is valid.
 
 use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
 
 use actix::Addr;
 use actix_web::body::BoxBody;
@@ -31,7 +32,8 @@ struct AdminState {
     health: Health,
     metrics: Metrics,
     persistence: Addr<PersistenceActor>,
-    access: AdminAccess,
+    /// Replaced on reload (`[admin]` applies live).
+    access: Arc<RwLock<AdminAccess>>,
 }
 
 /// Who may call admin endpoints; from `[admin]`.
@@ -56,9 +58,12 @@ async fn admin_only(
     req: ServiceRequest,
     next: Next<BoxBody>,
 ) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
-    let allowed = req
-        .app_data::<web::Data<AdminState>>()
-        .is_some_and(|s| s.access.allows(req.peer_addr()));
+    let allowed = req.app_data::<web::Data<AdminState>>().is_some_and(|s| {
+        s.access
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .allows(req.peer_addr())
+    });
     if allowed {
         return next.call(req).await;
     }
@@ -176,7 +181,7 @@ pub fn serve(
     health: Health,
     metrics: Metrics,
     persistence: Addr<PersistenceActor>,
-    access: AdminAccess,
+    access: Arc<RwLock<AdminAccess>>,
     webhook: Option<WebhookState>,
 ) -> std::io::Result<(SocketAddr, ServerHandle)> {
     let admin = AdminState {

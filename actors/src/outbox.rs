@@ -69,6 +69,15 @@ pub struct OutboxKick;
 #[rtype(result = "()")]
 pub struct SetSinks(pub HashMap<String, Arc<dyn ReplySink>>);
 
+/// Replace the send limits and the resend policy (reload). The jitter RNG
+/// keeps its seed. Sent by the lifecycle controller.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct SetOutboxPolicy {
+    pub config: OutboxConfig,
+    pub retry: SupervisionConfig,
+}
+
 /// Stop starting sends and resolve once the in-flight ones are recorded.
 /// Sent by the lifecycle controller during shutdown.
 #[derive(Debug, Clone, Copy, Message)]
@@ -401,6 +410,16 @@ impl Handler<OutboxKick> for OutboxActor {
     type Result = ();
     fn handle(&mut self, _: OutboxKick, ctx: &mut Context<Self>) {
         self.refill(ctx);
+    }
+}
+
+impl Handler<SetOutboxPolicy> for OutboxActor {
+    type Result = ();
+    fn handle(&mut self, msg: SetOutboxPolicy, ctx: &mut Context<Self>) {
+        self.config = msg.config;
+        self.retry = msg.retry;
+        // A higher concurrency may start queued sends at once.
+        self.pump(ctx);
     }
 }
 

@@ -86,7 +86,7 @@ fn panic_text(p: Box<dyn std::any::Any + Send>) -> String {
 /// Supervise one adapter until it is stopped or gives up.
 pub async fn supervise(
     adapter: Arc<dyn Adapter>,
-    cfg: SupervisionConfig,
+    policy: watch::Receiver<SupervisionConfig>,
     report: Arc<dyn SupervisionReport>,
     statuses: Statuses,
     mut stop: watch::Receiver<bool>,
@@ -115,6 +115,8 @@ pub async fn supervise(
         if *stop.borrow() {
             break;
         }
+        // The policy in force now: a reload applies from the next restart.
+        let cfg = policy.borrow().clone();
         let error = match outcome {
             Ok(Ok(())) => AdapterError::Exited,
             Ok(Err(e)) => e,
@@ -168,6 +170,8 @@ pub async fn supervise(
 /// Owns the supervision tasks of every supervised adapter.
 pub struct AdapterSupervisor {
     stop: watch::Sender<bool>,
+    /// The restart policy every supervision task reads before each restart.
+    policy: watch::Sender<SupervisionConfig>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     pub statuses: Statuses,
 }
@@ -188,6 +192,7 @@ impl AdapterSupervisor {
         };
         adapters.sort_by_key(|a| rank(a.name()));
         let (stop, rx) = watch::channel(false);
+        let (policy, policy_rx) = watch::channel(cfg.clone());
         let mut seeder = match cfg.seed {
             Some(s) => StdRng::seed_from_u64(s),
             None => StdRng::from_entropy(),
@@ -198,7 +203,7 @@ impl AdapterSupervisor {
                 let rng = StdRng::seed_from_u64(seeder.gen());
                 tokio::spawn(supervise(
                     a,
-                    cfg.clone(),
+                    policy_rx.clone(),
                     report.clone(),
                     statuses.clone(),
                     rx.clone(),
@@ -208,6 +213,7 @@ impl AdapterSupervisor {
             .collect();
         AdapterSupervisor {
             stop,
+            policy,
             tasks,
             statuses,
         }
@@ -239,6 +245,19 @@ impl Handler<StopAdapters> for AdapterSupervisor {
                 tracing::warn!("adapters did not stop within the deadline");
             }
         })
+    }
+}
+
+/// Replace the restart policy (reload); each adapter uses it from its next
+/// restart on. Sent by the lifecycle controller.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct SetSupervision(pub SupervisionConfig);
+
+impl Handler<SetSupervision> for AdapterSupervisor {
+    type Result = ();
+    fn handle(&mut self, msg: SetSupervision, _: &mut Context<Self>) {
+        let _ = self.policy.send(msg.0);
     }
 }
 
@@ -328,6 +347,7 @@ mod tests {
         starts: mpsc::UnboundedReceiver<tokio::time::Instant>,
         events: mpsc::UnboundedReceiver<Event>,
         stop: watch::Sender<bool>,
+        policy: watch::Sender<SupervisionConfig>,
         task: tokio::task::JoinHandle<()>,
     }
 
@@ -335,6 +355,7 @@ mod tests {
         let (stx, starts) = mpsc::unbounded_channel();
         let (etx, events) = mpsc::unbounded_channel();
         let (stop, rx) = watch::channel(false);
+        let (policy, policy_rx) = watch::channel(cfg);
         let adapter = Arc::new(Scripted {
             name: "telegram",
             steps: Mutex::new(steps.into()),
@@ -342,7 +363,7 @@ mod tests {
         });
         let task = tokio::spawn(supervise(
             adapter,
-            cfg,
+            policy_rx,
             Arc::new(Recorder(etx)),
             Statuses::default(),
             rx,
@@ -352,6 +373,7 @@ mod tests {
             starts,
             events,
             stop,
+            policy,
             task,
         }
     }
@@ -396,6 +418,22 @@ mod tests {
         assert_eq!(events.last(), Some(&Event::GaveUp("HTTP 502".into())));
         assert!(events.contains(&Event::Status("gave_up".into(), 5)));
         assert!(h.starts.try_recv().is_err(), "no start after giving up");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_policy_applies_from_the_next_restart() {
+        let mut h = run((0..5).map(|_| transient()).collect(), no_jitter());
+        assert_eq!(gaps(&mut h, 2).await, vec![5]);
+        // Reload: a 1 s initial backoff. The second failure was handled
+        // under the old policy already (10 s); attempts 3 and 4 use the new
+        // one: 1 s × 4 and 1 s × 8.
+        let _ = h.policy.send(SupervisionConfig {
+            backoff_initial_ms: 1_000,
+            ..no_jitter()
+        });
+        assert_eq!(gaps(&mut h, 3).await, vec![4, 8]);
+        let _ = h.stop.send(true);
+        h.task.await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]

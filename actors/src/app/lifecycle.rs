@@ -7,8 +7,11 @@
 //! HTTP listener stops. Only then is `done` resolved; the binary exits 0.
 //!
 //! `Reload` applies a config that already passed the startup validation
-//! (R34): log level, webhook secret and limits, reply routes, agent. Settings
-//! that need a restart are named in a warning and left as they are.
+//! (R34). `reload::plan` classifies every changed key: live ones (log level,
+//! webhook secret and limits, admin access, reply routes, agent, outbox,
+//! retry policy, timer retention) are pushed to the actors here; the others
+//! keep their running value and are reported as "restart needed" (also in
+//! `keel status`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -19,13 +22,17 @@ use actix_web::dev::ServerHandle;
 use tokio::sync::oneshot;
 
 use crate::adapter::cli::{CliAdapter, CliClients};
+use crate::adapter::supervisor::SetSupervision;
 use crate::adapter::webhook::WebhookSettings;
-use crate::app::{settings_sessions, settings_sinks, settings_webhook};
+use crate::app::{
+    settings_admin, settings_retention, settings_sessions, settings_sinks, settings_webhook,
+};
 use crate::config::Config;
 use crate::health::{Gate, Health, Phase};
+use crate::http::AdminAccess;
 use crate::metrics::Metrics;
-use crate::outbox::{DrainOutbox, OutboxActor, SetSinks};
-use crate::persistence::{CloseStore, PersistenceActor};
+use crate::outbox::{DrainOutbox, OutboxActor, SetOutboxPolicy, SetSinks};
+use crate::persistence::{CloseStore, PersistenceActor, PutAdapterState};
 use crate::session::{Reconfigure, SessionRegistry};
 use crate::timer::{StopTimers, TimerActor};
 
@@ -51,9 +58,9 @@ pub struct Shutdown {
 }
 
 /// Apply a new, already validated config. Sent by the binary on SIGHUP.
-/// Returns the settings that need a restart to change.
+/// Returns every changed key, applied or waiting for a restart.
 #[derive(Debug, Clone, Message)]
-#[rtype(result = "Vec<&'static str>")]
+#[rtype(result = "super::reload::ReloadReport")]
 pub struct Reload(pub Config);
 
 pub struct Lifecycle {
@@ -72,6 +79,7 @@ pub struct Lifecycle {
     pub(crate) http_client: reqwest::Client,
     pub(crate) cli_clients: Option<CliClients>,
     pub(crate) webhook_settings: Arc<RwLock<WebhookSettings>>,
+    pub(crate) admin_access: Arc<RwLock<AdminAccess>>,
     pub(crate) log_level: Option<LogLevelHook>,
     pub(crate) shutting_down: bool,
     pub(crate) done: Option<oneshot::Sender<ExitReport>>,
@@ -173,11 +181,7 @@ impl Handler<Reload> for Lifecycle {
     type Result = MessageResult<Reload>;
 
     fn handle(&mut self, msg: Reload, _: &mut Context<Self>) -> Self::Result {
-        let mut new = msg.0;
-        let needs_restart = self.config.restart_only_changes(&new);
-        // The poller keeps its token until a restart; replies use the same one.
-        new.telegram = self.config.telegram.clone();
-        new.slack = self.config.slack.clone();
+        let (report, new) = super::reload::plan(&self.config, &msg.0);
         if self.config.log_level != new.log_level {
             if let Some(hook) = &self.log_level {
                 if let Err(e) = hook(&new.log_level) {
@@ -185,34 +189,51 @@ impl Handler<Reload> for Lifecycle {
                 }
             }
         }
+        // Every live setting is pushed, changed or not: each is cheap, and
+        // one path means none can be forgotten.
         *self
             .webhook_settings
             .write()
             .unwrap_or_else(|p| p.into_inner()) = settings_webhook(&new);
+        *self.admin_access.write().unwrap_or_else(|p| p.into_inner()) = settings_admin(&new);
         let cli_enabled = self.cli_clients.is_some();
         self.registry
             .do_send(Reconfigure(settings_sessions(&new, cli_enabled)));
         let sinks: HashMap<_, _> =
             settings_sinks(&new, &self.http_client, self.cli_clients.as_ref());
         self.outbox.do_send(SetSinks(sinks));
+        self.outbox.do_send(SetOutboxPolicy {
+            config: new.outbox.clone(),
+            retry: new.adapters.clone(),
+        });
         self.timers
             .do_send(crate::timer::SetTimerRoutes(crate::app::routed_channels(
                 &new,
                 cli_enabled,
             )));
+        self.timers
+            .do_send(crate::timer::SetTimerRetention(settings_retention(&new)));
+        if let Some(adapters) = &self.adapters {
+            adapters.do_send(SetSupervision(new.adapters.clone()));
+        }
+        // `keel status` shows what waits for a restart.
+        self.persistence.do_send(PutAdapterState {
+            adapter: PENDING_KEY.into(),
+            state_json: pending_json(&report.restart_needed),
+        });
         self.metrics
             .config_reloads
             .with_label_values(&["applied"])
             .inc();
-        // Keep the restart-only settings as they run now.
-        let mut applied = new;
-        applied.data_dir = self.config.data_dir.clone();
-        applied.listen = self.config.listen.clone();
-        applied.ephemeral = self.config.ephemeral;
-        applied.storage = self.config.storage.clone();
-        applied.cli = self.config.cli.clone();
-        applied.webhook.enabled = self.config.webhook.enabled;
-        self.config = applied;
-        MessageResult(needs_restart)
+        self.config = new;
+        MessageResult(report)
     }
+}
+
+/// The `adapter_state` row listing config keys that wait for a restart.
+pub const PENDING_KEY: &str = "config:restart_needed";
+
+/// `{"keys": [...]}` for [`PENDING_KEY`].
+pub fn pending_json(keys: &[&str]) -> String {
+    serde_json::json!({ "keys": keys }).to_string()
 }

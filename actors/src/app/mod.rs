@@ -20,6 +20,7 @@ use crate::config::Config;
 use crate::error::StoreError;
 use crate::health::{Gate, Health, Phase};
 pub mod lifecycle;
+pub mod reload;
 
 use crate::clock::{Clock, WallClock};
 use crate::metrics::Metrics;
@@ -97,6 +98,17 @@ pub fn settings_sessions(config: &Config, cli_enabled: bool) -> SessionSettings 
         routed_channels: routed_channels(config, cli_enabled),
         agent,
     }
+}
+
+pub fn settings_admin(config: &Config) -> crate::http::AdminAccess {
+    crate::http::AdminAccess {
+        loopback_open: config.admin.loopback_open,
+    }
+}
+
+/// How long finished timers and receipts are kept.
+pub fn settings_retention(config: &Config) -> Duration {
+    Duration::from_secs(u64::from(config.timers.retention_days) * 86_400)
 }
 
 pub fn settings_webhook(config: &Config) -> WebhookSettings {
@@ -261,6 +273,7 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         gate: gate.clone(),
         metrics: metrics.clone(),
     });
+    let admin_access = Arc::new(RwLock::new(settings_admin(&config)));
     let addr = config
         .listen_addr()
         .map_err(|e| StartError::Config(format!("listen: {e}")))?;
@@ -269,9 +282,7 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         health.clone(),
         metrics.clone(),
         persistence.clone(),
-        crate::http::AdminAccess {
-            loopback_open: config.admin.loopback_open,
-        },
+        admin_access.clone(),
         webhook,
     )
     .map_err(|source| StartError::Bind { addr, source })?;
@@ -344,6 +355,15 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         outbox.do_send(OutboxKick);
     }
 
+    // A fresh start runs the config on disk: nothing waits for a restart.
+    persistence
+        .send(crate::persistence::PutAdapterState {
+            adapter: lifecycle::PENDING_KEY.into(),
+            state_json: lifecycle::pending_json(&[]),
+        })
+        .await
+        .unwrap_or(Err(StoreError::Closed))?;
+
     // Ready: intake opens; then the supervised adapters (telegram) start
     // polling, in priority order (R15).
     gate.open();
@@ -401,6 +421,7 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         http_client: http,
         cli_clients,
         webhook_settings,
+        admin_access,
         log_level: opts.log_level,
         shutting_down: false,
         done: Some(done_tx),

@@ -439,39 +439,6 @@ impl Config {
             self.data_dir.join(&self.cli.socket)
         }
     }
-
-    /// Settings that a reload cannot change in a running process.
-    pub fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
-        let mut changed = Vec::new();
-        if self.data_dir != new.data_dir {
-            changed.push("data_dir");
-        }
-        if self.listen != new.listen {
-            changed.push("listen");
-        }
-        if self.ephemeral != new.ephemeral {
-            changed.push("ephemeral");
-        }
-        if self.storage != new.storage {
-            changed.push("storage");
-        }
-        if self.telegram != new.telegram {
-            changed.push("telegram");
-        }
-        if self.slack != new.slack {
-            changed.push("slack");
-        }
-        if self.cli != new.cli {
-            changed.push("cli");
-        }
-        if self.webhook.enabled != new.webhook.enabled {
-            changed.push("webhook.enabled");
-        }
-        if self.admin != new.admin {
-            changed.push("admin");
-        }
-        changed
-    }
 }
 
 fn check_http_url(url: &str) -> Result<(), String> {

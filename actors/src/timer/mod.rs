@@ -112,6 +112,12 @@ pub struct GetTimerStats;
 #[rtype(result = "()")]
 pub struct SetTimerRoutes(pub HashSet<String>);
 
+/// How long finished timers and fire receipts are kept (reload). Sent by
+/// the lifecycle controller.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct SetTimerRetention(pub Duration);
+
 /// Stop scheduling (shutdown, before `CloseStore`). Fires already handed
 /// to the store complete or roll back as a unit. Sent by the lifecycle.
 #[derive(Debug, Clone, Message)]
@@ -602,6 +608,13 @@ impl Handler<SetTimerRoutes> for TimerActor {
     type Result = ();
     fn handle(&mut self, msg: SetTimerRoutes, _: &mut Context<Self>) {
         self.settings.routed = Arc::new(msg.0);
+    }
+}
+
+impl Handler<SetTimerRetention> for TimerActor {
+    type Result = ();
+    fn handle(&mut self, msg: SetTimerRetention, _: &mut Context<Self>) {
+        self.settings.retention = msg.0;
     }
 }
 
