@@ -13,13 +13,14 @@ WORKDIR /src
 # Cache dependencies: build once with stub sources.
 COPY Cargo.toml Cargo.lock ./
 COPY actors/Cargo.toml actors/Cargo.toml
-RUN mkdir -p src actors/src \
+COPY bench/Cargo.toml bench/Cargo.toml
+RUN mkdir -p src actors/src bench/src \
  && echo 'fn main() {}' > src/main.rs \
- && touch actors/src/lib.rs \
+ && touch actors/src/lib.rs bench/src/lib.rs \
  && cargo fetch --locked \
  && cargo build --release --locked --bin keel || true
 COPY . .
-RUN touch src/main.rs actors/src/lib.rs \
+RUN touch src/main.rs actors/src/lib.rs bench/src/lib.rs \
  && cargo build --release --locked --bin keel \
  && install -m 0755 target/release/keel /usr/local/bin/keel
 

@@ -57,7 +57,7 @@ pub enum Command {
     },
     /// Benchmarks: `messages` (default: acknowledged messages/s against
     /// references) and `timers` (ready time, RSS, fire latency).
-    Bench(crate::bench_timers::BenchCli),
+    Bench(keel_bench::BenchCli),
 }
 
 #[derive(Debug, Clone, Args)]

@@ -20,7 +20,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Sessions { cmd } => sessions(cmd),
         Command::Timers { cmd } => crate::timers_cmd::timers_cmd(cmd),
         Command::Migrate { dir } => migrate_cmd(&dir),
-        Command::Bench(args) => crate::bench_timers::dispatch(args),
+        Command::Bench(args) => keel_bench::dispatch(args),
     }
 }
 

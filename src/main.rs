@@ -2,8 +2,6 @@
 //! config, owns signals, the data-dir lock, logging and exit codes; all the
 //! actual work lives in the `keel_actors` library.
 
-mod bench;
-mod bench_timers;
 mod chat;
 mod cli;
 mod commands;

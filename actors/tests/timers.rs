@@ -252,15 +252,21 @@ async fn a_burst_larger_than_the_window_fires_each_instant_once_while_commits_ov
             probe_interval: Duration::from_millis(100),
         })
         .unwrap();
-        persistence::timers::bench_seed_timers(
-            &conn,
-            &Stamp::from_ms(t0),
-            "burst",
-            300,
-            t0 + 1_000,
-            0,
-        )
-        .unwrap();
+        // Seeded in one statement, as an operator's import would.
+        let at = Stamp::from_ms(t0).text;
+        let session = SessionKey::new("webhook", "burst");
+        persistence::store::ensure_session(&conn, &session, None, &at).unwrap();
+        let n = conn
+            .execute(
+                "WITH RECURSIVE seq(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM seq WHERE i < 299)
+                 INSERT INTO timers (session_id, kind, schedule, timezone, callback, params_json,
+                     misfire, catchup_secs, next_run, state, created_at, updated_at)
+                 SELECT ?1, 'once', CAST(?2 AS TEXT), 'UTC', 'reminder', '{\"text\":\"b\"}',
+                     'fire_once', 604800, ?2, 'active', ?3, ?3 FROM seq",
+                rusqlite::params![session.id, t0 + 1_000, at],
+            )
+            .unwrap();
+        assert_eq!(n, 300);
     }
     for i in 0..3 {
         create(&store, &format!("every{i}"), ScheduleSpec::Every(3_600_000)).await;

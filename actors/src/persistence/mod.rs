@@ -16,7 +16,6 @@
 
 pub mod adapter_state;
 pub mod migrate;
-pub mod reference;
 pub mod store;
 pub mod timers;
 

@@ -178,7 +178,7 @@ pub struct StoreStats {
 }
 
 /// Create the principal and the session if they do not exist yet.
-pub(crate) fn ensure_session(
+pub fn ensure_session(
     conn: &Connection,
     session: &SessionKey,
     from: Option<&str>,
@@ -727,16 +727,6 @@ pub fn checkpoint_truncate(conn: &Connection) -> Result<(i64, i64, i64), StoreEr
     Ok(conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
         Ok((r.get(0)?, r.get(1)?, r.get(2)?))
     })?)
-}
-
-/// Bench reference rows: the same statements as one exchange, without the
-/// actor system. Used by `keel bench` to measure the machine's own limit.
-pub fn bench_reference_exchange(
-    conn: &Connection,
-    at: &Stamp,
-    ex: &Exchange,
-) -> Result<(), StoreError> {
-    commit_exchange(conn, at, ex).map(|_| ())
 }
 
 #[cfg(test)]

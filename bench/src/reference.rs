@@ -9,14 +9,13 @@
 //!
 //! Both write exactly what keel writes for one webhook message (via
 //! [`store::commit_exchange`]), so the figures compare like with like. keel
-//! itself never calls these; they live here because all SQL stays inside
-//! `persistence`.
+//! itself never calls these.
 
 use rusqlite::Connection;
 
-use super::store::{self, Exchange};
-use crate::clock::{Clock, WallClock};
-use crate::error::StoreError;
+use keel_actors::clock::{Clock, WallClock};
+use keel_actors::error::StoreError;
+use keel_actors::persistence::store::{self, Exchange};
 
 /// Run `f` inside `BEGIN IMMEDIATE … COMMIT`, rolling back if it fails.
 fn in_transaction(
@@ -66,8 +65,8 @@ pub fn batched(conn: &Connection, exchanges: &[Exchange], batch: usize) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::persistence::migrate;
-    use crate::persistence::store::{ReplyPlan, SessionKey};
+    use keel_actors::persistence::migrate;
+    use keel_actors::persistence::store::{ReplyPlan, SessionKey};
 
     fn exchanges(n: usize) -> Vec<Exchange> {
         (0..n)

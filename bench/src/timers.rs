@@ -20,9 +20,6 @@
 //!    count over the time from that instant until the last receipt is
 //!    visible to a reader (commits included).
 
-// Benchmarks measure real elapsed time and name their scratch dirs by the clock.
-#![allow(clippy::disallowed_methods)]
-
 use std::collections::BinaryHeap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
@@ -35,7 +32,8 @@ use keel_actors::config::Synchronous;
 use keel_actors::persistence::{self, timers, StoreOptions};
 use serde_json::{json, Value};
 
-use crate::bench::{progress, runtime, BenchArgs, Keel, Scratch};
+use crate::messages::{progress, runtime, BenchArgs, Keel, Scratch};
+use crate::seed;
 
 /// Target: restart-to-ready, milliseconds, whatever the count.
 const TARGET_READY_MS: f64 = 200.0;
@@ -96,8 +94,8 @@ pub struct TimerBenchArgs {
 /// Run `keel bench …`.
 pub fn dispatch(cli: BenchCli) -> Result<ExitCode> {
     match cli.which {
-        None => crate::bench::bench(cli.messages),
-        Some(BenchWhich::Messages(args)) => crate::bench::bench(args),
+        None => crate::messages::bench(cli.messages),
+        Some(BenchWhich::Messages(args)) => crate::messages::bench(args),
         Some(BenchWhich::Timers(args)) => match &args.scan_only {
             Some(db) => scan_only(db),
             None => bench_timers(args),
@@ -148,7 +146,7 @@ fn scan_only(db: &Path) -> Result<ExitCode> {
     let t = Instant::now();
     let conn =
         persistence::open_read_only(db).with_context(|| format!("opening {}", db.display()))?;
-    let all = timers::bench_load_all_timers(&conn)?;
+    let all = seed::load_all_timers(&conn)?;
     let heap: BinaryHeap<std::cmp::Reverse<(i64, i64)>> = all
         .iter()
         .map(|t| std::cmp::Reverse((t.next_run, t.id)))
@@ -223,7 +221,7 @@ fn wait_receipts(db: &Path, want: i64, poll: Duration) -> Result<(Instant, Vec<(
     let deadline = Instant::now() + FIRE_DEADLINE;
     let mut samples = Vec::new();
     loop {
-        let n = timers::count_receipts(&conn)?;
+        let n = seed::count_receipts(&conn)?;
         samples.push((now_ms(), n));
         if n >= want {
             return Ok((Instant::now(), samples));
@@ -263,10 +261,7 @@ fn visible_lateness(samples: &[(i64, i64)], first: i64, step_us: i64, count: i64
 
 fn lateness(db: &Path) -> Result<FireLine> {
     let conn = persistence::open_read_only(db)?;
-    let mut late: Vec<i64> = timers::bench_receipts(&conn)?
-        .into_iter()
-        .map(|(_, l)| l)
-        .collect();
+    let mut late: Vec<i64> = seed::receipts(&conn)?.into_iter().map(|(_, l)| l).collect();
     late.sort_unstable();
     let pick = |q: f64| {
         if late.is_empty() {
@@ -304,7 +299,7 @@ fn bench_timers(args: TimerBenchArgs) -> Result<ExitCode> {
         let t = Instant::now();
         {
             let (conn, _) = persistence::open_store(&store_opts(&db))?;
-            timers::bench_seed_timers(&conn, &WallClock.stamp(), "pending", n, far, 1000)?;
+            seed::seed_timers(&conn, &WallClock.stamp(), "pending", n, far, 1000)?;
         }
         let seed_s = t.elapsed().as_secs_f64();
         progress(format!("seeded in {seed_s:.1} s; baseline scan"));
@@ -338,9 +333,9 @@ fn bench_timers(args: TimerBenchArgs) -> Result<ExitCode> {
         progress(format!("{name}: seeding {pending} pending + {count} due"));
         let first = {
             let (conn, _) = persistence::open_store(&store_opts(&db))?;
-            timers::bench_seed_timers(&conn, &WallClock.stamp(), "pending", pending, far, 1000)?;
+            seed::seed_timers(&conn, &WallClock.stamp(), "pending", pending, far, 1000)?;
             let first = now_ms() + LEAD.as_millis() as i64;
-            timers::bench_seed_timers(&conn, &WallClock.stamp(), name, count, first, step_us)?;
+            seed::seed_timers(&conn, &WallClock.stamp(), name, count, first, step_us)?;
             first
         };
         let (mut keel, _) = start_timed(&binary, &dir)?;
@@ -375,7 +370,7 @@ fn bench_timers(args: TimerBenchArgs) -> Result<ExitCode> {
         opts.synchronous = Synchronous::Full;
         let (conn, _) = persistence::open_store(&opts)?;
         let due_at = now_ms() - 1;
-        timers::bench_seed_timers(&conn, &WallClock.stamp(), "burst", args.burst, due_at, 0)?;
+        seed::seed_timers(&conn, &WallClock.stamp(), "burst", args.burst, due_at, 0)?;
         // As in keel: the bench keel has no webhook reply_url, so webhook
         // chats are not routed and reminders get no outbox row.
         let routed = std::collections::HashSet::new();

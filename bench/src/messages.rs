@@ -16,9 +16,6 @@
 //! competes with them for CPU or disk. The command fails (exit 1) only when
 //! keel answered something other than 200 or a request failed.
 
-// Benchmarks measure real elapsed time and name their scratch dirs by the clock.
-#![allow(clippy::disallowed_methods)]
-
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::net::TcpListener;
@@ -31,7 +28,9 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use keel_actors::brain::{Brain, BrainInput, CommandBrain, Decision};
 use keel_actors::config::Synchronous;
-use keel_actors::persistence::{self, reference, Exchange, ReplyPlan, SessionKey, StoreOptions};
+use keel_actors::persistence::{self, Exchange, ReplyPlan, SessionKey, StoreOptions};
+
+use crate::reference;
 use serde_json::{json, Value};
 
 /// Target: keel's throughput over reference (a).

@@ -1,0 +1,25 @@
+//! `keel bench`: measured, never asserted (PERFORMANCE.md). Each benchmark
+//! runs keel as a child process on a scratch data dir and prints its figures
+//! as ratios against a reference run in the same process on the same
+//! machine.
+//!
+//! - [`messages`] — `keel bench [messages]`: webhook load over keep-alive
+//!   HTTP, against [`reference`] (the same rows written without actors:
+//!   one transaction per message, and batched).
+//! - [`timers`] — `keel bench timers`: ready time and RSS with many pending
+//!   timers against a full-scan peer, fire lateness, a due burst.
+//! - `seed` — the benchmarks' own SQL (seeding, peer reads, receipts).
+//!
+//! This crate is a workspace member of its own so the production library
+//! (`keel-actors`) carries no benchmark code; the `keel` binary embeds it so
+//! `keel bench` stays a user-facing command of every release build.
+
+// Benchmarks measure real elapsed time and name scratch dirs by the clock.
+#![allow(clippy::disallowed_methods)]
+
+pub mod messages;
+mod reference;
+mod seed;
+pub mod timers;
+
+pub use timers::{dispatch, BenchCli};
