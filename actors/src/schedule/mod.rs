@@ -537,11 +537,14 @@ pub fn parse_rfc3339(s: &str) -> Result<i64, ScheduleError> {
         .map_err(|_| bad())
 }
 
-/// `ms` as RFC 3339 UTC with whole seconds (`2026-11-01T05:30:00Z`), the
-/// form `keel timers preview --json` prints.
+/// The last instant RFC 3339 can write: 9999-12-31T23:59:59.999Z.
+pub const MAX_RFC3339_MS: i64 = 253_402_300_799_999;
+
+/// `ms` as RFC 3339 UTC (`2026-11-01T05:30:00Z`; milliseconds only when
+/// there are some), the form `keel timers preview --json` prints.
 pub fn rfc3339_utc(ms: i64) -> String {
     match Utc.timestamp_millis_opt(ms) {
-        LocalResult::Single(t) => t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        LocalResult::Single(t) => t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
         _ => ms.to_string(),
     }
 }
@@ -552,7 +555,7 @@ pub fn show_local(ms: i64, tz: Tz) -> String {
     match Utc.timestamp_millis_opt(ms) {
         LocalResult::Single(t) => t
             .with_timezone(&tz)
-            .format("%Y-%m-%d %H:%M:%S %Z (%:z)")
+            .format("%Y-%m-%d %H:%M:%S%.f %Z (%:z)")
             .to_string(),
         _ => ms.to_string(),
     }
@@ -1087,6 +1090,75 @@ mod tests {
             assert!(parse_tz(bad).is_err(), "{bad:?}");
         }
         assert!(parse_tz(&"A".repeat(10_000)).is_err());
+    }
+
+    #[test]
+    fn upcoming_lists_what_a_timer_created_then_would_fire() {
+        let from = parse_rfc3339("2026-11-01T05:30:00Z").unwrap();
+        let ny = parse_tz("America/New_York").unwrap();
+        let utc_of = |v: Vec<i64>| v.into_iter().map(rfc3339_utc).collect::<Vec<_>>();
+        assert_eq!(
+            utc_of(upcoming(&ScheduleSpec::Cron("0 * * * *".into()), ny, from, 3).unwrap()),
+            [
+                "2026-11-01T06:00:00Z",
+                "2026-11-01T07:00:00Z",
+                "2026-11-01T08:00:00Z"
+            ]
+        );
+        // Intervals are anchored at `from`, milliseconds and all.
+        assert_eq!(
+            utc_of(upcoming(&ScheduleSpec::Every(5_400_000), ny, from + 250, 2).unwrap()),
+            ["2026-11-01T07:00:00.250Z", "2026-11-01T08:30:00.250Z"]
+        );
+        // `every day at 01:30` through the fold: once, at the EDT occurrence.
+        let daily = parse_daily("01:30").unwrap();
+        let earlier = parse_rfc3339("2026-10-31T12:00:00-04:00").unwrap();
+        assert_eq!(
+            utc_of(upcoming(&daily, ny, earlier, 2).unwrap()),
+            ["2026-11-01T05:30:00Z", "2026-11-02T06:30:00Z"]
+        );
+        // A one-shot has one instant; 0 asks for none; the count is capped.
+        assert_eq!(
+            upcoming(&ScheduleSpec::Delay(1_000), ny, from, 5).unwrap(),
+            [from + 1_000]
+        );
+        assert!(upcoming(&ScheduleSpec::Every(1_000), ny, from, 0)
+            .unwrap()
+            .is_empty());
+        assert_eq!(
+            upcoming(&ScheduleSpec::Every(1_000), ny, from, usize::MAX)
+                .unwrap()
+                .len(),
+            MAX_UPCOMING
+        );
+        let never = ScheduleSpec::Cron("0 0 31 2 *".into());
+        assert!(upcoming(&never, ny, from, 3).is_err());
+        for bad in ["", "25:00", "9am", "09:60", "09:00:61"] {
+            assert!(parse_daily(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn instants_read_and_print_as_rfc3339_and_local_time() {
+        let t = parse_rfc3339("2026-11-01T01:45:00-04:00").unwrap();
+        assert_eq!(rfc3339_utc(t), "2026-11-01T05:45:00Z");
+        let ny = parse_tz("America/New_York").unwrap();
+        assert_eq!(show_local(t, ny), "2026-11-01 01:45:00 EDT (-04:00)");
+        assert_eq!(
+            show_local(t + 3_600_000, ny),
+            "2026-11-01 01:45:00 EST (-05:00)"
+        );
+        assert_eq!(rfc3339_utc(MAX_RFC3339_MS), "9999-12-31T23:59:59.999Z");
+        for bad in [
+            "",
+            "yesterday",
+            "2026-13-01T00:00:00Z",
+            "2026-11-01 05:30",
+            "2026-11-01T05:30:00",
+            &"9".repeat(100),
+        ] {
+            assert!(parse_rfc3339(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]
