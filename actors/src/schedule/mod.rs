@@ -383,16 +383,17 @@ fn next_cron(cron: &croner::Cron, tz: Tz, after: i64) -> Result<i64, ScheduleErr
         if cursor == early {
             // The cursor is in the first pass of a repeated stretch.
             let fold = fold_start(tz, early, late);
-            let next = next_wall(cron, wall, false)?;
-            if let LocalResult::Ambiguous(e, _) = tz.from_local_datetime(&next) {
+            // (A search that finds nothing here is settled by the loop below.)
+            let next = next_wall(cron, wall, false).ok();
+            if let Some(LocalResult::Ambiguous(e, _)) = next.map(|n| tz.from_local_datetime(&n)) {
                 if e > cursor && e < fold {
                     return Ok(e.timestamp_millis());
                 }
             }
             if !fixed {
                 // Second pass: wall times from the fold's start up to `wall`.
-                let m = next_wall(cron, fold.naive_local(), true)?;
-                if let LocalResult::Ambiguous(_, l) = tz.from_local_datetime(&m) {
+                let m = next_wall(cron, fold.naive_local(), true).ok();
+                if let Some(LocalResult::Ambiguous(_, l)) = m.map(|m| tz.from_local_datetime(&m)) {
                     if l >= fold && l <= late {
                         return Ok(l.timestamp_millis());
                     }
