@@ -45,7 +45,8 @@ pub enum Command {
         #[command(subcommand)]
         cmd: SessionsCmd,
     },
-    /// Inspect durable timers (safe while keel runs); cancel one (keel stopped).
+    /// Inspect durable timers (safe while keel runs); cancel one (keel stopped);
+    /// preview a schedule's next instants (no data dir).
     Timers {
         #[command(subcommand)]
         cmd: TimersCmd,
@@ -135,4 +136,42 @@ pub enum TimersCmd {
         #[command(flatten)]
         dir: DataDirArg,
     },
+    /// Print the next due instants of a schedule in UTC and local time
+    /// (exactly one of --cron, --every, --daily); reads no data dir.
+    #[command(
+        override_usage = "keel timers preview (--cron EXPR | --every DUR | --daily HH:MM) [--tz ZONE] [--from RFC3339] [--count N] [--json]"
+    )]
+    Preview(PreviewArgs),
+}
+
+/// `keel timers preview`. Values are checked by the command, not by clap, so
+/// every bad value gets one line naming the problem (and exit code 2).
+#[derive(Debug, Args)]
+pub struct PreviewArgs {
+    /// A cron expression, 5 fields or 6 with seconds first (as `/remind cron "…"`).
+    #[arg(long, value_name = "EXPR")]
+    pub cron: Option<String>,
+    /// A fixed period such as 2h or 1h30m (as `/remind every 2h`), anchored at --from.
+    #[arg(long, value_name = "DUR", allow_hyphen_values = true)]
+    pub every: Option<String>,
+    /// Every day at this local time (as `/remind every day at 09:00`).
+    #[arg(long, value_name = "HH:MM")]
+    pub daily: Option<String>,
+    /// The IANA zone local times are read in.
+    #[arg(long, value_name = "ZONE", default_value = "UTC")]
+    pub tz: String,
+    /// List instants after this one, e.g. 2026-11-01T05:30:00Z (default: now).
+    #[arg(long, value_name = "RFC3339", allow_hyphen_values = true)]
+    pub from: Option<String>,
+    /// How many instants (1 to 1000).
+    #[arg(
+        long,
+        value_name = "N",
+        default_value = "10",
+        allow_hyphen_values = true
+    )]
+    pub count: String,
+    /// Print `{"next": ["2026-11-01T05:30:00Z", …]}`.
+    #[arg(long)]
+    pub json: bool,
 }

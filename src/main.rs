@@ -10,6 +10,7 @@ mod run;
 mod signals;
 mod telemetry;
 mod timers_cmd;
+mod timers_preview;
 
 use std::process::ExitCode;
 

@@ -2,7 +2,7 @@
 //! timers. `list` and `show` read the store read-only (safe while keel runs);
 //! `cancel` writes, and keel has one writer, so it takes the data-dir lock
 //! like `keel migrate` and refuses while the daemon runs (use `/cancel ID`
-//! in the chat then).
+//! in the chat then). `preview` touches no store (`timers_preview.rs`).
 
 use std::process::ExitCode;
 
@@ -56,6 +56,7 @@ pub fn timers_cmd(cmd: TimersCmd) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        TimersCmd::Preview(args) => crate::timers_preview::preview(&args),
         TimersCmd::Cancel { id, dir } => {
             let config = crate::config::load(&dir, None)?;
             if let Some(pid) = crate::run::running_pid(&config.data_dir) {

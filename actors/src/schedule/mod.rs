@@ -4,16 +4,40 @@
 //! are unix milliseconds UTC; local times are interpreted in an IANA zone
 //! from the compiled-in `chrono-tz` database (a zone is a name, never a path).
 //!
-//! DST rule (documented in ARCHITECTURE.md): a local time inside the
-//! spring-forward gap fires at the first valid instant after the gap; a local
-//! time inside the fall-back fold fires once, at its first (earlier)
-//! occurrence. Intervals are absolute durations and ignore DST.
+//! DST rule (also in ARCHITECTURE.md and README.md). Cron schedules (and
+//! `every day at`, stored as cron) are searched over real instants, the
+//! local wall time of each instant matched against the fields:
+//!
+//! 1. An hour field that matches several hours (`*`, `*/2`, `1-3`, `1,13`)
+//!    fires at every real instant whose wall time matches. The repeated
+//!    fall-back hour fires twice: `*/15 * * * *` in America/New_York on
+//!    2026-11-01 fires at …05:45Z, 06:00Z, 06:15Z… (01:45 EDT, 01:00 EST,
+//!    01:15 EST), `0 * * * *` at 05:00Z and 06:00Z. Wall times inside the
+//!    spring-forward gap never occur, so they do not fire.
+//! 2. An hour field that matches exactly one hour (`30 1 * * *`,
+//!    `*/20 1 * * *`, `@daily`, `every day at 01:30`) is a fixed-time
+//!    schedule: a wall time that occurs twice fires once, at its first
+//!    (earlier) occurrence. Only the hour field decides, so
+//!    `*/20 1 * * *` fires at 01:00, 01:20 and 01:40 EDT on 2026-11-01 and
+//!    not again in the repeated EST hour: "during the 1 o'clock hour" happens
+//!    once a day, and the fall-back day gets the same three fires as any other.
+//! 3. A fixed-time schedule whose wall time falls in the spring-forward gap
+//!    fires once, at the first valid instant after the gap (`30 2 * * *` in
+//!    New York on 2026-03-08 fires at 03:00 EDT), however many of its wall
+//!    times the gap swallows.
+//!
+//! One-shot local times (`at …`) follow rules 2 and 3. Intervals are absolute
+//! durations and ignore DST. `tests/data/cron/dst_reference.json` checks these
+//! rules against croniter and a brute-force evaluation.
 
 pub mod plan;
 
 use std::str::FromStr;
 
-use chrono::{DateTime, LocalResult, NaiveDate, NaiveDateTime, NaiveTime, TimeZone, Timelike, Utc};
+use chrono::{
+    DateTime, LocalResult, NaiveDate, NaiveDateTime, NaiveTime, Offset, TimeDelta, TimeZone,
+    Timelike, Utc,
+};
 use chrono_tz::Tz;
 
 /// A schedule as the participant asked for it, before it meets a timezone.
@@ -320,25 +344,132 @@ pub fn next_after(
             let k = (after - anchor) / period + 1;
             Ok(k.checked_mul(period).and_then(|v| v.checked_add(anchor)))
         }
-        Schedule::Cron(expr) => {
-            let cron = parse_cron(expr)?;
-            let start: DateTime<Tz> = match Utc.timestamp_millis_opt(after) {
-                LocalResult::Single(t) => t.with_timezone(&tz),
-                _ => return Err(err("instant out of range")),
-            };
-            // Whole seconds: cron matches at second precision.
-            let start = start.with_nanosecond(0).unwrap_or(start);
-            let next = cron
-                .find_next_occurrence(&start, false)
-                .map_err(|_| err("that schedule never fires"))?;
-            let ms = next.timestamp_millis();
-            if ms <= after {
-                // Defensive: never go backwards (e.g. a fold edge case).
-                return next_after(schedule, tz, anchor, after + 1_000);
+        Schedule::Cron(expr) => next_cron(&parse_cron(expr)?, tz, after).map(Some),
+    }
+}
+
+/// Most wall-time candidates one cron search looks at that do not fire
+/// (each is one gap or repeated hour skipped); croner itself gives up at
+/// the year 5000, so this only bounds pathological zones.
+const MAX_CRON_STEPS: usize = 1_000;
+
+/// Does the hour field match exactly one hour of the day? Such a schedule
+/// is fixed-time for the DST rule (rules 2 and 3 in the module doc).
+pub fn has_fixed_hour(cron: &croner::Cron) -> bool {
+    (0..24)
+        .filter(|&h| cron.pattern.hour_match(h).unwrap_or(false))
+        .count()
+        == 1
+}
+
+/// The first instant strictly after `after` (ms) at which `cron` fires in
+/// `tz`, by the DST rule in the module doc.
+///
+/// croner only ever sees wall times (as naive UTC, so it applies no DST rule
+/// of its own); each matching wall time is then mapped to its real
+/// instant(s). Wall times increase with real time except across a fold,
+/// where the repeated stretch `[W+, W-)` is walked twice, so the search
+/// keeps a real-instant cursor and, when the cursor sits in the first pass
+/// of a fold, looks at the rest of the first pass, then the second pass,
+/// before going on. Transitions are assumed to lie further apart than one
+/// fold (true of every zone's DST changes).
+fn next_cron(cron: &croner::Cron, tz: Tz, after: i64) -> Result<i64, ScheduleError> {
+    let fixed = has_fixed_hour(cron);
+    // Whole seconds: cron matches at second precision; a fire at a later
+    // whole second is strictly after `after`.
+    let mut cursor = instant(tz, after.div_euclid(1_000) * 1_000)?;
+    let mut wall = cursor.naive_local();
+    if let LocalResult::Ambiguous(early, late) = tz.from_local_datetime(&wall) {
+        if cursor == early {
+            // The cursor is in the first pass of a repeated stretch.
+            let fold = fold_start(tz, early, late);
+            // (A search that finds nothing here is settled by the loop below.)
+            let next = next_wall(cron, wall, false).ok();
+            if let Some(LocalResult::Ambiguous(e, _)) = next.map(|n| tz.from_local_datetime(&n)) {
+                if e > cursor && e < fold {
+                    return Ok(e.timestamp_millis());
+                }
             }
-            Ok(Some(ms))
+            if !fixed {
+                // Second pass: wall times from the fold's start up to `wall`.
+                let m = next_wall(cron, fold.naive_local(), true).ok();
+                if let Some(LocalResult::Ambiguous(_, l)) = m.map(|m| tz.from_local_datetime(&m)) {
+                    if l >= fold && l <= late {
+                        return Ok(l.timestamp_millis());
+                    }
+                }
+            }
+            // Nothing more in the fold: go on from `wall` on the second pass.
+            cursor = late;
         }
     }
+    let second = TimeDelta::seconds(1);
+    for _ in 0..MAX_CRON_STEPS {
+        let next = next_wall(cron, wall, false)?;
+        match tz.from_local_datetime(&next) {
+            LocalResult::Single(t) if t > cursor => return Ok(t.timestamp_millis()),
+            LocalResult::Ambiguous(e, _) if e > cursor => return Ok(e.timestamp_millis()),
+            LocalResult::Ambiguous(_, l) if !fixed && l > cursor => return Ok(l.timestamp_millis()),
+            LocalResult::Ambiguous(e, l) => {
+                // A fixed time's second occurrence: skip the repeated stretch.
+                wall = (fold_start(tz, e, l) - second).naive_local().max(next);
+            }
+            LocalResult::None => match chrono_tz::GapInfo::new(&next, &tz).and_then(|g| g.end) {
+                Some(end) if fixed && end > cursor => return Ok(end.timestamp_millis()),
+                // A wildcard hour in the gap does not exist that day.
+                Some(end) => wall = (end.naive_local() - second).max(next),
+                None => wall = next,
+            },
+            // Defensive: a wall time behind the cursor never fires.
+            LocalResult::Single(_) => wall = next,
+        }
+    }
+    Err(err("that schedule never fires"))
+}
+
+/// The first matching wall time after `wall` (at or after it if
+/// `inclusive`), as croner sees it: naive, no zone.
+fn next_wall(
+    cron: &croner::Cron,
+    wall: NaiveDateTime,
+    inclusive: bool,
+) -> Result<NaiveDateTime, ScheduleError> {
+    cron.find_next_occurrence(&wall.and_utc(), inclusive)
+        .map(|t| t.naive_utc())
+        .map_err(|_| err("that schedule never fires"))
+}
+
+/// `ms` as an instant in `tz`.
+fn instant(tz: Tz, ms: i64) -> Result<DateTime<Tz>, ScheduleError> {
+    match Utc.timestamp_millis_opt(ms) {
+        LocalResult::Single(t) => Ok(t.with_timezone(&tz)),
+        _ => Err(err("instant out of range")),
+    }
+}
+
+/// The first instant of the second pass of the fold between the two
+/// occurrences `early` and `late` of one wall time: a binary search on the
+/// UTC offset (transitions fall on whole seconds).
+fn fold_start(tz: Tz, early: DateTime<Tz>, late: DateTime<Tz>) -> DateTime<Tz> {
+    let offset = |s: i64| {
+        Utc.timestamp_opt(s, 0)
+            .single()
+            .map(|t| t.with_timezone(&tz).offset().fix())
+    };
+    let first = offset(early.timestamp());
+    let (mut lo, mut hi) = (early.timestamp(), late.timestamp());
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if offset(mid) == first {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    Utc.timestamp_opt(hi, 0)
+        .single()
+        .map(|t| t.with_timezone(&tz))
+        .unwrap_or(late)
 }
 
 /// `every day at 09:00` → the equivalent 5-field cron expression.
@@ -347,6 +478,87 @@ pub fn daily_at(t: NaiveTime) -> String {
         format!("{} {} * * *", t.minute(), t.hour())
     } else {
         format!("{} {} {} * * *", t.second(), t.minute(), t.hour())
+    }
+}
+
+/// The time of `every day at HH:MM` → its schedule (a cron expression).
+pub fn parse_daily(time: &str) -> Result<ScheduleSpec, ScheduleError> {
+    let t = parse_time(time).ok_or_else(|| {
+        err(format!(
+            "cannot read the time {:?}: use HH:MM (24-hour)",
+            short(time)
+        ))
+    })?;
+    Ok(ScheduleSpec::Cron(daily_at(t)))
+}
+
+/// Most instants [`upcoming`] lists.
+pub const MAX_UPCOMING: usize = 1_000;
+
+/// The first `count` (at most [`MAX_UPCOMING`]) due instants of a timer
+/// created at `from` (ms) in `tz`, in order: the first by [`first_run`], each
+/// next one by [`next_after`] from the previous, as the timer actor fires
+/// them. Fewer when the schedule ends (a one-shot has one).
+pub fn upcoming(
+    spec: &ScheduleSpec,
+    tz: Tz,
+    from: i64,
+    count: usize,
+) -> Result<Vec<i64>, ScheduleError> {
+    let count = count.min(MAX_UPCOMING);
+    if count == 0 {
+        return Ok(Vec::new());
+    }
+    let (schedule, first) = first_run(spec, tz, from)?;
+    let mut out = Vec::with_capacity(count);
+    let mut next = Some(first);
+    while let Some(t) = next {
+        out.push(t);
+        if out.len() == count {
+            break;
+        }
+        next = next_after(&schedule, tz, first, t)?;
+    }
+    Ok(out)
+}
+
+/// An RFC 3339 instant (`2026-11-01T05:30:00Z`, any offset) → unix ms.
+pub fn parse_rfc3339(s: &str) -> Result<i64, ScheduleError> {
+    let bad = || {
+        err(format!(
+            "cannot read the instant {:?}: use RFC 3339, e.g. 2026-11-01T05:30:00Z",
+            short(s)
+        ))
+    };
+    if s.len() > 64 {
+        return Err(bad());
+    }
+    DateTime::parse_from_rfc3339(s)
+        .map(|t| t.timestamp_millis())
+        .map_err(|_| bad())
+}
+
+/// The last instant RFC 3339 can write: 9999-12-31T23:59:59.999Z.
+pub const MAX_RFC3339_MS: i64 = 253_402_300_799_999;
+
+/// `ms` as RFC 3339 UTC (`2026-11-01T05:30:00Z`; milliseconds only when
+/// there are some), the form `keel timers preview --json` prints.
+pub fn rfc3339_utc(ms: i64) -> String {
+    match Utc.timestamp_millis_opt(ms) {
+        LocalResult::Single(t) => t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+        _ => ms.to_string(),
+    }
+}
+
+/// `ms` as local time in `tz` with the zone's abbreviation and offset
+/// (`2026-11-01 01:45:00 EDT (-04:00)`).
+pub fn show_local(ms: i64, tz: Tz) -> String {
+    match Utc.timestamp_millis_opt(ms) {
+        LocalResult::Single(t) => t
+            .with_timezone(&tz)
+            .format("%Y-%m-%d %H:%M:%S%.f %Z (%:z)")
+            .to_string(),
+        _ => ms.to_string(),
     }
 }
 
@@ -464,13 +676,27 @@ mod tests {
     }
 
     #[test]
-    fn a_time_in_the_fall_fold_fires_once_at_the_first_occurrence() {
+    fn a_fixed_time_in_the_fall_fold_fires_once_at_the_first_occurrence() {
         // New York 2026-11-01 02:00 EDT → 01:00 EST; Berlin 2026-10-25 03:00 → 02:00.
-        for (zone, day, hm, first, next_day) in [
+        for (zone, day, expr, first, next_day) in [
             (
                 "America/New_York",
                 "2026-11-01 00:00:00",
                 "30 1 * * *",
+                "2026-11-01 01:30:00 EDT",
+                "2026-11-02 01:30:00 EST",
+            ),
+            (
+                "America/New_York",
+                "2026-11-01 00:00:00",
+                "15 30 1 * * *",
+                "2026-11-01 01:30:15 EDT",
+                "2026-11-02 01:30:15 EST",
+            ),
+            (
+                "America/New_York",
+                "2026-11-01 00:00:00",
+                &daily_at(NaiveTime::from_hms_opt(1, 30, 0).unwrap()),
                 "2026-11-01 01:30:00 EDT",
                 "2026-11-02 01:30:00 EST",
             ),
@@ -483,16 +709,315 @@ mod tests {
             ),
         ] {
             let tz = parse_tz(zone).unwrap();
-            let s = Schedule::Cron(hm.to_string());
+            let s = Schedule::Cron(expr.to_string());
             let from = ms(tz, day);
             let a = next_after(&s, tz, from, from).unwrap().unwrap();
-            assert_eq!(show(tz, a), first, "{zone}");
+            assert_eq!(show(tz, a), first, "{zone} {expr}");
             let b = next_after(&s, tz, a, a).unwrap().unwrap();
             assert_eq!(
                 show(tz, b),
                 next_day,
-                "{zone}: the repeated hour must not fire twice"
+                "{zone} {expr}: the repeated hour must not fire twice"
             );
+            // Asked from inside the repeated hour's second pass: tomorrow.
+            let inside = a + 3_600_000 - 60_000;
+            let c = next_after(&s, tz, inside, inside).unwrap().unwrap();
+            assert_eq!(show(tz, c), next_day, "{zone} {expr} from the second pass");
+        }
+    }
+
+    /// Fires of `expr` after `from` (UTC "YYYY-MM-DD HH:MM:SS[.mmm]"), as UTC `HH:MM:SS`.
+    fn chain(expr: &str, tz: Tz, from: &str, n: usize) -> Vec<String> {
+        let s = Schedule::Cron(expr.to_string());
+        let from = NaiveDateTime::parse_from_str(from, "%Y-%m-%d %H:%M:%S%.f")
+            .unwrap()
+            .and_utc()
+            .timestamp_millis();
+        let mut t = from;
+        (0..n)
+            .map(|_| {
+                let next = next_after(&s, tz, from, t).unwrap().unwrap();
+                assert!(next > t, "{expr}: {next} is not after {t}");
+                t = next;
+                Utc.timestamp_millis_opt(t)
+                    .unwrap()
+                    .format("%H:%M:%S")
+                    .to_string()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn wildcard_hours_fire_through_the_repeated_hour() {
+        // New York falls back at 06:00Z on 2026-11-01: 01:00–01:59 local twice.
+        let ny = parse_tz("America/New_York").unwrap();
+        assert_eq!(
+            chain("*/15 * * * *", ny, "2026-11-01 05:30:00", 6),
+            ["05:45:00", "06:00:00", "06:15:00", "06:30:00", "06:45:00", "07:00:00"]
+        );
+        assert_eq!(
+            chain("0 * * * *", ny, "2026-11-01 04:30:00", 3),
+            ["05:00:00", "06:00:00", "07:00:00"]
+        );
+        // From anywhere in either pass, including a fraction of a second
+        // before the fold and exactly at it.
+        for (from, next) in [
+            ("2026-11-01 05:59:59.500", "06:00:00"),
+            ("2026-11-01 06:00:00", "06:15:00"),
+            ("2026-11-01 06:07:00", "06:15:00"),
+            ("2026-11-01 05:50:00", "06:00:00"),
+        ] {
+            assert_eq!(chain("*/15 * * * *", ny, from, 1), [next], "from {from}");
+        }
+        // Seconds precision across the fold.
+        assert_eq!(
+            chain("*/20 * * * * *", ny, "2026-11-01 05:59:30", 4),
+            ["05:59:40", "06:00:00", "06:00:20", "06:00:40"]
+        );
+        // Berlin falls back at 01:00Z on 2026-10-25: 02:00–02:59 local twice.
+        let be = parse_tz("Europe/Berlin").unwrap();
+        assert_eq!(
+            chain("30 * * * *", be, "2026-10-24 23:45:00", 3),
+            ["00:30:00", "01:30:00", "02:30:00"]
+        );
+    }
+
+    #[test]
+    fn a_fixed_hour_with_wildcard_minutes_fires_in_the_first_pass_only() {
+        // The hour field alone decides: `*/20 1` is "during the 1 o'clock
+        // hour", which happens once a day, so the EST repeat does not fire.
+        let ny = parse_tz("America/New_York").unwrap();
+        let s = Schedule::Cron("*/20 1 * * *".into());
+        let mut t = ms(ny, "2026-11-01 00:00:00");
+        let mut got = Vec::new();
+        for _ in 0..4 {
+            t = next_after(&s, ny, t, t).unwrap().unwrap();
+            got.push(show(ny, t));
+        }
+        assert_eq!(
+            got,
+            [
+                "2026-11-01 01:00:00 EDT",
+                "2026-11-01 01:20:00 EDT",
+                "2026-11-01 01:40:00 EDT",
+                "2026-11-02 01:00:00 EST",
+            ]
+        );
+        // A range of hours is not fixed: both passes fire.
+        assert_eq!(
+            chain("*/20 1-3 * * *", ny, "2026-11-01 05:30:00", 4),
+            ["05:40:00", "06:00:00", "06:20:00", "06:40:00"]
+        );
+    }
+
+    #[test]
+    fn the_hour_field_alone_decides_what_is_fixed_time() {
+        for (expr, fixed) in [
+            ("30 1 * * *", true),
+            ("*/20 1 * * *", true),
+            ("* 01 * * *", true),
+            ("0 1-1 * * *", true),
+            ("0 30 1 * * *", true),
+            ("@daily", true),
+            ("@weekly", true),
+            ("0 1-3 * * *", false),
+            ("0 1,13 * * *", false),
+            ("0 */12 * * *", false),
+            ("0 * * * *", false),
+            ("@hourly", false),
+        ] {
+            assert_eq!(has_fixed_hour(&parse_cron(expr).unwrap()), fixed, "{expr}");
+        }
+    }
+
+    #[test]
+    fn a_wildcard_hour_in_the_spring_gap_does_not_fire_a_fixed_one_fires_once_after_it() {
+        // Berlin springs forward at 01:00Z on 2026-03-29: no 02:15 that day.
+        let be = parse_tz("Europe/Berlin").unwrap();
+        assert_eq!(
+            chain("15 * * * *", be, "2026-03-29 00:00:00", 3),
+            ["00:15:00", "01:15:00", "02:15:00"]
+        );
+        // New York springs forward at 07:00Z on 2026-03-08: three wall
+        // times of `*/20 2` fall in the gap, one fire at 03:00 EDT.
+        let ny = parse_tz("America/New_York").unwrap();
+        let s = Schedule::Cron("*/20 2 * * *".into());
+        let a = next_after(&s, ny, 0, ms(ny, "2026-03-08 00:00:00"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(show(ny, a), "2026-03-08 03:00:00 EDT");
+        let b = next_after(&s, ny, a, a).unwrap().unwrap();
+        assert_eq!(show(ny, b), "2026-03-09 02:00:00 EDT");
+    }
+
+    /// Instants (ms) at which `tz`'s UTC offset changes during `year`, by an
+    /// hourly scan (the hour before each change).
+    fn transitions(tz: Tz, year: i32) -> Vec<i64> {
+        const HOUR: i64 = 3_600_000;
+        let offset = |t: i64| {
+            Utc.timestamp_millis_opt(t)
+                .unwrap()
+                .with_timezone(&tz)
+                .offset()
+                .fix()
+        };
+        let mut t = utc(&format!("{year}-01-01 00:00:00"));
+        let end = utc(&format!("{}-01-01 00:00:00", year + 1));
+        let mut out = Vec::new();
+        while t < end {
+            if offset(t) != offset(t + HOUR) {
+                out.push(t);
+            }
+            t += HOUR;
+        }
+        out
+    }
+
+    /// The DST rule evaluated the slow way, independent of `next_cron` (a
+    /// port of tests/data/cron/generate.py): walk real instants one step
+    /// (a minute, a second for 6 fields) at a time, match each one's wall
+    /// time; for a fixed hour, skip a wall time's second occurrence and fire
+    /// wall times swallowed by a gap at the first instant after it.
+    fn brute_force(expr: &str, tz: Tz, from: i64, until: i64) -> Vec<i64> {
+        let cron = parse_cron(expr).unwrap();
+        let fixed = has_fixed_hour(&cron);
+        let step = if expr.split_whitespace().count() == 6 {
+            1_000
+        } else {
+            60_000
+        };
+        let delta = TimeDelta::milliseconds(step);
+        let matches = |w: NaiveDateTime| cron.is_time_matching(&w.and_utc()).unwrap();
+        let wall = |t: i64| {
+            Utc.timestamp_millis_opt(t)
+                .unwrap()
+                .with_timezone(&tz)
+                .naive_local()
+        };
+        let mut out = Vec::new();
+        let mut t = from - from.rem_euclid(step) + step;
+        let mut prev = wall(t - step);
+        while t <= until {
+            let w = wall(t);
+            let repeat = matches!(tz.from_local_datetime(&w),
+                LocalResult::Ambiguous(_, l) if l.timestamp_millis() == t);
+            let mut fire = matches(w) && !(fixed && repeat);
+            let mut skipped = prev + delta;
+            while fixed && !fire && skipped < w {
+                fire = matches(skipped);
+                skipped += delta;
+            }
+            if fire {
+                out.push(t);
+            }
+            prev = w;
+            t += step;
+        }
+        out
+    }
+
+    /// `next_after` agrees with `brute_force` around `at`: the chain of
+    /// fires, and the next fire asked from points all over the window.
+    fn check_window(expr: &str, tz: Tz, at: i64, half: i64) {
+        let (from, until) = (at - half, at + half);
+        let want = brute_force(expr, tz, from, until);
+        let s = Schedule::Cron(expr.to_string());
+        let mut got = Vec::new();
+        let mut t = from;
+        while let Some(n) = next_after(&s, tz, from, t).unwrap() {
+            assert!(n > t, "{expr} {tz}: went backwards at {t}");
+            if n > until {
+                break;
+            }
+            got.push(n);
+            t = n;
+        }
+        // The first difference, not two long lists.
+        let at_str = show(tz, at);
+        let first_diff = (0..got.len().max(want.len())).find(|&i| got.get(i) != want.get(i));
+        if let Some(i) = first_diff {
+            let pick = |v: &[i64]| v.get(i).map(|&t| show(tz, t));
+            panic!(
+                "{expr} in {tz} around {at_str}: fire {i} is {:?}, the brute force says {:?}",
+                pick(&got),
+                pick(&want)
+            );
+        }
+        // Start points: a prime stride, plus just around the change.
+        let stride = (half / 97).max(1_000) + 7_001;
+        let mut starts: Vec<i64> = (0..)
+            .map(|k| from + k * stride)
+            .take_while(|&p| p < until)
+            .collect();
+        starts.extend((-3..=3).map(|k| at + 3_600_000 + k * 500));
+        for p in starts {
+            let Some(&expected) = want.iter().find(|&&w| w > p) else {
+                continue;
+            };
+            let n = next_after(&s, tz, p, p).unwrap().unwrap();
+            assert_eq!(
+                show(tz, n),
+                show(tz, expected),
+                "{expr} in {tz} after {}",
+                show(tz, p)
+            );
+        }
+    }
+
+    #[test]
+    fn next_after_matches_a_brute_force_walk_around_every_transition() {
+        let five = [
+            "*/15 * * * *",
+            "0 * * * *",
+            "15 * * * *",
+            "30 1 * * *",
+            "30 2 * * *",
+            "10 2 * * *",
+            "*/20 1 * * *",
+            "*/20 2 * * *",
+            "*/20 1-3 * * *",
+            "0 0 * * *",
+            "30 23 * * *",
+            "45 0,1,2,3 * * *",
+            "0 2 * * SUN",
+            "*/7 0-4 * * *",
+            "@daily",
+        ];
+        // Whole-hour and half-hour changes, changes at midnight (Santiago),
+        // two-hour ones (Troll), a skipped day (Apia 2011) and a fold of 23
+        // hours (Kwajalein 1969).
+        for (zone, year) in [
+            ("America/New_York", 2026),
+            ("Europe/Berlin", 2026),
+            ("Australia/Lord_Howe", 2026),
+            ("America/St_Johns", 2026),
+            ("America/Santiago", 2026),
+            ("Antarctica/Troll", 2026),
+            ("Pacific/Apia", 2011),
+            ("Pacific/Kwajalein", 1969),
+            ("Pacific/Kwajalein", 1993),
+        ] {
+            let tz = parse_tz(zone).unwrap();
+            let changes = transitions(tz, year);
+            assert!(!changes.is_empty(), "{zone} {year} has no changes");
+            for &at in &changes {
+                for expr in five {
+                    check_window(expr, tz, at, 30 * 3_600_000);
+                }
+            }
+        }
+        for zone in ["America/New_York", "Europe/Berlin", "Antarctica/Troll"] {
+            let tz = parse_tz(zone).unwrap();
+            for at in transitions(tz, 2026) {
+                for expr in [
+                    "*/20 * * * * *",
+                    "10 */20 1 * * *",
+                    "30 30 1 * * *",
+                    "0 0 2 * * *",
+                ] {
+                    check_window(expr, tz, at, 3 * 3_600_000);
+                }
+            }
         }
     }
 
@@ -566,6 +1091,75 @@ mod tests {
             assert!(parse_tz(bad).is_err(), "{bad:?}");
         }
         assert!(parse_tz(&"A".repeat(10_000)).is_err());
+    }
+
+    #[test]
+    fn upcoming_lists_what_a_timer_created_then_would_fire() {
+        let from = parse_rfc3339("2026-11-01T05:30:00Z").unwrap();
+        let ny = parse_tz("America/New_York").unwrap();
+        let utc_of = |v: Vec<i64>| v.into_iter().map(rfc3339_utc).collect::<Vec<_>>();
+        assert_eq!(
+            utc_of(upcoming(&ScheduleSpec::Cron("0 * * * *".into()), ny, from, 3).unwrap()),
+            [
+                "2026-11-01T06:00:00Z",
+                "2026-11-01T07:00:00Z",
+                "2026-11-01T08:00:00Z"
+            ]
+        );
+        // Intervals are anchored at `from`, milliseconds and all.
+        assert_eq!(
+            utc_of(upcoming(&ScheduleSpec::Every(5_400_000), ny, from + 250, 2).unwrap()),
+            ["2026-11-01T07:00:00.250Z", "2026-11-01T08:30:00.250Z"]
+        );
+        // `every day at 01:30` through the fold: once, at the EDT occurrence.
+        let daily = parse_daily("01:30").unwrap();
+        let earlier = parse_rfc3339("2026-10-31T12:00:00-04:00").unwrap();
+        assert_eq!(
+            utc_of(upcoming(&daily, ny, earlier, 2).unwrap()),
+            ["2026-11-01T05:30:00Z", "2026-11-02T06:30:00Z"]
+        );
+        // A one-shot has one instant; 0 asks for none; the count is capped.
+        assert_eq!(
+            upcoming(&ScheduleSpec::Delay(1_000), ny, from, 5).unwrap(),
+            [from + 1_000]
+        );
+        assert!(upcoming(&ScheduleSpec::Every(1_000), ny, from, 0)
+            .unwrap()
+            .is_empty());
+        assert_eq!(
+            upcoming(&ScheduleSpec::Every(1_000), ny, from, usize::MAX)
+                .unwrap()
+                .len(),
+            MAX_UPCOMING
+        );
+        let never = ScheduleSpec::Cron("0 0 31 2 *".into());
+        assert!(upcoming(&never, ny, from, 3).is_err());
+        for bad in ["", "25:00", "9am", "09:60", "09:00:61"] {
+            assert!(parse_daily(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn instants_read_and_print_as_rfc3339_and_local_time() {
+        let t = parse_rfc3339("2026-11-01T01:45:00-04:00").unwrap();
+        assert_eq!(rfc3339_utc(t), "2026-11-01T05:45:00Z");
+        let ny = parse_tz("America/New_York").unwrap();
+        assert_eq!(show_local(t, ny), "2026-11-01 01:45:00 EDT (-04:00)");
+        assert_eq!(
+            show_local(t + 3_600_000, ny),
+            "2026-11-01 01:45:00 EST (-05:00)"
+        );
+        assert_eq!(rfc3339_utc(MAX_RFC3339_MS), "9999-12-31T23:59:59.999Z");
+        for bad in [
+            "",
+            "yesterday",
+            "2026-13-01T00:00:00Z",
+            "2026-11-01 05:30",
+            "2026-11-01T05:30:00",
+            &"9".repeat(100),
+        ] {
+            assert!(parse_rfc3339(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -12,7 +12,7 @@ use crate::brain::{BrainInput, Command, CommandBrain, Decision};
 use crate::persistence::timers::{Effect, TimerRequest};
 use crate::schedule::plan::Misfire;
 use crate::schedule::{
-    daily_at, parse_cron, parse_duration, parse_instant, parse_time, parse_tz, ScheduleSpec,
+    parse_cron, parse_daily, parse_duration, parse_instant, parse_tz, ScheduleSpec,
 };
 
 /// Longest reminder text, in characters.
@@ -77,13 +77,7 @@ pub fn parse_remind(args: &str) -> Result<TimerRequest, String> {
                 if at != "at" {
                     return Err("Usage: /remind every day at HH:MM TEXT".into());
                 }
-                let t = parse_time(time).ok_or_else(|| {
-                    format!(
-                        "cannot read the time {:?}: use HH:MM (24-hour)",
-                        short(time)
-                    )
-                })?;
-                (ScheduleSpec::Cron(daily_at(t)), rest)
+                (parse_daily(time).map_err(|e| e.0)?, rest)
             } else {
                 (
                     ScheduleSpec::Every(parse_duration(what).map_err(|e| e.0)?),
@@ -131,13 +125,6 @@ pub fn parse_remind(args: &str) -> Result<TimerRequest, String> {
         text: text.to_string(),
         misfire,
     })
-}
-
-fn short(s: &str) -> String {
-    match s.char_indices().nth(40) {
-        Some((i, _)) => format!("{}…", &s[..i]),
-        None => s.to_string(),
-    }
 }
 
 struct Timers;
