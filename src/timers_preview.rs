@@ -10,9 +10,9 @@
 //! stderr and exit code 2.
 
 use std::process::ExitCode;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Result;
+use keel_actors::clock::{Clock, WallClock};
 use keel_actors::schedule::{
     parse_cron, parse_daily, parse_duration, parse_rfc3339, parse_tz, rfc3339_utc, show_local,
     upcoming, ScheduleSpec, MAX_RFC3339_MS, MAX_UPCOMING,
@@ -62,7 +62,7 @@ fn instants(args: &PreviewArgs) -> Result<Vec<(String, String)>, String> {
     let tz = parse_tz(&args.tz).map_err(|e| format!("--tz: {e}"))?;
     let from = match &args.from {
         Some(s) => parse_rfc3339(s.trim()).map_err(|e| format!("--from: {e}"))?,
-        None => now_ms(),
+        None => WallClock.now_ms(),
     };
     let count = parse_count(&args.count)?;
     let next = upcoming(&spec, tz, from, count).map_err(|e| format!("{flag}: {e}"))?;
@@ -83,11 +83,4 @@ fn parse_count(s: &str) -> Result<usize, String> {
             s.chars().take(40).collect::<String>()
         )),
     }
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }

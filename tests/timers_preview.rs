@@ -4,6 +4,9 @@
 //! once); every bad input exits 2 with one line on stderr naming the
 //! problem; it needs no data dir and no running keel.
 
+// Tests drive real processes in real time: clippy.toml's clock and env rules are for keel itself.
+#![allow(clippy::disallowed_methods)]
+
 mod common;
 
 use std::process::{Output, Stdio};
