@@ -28,7 +28,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, Notify};
 
-use crate::error::{SendError, StoreError};
+use crate::error::SendError;
 use crate::health::Gate;
 use crate::ids::check_external_id;
 use crate::metrics::Metrics;
@@ -216,10 +216,39 @@ pub struct CliAdapter {
     pub gate: Gate,
     pub metrics: Metrics,
     pub clients: CliClients,
+    /// When the actor started.
+    pub since: tokio::time::Instant,
 }
 
 impl Actor for CliAdapter {
     type Context = Context<Self>;
+
+    fn started(&mut self, _: &mut Self::Context) {
+        tracing::debug!("cli stdin adapter started");
+    }
+
+    fn stopping(&mut self, _: &mut Self::Context) -> Running {
+        tracing::debug!("cli stdin adapter stopping");
+        Running::Stop
+    }
+}
+
+impl Handler<super::StopAdapter> for CliAdapter {
+    type Result = ();
+    fn handle(&mut self, _: super::StopAdapter, ctx: &mut Context<Self>) {
+        ctx.stop();
+    }
+}
+
+impl Handler<super::GetAdapterInfo> for CliAdapter {
+    type Result = MessageResult<super::GetAdapterInfo>;
+    fn handle(&mut self, _: super::GetAdapterInfo, ctx: &mut Context<Self>) -> Self::Result {
+        MessageResult(super::AdapterInfo {
+            name: "cli",
+            since: self.since,
+            stopping: ctx.state() != ActorState::Running,
+        })
+    }
 }
 
 /// Serve stdin until EOF; resolves when every reply has been printed (or the
@@ -280,27 +309,17 @@ impl Conn {
                 "keel is not accepting messages right now (starting or shutting down)".into(),
             );
         };
-        let res = self
-            .registry
-            .send(Deliver {
-                channel: "cli".into(),
-                chat: chat.to_string(),
-                from: "local".into(),
-                key,
-                text,
-                adapter_state: None,
-            })
-            .await
-            .unwrap_or(Err(StoreError::Closed));
-        let outcome = match &res {
-            Ok(d) => d.label(),
-            Err(_) => "unavailable",
+        let msg = Deliver {
+            channel: "cli".into(),
+            chat: chat.to_string(),
+            from: "local".into(),
+            key,
+            text,
+            adapter_state: None,
         };
-        self.metrics
-            .inbound
-            .with_label_values(&["cli", outcome])
-            .inc();
-        res.map_err(|e| e.to_string())
+        super::deliver(&self.registry, &self.metrics, msg)
+            .await
+            .map_err(|e| e.to_string())
     }
 
     async fn serve(self, conn_id: u64, stream: UnixStream) {
@@ -425,3 +444,29 @@ impl Conn {
         }
     }
 }
+
+/// The cli channel: `keel chat` over the socket (supervised), or stdin in
+/// ephemeral mode (served by [`CliAdapter`], outside the supervisor).
+pub const CHANNEL: super::Channel = super::Channel {
+    name: "cli",
+    routed: |c| c.cli.enabled,
+    sink: |_, deps| {
+        deps.cli.map(|clients| {
+            Arc::new(CliSink {
+                clients: clients.clone(),
+            }) as Arc<dyn ReplySink>
+        })
+    },
+    intake: |c, deps| match (&deps.cli, c.ephemeral) {
+        (Some(clients), false) => Some(Arc::new(CliListener {
+            socket: c.cli_socket(),
+            registry: deps.registry.clone(),
+            gate: deps.gate.clone(),
+            metrics: deps.metrics.clone(),
+            clients: clients.clone(),
+        }) as Arc<dyn super::Adapter>),
+        _ => None,
+    },
+    unsupervised: |c| c.cli.enabled && c.ephemeral,
+    owner_chat: |_| None,
+};

@@ -175,50 +175,29 @@ impl SupervisionReport for StoreReport {
     }
 }
 
-/// What [`start_adapters`] needs from the actor graph.
-pub struct AdapterDeps {
-    pub http: reqwest::Client,
-    pub registry: Addr<crate::session::SessionRegistry>,
-    pub persistence: Addr<PersistenceActor>,
-    pub outbox: Addr<OutboxActor>,
-    pub gate: crate::health::Gate,
-    pub metrics: Metrics,
-    pub routed: HashSet<String>,
-    /// The `keel chat` socket path and client table, when the socket is on.
-    pub cli_socket: Option<(std::path::PathBuf, super::cli::CliClients)>,
-    /// Channels that run outside the supervisor: shown as running. The
-    /// webhook is a route of the shared HTTP server: it cannot fail on its
-    /// own (a bind failure fails startup), its intake follows the gate, and
-    /// its health is `/healthz` / `/readyz`; its reply sink's failures show
-    /// in the outbox metrics.
-    pub unsupervised: Vec<&'static str>,
-}
-
-/// Build and start the supervised adapters of `config` (R15). Called once by
-/// `app::start`, after recovery.
+/// Build and start the supervised adapters of `config` (R15), in the
+/// registry's priority order, and report the unsupervised channels as
+/// running. Called once by `app::start`, after recovery.
 pub fn start_adapters(
     config: &crate::config::Config,
-    deps: AdapterDeps,
+    deps: &super::IntakeDeps,
+    outbox: Addr<OutboxActor>,
 ) -> Addr<super::supervisor::AdapterSupervisor> {
-    use super::supervisor::{Adapter, AdapterSupervisor, Statuses};
-    use super::telegram::{BotApi, TelegramAdapter};
+    use super::supervisor::{AdapterSupervisor, Statuses};
 
-    let mut owners: OwnerTargets = Vec::new();
-    if let Some(o) = &config.owner {
-        owners.push((o.channel.clone(), o.chat.clone()));
-    }
-    if let Some(chat) = &config.telegram.owner_chat {
-        owners.push(("telegram".into(), chat.clone()));
-    }
     let report = Arc::new(StoreReport {
         persistence: deps.persistence.clone(),
-        outbox: deps.outbox.clone(),
+        outbox,
         metrics: AdapterMetrics::register(&deps.metrics),
-        owners,
-        routed: deps.routed,
+        owners: super::owner_targets(config),
+        routed: super::routed_channels(config),
     });
     let statuses = Statuses::default();
-    for name in deps.unsupervised {
+    // The webhook is a route of the shared HTTP server: it cannot fail on
+    // its own (a bind failure fails startup), its intake follows the gate,
+    // and its health is `/healthz` / `/readyz`; its reply sink's failures
+    // show in the outbox metrics. Stdin (ephemeral cli) likewise.
+    for name in super::unsupervised(config) {
         let status = AdapterStatus {
             state: "running".into(),
             attempts: 0,
@@ -230,40 +209,7 @@ pub fn start_adapters(
             .unwrap_or_else(|p| p.into_inner())
             .insert(name.to_string(), status);
     }
-    let mut adapters: Vec<Arc<dyn Adapter>> = Vec::new();
-    if let Some((socket, clients)) = deps.cli_socket {
-        adapters.push(Arc::new(super::cli::CliListener {
-            socket,
-            registry: deps.registry.clone(),
-            gate: deps.gate.clone(),
-            metrics: deps.metrics.clone(),
-            clients,
-        }));
-    }
-    let (slack_registry, slack_gate, slack_metrics) = (
-        deps.registry.clone(),
-        deps.gate.clone(),
-        deps.metrics.clone(),
-    );
-    if let (true, Some(token)) = (config.telegram.enabled, &config.telegram.token) {
-        adapters.push(Arc::new(TelegramAdapter {
-            api: BotApi::new(deps.http.clone(), &config.telegram.api_base, token),
-            config: config.telegram.clone(),
-            registry: deps.registry,
-            persistence: deps.persistence,
-            gate: deps.gate,
-            metrics: deps.metrics,
-        }));
-    }
-    if config.slack.enabled {
-        adapters.push(Arc::new(super::slack::SlackAdapter {
-            client: deps.http.clone(),
-            config: config.slack.clone(),
-            registry: slack_registry,
-            gate: slack_gate,
-            metrics: slack_metrics,
-        }));
-    }
+    let adapters = super::intakes(config, deps);
     AdapterSupervisor::start_all(adapters, config.adapters.clone(), report, statuses).start()
 }
 

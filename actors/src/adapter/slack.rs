@@ -20,6 +20,7 @@
 //! Tokens (from keel.toml or `KEEL_SLACK_APP_TOKEN` / `KEEL_SLACK_BOT_TOKEN`)
 //! are sent only in `Authorization` headers and never logged.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix::Addr;
@@ -237,30 +238,25 @@ async fn socket_loop(
                                 // Shutting down: no ack, Slack resends later.
                                 return Ok(());
                             };
-                            let res = registry
-                                .send(Deliver {
+                            let res = super::deliver(
+                                &registry,
+                                &metrics,
+                                Deliver {
                                     channel: "slack".into(),
                                     chat: msg.channel,
                                     from: msg.user,
                                     key: msg.event_id,
                                     text: msg.text,
                                     adapter_state: None,
-                                })
-                                .await
-                                .unwrap_or(Err(StoreError::Closed));
-                            let outcome = match res {
-                                Ok(d) => d.label(),
-                                Err(StoreError::Invalid(_)) => "rejected",
-                                Err(e) => {
-                                    metrics
-                                        .inbound
-                                        .with_label_values(&["slack", "unavailable"])
-                                        .inc();
-                                    // No ack: Slack redelivers once we are back.
-                                    return Err(AdapterError::Store(e));
-                                }
-                            };
-                            metrics.inbound.with_label_values(&["slack", outcome]).inc();
+                                },
+                            )
+                            .await;
+                            match res {
+                                // Stored, a repeat, or refused for good: ack.
+                                Ok(_) | Err(StoreError::Invalid(_)) => {}
+                                // No ack: Slack redelivers once we are back.
+                                Err(e) => return Err(AdapterError::Store(e)),
+                            }
                         }
                     }
                     // Durable (or not ours): acknowledge by envelope id.
@@ -324,6 +320,35 @@ impl ReplySink for SlackSink {
         })
     }
 }
+
+/// The slack channel: Socket Mode in, `chat.postMessage` out.
+pub const CHANNEL: super::Channel = super::Channel {
+    name: "slack",
+    routed: |c| c.slack.enabled,
+    sink: |c, deps| {
+        c.slack.bot_token.as_ref().map(|token| {
+            Arc::new(SlackSink {
+                client: deps.http.clone(),
+                api_base: c.slack.api_base.clone(),
+                bot_token: token.clone(),
+                timeout: Duration::from_millis(c.outbox.send_timeout_ms),
+            }) as Arc<dyn ReplySink>
+        })
+    },
+    intake: |c, deps| {
+        c.slack.enabled.then(|| {
+            Arc::new(SlackAdapter {
+                client: deps.http.clone(),
+                config: c.slack.clone(),
+                registry: deps.registry.clone(),
+                gate: deps.gate.clone(),
+                metrics: deps.metrics.clone(),
+            }) as Arc<dyn Adapter>
+        })
+    },
+    unsupervised: |_| false,
+    owner_chat: |_| None,
+};
 
 #[cfg(test)]
 mod tests {

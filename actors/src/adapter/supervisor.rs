@@ -15,18 +15,17 @@
 //! All waiting goes through `tokio::time`, so tests pause the clock.
 
 use std::collections::HashMap;
-use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use actix::prelude::*;
 use futures::future::BoxFuture;
-use futures::FutureExt;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use super::actor::{AdapterActor, StopAdapter};
 use crate::backoff::backoff_delay;
 use crate::config::SupervisionConfig;
 use crate::error::AdapterError;
@@ -73,16 +72,6 @@ pub trait SupervisionReport: Send + Sync + 'static {
 /// Every adapter's last reported status, shared with the supervisor actor.
 pub type Statuses = Arc<Mutex<HashMap<String, AdapterStatus>>>;
 
-fn panic_text(p: Box<dyn std::any::Any + Send>) -> String {
-    if let Some(s) = p.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = p.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "non-string panic payload".into()
-    }
-}
-
 /// Supervise one adapter until it is stopped or gives up.
 pub async fn supervise(
     adapter: Arc<dyn Adapter>,
@@ -109,9 +98,17 @@ pub async fn supervise(
         set(AdapterStatus::new("running", attempts, last_error.clone()));
         tracing::info!(adapter = name, attempts, "adapter started");
         let started = tokio::time::Instant::now();
-        let outcome = AssertUnwindSafe(adapter.run(stop.clone()))
-            .catch_unwind()
-            .await;
+        // Each run is its own AdapterActor; its exit (or its death) comes
+        // back on the oneshot.
+        let (actor, exit) = AdapterActor::launch(adapter.clone());
+        tokio::pin!(exit);
+        let outcome = tokio::select! {
+            r = &mut exit => r,
+            _ = stop.wait_for(|s| *s) => {
+                actor.do_send(StopAdapter);
+                (&mut exit).await
+            }
+        };
         if *stop.borrow() {
             break;
         }
@@ -120,7 +117,7 @@ pub async fn supervise(
         let error = match outcome {
             Ok(Ok(())) => AdapterError::Exited,
             Ok(Err(e)) => e,
-            Err(panic) => AdapterError::Panicked(panic_text(panic)),
+            Err(_) => AdapterError::Panicked("the adapter actor died without a result".into()),
         };
         if started.elapsed() >= Duration::from_millis(cfg.healthy_after_ms) {
             attempts = 0;
@@ -184,13 +181,7 @@ impl AdapterSupervisor {
         report: Arc<dyn SupervisionReport>,
         statuses: Statuses,
     ) -> AdapterSupervisor {
-        let rank = |n: &str| {
-            super::PRIORITY
-                .iter()
-                .position(|p| *p == n)
-                .unwrap_or(usize::MAX)
-        };
-        adapters.sort_by_key(|a| rank(a.name()));
+        adapters.sort_by_key(|a| super::priority(a.name()));
         let (stop, rx) = watch::channel(false);
         let (policy, policy_rx) = watch::channel(cfg.clone());
         let mut seeder = match cfg.seed {
@@ -201,7 +192,8 @@ impl AdapterSupervisor {
             .into_iter()
             .map(|a| {
                 let rng = StdRng::seed_from_u64(seeder.gen());
-                tokio::spawn(supervise(
+                // On the actix arbiter: each run starts an AdapterActor.
+                actix_rt::spawn(supervise(
                     a,
                     policy_rx.clone(),
                     report.clone(),
@@ -361,7 +353,7 @@ mod tests {
             steps: Mutex::new(steps.into()),
             starts: stx,
         });
-        let task = tokio::spawn(supervise(
+        let task = actix_rt::spawn(supervise(
             adapter,
             policy_rx,
             Arc::new(Recorder(etx)),
@@ -398,8 +390,9 @@ mod tests {
         at.windows(2).map(|w| (w[1] - w[0]).as_secs()).collect()
     }
 
-    #[tokio::test(start_paused = true)]
+    #[actix_rt::test]
     async fn failures_and_panics_restart_on_the_backoff_schedule_then_give_up() {
+        tokio::time::pause();
         let steps = vec![
             transient(),
             Step::Panic,
@@ -420,8 +413,9 @@ mod tests {
         assert!(h.starts.try_recv().is_err(), "no start after giving up");
     }
 
-    #[tokio::test(start_paused = true)]
+    #[actix_rt::test]
     async fn a_new_policy_applies_from_the_next_restart() {
+        tokio::time::pause();
         let mut h = run((0..5).map(|_| transient()).collect(), no_jitter());
         assert_eq!(gaps(&mut h, 2).await, vec![5]);
         // Reload: a 1 s initial backoff. The second failure was handled
@@ -436,8 +430,9 @@ mod tests {
         h.task.await.unwrap();
     }
 
-    #[tokio::test(start_paused = true)]
+    #[actix_rt::test]
     async fn jitter_is_seeded_and_only_shortens() {
+        tokio::time::pause();
         let cfg = SupervisionConfig {
             jitter: 0.5,
             seed: Some(1),
@@ -459,8 +454,9 @@ mod tests {
         }
     }
 
-    #[tokio::test(start_paused = true)]
+    #[actix_rt::test]
     async fn retry_after_is_honoured_and_not_counted_as_an_attempt() {
+        tokio::time::pause();
         let steps = vec![
             Step::Fail(AdapterError::RetryAfter(Duration::from_secs(17))),
             transient(),
@@ -471,8 +467,9 @@ mod tests {
         h.task.await.unwrap();
     }
 
-    #[tokio::test(start_paused = true)]
+    #[actix_rt::test]
     async fn store_failures_are_retried_without_counting_towards_giving_up() {
+        tokio::time::pause();
         let store = || {
             Step::Fail(AdapterError::Store(crate::error::StoreError::Unavailable(
                 "disk full".into(),
@@ -500,8 +497,9 @@ mod tests {
         }
     }
 
-    #[tokio::test(start_paused = true)]
+    #[actix_rt::test]
     async fn unauthorized_and_conflict_stop_without_retrying() {
+        tokio::time::pause();
         for error in [
             AdapterError::Unauthorized("revoked".into()),
             AdapterError::Conflict("another poller".into()),
@@ -525,8 +523,9 @@ mod tests {
         }
     }
 
-    #[tokio::test(start_paused = true)]
+    #[actix_rt::test]
     async fn a_healthy_period_resets_the_attempt_count() {
+        tokio::time::pause();
         let steps = vec![
             transient(),
             transient(),
@@ -541,8 +540,9 @@ mod tests {
         h.task.await.unwrap();
     }
 
-    #[tokio::test(start_paused = true)]
+    #[actix_rt::test]
     async fn stop_during_backoff_ends_at_once() {
+        tokio::time::pause();
         let mut h = run(vec![transient()], no_jitter());
         h.starts.recv().await.unwrap();
         // Wait until the supervisor is in backoff, then stop it.

@@ -343,10 +343,7 @@ async fn poll_loop(
                 Ok(msg) => valid.push((id, msg)),
                 Err(reason) => {
                     tracing::warn!(update_id = id, reason = %reason, "telegram update rejected");
-                    metrics
-                        .inbound
-                        .with_label_values(&["telegram", "rejected"])
-                        .inc();
+                    super::count_inbound(&metrics, "telegram", "rejected");
                     state.rejected.push(id);
                 }
             }
@@ -356,13 +353,18 @@ async fn poll_loop(
         // commits in the same transaction as the batch's final turn and never
         // becomes durable ahead of any turn of its batch (R14).
         let last = valid.pop();
-        let pending: Vec<_> = valid
+        let (ids, requests): (Vec<i64>, Vec<_>) = valid
             .into_iter()
-            .map(|(id, msg)| (id, registry.send(telegram_deliver(msg, id, None))))
-            .collect();
-        for (id, request) in pending {
-            let result = request.await.unwrap_or(Err(StoreError::Closed));
-            record_outcome(&metrics, &mut state, id, result)?;
+            .map(|(id, msg)| {
+                let deliver = telegram_deliver(msg, id, None);
+                (id, super::deliver(&registry, &metrics, deliver))
+            })
+            .unzip();
+        for (id, result) in ids
+            .into_iter()
+            .zip(futures::future::join_all(requests).await)
+        {
+            record_outcome(&mut state, id, result)?;
         }
         state.last_offset = max_id;
         let keep = state.rejected.len().saturating_sub(20);
@@ -371,12 +373,9 @@ async fn poll_loop(
         let mut offset_stored = false;
         if let Some((id, msg)) = last {
             let deliver = telegram_deliver(msg, id, Some((key.clone(), json.clone())));
-            let result = registry
-                .send(deliver)
-                .await
-                .unwrap_or(Err(StoreError::Closed));
+            let result = super::deliver(&registry, &metrics, deliver).await;
             offset_stored = result.is_ok();
-            record_outcome(&metrics, &mut state, id, result)?;
+            record_outcome(&mut state, id, result)?;
         }
         if !offset_stored {
             // No valid update in the batch, or its last one was refused on
@@ -405,34 +404,23 @@ fn telegram_deliver(msg: TextUpdate, id: i64, state: Option<(String, String)>) -
     }
 }
 
-/// Count one delivery's outcome; a storage failure ends this poll run (the
-/// supervisor retries it, and the offset has not moved).
+/// Note one delivery's outcome (`deliver` counted it); a storage failure
+/// ends this poll run (the supervisor retries it, and the offset has not
+/// moved).
 fn record_outcome(
-    metrics: &Metrics,
     state: &mut OffsetState,
     id: i64,
     result: Result<crate::session::Delivered, StoreError>,
 ) -> Result<(), AdapterError> {
-    let outcome = match result {
-        Ok(d) => d.label(),
+    match result {
+        Ok(_) => Ok(()),
         Err(StoreError::Invalid(reason)) => {
             tracing::warn!(update_id = id, reason = %reason, "telegram update rejected");
             state.rejected.push(id);
-            "rejected"
+            Ok(())
         }
-        Err(e) => {
-            metrics
-                .inbound
-                .with_label_values(&["telegram", "unavailable"])
-                .inc();
-            return Err(AdapterError::Store(e));
-        }
-    };
-    metrics
-        .inbound
-        .with_label_values(&["telegram", outcome])
-        .inc();
-    Ok(())
+        Err(e) => Err(AdapterError::Store(e)),
+    }
 }
 
 /// Sends replies to Telegram chats with `sendMessage`.
@@ -477,6 +465,33 @@ impl ReplySink for TelegramSink {
         })
     }
 }
+
+/// The telegram channel: Bot API long polling in, `sendMessage` out.
+pub const CHANNEL: super::Channel = super::Channel {
+    name: "telegram",
+    routed: |c| c.telegram.enabled && c.telegram.token.is_some(),
+    sink: |c, deps| {
+        c.telegram.token.as_ref().map(|token| {
+            Arc::new(TelegramSink {
+                api: BotApi::new(deps.http.clone(), &c.telegram.api_base, token),
+                timeout: Duration::from_millis(c.outbox.send_timeout_ms),
+            }) as Arc<dyn ReplySink>
+        })
+    },
+    intake: |c, deps| match (c.telegram.enabled, &c.telegram.token) {
+        (true, Some(token)) => Some(Arc::new(TelegramAdapter {
+            api: BotApi::new(deps.http.clone(), &c.telegram.api_base, token),
+            config: c.telegram.clone(),
+            registry: deps.registry.clone(),
+            persistence: deps.persistence.clone(),
+            gate: deps.gate.clone(),
+            metrics: deps.metrics.clone(),
+        }) as Arc<dyn Adapter>),
+        _ => None,
+    },
+    unsupervised: |_| false,
+    owner_chat: |c| c.telegram.owner_chat.clone(),
+};
 
 #[cfg(test)]
 mod tests {

@@ -5,10 +5,15 @@
 //! limit) → content encoding → signature over the raw body (constant time) →
 //! JSON shape → field rules → intake gate → durable commit → 200. Every
 //! rejection is a 4xx with a one-line `{"error": ...}` and stores nothing.
+//!
+//! The route (on the HTTP workers) does the checks; the message then goes
+//! to the [`WebhookAdapter`] actor — the channel's adapter actor, started
+//! with the HTTP server — which delivers it through the one counted
+//! `adapter::deliver` path and answers once it is durable.
 
 use std::sync::{Arc, RwLock};
 
-use actix::Addr;
+use actix::prelude::*;
 use actix_web::{web, HttpRequest, HttpResponse};
 use futures::future::BoxFuture;
 use futures::StreamExt;
@@ -18,6 +23,7 @@ use serde::Deserialize;
 use serde_json::json;
 use sha2::Sha256;
 
+use super::actor::{AdapterInfo, GetAdapterInfo, StopAdapter};
 use crate::error::{SendError, StoreError};
 use crate::health::Gate;
 use crate::ids::check_external_id;
@@ -39,9 +45,93 @@ pub struct WebhookSettings {
 #[derive(Clone)]
 pub struct WebhookState {
     pub settings: Arc<RwLock<WebhookSettings>>,
-    pub registry: Addr<SessionRegistry>,
+    /// The channel's adapter actor: every accepted request goes through it.
+    pub intake: Addr<WebhookAdapter>,
     pub gate: Gate,
     pub metrics: Metrics,
+}
+
+/// The webhook channel's adapter actor: delivers validated messages to
+/// their sessions and answers once they are durable (R1). Concurrent: each
+/// `Intake` is its own future, so one slow commit holds up no other.
+pub struct WebhookAdapter {
+    pub registry: Addr<SessionRegistry>,
+    pub metrics: Metrics,
+    /// Set by `StopAdapter`: later intakes are refused as "shutting down".
+    stopped: bool,
+    since: tokio::time::Instant,
+}
+
+impl WebhookAdapter {
+    pub fn new(registry: Addr<SessionRegistry>, metrics: Metrics) -> WebhookAdapter {
+        WebhookAdapter {
+            registry,
+            metrics,
+            stopped: false,
+            since: tokio::time::Instant::now(),
+        }
+    }
+}
+
+impl Actor for WebhookAdapter {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        // Every HTTP worker sends here; actix's default mailbox of 16 would
+        // throttle a burst of concurrent clients.
+        ctx.set_mailbox_capacity(65_536);
+        tracing::debug!("webhook adapter started");
+    }
+
+    fn stopping(&mut self, _: &mut Self::Context) -> Running {
+        tracing::debug!("webhook adapter stopping");
+        Running::Stop
+    }
+}
+
+/// One validated webhook message to deliver. Sent by the HTTP route while it
+/// holds a `GateGuard`.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<Delivered, StoreError>")]
+pub struct Intake(pub InboundMessage);
+
+impl Handler<Intake> for WebhookAdapter {
+    type Result = ResponseFuture<Result<Delivered, StoreError>>;
+
+    fn handle(&mut self, msg: Intake, _: &mut Context<Self>) -> Self::Result {
+        if self.stopped {
+            return Box::pin(async { Err(StoreError::Closed) });
+        }
+        let msg = msg.0;
+        let deliver = Deliver {
+            channel: "webhook".into(),
+            chat: msg.chat,
+            from: msg.from,
+            key: msg.id,
+            text: msg.text,
+            adapter_state: None,
+        };
+        let (registry, metrics) = (self.registry.clone(), self.metrics.clone());
+        Box::pin(async move { super::deliver(&registry, &metrics, deliver).await })
+    }
+}
+
+impl Handler<StopAdapter> for WebhookAdapter {
+    type Result = ();
+    fn handle(&mut self, _: StopAdapter, _: &mut Context<Self>) {
+        self.stopped = true;
+    }
+}
+
+impl Handler<GetAdapterInfo> for WebhookAdapter {
+    type Result = MessageResult<GetAdapterInfo>;
+    fn handle(&mut self, _: GetAdapterInfo, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(AdapterInfo {
+            name: "webhook",
+            since: self.since,
+            stopping: self.stopped,
+        })
+    }
 }
 
 /// A validated inbound message.
@@ -226,17 +316,6 @@ pub async fn post_message(
         .unwrap_or_else(|p| p.into_inner())
         .clone();
     let result = handle(&state, &settings, &req, payload).await;
-    let outcome = match &result {
-        Ok(d) => d.label(),
-        Err(r) if r.status == 503 => "unavailable",
-        Err(r) if r.status == 409 => "conflict",
-        Err(_) => "rejected",
-    };
-    state
-        .metrics
-        .inbound
-        .with_label_values(&["webhook", outcome])
-        .inc();
     match result {
         Ok(Delivered::Accepted { session, .. }) => {
             HttpResponse::Ok().json(json!({"status": "accepted", "session": session}))
@@ -270,13 +349,25 @@ async fn handle(
             ));
         }
     }
-    let body = read_limited(req, payload, settings.max_body_bytes).await?;
-    if let Some(secret) = &settings.secret {
-        let header = req.headers().get("x-keel-signature").map(|v| v.as_bytes());
-        check_signature(secret, header, &body)?;
-    }
-    let msg = parse_message(&body)?;
+    let checked = async {
+        let body = read_limited(req, payload, settings.max_body_bytes).await?;
+        if let Some(secret) = &settings.secret {
+            let header = req.headers().get("x-keel-signature").map(|v| v.as_bytes());
+            check_signature(secret, header, &body)?;
+        }
+        parse_message(&body)
+    };
+    let msg = match checked.await {
+        Ok(msg) => msg,
+        Err(r) => {
+            // Refused before delivery: counted here; delivered messages are
+            // counted by `adapter::deliver`.
+            super::count_inbound(&state.metrics, "webhook", "rejected");
+            return Err(r);
+        }
+    };
     let Some(_guard) = state.gate.enter() else {
+        super::count_inbound(&state.metrics, "webhook", "unavailable");
         return Err(reject(
             503,
             "not accepting messages right now (starting or shutting down)",
@@ -284,15 +375,8 @@ async fn handle(
     };
     let id = msg.id.clone();
     let delivered = state
-        .registry
-        .send(Deliver {
-            channel: "webhook".into(),
-            chat: msg.chat,
-            from: msg.from,
-            key: msg.id,
-            text: msg.text,
-            adapter_state: None,
-        })
+        .intake
+        .send(Intake(msg))
         .await
         .unwrap_or(Err(StoreError::Closed));
     match delivered {
@@ -360,6 +444,25 @@ impl ReplySink for WebhookSink {
         })
     }
 }
+
+/// The webhook channel: intake is the `POST /v1/messages` route and its
+/// [`WebhookAdapter`] actor (started with the HTTP server, so not
+/// supervised); replies go to `webhook.reply_url` when set.
+pub const CHANNEL: super::Channel = super::Channel {
+    name: "webhook",
+    routed: |c| c.webhook.enabled && c.webhook.reply_url.is_some(),
+    sink: |c, deps| {
+        c.webhook.reply_url.as_ref().map(|url| {
+            Arc::new(WebhookSink {
+                client: deps.http.clone(),
+                url: url.clone(),
+            }) as Arc<dyn ReplySink>
+        })
+    },
+    intake: |_, _| None,
+    unsupervised: |c| c.webhook.enabled,
+    owner_chat: |_| None,
+};
 
 #[cfg(test)]
 mod tests {

@@ -23,7 +23,9 @@ use tokio::sync::oneshot;
 
 use crate::adapter::cli::{CliAdapter, CliClients};
 use crate::adapter::supervisor::SetSupervision;
+use crate::adapter::webhook::WebhookAdapter;
 use crate::adapter::webhook::WebhookSettings;
+use crate::adapter::StopAdapter;
 use crate::app::{
     settings_admin, settings_retention, settings_sessions, settings_sinks, settings_webhook,
 };
@@ -73,6 +75,8 @@ pub struct Lifecycle {
     pub(crate) outbox: Addr<OutboxActor>,
     pub(crate) timers: Addr<TimerActor>,
     pub(crate) cli: Option<Addr<CliAdapter>>,
+    /// The webhook intake's adapter actor (behind the HTTP route).
+    pub(crate) webhook: Option<Addr<WebhookAdapter>>,
     /// Supervised adapters (telegram); stopped first on shutdown.
     pub(crate) adapters: Option<Addr<crate::adapter::supervisor::AdapterSupervisor>>,
     pub(crate) http: ServerHandle,
@@ -102,6 +106,7 @@ impl Handler<Shutdown> for Lifecycle {
         let deadline = tokio::time::Instant::now() + self.config.shutdown_timeout();
         let gate = self.gate.clone();
         let cli = self.cli.clone();
+        let webhook = self.webhook.clone();
         let outbox = self.outbox.clone();
         let timers = self.timers.clone();
         let persistence = self.persistence.clone();
@@ -123,9 +128,13 @@ impl Handler<Shutdown> for Lifecycle {
             if left > 0 {
                 tracing::warn!(in_flight = left, "drain deadline passed; those messages were not acknowledged and will be redelivered");
             }
-            // 2. Adapters stop accepting connections.
+            // 2. The other adapter actors stop (the gate already refuses
+            //    new messages; nothing is in flight any more).
             if let Some(cli) = cli {
                 cli.do_send(StopAdapter);
+            }
+            if let Some(webhook) = webhook {
+                webhook.do_send(StopAdapter);
             }
             // 3. Timers stop firing (fires already queued commit or roll back
             //    as a unit before CloseStore, which queues behind them).
@@ -165,18 +174,6 @@ impl Handler<Shutdown> for Lifecycle {
     }
 }
 
-/// Stop an adapter actor. Sent by the lifecycle controller.
-#[derive(Debug, Clone, Copy, Message)]
-#[rtype(result = "()")]
-pub struct StopAdapter;
-
-impl Handler<StopAdapter> for CliAdapter {
-    type Result = ();
-    fn handle(&mut self, _: StopAdapter, ctx: &mut Context<Self>) {
-        ctx.stop();
-    }
-}
-
 impl Handler<Reload> for Lifecycle {
     type Result = MessageResult<Reload>;
 
@@ -196,9 +193,7 @@ impl Handler<Reload> for Lifecycle {
             .write()
             .unwrap_or_else(|p| p.into_inner()) = settings_webhook(&new);
         *self.admin_access.write().unwrap_or_else(|p| p.into_inner()) = settings_admin(&new);
-        let cli_enabled = self.cli_clients.is_some();
-        self.registry
-            .do_send(Reconfigure(settings_sessions(&new, cli_enabled)));
+        self.registry.do_send(Reconfigure(settings_sessions(&new)));
         let sinks: HashMap<_, _> =
             settings_sinks(&new, &self.http_client, self.cli_clients.as_ref());
         self.outbox.do_send(SetSinks(sinks));
@@ -209,7 +204,6 @@ impl Handler<Reload> for Lifecycle {
         self.timers
             .do_send(crate::timer::SetTimerRoutes(crate::app::routed_channels(
                 &new,
-                cli_enabled,
             )));
         self.timers
             .do_send(crate::timer::SetTimerRetention(settings_retention(&new)));

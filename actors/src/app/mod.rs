@@ -12,8 +12,8 @@ use std::time::Duration;
 use actix::prelude::*;
 use tokio::sync::oneshot;
 
-use crate::adapter::cli::{CliAdapter, CliClients, CliSink};
-use crate::adapter::webhook::{WebhookSettings, WebhookSink, WebhookState};
+use crate::adapter::cli::{CliAdapter, CliClients};
+use crate::adapter::webhook::{WebhookAdapter, WebhookSettings, WebhookState};
 use crate::agent::AgentSettings;
 use crate::brain::CommandBrain;
 use crate::config::Config;
@@ -67,25 +67,12 @@ pub struct Running {
     pub boot_epoch: i64,
 }
 
-/// Channels that have somewhere to send replies.
-pub fn routed_channels(config: &Config, cli_enabled: bool) -> HashSet<String> {
-    let mut routed = HashSet::new();
-    if cli_enabled {
-        routed.insert("cli".to_string());
-    }
-    if config.webhook.enabled && config.webhook.reply_url.is_some() {
-        routed.insert("webhook".to_string());
-    }
-    if config.telegram.enabled && config.telegram.token.is_some() {
-        routed.insert("telegram".to_string());
-    }
-    if config.slack.enabled {
-        routed.insert("slack".to_string());
-    }
-    routed
+/// Channels that have somewhere to send replies (the channel registry).
+pub fn routed_channels(config: &Config) -> HashSet<String> {
+    crate::adapter::routed_channels(config)
 }
 
-pub fn settings_sessions(config: &Config, cli_enabled: bool) -> SessionSettings {
+pub fn settings_sessions(config: &Config) -> SessionSettings {
     let agent = config.agent.url.as_ref().map(|url| AgentSettings {
         url: url.clone(),
         timeout: Duration::from_millis(config.agent.timeout_ms),
@@ -95,7 +82,7 @@ pub fn settings_sessions(config: &Config, cli_enabled: bool) -> SessionSettings 
     crate::timer::commands::register(&mut brain);
     SessionSettings {
         brain: Arc::new(brain),
-        routed_channels: routed_channels(config, cli_enabled),
+        routed_channels: routed_channels(config),
         agent,
     }
 }
@@ -118,54 +105,13 @@ pub fn settings_webhook(config: &Config) -> WebhookSettings {
     }
 }
 
+/// Every routed channel's reply sink (the channel registry).
 pub fn settings_sinks(
     config: &Config,
     http: &reqwest::Client,
     cli: Option<&CliClients>,
 ) -> HashMap<String, Arc<dyn ReplySink>> {
-    let mut sinks: HashMap<String, Arc<dyn ReplySink>> = HashMap::new();
-    if let Some(clients) = cli {
-        sinks.insert(
-            "cli".into(),
-            Arc::new(CliSink {
-                clients: clients.clone(),
-            }),
-        );
-    }
-    if let (true, Some(url)) = (config.webhook.enabled, &config.webhook.reply_url) {
-        sinks.insert(
-            "webhook".into(),
-            Arc::new(WebhookSink {
-                client: http.clone(),
-                url: url.clone(),
-            }),
-        );
-    }
-    if let (true, Some(token)) = (config.telegram.enabled, &config.telegram.token) {
-        sinks.insert(
-            "telegram".into(),
-            Arc::new(crate::adapter::telegram::TelegramSink {
-                api: crate::adapter::telegram::BotApi::new(
-                    http.clone(),
-                    &config.telegram.api_base,
-                    token,
-                ),
-                timeout: Duration::from_millis(config.outbox.send_timeout_ms),
-            }),
-        );
-    }
-    if let (true, Some(token)) = (config.slack.enabled, &config.slack.bot_token) {
-        sinks.insert(
-            "slack".into(),
-            Arc::new(crate::adapter::slack::SlackSink {
-                client: http.clone(),
-                api_base: config.slack.api_base.clone(),
-                bot_token: token.clone(),
-                timeout: Duration::from_millis(config.outbox.send_timeout_ms),
-            }),
-        );
-    }
-    sinks
+    crate::adapter::reply_sinks(config, &crate::adapter::SinkDeps { http, cli })
 }
 
 /// The "keel restarted" text (R18).
@@ -260,16 +206,21 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
     let registry = SessionRegistry::new(
         persistence.clone(),
         outbox.clone().recipient(),
-        settings_sessions(&config, cli_enabled),
+        settings_sessions(&config),
         metrics.clone(),
         clock.clone(),
     )
     .with_timers(timers.clone().recipient())
     .start();
     let webhook_settings = Arc::new(RwLock::new(settings_webhook(&config)));
-    let webhook = config.webhook.enabled.then(|| WebhookState {
+    // The webhook channel's adapter actor, behind the HTTP route.
+    let webhook_adapter = config
+        .webhook
+        .enabled
+        .then(|| WebhookAdapter::new(registry.clone(), metrics.clone()).start());
+    let webhook = webhook_adapter.clone().map(|intake| WebhookState {
         settings: webhook_settings.clone(),
-        registry: registry.clone(),
+        intake,
         gate: gate.clone(),
         metrics: metrics.clone(),
     });
@@ -305,10 +256,7 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
             persistence.clone(),
             outbox.clone().recipient(),
             clock.clone(),
-            TimerSettings::new(
-                config.timers.retention_days,
-                routed_channels(&config, cli_enabled),
-            ),
+            TimerSettings::new(config.timers.retention_days, routed_channels(&config)),
         )
         .with_metrics(crate::timer::TimerMetrics::new(&metrics)),
     );
@@ -331,13 +279,14 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
             gate: gate.clone(),
             metrics: metrics.clone(),
             clients: clients.clone(),
+            since: tokio::time::Instant::now(),
         }
         .start()
     });
     // Owner notification (R18), through the outbox like any reply.
     if let Some(owner) = &config.owner {
         let session = SessionKey::new(&owner.channel, &owner.chat);
-        let deliver = routed_channels(&config, cli_enabled).contains(&owner.channel);
+        let deliver = routed_channels(&config).contains(&owner.channel);
         let text = restart_notice(
             stats.boot_epoch,
             stats.outbox_pending,
@@ -369,28 +318,15 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
     gate.open();
     let adapters = crate::adapter::report::start_adapters(
         &config,
-        crate::adapter::report::AdapterDeps {
+        &crate::adapter::IntakeDeps {
             http: http.clone(),
             registry: registry.clone(),
             persistence: persistence.clone(),
-            outbox: outbox.clone(),
             gate: gate.clone(),
             metrics: metrics.clone(),
-            routed: routed_channels(&config, cli_enabled),
-            // The `keel chat` socket runs under the supervisor; without one
-            // (ephemeral: stdin only) cli is listed like the webhook.
-            cli_socket: cli_clients
-                .as_ref()
-                .filter(|_| !config.ephemeral)
-                .map(|c| (config.cli_socket(), c.clone())),
-            unsupervised: [
-                ("cli", cli_enabled && config.ephemeral),
-                ("webhook", config.webhook.enabled),
-            ]
-            .into_iter()
-            .filter_map(|(n, on)| on.then_some(n))
-            .collect(),
+            cli: cli_clients.clone(),
         },
+        outbox.clone(),
     );
     if let (Some(clients), false) = (&cli_clients, config.ephemeral) {
         // Ready means `keel chat` can connect: wait for the first bind.
@@ -416,6 +352,7 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         outbox,
         timers,
         cli: cli.clone(),
+        webhook: webhook_adapter,
         adapters: Some(adapters),
         http: server,
         http_client: http,

@@ -16,6 +16,10 @@ mod ids;
 pub use channels::{SlackConfig, TelegramConfig};
 pub use ids::{check_external_id, MAX_ID_BYTES};
 
+/// The channels the schema knows (each has its section or is built in);
+/// `adapter::CHANNELS` must list the same (a test checks it).
+pub const CHANNEL_NAMES: &[&str] = &["cli", "telegram", "webhook", "slack"];
+
 /// Errors from loading or validating configuration.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ConfigError {
@@ -389,15 +393,13 @@ impl Config {
             ));
         }
         if let Some(owner) = &self.owner {
-            if !matches!(
-                owner.channel.as_str(),
-                "webhook" | "cli" | "telegram" | "slack"
-            ) {
+            if !CHANNEL_NAMES.contains(&owner.channel.as_str()) {
                 return Err(invalid(
                     "owner.channel",
                     format!(
-                        "unknown channel {:?} (known: webhook, cli, telegram, slack)",
-                        owner.channel
+                        "unknown channel {:?} (known: {})",
+                        owner.channel,
+                        CHANNEL_NAMES.join(", ")
                     ),
                 ));
             }
