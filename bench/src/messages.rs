@@ -793,14 +793,18 @@ impl Line {
     }
 }
 
-/// Nearest-rank percentile of sorted µs values, in milliseconds.
-fn percentile(sorted: &[u32], q: f64) -> Option<f64> {
-    if sorted.is_empty() {
+/// The index of the nearest-rank `q` quantile in a sorted list of `len`.
+pub(crate) fn nearest_rank(len: usize, q: f64) -> Option<usize> {
+    if len == 0 {
         return None;
     }
-    let rank = (q * sorted.len() as f64).ceil() as usize;
-    let idx = rank.clamp(1, sorted.len()) - 1;
-    Some(f64::from(sorted[idx]) / 1000.0)
+    let rank = (q * len as f64).ceil() as usize;
+    Some(rank.clamp(1, len) - 1)
+}
+
+/// Nearest-rank percentile of sorted µs values, in milliseconds.
+fn percentile(sorted: &[u32], q: f64) -> Option<f64> {
+    nearest_rank(sorted.len(), q).map(|i| f64::from(sorted[i]) / 1000.0)
 }
 
 fn round(v: f64, digits: i32) -> f64 {

@@ -32,7 +32,7 @@ use keel_actors::config::Synchronous;
 use keel_actors::persistence::{self, timers, StoreOptions};
 use serde_json::{json, Value};
 
-use crate::messages::{progress, runtime, BenchArgs, Keel, Scratch};
+use crate::messages::{nearest_rank, progress, runtime, BenchArgs, Keel, Scratch};
 use crate::seed;
 
 /// Target: restart-to-ready, milliseconds, whatever the count.
@@ -249,27 +249,20 @@ fn visible_lateness(samples: &[(i64, i64)], first: i64, step_us: i64, count: i64
         late.push((seen - (first + k * step_us / 1000)).max(0));
     }
     late.sort_unstable();
-    let pick = |q: f64| {
-        if late.is_empty() {
-            return 0.0;
-        }
-        let rank = (q * late.len() as f64).ceil() as usize;
-        late[rank.clamp(1, late.len()) - 1] as f64
-    };
+    let pick = |q: f64| pick_ms(&late, q);
     (pick(0.50), pick(0.99))
+}
+
+/// Nearest-rank quantile of sorted millisecond values (0 when empty).
+fn pick_ms(sorted: &[i64], q: f64) -> f64 {
+    nearest_rank(sorted.len(), q).map_or(0.0, |i| sorted[i] as f64)
 }
 
 fn lateness(db: &Path) -> Result<FireLine> {
     let conn = persistence::open_read_only(db)?;
     let mut late: Vec<i64> = seed::receipts(&conn)?.into_iter().map(|(_, l)| l).collect();
     late.sort_unstable();
-    let pick = |q: f64| {
-        if late.is_empty() {
-            return 0.0;
-        }
-        let rank = (q * late.len() as f64).ceil() as usize;
-        late[rank.clamp(1, late.len()) - 1] as f64
-    };
+    let pick = |q: f64| pick_ms(&late, q);
     Ok(FireLine {
         count: late.len() as i64,
         p50_ms: pick(0.50),
