@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use keel_actors::app::lifecycle::PENDING_KEY;
 use keel_actors::config::Config;
-use keel_actors::persistence::{self, migrate, store, StoreOptions};
+use keel_actors::persistence::{self, meta, migrate, sessions, StoreOptions};
 use serde_json::json;
 
 use crate::cli::{Cli, Command, DataDirArg, SessionsCmd};
@@ -36,7 +36,7 @@ fn open_ro(config: &Config) -> Result<persistence::Connection> {
 fn status(dir: &DataDirArg, as_json: bool) -> Result<ExitCode> {
     let config = config_for(dir)?;
     let conn = open_ro(&config)?;
-    let stats = store::stats(&conn)?;
+    let stats = meta::stats(&conn)?;
     let pid = crate::run::running_pid(&config.data_dir);
     let adapters = adapter_statuses(&conn)?;
     // Keys a reload could not apply; only meaningful while keel runs (the
@@ -138,7 +138,7 @@ fn sessions(cmd: SessionsCmd) -> Result<ExitCode> {
     match cmd {
         SessionsCmd::List { dir, json: as_json } => {
             let conn = open_ro(&config_for(&dir)?)?;
-            let list = store::list_sessions(&conn)?;
+            let list = sessions::list_sessions(&conn)?;
             if as_json {
                 println!("{}", json!({ "sessions": list }));
             } else if list.is_empty() {
@@ -161,11 +161,11 @@ fn sessions(cmd: SessionsCmd) -> Result<ExitCode> {
             json: as_json,
         } => {
             let conn = open_ro(&config_for(&dir)?)?;
-            let Some(turns) = store::session_turns(&conn, &id, 0, i64::MAX)? else {
+            let Some(turns) = sessions::session_turns(&conn, &id, 0, i64::MAX)? else {
                 eprintln!("keel: error: no session {:?}", id);
                 return Ok(ExitCode::from(2));
             };
-            let memory = store::session_memory(&conn, &id)?.unwrap_or_else(|| "{}".into());
+            let memory = sessions::session_memory(&conn, &id)?.unwrap_or_else(|| "{}".into());
             if as_json {
                 let memory: serde_json::Value = serde_json::from_str(&memory).unwrap_or(json!({}));
                 println!(
@@ -210,7 +210,7 @@ fn migrate_cmd(dir: &DataDirArg) -> Result<ExitCode> {
         .with_context(|| format!("migrating {}", config.data_dir.display()))?;
     // An operator command can afford the full check a large store skips at start.
     if let Some(db) = &report.deferred_check {
-        let problems = store::quick_check(&conn)?;
+        let problems = meta::quick_check(&conn)?;
         if problems != ["ok"] {
             anyhow::bail!(
                 "database {} is corrupt: {}",

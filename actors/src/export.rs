@@ -9,16 +9,16 @@ use serde_json::{json, Value};
 
 use crate::error::StoreError;
 use crate::ids::session_file_name;
-use crate::persistence::{store, write_atomic};
+use crate::persistence::{sessions, write_atomic};
 
 /// Export every session in `conn` into `dir`. Returns the files written.
 pub fn export_sessions(conn: &Connection, dir: &Path) -> Result<Vec<PathBuf>, StoreError> {
     std::fs::create_dir_all(dir)
         .map_err(|e| StoreError::Invalid(format!("cannot create {}: {e}", dir.display())))?;
     let mut written = Vec::new();
-    for s in store::list_sessions(conn)? {
-        let turns = store::session_turns(conn, &s.id, 0, i64::MAX)?.unwrap_or_default();
-        let memory: Value = store::session_memory(conn, &s.id)?
+    for s in sessions::list_sessions(conn)? {
+        let turns = sessions::session_turns(conn, &s.id, 0, i64::MAX)?.unwrap_or_default();
+        let memory: Value = sessions::session_memory(conn, &s.id)?
             .and_then(|m| serde_json::from_str(&m).ok())
             .unwrap_or_else(|| json!({}));
         let doc = json!({

@@ -255,7 +255,7 @@ async fn a_burst_larger_than_the_window_fires_each_instant_once_while_commits_ov
         // Seeded in one statement, as an operator's import would.
         let at = Stamp::from_ms(t0).text;
         let session = SessionKey::new("webhook", "burst");
-        persistence::store::ensure_session(&conn, &session, None, &at).unwrap();
+        persistence::sessions::ensure_session(&conn, &session, None, &at).unwrap();
         let n = conn
             .execute(
                 "WITH RECURSIVE seq(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM seq WHERE i < 299)

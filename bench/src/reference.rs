@@ -8,14 +8,14 @@
 //!   these rows: the "30%" reference.
 //!
 //! Both write exactly what keel writes for one webhook message (via
-//! [`store::commit_exchange`]), so the figures compare like with like. keel
+//! [`sessions::commit_exchange`]), so the figures compare like with like. keel
 //! itself never calls these.
 
 use rusqlite::Connection;
 
 use keel_actors::clock::{Clock, WallClock};
 use keel_actors::error::StoreError;
-use keel_actors::persistence::store::{self, Exchange};
+use keel_actors::persistence::sessions::{self, Exchange};
 
 /// Run `f` inside `BEGIN IMMEDIATE … COMMIT`, rolling back if it fails.
 fn in_transaction(
@@ -41,7 +41,7 @@ fn in_transaction(
 pub fn one_per_txn(conn: &Connection, exchanges: &[Exchange]) -> Result<(), StoreError> {
     for ex in exchanges {
         in_transaction(conn, |c| {
-            store::commit_exchange(c, &WallClock.stamp(), ex).map(|_| ())
+            sessions::commit_exchange(c, &WallClock.stamp(), ex).map(|_| ())
         })?;
     }
     Ok(())
@@ -54,7 +54,7 @@ pub fn batched(conn: &Connection, exchanges: &[Exchange], batch: usize) -> Resul
             // Like keel's writer: one timestamp per transaction.
             let at = WallClock.stamp();
             for ex in chunk {
-                store::commit_exchange(c, &at, ex)?;
+                sessions::commit_exchange(c, &at, ex)?;
             }
             Ok(())
         })?;
@@ -66,7 +66,7 @@ pub fn batched(conn: &Connection, exchanges: &[Exchange], batch: usize) -> Resul
 mod tests {
     use super::*;
     use keel_actors::persistence::migrate;
-    use keel_actors::persistence::store::{ReplyPlan, SessionKey};
+    use keel_actors::persistence::sessions::{ReplyPlan, SessionKey};
 
     fn exchanges(n: usize) -> Vec<Exchange> {
         (0..n)
@@ -102,7 +102,7 @@ mod tests {
                 None => one_per_txn(&c, &rows).expect("one per txn"),
                 Some(b) => batched(&c, &rows, b).expect("batched"),
             }
-            let stats = store::stats(&c).expect("stats");
+            let stats = keel_actors::persistence::meta::stats(&c).expect("stats");
             assert_eq!(stats.sessions, 3);
             assert_eq!(stats.turns, 20, "user turn + reply per exchange");
             assert_eq!(stats.outbox_pending, 0, "deliver=false queues nothing");

@@ -5,7 +5,7 @@
 
 use keel_actors::clock::Stamp;
 use keel_actors::error::StoreError;
-use keel_actors::persistence::store::{self, SessionKey};
+use keel_actors::persistence::sessions::{self, SessionKey};
 use keel_actors::persistence::timers;
 use rusqlite::{params, Connection};
 
@@ -24,7 +24,7 @@ pub fn seed_timers(
     let tx = conn.unchecked_transaction()?;
     let session = SessionKey::new("webhook", chat);
     let at = &stamp.text;
-    store::ensure_session(&tx, &session, None, at)?;
+    sessions::ensure_session(&tx, &session, None, at)?;
     let inserted = tx
         .prepare_cached(
             "WITH RECURSIVE seq(i) AS (SELECT 0 WHERE ?2 > 0

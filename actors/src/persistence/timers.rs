@@ -18,7 +18,7 @@ use chrono_tz::Tz;
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
-use super::store::{self, SessionKey};
+use super::sessions::{self, SessionKey};
 use super::PersistenceActor;
 use crate::clock::Stamp;
 use crate::error::StoreError;
@@ -573,7 +573,7 @@ pub fn fire_timer(
                     ));
                 }
                 let deliver = routed.contains(&session.channel);
-                let (_, outbox) = store::commit_notice(conn, &at, &session, &text, deliver)?;
+                let (_, outbox) = sessions::commit_notice(conn, &at, &session, &text, deliver)?;
                 out.outbox_rows += i64::from(outbox.is_some());
             }
             Callback::StateTransition(p) => {
@@ -587,7 +587,7 @@ pub fn fire_timer(
                         p.to.as_str()
                     )
                 };
-                store::commit_notice(conn, &at, &session, &text, false)?;
+                sessions::commit_notice(conn, &at, &session, &text, false)?;
             }
             Callback::Task(_) => {}
         }
@@ -807,7 +807,7 @@ mod tests {
         crate::clock::Stamp::from_ms(1_764_590_400_000)
     }
     use crate::persistence::migrate;
-    use crate::persistence::store::{commit_exchange, Exchange, ExchangeOutcome, ReplyPlan};
+    use crate::persistence::sessions::{commit_exchange, Exchange, ExchangeOutcome, ReplyPlan};
 
     fn db() -> Connection {
         let mut c = Connection::open_in_memory().unwrap();
@@ -922,7 +922,7 @@ mod tests {
     /// at 2 000 and 3 000 ms.
     fn timers_seed(c: &Connection) {
         let session = SessionKey::new("webhook", "seed");
-        store::ensure_session(c, &session, None, &at().text).unwrap();
+        sessions::ensure_session(c, &session, None, &at().text).unwrap();
         for due in [1_000, 1_000, 1_000, 2_000, 3_000] {
             c.execute(
                 "INSERT INTO timers (session_id, kind, schedule, timezone, callback, params_json,

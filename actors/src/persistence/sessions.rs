@@ -1,11 +1,16 @@
-//! All runtime SQL lives here: one documented function per query or unit of
-//! work, bound parameters only, statements cached. Functions take a
-//! `&Connection` and run inside whatever transaction the writer opened, so a
-//! unit of work here is atomic with everything else in its group commit.
+//! Sessions, their turns and senders (R6): the SQL of the `sessions`,
+//! `turns` and `principals` tables, one documented function per query or
+//! unit of work (bound parameters, cached statements), and the messages the
+//! PersistenceActor answers for them. Functions take a `&Connection` and
+//! run inside the writer's transaction, so a unit of work here is atomic
+//! with everything else in its group commit.
 
+use actix::prelude::*;
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
+use super::outbox::insert_outbox;
+use super::PersistenceActor;
 use crate::clock::Stamp;
 use crate::error::StoreError;
 
@@ -140,21 +145,6 @@ pub struct SessionSummary {
     pub updated_at: String,
 }
 
-/// A reply waiting to be sent.
-#[derive(Debug, Clone, PartialEq)]
-pub struct OutboxRow {
-    pub id: i64,
-    pub session_id: String,
-    pub channel: String,
-    pub chat: String,
-    pub in_reply_to: Option<String>,
-    pub text: String,
-    pub attempts: i64,
-    /// State `unknown` (read outside the pending pages, so it does not move
-    /// the outbox's page position).
-    pub unknown: bool,
-}
-
 /// A user turn still waiting for the external agent (resumed after restart).
 #[derive(Debug, Clone, PartialEq)]
 pub struct AwaitingTurn {
@@ -162,19 +152,6 @@ pub struct AwaitingTurn {
     pub seq: i64,
     pub key: Option<String>,
     pub text: String,
-}
-
-/// Counts for `keel status` and the startup notification.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
-pub struct StoreStats {
-    pub schema_version: i64,
-    pub boot_epoch: i64,
-    pub sessions: i64,
-    pub turns: i64,
-    pub outbox_pending: i64,
-    pub outbox_unknown: i64,
-    pub outbox_sent: i64,
-    pub awaiting_agent: i64,
 }
 
 /// Create the principal and the session if they do not exist yet.
@@ -245,30 +222,6 @@ fn insert_turn(
     )?
     .execute(params![session_id, seq, role, text, key, principal, in_reply_to, status, at])?;
     Ok(())
-}
-
-fn insert_outbox(
-    conn: &Connection,
-    session: &SessionKey,
-    turn_seq: i64,
-    in_reply_to: Option<&str>,
-    text: &str,
-    at: &str,
-) -> Result<i64, StoreError> {
-    conn.prepare_cached(
-        "INSERT INTO outbox (session_id, turn_seq, channel, chat, in_reply_to, text, created_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-    )?
-    .execute(params![
-        session.id,
-        turn_seq,
-        session.channel,
-        session.chat,
-        in_reply_to,
-        text,
-        at
-    ])?;
-    Ok(conn.last_insert_rowid())
 }
 
 /// Store an inbound turn (once per key) and its reply + outbox row.
@@ -563,89 +516,6 @@ pub fn session_memory(conn: &Connection, session_id: &str) -> Result<Option<Stri
         .optional()?)
 }
 
-const OUTBOX_COLUMNS: &str =
-    "SELECT id, session_id, channel, chat, in_reply_to, text, attempts FROM outbox";
-
-fn outbox_row(r: &rusqlite::Row<'_>, unknown: bool) -> rusqlite::Result<OutboxRow> {
-    Ok(OutboxRow {
-        id: r.get(0)?,
-        session_id: r.get(1)?,
-        channel: r.get(2)?,
-        chat: r.get(3)?,
-        in_reply_to: r.get(4)?,
-        text: r.get(5)?,
-        attempts: r.get(6)?,
-        unknown,
-    })
-}
-
-/// Pending outbox rows with `id > after`, oldest first.
-pub fn pending_outbox(
-    conn: &Connection,
-    after: i64,
-    limit: i64,
-) -> Result<Vec<OutboxRow>, StoreError> {
-    let sql = format!("{OUTBOX_COLUMNS} WHERE state = 'pending' AND id > ?1 ORDER BY id LIMIT ?2");
-    let mut stmt = conn.prepare_cached(&sql)?;
-    let rows = stmt
-        .query_map(params![after, limit], |r| outbox_row(r, false))?
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(rows)
-}
-
-/// The channel accepted the reply.
-pub fn mark_outbox_sent(conn: &Connection, at: &Stamp, id: i64) -> Result<(), StoreError> {
-    conn.prepare_cached(
-        "UPDATE outbox SET state = 'sent', attempts = attempts + 1, sent_at = ?2, last_error = NULL
-         WHERE id = ?1",
-    )?
-    .execute(params![id, at.text])?;
-    Ok(())
-}
-
-/// A send attempt failed (never undoes `sent`: an earlier attempt may have
-/// been accepted meanwhile). `unknown` records that the request may have
-/// arrived (it stays pending and is sent again: at-least-once, counted).
-pub fn record_outbox_failure(conn: &Connection, id: i64, error: &str) -> Result<(), StoreError> {
-    conn.prepare_cached(
-        "UPDATE outbox SET attempts = attempts + 1, last_error = ?2 WHERE id = ?1 AND state != 'sent'",
-    )?
-    .execute(params![id, error])?;
-    Ok(())
-}
-
-/// The request left but no answer came back: the reply may have arrived.
-/// State `unknown` (counted by `keel status`); it is resent, and a later
-/// accepted send marks it `sent`.
-pub fn mark_outbox_unknown(conn: &Connection, id: i64, error: &str) -> Result<(), StoreError> {
-    conn.prepare_cached(
-        "UPDATE outbox SET state = 'unknown', attempts = attempts + 1, last_error = ?2 WHERE id = ?1 AND state != 'sent'",
-    )?
-    .execute(params![id, error])?;
-    Ok(())
-}
-
-/// Rows whose last send had an unknown outcome, oldest first. Read on the
-/// outbox's first page only (start, new routes): there is no index on
-/// `unknown` (schema change avoided), so this scans, but only then.
-pub fn unknown_outbox(conn: &Connection, limit: i64) -> Result<Vec<OutboxRow>, StoreError> {
-    let sql = format!("{OUTBOX_COLUMNS} WHERE state = 'unknown' ORDER BY id LIMIT ?1");
-    let mut stmt = conn.prepare_cached(&sql)?;
-    let rows = stmt
-        .query_map(params![limit], |r| outbox_row(r, true))?
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(rows)
-}
-
-/// Give up on a reply that can never be delivered (no route).
-pub fn mark_outbox_failed(conn: &Connection, id: i64, error: &str) -> Result<(), StoreError> {
-    conn.prepare_cached(
-        "UPDATE outbox SET state = 'failed', attempts = attempts + 1, last_error = ?2 WHERE id = ?1 AND state != 'sent'",
-    )?
-    .execute(params![id, error])?;
-    Ok(())
-}
-
 /// User turns still waiting for the external agent, oldest first.
 pub fn awaiting_turns(conn: &Connection, limit: i64) -> Result<Vec<AwaitingTurn>, StoreError> {
     let mut stmt = conn.prepare_cached(
@@ -670,68 +540,115 @@ pub fn awaiting_turns(conn: &Connection, limit: i64) -> Result<Vec<AwaitingTurn>
     Ok(rows)
 }
 
-/// Count this start (R38) and return the new boot epoch.
-pub fn next_boot_epoch(conn: &Connection) -> Result<i64, StoreError> {
-    let current: Option<String> = conn
-        .prepare_cached("SELECT value FROM meta WHERE key = 'boot_epoch'")?
-        .query_row([], |r| r.get(0))
-        .optional()?;
-    let next = current.and_then(|v| v.parse::<i64>().ok()).unwrap_or(0) + 1;
-    conn.prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES ('boot_epoch', ?1)")?
-        .execute([next.to_string()])?;
-    Ok(next)
+// ---- messages to the PersistenceActor ----
+
+/// Store an inbound turn (+ reply + outbox row). Sent by session actors; the
+/// adapter acknowledges upstream only after `Ok`.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<ExchangeOutcome, StoreError>")]
+pub struct CommitExchange(pub Exchange);
+
+impl Handler<CommitExchange> for PersistenceActor {
+    type Result = ResponseFuture<Result<ExchangeOutcome, StoreError>>;
+    fn handle(&mut self, msg: CommitExchange, _: &mut Context<Self>) -> Self::Result {
+        self.call(move |c, at| commit_exchange(c, at, &msg.0))
+    }
 }
 
-/// Bytes the storage probe writes: enough that "the probe succeeded" means
-/// there is real headroom again, not just room for one tiny page.
-const PROBE_BYTES: i64 = 64 * 1024;
-
-/// A write used to find out whether storage works again.
-pub fn probe(conn: &Connection, at: &Stamp) -> Result<(), StoreError> {
-    conn.prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES ('last_probe', ?1)")?
-        .execute([&at.text])?;
-    conn.prepare_cached(
-        "INSERT OR REPLACE INTO meta (key, value) VALUES ('probe_headroom', randomblob(?1))",
-    )?
-    .execute([PROBE_BYTES])?;
-    Ok(())
+/// Store the external agent's reply. Sent by session actors.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<Option<(i64, Option<i64>)>, StoreError>")]
+pub struct CommitAgentReply {
+    pub session: SessionKey,
+    pub user_seq: i64,
+    pub reply: ReplyPlan,
 }
 
-/// Counts for status output.
-pub fn stats(conn: &Connection) -> Result<StoreStats, StoreError> {
-    let one = |sql: &str| -> Result<i64, StoreError> {
-        Ok(conn.prepare_cached(sql)?.query_row([], |r| r.get(0))?)
-    };
-    Ok(StoreStats {
-        schema_version: one("PRAGMA user_version")?,
-        boot_epoch: one("SELECT COALESCE((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'boot_epoch'), 0)")?,
-        sessions: one("SELECT COUNT(*) FROM sessions")?,
-        turns: one("SELECT COALESCE(SUM(next_seq - 1), 0) FROM sessions")?,
-        outbox_pending: one("SELECT COUNT(*) FROM outbox WHERE state = 'pending'")?,
-        outbox_unknown: one("SELECT COUNT(*) FROM outbox WHERE state = 'unknown'")?,
-        outbox_sent: one("SELECT COUNT(*) FROM outbox WHERE state = 'sent'")?,
-        awaiting_agent: one("SELECT COUNT(*) FROM turns WHERE status = 'awaiting'")?,
-    })
+impl Handler<CommitAgentReply> for PersistenceActor {
+    type Result = ResponseFuture<Result<Option<(i64, Option<i64>)>, StoreError>>;
+    fn handle(&mut self, msg: CommitAgentReply, _: &mut Context<Self>) -> Self::Result {
+        self.call(move |c, at| commit_agent_reply(c, at, &msg.session, msg.user_seq, &msg.reply))
+    }
 }
 
-/// `PRAGMA quick_check`: "ok" or the first problems found.
-pub fn quick_check(conn: &Connection) -> Result<Vec<String>, rusqlite::Error> {
-    let mut stmt = conn.prepare("PRAGMA quick_check(20)")?;
-    let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
-    rows.collect()
+/// A notice from keel itself to a chat (startup notification). Sent by the app.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<(i64, Option<i64>), StoreError>")]
+pub struct CommitNotice {
+    pub session: SessionKey,
+    pub text: String,
+    pub deliver: bool,
 }
 
-/// Fold the WAL back into the database file and truncate it to zero bytes.
-/// Returns (busy, wal frames, frames checkpointed).
-pub fn checkpoint_truncate(conn: &Connection) -> Result<(i64, i64, i64), StoreError> {
-    Ok(conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
-        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-    })?)
+impl Handler<CommitNotice> for PersistenceActor {
+    type Result = ResponseFuture<Result<(i64, Option<i64>), StoreError>>;
+    fn handle(&mut self, msg: CommitNotice, _: &mut Context<Self>) -> Self::Result {
+        self.call(move |c, at| commit_notice(c, at, &msg.session, &msg.text, msg.deliver))
+    }
+}
+
+/// Load a session's memory and recent turns. Sent by a session actor on wake.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<Option<SessionSnapshot>, StoreError>")]
+pub struct GetSession {
+    pub id: String,
+    pub tail: i64,
+}
+
+impl Handler<GetSession> for PersistenceActor {
+    type Result = ResponseFuture<Result<Option<SessionSnapshot>, StoreError>>;
+    fn handle(&mut self, msg: GetSession, _: &mut Context<Self>) -> Self::Result {
+        self.call(move |c, _| load_session(c, &msg.id, msg.tail))
+    }
+}
+
+/// Turns of one session for the admin API.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<Option<Vec<TurnRow>>, StoreError>")]
+pub struct GetTurns {
+    pub session: String,
+    pub after_seq: i64,
+    pub limit: i64,
+}
+
+impl Handler<GetTurns> for PersistenceActor {
+    type Result = ResponseFuture<Result<Option<Vec<TurnRow>>, StoreError>>;
+    fn handle(&mut self, msg: GetTurns, _: &mut Context<Self>) -> Self::Result {
+        self.call(move |c, _| session_turns(c, &msg.session, msg.after_seq, msg.limit))
+    }
+}
+
+/// All sessions for the admin API.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<Vec<SessionSummary>, StoreError>")]
+pub struct GetSessions;
+
+impl Handler<GetSessions> for PersistenceActor {
+    type Result = ResponseFuture<Result<Vec<SessionSummary>, StoreError>>;
+    fn handle(&mut self, _: GetSessions, _: &mut Context<Self>) -> Self::Result {
+        self.call(|c, _| list_sessions(c))
+    }
+}
+
+/// User turns waiting for the agent. Sent by the session registry at start.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<Vec<AwaitingTurn>, StoreError>")]
+pub struct GetAwaiting {
+    pub limit: i64,
+}
+
+impl Handler<GetAwaiting> for PersistenceActor {
+    type Result = ResponseFuture<Result<Vec<AwaitingTurn>, StoreError>>;
+    fn handle(&mut self, msg: GetAwaiting, _: &mut Context<Self>) -> Self::Result {
+        self.call(move |c, _| awaiting_turns(c, msg.limit))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::persistence::meta::{next_boot_epoch, stats};
+    use crate::persistence::outbox::{mark_outbox_sent, pending_outbox};
 
     /// A fixed write time for store calls in tests.
     fn at() -> crate::clock::Stamp {

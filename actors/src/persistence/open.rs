@@ -1,0 +1,280 @@
+//! Opening the store: options from the config, the connection pragmas,
+//! integrity checks (before start for small files, in the background for
+//! large ones), migration, the never-create-over-damage marker, read-only
+//! connections for operator commands, and `write_atomic` for files next to
+//! the database.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags};
+
+use super::{meta, migrate};
+use crate::config::{Config, Synchronous};
+use crate::error::StoreError;
+use crate::health::Health;
+
+/// How the store is opened.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// `None` = in memory (`--ephemeral`).
+    pub path: Option<PathBuf>,
+    pub synchronous: Synchronous,
+    pub busy_timeout: Duration,
+    pub max_batch: usize,
+    pub probe_interval: Duration,
+}
+
+impl StoreOptions {
+    pub fn from_config(config: &Config) -> StoreOptions {
+        StoreOptions {
+            path: config.db_path(),
+            synchronous: config.storage.synchronous,
+            busy_timeout: Duration::from_millis(config.storage.busy_timeout_ms),
+            max_batch: config.storage.max_batch,
+            probe_interval: Duration::from_millis(config.storage.probe_interval_ms),
+        }
+    }
+
+    pub(super) fn display_path(&self) -> PathBuf {
+        self.path
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(":memory:"))
+    }
+}
+
+/// What opening the store found.
+#[derive(Debug, Clone)]
+pub struct OpenReport {
+    pub migrated_from: i64,
+    pub schema_version: i64,
+    /// A large database whose `quick_check` is left to the caller
+    /// (`check_in_background` after start, or at once for operator commands).
+    pub deferred_check: Option<PathBuf>,
+}
+
+/// Open a connection and set the pragmas keel relies on. A damaged file is
+/// reported as `Corrupt`; nothing is ever created over it.
+pub fn open_connection(opts: &StoreOptions) -> Result<Connection, StoreError> {
+    let Some(path) = &opts.path else {
+        let conn = Connection::open_in_memory().map_err(|e| StoreError::Open {
+            path: opts.display_path(),
+            detail: e.to_string(),
+        })?;
+        conn.execute_batch("PRAGMA foreign_keys = ON;")?;
+        return Ok(conn);
+    };
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| classify_open_error(path, e))?;
+    conn.busy_timeout(opts.busy_timeout)
+        .map_err(|e| classify_open_error(path, e))?;
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+        .map_err(|e| classify_open_error(path, e))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Open {
+            path: path.clone(),
+            detail: format!("cannot switch to WAL mode (got {mode})"),
+        });
+    }
+    let sync = match opts.synchronous {
+        Synchronous::Full => "FULL",
+        Synchronous::Normal => "NORMAL",
+    };
+    conn.execute_batch(&format!(
+        "PRAGMA synchronous = {sync}; PRAGMA foreign_keys = ON; PRAGMA wal_autocheckpoint = 4000;"
+    ))
+    .map_err(|e| classify_open_error(path, e))?;
+    Ok(conn)
+}
+
+fn classify_open_error(path: &Path, e: rusqlite::Error) -> StoreError {
+    use rusqlite::ErrorCode::*;
+    match e.sqlite_error_code() {
+        Some(NotADatabase | DatabaseCorrupt) => StoreError::Corrupt {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        },
+        _ => StoreError::Open {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        },
+    }
+}
+
+/// Marker written once the data dir holds an initialised database: if the
+/// database later vanishes or is truncated to nothing, keel refuses to start
+/// instead of silently creating an empty one in its place.
+const MARKER: &str = "keel.initialized";
+
+fn check_not_vanished(db: &Path) -> Result<(), StoreError> {
+    let Some(dir) = db.parent() else {
+        return Ok(());
+    };
+    if !dir.join(MARKER).exists() {
+        return Ok(());
+    }
+    match fs::metadata(db) {
+        Ok(m) if m.len() > 0 => Ok(()),
+        Ok(_) => Err(StoreError::Corrupt {
+            path: db.to_path_buf(),
+            detail: "the file is empty but this data dir held a database".into(),
+        }),
+        Err(e) => Err(StoreError::Corrupt {
+            path: db.to_path_buf(),
+            detail: format!("the file is missing ({e}) but this data dir held a database"),
+        }),
+    }
+}
+
+/// Write `bytes` to `path` atomically: temp file, fsync, rename, fsync dir.
+/// Files are created 0600 (they hold state).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        drop(f);
+        fs::rename(&tmp, path)?;
+        File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Largest database file `open_store` checks with `quick_check` before
+/// start (about 50 ms of reading); larger ones are checked in background.
+pub const SYNC_CHECK_MAX_BYTES: u64 = 8 << 20;
+
+/// `quick_check` a large database on its own read-only connection after
+/// start. Damage is logged as an error naming the file and makes `/readyz`
+/// report `degraded` for good (`Health::storage_corrupt`): the operator must
+/// see it, and it does not clear on the next successful write.
+pub fn check_in_background(db: PathBuf, health: Health) {
+    let spawned = std::thread::Builder::new()
+        .name("keel-quick-check".into())
+        .spawn(move || {
+            let result = open_read_only(&db).and_then(|c| Ok(meta::quick_check(&c)?));
+            match result {
+                Ok(p) if p == ["ok"] => tracing::debug!(path = %db.display(), "quick_check ok"),
+                Ok(p) => {
+                    let problems = p.join("; ");
+                    tracing::error!(
+                        path = %db.display(),
+                        problems = %problems,
+                        "database is corrupt (background quick_check); stop keel and repair it"
+                    );
+                    health.storage_corrupt(&format!("{}: {problems}", db.display()));
+                }
+                Err(e) => tracing::warn!(path = %db.display(), error = %e, "background quick_check failed"),
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the background quick_check");
+    }
+}
+
+/// Open (creating if needed), check integrity, migrate. Runs before any actor
+/// starts (R32: stores come right after config).
+pub fn open_store(opts: &StoreOptions) -> Result<(Connection, OpenReport), StoreError> {
+    if let Some(path) = &opts.path {
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).map_err(|e| StoreError::Open {
+                path: dir.to_path_buf(),
+                detail: format!("cannot create data dir: {e}"),
+            })?;
+        }
+        check_not_vanished(path)?;
+    }
+    let mut conn = open_connection(opts)?;
+    let path = opts.display_path();
+    let mut deferred_check = None;
+    if let Some(db) = &opts.path {
+        // `quick_check` reads every page (~1.4 s for a million timers): a
+        // small file is checked before start, a large one after, so start
+        // time stays independent of how much is stored (issue 3). A damaged
+        // page of a large file is still refused by SQLite when touched.
+        let size = fs::metadata(db).map(|m| m.len()).unwrap_or(0);
+        if size <= SYNC_CHECK_MAX_BYTES {
+            let problems = meta::quick_check(&conn).map_err(|e| classify_open_error(&path, e))?;
+            if problems != ["ok"] {
+                return Err(StoreError::Corrupt {
+                    path,
+                    detail: format!("quick_check: {}", problems.join("; ")),
+                });
+            }
+        } else {
+            // A cheap read of the schema page still refuses a bad header.
+            conn.query_row("SELECT COUNT(*) FROM sqlite_master", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map_err(|e| classify_open_error(&path, e))?;
+            deferred_check = Some(db.clone());
+        }
+    }
+    let report = migrate::migrate(&mut conn, &path)?;
+    if let Some(db) = &opts.path {
+        let _ = fs::set_permissions(db, fs::Permissions::from_mode(0o600));
+        let marker = db.with_file_name(MARKER);
+        if !marker.exists() {
+            write_atomic(&marker, b"keel data dir\n").map_err(|e| StoreError::Open {
+                path: marker.clone(),
+                detail: e.to_string(),
+            })?;
+        }
+    }
+    Ok((
+        conn,
+        OpenReport {
+            migrated_from: report.from,
+            schema_version: report.to,
+            deferred_check,
+        },
+    ))
+}
+
+/// Open an existing database read-only for operator commands (`keel status`,
+/// `keel sessions`): safe while the daemon runs, never creates a file.
+pub fn open_read_only(path: &Path) -> Result<Connection, StoreError> {
+    if !path.exists() {
+        return Err(StoreError::Open {
+            path: path.to_path_buf(),
+            detail: "no database here (has keel run with this --data-dir?)".into(),
+        });
+    }
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| classify_open_error(path, e))?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    migrate::check_not_newer(&conn, path).map_err(|e| match e {
+        StoreError::Unavailable(d) | StoreError::Sqlite(d) => StoreError::Corrupt {
+            path: path.to_path_buf(),
+            detail: d,
+        },
+        other => other,
+    })?;
+    Ok(conn)
+}
