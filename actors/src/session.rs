@@ -466,15 +466,7 @@ impl SessionActor {
                             None,
                         ));
                         if let (Some(seq), Some(plan)) = (reply_seq, &reply) {
-                            cache.push(TurnRow::text(
-                                seq,
-                                "assistant",
-                                &plan.text,
-                                None,
-                                None,
-                                at,
-                                plan.deliver.then_some(false),
-                            ));
+                            cache.push(TurnRow::reply(seq, &plan.text, at, plan.deliver));
                         }
                         if let Some(m) = memory {
                             cache.memory = m;
@@ -577,14 +569,11 @@ impl SessionActor {
         ctx.spawn(work.into_actor(self).map(|result, this, ctx| {
             if let Some((user_seq, plan, Some((seq, outbox)))) = result {
                 if let Some(cache) = this.cache.as_mut() {
-                    cache.push(TurnRow::text(
+                    cache.push(TurnRow::reply(
                         seq,
-                        "assistant",
                         &plan.text,
-                        None,
-                        None,
                         this.clock.stamp().text,
-                        plan.deliver.then_some(false),
+                        plan.deliver,
                     ));
                 }
                 if outbox.is_some() {

@@ -99,21 +99,7 @@ impl Handler<PutAdapterState> for PersistenceActor {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A fixed write time for store calls in tests.
-    fn at() -> crate::clock::Stamp {
-        crate::clock::Stamp::from_ms(1_764_590_400_000)
-    }
-
-    fn conn() -> Connection {
-        let c = Connection::open_in_memory().unwrap();
-        c.execute_batch(
-            "CREATE TABLE adapter_state (adapter TEXT PRIMARY KEY, state_json TEXT NOT NULL,
-             updated_at TEXT NOT NULL) WITHOUT ROWID;",
-        )
-        .unwrap();
-        c
-    }
+    use crate::persistence::testing::{at, db as conn};
 
     #[test]
     fn save_replaces_and_statuses_lists_only_status_rows() {

@@ -23,6 +23,26 @@ pub mod sessions;
 pub mod timers;
 mod writer;
 
+/// Shared helpers of the store's unit tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use rusqlite::Connection;
+
+    use crate::clock::Stamp;
+
+    /// A fixed write time for store calls in tests.
+    pub fn at() -> Stamp {
+        Stamp::from_ms(1_764_590_400_000)
+    }
+
+    /// A migrated in-memory store.
+    pub fn db() -> Connection {
+        let mut c = Connection::open_in_memory().unwrap();
+        super::migrate::migrate(&mut c, std::path::Path::new(":memory:")).unwrap();
+        c
+    }
+}
+
 use std::sync::{mpsc, Arc};
 
 use actix::prelude::*;

@@ -102,6 +102,19 @@ pub struct TurnRow {
 }
 
 impl TurnRow {
+    /// A reply keel wrote (no key, no sender); `deliver`: it has a route.
+    pub fn reply(seq: i64, text: &str, created_at: String, deliver: bool) -> TurnRow {
+        TurnRow::text(
+            seq,
+            "assistant",
+            text,
+            None,
+            None,
+            created_at,
+            deliver.then_some(false),
+        )
+    }
+
     /// A plain text turn as the session actor caches it after a commit.
     pub fn text(
         seq: i64,
@@ -649,18 +662,7 @@ mod tests {
     use super::*;
     use crate::persistence::meta::{next_boot_epoch, stats};
     use crate::persistence::outbox::{mark_outbox_sent, pending_outbox};
-
-    /// A fixed write time for store calls in tests.
-    fn at() -> crate::clock::Stamp {
-        crate::clock::Stamp::from_ms(1_764_590_400_000)
-    }
-    use crate::persistence::migrate;
-
-    fn db() -> Connection {
-        let mut c = Connection::open_in_memory().unwrap();
-        migrate::migrate(&mut c, std::path::Path::new(":memory:")).unwrap();
-        c
-    }
+    use crate::persistence::testing::{at, db};
 
     fn ex(chat: &str, key: &str, text: &str, reply: Option<&str>) -> Exchange {
         Exchange {

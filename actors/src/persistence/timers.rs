@@ -801,19 +801,9 @@ impl Handler<PruneTimers> for PersistenceActor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::persistence::testing::{at, db};
 
-    /// A fixed write time for store calls in tests.
-    fn at() -> crate::clock::Stamp {
-        crate::clock::Stamp::from_ms(1_764_590_400_000)
-    }
-    use crate::persistence::migrate;
     use crate::persistence::sessions::{commit_exchange, Exchange, ExchangeOutcome, ReplyPlan};
-
-    fn db() -> Connection {
-        let mut c = Connection::open_in_memory().unwrap();
-        migrate::migrate(&mut c, std::path::Path::new(":memory:")).unwrap();
-        c
-    }
 
     fn command(c: &Connection, chat: &str, key: &str, effect: Effect) -> ExchangeOutcome {
         commit_exchange(
