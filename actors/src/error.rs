@@ -98,6 +98,11 @@ pub enum SendError {
     /// Retrying will not help (no route for this channel, 4xx).
     #[error("{0}")]
     Permanent(String),
+    /// Nobody to deliver to right now (no `keel chat` client for the chat):
+    /// not a failure. The reply waits until the channel says it is ready
+    /// (`ChannelReady`), or the backoff cap passes.
+    #[error("waiting: {0}")]
+    Waiting(String),
 }
 
 /// Why a supervised adapter stopped running (R16). Messages never hold a

@@ -78,6 +78,13 @@ pub struct SetOutboxPolicy {
     pub retry: SupervisionConfig,
 }
 
+/// A channel can deliver again (a `keel chat` client connected): replies
+/// parked with `SendError::Waiting` on it are tried at once. Sent by the
+/// channel's adapter.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct ChannelReady(pub String);
+
 /// Stop starting sends and resolve once the in-flight ones are recorded.
 /// Sent by the lifecycle controller during shutdown.
 #[derive(Debug, Clone, Copy, Message)]
@@ -147,6 +154,9 @@ pub struct OutboxActor {
     channels: HashMap<String, ChannelState>,
     /// Rows whose channel has no sink right now (reported once each).
     unrouted: HashSet<i64>,
+    /// Rows whose channel had nobody to deliver to (`SendError::Waiting`),
+    /// parked until `ChannelReady` or the backoff cap.
+    waiting: HashMap<i64, OutboxRow>,
     /// `unknown` rows were read since the start or the last new routes.
     unknown_loaded: bool,
     draining: bool,
@@ -177,6 +187,7 @@ impl OutboxActor {
             dirty: false,
             channels: HashMap::new(),
             unrouted: HashSet::new(),
+            waiting: HashMap::new(),
             unknown_loaded: false,
             draining: false,
             drained: Vec::new(),
@@ -226,6 +237,7 @@ impl OutboxActor {
                         // A re-read after SetSinks may see a row being sent
                         // or still queued.
                         let known = this.in_flight.contains(&row.id)
+                            || this.waiting.contains_key(&row.id)
                             || (row.unknown && this.queue.iter().any(|q| q.id == row.id));
                         if !known {
                             this.queue.push_back(row);
@@ -246,6 +258,25 @@ impl OutboxActor {
                 this.refill(ctx);
             }
         }));
+    }
+
+    /// Put parked rows (of `channel`, or all) back at the front of the queue.
+    fn requeue_waiting(&mut self, channel: Option<&str>, ctx: &mut Context<Self>) {
+        let ids: Vec<i64> = self
+            .waiting
+            .iter()
+            .filter(|(_, r)| channel.is_none_or(|c| r.channel == c))
+            .map(|(id, _)| *id)
+            .collect();
+        let mut rows: Vec<OutboxRow> = ids
+            .into_iter()
+            .filter_map(|id| self.waiting.remove(&id))
+            .collect();
+        rows.sort_by_key(|r| std::cmp::Reverse(r.id));
+        for row in rows {
+            self.queue.push_front(row);
+        }
+        self.pump(ctx);
     }
 
     fn schedule_wake(&mut self, ctx: &mut Context<Self>, after: Duration) {
@@ -360,6 +391,14 @@ impl OutboxActor {
                     this.own_metrics.failed.inc();
                     tracing::error!(id = row.id, channel = %row.channel, error = %e, "reply rejected by the channel; marked failed");
                 }
+                Err(SendError::Waiting(why)) => {
+                    // Not the channel's failure: park the row (other chats
+                    // of the channel go on) until the channel is ready.
+                    tracing::debug!(id = row.id, channel = %row.channel, %why, "reply waits for its recipient");
+                    this.waiting.insert(row.id, row);
+                    let cap = Duration::from_millis(this.retry.backoff_max_ms);
+                    ctx.run_later(cap, |this, ctx| this.requeue_waiting(None, ctx));
+                }
                 Err(e) => {
                     let delay = match &e {
                         // The channel's own word; a rate limit is not a failure.
@@ -410,6 +449,13 @@ impl Handler<OutboxKick> for OutboxActor {
     type Result = ();
     fn handle(&mut self, _: OutboxKick, ctx: &mut Context<Self>) {
         self.refill(ctx);
+    }
+}
+
+impl Handler<ChannelReady> for OutboxActor {
+    type Result = ();
+    fn handle(&mut self, msg: ChannelReady, ctx: &mut Context<Self>) {
+        self.requeue_waiting(Some(&msg.0), ctx);
     }
 }
 

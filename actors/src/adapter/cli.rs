@@ -1,11 +1,22 @@
 //! The CLI adapter: `keel chat` over a local Unix socket (mode 0600), and
 //! `keel run --stdin` serving one local user from stdin/stdout.
 //!
-//! Socket protocol, JSON lines. Client → keel: `{"text": "...", "chat":
-//! "local", "id": "<unique>"}` (`chat` and `id` optional; `id` makes a resend
-//! after a reconnect idempotent). keel → client: `{"ack": "accepted" |
-//! "duplicate", "seq": N}` once the turn is durable (R1), or `{"error":
-//! "..."}`; replies arrive as `{"reply": "...", "in_reply_to": "<id>"}`.
+//! Socket protocol, JSON lines. Client → keel:
+//! - `{"text": "...", "chat": "local", "id": "<unique>"}` — a message
+//!   (`chat` and `id` optional; `id` makes a resend after a reconnect
+//!   idempotent). keel answers `{"ack": "accepted" | "duplicate", "seq": N}`
+//!   once the turn is durable (R1), or `{"error": "..."}`;
+//! - `{"hello": true, "chat": "local"}` — subscribe to a chat without
+//!   sending anything (answered `{"subscribed": "local"}`), so reminders and
+//!   notices arrive while the prompt waits;
+//! - `{"received": N}` — the client has shown reply `N`.
+//!
+//! keel → client, at any time: `{"reply": "...", "in_reply_to": "<id>",
+//! "reply_id": N}`. A reply counts as sent only when a client answered
+//! `{"received": N}` (at-least-once: a client may see a reply again after a
+//! reconnect and drops repeats by `reply_id`). With no client subscribed to
+//! its chat a reply waits (`SendError::Waiting`) and goes out as soon as one
+//! subscribes (`ChannelReady`).
 //!
 //! The socket listener ([`CliListener`]) runs under the adapter supervisor
 //! like Telegram and Slack: a bind or accept failure, or the socket file
@@ -26,13 +37,13 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::error::SendError;
 use crate::health::Gate;
 use crate::ids::check_external_id;
 use crate::metrics::Metrics;
-use crate::outbox::{OutboundReply, ReplySink};
+use crate::outbox::{ChannelReady, OutboundReply, ReplySink};
 use crate::session::{Deliver, Delivered, SessionRegistry};
 
 /// The chat name used by `keel run --stdin`.
@@ -49,6 +60,8 @@ pub struct CliClients {
     /// Bind attempts of the socket listener so far (ok or not), so startup
     /// can report ready only once `keel chat` can connect.
     binds: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Told when a client subscribes, so replies waiting for one go out.
+    ready: Arc<Mutex<Option<Recipient<ChannelReady>>>>,
 }
 
 impl Default for CliClients {
@@ -57,8 +70,16 @@ impl Default for CliClients {
             inner: Arc::default(),
             printed: Arc::default(),
             binds: Arc::new(tokio::sync::watch::channel(0).0),
+            ready: Arc::default(),
         }
     }
+}
+
+/// A reply sent to clients, waiting for one of them to confirm it.
+struct PendingReply {
+    /// Connections it was written to; when all are gone, it failed.
+    conns: HashSet<u64>,
+    done: oneshot::Sender<Result<(), SendError>>,
 }
 
 #[derive(Default)]
@@ -67,6 +88,8 @@ struct ClientsInner {
     stdout: bool,
     /// Keys of stdin messages whose reply has not been printed yet.
     awaiting_stdout: HashSet<String>,
+    /// Replies written to sockets and not yet confirmed, by outbox id.
+    pending: HashMap<i64, PendingReply>,
 }
 
 impl CliClients {
@@ -80,6 +103,61 @@ impl CliClients {
     fn lock(&self) -> std::sync::MutexGuard<'_, ClientsInner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// Where to say that a client subscribed (the outbox). Set by the app.
+    pub fn set_ready_hook(&self, ready: Recipient<ChannelReady>) {
+        *self.ready.lock().unwrap_or_else(|p| p.into_inner()) = Some(ready);
+    }
+
+    /// Connection `conn` subscribed to `chat` (its first message or hello).
+    fn subscribe(&self, chat: &str, conn: u64, tx: &mpsc::UnboundedSender<String>) {
+        self.lock()
+            .sockets
+            .entry(chat.to_string())
+            .or_default()
+            .push((conn, tx.clone()));
+        if let Some(ready) = self
+            .ready
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            ready.do_send(ChannelReady("cli".into()));
+        }
+    }
+
+    /// A client confirmed reply `id`.
+    fn received(&self, id: i64) {
+        if let Some(p) = self.lock().pending.remove(&id) {
+            let _ = p.done.send(Ok(()));
+        }
+    }
+
+    /// Connection `conn` closed: forget it, and fail the replies that only
+    /// it had been sent (they wait for the next client).
+    fn disconnected(&self, conn: u64, chats: &HashSet<String>) {
+        let mut inner = self.lock();
+        for chat in chats {
+            if let Some(v) = inner.sockets.get_mut(chat) {
+                v.retain(|(id, _)| *id != conn);
+            }
+        }
+        let orphaned: Vec<i64> = inner
+            .pending
+            .iter_mut()
+            .filter_map(|(id, p)| {
+                p.conns.remove(&conn);
+                p.conns.is_empty().then_some(*id)
+            })
+            .collect();
+        for id in orphaned {
+            if let Some(p) = inner.pending.remove(&id) {
+                let _ = p.done.send(Err(SendError::Waiting(
+                    "the keel chat client left before confirming".into(),
+                )));
+            }
+        }
+    }
 }
 
 /// Delivers replies on the `cli` channel.
@@ -91,7 +169,6 @@ impl ReplySink for CliSink {
     fn send(&self, reply: OutboundReply) -> BoxFuture<'static, Result<(), SendError>> {
         let clients = self.clients.clone();
         Box::pin(async move {
-            let line = json!({"reply": reply.text, "in_reply_to": reply.in_reply_to}).to_string();
             if reply.chat == STDIN_CHAT && clients.lock().stdout {
                 let mut out = tokio::io::stdout();
                 let text = format!("{}\n", reply.text);
@@ -107,19 +184,44 @@ impl ReplySink for CliSink {
                 clients.printed.notify_waiters();
                 return Ok(());
             }
-            let mut inner = clients.lock();
-            let conns = inner.sockets.entry(reply.chat.clone()).or_default();
-            conns.retain(|(_, tx)| !tx.is_closed());
-            if conns.is_empty() {
-                return Err(SendError::Transient(format!(
-                    "no `keel chat` client connected for chat {:?}",
-                    reply.chat
-                )));
-            }
-            for (_, tx) in conns.iter() {
-                let _ = tx.send(line.clone());
-            }
-            Ok(())
+            let confirmed = {
+                let mut inner = clients.lock();
+                let conns = inner.sockets.entry(reply.chat.clone()).or_default();
+                conns.retain(|(_, tx)| !tx.is_closed());
+                if conns.is_empty() {
+                    return Err(SendError::Waiting(format!(
+                        "no `keel chat` client connected for chat {:?}",
+                        reply.chat
+                    )));
+                }
+                let line = json!({
+                    "reply": reply.text,
+                    "in_reply_to": reply.in_reply_to,
+                    "reply_id": reply.id,
+                })
+                .to_string();
+                let mut sent_to = HashSet::new();
+                for (conn, tx) in conns.iter() {
+                    if tx.send(line.clone()).is_ok() {
+                        sent_to.insert(*conn);
+                    }
+                }
+                let (done, confirmed) = oneshot::channel();
+                // A resend replaces an older wait for the same reply.
+                inner.pending.insert(
+                    reply.id,
+                    PendingReply {
+                        conns: sent_to,
+                        done,
+                    },
+                );
+                confirmed
+            };
+            // Sent only once a client confirmed it; the outbox's send
+            // timeout bounds the wait (then: unknown, resent).
+            confirmed
+                .await
+                .unwrap_or_else(|_| Err(SendError::Waiting("the confirmation was dropped".into())))
         })
     }
 }
@@ -282,12 +384,16 @@ struct Conn {
     clients: CliClients,
 }
 
+/// One line from a socket client: a message (`text`), a subscription
+/// (`hello`) or a confirmation (`received`); exactly one of the three.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ClientLine {
-    text: String,
+    text: Option<String>,
     chat: Option<String>,
     id: Option<String>,
+    hello: Option<bool>,
+    received: Option<i64>,
 }
 
 /// A key for a message that came without one: unique per line, and across
@@ -358,25 +464,42 @@ impl Conn {
             }
             let reply = match serde_json::from_str::<ClientLine>(buf.trim_end()) {
                 Err(e) => json!({"error": format!("invalid request: {e}")}),
+                Ok(ClientLine {
+                    received: Some(id),
+                    text: None,
+                    hello: None,
+                    ..
+                }) => {
+                    self.clients.received(id);
+                    continue;
+                }
+                Ok(ClientLine {
+                    received: Some(_), ..
+                }) => json!({"error": "a confirmation carries only \"received\""}),
                 Ok(line) => {
                     let chat = line.chat.unwrap_or_else(|| "local".to_string());
+                    let hello = line.hello == Some(true);
+                    let text = line.text.unwrap_or_default();
                     if let Err(e) = check_external_id("chat", &chat) {
                         json!({"error": e})
-                    } else if line.text.trim().is_empty() || line.text.contains('\0') {
+                    } else if hello && !text.is_empty() {
+                        json!({"error": "hello and text do not go together"})
+                    } else if hello {
+                        if registered.insert(chat.clone()) {
+                            self.clients.subscribe(&chat, conn_id, &tx);
+                        }
+                        json!({"subscribed": chat})
+                    } else if text.trim().is_empty() || text.contains('\0') {
                         json!({"error": "text must be non-empty and contain no NUL"})
                     } else {
                         if registered.insert(chat.clone()) {
-                            self.clients
-                                .lock()
-                                .sockets
-                                .entry(chat.clone())
-                                .or_default()
-                                .push((conn_id, tx.clone()));
+                            self.clients.subscribe(&chat, conn_id, &tx);
                         }
+                        let line_text = text;
                         let key = line.id.unwrap_or_else(|| fresh_key("cli"));
                         match check_external_id("id", &key) {
                             Err(e) => json!({"error": e}),
-                            Ok(()) => match self.deliver(&chat, key, line.text).await {
+                            Ok(()) => match self.deliver(&chat, key, line_text).await {
                                 Ok(Delivered::Accepted { seq, .. }) => {
                                     json!({"ack": "accepted", "seq": seq})
                                 }
@@ -396,14 +519,7 @@ impl Conn {
                 break;
             }
         }
-        {
-            let mut inner = self.clients.lock();
-            for chat in registered {
-                if let Some(v) = inner.sockets.get_mut(&chat) {
-                    v.retain(|(id, _)| *id != conn_id);
-                }
-            }
-        }
+        self.clients.disconnected(conn_id, &registered);
         drop(tx);
         let _ = writer.await;
     }

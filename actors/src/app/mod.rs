@@ -199,6 +199,10 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
     )
     .with_retry(config.adapters.clone());
     let outbox = outbox.start();
+    if let Some(clients) = &cli_clients {
+        // A `keel chat` client subscribing releases the replies waiting for it.
+        clients.set_ready_hook(outbox.clone().recipient());
+    }
     // The timer actor's address exists from here (sessions tell it about new
     // timers); it starts running after recovery below.
     let timer_ctx: Context<TimerActor> = Context::new();
