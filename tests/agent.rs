@@ -103,6 +103,8 @@ async fn the_owner_is_told_after_every_start() {
     let mut d = Daemon::start(Config {
         reply_url: Some(replies.url.clone()),
         owner_chat: Some("ops".into()),
+        // Every start is told at once (no coalescing window).
+        owner_interval_s: Some(0),
         ..Config::default()
     })
     .await;

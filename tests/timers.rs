@@ -159,6 +159,8 @@ async fn timers_due_during_downtime_follow_their_misfire_policy() {
     let mut d = Daemon::start(Config {
         reply_url: Some(replies.url.clone()),
         owner_chat: Some("owner".into()),
+        // Every start is told at once (no coalescing window).
+        owner_interval_s: Some(0),
         ..Config::default()
     })
     .await;

@@ -137,6 +137,8 @@ pub struct Config {
     pub agent: Option<(String, u64, u32)>,
     /// `[owner]` chat on the webhook channel.
     pub owner_chat: Option<String>,
+    /// `[owner] min_interval_s` (keel's default coalesces notices for 300 s).
+    pub owner_interval_s: Option<u64>,
 }
 
 impl Config {
@@ -167,6 +169,9 @@ impl Config {
                 "\n[owner]\nchannel = \"webhook\"\nchat = {}\n",
                 toml_str(chat)
             ));
+            if let Some(secs) = self.owner_interval_s {
+                s.push_str(&format!("min_interval_s = {secs}\n"));
+            }
         }
         s
     }

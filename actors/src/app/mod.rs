@@ -25,9 +25,8 @@ pub mod reload;
 use crate::clock::{Clock, WallClock};
 use crate::metrics::Metrics;
 use crate::outbox::{OutboxActor, OutboxKick, ReplySink};
-use crate::persistence::{
-    self, CommitNotice, PersistenceActor, RecordBoot, SessionKey, StoreOptions,
-};
+use crate::persistence::meta::{CommitOwnerNotice, NoticeCoverage, NoticeOutcome};
+use crate::persistence::{self, PersistenceActor, RecordBoot, SessionKey, StoreOptions};
 use crate::session::{ResumeAwaiting, SessionRegistry, SessionSettings};
 use crate::timer::{RecoverTimers, TimerActor, TimerSettings, TimerStats};
 use lifecycle::{ExitReport, Lifecycle, LogLevelHook};
@@ -114,18 +113,77 @@ pub fn settings_sinks(
     crate::adapter::reply_sinks(config, &crate::adapter::SinkDeps { http, cli })
 }
 
-/// The "keel restarted" text (R18).
-fn restart_notice(
-    boot_epoch: i64,
-    pending_replies: i64,
-    awaiting: usize,
-    timers: &TimerStats,
-) -> String {
-    let mut text = format!("keel restarted (start #{boot_epoch}).");
-    text.push_str(&format!(
+/// The owner's "keel restarted" notice of this start (R18).
+struct OwnerNotice {
+    session: SessionKey,
+    deliver: bool,
+    min_interval_ms: i64,
+    /// What this start recovered, appended to the headline.
+    detail: String,
+}
+
+impl OwnerNotice {
+    fn message(&self, boot_epoch: Option<i64>) -> CommitOwnerNotice {
+        let detail = self.detail.clone();
+        CommitOwnerNotice {
+            session: self.session.clone(),
+            deliver: self.deliver,
+            boot_epoch,
+            min_interval_ms: self.min_interval_ms,
+            render: Box::new(move |cover| restart_headline(cover) + &detail),
+        }
+    }
+
+    /// Kick the outbox for a committed notice; for a deferred one, try
+    /// again once the interval has passed (if keel is still up then; if
+    /// not, the next start's notice covers these starts too).
+    fn follow_up(
+        self,
+        outcome: NoticeOutcome,
+        persistence: Addr<PersistenceActor>,
+        outbox: Addr<OutboxActor>,
+    ) {
+        match outcome {
+            NoticeOutcome::Sent(_) => outbox.do_send(OutboxKick),
+            NoticeOutcome::Nothing => {}
+            NoticeOutcome::Deferred { retry_in_ms } => {
+                actix_rt::spawn(async move {
+                    let wait = Duration::from_millis(retry_in_ms.max(0) as u64);
+                    tokio::time::sleep(wait).await;
+                    match persistence.send(self.message(None)).await {
+                        Ok(Ok(NoticeOutcome::Sent(cover))) => {
+                            tracing::info!(restarts = cover.restarts, "owner told about restarts");
+                            outbox.do_send(OutboxKick);
+                        }
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => tracing::warn!(error = %e, "owner notice not stored"),
+                        Err(_) => {}
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// "keel restarted (start #7)." or, for a notice covering several starts,
+/// "keel restarted 6 times since the last notice (starts #2–#7)."
+fn restart_headline(cover: &NoticeCoverage) -> String {
+    if cover.restarts <= 1 {
+        format!("keel restarted (start #{}).", cover.last_epoch)
+    } else {
+        format!(
+            "keel restarted {} times since the last notice (starts #{}–#{}).",
+            cover.restarts, cover.first_epoch, cover.last_epoch
+        )
+    }
+}
+
+/// What this start recovered, after the headline.
+fn restart_detail(pending_replies: i64, awaiting: usize, timers: &TimerStats) -> String {
+    let mut text = format!(
         " Timers recovered: {} fired late, {} skipped.",
         timers.late, timers.missed
-    ));
+    );
     if pending_replies > 0 {
         text.push_str(&format!(
             " {pending_replies} unsent replies are being delivered now."
@@ -287,25 +345,21 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         }
         .start()
     });
-    // Owner notification (R18), through the outbox like any reply.
+    // Owner notification (R18), through the outbox like any reply; at most
+    // one per `[owner] min_interval_s`, covering every start since the last
+    // (a crash loop sends one notice, not one per start).
     if let Some(owner) = &config.owner {
-        let session = SessionKey::new(&owner.channel, &owner.chat);
-        let deliver = routed_channels(&config).contains(&owner.channel);
-        let text = restart_notice(
-            stats.boot_epoch,
-            stats.outbox_pending,
-            awaiting,
-            &timer_stats,
-        );
-        persistence
-            .send(CommitNotice {
-                session,
-                text,
-                deliver,
-            })
+        let notice = OwnerNotice {
+            session: SessionKey::new(&owner.channel, &owner.chat),
+            deliver: routed_channels(&config).contains(&owner.channel),
+            min_interval_ms: owner.min_interval_s.saturating_mul(1_000) as i64,
+            detail: restart_detail(stats.outbox_pending, awaiting, &timer_stats),
+        };
+        let outcome = persistence
+            .send(notice.message(Some(stats.boot_epoch)))
             .await
             .unwrap_or(Err(StoreError::Closed))?;
-        outbox.do_send(OutboxKick);
+        notice.follow_up(outcome, persistence.clone(), outbox.clone());
     }
 
     // A fresh start runs the config on disk: nothing waits for a restart.

@@ -275,6 +275,14 @@ impl Default for AgentConfig {
 pub struct OwnerConfig {
     pub channel: String,
     pub chat: String,
+    /// At most one "keel restarted" notice per this many seconds; one
+    /// notice covers every start since the last (a crash loop sends one).
+    #[serde(default = "default_owner_interval")]
+    pub min_interval_s: u64,
+}
+
+fn default_owner_interval() -> u64 {
+    300
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -404,6 +412,12 @@ impl Config {
                 ));
             }
             check_external_id("owner.chat", &owner.chat).map_err(|e| invalid("owner.chat", e))?;
+            if owner.min_interval_s > 7 * 86_400 {
+                return Err(invalid(
+                    "owner.min_interval_s",
+                    "must be at most 604800 (a week)".into(),
+                ));
+            }
         }
         if self.outbox.concurrency == 0 || self.outbox.send_timeout_ms == 0 {
             return Err(invalid(

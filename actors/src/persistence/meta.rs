@@ -109,3 +109,166 @@ impl Handler<GetStats> for PersistenceActor {
         self.call(|c, _| stats(c))
     }
 }
+
+/// Which starts an owner notice covers (R18, coalesced).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NoticeCoverage {
+    /// Starts since the last notice, this one included.
+    pub restarts: i64,
+    pub first_epoch: i64,
+    pub last_epoch: i64,
+}
+
+/// What became of an owner notice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoticeOutcome {
+    /// Committed with its outbox row.
+    Sent(NoticeCoverage),
+    /// The last notice is younger than the interval: try again in this long.
+    Deferred { retry_in_ms: i64 },
+    /// No start waits to be told about.
+    Nothing,
+}
+
+fn meta_i64(conn: &Connection, key: &str) -> Result<Option<i64>, StoreError> {
+    Ok(conn
+        .prepare_cached("SELECT value FROM meta WHERE key = ?1")?
+        .query_row([key], |r| r.get::<_, String>(0))
+        .optional()?
+        .and_then(|v| v.parse().ok()))
+}
+
+fn set_meta(conn: &Connection, key: &str, value: i64) -> Result<(), StoreError> {
+    conn.prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)")?
+        .execute([key, &value.to_string()])?;
+    Ok(())
+}
+
+/// Count start `boot_epoch` (when given) towards the owner notice and
+/// decide whether one is due: at most one per `min_interval_ms`, covering
+/// every start since the last. Deciding and resetting happen in the
+/// caller's transaction, with the notice itself.
+pub fn owner_notice_due(
+    conn: &Connection,
+    at: &Stamp,
+    boot_epoch: Option<i64>,
+    min_interval_ms: i64,
+) -> Result<Result<NoticeCoverage, NoticeOutcome>, StoreError> {
+    let mut pending = meta_i64(conn, "owner_restarts_pending")?.unwrap_or(0);
+    let mut first = meta_i64(conn, "owner_pending_first_epoch")?;
+    let mut last = meta_i64(conn, "owner_pending_last_epoch")?;
+    if let Some(epoch) = boot_epoch {
+        pending += 1;
+        first = first.or(Some(epoch));
+        last = Some(epoch);
+        set_meta(conn, "owner_restarts_pending", pending)?;
+        set_meta(conn, "owner_pending_first_epoch", first.unwrap_or(epoch))?;
+        set_meta(conn, "owner_pending_last_epoch", epoch)?;
+    }
+    if pending == 0 {
+        return Ok(Err(NoticeOutcome::Nothing));
+    }
+    if let Some(sent_ms) = meta_i64(conn, "owner_notice_last_ms")? {
+        let age = at.ms.saturating_sub(sent_ms);
+        if (0..min_interval_ms).contains(&age) {
+            return Ok(Err(NoticeOutcome::Deferred {
+                retry_in_ms: min_interval_ms - age,
+            }));
+        }
+    }
+    set_meta(conn, "owner_restarts_pending", 0)?;
+    set_meta(conn, "owner_notice_last_ms", at.ms)?;
+    conn.prepare_cached(
+        "DELETE FROM meta WHERE key IN ('owner_pending_first_epoch', 'owner_pending_last_epoch')",
+    )?
+    .execute([])?;
+    let last = last.unwrap_or(0);
+    Ok(Ok(NoticeCoverage {
+        restarts: pending,
+        first_epoch: first.unwrap_or(last),
+        last_epoch: last,
+    }))
+}
+
+/// Renders the notice text for the starts it covers. Supplied by the app.
+pub type RenderNotice = Box<dyn FnOnce(&NoticeCoverage) -> String + Send>;
+
+/// Tell the owner about the starts since the last notice, if one is due
+/// (R18): decide, render, and commit the notice with its outbox row in one
+/// unit. Sent by the app at start (with this start's epoch) and, when the
+/// notice was deferred, again once the interval passed (without).
+#[derive(Message)]
+#[rtype(result = "Result<NoticeOutcome, StoreError>")]
+pub struct CommitOwnerNotice {
+    pub session: super::SessionKey,
+    pub deliver: bool,
+    pub boot_epoch: Option<i64>,
+    pub min_interval_ms: i64,
+    pub render: RenderNotice,
+}
+
+impl Handler<CommitOwnerNotice> for PersistenceActor {
+    type Result = ResponseFuture<Result<NoticeOutcome, StoreError>>;
+    fn handle(&mut self, msg: CommitOwnerNotice, _: &mut Context<Self>) -> Self::Result {
+        self.call(move |c, at| {
+            match owner_notice_due(c, at, msg.boot_epoch, msg.min_interval_ms)? {
+                Err(outcome) => Ok(outcome),
+                Ok(cover) => {
+                    let text = (msg.render)(&cover);
+                    super::sessions::commit_notice(c, at, &msg.session, &text, msg.deliver)?;
+                    Ok(NoticeOutcome::Sent(cover))
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::persistence::testing::db;
+
+    #[test]
+    fn owner_notices_are_coalesced_per_interval() {
+        let c = db();
+        let t = |ms| Stamp::from_ms(ms);
+        let first = owner_notice_due(&c, &t(1_000), Some(1), 300_000).unwrap();
+        assert_eq!(
+            first,
+            Ok(NoticeCoverage {
+                restarts: 1,
+                first_epoch: 1,
+                last_epoch: 1
+            })
+        );
+        for (epoch, ms) in [(2, 2_000), (3, 3_000), (4, 4_000)] {
+            let r = owner_notice_due(&c, &t(ms), Some(epoch), 300_000).unwrap();
+            assert_eq!(
+                r,
+                Err(NoticeOutcome::Deferred {
+                    retry_in_ms: 301_000 - ms
+                })
+            );
+        }
+        // Too early still, then due: one notice for starts 2–4.
+        assert!(owner_notice_due(&c, &t(200_000), None, 300_000)
+            .unwrap()
+            .is_err());
+        let late = owner_notice_due(&c, &t(301_000), None, 300_000).unwrap();
+        assert_eq!(
+            late,
+            Ok(NoticeCoverage {
+                restarts: 3,
+                first_epoch: 2,
+                last_epoch: 4
+            })
+        );
+        assert_eq!(
+            owner_notice_due(&c, &t(302_000), None, 300_000).unwrap(),
+            Err(NoticeOutcome::Nothing)
+        );
+        // A clock that went back is not "younger than the interval" forever.
+        let back = owner_notice_due(&c, &t(100), Some(5), 300_000).unwrap();
+        assert!(back.is_ok(), "{back:?}");
+    }
+}
