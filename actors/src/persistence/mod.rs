@@ -17,6 +17,7 @@
 pub mod adapter_state;
 pub mod migrate;
 pub mod store;
+pub mod tasks;
 pub mod timers;
 
 use std::fs::{self, File, OpenOptions};
