@@ -387,6 +387,8 @@ pub fn serve(
             )
             .service(
                 admin_scope("/v1/tasks")
+                    // Up to 1 MB of args must get a 400 naming the limit, not a 413.
+                    .app_data(web::PayloadConfig::new(4 << 20))
                     .route("", web::get().to(tasks_list))
                     .route("", web::post().to(task_run))
                     .route("/{id}", web::get().to(task_show))
