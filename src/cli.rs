@@ -63,7 +63,8 @@ pub enum Command {
         dir: DataDirArg,
     },
     /// Benchmarks: `messages` (default: acknowledged messages/s against
-    /// references) and `timers` (ready time, RSS, fire latency).
+    /// references), `timers` (ready time, RSS, fire latency) and `tasks`
+    /// (output capture vs cat, RSS, start latency).
     Bench(keel_bench::BenchCli),
 }
 
