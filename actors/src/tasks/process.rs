@@ -92,6 +92,9 @@ struct Raw {
 
 type Request = (SpawnSpec, oneshot::Sender<io::Result<Raw>>);
 
+/// Capacity asked for each output pipe (the kernel default is 64 KiB).
+const PIPE_BYTES: libc::c_int = 1 << 20;
+
 /// The process runner: a handle to the `keel-spawner` thread.
 pub struct ProcessRunner {
     tx: Mutex<mpsc::Sender<Request>>,
@@ -209,6 +212,13 @@ fn spawn_now(spec: &SpawnSpec) -> io::Result<Raw> {
             .take()
             .ok_or_else(|| io::Error::other("no stderr pipe"))?,
     );
+    // A larger pipe lets a chatty child run on while a batch is committed
+    // (fewer stalls on both sides); still a fixed, small bound per task.
+    for fd in [&stdout, &stderr] {
+        use std::os::fd::AsRawFd;
+        // SAFETY: F_SETPIPE_SZ on a pipe we own; failure leaves the default size.
+        unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_BYTES) };
+    }
     let (exited_tx, exited) = oneshot::channel();
     let (reap, reap_rx) = oneshot::channel::<()>();
     let waiter = std::thread::Builder::new()

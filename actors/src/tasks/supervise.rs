@@ -29,7 +29,7 @@ use crate::persistence::tasks::{AppendLogs, Finish, FinishTask, Fragment, TaskSt
 use crate::persistence::PersistenceActor;
 
 /// Bytes read from a pipe at a time.
-const CHUNK: usize = 64 * 1024;
+const CHUNK: usize = 256 * 1024;
 /// Output kept in memory for the end-of-task notice.
 const TAIL_BYTES: usize = 2_048;
 /// After the task's processes are gone, how long the last bytes may take.
