@@ -653,9 +653,13 @@ async fn kill_9_cycles_interrupt_or_requeue_tasks_and_leave_no_orphans() {
             "{t}"
         );
         // Requeued with the same id and attempt + 1, running again.
-        for id in [retry, long] {
+        let retry_line = format!("started r{cycle}\n").len() as i64;
+        for (id, line) in [(retry, retry_line), (long, "started long\n".len() as i64)] {
+            // Running again, and this attempt's first line stored too.
             let t = wait_task(&d, id, "running again", |t| {
-                t["state"] == "RUNNING" && t["log_bytes"].as_i64() > Some(0) && t["pid"].is_i64()
+                t["state"] == "RUNNING"
+                    && t["pid"].is_i64()
+                    && t["log_bytes"].as_i64() == t["attempt"].as_i64().map(|a| a * line)
             })
             .await;
             let s = states(&t);
