@@ -51,13 +51,20 @@ pub enum Command {
         #[command(subcommand)]
         cmd: TimersCmd,
     },
+    /// Supervised tasks: list, show and logs read the store (safe while keel
+    /// runs); run and cancel ask the running keel over its admin socket.
+    Tasks {
+        #[command(subcommand)]
+        cmd: TasksCmd,
+    },
     /// Create or upgrade the database schema, then exit.
     Migrate {
         #[command(flatten)]
         dir: DataDirArg,
     },
     /// Benchmarks: `messages` (default: acknowledged messages/s against
-    /// references) and `timers` (ready time, RSS, fire latency).
+    /// references), `timers` (ready time, RSS, fire latency) and `tasks`
+    /// (output capture vs cat, RSS, start latency).
     Bench(keel_bench::BenchCli),
 }
 
@@ -174,4 +181,53 @@ pub struct PreviewArgs {
     /// Print `{"next": ["2026-11-01T05:30:00Z", …]}`.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TasksCmd {
+    /// List every task, oldest first.
+    List {
+        /// Only tasks in this state (QUEUED, RUNNING, SUCCEEDED, FAILED,
+        /// CANCELLED, INTERRUPTED, TIMED_OUT).
+        #[arg(long)]
+        state: Option<String>,
+        #[command(flatten)]
+        dir: DataDirArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One task: its states with times, attempt, exit code, boot epoch.
+    Show {
+        id: i64,
+        #[command(flatten)]
+        dir: DataDirArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// A task's captured output, raw bytes in order.
+    Logs {
+        id: i64,
+        /// Only this stream (stdout or stderr).
+        #[arg(long)]
+        stream: Option<String>,
+        /// Keep printing new output until the task ends.
+        #[arg(long)]
+        follow: bool,
+        #[command(flatten)]
+        dir: DataDirArg,
+    },
+    /// Queue a configured task on the running keel: `keel tasks run NAME -- ARGS…`.
+    Run {
+        name: String,
+        #[arg(last = true)]
+        args: Vec<String>,
+        #[command(flatten)]
+        dir: DataDirArg,
+    },
+    /// Cancel a task on the running keel.
+    Cancel {
+        id: i64,
+        #[command(flatten)]
+        dir: DataDirArg,
+    },
 }

@@ -19,6 +19,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Status { dir, json } => status(&dir, json),
         Command::Sessions { cmd } => sessions(cmd),
         Command::Timers { cmd } => crate::timers_cmd::timers_cmd(cmd),
+        Command::Tasks { cmd } => crate::tasks_cmd::tasks_cmd(cmd),
         Command::Migrate { dir } => migrate_cmd(&dir),
         Command::Bench(args) => keel_bench::dispatch(args),
     }
@@ -54,6 +55,13 @@ fn status(dir: &DataDirArg, as_json: bool) -> Result<ExitCode> {
             .into_iter()
             .map(|(state, n)| (state, n.into()))
             .collect();
+    // A store older than schema 4 has no tasks table: nothing to count.
+    let (task_states, task_log_bytes) =
+        persistence::tasks::counts(&conn).unwrap_or((Vec::new(), 0));
+    let tasks: serde_json::Map<String, serde_json::Value> = task_states
+        .into_iter()
+        .map(|(state, n)| (state, n.into()))
+        .collect();
     if as_json {
         println!(
             "{}",
@@ -65,6 +73,7 @@ fn status(dir: &DataDirArg, as_json: bool) -> Result<ExitCode> {
                 "schema_supported": migrate::latest_version(),
                 "adapters": adapters,
                 "timers": timers,
+                "tasks": { "by_state": tasks, "log_bytes": task_log_bytes },
                 "config": { "restart_needed": restart_needed },
             })
         );
@@ -95,6 +104,18 @@ fn status(dir: &DataDirArg, as_json: bool) -> Result<ExitCode> {
             })
             .collect();
         println!("timers:          {}", by_state.join(", "));
+        let by_state: Vec<String> = keel_actors::persistence::tasks::TaskState::ALL
+            .iter()
+            .map(|st| {
+                let st = st.as_str();
+                format!(
+                    "{st} {}",
+                    tasks.get(st).and_then(|v| v.as_i64()).unwrap_or(0)
+                )
+            })
+            .collect();
+        println!("tasks:           {}", by_state.join(", "));
+        println!("task log bytes:  {task_log_bytes}");
         if !restart_needed.is_empty() {
             println!(
                 "config:          reloaded; waiting for a restart: {}",

@@ -107,3 +107,17 @@ pub fn load(dir: &DataDirArg, run: Option<&RunArgs>) -> Result<Config> {
     config.validate(&origin)?;
     Ok(config)
 }
+
+/// PATH and LANG of keel: the only part of its environment task children
+/// get besides their configured `env` (a missing PATH gets a safe default).
+pub fn task_env() -> Vec<(String, String)> {
+    let path = std::env::var("PATH")
+        .ok()
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".to_string());
+    let mut env = vec![("PATH".to_string(), path)];
+    if let Ok(lang) = std::env::var("LANG") {
+        env.push(("LANG".to_string(), lang));
+    }
+    env
+}

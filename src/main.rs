@@ -8,6 +8,7 @@ mod commands;
 mod config;
 mod run;
 mod signals;
+mod tasks_cmd;
 mod telemetry;
 mod timers_cmd;
 mod timers_preview;

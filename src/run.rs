@@ -95,6 +95,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
             RunOptions {
                 stdin: args.stdin,
                 log_level: Some(log_hook),
+                task_env: crate::config::task_env(),
             },
         )
         .await

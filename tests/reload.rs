@@ -284,6 +284,18 @@ async fn every_section_reports_each_changed_key_as_applied_or_restart_needed() {
             true,
         ),
         ("adapters", "[adapters]\nseed = 5\n", "adapters.seed", false),
+        (
+            "tasks",
+            "[tasks]\nconcurrency = 2\n",
+            "tasks.concurrency",
+            true,
+        ),
+        (
+            "task",
+            "[task.hello]\ncommand = [\"echo\", \"hi\"]\n",
+            "task",
+            true,
+        ),
     ];
     let mut previous: Option<(&str, bool)> = None;
     for (n, (section, change, key, live)) in cases.iter().enumerate() {

@@ -25,7 +25,9 @@ use crate::error::StoreError;
 use crate::health::Health;
 use crate::ids::MAX_ID_BYTES;
 use crate::metrics::Metrics;
+use crate::persistence::tasks::{GetTask, GetTaskLogs, GetTasks, Origin, TaskState};
 use crate::persistence::{GetSessions, GetTurns, PersistenceActor};
+use crate::tasks::{CancelTask, SubmitError, SubmitTask, TaskActor};
 
 #[derive(Clone)]
 struct AdminState {
@@ -34,6 +36,8 @@ struct AdminState {
     persistence: Addr<PersistenceActor>,
     /// Replaced on reload (`[admin]` applies live).
     access: Arc<RwLock<AdminAccess>>,
+    /// The task runner (`POST /v1/tasks`, cancel).
+    tasks: Option<Addr<TaskActor>>,
 }
 
 /// Who may call admin endpoints; from `[admin]`.
@@ -170,6 +174,169 @@ async fn turns(
     }
 }
 
+#[derive(Deserialize)]
+struct TasksQuery {
+    state: Option<String>,
+    limit: Option<i64>,
+}
+
+/// `GET /v1/tasks[?state=S&limit=N]`: every task, oldest first, with its states.
+async fn tasks_list(state: web::Data<AdminState>, query: web::Query<TasksQuery>) -> HttpResponse {
+    let filter = match &query.state {
+        None => None,
+        Some(s) => match TaskState::parse(&s.to_ascii_uppercase()) {
+            Some(st) => Some(st.as_str().to_string()),
+            None => {
+                return HttpResponse::BadRequest().json(json!({"error": format!(
+                    "unknown state {:?} (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, INTERRUPTED, TIMED_OUT)",
+                    s.chars().take(32).collect::<String>()
+                )}))
+            }
+        },
+    };
+    let limit = query.limit.unwrap_or(10_000).clamp(1, 100_000);
+    match state
+        .persistence
+        .send(GetTasks {
+            state: filter,
+            limit,
+        })
+        .await
+        .unwrap_or(Err(StoreError::Closed))
+    {
+        Ok(list) => HttpResponse::Ok().json(json!({ "tasks": list })),
+        Err(e) => store_error(e),
+    }
+}
+
+/// `GET /v1/tasks/{id}`.
+async fn task_show(state: web::Data<AdminState>, path: web::Path<i64>) -> HttpResponse {
+    match state
+        .persistence
+        .send(GetTask(path.into_inner()))
+        .await
+        .unwrap_or(Err(StoreError::Closed))
+    {
+        Ok(Some(t)) => HttpResponse::Ok().json(t),
+        Ok(None) => HttpResponse::NotFound().json(json!({"error": "no such task"})),
+        Err(e) => store_error(e),
+    }
+}
+
+#[derive(Deserialize)]
+struct LogsQuery {
+    stream: Option<String>,
+    after: Option<i64>,
+}
+
+/// Most bytes of output one `GET /v1/tasks/{id}/logs` returns; page on
+/// with `?after=` = the `X-Keel-Last-Seq` header of the answer.
+const LOGS_PAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// `GET /v1/tasks/{id}/logs[?stream=stdout|stderr&after=SEQ]`: raw bytes in order.
+async fn task_logs(
+    state: web::Data<AdminState>,
+    path: web::Path<i64>,
+    query: web::Query<LogsQuery>,
+) -> HttpResponse {
+    let id = path.into_inner();
+    if let Some(s) = &query.stream {
+        if s != "stdout" && s != "stderr" {
+            return HttpResponse::BadRequest()
+                .json(json!({"error": "stream must be stdout or stderr"}));
+        }
+    }
+    match state
+        .persistence
+        .send(GetTask(id))
+        .await
+        .unwrap_or(Err(StoreError::Closed))
+    {
+        Ok(Some(_)) => {}
+        Ok(None) => return HttpResponse::NotFound().json(json!({"error": "no such task"})),
+        Err(e) => return store_error(e),
+    }
+    let after = query.after.unwrap_or(0).max(0);
+    match state
+        .persistence
+        .send(GetTaskLogs {
+            id,
+            stream: query.stream.clone(),
+            after_seq: after,
+            max_bytes: LOGS_PAGE_BYTES,
+        })
+        .await
+        .unwrap_or(Err(StoreError::Closed))
+    {
+        Ok(frags) => {
+            let last = frags.last().map_or(after, |f| f.0);
+            let body: Vec<u8> = frags.into_iter().flat_map(|f| f.2).collect();
+            HttpResponse::Ok()
+                .content_type("application/octet-stream")
+                .insert_header(("X-Keel-Last-Seq", last.to_string()))
+                .body(body)
+        }
+        Err(e) => store_error(e),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RunBody {
+    name: String,
+    #[serde(default)]
+    args: Vec<String>,
+}
+
+/// `POST /v1/tasks {"name", "args"}` → `{"id", "name", "state": "QUEUED"}`.
+async fn task_run(state: web::Data<AdminState>, body: web::Bytes) -> HttpResponse {
+    let req: RunBody = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return HttpResponse::BadRequest()
+                .json(json!({"error": format!("bad request body: {e}")}))
+        }
+    };
+    let Some(tasks) = &state.tasks else {
+        return HttpResponse::ServiceUnavailable().json(json!({"error": "tasks are not running"}));
+    };
+    let name = req.name.clone();
+    match tasks
+        .send(SubmitTask {
+            name: req.name,
+            args: req.args,
+            origin: Origin::Http,
+        })
+        .await
+    {
+        Ok(Ok(id)) => HttpResponse::Ok().json(json!({"id": id, "name": name, "state": "QUEUED"})),
+        Ok(Err(SubmitError::UnknownTask(e))) => HttpResponse::NotFound().json(json!({"error": e})),
+        Ok(Err(SubmitError::BadArgs(e))) => HttpResponse::BadRequest().json(json!({"error": e})),
+        Ok(Err(SubmitError::Store(e))) => store_error(e),
+        Ok(Err(SubmitError::ShuttingDown)) | Err(_) => {
+            HttpResponse::ServiceUnavailable().json(json!({"error": "keel is shutting down"}))
+        }
+    }
+}
+
+/// `POST /v1/tasks/{id}/cancel`.
+async fn task_cancel(state: web::Data<AdminState>, path: web::Path<i64>) -> HttpResponse {
+    let id = path.into_inner();
+    let Some(tasks) = &state.tasks else {
+        return HttpResponse::ServiceUnavailable().json(json!({"error": "tasks are not running"}));
+    };
+    match tasks.send(CancelTask(id)).await {
+        Ok(Ok(crate::persistence::tasks::CancelOutcome::NotFound)) => {
+            HttpResponse::NotFound().json(json!({"error": "no such task"}))
+        }
+        Ok(Ok(out)) => HttpResponse::Ok().json(crate::tasks::admin::cancel_json(id, &out)),
+        Ok(Err(e)) => store_error(e),
+        Err(_) => {
+            HttpResponse::ServiceUnavailable().json(json!({"error": "keel is shutting down"}))
+        }
+    }
+}
+
 async fn not_found() -> HttpResponse {
     HttpResponse::NotFound().json(json!({"error": "no such endpoint"}))
 }
@@ -182,6 +349,7 @@ pub fn serve(
     metrics: Metrics,
     persistence: Addr<PersistenceActor>,
     access: Arc<RwLock<AdminAccess>>,
+    tasks: Option<Addr<TaskActor>>,
     webhook: Option<WebhookState>,
 ) -> std::io::Result<(SocketAddr, ServerHandle)> {
     let admin = AdminState {
@@ -189,6 +357,7 @@ pub fn serve(
         metrics,
         persistence,
         access,
+        tasks,
     };
     let server = HttpServer::new(move || {
         let mut app = App::new()
@@ -215,6 +384,16 @@ pub fn serve(
                 admin_scope("/v1/sessions")
                     .route("", web::get().to(sessions))
                     .route("/{session}/turns", web::get().to(turns)),
+            )
+            .service(
+                admin_scope("/v1/tasks")
+                    // Up to 1 MB of args must get a 400 naming the limit, not a 413.
+                    .app_data(web::PayloadConfig::new(4 << 20))
+                    .route("", web::get().to(tasks_list))
+                    .route("", web::post().to(task_run))
+                    .route("/{id}", web::get().to(task_show))
+                    .route("/{id}/logs", web::get().to(task_logs))
+                    .route("/{id}/cancel", web::post().to(task_cancel)),
             );
         if let Some(state) = &webhook {
             app = app

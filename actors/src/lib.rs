@@ -17,6 +17,8 @@
 //! - [`ids`] — validation of outside ids, safe file names; [`export`] — session export.
 //! - [`error`] — `thiserror` enums per boundary.
 //! - [`timer`] — `TimerActor` (durable timers, bounded window), schedules, `/remind`.
+//! - [`tasks`] — `TaskActor` (configured commands under supervision, logs,
+//!   recovery by boot epoch), the process runner, `/task`, the admin socket.
 
 pub mod adapter;
 pub mod agent;
@@ -36,4 +38,5 @@ pub mod persistence;
 pub mod redact;
 pub mod schedule;
 pub mod session;
+pub mod tasks;
 pub mod timer;

@@ -28,6 +28,7 @@ use crate::persistence::{
     AwaitingTurn, CommitAgentReply, CommitExchange, Exchange, ExchangeOutcome, GetAwaiting,
     GetSession, PersistenceActor, ReplyPlan, SessionKey, TurnRow,
 };
+use crate::tasks::TasksChanged;
 use crate::timer::TimersChanged;
 
 /// Everything a session needs that config can change (replaced on reload).
@@ -117,6 +118,8 @@ pub struct SessionRegistry {
     outbox: Recipient<OutboxKick>,
     /// Told when a command created or cancelled a timer.
     timers: Option<Recipient<TimersChanged>>,
+    /// Told when a command queued or cancelled a task.
+    tasks: Option<Recipient<TasksChanged>>,
     settings: SessionSettings,
     metrics: Metrics,
     clock: Arc<dyn Clock>,
@@ -138,6 +141,7 @@ impl SessionRegistry {
             persistence,
             outbox,
             timers: None,
+            tasks: None,
             settings,
             metrics,
             clock,
@@ -153,6 +157,12 @@ impl SessionRegistry {
         self
     }
 
+    /// Tell `tasks` when a command queues or cancels a task.
+    pub fn with_tasks(mut self, tasks: Recipient<TasksChanged>) -> SessionRegistry {
+        self.tasks = Some(tasks);
+        self
+    }
+
     fn session(&mut self, key: &SessionKey, me: Addr<SessionRegistry>) -> &mut Entry {
         let metrics = &self.metrics;
         let entry = self.sessions.entry(key.id.clone()).or_insert_with(|| {
@@ -162,6 +172,7 @@ impl SessionRegistry {
                 persistence: self.persistence.clone(),
                 outbox: self.outbox.clone(),
                 timers: self.timers.clone(),
+                tasks: self.tasks.clone(),
                 registry: me,
                 settings: self.settings.clone(),
                 clock: self.clock.clone(),
@@ -290,6 +301,7 @@ pub struct SessionActor {
     persistence: Addr<PersistenceActor>,
     outbox: Recipient<OutboxKick>,
     timers: Option<Recipient<TimersChanged>>,
+    tasks: Option<Recipient<TasksChanged>>,
     registry: Addr<SessionRegistry>,
     settings: SessionSettings,
     clock: Arc<dyn Clock>,
@@ -410,6 +422,7 @@ impl SessionActor {
             ),
         };
         let timers_changed = effect.as_ref().is_some_and(|e| e.changes_timers());
+        let tasks_changed = effect.as_ref().is_some_and(|e| e.changes_tasks());
         let exchange = Exchange {
             session: self.key.clone(),
             from: msg.from.clone(),
@@ -482,6 +495,11 @@ impl SessionActor {
                         if timers_changed {
                             if let Some(timers) = &this.timers {
                                 timers.do_send(TimersChanged);
+                            }
+                        }
+                        if tasks_changed {
+                            if let Some(tasks) = &this.tasks {
+                                tasks.do_send(TasksChanged);
                             }
                         }
                         if decision == Decision::Forward {

@@ -78,6 +78,7 @@ async fn create(store: &Addr<PersistenceActor>, key: &str, spec: ScheduleSpec) {
             spec,
             text: format!("note {key}"),
             misfire: Misfire::FireOnce,
+            task: None,
         })),
     };
     store.send(CommitExchange(ex)).await.unwrap().unwrap();

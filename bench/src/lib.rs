@@ -8,6 +8,8 @@
 //!   one transaction per message, and batched).
 //! - [`timers`] — `keel bench timers`: ready time and RSS with many pending
 //!   timers against a full-scan peer, fire lateness, a due burst.
+//! - [`tasks`] — `keel bench tasks`: 1 GiB of task output captured against
+//!   `cat` into a file with the same fsync cadence, RSS, `/task run` latency.
 //! - `seed` — the benchmarks' own SQL (seeding, peer reads, receipts).
 //!
 //! This crate is a workspace member of its own so the production library
@@ -20,6 +22,7 @@
 pub mod messages;
 mod reference;
 mod seed;
+pub mod tasks;
 pub mod timers;
 
 pub use timers::{dispatch, BenchCli};

@@ -379,6 +379,11 @@ pub(crate) struct Keel {
 impl Keel {
     /// Start `binary run` on a fresh data dir under `scratch` and a free port.
     pub(crate) fn start(binary: &Path, scratch: &Path) -> Result<Keel> {
+        Keel::start_with(binary, scratch, "")
+    }
+
+    /// Like [`Keel::start`], with `extra` appended to the config file.
+    pub(crate) fn start_with(binary: &Path, scratch: &Path, extra: &str) -> Result<Keel> {
         let addr = {
             let l = TcpListener::bind("127.0.0.1:0").context("cannot find a free port")?;
             l.local_addr()
@@ -392,7 +397,8 @@ impl Keel {
             .mode(0o600)
             .open(&config)
             .and_then(|mut f| {
-                f.write_all(b"[storage]\nsynchronous = \"full\"\n\n[webhook]\nenabled = true\n")
+                f.write_all(b"[storage]\nsynchronous = \"full\"\n\n[webhook]\nenabled = true\n")?;
+                f.write_all(extra.as_bytes())
             })
             .with_context(|| format!("cannot write {}", config.display()))?;
         let log = scratch.join("keel.log");

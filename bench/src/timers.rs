@@ -62,6 +62,8 @@ pub enum BenchWhich {
     Messages(BenchArgs),
     /// Durable timers: ready time and RSS with many pending, fire latency, burst.
     Timers(TimerBenchArgs),
+    /// Supervised tasks: 1 GiB output capture vs `cat` into a file, RSS, start latency.
+    Tasks(crate::tasks::TaskBenchArgs),
 }
 
 /// Flags of `keel bench timers`.
@@ -100,6 +102,7 @@ pub fn dispatch(cli: BenchCli) -> Result<ExitCode> {
             Some(db) => scan_only(db),
             None => bench_timers(args),
         },
+        Some(BenchWhich::Tasks(args)) => crate::tasks::bench_tasks(args),
     }
 }
 

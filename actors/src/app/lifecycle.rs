@@ -2,14 +2,15 @@
 //!
 //! `Shutdown` cascades (R33): `/readyz` → 503, the intake gate closes and
 //! in-flight messages drain (returning as soon as drained, bounded by the
-//! deadline), the CLI adapter stops, in-flight reply sends are recorded, the
+//! deadline), the CLI adapter stops, timers stop, running tasks are stopped
+//! and recorded (INTERRUPTED), in-flight reply sends are recorded, the
 //! store finishes its queue, checkpoints the WAL (TRUNCATE) and closes, the
 //! HTTP listener stops. Only then is `done` resolved; the binary exits 0.
 //!
 //! `Reload` applies a config that already passed the startup validation
 //! (R34). `reload::plan` classifies every changed key: live ones (log level,
 //! webhook secret and limits, admin access, reply routes, agent, outbox,
-//! retry policy, timer retention) are pushed to the actors here; the others
+//! retry policy, timer retention, `[tasks]` and the task table) are pushed to the actors here; the others
 //! keep their running value and are reported as "restart needed" (also in
 //! `keel status`).
 
@@ -36,6 +37,7 @@ use crate::metrics::Metrics;
 use crate::outbox::{DrainOutbox, OutboxActor, SetOutboxPolicy, SetSinks};
 use crate::persistence::{CloseStore, PersistenceActor, PutAdapterState};
 use crate::session::{Reconfigure, SessionRegistry};
+use crate::tasks::{SetTaskSettings, StopTasks, TaskActor};
 use crate::timer::{StopTimers, TimerActor};
 
 /// Changes the log filter; returns a one-line error for a bad directive.
@@ -74,6 +76,9 @@ pub struct Lifecycle {
     pub(crate) registry: Addr<SessionRegistry>,
     pub(crate) outbox: Addr<OutboxActor>,
     pub(crate) timers: Addr<TimerActor>,
+    pub(crate) tasks: Addr<TaskActor>,
+    /// PATH/LANG for task children (kept for the settings rebuilt on reload).
+    pub(crate) task_env: Vec<(String, String)>,
     pub(crate) cli: Option<Addr<CliAdapter>>,
     /// The webhook intake's adapter actor (behind the HTTP route).
     pub(crate) webhook: Option<Addr<WebhookAdapter>>,
@@ -109,6 +114,7 @@ impl Handler<Shutdown> for Lifecycle {
         let webhook = self.webhook.clone();
         let outbox = self.outbox.clone();
         let timers = self.timers.clone();
+        let tasks = self.tasks.clone();
         let persistence = self.persistence.clone();
         let http = self.http.clone();
         let adapters = self.adapters.clone();
@@ -139,6 +145,17 @@ impl Handler<Shutdown> for Lifecycle {
             // 3. Timers stop firing (fires already queued commit or roll back
             //    as a unit before CloseStore, which queues behind them).
             let _ = timers.send(StopTimers).await;
+            // 3b. Tasks: start nothing more; running ones get SIGTERM, then
+            //     SIGKILL, within the deadline; their final states and last
+            //     output are recorded before the store closes.
+            let budget = deadline
+                .saturating_duration_since(tokio::time::Instant::now())
+                .max(Duration::from_millis(200));
+            if let Ok(left) = tasks.send(StopTasks { deadline: budget }).await {
+                if left > 0 {
+                    tracing::warn!(running = left, "tasks not stopped by the deadline");
+                }
+            }
             // 4. Reply sends under way get recorded (bounded by the deadline).
             let remaining = deadline
                 .saturating_duration_since(tokio::time::Instant::now())
@@ -207,6 +224,11 @@ impl Handler<Reload> for Lifecycle {
             )));
         self.timers
             .do_send(crate::timer::SetTimerRetention(settings_retention(&new)));
+        self.tasks
+            .do_send(SetTaskSettings(crate::app::settings_tasks(
+                &new,
+                &self.task_env,
+            )));
         if let Some(adapters) = &self.adapters {
             adapters.do_send(SetSupervision(new.adapters.clone()));
         }

@@ -1,7 +1,7 @@
 //! Build the actor graph from a `Config`, in the start order of R32:
 //! config → store (open, integrity check, migrate) → recovery (boot epoch,
-//! unsent replies, awaiting turns, overdue timers) → adapters by priority → owner notice →
-//! ready. The `settings_*` functions are the one path that turns a `Config`
+//! unsent replies, awaiting turns, interrupted tasks, overdue timers) →
+//! adapters by priority → owner notice → ready. The `settings_*` functions are the one path that turns a `Config`
 //! into running settings; startup and SIGHUP reload both go through them.
 
 use std::collections::{HashMap, HashSet};
@@ -28,6 +28,7 @@ use crate::outbox::{OutboxActor, OutboxKick, ReplySink};
 use crate::persistence::meta::{CommitOwnerNotice, NoticeCoverage, NoticeOutcome};
 use crate::persistence::{self, PersistenceActor, RecordBoot, SessionKey, StoreOptions};
 use crate::session::{ResumeAwaiting, SessionRegistry, SessionSettings};
+use crate::tasks::{Recover, TaskActor, TaskRecovery, TaskSettings};
 use crate::timer::{RecoverTimers, TimerActor, TimerSettings, TimerStats};
 use lifecycle::{ExitReport, Lifecycle, LogLevelHook};
 
@@ -53,6 +54,8 @@ pub struct RunOptions {
     pub stdin: bool,
     /// Changes the log filter on reload (owned by the binary).
     pub log_level: Option<LogLevelHook>,
+    /// PATH and LANG of keel (read by the binary), given to task children.
+    pub task_env: Vec<(String, String)>,
 }
 
 /// A started keel.
@@ -79,10 +82,42 @@ pub fn settings_sessions(config: &Config) -> SessionSettings {
     });
     let mut brain = CommandBrain::new(agent.is_some());
     crate::timer::commands::register(&mut brain);
+    crate::tasks::commands::register(
+        &mut brain,
+        crate::tasks::commands::TaskAccess {
+            defs: Arc::new(config.task.clone()),
+            owner: owner_session(config),
+        },
+    );
     SessionSettings {
         brain: Arc::new(brain),
         routed_channels: routed_channels(config),
         agent,
+    }
+}
+
+/// The owner's session id (`<channel>:<chat>`), if an owner is configured.
+pub fn owner_session(config: &Config) -> Option<String> {
+    config
+        .owner
+        .as_ref()
+        .map(|o| SessionKey::new(&o.channel, &o.chat).id)
+}
+
+/// The task runner's settings (startup and reload).
+pub fn settings_tasks(config: &Config, base_env: &[(String, String)]) -> TaskSettings {
+    let default_cwd = if config.data_dir.is_dir() {
+        config.data_dir.clone()
+    } else {
+        std::path::PathBuf::from("/")
+    };
+    TaskSettings {
+        defs: Arc::new(config.task.clone()),
+        limits: config.tasks.clone(),
+        owner: owner_session(config),
+        routed: routed_channels(config),
+        default_cwd,
+        base_env: base_env.to_vec(),
     }
 }
 
@@ -179,11 +214,20 @@ fn restart_headline(cover: &NoticeCoverage) -> String {
 }
 
 /// What this start recovered, after the headline.
-fn restart_detail(pending_replies: i64, awaiting: usize, timers: &TimerStats) -> String {
+fn restart_detail(
+    pending_replies: i64,
+    awaiting: usize,
+    timers: &TimerStats,
+    tasks: &TaskRecovery,
+) -> String {
     let mut text = format!(
         " Timers recovered: {} fired late, {} skipped.",
         timers.late, timers.missed
     );
+    text.push_str(&format!(
+        " Tasks interrupted: {}, queued again: {}.",
+        tasks.interrupted, tasks.requeued
+    ));
     if pending_replies > 0 {
         text.push_str(&format!(
             " {pending_replies} unsent replies are being delivered now."
@@ -265,6 +309,9 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
     // timers); it starts running after recovery below.
     let timer_ctx: Context<TimerActor> = Context::new();
     let timers = timer_ctx.address();
+    // Likewise the task runner's (sessions, timers and HTTP queue tasks).
+    let task_ctx: Context<TaskActor> = Context::new();
+    let tasks = task_ctx.address();
     let registry = SessionRegistry::new(
         persistence.clone(),
         outbox.clone().recipient(),
@@ -273,6 +320,7 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         clock.clone(),
     )
     .with_timers(timers.clone().recipient())
+    .with_tasks(tasks.clone().recipient())
     .start();
     let webhook_settings = Arc::new(RwLock::new(settings_webhook(&config)));
     // The webhook channel's adapter actor, behind the HTTP route.
@@ -296,6 +344,7 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         metrics.clone(),
         persistence.clone(),
         admin_access.clone(),
+        Some(tasks.clone()),
         webhook,
     )
     .map_err(|source| StartError::Bind { addr, source })?;
@@ -312,6 +361,40 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         .send(ResumeAwaiting)
         .await
         .unwrap_or(Err(StoreError::Closed))?;
+    // Tasks (R21, R38): RUNNING rows of an earlier start are INTERRUPTED,
+    // their leftovers killed, retry_on_restart ones queued again; then the
+    // runner starts the queue. The admin socket of `keel tasks run|cancel`
+    // lives in the data dir (none when ephemeral).
+    let admin_socket = if config.ephemeral {
+        None
+    } else {
+        Some(
+            crate::tasks::admin::serve(&config.admin_socket(), tasks.clone()).map_err(|e| {
+                StartError::Config(format!(
+                    "cannot bind the admin socket {}: {e}",
+                    config.admin_socket().display()
+                ))
+            })?,
+        )
+    };
+    let runner = crate::tasks::process::ProcessRunner::start()
+        .map_err(|e| StartError::Config(format!("cannot start the task spawner thread: {e}")))?;
+    task_ctx.run(
+        TaskActor::new(
+            persistence.clone(),
+            outbox.clone().recipient(),
+            Arc::new(runner),
+            clock.clone(),
+            settings_tasks(&config, &opts.task_env),
+            stats.boot_epoch,
+        )
+        .with_metrics(crate::tasks::TaskMetrics::new(&metrics))
+        .with_admin(admin_socket),
+    );
+    let task_stats = tasks
+        .send(Recover)
+        .await
+        .unwrap_or(Err(StoreError::Closed))?;
     // Timers: fire what came due while keel was down, per misfire policy (R10).
     timer_ctx.run(
         TimerActor::new(
@@ -320,7 +403,8 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
             clock.clone(),
             TimerSettings::new(config.timers.retention_days, routed_channels(&config)),
         )
-        .with_metrics(crate::timer::TimerMetrics::new(&metrics)),
+        .with_metrics(crate::timer::TimerMetrics::new(&metrics))
+        .with_tasks(tasks.clone().recipient()),
     );
     let timer_stats = timers
         .send(RecoverTimers)
@@ -353,7 +437,7 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
             session: SessionKey::new(&owner.channel, &owner.chat),
             deliver: routed_channels(&config).contains(&owner.channel),
             min_interval_ms: owner.min_interval_s.saturating_mul(1_000) as i64,
-            detail: restart_detail(stats.outbox_pending, awaiting, &timer_stats),
+            detail: restart_detail(stats.outbox_pending, awaiting, &timer_stats, &task_stats),
         };
         let outcome = persistence
             .send(notice.message(Some(stats.boot_epoch)))
@@ -409,6 +493,8 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         registry,
         outbox,
         timers,
+        tasks,
+        task_env: opts.task_env.clone(),
         cli: cli.clone(),
         webhook: webhook_adapter,
         adapters: Some(adapters),

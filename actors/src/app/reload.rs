@@ -9,7 +9,7 @@
 
 use crate::config::{
     AdminConfig, AgentConfig, CliConfig, Config, OutboxConfig, SlackConfig, StorageConfig,
-    SupervisionConfig, TelegramConfig, TimersConfig, WebhookConfig,
+    SupervisionConfig, TasksConfig, TelegramConfig, TimersConfig, WebhookConfig,
 };
 
 /// The outcome of comparing a new config with the running one.
@@ -75,6 +75,8 @@ pub fn plan(running: &Config, new: &Config) -> (ReloadReport, Config) {
         telegram,
         slack,
         adapters,
+        tasks,
+        task,
     } = new;
     let storage = {
         let StorageConfig {
@@ -249,6 +251,27 @@ pub fn plan(running: &Config, new: &Config) -> (ReloadReport, Config) {
             seed: r.restart("adapters.seed", seed, &o.seed),
         }
     };
+    // The runner gets every task setting on reload (`SetTaskSettings`);
+    // tasks already running keep the settings they started with.
+    let tasks = {
+        let TasksConfig {
+            concurrency,
+            grace_ms,
+            log_flush_ms,
+            log_batch_bytes,
+            max_log_bytes,
+            retention_days,
+        } = tasks;
+        let o = &old.tasks;
+        TasksConfig {
+            concurrency: r.live("tasks.concurrency", concurrency, &o.concurrency),
+            grace_ms: r.live("tasks.grace_ms", grace_ms, &o.grace_ms),
+            log_flush_ms: r.live("tasks.log_flush_ms", log_flush_ms, &o.log_flush_ms),
+            log_batch_bytes: r.live("tasks.log_batch_bytes", log_batch_bytes, &o.log_batch_bytes),
+            max_log_bytes: r.live("tasks.max_log_bytes", max_log_bytes, &o.max_log_bytes),
+            retention_days: r.live("tasks.retention_days", retention_days, &o.retention_days),
+        }
+    };
     let effective = Config {
         data_dir: r.restart("data_dir", data_dir, &old.data_dir),
         listen: r.restart("listen", listen, &old.listen),
@@ -272,6 +295,11 @@ pub fn plan(running: &Config, new: &Config) -> (ReloadReport, Config) {
         telegram,
         slack,
         adapters,
+        tasks,
+        // The task table goes to the runner and to the brain's `/task`
+        // command (both replaced on reload); a running task keeps its
+        // definition until it ends.
+        task: r.live("task", task, &old.task),
     };
     (r, effective)
 }

@@ -4,6 +4,7 @@
 //! out) so startup and SIGHUP reload run exactly the same checks. Reading the
 //! file and overlaying flags and environment happens in the binary (`src/`).
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -12,9 +13,11 @@ use serde::Deserialize;
 
 mod channels;
 mod ids;
+mod tasks;
 
 pub use channels::{SlackConfig, TelegramConfig};
 pub use ids::{check_external_id, MAX_ID_BYTES};
+pub use tasks::{validate_task, TaskConfig, TaskKind, TasksConfig, MAX_TASK_NAME};
 
 /// The channels the schema knows (each has its section or is built in);
 /// `adapter::CHANNELS` must list the same (a test checks it).
@@ -63,6 +66,10 @@ pub struct Config {
     pub slack: SlackConfig,
     /// Restart policy of supervised adapters and reply resends (R16).
     pub adapters: SupervisionConfig,
+    /// Limits shared by every task (R19–R22).
+    pub tasks: TasksConfig,
+    /// The configured tasks, by name (`[task.NAME]`).
+    pub task: BTreeMap<String, TaskConfig>,
 }
 
 impl Default for Config {
@@ -84,6 +91,8 @@ impl Default for Config {
             telegram: Default::default(),
             slack: Default::default(),
             adapters: Default::default(),
+            tasks: TasksConfig::default(),
+            task: BTreeMap::new(),
         }
     }
 }
@@ -432,6 +441,10 @@ impl Config {
         self.adapters
             .validate()
             .map_err(|e| invalid("adapters", e))?;
+        self.tasks.validate().map_err(|(k, e)| invalid(k, e))?;
+        for (name, t) in &self.task {
+            validate_task(name, t).map_err(|e| invalid("task", e))?;
+        }
         Ok(())
     }
 
@@ -446,6 +459,12 @@ impl Config {
     /// The database file, or `None` when running ephemeral.
     pub fn db_path(&self) -> Option<PathBuf> {
         (!self.ephemeral).then(|| self.data_dir.join("keel.db"))
+    }
+
+    /// The admin socket of `keel tasks run|cancel` (always in the data dir,
+    /// independent of `[cli]`).
+    pub fn admin_socket(&self) -> PathBuf {
+        self.data_dir.join("keel-admin.sock")
     }
 
     pub fn cli_socket(&self) -> PathBuf {
@@ -557,6 +576,41 @@ mod tests {
         ] {
             let msg = Config::from_toml(text, "t").unwrap_err().to_string();
             assert!(msg.contains(key), "{text} -> {msg}");
+        }
+    }
+
+    #[test]
+    fn task_sections_parse_and_bad_ones_name_the_key() {
+        let c = Config::from_toml(
+            "[tasks]\nconcurrency = 2\n[task.backup]\ncommand = [\"tar\", \"c\"]\n\
+             env = { A = \"1\" }\ntimeout_s = 60\nallowed_chats = [\"telegram:1\"]",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.tasks.concurrency, 2);
+        let t = &c.task["backup"];
+        assert_eq!((t.max_attempts, t.kind), (3, TaskKind::Process));
+        for (text, key) in [
+            ("[tasks]\nconcurrency = 0", "tasks.concurrency"),
+            ("[tasks]\nretention_days = 0", "tasks.retention_days"),
+            ("[task.x]\ncommand = []", "task.x.command"),
+            (
+                "[task.x]\ncommand = [\"a\"]\nkind = \"container\"",
+                "task.x.kind",
+            ),
+            (
+                "[task.x]\ncommand = [\"a\"]\ntimeout_s = 0",
+                "task.x.timeout_s",
+            ),
+            (
+                "[task.x]\ncommand = [\"a\"]\nallowed_chats = [\"x\"]",
+                "task.x.allowed_chats",
+            ),
+            ("[task.\"a b\"]\ncommand = [\"a\"]", "task name"),
+            ("[task.x]\ncommand = [\"a\"]\nshell = true", "shell"),
+        ] {
+            let msg = Config::from_toml(text, "t").unwrap_err().to_string();
+            assert!(msg.contains(key) && !msg.contains('\n'), "{text} -> {msg}");
         }
     }
 

@@ -35,6 +35,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "turn_senders",
         sql: include_str!("../../../migrations/0003_turn_senders.sql"),
     },
+    Migration {
+        version: 4,
+        name: "tasks",
+        sql: include_str!("../../../migrations/0004_tasks.sql"),
+    },
 ];
 
 /// The schema version this binary writes.

@@ -20,6 +20,7 @@ pub mod migrate;
 mod open;
 pub mod outbox;
 pub mod sessions;
+pub mod tasks;
 pub mod timers;
 mod writer;
 

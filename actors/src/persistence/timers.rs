@@ -36,12 +36,19 @@ pub enum Effect {
     ListTimers,
     /// Store the sender's IANA timezone (already validated).
     SetTimezone(String),
+    /// `/task …` (queue, cancel, status, list): see `persistence::tasks`.
+    Task(super::tasks::TaskEffect),
 }
 
 impl Effect {
     /// Whether the timer actor's window may have changed.
     pub fn changes_timers(&self) -> bool {
         matches!(self, Effect::CreateTimer(_) | Effect::CancelTimer(_))
+    }
+
+    /// Whether the task runner should look at the queue again.
+    pub fn changes_tasks(&self) -> bool {
+        matches!(self, Effect::Task(t) if t.changes_tasks())
     }
 }
 
@@ -52,6 +59,9 @@ pub struct TimerRequest {
     /// The reminder text.
     pub text: String,
     pub misfire: Misfire,
+    /// `/remind … /task run NAME ARGS`: the timer runs this task instead
+    /// of sending `text`.
+    pub task: Option<TaskParams>,
 }
 
 /// Callback kinds, by name, with typed params (R7). Unknown names or bad
@@ -64,9 +74,10 @@ pub enum Callback {
     /// state (e.g. stop a daily reminder on a date), recorded as a system
     /// turn of the session; never delivered.
     StateTransition(StateTransitionParams),
-    /// `task`: placeholder until tasks exist. Firing parks the timer with
-    /// the error "tasks not available yet" (params kept, no receipt), so
-    /// no instant is consumed and an operator can re-activate it later.
+    /// `task`: queue the named task (in the fire's transaction, so each
+    /// due instant queues it once), told to the timer's chat when it ends.
+    /// The runner checks the name, the args and the chat's right to run it
+    /// when it starts the task.
     Task(TaskParams),
 }
 
@@ -105,10 +116,29 @@ pub struct StateTransitionParams {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TaskParams {
-    /// The task to run, once tasks exist.
+    /// The configured task to run.
     pub name: String,
+    /// Extra argv: a list of strings (or absent).
     #[serde(default)]
     pub args: serde_json::Value,
+}
+
+impl TaskParams {
+    /// The extra argv, or why the params are unusable.
+    pub fn argv(&self) -> Result<Vec<String>, String> {
+        match &self.args {
+            serde_json::Value::Null => Ok(Vec::new()),
+            serde_json::Value::Array(items) => items
+                .iter()
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| "bad task params: args must be a list of strings".into())
+                })
+                .collect(),
+            _ => Err("bad task params: args must be a list of strings".into()),
+        }
+    }
 }
 
 impl Callback {
@@ -244,14 +274,20 @@ pub fn apply_effect(
                 Schedule::Cron(e) => e.clone(),
                 Schedule::Interval(ms) => ms.to_string(),
             };
-            let params_json = serde_json::to_string(&ReminderParams {
-                text: req.text.clone(),
-            })
-            .map_err(|e| StoreError::Invalid(e.to_string()))?;
+            let (callback, params_json) = match &req.task {
+                Some(task) => ("task", serde_json::to_string(task)),
+                None => (
+                    "reminder",
+                    serde_json::to_string(&ReminderParams {
+                        text: req.text.clone(),
+                    }),
+                ),
+            };
+            let params_json = params_json.map_err(|e| StoreError::Invalid(e.to_string()))?;
             conn.prepare_cached(
                 "INSERT INTO timers (session_id, principal_id, kind, schedule, timezone, callback,
                      params_json, misfire, catchup_secs, next_run, state, created_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, 'reminder', ?6, ?7, ?8, ?9, 'active', ?10, ?10)",
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?11, ?6, ?7, ?8, ?9, 'active', ?10, ?10)",
             )?
             .execute(params![
                 session.id,
@@ -263,11 +299,17 @@ pub fn apply_effect(
                 req.misfire.as_str(),
                 DEFAULT_CATCHUP_SECS,
                 next,
-                at
+                at,
+                callback
             ])?;
             let id = conn.last_insert_rowid();
+            let runs = req
+                .task
+                .as_ref()
+                .map(|t| format!(" It runs task {}.", t.name))
+                .unwrap_or_default();
             Ok(format!(
-                "Reminder #{id} set for {} ({zone}). /cancel {id} to remove it.",
+                "Reminder #{id} set for {} ({zone}).{runs} /cancel {id} to remove it.",
                 show_instant(next, tz)
             ))
         }
@@ -313,6 +355,7 @@ pub fn apply_effect(
                 .collect();
             Ok(lines.join("\n"))
         }
+        Effect::Task(t) => super::tasks::apply_effect(conn, stamp, session, t),
     }
 }
 
@@ -421,6 +464,8 @@ pub struct FireOutcome {
     pub parked: bool,
     /// The timer was not due at `due` any more (cancelled or fired already).
     pub stale: bool,
+    /// Tasks queued by `task` callbacks (tell the runner).
+    pub tasks_queued: i64,
 }
 
 fn park(conn: &Connection, at: &str, id: i64, error: &str) -> Result<FireOutcome, StoreError> {
@@ -519,16 +564,15 @@ pub fn fire_timer(
         Err(e) => return park(conn, &at.text, id, &e.to_string()),
     };
     let callback = match Callback::parse(&callback, &params_json) {
-        Ok(Callback::Task(p)) => {
-            return park(
-                conn,
-                &at.text,
-                id,
-                &format!("tasks not available yet (task {:?} kept)", p.name),
-            )
-        }
         Ok(c) => c,
         Err(e) => return park(conn, &at.text, id, &e),
+    };
+    let task_args = match &callback {
+        Callback::Task(p) => match p.argv() {
+            Ok(args) => args,
+            Err(e) => return park(conn, &at.text, id, &e),
+        },
+        _ => Vec::new(),
     };
     let policy = Misfire::parse(&misfire).unwrap_or(Misfire::FireOnce);
     let plan = match plan_fire(
@@ -589,7 +633,21 @@ pub fn fire_timer(
                 };
                 sessions::commit_notice(conn, &at, &session, &text, false)?;
             }
-            Callback::Task(_) => {}
+            Callback::Task(p) => {
+                let task = super::tasks::create_task(
+                    conn,
+                    &at.text,
+                    &super::tasks::NewTask {
+                        name: p.name.clone(),
+                        args: task_args.clone(),
+                        session_id: Some(session.id.clone()),
+                        origin: super::tasks::Origin::Timer,
+                    },
+                )?;
+                out.tasks_queued += 1;
+                let text = format!("Timer #{id} started task {task} ({}).", p.name);
+                sessions::commit_notice(conn, &at, &session, &text, false)?;
+            }
         }
     }
     let last = plan.fires.last().copied();
@@ -832,6 +890,7 @@ mod tests {
             spec,
             text: "tea".into(),
             misfire: Misfire::FireOnce,
+            task: None,
         })
     }
 
@@ -989,26 +1048,31 @@ mod tests {
     }
 
     #[test]
-    fn a_task_timer_parks_with_tasks_not_available_and_keeps_its_params() {
+    fn a_task_timer_queues_its_task_once_per_due_instant() {
         let c = db();
+        crate::persistence::meta::next_boot_epoch(&c).unwrap();
         command(&c, "c1", "m1", remind(ScheduleSpec::Every(60_000)));
-        let params = r#"{"name":"backup","args":{"full":true}}"#;
+        let params = r#"{"name":"backup","args":["--full"]}"#;
         set_callback(&c, 1, "task", params);
         let due = get_timer(&c, 1).unwrap().unwrap().next_run.unwrap();
         let out = fire_timer(&c, 1, due, due, &routed()).unwrap();
-        assert!(out.parked);
-        assert_eq!(out.fired, 0);
-        let row = get_timer(&c, 1).unwrap().unwrap();
+        assert_eq!((out.fired, out.tasks_queued, out.parked), (1, 1, false));
+        assert!(fire_timer(&c, 1, due, due, &routed()).unwrap().stale);
+        let task = super::super::tasks::get_task(&c, 1).unwrap().unwrap();
         assert_eq!(
-            (row.state.as_str(), row.params_json.as_str()),
-            ("parked", params)
+            (task.name.as_str(), task.state.as_str(), task.args.clone()),
+            ("backup", "QUEUED", vec!["--full".to_string()])
         );
-        assert!(row.error.unwrap().starts_with("tasks not available yet"));
-        assert_eq!(count(&c, "SELECT COUNT(*) FROM timer_fires"), 0);
+        assert_eq!(task.session.as_deref(), Some("webhook:c1"));
         assert_eq!(
             Callback::parse("task", params).unwrap().describe(),
             "task backup"
         );
+        // Args that are not a list of strings park the timer, params kept.
+        set_callback(&c, 1, "task", r#"{"name":"backup","args":{"full":true}}"#);
+        let due = get_timer(&c, 1).unwrap().unwrap().next_run.unwrap();
+        assert!(fire_timer(&c, 1, due, due, &routed()).unwrap().parked);
+        assert_eq!(count(&c, "SELECT COUNT(*) FROM tasks"), 1);
     }
 
     #[test]

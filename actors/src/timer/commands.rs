@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use crate::brain::{BrainInput, Command, CommandBrain, Decision};
-use crate::persistence::timers::{Effect, TimerRequest};
+use crate::persistence::timers::{Effect, TaskParams, TimerRequest};
 use crate::schedule::plan::Misfire;
 use crate::schedule::{
     parse_cron, parse_daily, parse_duration, parse_instant, parse_tz, ScheduleSpec,
@@ -120,10 +120,30 @@ pub fn parse_remind(args: &str) -> Result<TimerRequest, String> {
             "That reminder is too long (at most {MAX_TEXT_CHARS} characters)."
         ));
     }
+    // `/remind every day at 07:00 /task run backup`: the timer runs a task.
+    let task = match text.strip_prefix("/task run") {
+        Some(rest) if rest.is_empty() || rest.starts_with(char::is_whitespace) => {
+            let mut words = rest.split_whitespace();
+            let Some(name) = words.next() else {
+                return Err("Usage: /remind … /task run NAME [ARGS…]".into());
+            };
+            let args: Vec<serde_json::Value> = words.map(|w| w.to_string().into()).collect();
+            Some(TaskParams {
+                name: name.to_string(),
+                args: if args.is_empty() {
+                    serde_json::Value::Null
+                } else {
+                    serde_json::Value::Array(args)
+                },
+            })
+        }
+        _ => None,
+    };
     Ok(TimerRequest {
         spec,
         text: text.to_string(),
         misfire,
+        task,
     })
 }
 
@@ -194,6 +214,12 @@ mod tests {
         assert_eq!(at.text, "dentist");
         let skip = parse_remind("every 1s --skip ping").unwrap();
         assert_eq!((skip.misfire, skip.text.as_str()), (Misfire::Skip, "ping"));
+        assert_eq!(skip.task, None);
+        let task = parse_remind("every day at 07:00 /task run backup --full").unwrap();
+        let task = task.task.unwrap();
+        assert_eq!(task.name, "backup");
+        assert_eq!(task.argv().unwrap(), vec!["--full".to_string()]);
+        assert!(parse_remind("in 1m /task run").is_err());
     }
 
     #[test]

@@ -33,6 +33,7 @@ use crate::persistence::timers::{
     CountActiveTimers, FireOutcome, FireTimers, GetDueWindow, PruneTimers,
 };
 use crate::persistence::PersistenceActor;
+use crate::tasks::TasksChanged;
 pub use metrics::TimerMetrics;
 
 /// How the timer actor runs.
@@ -169,6 +170,8 @@ pub struct TimerActor {
     stats: TimerStats,
     events: Option<FireEvents>,
     metrics: Option<TimerMetrics>,
+    /// Told when a `task` callback queued a task.
+    tasks: Option<Recipient<TasksChanged>>,
 }
 
 impl TimerActor {
@@ -198,7 +201,14 @@ impl TimerActor {
             stats: TimerStats::default(),
             events: None,
             metrics: None,
+            tasks: None,
         }
+    }
+
+    /// Tell `tasks` when a `task` callback queued a task.
+    pub fn with_tasks(mut self, tasks: Recipient<TasksChanged>) -> TimerActor {
+        self.tasks = Some(tasks);
+        self
     }
 
     /// Export figures in `/metrics`.
@@ -327,6 +337,7 @@ impl TimerActor {
         let mut failed = false;
         let mut outcomes = Vec::with_capacity(results.len());
         let mut kick = false;
+        let mut queued = false;
         for (id, due, now, r) in results {
             match r {
                 Ok(o) => {
@@ -344,6 +355,7 @@ impl TimerActor {
                     self.stats.missed += o.missed;
                     self.stats.parked += i64::from(o.parked);
                     kick |= o.outbox_rows > 0;
+                    queued |= o.tasks_queued > 0;
                     if let Some(next) = o.next_run {
                         self.reinsert(id, next);
                     }
@@ -358,6 +370,9 @@ impl TimerActor {
         }
         if kick {
             self.outbox.do_send(OutboxKick);
+        }
+        if let (true, Some(tasks)) = (queued, &self.tasks) {
+            tasks.do_send(TasksChanged);
         }
         if let Some(m) = &self.metrics {
             m.in_window.set(self.window.len() as i64);

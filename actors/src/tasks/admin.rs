@@ -1,0 +1,146 @@
+//! The admin socket of `keel tasks run|cancel`: a Unix socket in the data
+//! dir (`keel-admin.sock`, mode 0600), independent of the `[cli]` chat
+//! socket. Only the local user who runs keel can connect (file mode; the
+//! data dir is 0700 too).
+//!
+//! Protocol: one JSON line per request, one JSON line back.
+//! `{"op": "run", "name": "backup", "args": ["--full"]}` →
+//! `{"id": 12, "name": "backup"}`; `{"op": "cancel", "id": 12}` →
+//! `{"id": 12, "outcome": "requested" | "cancelled" | "finished" | "not_found",
+//! "state": …}`; any failure → `{"error": "<one line>"}`.
+
+use std::path::{Path, PathBuf};
+
+use actix::Addr;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
+
+use super::{CancelTask, SubmitTask, TaskActor};
+use crate::persistence::tasks::{CancelOutcome, Origin};
+
+/// Longest request line.
+const MAX_LINE: usize = 2 * 1024 * 1024;
+
+/// A bound admin socket; `stop` closes it and removes the file.
+pub struct AdminSocket {
+    path: PathBuf,
+    stop: watch::Sender<bool>,
+}
+
+impl AdminSocket {
+    pub fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
+enum Request {
+    Run {
+        name: String,
+        #[serde(default)]
+        args: Vec<String>,
+    },
+    Cancel {
+        id: i64,
+    },
+}
+
+/// Bind `path` (a stale file from an earlier run is replaced: keel holds
+/// the data-dir lock) and serve it on the current runtime.
+pub fn serve(path: &Path, tasks: Addr<TaskActor>) -> std::io::Result<AdminSocket> {
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    let (stop, mut stopped) = watch::channel(false);
+    actix_rt::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stopped.wait_for(|s| *s) => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => {
+                        let tasks = tasks.clone();
+                        actix_rt::spawn(async move { serve_conn(stream, tasks).await });
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "admin socket accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    }
+                },
+            }
+        }
+    });
+    tracing::info!(path = %path.display(), "admin socket listening");
+    Ok(AdminSocket {
+        path: path.to_path_buf(),
+        stop,
+    })
+}
+
+async fn serve_conn(stream: UnixStream, tasks: Addr<TaskActor>) {
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read.take(MAX_LINE as u64 + 1));
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match lines.read_line(&mut line).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let answer = if line.len() > MAX_LINE {
+            json!({"error": format!("request longer than {MAX_LINE} bytes")})
+        } else {
+            handle(line.trim_end(), &tasks).await
+        };
+        let mut out = answer.to_string();
+        out.push('\n');
+        if write.write_all(out.as_bytes()).await.is_err() || line.len() > MAX_LINE {
+            return;
+        }
+    }
+}
+
+async fn handle(line: &str, tasks: &Addr<TaskActor>) -> Value {
+    let req: Request = match serde_json::from_str(line) {
+        Ok(r) => r,
+        Err(e) => return json!({"error": format!("bad request: {e}")}),
+    };
+    match req {
+        Request::Run { name, args } => {
+            let sent = tasks
+                .send(SubmitTask {
+                    name: name.clone(),
+                    args,
+                    origin: Origin::Cli,
+                })
+                .await;
+            match sent {
+                Ok(Ok(id)) => json!({"id": id, "name": name}),
+                Ok(Err(e)) => json!({"error": e.to_string()}),
+                Err(_) => json!({"error": "keel is shutting down"}),
+            }
+        }
+        Request::Cancel { id } => match tasks.send(CancelTask(id)).await {
+            Ok(Ok(out)) => cancel_json(id, &out),
+            Ok(Err(e)) => json!({"error": e.to_string()}),
+            Err(_) => json!({"error": "keel is shutting down"}),
+        },
+    }
+}
+
+/// `{"id", "outcome", "state"?}` for a cancel (shared with HTTP).
+pub fn cancel_json(id: i64, out: &CancelOutcome) -> Value {
+    match out {
+        CancelOutcome::NotFound => json!({"id": id, "outcome": "not_found"}),
+        CancelOutcome::Finished(state) => json!({"id": id, "outcome": "finished", "state": state}),
+        CancelOutcome::Cancelled => json!({"id": id, "outcome": "cancelled", "state": "CANCELLED"}),
+        CancelOutcome::Requested => json!({"id": id, "outcome": "requested", "state": "RUNNING"}),
+    }
+}
