@@ -715,3 +715,55 @@ async fn kill_9_cycles_interrupt_or_requeue_tasks_and_leave_no_orphans() {
     );
     d.assert_no_panics();
 }
+
+// Retention (R22) through the binary: finished tasks older than
+// `[tasks] retention_days` are pruned with their logs and states at the
+// next start; younger ones and unfinished ones stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_tasks_past_retention_are_pruned_with_their_logs() {
+    let mut d = daemon(
+        Config::default(),
+        "\n[tasks]\nretention_days = 7\n\n[task.say]\ncommand = [\"sh\", \"-c\", \"echo said\"]\n",
+    )
+    .await;
+    let old = run_cli(&d, "say", &[]).await;
+    let young = run_cli(&d, "say", &[]).await;
+    for id in [old, young] {
+        wait_state(&d, id, "SUCCEEDED").await;
+    }
+    assert_eq!(logs(&d, old, None).await, b"said\n");
+    assert!(d.sigterm(DEADLINE).await.success());
+    {
+        // Age one of them past the retention period, as if 30 days passed.
+        let conn = rusqlite::Connection::open(d.db_path()).expect("open db");
+        let n = conn
+            .execute(
+                "UPDATE tasks SET finished_at = '2000-01-01T00:00:00.000Z' WHERE id = ?1",
+                [old],
+            )
+            .expect("age the task");
+        assert_eq!(n, 1);
+    }
+    d.restart().await;
+    let list = tasks_cli(&d, &["list", "--json"], &[]).await;
+    let v: Value = serde_json::from_slice(&list.stdout).expect("tasks list json");
+    let ids: Vec<i64> = v["tasks"]
+        .as_array()
+        .expect("tasks")
+        .iter()
+        .filter_map(|t| t["id"].as_i64())
+        .collect();
+    assert_eq!(ids, vec![young], "{v}");
+    let conn = rusqlite::Connection::open(d.db_path()).expect("open db");
+    let left = |table: &str| -> i64 {
+        conn.query_row(
+            &format!("SELECT COUNT(*) FROM {table} WHERE task_id = ?1"),
+            [old],
+            |r| r.get(0),
+        )
+        .expect("count")
+    };
+    assert_eq!((left("task_states"), left("log_fragments")), (0, 0));
+    assert_eq!(logs(&d, young, None).await, b"said\n");
+    d.assert_no_panics();
+}
