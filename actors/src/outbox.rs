@@ -52,6 +52,9 @@ pub struct OutboundReply {
     pub chat: String,
     pub in_reply_to: Option<String>,
     pub text: String,
+    /// Where it goes inside the chat (thread, topic, message to quote), as
+    /// the channel gave it with the message answered; `None` for notices.
+    pub reply_meta: Option<serde_json::Value>,
 }
 
 /// How an adapter sends replies out. Implemented by each channel.
@@ -342,6 +345,7 @@ impl OutboxActor {
             chat: row.chat.clone(),
             in_reply_to: row.in_reply_to.clone(),
             text: row.text.clone(),
+            reply_meta: row.reply_meta.clone(),
         };
         let timeout = Duration::from_millis(self.config.send_timeout_ms);
         let persistence = self.persistence.clone();

@@ -54,6 +54,42 @@ pub struct Deliver {
     /// `(adapter, state_json)` to store in the same transaction as this turn
     /// (see `Exchange::adapter_state`); `None` for most messages.
     pub adapter_state: Option<(String, String)>,
+    /// What the turn is: `text`, a media kind (`photo`, `document`, …),
+    /// `edit`, `callback`, … (R40: nothing a user sends is dropped).
+    pub kind: String,
+    /// What the channel said about it: file ids, sizes, coordinates, …
+    pub meta: Option<serde_json::Value>,
+    /// The channel's own reference of the message (Telegram message_id,
+    /// Slack ts), so a later edit can find it.
+    pub msg_ref: Option<String>,
+    /// For an edit: the `msg_ref` of the message it revises.
+    pub revises: Option<String>,
+    /// Where replies go inside the chat (thread, topic, message to quote);
+    /// copied to every reply's outbox row for the channel's sink.
+    pub reply_to: Option<serde_json::Value>,
+    /// `true`: answer it (brain, agent); `false`: store it only (chatter in
+    /// a group not addressed to keel, edits, other bots' messages).
+    pub answer: bool,
+}
+
+impl Deliver {
+    /// A plain text message to answer: the common case.
+    pub fn text(channel: &str, chat: String, from: String, key: String, text: String) -> Deliver {
+        Deliver {
+            channel: channel.to_string(),
+            chat,
+            from,
+            key,
+            text,
+            adapter_state: None,
+            kind: "text".into(),
+            meta: None,
+            msg_ref: None,
+            revises: None,
+            reply_to: None,
+            answer: true,
+        }
+    }
 }
 
 /// The durable outcome of a `Deliver`.
@@ -393,16 +429,21 @@ impl SessionActor {
         let cache = self.cache.as_mut().expect("cache loaded before exchange");
         // A contiguous view, not a copy: this runs for every message.
         let recent: &[TurnRow] = cache.recent.make_contiguous();
-        let decision = self.settings.brain.decide(&BrainInput {
-            session: &self.key,
-            from: &msg.from,
-            text: &msg.text,
-            memory: &cache.memory,
-            recent,
+        // A message only to store (not addressed to keel, an edit, another
+        // bot's) never reaches the brain.
+        let decision = msg.answer.then(|| {
+            self.settings.brain.decide(&BrainInput {
+                session: &self.key,
+                from: &msg.from,
+                text: &msg.text,
+                memory: &cache.memory,
+                recent,
+            })
         });
         let deliver = self.settings.routed_channels.contains(&self.key.channel);
         let (reply, memory, effect) = match &decision {
-            Decision::Reply { text, memory } => (
+            None => (None, None, None),
+            Some(Decision::Reply { text, memory }) => (
                 Some(ReplyPlan {
                     text: text.clone(),
                     deliver,
@@ -410,9 +451,9 @@ impl SessionActor {
                 memory.clone(),
                 None,
             ),
-            Decision::Forward => (None, None, None),
+            Some(Decision::Forward) => (None, None, None),
             // The store renders the reply text while applying the effect.
-            Decision::Act(effect) => (
+            Some(Decision::Act(effect)) => (
                 Some(ReplyPlan {
                     text: String::new(),
                     deliver,
@@ -435,6 +476,12 @@ impl SessionActor {
             known: cache.stored && cache.senders.contains(&msg.from),
             adapter_state: msg.adapter_state.clone(),
             effect,
+            kind: msg.kind.clone(),
+            meta: msg.meta.as_ref().map(Value::to_string),
+            msg_ref: msg.msg_ref.clone(),
+            revises: msg.revises.clone(),
+            reply_meta: msg.reply_to.as_ref().map(Value::to_string),
+            answer: msg.answer,
         };
         self.persistence
             .send(CommitExchange(exchange))
@@ -487,7 +534,7 @@ impl SessionActor {
                         if outbox_id.is_some() {
                             this.outbox.do_send(OutboxKick);
                         }
-                        if let Decision::Act(_) = decision {
+                        if let Some(Decision::Act(_)) = decision {
                             // The reply text was rendered by the store: reload
                             // the snapshot next time instead of caching "".
                             this.cache = None;
@@ -502,7 +549,7 @@ impl SessionActor {
                                 tasks.do_send(TasksChanged);
                             }
                         }
-                        if decision == Decision::Forward {
+                        if decision == Some(Decision::Forward) {
                             this.enqueue_agent(
                                 AwaitingTurn {
                                     session: this.key.clone(),

@@ -87,6 +87,12 @@ fn exchange(chat: &str, key: &str) -> Exchange {
         memory: None,
         known: false,
         adapter_state: None,
+        kind: "text".into(),
+        meta: None,
+        msg_ref: None,
+        revises: None,
+        reply_meta: None,
+        answer: true,
         effect: None,
     }
 }
@@ -358,13 +364,14 @@ async fn a_redelivered_message_is_stored_and_answered_once() {
         Arc::new(WallClock),
     )
     .start();
-    let deliver = || Deliver {
-        channel: "webhook".into(),
-        chat: "c1".into(),
-        from: "u".into(),
-        key: "m1".into(),
-        text: "/remember k v".into(),
-        adapter_state: None,
+    let deliver = || {
+        Deliver::text(
+            "webhook",
+            "c1".into(),
+            "u".into(),
+            "m1".into(),
+            "/remember k v".into(),
+        )
     };
     let first = registry.send(deliver()).await.unwrap().unwrap();
     let second = registry.send(deliver()).await.unwrap().unwrap();

@@ -74,6 +74,12 @@ async fn create(store: &Addr<PersistenceActor>, key: &str, spec: ScheduleSpec) {
         memory: None,
         known: false,
         adapter_state: None,
+        kind: "text".into(),
+        meta: None,
+        msg_ref: None,
+        revises: None,
+        reply_meta: None,
+        answer: true,
         effect: Some(Effect::CreateTimer(TimerRequest {
             spec,
             text: format!("note {key}"),

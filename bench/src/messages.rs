@@ -296,6 +296,12 @@ impl RowMaker {
                     // session and sender rows exist.
                     known: n >= self.clients as u64,
                     adapter_state: None,
+                    kind: "text".into(),
+                    meta: None,
+                    msg_ref: None,
+                    revises: None,
+                    reply_meta: None,
+                    answer: true,
                     effect: None,
                 }
             })

@@ -415,14 +415,7 @@ impl Conn {
                 "keel is not accepting messages right now (starting or shutting down)".into(),
             );
         };
-        let msg = Deliver {
-            channel: "cli".into(),
-            chat: chat.to_string(),
-            from: "local".into(),
-            key,
-            text,
-            adapter_state: None,
-        };
+        let msg = Deliver::text("cli", chat.to_string(), "local".into(), key, text);
         super::deliver(&self.registry, &self.metrics, msg)
             .await
             .map_err(|e| e.to_string())

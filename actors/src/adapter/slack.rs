@@ -241,14 +241,13 @@ async fn socket_loop(
                             let res = super::deliver(
                                 &registry,
                                 &metrics,
-                                Deliver {
-                                    channel: "slack".into(),
-                                    chat: msg.channel,
-                                    from: msg.user,
-                                    key: msg.event_id,
-                                    text: msg.text,
-                                    adapter_state: None,
-                                },
+                                Deliver::text(
+                                    "slack",
+                                    msg.channel,
+                                    msg.user,
+                                    msg.event_id,
+                                    msg.text,
+                                ),
                             )
                             .await;
                             match res {

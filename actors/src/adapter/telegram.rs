@@ -395,12 +395,8 @@ async fn poll_loop(
 /// The `Deliver` for one update; `state` rides along on the batch's last.
 fn telegram_deliver(msg: TextUpdate, id: i64, state: Option<(String, String)>) -> Deliver {
     Deliver {
-        channel: "telegram".into(),
-        chat: msg.chat,
-        from: msg.from,
-        key: id.to_string(),
-        text: msg.text,
         adapter_state: state,
+        ..Deliver::text("telegram", msg.chat, msg.from, id.to_string(), msg.text)
     }
 }
 

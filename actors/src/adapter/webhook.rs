@@ -103,14 +103,7 @@ impl Handler<Intake> for WebhookAdapter {
             return Box::pin(async { Err(StoreError::Closed) });
         }
         let msg = msg.0;
-        let deliver = Deliver {
-            channel: "webhook".into(),
-            chat: msg.chat,
-            from: msg.from,
-            key: msg.id,
-            text: msg.text,
-            adapter_state: None,
-        };
+        let deliver = Deliver::text("webhook", msg.chat, msg.from, msg.id, msg.text);
         let (registry, metrics) = (self.registry.clone(), self.metrics.clone());
         Box::pin(async move { super::deliver(&registry, &metrics, deliver).await })
     }

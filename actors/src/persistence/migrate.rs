@@ -40,6 +40,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "tasks",
         sql: include_str!("../../../migrations/0004_tasks.sql"),
     },
+    Migration {
+        version: 5,
+        name: "turn_refs",
+        sql: include_str!("../../../migrations/0005_turn_refs.sql"),
+    },
 ];
 
 /// The schema version this binary writes.

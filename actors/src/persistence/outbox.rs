@@ -24,6 +24,9 @@ pub struct OutboxRow {
     /// State `unknown` (read outside the pending pages, so it does not move
     /// the outbox's page position).
     pub unknown: bool,
+    /// Where the reply goes inside the chat (thread, topic, message to
+    /// quote), as the channel gave it with the message answered.
+    pub reply_meta: Option<serde_json::Value>,
 }
 
 pub(super) fn insert_outbox(
@@ -32,11 +35,13 @@ pub(super) fn insert_outbox(
     turn_seq: i64,
     in_reply_to: Option<&str>,
     text: &str,
+    reply_meta: Option<&str>,
     at: &str,
 ) -> Result<i64, StoreError> {
     conn.prepare_cached(
-        "INSERT INTO outbox (session_id, turn_seq, channel, chat, in_reply_to, text, created_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        "INSERT INTO outbox (session_id, turn_seq, channel, chat, in_reply_to, text, created_at,
+                             reply_meta)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )?
     .execute(params![
         session.id,
@@ -45,13 +50,14 @@ pub(super) fn insert_outbox(
         session.chat,
         in_reply_to,
         text,
-        at
+        at,
+        reply_meta
     ])?;
     Ok(conn.last_insert_rowid())
 }
 
 const OUTBOX_COLUMNS: &str =
-    "SELECT id, session_id, channel, chat, in_reply_to, text, attempts FROM outbox";
+    "SELECT id, session_id, channel, chat, in_reply_to, text, attempts, reply_meta FROM outbox";
 
 fn outbox_row(r: &rusqlite::Row<'_>, unknown: bool) -> rusqlite::Result<OutboxRow> {
     Ok(OutboxRow {
@@ -63,6 +69,9 @@ fn outbox_row(r: &rusqlite::Row<'_>, unknown: bool) -> rusqlite::Result<OutboxRo
         text: r.get(5)?,
         attempts: r.get(6)?,
         unknown,
+        reply_meta: r
+            .get::<_, Option<String>>(7)?
+            .and_then(|m| serde_json::from_str(&m).ok()),
     })
 }
 

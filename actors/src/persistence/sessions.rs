@@ -56,6 +56,48 @@ pub struct Exchange {
     /// A command's effect (timers, timezone), applied in this transaction;
     /// when set, the text it renders replaces `reply.text`.
     pub effect: Option<super::timers::Effect>,
+    /// `text`, a media kind, `edit`, `callback`, … (see `Deliver`).
+    pub kind: String,
+    /// The channel's metadata as JSON text.
+    pub meta: Option<String>,
+    /// The channel's reference of the message.
+    pub msg_ref: Option<String>,
+    /// For an edit: the ref of the message it revises.
+    pub revises: Option<String>,
+    /// Reply routing inside the chat, as JSON text (copied to replies).
+    pub reply_meta: Option<String>,
+    /// `false`: store only, no reply and no agent.
+    pub answer: bool,
+}
+
+impl Exchange {
+    /// A plain text message from `from` with key `key`, to be answered by
+    /// `reply` (`None`: awaiting the agent); everything else default.
+    pub fn text(
+        session: SessionKey,
+        from: &str,
+        key: &str,
+        text: &str,
+        reply: Option<ReplyPlan>,
+    ) -> Exchange {
+        Exchange {
+            session,
+            from: from.to_string(),
+            key: key.to_string(),
+            text: text.to_string(),
+            reply,
+            memory: None,
+            known: false,
+            adapter_state: None,
+            effect: None,
+            kind: "text".into(),
+            meta: None,
+            msg_ref: None,
+            revises: None,
+            reply_meta: None,
+            answer: true,
+        }
+    }
 }
 
 /// A reply to store; `deliver` puts it in the outbox (false when the channel
@@ -216,24 +258,69 @@ fn take_seqs(
     Ok(first)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// One row of `turns` to insert.
+struct NewTurn<'a> {
+    seq: i64,
+    role: &'a str,
+    text: &'a str,
+    key: Option<&'a str>,
+    principal: Option<&'a str>,
+    in_reply_to: Option<i64>,
+    status: Option<&'a str>,
+    kind: &'a str,
+    meta: Option<&'a str>,
+    msg_ref: Option<&'a str>,
+    revises: Option<i64>,
+    reply_meta: Option<&'a str>,
+}
+
+impl<'a> NewTurn<'a> {
+    /// A turn keel writes itself (reply or notice): plain text, no key.
+    fn own(seq: i64, role: &'a str, text: &'a str, in_reply_to: Option<i64>) -> NewTurn<'a> {
+        NewTurn {
+            seq,
+            role,
+            text,
+            key: None,
+            principal: None,
+            in_reply_to,
+            status: None,
+            kind: "text",
+            meta: None,
+            msg_ref: None,
+            revises: None,
+            reply_meta: None,
+        }
+    }
+}
+
 fn insert_turn(
     conn: &Connection,
     session_id: &str,
-    seq: i64,
-    role: &str,
-    text: &str,
-    key: Option<&str>,
-    principal: Option<&str>,
-    in_reply_to: Option<i64>,
-    status: Option<&str>,
+    t: &NewTurn<'_>,
     at: &str,
 ) -> Result<(), StoreError> {
     conn.prepare_cached(
-        "INSERT INTO turns (session_id, seq, role, content, key, principal_id, in_reply_to, status, created_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        "INSERT INTO turns (session_id, seq, role, content, key, principal_id, in_reply_to,
+                            status, created_at, kind, meta_json, ref, revises, reply_meta)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
     )?
-    .execute(params![session_id, seq, role, text, key, principal, in_reply_to, status, at])?;
+    .execute(params![
+        session_id,
+        t.seq,
+        t.role,
+        t.text,
+        t.key,
+        t.principal,
+        t.in_reply_to,
+        t.status,
+        at,
+        t.kind,
+        t.meta,
+        t.msg_ref,
+        t.revises,
+        t.reply_meta
+    ])?;
     Ok(())
 }
 
@@ -280,23 +367,43 @@ pub fn commit_exchange(
         }
         (plan, _) => plan.as_ref(),
     };
+    // A turn that is only stored (group chatter, an edit, a bot's own
+    // message) gets no reply and waits for nobody.
+    let reply = reply.filter(|_| ex.answer);
     let n = if reply.is_some() { 2 } else { 1 };
     let user_seq = take_seqs(conn, &ex.session.id, n, ex.memory.as_deref(), at)?;
-    let status = if reply.is_some() {
-        "answered"
-    } else {
-        "awaiting"
+    let status = match (ex.answer, reply.is_some()) {
+        (false, _) => None,
+        (true, true) => Some("answered"),
+        (true, false) => Some("awaiting"),
+    };
+    // An edit points at the turn it revises, found by the channel's ref.
+    let revises: Option<i64> = match &ex.revises {
+        None => None,
+        Some(r) => conn
+            .prepare_cached(
+                "SELECT seq FROM turns WHERE session_id = ?1 AND ref = ?2 ORDER BY seq LIMIT 1",
+            )?
+            .query_row(params![ex.session.id, r], |row| row.get(0))
+            .optional()?,
     };
     insert_turn(
         conn,
         &ex.session.id,
-        user_seq,
-        "user",
-        &ex.text,
-        Some(&ex.key),
-        Some(&principal),
-        None,
-        Some(status),
+        &NewTurn {
+            seq: user_seq,
+            role: "user",
+            text: &ex.text,
+            key: Some(&ex.key),
+            principal: Some(&principal),
+            in_reply_to: None,
+            status,
+            kind: &ex.kind,
+            meta: ex.meta.as_deref(),
+            msg_ref: ex.msg_ref.as_deref(),
+            revises,
+            reply_meta: ex.reply_meta.as_deref(),
+        },
         at,
     )?;
     let (mut reply_seq, mut outbox_id) = (None, None);
@@ -305,13 +412,7 @@ pub fn commit_exchange(
         insert_turn(
             conn,
             &ex.session.id,
-            seq,
-            "assistant",
-            &reply.text,
-            None,
-            None,
-            Some(user_seq),
-            None,
+            &NewTurn::own(seq, "assistant", &reply.text, Some(user_seq)),
             at,
         )?;
         reply_seq = Some(seq);
@@ -322,6 +423,7 @@ pub fn commit_exchange(
                 seq,
                 Some(&ex.key),
                 &reply.text,
+                ex.reply_meta.as_deref(),
                 at,
             )?);
         }
@@ -343,13 +445,16 @@ pub fn commit_agent_reply(
     reply: &ReplyPlan,
 ) -> Result<Option<(i64, Option<i64>)>, StoreError> {
     let at = &stamp.text;
-    let row: Option<(Option<String>, Option<String>)> = conn
-        .prepare_cached("SELECT status, key FROM turns WHERE session_id = ?1 AND seq = ?2")?
+    type Row = (Option<String>, Option<String>, Option<String>);
+    let row: Option<Row> = conn
+        .prepare_cached(
+            "SELECT status, key, reply_meta FROM turns WHERE session_id = ?1 AND seq = ?2",
+        )?
         .query_row(params![session.id, user_seq], |r| {
-            Ok((r.get(0)?, r.get(1)?))
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
         })
         .optional()?;
-    let Some((Some(status), key)) = row else {
+    let Some((Some(status), key, reply_meta)) = row else {
         return Err(StoreError::Invalid(format!(
             "no user turn {user_seq} in session {}",
             session.id
@@ -364,13 +469,7 @@ pub fn commit_agent_reply(
     insert_turn(
         conn,
         &session.id,
-        seq,
-        "assistant",
-        &reply.text,
-        None,
-        None,
-        Some(user_seq),
-        None,
+        &NewTurn::own(seq, "assistant", &reply.text, Some(user_seq)),
         at,
     )?;
     let outbox = if reply.deliver {
@@ -380,6 +479,7 @@ pub fn commit_agent_reply(
             seq,
             key.as_deref(),
             &reply.text,
+            reply_meta.as_deref(),
             at,
         )?)
     } else {
@@ -402,17 +502,11 @@ pub fn commit_notice(
     insert_turn(
         conn,
         &session.id,
-        seq,
-        "system",
-        text,
-        None,
-        None,
-        None,
-        None,
+        &NewTurn::own(seq, "system", text, None),
         at,
     )?;
     let outbox = if deliver {
-        Some(insert_outbox(conn, session, seq, None, text, at)?)
+        Some(insert_outbox(conn, session, seq, None, text, None, at)?)
     } else {
         None
     };
@@ -677,6 +771,12 @@ mod tests {
             memory: None,
             known: false,
             adapter_state: None,
+            kind: "text".into(),
+            meta: None,
+            msg_ref: None,
+            revises: None,
+            reply_meta: None,
+            answer: true,
             effect: None,
         }
     }
@@ -741,6 +841,74 @@ mod tests {
         ));
         let stored = crate::persistence::adapter_state::load(&c, "telegram:x").unwrap();
         assert_eq!(stored.as_deref(), Some(r#"{"last_offset":8}"#));
+    }
+
+    #[test]
+    fn stored_only_turns_edits_and_reply_routing() {
+        let c = db();
+        let mut first = ex("g", "u100", "photo of a cat", Some("nice"));
+        first.kind = "photo".into();
+        first.meta = Some(r#"{"file_id":"F1"}"#.into());
+        first.msg_ref = Some("55".into());
+        first.reply_meta = Some(r#"{"message_id":55,"thread":7}"#.into());
+        commit_exchange(&c, &at(), &first).unwrap();
+        // Chatter not addressed to keel: stored, no reply, not awaiting.
+        let mut chatter = ex("g", "u101", "lol", Some("never sent"));
+        chatter.answer = false;
+        let out = commit_exchange(&c, &at(), &chatter).unwrap();
+        assert!(matches!(
+            out,
+            ExchangeOutcome::Accepted {
+                reply_seq: None,
+                outbox_id: None,
+                ..
+            }
+        ));
+        // An edit of message 55 points at its turn.
+        let mut edit = ex("g", "u102", "photo of a dog", None);
+        edit.kind = "edit".into();
+        edit.revises = Some("55".into());
+        edit.answer = false;
+        commit_exchange(&c, &at(), &edit).unwrap();
+        let turns = session_turns(&c, "webhook:g", 0, 100).unwrap().unwrap();
+        let kinds: Vec<(&str, &str, Option<i64>)> = turns
+            .iter()
+            .map(|t| (t.role.as_str(), t.kind.as_str(), t.revises))
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                ("user", "photo", None),
+                ("assistant", "text", None),
+                ("user", "text", None),
+                ("user", "edit", Some(1)),
+            ]
+        );
+        assert_eq!(turns[0].meta, Some(serde_json::json!({"file_id": "F1"})));
+        assert!(awaiting_turns(&c, 10).unwrap().is_empty());
+        // The reply carries the routing of the message it answers.
+        let pending = crate::persistence::outbox::pending_outbox(&c, 0, 10).unwrap();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(
+            pending[0].reply_meta,
+            Some(serde_json::json!({"message_id": 55, "thread": 7}))
+        );
+        // So does an agent's later reply.
+        let mut q = ex("g", "u103", "question", None);
+        q.reply_meta = Some(r#"{"message_id":60}"#.into());
+        commit_exchange(&c, &at(), &q).unwrap();
+        let seq = awaiting_turns(&c, 10).unwrap()[0].seq;
+        let plan = ReplyPlan {
+            text: "answer".into(),
+            deliver: true,
+        };
+        let s = SessionKey::new("webhook", "g");
+        commit_agent_reply(&c, &at(), &s, seq, &plan).unwrap();
+        let pending = crate::persistence::outbox::pending_outbox(&c, 0, 10).unwrap();
+        assert_eq!(
+            pending[1].reply_meta,
+            Some(serde_json::json!({"message_id": 60}))
+        );
     }
 
     #[test]

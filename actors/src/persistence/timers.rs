@@ -879,6 +879,12 @@ mod tests {
                 memory: None,
                 known: false,
                 adapter_state: None,
+                kind: "text".into(),
+                meta: None,
+                msg_ref: None,
+                revises: None,
+                reply_meta: None,
+                answer: true,
                 effect: Some(effect),
             },
         )
