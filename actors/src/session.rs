@@ -38,6 +38,9 @@ pub struct SessionSettings {
     /// Channels whose replies go to the outbox (they have a delivery route).
     pub routed_channels: HashSet<String>,
     pub agent: Option<AgentSettings>,
+    /// `(channel, user id)` → person (`[principals.NAME]`): their working
+    /// memory lives in a `principal:<name>` row shared by all their chats.
+    pub principals: Arc<HashMap<(String, String), String>>,
 }
 
 /// An inbound message from an adapter. The adapter acknowledges upstream
@@ -386,14 +389,30 @@ impl Handler<Deliver> for SessionActor {
                 tail: RECENT_TURNS as i64,
             })
         });
+        // A configured person's memory is read fresh for each message (other
+        // chats of theirs may have changed it); no cache to go stale.
+        let person = self
+            .settings
+            .principals
+            .get(&(self.key.channel.clone(), msg.from.clone()))
+            .map(|name| SessionKey::new("principal", name));
+        let person_load = person.as_ref().map(|p| {
+            self.persistence
+                .send(crate::persistence::GetMemory { id: p.id.clone() })
+        });
         let fut = async move {
-            match load {
+            let loaded = match load {
                 Some(req) => Some(req.await.unwrap_or(Err(StoreError::Closed))),
                 None => None,
-            }
+            };
+            let person_memory = match person_load {
+                Some(req) => Some(req.await.unwrap_or(Err(StoreError::Closed))),
+                None => None,
+            };
+            (loaded, person_memory)
         }
         .into_actor(self)
-        .then(move |loaded, this, _| {
+        .then(move |(loaded, person_memory), this, _| {
             if let Some(loaded) = loaded {
                 match loaded {
                     Ok(snapshot) => {
@@ -414,7 +433,20 @@ impl Handler<Deliver> for SessionActor {
                     }
                 }
             }
-            Box::pin(this.exchange(msg))
+            let person = match (person, person_memory) {
+                (Some(key), Some(Ok(json))) => {
+                    let memory = json
+                        .and_then(|j| serde_json::from_str(&j).ok())
+                        .unwrap_or_default();
+                    Some((key, memory))
+                }
+                (_, Some(Err(e))) => {
+                    let failed: ResponseActFuture<Self, _> = Box::pin(fut::ready(Err(e)));
+                    return failed;
+                }
+                _ => None,
+            };
+            Box::pin(this.exchange(msg, person))
         });
         AtomicResponse::new(Box::pin(fut))
     }
@@ -425,6 +457,7 @@ impl SessionActor {
     fn exchange(
         &mut self,
         msg: Deliver,
+        person: Option<(SessionKey, Map<String, Value>)>,
     ) -> impl ActorFuture<Self, Output = Result<Delivered, StoreError>> {
         let cache = self.cache.as_mut().expect("cache loaded before exchange");
         // A contiguous view, not a copy: this runs for every message.
@@ -436,7 +469,7 @@ impl SessionActor {
                 session: &self.key,
                 from: &msg.from,
                 text: &msg.text,
-                memory: &cache.memory,
+                memory: person.as_ref().map_or(&cache.memory, |(_, m)| m),
                 recent,
             })
         });
@@ -464,15 +497,26 @@ impl SessionActor {
         };
         let timers_changed = effect.as_ref().is_some_and(|e| e.changes_timers());
         let tasks_changed = effect.as_ref().is_some_and(|e| e.changes_tasks());
+        // A person's memory changes go to their own row, as a patch; the
+        // chat's memory is left alone.
+        let (chat_memory, person_memory) = match (&person, &memory) {
+            (Some((key, before)), Some(after)) => {
+                (None, Some((key.clone(), memory_patch(before, after))))
+            }
+            (Some(_), None) => (None, None),
+            (None, m) => (
+                m.as_ref().map(|m| Value::Object(m.clone()).to_string()),
+                None,
+            ),
+        };
+        let memory = if person.is_some() { None } else { memory };
         let exchange = Exchange {
             session: self.key.clone(),
             from: msg.from.clone(),
             key: msg.key.clone(),
             text: msg.text.clone(),
             reply: reply.clone(),
-            memory: memory
-                .as_ref()
-                .map(|m| Value::Object(m.clone()).to_string()),
+            memory: chat_memory,
             known: cache.stored && cache.senders.contains(&msg.from),
             adapter_state: msg.adapter_state.clone(),
             effect,
@@ -482,6 +526,7 @@ impl SessionActor {
             revises: msg.revises.clone(),
             reply_meta: msg.reply_to.as_ref().map(Value::to_string),
             answer: msg.answer,
+            person_memory,
         };
         self.persistence
             .send(CommitExchange(exchange))
@@ -687,4 +732,20 @@ async fn ask_with_retries(
         }
     }
     format!("Sorry, the agent is unavailable right now ({last}). Your message is saved; please ask again later.")
+}
+
+/// The changes from `before` to `after` as a JSON object (`null` = removed).
+fn memory_patch(before: &Map<String, Value>, after: &Map<String, Value>) -> String {
+    let mut patch = Map::new();
+    for (k, v) in after {
+        if before.get(k) != Some(v) {
+            patch.insert(k.clone(), v.clone());
+        }
+    }
+    for k in before.keys() {
+        if !after.contains_key(k) {
+            patch.insert(k.clone(), Value::Null);
+        }
+    }
+    Value::Object(patch).to_string()
 }

@@ -93,6 +93,7 @@ fn exchange(chat: &str, key: &str) -> Exchange {
         revises: None,
         reply_meta: None,
         answer: true,
+        person_memory: None,
         effect: None,
     }
 }
@@ -355,6 +356,7 @@ async fn a_redelivered_message_is_stored_and_answered_once() {
         brain: Arc::new(CommandBrain::new(false)),
         routed_channels: ["webhook".to_string()].into_iter().collect(),
         agent: None,
+        principals: Arc::default(),
     };
     let registry = SessionRegistry::new(
         store.clone(),

@@ -80,6 +80,7 @@ async fn create(store: &Addr<PersistenceActor>, key: &str, spec: ScheduleSpec) {
         revises: None,
         reply_meta: None,
         answer: true,
+        person_memory: None,
         effect: Some(Effect::CreateTimer(TimerRequest {
             spec,
             text: format!("note {key}"),

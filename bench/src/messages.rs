@@ -302,6 +302,7 @@ impl RowMaker {
                     revises: None,
                     reply_meta: None,
                     answer: true,
+                    person_memory: None,
                     effect: None,
                 }
             })

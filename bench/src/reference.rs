@@ -88,6 +88,7 @@ mod tests {
                 revises: None,
                 reply_meta: None,
                 answer: true,
+                person_memory: None,
                 effect: None,
             })
             .collect()

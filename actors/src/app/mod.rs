@@ -93,6 +93,17 @@ pub fn settings_sessions(config: &Config) -> SessionSettings {
         brain: Arc::new(brain),
         routed_channels: routed_channels(config),
         agent,
+        principals: Arc::new(
+            config
+                .principals
+                .iter()
+                .flat_map(|(name, p)| {
+                    p.identities()
+                        .into_iter()
+                        .map(move |(channel, id)| ((channel.to_string(), id), name.clone()))
+                })
+                .collect(),
+        ),
     }
 }
 

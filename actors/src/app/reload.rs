@@ -77,6 +77,7 @@ pub fn plan(running: &Config, new: &Config) -> (ReloadReport, Config) {
         adapters,
         tasks,
         task,
+        principals,
     } = new;
     let storage = {
         let StorageConfig {
@@ -300,6 +301,8 @@ pub fn plan(running: &Config, new: &Config) -> (ReloadReport, Config) {
         // command (both replaced on reload); a running task keeps its
         // definition until it ends.
         task: r.live("task", task, &old.task),
+        // Sessions look people up per message (settings replaced on reload).
+        principals: r.live("principals", principals, &old.principals),
     };
     (r, effective)
 }

@@ -70,6 +70,61 @@ pub struct Config {
     pub tasks: TasksConfig,
     /// The configured tasks, by name (`[task.NAME]`).
     pub task: BTreeMap<String, TaskConfig>,
+    /// People and their identities on the channels (`[principals.NAME]`):
+    /// working memory belongs to the person across channels.
+    pub principals: BTreeMap<String, PrincipalConfig>,
+}
+
+/// `[principals.NAME]`: one person's identities, one per channel.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrincipalConfig {
+    /// Telegram user id (integer or string).
+    #[serde(deserialize_with = "id_text")]
+    pub telegram: Option<String>,
+    /// Slack user id (`U…`).
+    pub slack: Option<String>,
+    /// WhatsApp id (the phone number, digits only).
+    pub whatsapp: Option<String>,
+    /// The webhook's `from`.
+    pub webhook: Option<String>,
+    /// The local CLI user (`keel chat`, `--stdin`).
+    pub cli: bool,
+}
+
+impl PrincipalConfig {
+    /// `(channel, user id)` of every identity this person has.
+    pub fn identities(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        for (channel, id) in [
+            ("telegram", &self.telegram),
+            ("slack", &self.slack),
+            ("whatsapp", &self.whatsapp),
+            ("webhook", &self.webhook),
+        ] {
+            if let Some(id) = id {
+                out.push((channel, id.clone()));
+            }
+        }
+        if self.cli {
+            out.push(("cli", "local".to_string()));
+        }
+        out
+    }
+}
+
+/// An id written as a TOML integer or string, kept as its text.
+fn id_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Id {
+        Int(i64),
+        Text(String),
+    }
+    Ok(Option::<Id>::deserialize(d)?.map(|id| match id {
+        Id::Int(n) => n.to_string(),
+        Id::Text(s) => s,
+    }))
 }
 
 impl Default for Config {
@@ -93,6 +148,7 @@ impl Default for Config {
             adapters: Default::default(),
             tasks: TasksConfig::default(),
             task: BTreeMap::new(),
+            principals: BTreeMap::new(),
         }
     }
 }
@@ -408,6 +464,29 @@ impl Config {
                 "agent",
                 "timeout_ms and attempts must be > 0".into(),
             ));
+        }
+        let mut seen: BTreeMap<(&str, String), &str> = BTreeMap::new();
+        for (name, person) in &self.principals {
+            if name.is_empty()
+                || name.len() > 64
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            {
+                return Err(invalid(
+                    "principals",
+                    format!("{name:?}: a name is 1-64 letters, digits, '_' or '-'"),
+                ));
+            }
+            for (channel, id) in person.identities() {
+                check_external_id("principals", &id).map_err(|e| invalid("principals", e))?;
+                if let Some(other) = seen.insert((channel, id.clone()), name) {
+                    return Err(invalid(
+                        "principals",
+                        format!("{channel} id {id:?} belongs to both {other:?} and {name:?}"),
+                    ));
+                }
+            }
         }
         if let Some(owner) = &self.owner {
             if !CHANNEL_NAMES.contains(&owner.channel.as_str()) {

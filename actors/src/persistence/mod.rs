@@ -63,8 +63,8 @@ pub use open::{
 pub use outbox::{GetPendingOutbox, OutboxRow, RecordSend, SendOutcome};
 pub use sessions::{
     AwaitingTurn, CommitAgentReply, CommitExchange, CommitNotice, Exchange, ExchangeOutcome,
-    GetAwaiting, GetSession, GetSessions, GetTurns, ReplyPlan, SessionKey, SessionSnapshot,
-    SessionSummary, TurnRow,
+    GetAwaiting, GetMemory, GetSession, GetSessions, GetTurns, ReplyPlan, SessionKey,
+    SessionSnapshot, SessionSummary, TurnRow,
 };
 use writer::{Cmd, FnJob};
 

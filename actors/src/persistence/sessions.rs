@@ -68,6 +68,11 @@ pub struct Exchange {
     pub reply_meta: Option<String>,
     /// `false`: store only, no reply and no agent.
     pub answer: bool,
+    /// The sender is a configured person: their memory row (a
+    /// `principal:<name>` session) and the changes to apply to it, as a JSON
+    /// object (`null` removes a key). Applied here, in the writer, so two
+    /// chats of one person never overwrite each other's changes.
+    pub person_memory: Option<(SessionKey, String)>,
 }
 
 impl Exchange {
@@ -96,6 +101,7 @@ impl Exchange {
             revises: None,
             reply_meta: None,
             answer: true,
+            person_memory: None,
         }
     }
 }
@@ -406,6 +412,9 @@ pub fn commit_exchange(
         },
         at,
     )?;
+    if let Some((person, patch)) = &ex.person_memory {
+        apply_memory_patch(conn, person, patch, at)?;
+    }
     let (mut reply_seq, mut outbox_id) = (None, None);
     if let Some(reply) = reply {
         let seq = user_seq + 1;
@@ -433,6 +442,32 @@ pub fn commit_exchange(
         reply_seq,
         outbox_id,
     })
+}
+
+/// Apply `patch` (a JSON object; `null` removes a key) to the memory of
+/// `session` (created if needed).
+fn apply_memory_patch(
+    conn: &Connection,
+    session: &SessionKey,
+    patch: &str,
+    at: &str,
+) -> Result<(), StoreError> {
+    use serde_json::{Map, Value};
+    ensure_session(conn, session, None, at)?;
+    let current = session_memory(conn, &session.id)?.unwrap_or_default();
+    let mut memory: Map<String, Value> = serde_json::from_str(&current).unwrap_or_default();
+    let patch: Map<String, Value> = serde_json::from_str(patch)
+        .map_err(|e| StoreError::Invalid(format!("memory patch: {e}")))?;
+    for (k, v) in patch {
+        if v.is_null() {
+            memory.remove(&k);
+        } else {
+            memory.insert(k, v);
+        }
+    }
+    conn.prepare_cached("UPDATE sessions SET memory_json = ?2, updated_at = ?3 WHERE id = ?1")?
+        .execute(params![session.id, Value::Object(memory).to_string(), at])?;
+    Ok(())
 }
 
 /// Store the external agent's reply to an awaiting user turn. Idempotent: a
@@ -694,6 +729,21 @@ impl Handler<CommitNotice> for PersistenceActor {
     }
 }
 
+/// A session's working memory JSON (`None`: no such session). Sent by a
+/// session actor for a person's memory before each of their messages.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<Option<String>, StoreError>")]
+pub struct GetMemory {
+    pub id: String,
+}
+
+impl Handler<GetMemory> for PersistenceActor {
+    type Result = ResponseFuture<Result<Option<String>, StoreError>>;
+    fn handle(&mut self, msg: GetMemory, _: &mut Context<Self>) -> Self::Result {
+        self.call(move |c, _| session_memory(c, &msg.id))
+    }
+}
+
 /// Load a session's memory and recent turns. Sent by a session actor on wake.
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "Result<Option<SessionSnapshot>, StoreError>")]
@@ -777,6 +827,7 @@ mod tests {
             revises: None,
             reply_meta: None,
             answer: true,
+            person_memory: None,
             effect: None,
         }
     }

@@ -885,6 +885,7 @@ mod tests {
                 revises: None,
                 reply_meta: None,
                 answer: true,
+                person_memory: None,
                 effect: Some(effect),
             },
         )
