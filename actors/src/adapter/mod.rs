@@ -34,18 +34,30 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use actix::Addr;
+use futures::future::BoxFuture;
+use tokio::sync::watch;
 
 pub use crate::outbox::{OutboundReply, ReplySink};
 pub use crate::session::{Deliver, Delivered};
 pub use actor::{AdapterActor, AdapterExit, AdapterInfo, GetAdapterInfo, StopAdapter};
-pub use supervisor::{Adapter, AdapterStatus};
+pub use supervisor::AdapterStatus;
 
 use crate::config::Config;
-use crate::error::StoreError;
+use crate::error::{AdapterError, StoreError};
 use crate::health::Gate;
 use crate::metrics::Metrics;
 use crate::persistence::PersistenceActor;
 use crate::session::SessionRegistry;
+
+/// A channel's long-running part (poll loop, socket, listener): run inside
+/// an [`AdapterActor`], (re)started by the supervisor.
+pub trait Adapter: Send + Sync + 'static {
+    /// Channel name (`telegram`, …).
+    fn name(&self) -> &'static str;
+    /// Run until `stop` turns true (then `Ok`) or a failure (`Err`). Called
+    /// again for every restart.
+    fn run(&self, stop: watch::Receiver<bool>) -> BoxFuture<'static, Result<(), AdapterError>>;
+}
 
 /// What a channel's reply sink may be built from.
 pub struct SinkDeps<'a> {

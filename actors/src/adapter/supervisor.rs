@@ -19,25 +19,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use actix::prelude::*;
-use futures::future::BoxFuture;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::actor::{AdapterActor, StopAdapter};
+pub use super::Adapter;
 use crate::backoff::backoff_delay;
 use crate::config::SupervisionConfig;
 use crate::error::AdapterError;
-
-/// A channel adapter the supervisor can (re)start.
-pub trait Adapter: Send + Sync + 'static {
-    /// Channel name (`telegram`, …).
-    fn name(&self) -> &'static str;
-    /// Run until `stop` turns true (then `Ok`) or a failure (`Err`). Called
-    /// again for every restart.
-    fn run(&self, stop: watch::Receiver<bool>) -> BoxFuture<'static, Result<(), AdapterError>>;
-}
 
 /// What `keel status` and `/metrics` show for one adapter.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -273,6 +264,7 @@ impl Handler<GetAdapterStatus> for AdapterSupervisor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures::future::BoxFuture;
     use std::collections::VecDeque;
     use tokio::sync::mpsc;
 
