@@ -75,27 +75,17 @@ async fn reply_marked_sent(store: &Addr<PersistenceActor>, session: &str) -> boo
 }
 
 fn exchange(chat: &str, key: &str) -> Exchange {
-    Exchange {
-        session: SessionKey::new("webhook", chat),
-        from: "u".into(),
-        key: key.into(),
-        text: format!("message {key}"),
-        reply: Some(ReplyPlan {
-            text: "ok".into(),
-            deliver: true,
-        }),
-        memory: None,
-        known: false,
-        adapter_state: None,
-        kind: "text".into(),
-        meta: None,
-        msg_ref: None,
-        revises: None,
-        reply_meta: None,
-        answer: true,
-        person_memory: None,
-        effect: None,
-    }
+    let reply = Some(ReplyPlan {
+        text: "ok".into(),
+        deliver: true,
+    });
+    Exchange::text(
+        SessionKey::new("webhook", chat),
+        "u",
+        key,
+        &format!("message {key}"),
+        reply,
+    )
 }
 
 #[actix_rt::test]

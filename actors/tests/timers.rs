@@ -71,22 +71,13 @@ async fn create(store: &Addr<PersistenceActor>, key: &str, spec: ScheduleSpec) {
             text: String::new(),
             deliver: true,
         }),
-        memory: None,
-        known: false,
-        adapter_state: None,
-        kind: "text".into(),
-        meta: None,
-        msg_ref: None,
-        revises: None,
-        reply_meta: None,
-        answer: true,
-        person_memory: None,
         effect: Some(Effect::CreateTimer(TimerRequest {
             spec,
             text: format!("note {key}"),
             misfire: Misfire::FireOnce,
             task: None,
         })),
+        ..Default::default()
     };
     store.send(CommitExchange(ex)).await.unwrap().unwrap();
 }

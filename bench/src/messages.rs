@@ -295,15 +295,7 @@ impl RowMaker {
                     // As in keel after a session's first message: the
                     // session and sender rows exist.
                     known: n >= self.clients as u64,
-                    adapter_state: None,
-                    kind: "text".into(),
-                    meta: None,
-                    msg_ref: None,
-                    revises: None,
-                    reply_meta: None,
-                    answer: true,
-                    person_memory: None,
-                    effect: None,
+                    ..Default::default()
                 }
             })
             .collect()

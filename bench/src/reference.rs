@@ -79,17 +79,7 @@ mod tests {
                     text: "ok".into(),
                     deliver: false,
                 }),
-                memory: None,
-                known: false,
-                adapter_state: None,
-                kind: "text".into(),
-                meta: None,
-                msg_ref: None,
-                revises: None,
-                reply_meta: None,
-                answer: true,
-                person_memory: None,
-                effect: None,
+                ..Default::default()
             })
             .collect()
     }

@@ -15,7 +15,7 @@ use crate::clock::Stamp;
 use crate::error::StoreError;
 
 /// Where a session lives: `id` is `"<channel>:<chat>"`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct SessionKey {
     pub id: String,
     pub channel: String,
@@ -73,6 +73,13 @@ pub struct Exchange {
     /// object (`null` removes a key). Applied here, in the writer, so two
     /// chats of one person never overwrite each other's changes.
     pub person_memory: Option<(SessionKey, String)>,
+}
+
+impl Default for Exchange {
+    /// An empty plain text message (fill in at least session, from, key).
+    fn default() -> Exchange {
+        Exchange::text(SessionKey::default(), "", "", "", None)
+    }
 }
 
 impl Exchange {
@@ -809,27 +816,11 @@ mod tests {
     use crate::persistence::testing::{at, db};
 
     fn ex(chat: &str, key: &str, text: &str, reply: Option<&str>) -> Exchange {
-        Exchange {
-            session: SessionKey::new("webhook", chat),
-            from: "u1".into(),
-            key: key.into(),
-            text: text.into(),
-            reply: reply.map(|t| ReplyPlan {
-                text: t.into(),
-                deliver: true,
-            }),
-            memory: None,
-            known: false,
-            adapter_state: None,
-            kind: "text".into(),
-            meta: None,
-            msg_ref: None,
-            revises: None,
-            reply_meta: None,
-            answer: true,
-            person_memory: None,
-            effect: None,
-        }
+        let reply = reply.map(|t| ReplyPlan {
+            text: t.into(),
+            deliver: true,
+        });
+        Exchange::text(SessionKey::new("webhook", chat), "u1", key, text, reply)
     }
 
     #[test]

@@ -876,17 +876,8 @@ mod tests {
                     text: String::new(),
                     deliver: true,
                 }),
-                memory: None,
-                known: false,
-                adapter_state: None,
-                kind: "text".into(),
-                meta: None,
-                msg_ref: None,
-                revises: None,
-                reply_meta: None,
-                answer: true,
-                person_memory: None,
                 effect: Some(effect),
+                ..Default::default()
             },
         )
         .unwrap()
