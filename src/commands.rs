@@ -246,3 +246,41 @@ fn migrate_cmd(dir: &DataDirArg) -> Result<ExitCode> {
     );
     Ok(ExitCode::SUCCESS)
 }
+
+/// The store of `dir`, read-only (safe while keel runs).
+pub(crate) fn open_store_ro(dir: &DataDirArg) -> Result<persistence::Connection> {
+    open_ro(&config_for(dir)?)
+}
+
+/// A store older than the schema that brought `what` has no table for it:
+/// say so in one line.
+pub(crate) fn no_table(
+    what: &'static str,
+) -> impl Fn(keel_actors::error::StoreError) -> anyhow::Error {
+    move |e| {
+        if e.to_string().contains("no such table") {
+            anyhow::anyhow!("this store has no {what} yet (schema predates them; run keel migrate)")
+        } else {
+            e.into()
+        }
+    }
+}
+
+/// Print `rows` as `{"<key>": [...]}` or one `line` each (`empty` when none).
+pub(crate) fn print_rows<T: serde::Serialize>(
+    rows: &[T],
+    as_json: bool,
+    key: &str,
+    empty: &str,
+    line: impl Fn(&T) -> String,
+) {
+    if as_json {
+        println!("{}", json!({ key: rows }));
+    } else if rows.is_empty() {
+        println!("{empty}");
+    } else {
+        for r in rows {
+            println!("{}", line(r));
+        }
+    }
+}

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use keel_actors::persistence::tasks::{self, TaskDetail, TaskState};
-use keel_actors::persistence::{self, Connection};
+use keel_actors::persistence::Connection;
 use serde_json::{json, Value};
 
 use crate::cli::{DataDirArg, TasksCmd};
@@ -41,17 +41,10 @@ pub fn tasks_cmd(cmd: TasksCmd) -> Result<ExitCode> {
                     }
                 },
             };
-            let conn = open_ro(&dir)?;
-            let rows = tasks::list_details(&conn, state, i64::MAX).map_err(no_table)?;
-            if as_json {
-                println!("{}", json!({ "tasks": rows }));
-            } else if rows.is_empty() {
-                println!("no tasks");
-            } else {
-                for t in &rows {
-                    println!("{}", line(t));
-                }
-            }
+            let conn = crate::commands::open_store_ro(&dir)?;
+            let rows = tasks::list_details(&conn, state, i64::MAX)
+                .map_err(crate::commands::no_table("tasks"))?;
+            crate::commands::print_rows(&rows, as_json, "tasks", "no tasks", line);
             Ok(ExitCode::SUCCESS)
         }
         TasksCmd::Show {
@@ -59,8 +52,10 @@ pub fn tasks_cmd(cmd: TasksCmd) -> Result<ExitCode> {
             dir,
             json: as_json,
         } => {
-            let conn = open_ro(&dir)?;
-            let Some(t) = tasks::task_detail(&conn, id).map_err(no_table)? else {
+            let conn = crate::commands::open_store_ro(&dir)?;
+            let Some(t) =
+                tasks::task_detail(&conn, id).map_err(crate::commands::no_table("tasks"))?
+            else {
                 eprintln!("keel: error: no task {id}");
                 return Ok(ExitCode::from(2));
             };
@@ -114,8 +109,11 @@ pub fn tasks_cmd(cmd: TasksCmd) -> Result<ExitCode> {
                     return Ok(ExitCode::from(2));
                 }
             }
-            let conn = open_ro(&dir)?;
-            if tasks::get_task(&conn, id).map_err(no_table)?.is_none() {
+            let conn = crate::commands::open_store_ro(&dir)?;
+            if tasks::get_task(&conn, id)
+                .map_err(crate::commands::no_table("tasks"))?
+                .is_none()
+            {
                 eprintln!("keel: error: no task {id}");
                 return Ok(ExitCode::from(2));
             }
@@ -216,22 +214,6 @@ fn ask(dir: &DataDirArg, request: &Value) -> Result<Value> {
         .read_line(&mut answer)
         .context("no answer from keel")?;
     serde_json::from_str(&answer).context("bad answer from keel")
-}
-
-fn open_ro(dir: &DataDirArg) -> Result<Connection> {
-    let config = crate::config::load(dir, None)?;
-    Ok(persistence::open_read_only(
-        &config.data_dir.join("keel.db"),
-    )?)
-}
-
-/// A store older than schema 4 has no tasks table: say so in one line.
-fn no_table(e: keel_actors::error::StoreError) -> anyhow::Error {
-    if e.to_string().contains("no such table") {
-        anyhow::anyhow!("this store has no tasks yet (schema predates them; run keel migrate)")
-    } else {
-        e.into()
-    }
 }
 
 fn line(t: &TaskDetail) -> String {

@@ -12,22 +12,15 @@ use keel_actors::persistence::timers::{self, TimerRow};
 use keel_actors::persistence::{self, StoreOptions};
 use serde_json::json;
 
-use crate::cli::{DataDirArg, TimersCmd};
+use crate::cli::TimersCmd;
 
 pub fn timers_cmd(cmd: TimersCmd) -> Result<ExitCode> {
     match cmd {
         TimersCmd::List { dir, json: as_json } => {
-            let conn = open_ro(&dir)?;
-            let rows = timers::list_timers(&conn, 10_000).map_err(no_table)?;
-            if as_json {
-                println!("{}", json!({ "timers": rows }));
-            } else if rows.is_empty() {
-                println!("no timers");
-            } else {
-                for t in &rows {
-                    println!("{}", line(t));
-                }
-            }
+            let conn = crate::commands::open_store_ro(&dir)?;
+            let rows =
+                timers::list_timers(&conn, 10_000).map_err(crate::commands::no_table("timers"))?;
+            crate::commands::print_rows(&rows, as_json, "timers", "no timers", line);
             Ok(ExitCode::SUCCESS)
         }
         TimersCmd::Show {
@@ -35,8 +28,10 @@ pub fn timers_cmd(cmd: TimersCmd) -> Result<ExitCode> {
             dir,
             json: as_json,
         } => {
-            let conn = open_ro(&dir)?;
-            let Some(t) = timers::get_timer(&conn, id).map_err(no_table)? else {
+            let conn = crate::commands::open_store_ro(&dir)?;
+            let Some(t) =
+                timers::get_timer(&conn, id).map_err(crate::commands::no_table("timers"))?
+            else {
                 eprintln!("keel: error: no timer {id}");
                 return Ok(ExitCode::from(2));
             };
@@ -76,22 +71,6 @@ pub fn timers_cmd(cmd: TimersCmd) -> Result<ExitCode> {
                 Ok(ExitCode::from(2))
             }
         }
-    }
-}
-
-fn open_ro(dir: &DataDirArg) -> Result<persistence::Connection> {
-    let config = crate::config::load(dir, None)?;
-    Ok(persistence::open_read_only(
-        &config.data_dir.join("keel.db"),
-    )?)
-}
-
-/// A store older than schema 2 has no timers table: say so in one line.
-fn no_table(e: keel_actors::error::StoreError) -> anyhow::Error {
-    if e.to_string().contains("no such table") {
-        anyhow::anyhow!("this store has no timers yet (schema predates them; run keel migrate)")
-    } else {
-        e.into()
     }
 }
 
