@@ -88,6 +88,21 @@ pub fn load(dir: &DataDirArg, run: Option<&RunArgs>) -> Result<Config> {
             .filter(|t| !t.is_empty());
     }
     let env_token = |name: &str| std::env::var(name).ok().filter(|t| !t.is_empty());
+    for (slot, name) in [
+        (
+            &mut config.whatsapp.access_token,
+            "KEEL_WHATSAPP_ACCESS_TOKEN",
+        ),
+        (&mut config.whatsapp.app_secret, "KEEL_WHATSAPP_APP_SECRET"),
+        (
+            &mut config.whatsapp.verify_token,
+            "KEEL_WHATSAPP_VERIFY_TOKEN",
+        ),
+    ] {
+        if slot.is_none() {
+            *slot = env_token(name);
+        }
+    }
     if config.webhook.secret.is_none() {
         config.webhook.secret = env_token("KEEL_WEBHOOK_SECRET");
     }

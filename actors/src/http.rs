@@ -20,7 +20,7 @@ use actix_web::{web, App, HttpResponse, HttpServer};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::adapter::webhook::{self, WebhookState};
+use crate::adapter::ChannelRoutes;
 use crate::error::StoreError;
 use crate::health::Health;
 use crate::ids::MAX_ID_BYTES;
@@ -350,7 +350,7 @@ pub fn serve(
     persistence: Addr<PersistenceActor>,
     access: Arc<RwLock<AdminAccess>>,
     tasks: Option<Addr<TaskActor>>,
-    webhook: Option<WebhookState>,
+    channels: Vec<ChannelRoutes>,
 ) -> std::io::Result<(SocketAddr, ServerHandle)> {
     let admin = AdminState {
         health,
@@ -395,10 +395,9 @@ pub fn serve(
                     .route("/{id}/logs", web::get().to(task_logs))
                     .route("/{id}/cancel", web::post().to(task_cancel)),
             );
-        if let Some(state) = &webhook {
-            app = app
-                .app_data(web::Data::new(state.clone()))
-                .route("/v1/messages", web::post().to(webhook::post_message));
+        for routes in &channels {
+            let routes = routes.clone();
+            app = app.configure(move |cfg| routes(cfg));
         }
         app.default_service(web::to(not_found))
     })

@@ -29,6 +29,7 @@ pub mod slack;
 pub mod supervisor;
 pub mod telegram;
 pub mod webhook;
+pub mod whatsapp;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -58,6 +59,10 @@ pub trait Adapter: Send + Sync + 'static {
     /// again for every restart.
     fn run(&self, stop: watch::Receiver<bool>) -> BoxFuture<'static, Result<(), AdapterError>>;
 }
+
+/// A channel's own HTTP routes (`POST /v1/messages`, `GET|POST
+/// /v1/whatsapp`, …), mounted on every HTTP worker by `http::serve`.
+pub type ChannelRoutes = Arc<dyn Fn(&mut actix_web::web::ServiceConfig) + Send + Sync>;
 
 /// What a channel's reply sink may be built from.
 pub struct SinkDeps<'a> {
@@ -100,6 +105,7 @@ pub const CHANNELS: &[Channel] = &[
     telegram::CHANNEL,
     webhook::CHANNEL,
     slack::CHANNEL,
+    whatsapp::CHANNEL,
 ];
 
 /// Channels whose replies have a delivery route.
@@ -197,7 +203,7 @@ mod tests {
     #[test]
     fn the_registry_matches_the_config_schema_and_is_in_priority_order() {
         let names: Vec<&str> = CHANNELS.iter().map(|c| c.name).collect();
-        assert_eq!(names, ["cli", "telegram", "webhook", "slack"]);
+        assert_eq!(names, ["cli", "telegram", "webhook", "slack", "whatsapp"]);
         let mut known: Vec<&str> = crate::config::CHANNEL_NAMES.to_vec();
         let mut ours = names.clone();
         known.sort_unstable();

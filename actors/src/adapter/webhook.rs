@@ -203,7 +203,7 @@ pub struct Rejection {
     pub error: String,
 }
 
-fn reject(status: u16, error: impl Into<String>) -> Rejection {
+pub(super) fn reject(status: u16, error: impl Into<String>) -> Rejection {
     Rejection {
         status,
         error: error.into(),
@@ -259,7 +259,7 @@ pub fn parse_message(body: &[u8]) -> Result<InboundMessage, Rejection> {
     })
 }
 
-fn error_response(r: &Rejection) -> HttpResponse {
+pub(super) fn error_response(r: &Rejection) -> HttpResponse {
     HttpResponse::build(
         actix_web::http::StatusCode::from_u16(r.status)
             .unwrap_or(actix_web::http::StatusCode::BAD_REQUEST),
@@ -268,7 +268,7 @@ fn error_response(r: &Rejection) -> HttpResponse {
 }
 
 /// Read the body, refusing anything over `limit` without buffering it.
-async fn read_limited(
+pub(super) async fn read_limited(
     req: &HttpRequest,
     mut payload: web::Payload,
     limit: usize,
@@ -295,6 +295,17 @@ async fn read_limited(
         body.extend_from_slice(&chunk);
     }
     Ok(body)
+}
+
+impl WebhookState {
+    /// Mount `POST /v1/messages`.
+    pub fn routes(&self) -> super::ChannelRoutes {
+        let state = self.clone();
+        Arc::new(move |cfg: &mut web::ServiceConfig| {
+            cfg.app_data(web::Data::new(state.clone()))
+                .route("/v1/messages", web::post().to(post_message));
+        })
+    }
 }
 
 /// `POST /v1/messages`.

@@ -339,6 +339,18 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         .webhook
         .enabled
         .then(|| WebhookAdapter::new(registry.clone(), metrics.clone()).start());
+    // The WhatsApp channel's adapter actor, behind its routes.
+    let whatsapp_adapter = config.whatsapp.enabled.then(|| {
+        crate::adapter::whatsapp::WhatsAppAdapter::new(registry.clone(), metrics.clone()).start()
+    });
+    let whatsapp_state = whatsapp_adapter.clone().map(|intake| {
+        crate::adapter::whatsapp::WhatsAppState::new(
+            config.whatsapp.clone(),
+            intake,
+            gate.clone(),
+            metrics.clone(),
+        )
+    });
     let webhook = webhook_adapter.clone().map(|intake| WebhookState {
         settings: webhook_settings.clone(),
         intake,
@@ -356,7 +368,11 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         persistence.clone(),
         admin_access.clone(),
         Some(tasks.clone()),
-        webhook,
+        webhook
+            .iter()
+            .map(|s| s.routes())
+            .chain(whatsapp_state.iter().map(|s| s.routes()))
+            .collect(),
     )
     .map_err(|source| StartError::Bind { addr, source })?;
     tracing::info!(addr = %http_addr, "http listening");

@@ -74,6 +74,7 @@ pub fn plan(running: &Config, new: &Config) -> (ReloadReport, Config) {
         timers,
         telegram,
         slack,
+        whatsapp,
         adapters,
         tasks,
         task,
@@ -295,6 +296,8 @@ pub fn plan(running: &Config, new: &Config) -> (ReloadReport, Config) {
         timers,
         telegram,
         slack,
+        // Its routes are mounted at start with the secrets they check.
+        whatsapp: r.restart("whatsapp", whatsapp, &old.whatsapp),
         adapters,
         tasks,
         // The task table goes to the runner and to the brain's `/task`

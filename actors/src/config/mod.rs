@@ -14,14 +14,16 @@ use serde::Deserialize;
 mod channels;
 mod ids;
 mod tasks;
+mod whatsapp;
 
 pub use channels::{SlackConfig, TelegramConfig};
 pub use ids::{check_external_id, MAX_ID_BYTES};
 pub use tasks::{validate_task, TaskConfig, TaskKind, TasksConfig, MAX_TASK_NAME};
+pub use whatsapp::WhatsAppConfig;
 
 /// The channels the schema knows (each has its section or is built in);
 /// `adapter::CHANNELS` must list the same (a test checks it).
-pub const CHANNEL_NAMES: &[&str] = &["cli", "telegram", "webhook", "slack"];
+pub const CHANNEL_NAMES: &[&str] = &["cli", "telegram", "webhook", "slack", "whatsapp"];
 
 /// Errors from loading or validating configuration.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -64,6 +66,8 @@ pub struct Config {
     pub telegram: TelegramConfig,
     /// Slack Socket Mode (R13).
     pub slack: SlackConfig,
+    /// WhatsApp Business Cloud API (R42).
+    pub whatsapp: WhatsAppConfig,
     /// Restart policy of supervised adapters and reply resends (R16).
     pub adapters: SupervisionConfig,
     /// Limits shared by every task (R19–R22).
@@ -145,6 +149,7 @@ impl Default for Config {
             timers: TimersConfig::default(),
             telegram: Default::default(),
             slack: Default::default(),
+            whatsapp: Default::default(),
             adapters: Default::default(),
             tasks: TasksConfig::default(),
             task: BTreeMap::new(),
@@ -517,6 +522,9 @@ impl Config {
             .validate()
             .map_err(|e| invalid("telegram", e))?;
         self.slack.validate().map_err(|e| invalid("slack", e))?;
+        self.whatsapp
+            .validate()
+            .map_err(|e| invalid("whatsapp", e))?;
         self.adapters
             .validate()
             .map_err(|e| invalid("adapters", e))?;

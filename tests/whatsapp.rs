@@ -1,0 +1,158 @@
+//! The WhatsApp channel through the real binary (issue 7, §4; R42): the
+//! verification handshake, signed webhook messages stored once per message
+//! id with their kind, replies sent to the Graph API quoting the message
+//! they answer, reactions stored but never answered, and unsigned or
+//! mis-signed posts refused with nothing stored. The Graph API is a server
+//! on 127.0.0.1 that records what keel sends.
+
+// Tests drive real processes in real time: clippy.toml's clock and env rules are for keel itself.
+#![allow(clippy::disallowed_methods)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{poll_until, send, Config, Daemon, ReplyServer};
+use hmac::{Hmac, Mac};
+use serde_json::{json, Value};
+use sha2::Sha256;
+
+const SECRET: &str = "wa-app-secret";
+
+fn sign(body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).expect("hmac");
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+fn message(id: &str, kind: &str, content: Value) -> Value {
+    let mut m = json!({"from": "4915550001", "id": id, "timestamp": "1764590400", "type": kind});
+    m[kind] = content;
+    json!({"object": "whatsapp_business_account", "entry": [{"id": "WABA", "changes": [{
+        "field": "messages",
+        "value": {"messaging_product": "whatsapp",
+                  "metadata": {"display_phone_number": "15550000", "phone_number_id": "1234"},
+                  "contacts": [{"profile": {"name": "Ann"}, "wa_id": "4915550001"}],
+                  "messages": [m]}}]}]})
+}
+
+async fn post(d: &Daemon, body: &Value, signature: Option<String>) -> common::Resp {
+    let bytes = serde_json::to_vec(body).expect("json");
+    let mut req = d
+        .client
+        .post(d.url("/v1/whatsapp"))
+        .header("content-type", "application/json");
+    if let Some(s) = signature {
+        req = req.header("x-hub-signature-256", s);
+    }
+    send(req.body(bytes)).await.expect("POST /v1/whatsapp")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whatsapp_messages_in_replies_out() {
+    let graph = ReplyServer::start();
+    let api_base = graph.url.trim_end_matches("/replies").to_string();
+    let mut d = Daemon::new(Config::default(), None);
+    d.write_config_text(&format!(
+        "[whatsapp]\nenabled = true\napi_base = {:?}\nphone_number_id = \"1234\"\n\
+         app_secret = {SECRET:?}\nverify_token = \"wa-verify\"\n",
+        api_base
+    ));
+    // The access token comes from the environment, as an operator would set it.
+    d.env.push((
+        "KEEL_WHATSAPP_ACCESS_TOKEN".into(),
+        "wa-access-canary".into(),
+    ));
+    d.boot().await;
+
+    // Verification handshake.
+    let ok = d
+        .get("/v1/whatsapp?hub.mode=subscribe&hub.verify_token=wa-verify&hub.challenge=1158201444")
+        .await
+        .expect("GET");
+    assert_eq!((ok.status, ok.body.as_str()), (200, "1158201444"));
+    for bad in [
+        "/v1/whatsapp?hub.mode=subscribe&hub.verify_token=wrong&hub.challenge=1",
+        "/v1/whatsapp?hub.mode=unsubscribe&hub.verify_token=wa-verify&hub.challenge=1",
+        "/v1/whatsapp?hub.challenge=1",
+    ] {
+        assert_eq!(d.get(bad).await.expect("GET").status, 403, "{bad}");
+    }
+
+    // A text message: stored, answered, the reply quotes it.
+    let text = message("wamid.A1", "text", json!({"body": "hello keel"}));
+    let r = post(&d, &text, Some(sign(&serde_json::to_vec(&text).unwrap()))).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let sent = poll_until(Duration::from_secs(30), || async {
+        graph
+            .replies()
+            .into_iter()
+            .find(|b| b["context"]["message_id"] == "wamid.A1")
+    })
+    .await
+    .expect("a reply reached the Graph API");
+    assert_eq!(sent["to"], "4915550001");
+    assert_eq!(sent["messaging_product"], "whatsapp");
+    assert!(sent["text"]["body"].as_str().is_some_and(|t| !t.is_empty()));
+
+    // Meta redelivers: stored once, answered once.
+    let again = post(&d, &text, Some(sign(&serde_json::to_vec(&text).unwrap()))).await;
+    assert_eq!(again.status, 200, "{}", again.body);
+
+    // A reaction and an image: stored with their kinds; the reaction unanswered.
+    for (id, kind, content) in [
+        (
+            "wamid.R1",
+            "reaction",
+            json!({"message_id": "wamid.A1", "emoji": "👍"}),
+        ),
+        (
+            "wamid.I1",
+            "image",
+            json!({"id": "MEDIA1", "mime_type": "image/jpeg", "caption": "my cat"}),
+        ),
+    ] {
+        let b = message(id, kind, content);
+        let r = post(&d, &b, Some(sign(&serde_json::to_vec(&b).unwrap()))).await;
+        assert_eq!(r.status, 200, "{kind}: {}", r.body);
+    }
+
+    // Unsigned and mis-signed posts store nothing.
+    let forged = message("wamid.F1", "text", json!({"body": "forged"}));
+    assert_eq!(post(&d, &forged, None).await.status, 401);
+    assert_eq!(
+        post(&d, &forged, Some("sha256=00".into())).await.status,
+        401
+    );
+    let r = post(
+        &d,
+        &json!({"entry": "nope"}),
+        Some(sign(br#"{"entry":"nope"}"#)),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.body);
+
+    let turns = d.turns("whatsapp:4915550001").await;
+    let users: Vec<(String, String)> = turns
+        .iter()
+        .filter(|t| t.role == "user")
+        .map(|t| (t.key.clone().unwrap_or_default(), t.kind.clone()))
+        .collect();
+    assert_eq!(
+        users,
+        vec![
+            ("wamid.A1".to_string(), "text".to_string()),
+            ("wamid.R1".to_string(), "reaction".to_string()),
+            ("wamid.I1".to_string(), "image".to_string()),
+        ],
+        "{turns:?}"
+    );
+    let replies = turns.iter().filter(|t| t.role == "assistant").count();
+    assert_eq!(
+        replies, 2,
+        "text and image answered, the reaction not: {turns:?}"
+    );
+    // The access token never shows in keel's log.
+    assert!(!d.stderr_all().contains("wa-access-canary"));
+    d.assert_no_panics();
+}
