@@ -177,7 +177,7 @@ impl SlackMessage {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Parsed {
     /// A message event to store (and maybe answer).
-    Message(SlackMessage),
+    Message(Box<SlackMessage>),
     /// Not a message keel keeps (reactions, unchanged edits, …): ack only.
     Ignored,
     /// A message event that is malformed: ack (Slack would resend the same
@@ -352,7 +352,7 @@ pub fn parse_event(payload: &Value, me: &BotIdentity) -> Parsed {
         return Parsed::Ignored;
     }
     match parse_message(payload, event, me) {
-        Ok(Some(m)) => Parsed::Message(m),
+        Ok(Some(m)) => Parsed::Message(Box::new(m)),
         Ok(None) => Parsed::Ignored,
         Err(why) => Parsed::Invalid(why),
     }
@@ -724,7 +724,7 @@ mod tests {
 
     fn msg(event: Value) -> SlackMessage {
         match parse(event.clone()) {
-            Parsed::Message(m) => m,
+            Parsed::Message(m) => *m,
             other => panic!("{event}: {other:?}"),
         }
     }
