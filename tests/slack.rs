@@ -741,3 +741,29 @@ async fn slack_survives_two_sigkills_nothing_acked_lost_nothing_answered_twice()
     assert_eq!(d.boots, 3);
     d.assert_no_panics();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slack_a_refused_bot_token_stops_the_adapter_at_auth_test() {
+    let fake = FakeSlack::start();
+    let mut d = Daemon::new(Config::default(), None);
+    // The fake answers `invalid_auth` to any bot token not starting `xoxb-`.
+    let text = d.config.to_toml()
+        + &config_toml(&fake.api_base, "xapp-CANARY-app", "revoked-CANARY", 30)
+        + FAST_BACKOFF;
+    d.write_config_text(&text);
+    d.boot().await;
+    assert!(
+        d.wait_for_log("adapter stopped; it will not be restarted", 1, DEADLINE)
+            .await
+    );
+    let status = d.status_json().await;
+    let v: Value = serde_json::from_slice(&status.stdout).expect("status json");
+    assert_eq!(v["adapters"]["slack"]["state"], "stopped", "{v}");
+    assert_eq!(
+        v["adapters"]["slack"]["last_error"],
+        "token rejected (HTTP 401): auth.test: invalid_auth"
+    );
+    assert_eq!(fake.opens(), 0, "no socket without a working bot token");
+    assert!(!d.stderr_all().contains("CANARY"), "a slack token leaked");
+    d.assert_no_panics();
+}
