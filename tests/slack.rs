@@ -14,7 +14,9 @@
 //! are stored, never answered; a reply to a threaded message carries its
 //! `thread_ts`; an envelope redelivered three times is stored and answered
 //! once; 20+ hostile frames are acked or skipped without a crash or a stored
-//! turn; two SIGKILLs lose nothing acked and answer nothing twice.
+//! turn; two SIGKILLs lose nothing acked and answer nothing twice; the
+//! agent's replies go to the thread too and bots never reach it; a refused
+//! bot token stops the adapter at `auth.test`.
 
 mod common;
 #[path = "common/slack.rs"]
@@ -25,7 +27,7 @@ mod telegram;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::{poll_until, Config, Daemon};
+use common::{poll_until, AgentServer, Config, Daemon};
 use serde_json::{json, Value};
 use slack::{config_toml, FakeSlack, Socket, BOT_ID, BOT_USER};
 
@@ -765,5 +767,53 @@ async fn slack_a_refused_bot_token_stops_the_adapter_at_auth_test() {
     );
     assert_eq!(fake.opens(), 0, "no socket without a working bot token");
     assert!(!d.stderr_all().contains("CANARY"), "a slack token leaked");
+    d.assert_no_panics();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slack_agent_replies_go_to_the_thread_and_bots_never_reach_the_agent() {
+    let fake = FakeSlack::start();
+    let agent = AgentServer::start();
+    let mut d = Daemon::new(
+        Config {
+            agent: Some((agent.url.clone(), 5_000, 2)),
+            ..Config::default()
+        },
+        None,
+    );
+    let text = d.config.to_toml()
+        + &config_toml(&fake.api_base, "xapp-CANARY-app", "xoxb-CANARY-bot", 30)
+        + FAST_BACKOFF;
+    d.write_config_text(&text);
+    d.boot().await;
+    fake.set_daemon(&d.base());
+    let parent = fake.next_ts();
+    let mut threaded = msg("CAG", "U1", "what about this one", &fake.next_ts());
+    threaded["thread_ts"] = json!(parent);
+    fake.push_event("EvAg1", threaded, 0);
+    let mut file = msg("CAG", "U1", "summarise the attachment", &fake.next_ts());
+    file["subtype"] = json!("file_share");
+    file["files"] = json!([{"id": "F9", "name": "notes.txt", "mimetype": "text/plain", "size": 3}]);
+    fake.push_event("EvAg2", file, 0);
+    let in_thread = wait_post(&fake, "agent: what about this one").await;
+    assert_eq!(in_thread["thread_ts"], json!(parent), "{in_thread}");
+    let top = wait_post(&fake, "agent: summarise the attachment").await;
+    assert!(top.get("thread_ts").is_none(), "{top}");
+    // A bot's message never reaches the agent.
+    let mut bot = msg("CAG", "U7", "bot chatter", &fake.next_ts());
+    bot["bot_id"] = json!("B7");
+    fake.push_event("EvAg3", bot, 0);
+    fake.push_event("EvAg4", msg("CAG", "U1", "last one", &fake.next_ts()), 0);
+    wait_post(&fake, "agent: last one").await;
+    let asked: Vec<String> = agent
+        .requests()
+        .iter()
+        .map(|r| r["text"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert!(
+        !asked.iter().any(|t| t.contains("bot chatter")),
+        "{asked:?}"
+    );
+    assert_eq!(asked.len(), 3, "{asked:?}");
     d.assert_no_panics();
 }

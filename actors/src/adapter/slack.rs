@@ -128,9 +128,9 @@ pub struct BotIdentity {
     pub bot_id: Option<String>,
 }
 
-/// Longest text keel stores from Slack (Slack itself stops at 40,000
-/// characters); a longer one is not a real Slack message.
-pub const MAX_TEXT_BYTES: usize = super::webhook::MAX_TEXT_BYTES;
+/// Longest text keel stores from Slack, in characters: Slack's own limit
+/// for a message, so a longer one is not a real Slack message.
+pub const MAX_TEXT_CHARS: usize = 40_000;
 /// At most this many files are described in a turn's `meta`.
 pub const MAX_FILES: usize = 20;
 /// A file's string fields (name, title, …) are cut to this many characters.
@@ -279,7 +279,8 @@ fn content(m: &Value, me: &BotIdentity) -> Result<Content, &'static str> {
         Some(Value::String(s)) => s.clone(),
         Some(_) => return Err("text"),
     };
-    if text.len() > MAX_TEXT_BYTES {
+    // Bytes first: a huge frame is refused without counting its characters.
+    if text.len() > 4 * MAX_TEXT_CHARS || text.chars().count() > MAX_TEXT_CHARS {
         return Err("text too long");
     }
     if text.contains('\0') {
@@ -842,7 +843,13 @@ mod tests {
         ] {
             assert_eq!(parse_event(&ignored, &me()), Parsed::Ignored, "{ignored}");
         }
-        let huge = "x".repeat(MAX_TEXT_BYTES + 1);
+        let huge = "x".repeat(MAX_TEXT_CHARS + 1);
+        // Slack's longest message, in 4-byte characters, is still a message.
+        let longest = "\u{1F600}".repeat(MAX_TEXT_CHARS);
+        assert_eq!(
+            msg(json!({"type": "message", "channel": "C1", "user": "U", "text": longest})).text,
+            longest
+        );
         for bad in [
             json!({"event": {"type": "message", "channel": "C1", "user": "U", "text": "x"}}),
             json!({"event_id": 5, "event": {"type": "message", "channel": "C1", "user": "U", "text": "x"}}),
