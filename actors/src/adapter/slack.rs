@@ -25,8 +25,9 @@
 //! socket opened does not make keel reconnect in a hot loop: after
 //! [`MAX_QUICK_DISCONNECTS`] sockets in a row that each lived less than
 //! [`QUICK_SOCKET`], the run fails and the supervisor's backoff applies.
-//! `invalid_auth` / `not_authed` / `account_inactive` or an HTTP 401 from
-//! `auth.test` or `apps.connections.open` stops the adapter (no retry) with
+//! `invalid_auth` / `not_authed` / `account_inactive` / `token_revoked` /
+//! `token_expired` or an HTTP 401 from `auth.test` or
+//! `apps.connections.open` stops the adapter (no retry) with
 //! that reason.
 //! Tokens (from keel.toml or `KEEL_SLACK_APP_TOKEN` / `KEEL_SLACK_BOT_TOKEN`)
 //! are sent only in `Authorization` headers and never logged.
@@ -243,8 +244,12 @@ fn files_meta(m: &Value) -> Result<Vec<Value>, &'static str> {
             entry.insert("size".into(), size.into());
         }
         if let Some(url) = f.get("url_private").and_then(Value::as_str) {
-            if url.starts_with("https://") || url.starts_with("http://") {
-                entry.insert("url_private".into(), Value::String(clean(url)));
+            // A cut URL would point elsewhere: kept whole or not at all.
+            let usable = (url.starts_with("https://") || url.starts_with("http://"))
+                && url.len() <= 2048
+                && !url.chars().any(char::is_control);
+            if usable {
+                entry.insert("url_private".into(), Value::String(url.to_string()));
             }
         }
         out.push(Value::Object(entry));
