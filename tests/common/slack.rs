@@ -1,10 +1,13 @@
 //! A fake Slack on 127.0.0.1 for the Socket Mode tests: real HTTP for the
 //! Web API (`POST /apps.connections.open` → `{"ok":true,"url":"ws://…"}`,
-//! `POST /chat.postMessage`) and a real WebSocket server speaking Socket
+//! `POST /chat.postMessage`, `POST /auth.test` → keel's own ids
+//! [`BOT_USER`] / [`BOT_ID`]) and a real WebSocket server speaking Socket
 //! Mode (`hello`, `events_api` envelopes, `{"envelope_id"}` acks,
 //! `disconnect`). Each new socket plays the next scripted [`Socket`]
 //! behaviour. On every ack it asks the daemon, right then, whether the
 //! acknowledged event's turn is already stored ("ack only after durable").
+//! Raw frames ([`FakeSlack::push_raw`], hostile input) are sent once, on
+//! the first socket that is up, and never resent.
 //! Include it with `#[path = "common/slack.rs"] mod slack;`.
 
 #![allow(dead_code)]
@@ -17,6 +20,11 @@ use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Message;
+
+/// keel's own bot user, as `auth.test` tells it.
+pub const BOT_USER: &str = "UKEEL";
+/// keel's own bot id, as `auth.test` tells it.
+pub const BOT_ID: &str = "BKEEL";
 
 /// How one accepted socket behaves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,6 +55,10 @@ struct Inner {
     pending: Vec<(String, String, String, Value)>,
     acks: Vec<Ack>,
     posts: Vec<Value>,
+    /// Raw frames to send once each, and how many were sent.
+    raw: Vec<String>,
+    raw_sent: usize,
+    auth_tests: usize,
     /// Base URL of the daemon, for the stored-at-ack check.
     daemon: Option<String>,
     next: u64,
@@ -102,19 +114,28 @@ async fn serve_socket(
         let wake = notify.notified();
         tokio::pin!(wake);
         wake.as_mut().enable();
-        let out: Vec<(String, Value)> = {
-            let g = inner.lock().unwrap();
-            g.pending
+        let out: Vec<(String, String)> = {
+            let mut g = inner.lock().unwrap();
+            let mut out: Vec<(String, String)> = g.raw[g.raw_sent..]
                 .iter()
-                .filter(|(id, ..)| !sent.contains(id))
-                .map(|(id, _, _, env)| (id.clone(), env.clone()))
-                .collect()
+                .map(|f| (String::new(), f.clone()))
+                .collect();
+            g.raw_sent = g.raw.len();
+            out.extend(
+                g.pending
+                    .iter()
+                    .filter(|(id, ..)| !sent.contains(id))
+                    .map(|(id, _, _, env)| (id.clone(), env.to_string())),
+            );
+            out
         };
         for (id, env) in out {
-            if ws.send(Message::text(env.to_string())).await.is_err() {
+            if ws.send(Message::text(env)).await.is_err() {
                 return;
             }
-            sent.push(id);
+            if !id.is_empty() {
+                sent.push(id);
+            }
         }
         tokio::select! {
             _ = &mut wake => {}
@@ -134,7 +155,10 @@ async fn serve_socket(
                     _ => false,
                 };
                 let mut g = inner.lock().unwrap();
-                g.pending.retain(|(id, ..)| *id != env_id);
+                // One ack settles one delivery of that envelope.
+                if let Some(i) = g.pending.iter().position(|(id, ..)| *id == env_id) {
+                    g.pending.remove(i);
+                }
                 g.acks.push(Ack { socket: n, envelope_id: env_id, stored_at_ack });
             }
         }
@@ -205,6 +229,13 @@ impl FakeSlack {
                                         g.opens += 1;
                                         HttpResponse::Ok().json(json!({"ok": true, "url": ws_url}))
                                     }
+                                    "/auth.test" if auth.starts_with("Bearer xoxb-") => {
+                                        g.auth_tests += 1;
+                                        HttpResponse::Ok().json(json!({"ok": true,
+                                            "url": "https://fake.slack.com/", "team": "Fake",
+                                            "user": "keel", "team_id": "T1",
+                                            "user_id": BOT_USER, "bot_id": BOT_ID}))
+                                    }
                                     "/chat.postMessage" if auth.starts_with("Bearer xoxb-") => {
                                         g.posts.push(
                                             serde_json::from_slice(&body).unwrap_or(Value::Null),
@@ -251,28 +282,62 @@ impl FakeSlack {
     /// Queue an `events_api` envelope with a user message; returns its
     /// envelope id. The same `event_id` may be sent again (Slack's retry).
     pub fn push_message(&self, event_id: &str, channel: &str, text: &str) -> String {
+        let ts = self.next_ts();
+        self.push_event(
+            event_id,
+            json!({"type": "message", "channel": channel, "user": "U1", "text": text, "ts": ts}),
+            0,
+        )
+    }
+
+    /// A fresh message `ts` (`1700000000.000N`).
+    pub fn next_ts(&self) -> String {
+        let mut g = self.inner.lock().unwrap();
+        g.next += 1;
+        format!("1700000000.{:06}", g.next)
+    }
+
+    /// Queue an `events_api` envelope carrying `event` (its `channel` is
+    /// where the stored-at-ack check looks); `retry_attempt` > 0 is Slack
+    /// redelivering. Returns the envelope id.
+    pub fn push_event(&self, event_id: &str, event: Value, retry_attempt: u32) -> String {
         let mut g = self.inner.lock().unwrap();
         g.next += 1;
         let env_id = format!("env-{}", g.next);
+        let channel = event["channel"].as_str().unwrap_or("").to_string();
         let envelope = json!({
             "envelope_id": env_id,
             "type": "events_api",
             "accepts_response_payload": false,
+            "retry_attempt": retry_attempt,
+            "retry_reason": if retry_attempt > 0 { "timeout" } else { "" },
             "payload": {
+                "token": "verification-token-unused",
+                "team_id": "T1",
+                "api_app_id": "A1",
                 "event_id": event_id,
+                "event_time": 1_700_000_000,
                 "type": "event_callback",
-                "event": {"type": "message", "channel": channel, "user": "U1", "text": text, "ts": "1.0"}
+                "event": event,
             }
         });
-        g.pending.push((
-            env_id.clone(),
-            event_id.to_string(),
-            channel.to_string(),
-            envelope,
-        ));
+        g.pending
+            .push((env_id.clone(), event_id.to_string(), channel, envelope));
         drop(g);
         self.notify.notify_waiters();
         env_id
+    }
+
+    /// Send this text frame once, as is (hostile input); it is never
+    /// resent, acked or not.
+    pub fn push_raw(&self, frame: String) {
+        self.inner.lock().unwrap().raw.push(frame);
+        self.notify.notify_waiters();
+    }
+
+    /// How many `auth.test` calls came in.
+    pub fn auth_tests(&self) -> usize {
+        self.inner.lock().unwrap().auth_tests
     }
 
     pub fn acks(&self) -> Vec<Ack> {
