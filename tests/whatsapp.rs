@@ -156,3 +156,65 @@ async fn whatsapp_messages_in_replies_out() {
     assert!(!d.stderr_all().contains("wa-access-canary"));
     d.assert_no_panics();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_stream_loses_no_acknowledged_whatsapp_message() {
+    let graph = ReplyServer::start();
+    let api_base = graph.url.trim_end_matches("/replies").to_string();
+    let mut d = Daemon::new(Config::default(), None);
+    d.write_config_text(&format!(
+        "[whatsapp]\nenabled = true\napi_base = {api_base:?}\nphone_number_id = \"1234\"\n\
+         access_token = \"t\"\napp_secret = {SECRET:?}\nverify_token = \"v\"\n"
+    ));
+    d.boot().await;
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let base = d.base();
+    let sender = {
+        let acked = acked.clone();
+        tokio::spawn(async move {
+            let client = common::http_client();
+            for i in 0..400 {
+                let id = format!("wamid.K{i}");
+                let b = message(&id, "text", json!({"body": format!("m {i}")}));
+                let bytes = serde_json::to_vec(&b).expect("json");
+                let r = send(
+                    client
+                        .post(format!("{base}/v1/whatsapp"))
+                        .header("x-hub-signature-256", sign(&bytes))
+                        .body(bytes),
+                )
+                .await;
+                match r {
+                    Ok(r) if r.status == 200 => acked.lock().expect("acked").push(id),
+                    _ => return,
+                }
+            }
+        })
+    };
+    let enough = poll_until(Duration::from_secs(60), || {
+        let acked = acked.clone();
+        async move { (acked.lock().expect("acked").len() >= 100).then_some(()) }
+    })
+    .await;
+    assert!(enough.is_some(), "fewer than 100 acknowledged");
+    d.sigkill();
+    sender.await.expect("sender");
+    d.restart().await;
+    let turns = d.turns("whatsapp:4915550001").await;
+    let mut stored: std::collections::HashMap<String, usize> = Default::default();
+    for t in turns.iter().filter(|t| t.role == "user") {
+        *stored.entry(t.key.clone().unwrap_or_default()).or_default() += 1;
+    }
+    let acked = acked.lock().expect("acked").clone();
+    let lost: Vec<_> = acked
+        .iter()
+        .filter(|id| !stored.contains_key(*id))
+        .collect();
+    assert!(lost.is_empty(), "lost {lost:?}");
+    assert!(stored.values().all(|n| *n == 1), "stored twice");
+    // Every stored message has exactly one reply turn (none answered twice).
+    let users = turns.iter().filter(|t| t.role == "user").count();
+    let replies = turns.iter().filter(|t| t.role == "assistant").count();
+    assert_eq!(users, replies, "one reply per message");
+    d.assert_no_panics();
+}
