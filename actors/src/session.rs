@@ -436,6 +436,7 @@ impl SessionActor {
                 session: &self.key,
                 from: &msg.from,
                 text: &msg.text,
+                kind: &msg.kind,
                 memory: &cache.memory,
                 recent,
             })
