@@ -611,10 +611,9 @@ fn message(
     let addressed = (cmd.is_some() && !other_bot)
         || raw_text.is_some_and(|t| mentions(t, entities, bot))
         || reply_to_bot;
-    let answerable = !matches!(content.as_str(), "service" | "unknown")
-        && !(content == "text" && text.trim().is_empty())
-        && !from_bot
-        && !other_bot;
+    let blank = content == "text" && text.trim().is_empty();
+    let never = matches!(content.as_str(), "service" | "unknown");
+    let answerable = !(never || blank || from_bot || other_bot);
     let answer = source == Source::Message
         && answerable
         && (!group || group_replies == GroupReplies::All || addressed);
