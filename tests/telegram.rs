@@ -670,3 +670,28 @@ async fn telegram_long_reply_is_split_in_order_and_a_partial_failure_resends_onl
     );
     d.assert_no_panics();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn telegram_reply_to_a_migrated_group_goes_to_the_new_supergroup() {
+    let tg = FakeTelegram::start();
+    let mut d = daemon(Config::default(), &tg, "888:migrate", FAST_BACKOFF);
+    tg.fail_sends([Fault::Status(
+        400,
+        json!({"ok": false, "error_code": 400,
+            "description": "Bad Request: group chat was upgraded to a supergroup chat",
+            "parameters": {"migrate_to_chat_id": -1001555}}),
+        None,
+    )]);
+    let id = tg.push_raw(json!({"message": {"message_id": 40, "date": 0,
+        "chat": {"id": -222, "type": "group", "title": "g"},
+        "from": {"id": 111, "is_bot": false, "first_name": "Ann"},
+        "text": "/help@KeelTestBot", "entities": [{"type": "bot_command", "offset": 0, "length": 17}]}}));
+    d.boot().await;
+    confirmed(&tg, id).await;
+    wait_all_sent(&d, &["telegram:-222"]).await;
+    let moved = sent_to(&tg, -1001555);
+    assert_eq!(moved.len(), 1, "{:#?}", tg.sent());
+    assert_eq!(moved[0]["reply_parameters"]["message_id"], 40);
+    assert!(sent_to(&tg, -222).is_empty());
+    d.assert_no_panics();
+}

@@ -64,6 +64,9 @@ pub enum ApiError {
     Transient(String),
     /// Timed out after the request left.
     Unknown(String),
+    /// 400: the group became this supergroup (`parameters.migrate_to_chat_id`);
+    /// the request can be repeated there.
+    Migrated(i64),
 }
 
 #[derive(Deserialize)]
@@ -79,6 +82,7 @@ struct Envelope {
 #[derive(Deserialize)]
 struct Parameters {
     retry_after: Option<u64>,
+    migrate_to_chat_id: Option<i64>,
 }
 
 /// Classify a Bot API response (status, `Retry-After` header, body).
@@ -109,7 +113,12 @@ pub fn classify(
         .filter(|c| !c.is_control())
         .take(200)
         .collect();
+    let migrated = env
+        .as_ref()
+        .and_then(|e| e.parameters.as_ref())
+        .and_then(|p| p.migrate_to_chat_id);
     Err(match code {
+        400 if migrated.is_some() => ApiError::Migrated(migrated.unwrap_or_default()),
         429 => ApiError::RateLimited(
             env.as_ref()
                 .and_then(|e| e.parameters.as_ref())
@@ -199,6 +208,7 @@ impl From<ApiError> for AdapterError {
             ApiError::Rejected(d) | ApiError::Transient(d) | ApiError::Unknown(d) => {
                 AdapterError::Transient(d)
             }
+            ApiError::Migrated(id) => AdapterError::Transient(format!("chat migrated to {id}")),
         }
     }
 }
@@ -1154,6 +1164,8 @@ pub fn send_error(e: ApiError) -> SendError {
         }
         ApiError::Unknown(d) => SendError::Unknown(d),
         ApiError::Rejected(d) => SendError::Permanent(format!("telegram rejected the reply: {d}")),
+        // The sink follows one migration itself; a second one is odd.
+        ApiError::Migrated(id) => SendError::Permanent(format!("chat migrated again (to {id})")),
         // A revoked token may be replaced: keep the reply pending.
         ApiError::Unauthorized(d) | ApiError::Conflict(d) | ApiError::Transient(d) => {
             SendError::Transient(d)
@@ -1166,7 +1178,7 @@ impl ReplySink for TelegramSink {
         let api = self.api.clone();
         let timeout = self.timeout;
         let progress = self.progress.clone();
-        let chat: Value = reply
+        let mut chat: Value = reply
             .chat
             .parse::<i64>()
             .map(Value::from)
@@ -1181,9 +1193,20 @@ impl ReplySink for TelegramSink {
             // sent only after the last one was accepted.
             for (n, part) in parts.iter().enumerate().skip(done) {
                 let body = send_body(&chat, part, reply.reply_meta.as_ref());
-                api.call("sendMessage", &body, timeout)
-                    .await
-                    .map_err(send_error)?;
+                match api.call("sendMessage", &body, timeout).await {
+                    Ok(_) => {}
+                    // A group upgraded to a supergroup: send there (this
+                    // part and the rest), once.
+                    Err(ApiError::Migrated(to)) if chat != json!(to) => {
+                        tracing::info!(chat = %reply.chat, to, "telegram chat migrated; reply sent there");
+                        chat = json!(to);
+                        let body = send_body(&chat, part, reply.reply_meta.as_ref());
+                        api.call("sendMessage", &body, timeout)
+                            .await
+                            .map_err(send_error)?;
+                    }
+                    Err(e) => return Err(send_error(e)),
+                }
                 if parts.len() > 1 {
                     if let Ok(mut p) = progress.lock() {
                         if p.len() > 10_000 {
@@ -1270,6 +1293,11 @@ mod tests {
             classify(403, None, b"{}"),
             Err(ApiError::Rejected(_))
         ));
+        let upgraded = br#"{"ok":false,"error_code":400,"description":"Bad Request: group chat was upgraded to a supergroup chat","parameters":{"migrate_to_chat_id":-1001555}}"#;
+        assert_eq!(
+            classify(400, None, upgraded),
+            Err(ApiError::Migrated(-1001555))
+        );
     }
 
     #[test]
