@@ -301,3 +301,397 @@ async fn telegram_gives_up_after_the_last_attempt_and_the_owner_hears_it_on_the_
         .collect();
     stops_and_tells_the_owner(faults, policy, "gave_up", "502: Bad Gateway").await;
 }
+
+// ---------------------------------------------------------------------------
+// Telegram as clients send it (issue 7 §2), through the binary.
+
+const CORPUS: &str = include_str!("data/telegram/updates.json");
+
+/// Every sendMessage body sent to `chat`.
+fn sent_to(tg: &FakeTelegram, chat: i64) -> Vec<Value> {
+    tg.sent()
+        .into_iter()
+        .filter(|s| s["chat_id"] == json!(chat))
+        .collect()
+}
+
+/// The turns of `session` as the API shows them (kind, meta, revises).
+async fn api_turns(d: &Daemon, session: &str) -> Vec<Value> {
+    let path = format!("/v1/sessions/{}/turns", common::encode_segment(session));
+    let r = d.get(&path).await.expect("GET turns");
+    assert_eq!(r.status, 200, "{path}: {}", r.body);
+    r.json()["turns"].as_array().cloned().unwrap_or_default()
+}
+
+/// Waits until every reply keel wrote in these sessions was accepted.
+async fn wait_all_sent(d: &Daemon, sessions: &[&str]) {
+    let done = poll_until(DEADLINE, || async {
+        for s in sessions {
+            for t in api_turns(d, s).await {
+                if t["role"] == "assistant" && t["sent"] != json!(true) {
+                    return None;
+                }
+            }
+        }
+        Some(())
+    })
+    .await;
+    assert!(done.is_some(), "replies in {sessions:?} never all sent");
+}
+
+/// Bad shapes sent by a hostile or broken Bot API peer (ids from 5000).
+fn hostile_updates() -> Vec<Value> {
+    let huge = "\u{1F600}".repeat(70_000);
+    let deep = (0..64).fold(json!(1), |v, _| json!({ "chat": v }));
+    let cases = vec![
+        json!({"message": null}),
+        json!({"message": []}),
+        json!({"message": "text"}),
+        json!({"message": {"text": "no chat"}}),
+        json!({"message": {"chat": {"id": "x"}, "text": "string chat id"}}),
+        json!({"message": {"chat": {"id": 1.5}, "text": "float chat id"}}),
+        json!({"message": {"chat": {}, "text": "empty chat"}}),
+        json!({"message": {"chat": {"id": 5555, "type": "private"}, "text": 42}}),
+        json!({"message": {"message_id": 1, "chat": {"id": 5555, "type": "private"}, "text": "nul\u{0}inside"}}),
+        json!({"message": {"message_id": 2, "chat": {"id": 5555, "type": "private"}, "caption": huge, "photo": [{"file_id": 7}]}}),
+        json!({"message": {"chat": {"id": 5555, "type": "private"}, "photo": "not a list"}}),
+        json!({"message": {"chat": {"id": -5556, "type": "group"}, "text": "@KeelTestBot",
+            "entities": [{"type": "mention", "offset": 99_999_999_999u64, "length": 5}]}}),
+        json!({"message": {"chat": {"id": -5556, "type": "group"}, "text": "x",
+            "entities": "not a list"}}),
+        json!({"message": {"chat": {"id": -5556, "type": "group"}, "text": "/@"}}),
+        json!({"edited_message": {"chat": {"id": 5555}, "text": "edit without message_id"}}),
+        json!({"edited_message": {"message_id": 999_999, "chat": {"id": 5555}, "text": "edit of nothing"}}),
+        json!({"callback_query": {"id": 5, "from": {"id": 1}}}),
+        json!({"callback_query": {"id": "q1"}}),
+        json!({"callback_query": {"id": "q2", "from": {"id": 5555}, "message": {"chat": {}}}}),
+        json!({"my_chat_member": {"new_chat_member": {"status": "kicked"}}}),
+        json!({"message_reaction": {"chat": {"id": 5555}, "new_reaction": "x", "old_reaction": 3}}),
+        json!({"message": {"chat": {"id": 5555, "type": "\u{202E}evil\u{0}"}, "text": "odd type"}}),
+        json!({"poll": {"id": "p", "question": "state only"}}),
+        json!({"weird_future": deep}),
+        json!({"message": {"chat": {"id": 5555}, "document": {"file_id": {"nested": 1}, "file_size": "big"}}}),
+        json!({"message": {"chat": {"id": 5555}, "reply_to_message": "x", "text": "bad reply_to"}}),
+        json!({"message": {"chat": {"id": 5555}, "media_group_id": 7, "photo": [{}]}}),
+        json!({"message": {"chat": {"id": 5555}, "from": "nobody", "text": "from is a string"}}),
+        json!({}),
+    ];
+    cases
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut u)| {
+            u["update_id"] = json!(5000 + i as i64);
+            u
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn telegram_corpus_is_stored_with_kinds_and_meta_and_answered_only_when_addressed() {
+    let tg = FakeTelegram::start();
+    let mut d = daemon(Config::default(), &tg, "444:corpus", FAST_BACKOFF);
+    let corpus: Vec<Value> = serde_json::from_str(CORPUS).unwrap();
+    for case in &corpus {
+        tg.push_exact(case["update"].clone());
+    }
+    // An addressed message in the forum topic (thread 77), after the corpus.
+    let topic_id = tg.push_exact(json!({"update_id": 1100, "message": {
+        "message_id": 90, "date": 0, "is_topic_message": true, "message_thread_id": 77,
+        "chat": {"id": -1001333, "type": "supergroup", "is_forum": true, "title": "Keel Forum"},
+        "from": {"id": 112, "is_bot": false, "first_name": "Bob"},
+        "reply_to_message": {"message_id": 77, "date": 0, "forum_topic_created": {"name": "Planning", "icon_color": 1},
+            "chat": {"id": -1001333, "type": "supergroup"}, "from": {"id": 112, "is_bot": false, "first_name": "Bob"}},
+        "text": "@KeelTestBot summary please",
+        "entities": [{"type": "mention", "offset": 0, "length": 12}]}}));
+    let hostile = hostile_updates();
+    for h in &hostile {
+        tg.push_exact(h.clone());
+    }
+    let last = hostile.last().unwrap()["update_id"].as_i64().unwrap();
+    d.boot().await;
+    // The whole batch is confirmed, hostile updates included.
+    confirmed(&tg, last).await;
+    assert_eq!(tg.me_calls(), 1, "getMe once at start");
+    let sessions = [
+        "telegram:111",
+        "telegram:-222",
+        "telegram:-1001333",
+        "telegram:-1001444",
+        "telegram:-1001555",
+    ];
+    wait_all_sent(&d, &sessions).await;
+
+    // Every corpus update is a turn with the corpus kind, keyed by update_id.
+    let mut by_key: HashMap<String, (String, Value)> = HashMap::new();
+    for s in sessions {
+        for t in api_turns(&d, s).await {
+            if t["role"] == "user" {
+                let key = t["key"].as_str().unwrap().to_string();
+                by_key.insert(key, (s.to_string(), t));
+            }
+        }
+    }
+    for case in &corpus {
+        let id = case["update"]["update_id"].to_string();
+        let (_, turn) = by_key
+            .get(&id)
+            .unwrap_or_else(|| panic!("{} ({id}) not stored", case["name"]));
+        assert_eq!(turn["kind"], case["kind"], "{}", case["name"]);
+    }
+    let turn = |id: i64| by_key[&id.to_string()].1.clone();
+    // Captions are the text; media metadata is kept.
+    assert_eq!(turn(1009)["text"], "sunset \u{1F305} #holiday");
+    assert_eq!(turn(1009)["meta"]["photo"]["file_id"], "AgACAgIAAxkBAAIA3");
+    assert_eq!(turn(1012)["meta"]["document"]["file_name"], "report Q1.pdf");
+    assert_eq!(turn(1017)["meta"]["location"]["longitude"], 13.404954);
+    assert_eq!(
+        turn(1018)["meta"]["contact"]["phone_number"],
+        "+4915112345678"
+    );
+    assert_eq!(turn(1010)["meta"]["media_group_id"], "13912345678901234");
+    assert_eq!(turn(1007)["meta"]["start_payload"], "PAYLOAD123");
+    // An edit is a revision of the original turn.
+    assert_eq!(turn(1021)["revises"], turn(1000)["seq"]);
+    assert_eq!(turn(1021)["text"], "hello keel (edited)");
+    assert_eq!(turn(1023)["revises"], turn(1022)["seq"]);
+    assert_eq!(by_key["1022"].0, "telegram:-1001444", "channel post stored");
+    assert_eq!(turn(1035)["meta"]["update"], "business_message_v9");
+
+    // What was answered. Private chat: everything a user sent except edits,
+    // service messages and unknown content; an album answered once.
+    let private: Vec<String> = sent_to(&tg, 111)
+        .iter()
+        .map(|s| s["text"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(private.len(), 17, "{private:#?}");
+    let starts = private.iter().filter(|t| t.starts_with("Hello")).count();
+    assert_eq!(starts, 2, "/start and /start PAYLOAD greet: {private:#?}");
+    assert!(private.iter().all(|t| !t.contains("Unknown command")));
+    let photos = private.iter().filter(|t| *t == "Got your photo.").count();
+    assert_eq!(photos, 2, "one photo and one album: {private:#?}");
+    for what in [
+        "document",
+        "voice message",
+        "sticker",
+        "location",
+        "dice roll",
+    ] {
+        assert!(private.contains(&format!("Got your {what}.")), "{what}");
+    }
+    assert!(sent_to(&tg, 111)
+        .iter()
+        .all(|s| s.get("reply_parameters").is_none()));
+    // The group: only the three addressed messages, each quoted.
+    let group = sent_to(&tg, -222);
+    let quoted: Vec<i64> = group
+        .iter()
+        .map(|s| {
+            assert_eq!(s["reply_parameters"]["allow_sending_without_reply"], true);
+            s["reply_parameters"]["message_id"].as_i64().unwrap()
+        })
+        .collect();
+    let mut quoted_sorted = quoted.clone();
+    quoted_sorted.sort_unstable();
+    assert_eq!(quoted_sorted, vec![20, 22, 23], "{group:#?}");
+    assert!(group
+        .iter()
+        .any(|s| s["text"].as_str().unwrap().contains("/recall")));
+    // Not addressed: stored with answer = false, no reply turn.
+    for id in [1002, 1005, 1008, 1019, 1028, 1029, 1030] {
+        assert!(turn(id)["meta"]["addressed"] != json!(true), "{id}");
+    }
+    // The forum: the topic message addressed to keel is answered in its topic.
+    let forum = sent_to(&tg, -1001333);
+    assert_eq!(forum.len(), 1, "{forum:#?}");
+    assert_eq!(forum[0]["message_thread_id"], 77);
+    assert_eq!(forum[0]["reply_parameters"]["message_id"], 90);
+    assert!(by_key.contains_key(&topic_id.to_string()));
+    // Nothing to the channel or the migrated supergroup.
+    assert!(sent_to(&tg, -1001444).is_empty());
+    assert!(sent_to(&tg, -1001555).is_empty());
+    // The button press was answered at once.
+    let answered = poll_until(DEADLINE, || async {
+        tg.callback_answers()
+            .into_iter()
+            .find(|b| b["callback_query_id"] == "4382000123456789012")
+    })
+    .await;
+    assert!(answered.is_some(), "answerCallbackQuery sent");
+
+    // Hostile updates: stored or passed over, never a crash; the daemon
+    // still answers.
+    let stored_hostile: Vec<&String> = by_key.keys().filter(|k| k.starts_with('5')).collect();
+    assert!(
+        stored_hostile.is_empty(),
+        "hostile turns live in their own chats"
+    );
+    let odd = api_turns(&d, "telegram:5555").await;
+    let nul = odd
+        .iter()
+        .find(|t| t["key"] == "5008")
+        .expect("NUL text stored");
+    assert_eq!(nul["text"], "nul\u{FFFD}inside");
+    let huge = odd
+        .iter()
+        .find(|t| t["key"] == "5009")
+        .expect("huge caption stored");
+    assert_eq!(huge["meta"]["truncated"], true);
+    assert_eq!(huge["kind"], "photo");
+    assert!(
+        d.wait_for_log("telegram update rejected", 5, DEADLINE)
+            .await
+    );
+    let after = tg.push_text(111, "/recall still-alive");
+    wait_answered_text(&tg, 111, "I have nothing under still-alive.").await;
+    assert!(after > last);
+    let metrics = d.get("/metrics").await.unwrap().body;
+    assert!(metrics.contains(r#"keel_adapter_state{adapter="telegram",state="running"} 1"#));
+    d.assert_no_panics();
+}
+
+/// Waits until Telegram was told every update up to `id` is stored.
+async fn confirmed(tg: &FakeTelegram, id: i64) {
+    poll_until(DEADLINE, || async {
+        tg.offsets().iter().any(|o| *o > id).then_some(())
+    })
+    .await
+    .expect("updates confirmed");
+}
+
+async fn wait_answered_text(tg: &FakeTelegram, chat: i64, text: &str) {
+    let found = poll_until(DEADLINE, || async {
+        sent_to(tg, chat)
+            .into_iter()
+            .find(|s| s["text"] == text)
+            .map(|_| ())
+    })
+    .await;
+    assert!(found.is_some(), "{text:?} never sent to {chat}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn telegram_group_replies_all_answers_every_user_message_but_never_service_or_other_bots() {
+    let tg = FakeTelegram::start();
+    // Keys of [telegram] come before the [adapters] section; the owner
+    // chat is written as an integer.
+    let extra = format!("group_replies = \"all\"\nowner_chat = 111\n{FAST_BACKOFF}");
+    let mut d = daemon(Config::default(), &tg, "555:all", &extra);
+    let corpus: Vec<Value> = serde_json::from_str(CORPUS).unwrap();
+    let mut last = 0;
+    for case in corpus.iter().filter(|c| {
+        let n = c["name"].as_str().unwrap();
+        n.starts_with("group_") || n == "forum_topic_message"
+    }) {
+        last = tg.push_exact(case["update"].clone());
+    }
+    d.boot().await;
+    confirmed(&tg, last).await;
+    wait_all_sent(&d, &["telegram:-222", "telegram:-1001333"]).await;
+    let quoted: Vec<i64> = sent_to(&tg, -222)
+        .iter()
+        .map(|s| s["reply_parameters"]["message_id"].as_i64().unwrap())
+        .collect();
+    let mut q = quoted.clone();
+    q.sort_unstable();
+    // 20 /help@us, 22 mention, 23 reply, 24 plain, 25 poll; not 21
+    // (/help@OtherBot), 26 (bot added), 27 (left), 28 (migration).
+    assert_eq!(q, vec![20, 22, 23, 24, 25]);
+    let forum = sent_to(&tg, -1001333);
+    assert_eq!(forum.len(), 1);
+    assert_eq!(forum[0]["message_thread_id"], 77);
+    assert_eq!(forum[0]["reply_parameters"]["message_id"], 78);
+    d.assert_no_panics();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn telegram_get_me_401_stops_the_adapter_before_polling_and_the_owner_hears_it() {
+    let tg = FakeTelegram::start();
+    let replies = ReplyServer::start();
+    let config = Config {
+        reply_url: Some(replies.url.clone()),
+        owner_chat: Some("owner".into()),
+        ..Config::default()
+    };
+    let mut d = daemon(config, &tg, "666:revoked", FAST_BACKOFF);
+    tg.fail_me([Fault::api(401, "Unauthorized", None)]);
+    d.boot().await;
+    let notice = poll_until(DEADLINE, || async {
+        replies.replies().into_iter().find(|r| {
+            r["text"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("adapter telegram gave up")
+        })
+    })
+    .await
+    .expect("the owner is told on the webhook");
+    assert!(
+        notice["text"].as_str().unwrap().contains("HTTP 401"),
+        "{notice}"
+    );
+    assert_eq!(tg.me_calls(), 1, "no retry after 401");
+    assert!(tg.offsets().is_empty(), "never polled with a revoked token");
+    d.assert_no_panics();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn telegram_long_reply_is_split_in_order_and_a_partial_failure_resends_only_the_rest() {
+    let tg = FakeTelegram::start();
+    let mut d = daemon(Config::default(), &tg, "777:split", FAST_BACKOFF);
+    let chat = 8080;
+    let line = "lorem ipsum ".repeat(16);
+    for _ in 0..30 {
+        tg.push_text(chat, &line);
+    }
+    d.boot().await;
+    poll_until(DEADLINE, || async {
+        (sent_to(&tg, chat).len() == 30).then_some(())
+    })
+    .await
+    .expect("30 acknowledgements");
+    // /history 50 is ~8,000 UTF-16 units: two or more parts. The second
+    // part fails once (502); the retry sends only what is left.
+    tg.fail_sends([Fault::Pass, Fault::api(502, "Bad Gateway", None)]);
+    let history = tg.push_text(chat, "/history 50");
+    confirmed(&tg, history).await;
+    wait_all_sent(&d, &[&format!("telegram:{chat}")]).await;
+    let parts: Vec<String> = sent_to(&tg, chat)[30..]
+        .iter()
+        .map(|s| s["text"].as_str().unwrap().to_string())
+        .collect();
+    assert!(parts.len() >= 2, "{parts:#?}");
+    assert!(parts.iter().all(|p| p.encode_utf16().count() <= 4096));
+    let turns = api_turns(&d, &format!("telegram:{chat}")).await;
+    let reply = turns.last().unwrap()["text"].as_str().unwrap().to_string();
+    assert_eq!(
+        parts.join("\n"),
+        reply,
+        "every part once, in order, split at lines"
+    );
+    d.assert_no_panics();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn telegram_reply_to_a_migrated_group_goes_to_the_new_supergroup() {
+    let tg = FakeTelegram::start();
+    let mut d = daemon(Config::default(), &tg, "888:migrate", FAST_BACKOFF);
+    tg.fail_sends([Fault::Status(
+        400,
+        json!({"ok": false, "error_code": 400,
+            "description": "Bad Request: group chat was upgraded to a supergroup chat",
+            "parameters": {"migrate_to_chat_id": -1001555}}),
+        None,
+    )]);
+    let id = tg.push_raw(json!({"message": {"message_id": 40, "date": 0,
+        "chat": {"id": -222, "type": "group", "title": "g"},
+        "from": {"id": 111, "is_bot": false, "first_name": "Ann"},
+        "text": "/help@KeelTestBot", "entities": [{"type": "bot_command", "offset": 0, "length": 17}]}}));
+    d.boot().await;
+    confirmed(&tg, id).await;
+    wait_all_sent(&d, &["telegram:-222"]).await;
+    let moved = sent_to(&tg, -1001555);
+    assert_eq!(moved.len(), 1, "{:#?}", tg.sent());
+    assert_eq!(moved[0]["reply_parameters"]["message_id"], 40);
+    assert!(sent_to(&tg, -222).is_empty());
+    d.assert_no_panics();
+}

@@ -18,7 +18,10 @@ use crate::persistence::{SessionKey, TurnRow};
 pub struct BrainInput<'a> {
     pub session: &'a SessionKey,
     pub from: &'a str,
+    /// The text, or a media message's caption (may be empty).
     pub text: &'a str,
+    /// What the turn is (`text`, `photo`, `callback`, …; see `Deliver::kind`).
+    pub kind: &'a str,
     pub memory: &'a Map<String, Value>,
     /// Newest turns of the session, oldest first (at most `RECENT_TURNS`).
     pub recent: &'a [TurnRow],
@@ -77,6 +80,7 @@ impl CommandBrain {
             commands: BTreeMap::new(),
             agent,
         };
+        b.register("start", Arc::new(Start));
         b.register("history", Arc::new(History));
         b.register("remember", Arc::new(Remember));
         b.register("recall", Arc::new(Recall));
@@ -119,11 +123,55 @@ impl Brain for CommandBrain {
                 )),
             };
         }
+        // Media (its caption is the text) is acknowledged here even with an
+        // agent: the agent sees it, with its metadata, in the history.
+        if let Some(what) = media_name(input.kind) {
+            return Decision::say(format!("Got your {what}."));
+        }
         if self.agent {
             Decision::Forward
+        } else if input.kind == "callback" {
+            Decision::say("Got it — your choice is saved.")
         } else {
             Decision::say("Got it — your message is saved. Send /help to see what I can do.")
         }
+    }
+}
+
+/// How a reply names a media kind; `None` for text-like kinds.
+fn media_name(kind: &str) -> Option<&'static str> {
+    Some(match kind {
+        "photo" => "photo",
+        "document" => "document",
+        "voice" => "voice message",
+        "audio" => "audio",
+        "video" => "video",
+        "video_note" => "video message",
+        "animation" => "animation",
+        "sticker" => "sticker",
+        "location" => "location",
+        "venue" => "venue",
+        "contact" => "contact",
+        "poll" => "poll",
+        "dice" => "dice roll",
+        _ => return None,
+    })
+}
+
+/// `/start [PAYLOAD]`: what a Telegram client sends first (the payload of a
+/// deep link is kept in the turn's meta by the channel, not used here).
+struct Start;
+
+impl Command for Start {
+    fn usage(&self) -> &'static str {
+        "/start — a greeting"
+    }
+
+    fn run(&self, _args: &str, _input: &BrainInput<'_>) -> Decision {
+        Decision::say(
+            "Hello! I'm keel, your assistant. I keep what you send me. \
+             Send /help to see what I can do.",
+        )
     }
 }
 
@@ -240,6 +288,7 @@ mod tests {
             session: &session,
             from: "me",
             text,
+            kind: "text",
             memory,
             recent: &[],
         })
@@ -286,5 +335,38 @@ mod tests {
         assert!(reply_text(decide(&b, "/history lots", &mem)).starts_with("Usage"));
         assert!(reply_text(decide(&b, "/remember", &mem)).starts_with("Usage"));
         assert!(reply_text(decide(&b, "/nope", &mem)).contains("Unknown command"));
+    }
+
+    #[test]
+    fn start_greets_and_names_help_with_or_without_a_payload() {
+        let b = CommandBrain::new(true);
+        let mem = Map::new();
+        for text in ["/start", "/start PAYLOAD123", "/start@KeelTestBot x"] {
+            let t = reply_text(decide(&b, text, &mem));
+            assert!(t.starts_with("Hello") && t.contains("/help"), "{text}: {t}");
+        }
+        assert!(reply_text(decide(&b, "/help", &mem)).contains("/start"));
+    }
+
+    #[test]
+    fn media_is_acknowledged_and_captions_can_be_commands() {
+        let b = CommandBrain::new(true);
+        let mem = Map::new();
+        let session = SessionKey::new("telegram", "1");
+        let run = |text: &str, kind: &str| {
+            b.decide(&BrainInput {
+                session: &session,
+                from: "me",
+                text,
+                kind,
+                memory: &mem,
+                recent: &[],
+            })
+        };
+        assert_eq!(reply_text(run("sunset", "photo")), "Got your photo.");
+        assert_eq!(reply_text(run("", "voice")), "Got your voice message.");
+        assert!(reply_text(run("/help", "document")).contains("/recall"));
+        assert_eq!(run("confirm:yes", "callback"), Decision::Forward);
+        assert_eq!(run("later", "text"), Decision::Forward);
     }
 }

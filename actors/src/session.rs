@@ -469,6 +469,7 @@ impl SessionActor {
                 session: &self.key,
                 from: &msg.from,
                 text: &msg.text,
+                kind: &msg.kind,
                 memory: person.as_ref().map_or(&cache.memory, |(_, m)| m),
                 recent,
             })

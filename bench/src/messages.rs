@@ -267,6 +267,7 @@ impl RowMaker {
             session: &session,
             from: "u0",
             text: "hello 0",
+            kind: "text",
             memory: &memory,
             recent: &[],
         });

@@ -29,6 +29,8 @@ pub enum Fault {
     Reset,
     /// Accept the request and never answer.
     Hang,
+    /// Answer this call normally (to aim a later fault at a later call).
+    Pass,
 }
 
 impl Fault {
@@ -57,6 +59,12 @@ struct Inner {
     send_faults: VecDeque<Fault>,
     /// Every request path and body, to check for leaks elsewhere.
     tokens_seen: Vec<String>,
+    /// getMe calls received, and faults to play on them.
+    me_calls: usize,
+    me_faults: VecDeque<Fault>,
+    /// Every answerCallbackQuery body, and faults to play on them.
+    callback_answers: Vec<Value>,
+    callback_faults: VecDeque<Fault>,
 }
 
 pub struct FakeTelegram {
@@ -102,7 +110,7 @@ fn fault_response(f: Fault) -> Option<actix_web::HttpResponse> {
                     .streaming(chunks),
             )
         }
-        Fault::Hang => None,
+        Fault::Hang | Fault::Pass => None,
     }
 }
 
@@ -218,13 +226,44 @@ impl FakeTelegram {
                         let _ = tokio::time::timeout_at(end, wait).await;
                     }
                 }
+                "getMe" => {
+                    let fault = {
+                        let mut g = inner.lock().unwrap();
+                        g.me_calls += 1;
+                        g.me_faults.pop_front()
+                    };
+                    if let Some(f) = fault {
+                        return match fault_response(f) {
+                            Some(r) => r,
+                            None => std::future::pending().await,
+                        };
+                    }
+                    HttpResponse::Ok().json(json!({"ok": true, "result": {
+                        "id": 999, "is_bot": true, "first_name": "Keel",
+                        "username": "KeelTestBot", "can_join_groups": true,
+                        "can_read_all_group_messages": false, "supports_inline_queries": false}}))
+                }
+                "answerCallbackQuery" => {
+                    let fault = {
+                        let mut g = inner.lock().unwrap();
+                        g.callback_answers.push(body.clone());
+                        g.callback_faults.pop_front()
+                    };
+                    if let Some(f) = fault {
+                        return match fault_response(f) {
+                            Some(r) => r,
+                            None => std::future::pending().await,
+                        };
+                    }
+                    HttpResponse::Ok().json(json!({"ok": true, "result": true}))
+                }
                 "sendMessage" => {
                     let fault = {
                         let mut g = inner.lock().unwrap();
                         g.send_requests += 1;
                         g.send_faults.pop_front()
                     };
-                    if let Some(f) = fault {
+                    if let Some(f) = fault.filter(|f| !matches!(f, Fault::Pass)) {
                         return match fault_response(f) {
                             Some(r) => r,
                             None => std::future::pending().await,
@@ -267,6 +306,37 @@ impl FakeTelegram {
         drop(g);
         self.notify.notify_waiters();
         id
+    }
+
+    /// Queue an update exactly as given (its own update_id; the next ids
+    /// continue after it).
+    pub fn push_exact(&self, update: Value) -> i64 {
+        let mut g = self.inner.lock().unwrap();
+        let id = update["update_id"].as_i64().expect("update_id");
+        g.next_id = g.next_id.max(id + 1);
+        g.queue.push_back(update);
+        drop(g);
+        self.notify.notify_waiters();
+        id
+    }
+
+    /// Play these faults on the next getMe calls.
+    pub fn fail_me(&self, faults: impl IntoIterator<Item = Fault>) {
+        self.inner.lock().unwrap().me_faults.extend(faults);
+    }
+
+    pub fn me_calls(&self) -> usize {
+        self.inner.lock().unwrap().me_calls
+    }
+
+    /// Play these faults on the next answerCallbackQuery calls.
+    pub fn fail_callbacks(&self, faults: impl IntoIterator<Item = Fault>) {
+        self.inner.lock().unwrap().callback_faults.extend(faults);
+    }
+
+    /// Every answerCallbackQuery body received (answered or failed).
+    pub fn callback_answers(&self) -> Vec<Value> {
+        self.inner.lock().unwrap().callback_answers.clone()
     }
 
     /// Play these faults on the next getUpdates calls.

@@ -188,6 +188,7 @@ pub fn plan(running: &Config, new: &Config) -> (ReloadReport, Config) {
             poll_timeout_s,
             limit,
             request_margin_s,
+            group_replies,
         } = telegram;
         let o = &old.telegram;
         TelegramConfig {
@@ -202,6 +203,7 @@ pub fn plan(running: &Config, new: &Config) -> (ReloadReport, Config) {
                 request_margin_s,
                 &o.request_margin_s,
             ),
+            group_replies: r.restart("telegram.group_replies", group_replies, &o.group_replies),
         }
     };
     let slack = {

@@ -4,7 +4,19 @@
 
 use serde::Deserialize;
 
-use super::ids::check_external_id;
+use super::ids::{check_external_id, string_or_int};
+
+/// `[telegram] group_replies`: which group messages keel answers.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum GroupReplies {
+    /// Only messages addressed to the bot: a command, an @mention of it, or
+    /// a reply to one of its messages. Everything else is stored.
+    #[default]
+    Addressed,
+    /// Every user message, as in a private chat.
+    All,
+}
 
 /// `[telegram]` in keel.toml. The token may come from `KEEL_TELEGRAM_TOKEN`
 /// instead (read by the binary).
@@ -15,7 +27,9 @@ pub struct TelegramConfig {
     /// Bot API base URL, without the `/bot<token>` part.
     pub api_base: String,
     pub token: Option<String>,
-    /// The owner's chat id (R17/R18 notices when the owner is on Telegram).
+    /// The owner's chat id (R17/R18 notices when the owner is on Telegram);
+    /// written as an integer or a string.
+    #[serde(deserialize_with = "string_or_int::option")]
     pub owner_chat: Option<String>,
     /// Long-poll `timeout` sent to getUpdates, in seconds.
     pub poll_timeout_s: u64,
@@ -24,6 +38,9 @@ pub struct TelegramConfig {
     /// Added to the poll timeout for the total request timeout, so a
     /// hanging server is noticed.
     pub request_margin_s: u64,
+    /// Which group and supergroup messages are answered (default: only
+    /// those addressed to the bot).
+    pub group_replies: GroupReplies,
 }
 
 impl Default for TelegramConfig {
@@ -36,6 +53,7 @@ impl Default for TelegramConfig {
             poll_timeout_s: 30,
             limit: 100,
             request_margin_s: 10,
+            group_replies: GroupReplies::Addressed,
         }
     }
 }
@@ -51,6 +69,7 @@ impl std::fmt::Debug for TelegramConfig {
             .field("poll_timeout_s", &self.poll_timeout_s)
             .field("limit", &self.limit)
             .field("request_margin_s", &self.request_margin_s)
+            .field("group_replies", &self.group_replies)
             .finish()
     }
 }
@@ -128,5 +147,29 @@ impl SlackConfig {
             return Err("silence_timeout_s must be between 1 and 3600".into());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    #[test]
+    fn chat_ids_may_be_integers_or_strings_and_group_replies_parses() {
+        let c = Config::from_toml(
+            "[telegram]\nowner_chat = 123456\ngroup_replies = \"all\"\n\
+             [owner]\nchannel = \"telegram\"\nchat = -1001333",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.telegram.owner_chat.as_deref(), Some("123456"));
+        assert_eq!(c.telegram.group_replies, GroupReplies::All);
+        assert_eq!(c.owner.unwrap().chat, "-1001333");
+        let c = Config::from_toml("[telegram]\nowner_chat = \"42\"", "t").unwrap();
+        assert_eq!(c.telegram.owner_chat.as_deref(), Some("42"));
+        assert_eq!(c.telegram.group_replies, GroupReplies::Addressed);
+        assert!(Config::from_toml("[telegram]\ngroup_replies = \"some\"", "t").is_err());
+        assert!(Config::from_toml("[telegram]\nowner_chat = 1.5", "t").is_err());
     }
 }

@@ -30,3 +30,35 @@ pub fn check_external_id(field: &str, id: &str) -> Result<(), String> {
 fn is_bidi_control(c: char) -> bool {
     matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{200E}' | '\u{200F}')
 }
+
+/// Chat ids in keel.toml may be written as integers (`owner_chat = 123`) or
+/// strings (`owner_chat = "123"`); both become the same string.
+pub mod string_or_int {
+    use serde::{Deserialize, Deserializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Id {
+        Int(i64),
+        Text(String),
+    }
+
+    impl From<Id> for String {
+        fn from(id: Id) -> String {
+            match id {
+                Id::Int(n) => n.to_string(),
+                Id::Text(s) => s,
+            }
+        }
+    }
+
+    /// For a required id.
+    pub fn required<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        Id::deserialize(d).map(String::from)
+    }
+
+    /// For an optional id (`#[serde(default)]` on the struct covers absence).
+    pub fn option<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+        Option::<Id>::deserialize(d).map(|o| o.map(String::from))
+    }
+}

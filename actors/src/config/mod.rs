@@ -16,7 +16,7 @@ mod ids;
 mod tasks;
 mod whatsapp;
 
-pub use channels::{SlackConfig, TelegramConfig};
+pub use channels::{GroupReplies, SlackConfig, TelegramConfig};
 pub use ids::{check_external_id, MAX_ID_BYTES};
 pub use tasks::{validate_task, TaskConfig, TaskKind, TasksConfig, MAX_TASK_NAME};
 pub use whatsapp::WhatsAppConfig;
@@ -344,6 +344,8 @@ impl Default for AgentConfig {
 #[serde(deny_unknown_fields)]
 pub struct OwnerConfig {
     pub channel: String,
+    /// An integer or a string in keel.toml.
+    #[serde(deserialize_with = "ids::string_or_int::required")]
     pub chat: String,
     /// At most one "keel restarted" notice per this many seconds; one
     /// notice covers every start since the last (a crash loop sends one).

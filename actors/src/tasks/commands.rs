@@ -158,6 +158,7 @@ mod tests {
             session: &key,
             from: "u",
             text,
+            kind: "text",
             memory: &Default::default(),
             recent: &[],
         })
