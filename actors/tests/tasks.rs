@@ -7,52 +7,24 @@
 // Tests drive real processes in real time: clippy.toml's clock and env rules are for keel itself.
 #![allow(clippy::disallowed_methods)]
 
+mod common;
+
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
 use keel_actors::clock::WallClock;
-use keel_actors::config::{Synchronous, TaskConfig, TasksConfig};
-use keel_actors::health::Health;
-use keel_actors::metrics::Metrics;
-use keel_actors::outbox::OutboxKick;
+use keel_actors::config::{TaskConfig, TasksConfig};
 use keel_actors::persistence::tasks::{
     CreateTask, GetTask, NewTask, Origin, RecordTaskPid, StartTask,
 };
-use keel_actors::persistence::{self, PersistenceActor, RecordBoot, StoreOptions};
+use keel_actors::persistence::{PersistenceActor, RecordBoot};
 use keel_actors::tasks::process::ProcessRunner;
 use keel_actors::tasks::{Recover, TaskActor, TaskEvent, TaskSettings, TasksChanged};
 use tokio::sync::mpsc;
 
-fn start_store(path: std::path::PathBuf) -> Addr<PersistenceActor> {
-    let opts = StoreOptions {
-        path: Some(path),
-        synchronous: Synchronous::Normal,
-        busy_timeout: Duration::from_secs(5),
-        max_batch: 1024,
-        probe_interval: Duration::from_millis(100),
-    };
-    let metrics = Metrics::new();
-    let (conn, _) = persistence::open_store(&opts).expect("open store");
-    PersistenceActor::new(
-        conn,
-        opts,
-        Health::new(metrics.clone()),
-        metrics,
-        Arc::new(WallClock),
-    )
-    .start()
-}
-
-struct Kicks;
-impl Actor for Kicks {
-    type Context = Context<Self>;
-}
-impl Handler<OutboxKick> for Kicks {
-    type Result = ();
-    fn handle(&mut self, _: OutboxKick, _: &mut Context<Self>) {}
-}
+use common::{start_store, Kicks};
 
 fn def(command: &[&str], exclusive: bool, retry: bool) -> TaskConfig {
     TaskConfig {

@@ -8,16 +8,15 @@
 // Tests drive real processes in real time: clippy.toml's clock and env rules are for keel itself.
 #![allow(clippy::disallowed_methods)]
 
+mod common;
+
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use keel_actors::clock::{ManualClock, Stamp, WallClock};
+use keel_actors::clock::{ManualClock, Stamp};
 use keel_actors::config::Synchronous;
-use keel_actors::health::Health;
-use keel_actors::metrics::Metrics;
-use keel_actors::outbox::OutboxKick;
 use keel_actors::persistence::timers::{Effect, FireOutcome, TimerRequest};
 use keel_actors::persistence::{
     self, CommitExchange, Exchange, PersistenceActor, ReplyPlan, SessionKey, StoreOptions,
@@ -29,37 +28,7 @@ use keel_actors::timer::{
 };
 use tokio::sync::mpsc;
 
-fn start_store(path: std::path::PathBuf) -> Addr<PersistenceActor> {
-    let opts = StoreOptions {
-        path: Some(path),
-        synchronous: Synchronous::Normal,
-        busy_timeout: Duration::from_secs(5),
-        max_batch: 1024,
-        probe_interval: Duration::from_millis(100),
-    };
-    let metrics = Metrics::new();
-    let (conn, _) = persistence::open_store(&opts).expect("open store");
-    // Fires take their time from the timer actor's ManualClock (FireTimer
-    // carries it); other writes are stamped with the wall clock.
-    PersistenceActor::new(
-        conn,
-        opts,
-        Health::new(metrics.clone()),
-        metrics,
-        Arc::new(WallClock),
-    )
-    .start()
-}
-
-/// Counts outbox kicks (the timer actor kicks after writing reminders).
-struct Kicks;
-impl Actor for Kicks {
-    type Context = Context<Self>;
-}
-impl Handler<OutboxKick> for Kicks {
-    type Result = ();
-    fn handle(&mut self, _: OutboxKick, _: &mut Context<Self>) {}
-}
+use common::{start_store, Kicks};
 
 async fn create(store: &Addr<PersistenceActor>, key: &str, spec: ScheduleSpec) {
     let ex = Exchange {
