@@ -218,3 +218,117 @@ async fn sigkill_mid_stream_loses_no_acknowledged_whatsapp_message() {
     assert_eq!(users, replies, "one reply per message");
     d.assert_no_panics();
 }
+
+/// A Graph API that refuses the token on every call (401, code 190);
+/// counts the calls.
+async fn refusing_graph() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = calls.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                // Read the head and the body (Content-Length) of one request.
+                loop {
+                    let Ok(n) = s.read(&mut chunk).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&buf).to_string();
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let len = text[..end]
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                            })
+                            .unwrap_or(0);
+                        if buf.len() >= end + 4 + len {
+                            break;
+                        }
+                    }
+                }
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let body = r#"{"error":{"message":"Error validating access token: Session has expired","type":"OAuthException","code":190}}"#;
+                let resp = format!(
+                    "HTTP/1.1 401 Unauthorized\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    (base, calls)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_token_stops_the_channel_and_the_owner_is_told_to_renew_it() {
+    let (graph, calls) = refusing_graph().await;
+    let owner = ReplyServer::start();
+    let mut d = Daemon::new(Config::default(), None);
+    d.write_config_text(&format!(
+        "[webhook]\nreply_url = {:?}\n[owner]\nchannel = \"webhook\"\nchat = \"ops\"\n\
+         [whatsapp]\nenabled = true\napi_base = {graph:?}\nphone_number_id = \"1234\"\n\
+         access_token = \"expired-canary\"\napp_secret = {SECRET:?}\nverify_token = \"v\"\n",
+        owner.url
+    ));
+    d.boot().await;
+    for id in ["wamid.E1", "wamid.E2"] {
+        let b = message(id, "text", json!({"body": "hi"}));
+        let r = post(&d, &b, Some(sign(&serde_json::to_vec(&b).unwrap()))).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    // The owner hears it on a healthy channel, once.
+    let told = poll_until(Duration::from_secs(30), || async {
+        owner
+            .replies()
+            .into_iter()
+            .filter_map(|r| r["text"].as_str().map(str::to_string))
+            .find(|t| t.contains("adapter whatsapp gave up") && t.contains("renew"))
+    })
+    .await
+    .expect("the owner was not told to renew the token");
+    assert!(!told.contains("expired-canary"), "{told}");
+    // The channel is stopped; the second reply failed without a call.
+    let out = d.status_json().await;
+    let v: Value = serde_json::from_slice(&out.stdout).expect("status json");
+    assert_eq!(v["adapters"]["whatsapp"]["state"], "stopped", "{v}");
+    let failed = poll_until(Duration::from_secs(30), || async {
+        let turns = d.turns("whatsapp:4915550001").await;
+        let replies: Vec<_> = turns.iter().filter(|t| t.role == "assistant").collect();
+        (replies.len() == 2 && replies.iter().all(|t| t.sent == Some(false))).then_some(())
+    })
+    .await;
+    assert!(failed.is_some(), "both replies should be stored, unsent");
+    assert_eq!(
+        calls.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "one refused call, then none"
+    );
+    let told_twice = owner
+        .replies()
+        .into_iter()
+        .filter(|r| {
+            r["text"]
+                .as_str()
+                .is_some_and(|t| t.contains("adapter whatsapp gave up"))
+        })
+        .count();
+    assert_eq!(told_twice, 1);
+    assert!(!d.stderr_all().contains("expired-canary"));
+    d.assert_no_panics();
+}

@@ -69,6 +69,57 @@ pub struct SinkDeps<'a> {
     pub http: &'a reqwest::Client,
     /// The connected `keel chat` clients, when the cli channel is on.
     pub cli: Option<&'a cli::CliClients>,
+    /// Where a sink reports that its channel stopped for good.
+    pub health: &'a ChannelHealth,
+}
+
+/// Lets a channel without a supervised run (a webhook-driven one) stop for
+/// good from its sink — e.g. WhatsApp's access token expired — with the
+/// same effect as a supervised adapter giving up: its status row says
+/// `stopped` with the reason, and the owner is told on a healthy channel
+/// (R17, R42). Attached by `report::start_adapters` once the report exists.
+#[derive(Clone, Default)]
+pub struct ChannelHealth {
+    inner: Arc<std::sync::Mutex<Option<HealthSink>>>,
+}
+
+/// Where [`ChannelHealth`] reports: the supervisor's report and statuses.
+type HealthSink = (Arc<dyn supervisor::SupervisionReport>, supervisor::Statuses);
+
+impl ChannelHealth {
+    pub fn attach(
+        &self,
+        report: Arc<dyn supervisor::SupervisionReport>,
+        statuses: supervisor::Statuses,
+    ) {
+        *self.inner.lock().unwrap_or_else(|p| p.into_inner()) = Some((report, statuses));
+    }
+
+    /// `channel` stopped for good because of `reason`; reported once per
+    /// change to `stopped`.
+    pub fn stopped(&self, channel: &str, reason: &str) {
+        let guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let Some((report, statuses)) = guard.as_ref() else {
+            tracing::error!(channel, reason, "channel stopped");
+            return;
+        };
+        let status = AdapterStatus {
+            state: "stopped".into(),
+            attempts: 0,
+            last_error: Some(reason.to_string()),
+        };
+        let all = {
+            let mut map = statuses.lock().unwrap_or_else(|p| p.into_inner());
+            if map.get(channel).is_some_and(|s| s.state == "stopped") {
+                return;
+            }
+            map.insert(channel.to_string(), status.clone());
+            map.clone()
+        };
+        tracing::error!(channel, reason, "channel stopped; it needs the operator");
+        report.status(channel, &status);
+        report.gave_up(channel, reason, &all);
+    }
 }
 
 /// What a channel's supervised intake may be built from.
@@ -233,6 +284,7 @@ mod tests {
             &SinkDeps {
                 http: &http,
                 cli: Some(&clients),
+                health: &ChannelHealth::default(),
             },
         );
         let mut names: Vec<&String> = sinks.keys().collect();

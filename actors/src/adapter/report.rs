@@ -182,6 +182,7 @@ pub fn start_adapters(
     config: &crate::config::Config,
     deps: &super::IntakeDeps,
     outbox: Addr<OutboxActor>,
+    health: &super::ChannelHealth,
 ) -> Addr<super::supervisor::AdapterSupervisor> {
     use super::supervisor::{AdapterSupervisor, Statuses};
 
@@ -209,6 +210,7 @@ pub fn start_adapters(
             .unwrap_or_else(|p| p.into_inner())
             .insert(name.to_string(), status);
     }
+    health.attach(report.clone(), statuses.clone());
     let adapters = super::intakes(config, deps);
     AdapterSupervisor::start_all(adapters, config.adapters.clone(), report, statuses).start()
 }

@@ -54,6 +54,8 @@ pub const CHANNEL: super::Channel = super::Channel {
                 client: deps.http.clone(),
                 url: format!("{}/{id}/messages", w.api_base.trim_end_matches('/')),
                 token: token.clone(),
+                health: deps.health.clone(),
+                revoked: Arc::default(),
             }) as Arc<dyn ReplySink>),
             _ => None,
         }
@@ -389,7 +391,15 @@ pub struct WhatsAppSink {
     pub client: reqwest::Client,
     pub url: String,
     pub token: String,
+    /// Told when the token is refused: the channel stops, the owner hears.
+    pub health: super::ChannelHealth,
+    /// The token was refused: later replies fail at once, without a call.
+    pub revoked: Arc<std::sync::atomic::AtomicBool>,
 }
+
+/// Why replies stop after the Graph API refused the token.
+const RENEW: &str = "whatsapp access token expired or revoked; renew it \
+                     (whatsapp.access_token or KEEL_WHATSAPP_ACCESS_TOKEN) and restart keel";
 
 impl ReplySink for WhatsAppSink {
     fn send(&self, reply: OutboundReply) -> BoxFuture<'static, Result<(), SendError>> {
@@ -408,12 +418,17 @@ impl ReplySink for WhatsAppSink {
         {
             body["context"] = json!({ "message_id": id });
         }
+        use std::sync::atomic::Ordering;
+        if self.revoked.load(Ordering::SeqCst) {
+            return Box::pin(async { Err(SendError::Permanent(RENEW.into())) });
+        }
         let req = self
             .client
             .post(&self.url)
             .bearer_auth(&self.token)
             .json(&body);
         let token = self.token.clone();
+        let (health, revoked) = (self.health.clone(), self.revoked.clone());
         Box::pin(async move {
             let resp = req.send().await.map_err(|e| {
                 let detail = crate::redact::redact(&crate::redact::without_url(&e), &token);
@@ -428,9 +443,19 @@ impl ReplySink for WhatsAppSink {
             if (200..300).contains(&status) {
                 return Ok(());
             }
-            Err(graph_error(status, &v))
+            let error = graph_error(status, &v);
+            if token_refused(status, &v) && !revoked.swap(true, Ordering::SeqCst) {
+                // The seed's "session expired → re-pair": stop and tell.
+                health.stopped("whatsapp", RENEW);
+            }
+            Err(error)
         })
     }
+}
+
+/// 401, or Graph error 190: the access token is no good any more.
+fn token_refused(status: u16, body: &Value) -> bool {
+    status == 401 || body["error"]["code"].as_i64() == Some(190)
 }
 
 /// What a Graph API failure means for the outbox.

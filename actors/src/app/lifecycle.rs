@@ -89,6 +89,7 @@ pub struct Lifecycle {
     pub(crate) cli_clients: Option<CliClients>,
     pub(crate) webhook_settings: Arc<RwLock<WebhookSettings>>,
     pub(crate) admin_access: Arc<RwLock<AdminAccess>>,
+    pub(crate) channel_health: crate::adapter::ChannelHealth,
     pub(crate) log_level: Option<LogLevelHook>,
     pub(crate) shutting_down: bool,
     pub(crate) done: Option<oneshot::Sender<ExitReport>>,
@@ -211,8 +212,12 @@ impl Handler<Reload> for Lifecycle {
             .unwrap_or_else(|p| p.into_inner()) = settings_webhook(&new);
         *self.admin_access.write().unwrap_or_else(|p| p.into_inner()) = settings_admin(&new);
         self.registry.do_send(Reconfigure(settings_sessions(&new)));
-        let sinks: HashMap<_, _> =
-            settings_sinks(&new, &self.http_client, self.cli_clients.as_ref());
+        let sinks: HashMap<_, _> = settings_sinks(
+            &new,
+            &self.http_client,
+            self.cli_clients.as_ref(),
+            &self.channel_health,
+        );
         self.outbox.do_send(SetSinks(sinks));
         self.outbox.do_send(SetOutboxPolicy {
             config: new.outbox.clone(),

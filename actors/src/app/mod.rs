@@ -155,8 +155,9 @@ pub fn settings_sinks(
     config: &Config,
     http: &reqwest::Client,
     cli: Option<&CliClients>,
+    health: &crate::adapter::ChannelHealth,
 ) -> HashMap<String, Arc<dyn ReplySink>> {
-    crate::adapter::reply_sinks(config, &crate::adapter::SinkDeps { http, cli })
+    crate::adapter::reply_sinks(config, &crate::adapter::SinkDeps { http, cli, health })
 }
 
 /// The owner's "keel restarted" notice of this start (R18).
@@ -302,11 +303,14 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
     // answer throughout; the webhook route refuses messages (503) until the
     // intake gate opens at the end.
     let http = reqwest::Client::new();
+    // Lets a webhook-driven channel stop from its sink (attached below,
+    // when the supervisor's report exists).
+    let channel_health = crate::adapter::ChannelHealth::default();
     let cli_enabled = config.cli.enabled;
     let cli_clients = cli_enabled.then(CliClients::default);
     let outbox = OutboxActor::new(
         persistence.clone(),
-        settings_sinks(&config, &http, cli_clients.as_ref()),
+        settings_sinks(&config, &http, cli_clients.as_ref(), &channel_health),
         config.outbox.clone(),
         metrics.clone(),
     )
@@ -496,6 +500,7 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
             cli: cli_clients.clone(),
         },
         outbox.clone(),
+        &channel_health,
     );
     if let (Some(clients), false) = (&cli_clients, config.ephemeral) {
         // Ready means `keel chat` can connect: wait for the first bind.
@@ -530,6 +535,7 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         cli_clients,
         webhook_settings,
         admin_access,
+        channel_health,
         log_level: opts.log_level,
         shutting_down: false,
         done: Some(done_tx),
