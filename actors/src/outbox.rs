@@ -160,6 +160,9 @@ pub struct OutboxActor {
     /// Rows whose channel had nobody to deliver to (`SendError::Waiting`),
     /// parked until `ChannelReady` or the backoff cap.
     waiting: HashMap<i64, OutboxRow>,
+    /// One safety-net retry of every parked row is scheduled (never one
+    /// per row: parked rows would multiply the timers each round).
+    waiting_wake: bool,
     /// `unknown` rows were read since the start or the last new routes.
     unknown_loaded: bool,
     draining: bool,
@@ -191,6 +194,7 @@ impl OutboxActor {
             channels: HashMap::new(),
             unrouted: HashSet::new(),
             waiting: HashMap::new(),
+            waiting_wake: false,
             unknown_loaded: false,
             draining: false,
             drained: Vec::new(),
@@ -400,8 +404,14 @@ impl OutboxActor {
                     // of the channel go on) until the channel is ready.
                     tracing::debug!(id = row.id, channel = %row.channel, %why, "reply waits for its recipient");
                     this.waiting.insert(row.id, row);
-                    let cap = Duration::from_millis(this.retry.backoff_max_ms);
-                    ctx.run_later(cap, |this, ctx| this.requeue_waiting(None, ctx));
+                    if !this.waiting_wake {
+                        this.waiting_wake = true;
+                        let cap = Duration::from_millis(this.retry.backoff_max_ms);
+                        ctx.run_later(cap, |this, ctx| {
+                            this.waiting_wake = false;
+                            this.requeue_waiting(None, ctx);
+                        });
+                    }
                 }
                 Err(e) => {
                     let delay = match &e {

@@ -38,9 +38,10 @@ pub struct SessionSettings {
     /// Channels whose replies go to the outbox (they have a delivery route).
     pub routed_channels: HashSet<String>,
     pub agent: Option<AgentSettings>,
-    /// `(channel, user id)` → person (`[principals.NAME]`): their working
+    /// Channel → user id → person (`[principals.NAME]`): their working
     /// memory lives in a `principal:<name>` row shared by all their chats.
-    pub principals: Arc<HashMap<(String, String), String>>,
+    /// Nested so the per-message lookup borrows instead of allocating.
+    pub principals: Arc<HashMap<String, HashMap<String, String>>>,
 }
 
 /// An inbound message from an adapter. The adapter acknowledges upstream
@@ -394,7 +395,8 @@ impl Handler<Deliver> for SessionActor {
         let person = self
             .settings
             .principals
-            .get(&(self.key.channel.clone(), msg.from.clone()))
+            .get(&self.key.channel)
+            .and_then(|users| users.get(&msg.from))
             .map(|name| SessionKey::new("principal", name));
         let person_load = person.as_ref().map(|p| {
             self.persistence

@@ -93,18 +93,22 @@ pub fn settings_sessions(config: &Config) -> SessionSettings {
         brain: Arc::new(brain),
         routed_channels: routed_channels(config),
         agent,
-        principals: Arc::new(
-            config
-                .principals
-                .iter()
-                .flat_map(|(name, p)| {
-                    p.identities()
-                        .into_iter()
-                        .map(move |(channel, id)| ((channel.to_string(), id), name.clone()))
-                })
-                .collect(),
-        ),
+        principals: Arc::new(principal_index(config)),
     }
+}
+
+/// Channel → user id → person, from `[principals.*]`.
+fn principal_index(config: &Config) -> HashMap<String, HashMap<String, String>> {
+    let mut index: HashMap<String, HashMap<String, String>> = HashMap::new();
+    for (name, person) in &config.principals {
+        for (channel, id) in person.identities() {
+            index
+                .entry(channel.to_string())
+                .or_default()
+                .insert(id, name.clone());
+        }
+    }
+    index
 }
 
 /// The owner's session id (`<channel>:<chat>`), if an owner is configured.

@@ -84,7 +84,7 @@ pub struct Config {
 #[serde(deny_unknown_fields, default)]
 pub struct PrincipalConfig {
     /// Telegram user id (integer or string).
-    #[serde(deserialize_with = "id_text")]
+    #[serde(deserialize_with = "ids::string_or_int::option")]
     pub telegram: Option<String>,
     /// Slack user id (`U…`).
     pub slack: Option<String>,
@@ -115,20 +115,6 @@ impl PrincipalConfig {
         }
         out
     }
-}
-
-/// An id written as a TOML integer or string, kept as its text.
-fn id_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Id {
-        Int(i64),
-        Text(String),
-    }
-    Ok(Option::<Id>::deserialize(d)?.map(|id| match id {
-        Id::Int(n) => n.to_string(),
-        Id::Text(s) => s,
-    }))
 }
 
 impl Default for Config {
