@@ -60,6 +60,17 @@ pub struct OutboundReply {
 /// How an adapter sends replies out. Implemented by each channel.
 pub trait ReplySink: Send + Sync + 'static {
     fn send(&self, reply: OutboundReply) -> BoxFuture<'static, Result<(), SendError>>;
+
+    /// Like `send`, and also the channel's own id of the sent message when
+    /// the channel reports delivery later (WhatsApp's wamid). The outbox
+    /// calls this one.
+    fn send_with_ref(
+        &self,
+        reply: OutboundReply,
+    ) -> BoxFuture<'static, Result<Option<String>, SendError>> {
+        let sent = self.send(reply);
+        Box::pin(async move { sent.await.map(|()| None) })
+    }
 }
 
 /// New replies were committed. Sent (fire and forget) by session actors.
@@ -354,20 +365,22 @@ impl OutboxActor {
         let timeout = Duration::from_millis(self.config.send_timeout_ms);
         let persistence = self.persistence.clone();
         let work = async move {
-            let result = match tokio::time::timeout(timeout, sink.send(reply)).await {
+            let result = match tokio::time::timeout(timeout, sink.send_with_ref(reply)).await {
                 Ok(r) => r,
                 Err(_) => Err(SendError::Unknown(format!("no answer within {timeout:?}"))),
             };
-            let outcome = match &result {
-                Ok(()) => SendOutcome::Sent,
-                Err(SendError::Permanent(e)) => SendOutcome::GaveUp(e.clone()),
-                Err(e @ SendError::Unknown(_)) => SendOutcome::Unknown(e.to_string()),
-                Err(e) => SendOutcome::Failed(e.to_string()),
+            let (outcome, channel_ref) = match result {
+                Ok(ref r) => (SendOutcome::Sent, r.clone()),
+                Err(SendError::Permanent(ref e)) => (SendOutcome::GaveUp(e.clone()), None),
+                Err(ref e @ SendError::Unknown(_)) => (SendOutcome::Unknown(e.to_string()), None),
+                Err(ref e) => (SendOutcome::Failed(e.to_string()), None),
             };
+            let result = result.map(|_| ());
             let recorded = persistence
                 .send(RecordSend {
                     id: row.id,
                     outcome,
+                    channel_ref,
                 })
                 .await
                 .unwrap_or(Err(StoreError::Closed));
@@ -412,6 +425,11 @@ impl OutboxActor {
                             this.requeue_waiting(None, ctx);
                         });
                     }
+                }
+                // Failed meanwhile (its chat became unreachable): not retried.
+                Err(e) if matches!(recorded, Ok(false)) => {
+                    tracing::info!(id = row.id, channel = %row.channel, error = %e,
+                        "reply no longer pending (failed meanwhile); not retried");
                 }
                 Err(e) => {
                     let delay = match &e {

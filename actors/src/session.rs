@@ -25,8 +25,8 @@ use crate::error::StoreError;
 use crate::metrics::Metrics;
 use crate::outbox::OutboxKick;
 use crate::persistence::{
-    AwaitingTurn, CommitAgentReply, CommitExchange, Exchange, ExchangeOutcome, GetAwaiting,
-    GetSession, PersistenceActor, ReplyPlan, SessionKey, TurnRow,
+    AwaitingTurn, ChatEvent, CommitAgentReply, CommitExchange, Exchange, ExchangeOutcome,
+    GetAwaiting, GetSession, PersistenceActor, ReplyPlan, SessionKey, TurnRow,
 };
 use crate::tasks::TasksChanged;
 use crate::timer::TimersChanged;
@@ -74,6 +74,9 @@ pub struct Deliver {
     /// `true`: answer it (brain, agent); `false`: store it only (chatter in
     /// a group not addressed to keel, edits, other bots' messages).
     pub answer: bool,
+    /// What the message says about the chat itself (it moved to another
+    /// id, keel was removed or added back): applied with the turn.
+    pub chat_event: Option<ChatEvent>,
 }
 
 impl Deliver {
@@ -92,6 +95,7 @@ impl Deliver {
             revises: None,
             reply_to: None,
             answer: true,
+            chat_event: None,
         }
     }
 }
@@ -144,6 +148,15 @@ pub struct ResumeAwaiting;
 struct Busy {
     id: String,
     delta: i64,
+}
+
+/// Drop a session's cached snapshot: the store changed it behind the
+/// session's back (a chat moved). Sent by session actors to the registry,
+/// which forwards it to the session, if it is in memory.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+struct Forget {
+    id: String,
 }
 
 struct Entry {
@@ -283,6 +296,22 @@ impl Handler<Busy> for SessionRegistry {
             e.busy += msg.delta;
             e.last_used = tokio::time::Instant::now();
         }
+    }
+}
+
+impl Handler<Forget> for SessionRegistry {
+    type Result = ();
+    fn handle(&mut self, msg: Forget, _: &mut Context<Self>) {
+        if let Some(e) = self.sessions.get(&msg.id) {
+            e.addr.do_send(msg);
+        }
+    }
+}
+
+impl Handler<Forget> for SessionActor {
+    type Result = ();
+    fn handle(&mut self, _: Forget, _: &mut Context<Self>) {
+        self.cache = None;
     }
 }
 
@@ -530,6 +559,7 @@ impl SessionActor {
             reply_meta: msg.reply_to.as_ref().map(Value::to_string),
             answer: msg.answer,
             person_memory,
+            chat_event: msg.chat_event.clone(),
         };
         self.persistence
             .send(CommitExchange(exchange))
@@ -581,6 +611,22 @@ impl SessionActor {
                         }
                         if outbox_id.is_some() {
                             this.outbox.do_send(OutboxKick);
+                        }
+                        if let Some(event) = &msg.chat_event {
+                            // The store moved turns or changed timers behind
+                            // every cached snapshot of the chats involved.
+                            this.cache = None;
+                            if let ChatEvent::Migrated { from, to } = event {
+                                for chat in [from, to] {
+                                    let key = SessionKey::new(&this.key.channel, chat);
+                                    if key.id != this.key.id {
+                                        this.registry.do_send(Forget { id: key.id });
+                                    }
+                                }
+                            }
+                            if let Some(timers) = &this.timers {
+                                timers.do_send(TimersChanged);
+                            }
                         }
                         if let Some(Decision::Act(_)) = decision {
                             // The reply text was rendered by the store: reload

@@ -132,6 +132,9 @@ pub struct IntakeDeps {
     pub metrics: Metrics,
     /// The connected `keel chat` clients, when the cli channel is on.
     pub cli: Option<cli::CliClients>,
+    /// Telegram webhook mode: where the supervised `getMe` leaves the bot's
+    /// identity for the `POST /v1/telegram` route.
+    pub telegram_bot: telegram::BotCell,
 }
 
 /// One channel keel speaks. Plain function pointers, so the registry is a

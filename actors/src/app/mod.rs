@@ -359,6 +359,25 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
             metrics.clone(),
         )
     });
+    // Telegram in webhook mode: its route, and the cell where the
+    // supervised getMe leaves the bot's identity for it.
+    let telegram_bot = crate::adapter::telegram::BotCell::default();
+    let telegram_webhook = match (&config.telegram, &config.telegram.token) {
+        (t, Some(token)) if t.enabled && t.mode == crate::config::TelegramMode::Webhook => t
+            .webhook_secret
+            .as_ref()
+            .map(|secret| crate::adapter::telegram::TelegramWebhook {
+                api: crate::adapter::telegram::BotApi::new(http.clone(), &t.api_base, token),
+                secret: secret.as_str().into(),
+                group_replies: t.group_replies,
+                bot: telegram_bot.clone(),
+                albums: Default::default(),
+                registry: registry.clone(),
+                gate: gate.clone(),
+                metrics: metrics.clone(),
+            }),
+        _ => None,
+    };
     let webhook = webhook_adapter.clone().map(|intake| WebhookState {
         settings: webhook_settings.clone(),
         intake,
@@ -380,6 +399,7 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
             .iter()
             .map(|s| s.routes())
             .chain(whatsapp_state.iter().map(|s| s.routes()))
+            .chain(telegram_webhook.iter().map(|s| s.routes()))
             .collect(),
     )
     .map_err(|source| StartError::Bind { addr, source })?;
@@ -502,6 +522,7 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
             gate: gate.clone(),
             metrics: metrics.clone(),
             cli: cli_clients.clone(),
+            telegram_bot,
         },
         outbox.clone(),
         &channel_health,

@@ -189,6 +189,8 @@ pub fn plan(running: &Config, new: &Config) -> (ReloadReport, Config) {
             limit,
             request_margin_s,
             group_replies,
+            mode,
+            webhook_secret,
         } = telegram;
         let o = &old.telegram;
         TelegramConfig {
@@ -204,6 +206,9 @@ pub fn plan(running: &Config, new: &Config) -> (ReloadReport, Config) {
                 &o.request_margin_s,
             ),
             group_replies: r.restart("telegram.group_replies", group_replies, &o.group_replies),
+            // The route and the poller are chosen at start.
+            mode: r.restart("telegram.mode", mode, &o.mode),
+            webhook_secret: r.restart("telegram.webhook_secret", webhook_secret, &o.webhook_secret),
         }
     };
     let slack = {

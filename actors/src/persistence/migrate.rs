@@ -45,6 +45,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "turn_refs",
         sql: include_str!("../../../migrations/0005_turn_refs.sql"),
     },
+    Migration {
+        version: 6,
+        name: "chat_state",
+        sql: include_str!("../../../migrations/0006_chat_state.sql"),
+    },
 ];
 
 /// The schema version this binary writes.

@@ -4,7 +4,7 @@
 //! marked sent only after the channel accepted it.
 
 use actix::prelude::*;
-use rusqlite::{params, Connection};
+use rusqlite::{params, Connection, OptionalExtension};
 
 use super::sessions::SessionKey;
 use super::PersistenceActor;
@@ -182,22 +182,120 @@ pub enum SendOutcome {
     GaveUp(String),
 }
 
-/// Record the outcome of one send attempt.
+/// Whether a row still waits to be sent (`pending` or `unknown`): a row
+/// failed meanwhile (its chat became unreachable) is not retried.
+pub fn outbox_live(conn: &Connection, id: i64) -> Result<bool, StoreError> {
+    let state: Option<String> = conn
+        .prepare_cached("SELECT state FROM outbox WHERE id = ?1")?
+        .query_row([id], |r| r.get(0))
+        .optional()?;
+    Ok(matches!(state.as_deref(), Some("pending" | "unknown")))
+}
+
+/// The channel's own id of a sent reply (WhatsApp wamid).
+pub fn set_channel_ref(conn: &Connection, id: i64, channel_ref: &str) -> Result<(), StoreError> {
+    conn.prepare_cached("UPDATE outbox SET channel_ref = ?2 WHERE id = ?1")?
+        .execute(params![id, channel_ref])?;
+    Ok(())
+}
+
+/// One delivery report of a channel about a sent reply, found by the id the
+/// channel gave it. Statuses only move forward (`sent` < `delivered` <
+/// `read`; `failed` always wins): Meta may deliver them out of order.
+/// Returns whether a row matched.
+pub fn record_delivery_status(
+    conn: &Connection,
+    channel: &str,
+    channel_ref: &str,
+    status: &str,
+    at: &str,
+    error: Option<&str>,
+) -> Result<bool, StoreError> {
+    let rank = |s: &str| match s {
+        "sent" => 1,
+        "delivered" => 2,
+        "read" => 3,
+        "failed" => 4,
+        _ => 0,
+    };
+    let row: Option<(i64, Option<String>)> = conn
+        .prepare_cached(
+            "SELECT id, delivery_status FROM outbox WHERE channel = ?1 AND channel_ref = ?2
+             ORDER BY id DESC LIMIT 1",
+        )?
+        .query_row(params![channel, channel_ref], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()?;
+    let Some((id, current)) = row else {
+        return Ok(false);
+    };
+    if current.as_deref().map_or(0, rank) >= rank(status) && rank(status) > 0 {
+        return Ok(true);
+    }
+    conn.prepare_cached(
+        "UPDATE outbox SET delivery_status = ?2, delivery_at = ?3, delivery_error = ?4 WHERE id = ?1",
+    )?
+    .execute(params![id, status, at, error])?;
+    Ok(true)
+}
+
+/// Record the outcome of one send attempt. Answers whether the row still
+/// waits to be sent (`false` after `Sent`/`GaveUp`, or when it was failed
+/// meanwhile: the outbox then drops it instead of retrying).
 #[derive(Debug, Clone, Message)]
-#[rtype(result = "Result<(), StoreError>")]
+#[rtype(result = "Result<bool, StoreError>")]
 pub struct RecordSend {
     pub id: i64,
     pub outcome: SendOutcome,
+    /// The channel's id of the sent message, when it gave one.
+    pub channel_ref: Option<String>,
 }
 
 impl Handler<RecordSend> for PersistenceActor {
-    type Result = ResponseFuture<Result<(), StoreError>>;
+    type Result = ResponseFuture<Result<bool, StoreError>>;
     fn handle(&mut self, msg: RecordSend, _: &mut Context<Self>) -> Self::Result {
-        self.call(move |c, at| match &msg.outcome {
-            SendOutcome::Sent => mark_outbox_sent(c, at, msg.id),
-            SendOutcome::Failed(e) => record_outbox_failure(c, msg.id, e),
-            SendOutcome::Unknown(e) => mark_outbox_unknown(c, msg.id, e),
-            SendOutcome::GaveUp(e) => mark_outbox_failed(c, msg.id, e),
+        self.call(move |c, at| {
+            match &msg.outcome {
+                SendOutcome::Sent => {
+                    mark_outbox_sent(c, at, msg.id)?;
+                    if let Some(r) = &msg.channel_ref {
+                        set_channel_ref(c, msg.id, r)?;
+                    }
+                    return Ok(false);
+                }
+                SendOutcome::Failed(e) => record_outbox_failure(c, msg.id, e)?,
+                SendOutcome::Unknown(e) => mark_outbox_unknown(c, msg.id, e)?,
+                SendOutcome::GaveUp(e) => {
+                    mark_outbox_failed(c, msg.id, e)?;
+                    return Ok(false);
+                }
+            }
+            outbox_live(c, msg.id)
+        })
+    }
+}
+
+/// A channel's delivery reports about sent replies, `(channel_ref, status,
+/// error)`. Sent by the WhatsApp route; answers how many matched a row.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<usize, StoreError>")]
+pub struct RecordDeliveryStatuses {
+    pub channel: String,
+    pub statuses: Vec<(String, String, Option<String>)>,
+}
+
+impl Handler<RecordDeliveryStatuses> for PersistenceActor {
+    type Result = ResponseFuture<Result<usize, StoreError>>;
+    fn handle(&mut self, msg: RecordDeliveryStatuses, _: &mut Context<Self>) -> Self::Result {
+        self.call(move |c, at| {
+            let mut n = 0;
+            for (r, status, error) in &msg.statuses {
+                if record_delivery_status(c, &msg.channel, r, status, &at.text, error.as_deref())? {
+                    n += 1;
+                }
+            }
+            Ok(n)
         })
     }
 }

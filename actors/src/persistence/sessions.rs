@@ -73,6 +73,30 @@ pub struct Exchange {
     /// object (`null` removes a key). Applied here, in the writer, so two
     /// chats of one person never overwrite each other's changes.
     pub person_memory: Option<(SessionKey, String)>,
+    /// What the message says about the chat itself (it moved, keel was
+    /// removed or added back), applied with the turn.
+    pub chat_event: Option<ChatEvent>,
+}
+
+/// Something a channel learnt about a chat, applied in the same unit of
+/// work as the turn that told it, so a redelivered update (a duplicate)
+/// applies nothing twice and a crash applies all or nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChatEvent {
+    /// The chat now lives under another id of the same channel (a Telegram
+    /// group upgraded to a supergroup): the session of `from` — its turns,
+    /// memory, timers, tasks and unsent replies — moves into the session of
+    /// `to`, merged in time order with what `to` already has; unsent
+    /// replies are addressed to `to`. The old session stays, empty, marked
+    /// unreachable ("moved to …"). Idempotent: a second move finds nothing.
+    Migrated { from: String, to: String },
+    /// keel cannot write to this chat any more (kicked, left, blocked): the
+    /// session is marked unreachable with `reason`, its unsent replies fail
+    /// with it (never retried), its active timers are paused.
+    Unreachable(String),
+    /// keel is a member again: the mark is cleared and paused timers resume
+    /// (instants missed meanwhile follow their misfire policy).
+    Reachable,
 }
 
 impl Default for Exchange {
@@ -109,6 +133,7 @@ impl Exchange {
             reply_meta: None,
             answer: true,
             person_memory: None,
+            chat_event: None,
         }
     }
 }
@@ -154,6 +179,28 @@ pub struct TurnRow {
     pub created_at: String,
     /// For outgoing turns: whether the channel accepted it (`None`: no route).
     pub sent: Option<bool>,
+    /// For outgoing turns with an outbox row: its state (`pending`, `sent`,
+    /// `unknown`, `failed`), why it failed, and the channel's newest
+    /// delivery report (WhatsApp `delivered`, `read`, …).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delivery: Option<Delivery>,
+}
+
+/// What became of one outgoing turn's outbox row.
+#[derive(Debug, Clone, Serialize, PartialEq, Default)]
+pub struct Delivery {
+    pub state: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The channel's own id of the sent message (WhatsApp wamid).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub channel_ref: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status_error: Option<String>,
 }
 
 impl TurnRow {
@@ -191,6 +238,7 @@ impl TurnRow {
             revises: None,
             created_at,
             sent,
+            delivery: None,
         }
     }
 }
@@ -211,6 +259,10 @@ pub struct SessionSummary {
     pub turns: i64,
     pub created_at: String,
     pub updated_at: String,
+    /// Why keel cannot write to this chat (kicked, left, moved); absent
+    /// while it can.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unreachable: Option<String>,
 }
 
 /// A user turn still waiting for the external agent (resumed after restart).
@@ -422,6 +474,9 @@ pub fn commit_exchange(
     if let Some((person, patch)) = &ex.person_memory {
         apply_memory_patch(conn, person, patch, at)?;
     }
+    if let Some(event) = &ex.chat_event {
+        apply_chat_event(conn, stamp, &ex.session, event)?;
+    }
     let (mut reply_seq, mut outbox_id) = (None, None);
     if let Some(reply) = reply {
         let seq = user_seq + 1;
@@ -449,6 +504,174 @@ pub fn commit_exchange(
         reply_seq,
         outbox_id,
     })
+}
+
+/// Seqs are moved out of the way by this much while a merge renumbers them
+/// (no session has this many turns).
+const SEQ_SHIFT: i64 = 1 << 40;
+
+/// Why timers of an unreachable chat are parked: resumed by `Reachable`.
+const PAUSED: &str = "paused: ";
+
+/// Apply what a channel said about the chat of `session` (see [`ChatEvent`]).
+pub fn apply_chat_event(
+    conn: &Connection,
+    stamp: &Stamp,
+    session: &SessionKey,
+    event: &ChatEvent,
+) -> Result<(), StoreError> {
+    let at = &stamp.text;
+    match event {
+        ChatEvent::Migrated { from, to } => {
+            let old = SessionKey::new(&session.channel, from);
+            let new = SessionKey::new(&session.channel, to);
+            if old.id != new.id {
+                move_session(conn, at, &old, &new)?;
+            }
+        }
+        ChatEvent::Unreachable(reason) => {
+            conn.prepare_cached(
+                "UPDATE sessions SET unreachable = ?2, updated_at = ?3 WHERE id = ?1",
+            )?
+            .execute(params![session.id, reason, at])?;
+            conn.prepare_cached(
+                "UPDATE outbox SET state = 'failed', last_error = ?2
+                 WHERE session_id = ?1 AND state IN ('pending', 'unknown')",
+            )?
+            .execute(params![session.id, reason])?;
+            // Parked keeps next_run: resuming continues from there.
+            conn.prepare_cached(
+                "UPDATE timers SET state = 'parked', error = ?2, updated_at = ?3
+                 WHERE session_id = ?1 AND state = 'active'",
+            )?
+            .execute(params![session.id, format!("{PAUSED}{reason}"), at])?;
+        }
+        ChatEvent::Reachable => {
+            conn.prepare_cached(
+                "UPDATE sessions SET unreachable = NULL, updated_at = ?2 WHERE id = ?1",
+            )?
+            .execute(params![session.id, at])?;
+            conn.prepare_cached(
+                "UPDATE timers SET state = 'active', error = NULL, updated_at = ?3
+                 WHERE session_id = ?1 AND state = 'parked' AND next_run IS NOT NULL
+                   AND substr(error, 1, length(?2)) = ?2",
+            )?
+            .execute(params![session.id, PAUSED, at])?;
+        }
+    }
+    Ok(())
+}
+
+/// Move everything of session `old` into `new` (same channel): turns
+/// renumbered in time order together with `new`'s own (references between
+/// turns and from outbox rows follow), memory merged (`new`'s keys win),
+/// timers and tasks re-pointed, unsent replies addressed to `new`'s chat.
+fn move_session(
+    conn: &Connection,
+    at: &str,
+    old: &SessionKey,
+    new: &SessionKey,
+) -> Result<(), StoreError> {
+    let old_memory = session_memory(conn, &old.id)?;
+    let Some(old_memory) = old_memory else {
+        return Ok(());
+    };
+    ensure_session(conn, new, None, at)?;
+    // Turn ids are renumbered while outbox rows still point at the old
+    // ones: foreign keys are checked at COMMIT instead.
+    conn.execute_batch("PRAGMA defer_foreign_keys = ON")?;
+    type Row = (String, i64, String, Option<i64>, Option<i64>);
+    let mut turns: Vec<Row> = Vec::new();
+    for id in [&old.id, &new.id] {
+        let mut stmt = conn.prepare_cached(
+            "SELECT session_id, seq, created_at, in_reply_to, revises FROM turns
+             WHERE session_id = ?1",
+        )?;
+        let rows = stmt.query_map([id], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        })?;
+        for row in rows {
+            turns.push(row?);
+        }
+    }
+    if turns.iter().all(|t| t.0 != old.id) && old_memory == "{}" {
+        return Ok(());
+    }
+    // Time order; within one instant the older chat first, then by seq.
+    turns.sort_by(|a, b| (&a.2, a.0 != old.id, a.1).cmp(&(&b.2, b.0 != old.id, b.1)));
+    let mut renumber = std::collections::HashMap::new();
+    for (n, t) in turns.iter().enumerate() {
+        renumber.insert((t.0.clone(), t.1), n as i64 + 1);
+    }
+    let map = |session: &str, seq: Option<i64>| {
+        seq.and_then(|s| renumber.get(&(session.to_string(), s)).copied())
+    };
+    for (session_id, seq, _, in_reply_to, revises) in &turns {
+        let to = renumber[&(session_id.clone(), *seq)];
+        conn.prepare_cached(
+            "UPDATE turns SET session_id = ?3, seq = ?4, in_reply_to = ?5, revises = ?6
+             WHERE session_id = ?1 AND seq = ?2",
+        )?
+        .execute(params![
+            session_id,
+            seq,
+            new.id,
+            to + SEQ_SHIFT,
+            map(session_id, *in_reply_to),
+            map(session_id, *revises)
+        ])?;
+    }
+    conn.prepare_cached("UPDATE turns SET seq = seq - ?2 WHERE session_id = ?1 AND seq >= ?2")?
+        .execute(params![new.id, SEQ_SHIFT])?;
+    let outbox: Vec<(i64, String, i64)> = {
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, session_id, turn_seq FROM outbox WHERE session_id IN (?1, ?2)",
+        )?;
+        let rows = stmt.query_map(params![old.id, new.id], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })?;
+        rows.collect::<Result<_, _>>()?
+    };
+    for (id, session_id, turn_seq) in outbox {
+        let seq = renumber
+            .get(&(session_id.clone(), turn_seq))
+            .copied()
+            .unwrap_or(turn_seq);
+        conn.prepare_cached(
+            "UPDATE outbox SET session_id = ?2, turn_seq = ?3,
+                    chat = CASE WHEN state IN ('pending', 'unknown') THEN ?4 ELSE chat END
+             WHERE id = ?1",
+        )?
+        .execute(params![id, new.id, seq, new.chat])?;
+    }
+    for sql in [
+        "UPDATE timers SET session_id = ?2 WHERE session_id = ?1",
+        "UPDATE tasks SET session_id = ?2 WHERE session_id = ?1",
+    ] {
+        conn.prepare_cached(sql)?.execute(params![old.id, new.id])?;
+    }
+    use serde_json::{Map, Value};
+    let mut memory: Map<String, Value> = serde_json::from_str(&old_memory).unwrap_or_default();
+    let current = session_memory(conn, &new.id)?.unwrap_or_default();
+    let newer: Map<String, Value> = serde_json::from_str(&current).unwrap_or_default();
+    memory.extend(newer);
+    conn.prepare_cached(
+        "UPDATE sessions SET memory_json = ?2, next_seq = ?3, updated_at = ?4, unreachable = NULL
+         WHERE id = ?1",
+    )?
+    .execute(params![
+        new.id,
+        Value::Object(memory).to_string(),
+        turns.len() as i64 + 1,
+        at
+    ])?;
+    // The old id keeps its row (a session actor may still know it) with
+    // nothing in it; new turns there would start after the old numbers.
+    conn.prepare_cached(
+        "UPDATE sessions SET memory_json = '{}', unreachable = ?2, updated_at = ?3 WHERE id = ?1",
+    )?
+    .execute(params![old.id, format!("moved to {}", new.id), at])?;
+    Ok(())
 }
 
 /// Apply `patch` (a JSON object; `null` removes a key) to the memory of
@@ -579,13 +802,13 @@ pub fn load_session(
 // The sender is the principal id without its "<channel>:" prefix (channel
 // names never contain ':'), so no join is needed.
 const TURN_COLUMNS: &str = "SELECT t.seq, t.role, t.content, t.key, t.created_at,
-        CASE WHEN t.role = 'user' THEN NULL
-             ELSE (SELECT o.state = 'sent' FROM outbox o
-                   WHERE o.session_id = t.session_id AND o.turn_seq = t.seq) END,
+        CASE WHEN t.role = 'user' THEN NULL ELSE o.state = 'sent' END,
         CASE WHEN t.role = 'user' AND t.principal_id IS NOT NULL
              THEN substr(t.principal_id, instr(t.principal_id, ':') + 1) END,
-        t.kind, t.meta_json, t.revises
-     FROM turns t";
+        t.kind, t.meta_json, t.revises,
+        o.state, o.last_error, o.channel_ref, o.delivery_status, o.delivery_at, o.delivery_error
+     FROM turns t LEFT JOIN outbox o
+       ON t.role != 'user' AND o.session_id = t.session_id AND o.turn_seq = t.seq";
 
 fn turn_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TurnRow> {
     let meta: Option<String> = r.get(8)?;
@@ -601,6 +824,17 @@ fn turn_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TurnRow> {
         // Written only by keel as JSON; unreadable text is shown as a string.
         meta: meta.map(|m| serde_json::from_str(&m).unwrap_or(serde_json::Value::String(m))),
         revises: r.get(9)?,
+        delivery: match r.get::<_, Option<String>>(10)? {
+            None => None,
+            Some(state) => Some(Delivery {
+                error: if state == "sent" { None } else { r.get(11)? },
+                state,
+                channel_ref: r.get(12)?,
+                status: r.get(13)?,
+                status_at: r.get(14)?,
+                status_error: r.get(15)?,
+            }),
+        },
     })
 }
 
@@ -640,7 +874,8 @@ pub fn session_turns(
 /// All sessions, ordered by id.
 pub fn list_sessions(conn: &Connection) -> Result<Vec<SessionSummary>, StoreError> {
     let mut stmt = conn.prepare_cached(
-        "SELECT id, channel, chat, next_seq - 1, created_at, updated_at FROM sessions ORDER BY id",
+        "SELECT id, channel, chat, next_seq - 1, created_at, updated_at, unreachable
+         FROM sessions ORDER BY id",
     )?;
     let rows = stmt
         .query_map([], |r| {
@@ -651,6 +886,7 @@ pub fn list_sessions(conn: &Connection) -> Result<Vec<SessionSummary>, StoreErro
                 turns: r.get(3)?,
                 created_at: r.get(4)?,
                 updated_at: r.get(5)?,
+                unreachable: r.get(6)?,
             })
         })?
         .collect::<Result<Vec<_>, _>>()?;
