@@ -484,6 +484,29 @@ impl Handler<OutboxKick> for OutboxActor {
     }
 }
 
+/// The replies of `session` were failed in the store (its chat became
+/// unreachable): drop the ones queued or waiting here, so none is sent.
+/// The one in flight, if any, is dropped when its outcome is recorded.
+/// Sent by session actors.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct ForgetReplies {
+    pub session: String,
+}
+
+impl Handler<ForgetReplies> for OutboxActor {
+    type Result = ();
+    fn handle(&mut self, msg: ForgetReplies, _: &mut Context<Self>) {
+        let before = self.queue.len() + self.waiting.len();
+        self.queue.retain(|r| r.session_id != msg.session);
+        self.waiting.retain(|_, r| r.session_id != msg.session);
+        let dropped = before - self.queue.len() - self.waiting.len();
+        if dropped > 0 {
+            tracing::info!(session = %msg.session, dropped, "queued replies to an unreachable chat dropped");
+        }
+    }
+}
+
 impl Handler<ChannelReady> for OutboxActor {
     type Result = ();
     fn handle(&mut self, msg: ChannelReady, ctx: &mut Context<Self>) {

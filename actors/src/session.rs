@@ -23,7 +23,7 @@ use crate::brain::{Brain, BrainInput, Decision, RECENT_TURNS};
 use crate::clock::Clock;
 use crate::error::StoreError;
 use crate::metrics::Metrics;
-use crate::outbox::OutboxKick;
+use crate::outbox::{ForgetReplies, OutboxKick};
 use crate::persistence::{
     AwaitingTurn, ChatEvent, CommitAgentReply, CommitExchange, Exchange, ExchangeOutcome,
     GetAwaiting, GetSession, PersistenceActor, ReplyPlan, SessionKey, TurnRow,
@@ -171,6 +171,8 @@ pub struct SessionRegistry {
     outbox: Recipient<OutboxKick>,
     /// Told when a command created or cancelled a timer.
     timers: Option<Recipient<TimersChanged>>,
+    /// Told when a chat became unreachable: its queued replies are dropped.
+    forget_replies: Option<Recipient<ForgetReplies>>,
     /// Told when a command queued or cancelled a task.
     tasks: Option<Recipient<TasksChanged>>,
     settings: SessionSettings,
@@ -194,6 +196,7 @@ impl SessionRegistry {
             persistence,
             outbox,
             timers: None,
+            forget_replies: None,
             tasks: None,
             settings,
             metrics,
@@ -207,6 +210,12 @@ impl SessionRegistry {
     /// Tell `timers` when a command creates or cancels a timer.
     pub fn with_timers(mut self, timers: Recipient<TimersChanged>) -> SessionRegistry {
         self.timers = Some(timers);
+        self
+    }
+
+    /// Tell the outbox when a chat became unreachable.
+    pub fn with_outbox_forget(mut self, outbox: Recipient<ForgetReplies>) -> SessionRegistry {
+        self.forget_replies = Some(outbox);
         self
     }
 
@@ -225,6 +234,7 @@ impl SessionRegistry {
                 persistence: self.persistence.clone(),
                 outbox: self.outbox.clone(),
                 timers: self.timers.clone(),
+                forget_replies: self.forget_replies.clone(),
                 tasks: self.tasks.clone(),
                 registry: me,
                 settings: self.settings.clone(),
@@ -370,6 +380,8 @@ pub struct SessionActor {
     persistence: Addr<PersistenceActor>,
     outbox: Recipient<OutboxKick>,
     timers: Option<Recipient<TimersChanged>>,
+    /// Told when a chat became unreachable: its queued replies are dropped.
+    forget_replies: Option<Recipient<ForgetReplies>>,
     tasks: Option<Recipient<TasksChanged>>,
     registry: Addr<SessionRegistry>,
     settings: SessionSettings,
@@ -622,6 +634,13 @@ impl SessionActor {
                                     if key.id != this.key.id {
                                         this.registry.do_send(Forget { id: key.id });
                                     }
+                                }
+                            }
+                            if let ChatEvent::Unreachable(_) = event {
+                                if let Some(outbox) = &this.forget_replies {
+                                    outbox.do_send(ForgetReplies {
+                                        session: this.key.id.clone(),
+                                    });
                                 }
                             }
                             if let Some(timers) = &this.timers {

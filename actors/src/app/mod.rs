@@ -339,6 +339,7 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         clock.clone(),
     )
     .with_timers(timers.clone().recipient())
+    .with_outbox_forget(outbox.clone().recipient())
     .with_tasks(tasks.clone().recipient())
     .start();
     let webhook_settings = Arc::new(RwLock::new(settings_webhook(&config)));

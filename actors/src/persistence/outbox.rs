@@ -99,12 +99,13 @@ pub fn mark_outbox_sent(conn: &Connection, at: &Stamp, id: i64) -> Result<(), St
     Ok(())
 }
 
-/// A send attempt failed (never undoes `sent`: an earlier attempt may have
-/// been accepted meanwhile). `unknown` records that the request may have
+/// A send attempt failed (never undoes `sent` — an earlier attempt may have
+/// been accepted meanwhile — nor `failed`: the first reason stays). `unknown` records that the request may have
 /// arrived (it stays pending and is sent again: at-least-once, counted).
 pub fn record_outbox_failure(conn: &Connection, id: i64, error: &str) -> Result<(), StoreError> {
     conn.prepare_cached(
-        "UPDATE outbox SET attempts = attempts + 1, last_error = ?2 WHERE id = ?1 AND state != 'sent'",
+        "UPDATE outbox SET attempts = attempts + 1, last_error = ?2
+         WHERE id = ?1 AND state IN ('pending', 'unknown')",
     )?
     .execute(params![id, error])?;
     Ok(())
@@ -115,7 +116,8 @@ pub fn record_outbox_failure(conn: &Connection, id: i64, error: &str) -> Result<
 /// accepted send marks it `sent`.
 pub fn mark_outbox_unknown(conn: &Connection, id: i64, error: &str) -> Result<(), StoreError> {
     conn.prepare_cached(
-        "UPDATE outbox SET state = 'unknown', attempts = attempts + 1, last_error = ?2 WHERE id = ?1 AND state != 'sent'",
+        "UPDATE outbox SET state = 'unknown', attempts = attempts + 1, last_error = ?2
+         WHERE id = ?1 AND state IN ('pending', 'unknown')",
     )?
     .execute(params![id, error])?;
     Ok(())
@@ -136,7 +138,8 @@ pub fn unknown_outbox(conn: &Connection, limit: i64) -> Result<Vec<OutboxRow>, S
 /// Give up on a reply that can never be delivered (no route).
 pub fn mark_outbox_failed(conn: &Connection, id: i64, error: &str) -> Result<(), StoreError> {
     conn.prepare_cached(
-        "UPDATE outbox SET state = 'failed', attempts = attempts + 1, last_error = ?2 WHERE id = ?1 AND state != 'sent'",
+        "UPDATE outbox SET state = 'failed', attempts = attempts + 1, last_error = ?2
+         WHERE id = ?1 AND state IN ('pending', 'unknown')",
     )?
     .execute(params![id, error])?;
     Ok(())

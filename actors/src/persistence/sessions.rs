@@ -1047,6 +1047,7 @@ impl Handler<GetAwaiting> for PersistenceActor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::Stamp;
     use crate::persistence::meta::{next_boot_epoch, stats};
     use crate::persistence::outbox::{mark_outbox_sent, pending_outbox};
     use crate::persistence::testing::{at, db};
@@ -1057,6 +1058,149 @@ mod tests {
             deliver: true,
         });
         Exchange::text(SessionKey::new("webhook", chat), "u1", key, text, reply)
+    }
+
+    fn tg(chat: &str, key: &str, text: &str, reply: Option<&str>) -> Exchange {
+        let mut e = ex(chat, key, text, reply);
+        e.session = SessionKey::new("telegram", chat);
+        e
+    }
+
+    #[test]
+    fn a_migrated_chat_moves_turns_memory_timers_and_unsent_replies_in_time_order() {
+        let c = db();
+        c.execute_batch("PRAGMA foreign_keys = ON; BEGIN").unwrap();
+        let t = |s: i64| Stamp::from_ms(1_764_590_400_000 + s * 1000);
+        let mut first = tg("-5", "1", "/remember k v", Some("ok"));
+        first.memory = Some(r#"{"k":"old","only_old":1}"#.into());
+        commit_exchange(&c, &t(1), &first).unwrap();
+        commit_exchange(&c, &t(3), &tg("-5", "3", "later", None)).unwrap();
+        let mut newer = tg("-100", "2", "in between", None);
+        newer.memory = Some(r#"{"k":"new"}"#.into());
+        newer.answer = false;
+        commit_exchange(&c, &t(2), &newer).unwrap();
+        c.execute(
+            "INSERT INTO timers (session_id, kind, schedule, timezone, callback, next_run,
+                                 created_at, updated_at)
+             VALUES ('telegram:-5', 'once', 'x', 'UTC', 'reminder', 99, 'a', 'a')",
+            [],
+        )
+        .unwrap();
+        let mut moved = tg("-100", "4", "", None);
+        moved.kind = "service".into();
+        moved.answer = false;
+        moved.chat_event = Some(ChatEvent::Migrated {
+            from: "-5".into(),
+            to: "-100".into(),
+        });
+        commit_exchange(&c, &t(4), &moved).unwrap();
+        c.execute_batch("COMMIT").unwrap();
+        let turns = session_turns(&c, "telegram:-100", 0, 100).unwrap().unwrap();
+        let got: Vec<(i64, &str)> = turns.iter().map(|t| (t.seq, t.text.as_str())).collect();
+        assert_eq!(
+            got,
+            vec![
+                (1, "/remember k v"),
+                (2, "ok"),
+                (3, "in between"),
+                (4, "later"),
+                (5, "")
+            ]
+        );
+        let reply_to: i64 = c
+            .query_row(
+                "SELECT in_reply_to FROM turns WHERE session_id = 'telegram:-100' AND seq = 2",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(reply_to, 1);
+        let rows = pending_outbox(&c, 0, 10).unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(
+            (rows[0].session_id.as_str(), rows[0].chat.as_str()),
+            ("telegram:-100", "-100")
+        );
+        assert_eq!(turns[1].delivery.as_ref().unwrap().state, "pending");
+        let timer_session: String = c
+            .query_row("SELECT session_id FROM timers", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(timer_session, "telegram:-100");
+        let memory: serde_json::Value =
+            serde_json::from_str(&session_memory(&c, "telegram:-100").unwrap().unwrap()).unwrap();
+        assert_eq!(memory, serde_json::json!({"k": "new", "only_old": 1}));
+        assert_eq!(session_memory(&c, "telegram:-5").unwrap().unwrap(), "{}");
+        let old = list_sessions(&c).unwrap();
+        let old = old.iter().find(|s| s.id == "telegram:-5").unwrap();
+        assert_eq!(old.unreachable.as_deref(), Some("moved to telegram:-100"));
+        // The next turn of the new session follows the merged ones; a
+        // second migration notice finds nothing left to move.
+        let mut again = tg("-5", "6", "", None);
+        again.answer = false;
+        again.chat_event = moved.chat_event.clone();
+        c.execute_batch("BEGIN").unwrap();
+        commit_exchange(&c, &t(5), &again).unwrap();
+        commit_exchange(&c, &t(6), &tg("-100", "7", "after", None)).unwrap();
+        c.execute_batch("COMMIT").unwrap();
+        let turns = session_turns(&c, "telegram:-100", 0, 100).unwrap().unwrap();
+        assert_eq!(turns.len(), 7);
+        assert_eq!(turns.last().unwrap().text, "after");
+        assert_eq!(turns.last().unwrap().seq, 7);
+    }
+
+    #[test]
+    fn an_unreachable_chat_fails_its_replies_and_pauses_its_timers_until_it_is_back() {
+        let c = db();
+        commit_exchange(&c, &at(), &tg("9", "1", "hi", Some("hello"))).unwrap();
+        c.execute(
+            "INSERT INTO timers (session_id, kind, schedule, timezone, callback, next_run,
+                                 created_at, updated_at)
+             VALUES ('telegram:9', 'once', 'x', 'UTC', 'reminder', 99, 'a', 'a'),
+                    ('telegram:9', 'once', 'x', 'UTC', 'reminder', NULL, 'a', 'a')",
+            [],
+        )
+        .unwrap();
+        c.execute(
+            "UPDATE timers SET state = 'parked', error = 'bad' WHERE id = 2",
+            [],
+        )
+        .unwrap();
+        let mut kicked = tg("9", "2", "", None);
+        kicked.answer = false;
+        kicked.chat_event = Some(ChatEvent::Unreachable("chat unreachable: kicked".into()));
+        commit_exchange(&c, &at(), &kicked).unwrap();
+        assert!(pending_outbox(&c, 0, 10).unwrap().is_empty());
+        let turns = session_turns(&c, "telegram:9", 0, 10).unwrap().unwrap();
+        let d = turns[1].delivery.clone().unwrap();
+        assert_eq!(
+            (d.state.as_str(), d.error.as_deref()),
+            ("failed", Some("chat unreachable: kicked"))
+        );
+        let states = |c: &Connection| -> Vec<(String, Option<i64>)> {
+            let mut s = c
+                .prepare("SELECT state, next_run FROM timers ORDER BY id")
+                .unwrap();
+            s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect()
+        };
+        assert_eq!(
+            states(&c),
+            vec![("parked".into(), Some(99)), ("parked".into(), None)]
+        );
+        assert!(list_sessions(&c).unwrap()[0].unreachable.is_some());
+        // A redelivered kick is a duplicate: nothing applied twice.
+        let mut back = tg("9", "3", "", None);
+        back.answer = false;
+        back.chat_event = Some(ChatEvent::Reachable);
+        commit_exchange(&c, &at(), &back).unwrap();
+        // Only the paused timer resumes; one parked for its own reason stays.
+        assert_eq!(
+            states(&c),
+            vec![("active".into(), Some(99)), ("parked".into(), None)]
+        );
+        assert!(list_sessions(&c).unwrap()[0].unreachable.is_none());
     }
 
     #[test]
