@@ -55,6 +55,8 @@ pub struct OutboundReply {
     /// Where it goes inside the chat (thread, topic, message to quote), as
     /// the channel gave it with the message answered; `None` for notices.
     pub reply_meta: Option<serde_json::Value>,
+    /// When the chat last wrote to keel (unix ms; WhatsApp rows only).
+    pub last_inbound_ms: Option<i64>,
 }
 
 /// How an adapter sends replies out. Implemented by each channel.
@@ -361,6 +363,7 @@ impl OutboxActor {
             in_reply_to: row.in_reply_to.clone(),
             text: row.text.clone(),
             reply_meta: row.reply_meta.clone(),
+            last_inbound_ms: row.last_inbound_ms,
         };
         let timeout = Duration::from_millis(self.config.send_timeout_ms);
         let persistence = self.persistence.clone();

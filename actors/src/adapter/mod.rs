@@ -71,6 +71,8 @@ pub struct SinkDeps<'a> {
     pub cli: Option<&'a cli::CliClients>,
     /// Where a sink reports that its channel stopped for good.
     pub health: &'a ChannelHealth,
+    /// The wall clock (WhatsApp's 24-hour window is checked at send time).
+    pub clock: &'a Arc<dyn crate::clock::Clock>,
 }
 
 /// Lets a channel without a supervised run (a webhook-driven one) stop for
@@ -288,6 +290,8 @@ mod tests {
                 http: &http,
                 cli: Some(&clients),
                 health: &ChannelHealth::default(),
+                clock: &(Arc::new(crate::clock::ManualClock::new(0))
+                    as Arc<dyn crate::clock::Clock>),
             },
         );
         let mut names: Vec<&String> = sinks.keys().collect();

@@ -160,8 +160,17 @@ pub fn settings_sinks(
     http: &reqwest::Client,
     cli: Option<&CliClients>,
     health: &crate::adapter::ChannelHealth,
+    clock: &Arc<dyn Clock>,
 ) -> HashMap<String, Arc<dyn ReplySink>> {
-    crate::adapter::reply_sinks(config, &crate::adapter::SinkDeps { http, cli, health })
+    crate::adapter::reply_sinks(
+        config,
+        &crate::adapter::SinkDeps {
+            http,
+            cli,
+            health,
+            clock,
+        },
+    )
 }
 
 /// The owner's "keel restarted" notice of this start (R18).
@@ -314,7 +323,13 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
     let cli_clients = cli_enabled.then(CliClients::default);
     let outbox = OutboxActor::new(
         persistence.clone(),
-        settings_sinks(&config, &http, cli_clients.as_ref(), &channel_health),
+        settings_sinks(
+            &config,
+            &http,
+            cli_clients.as_ref(),
+            &channel_health,
+            &clock,
+        ),
         config.outbox.clone(),
         metrics.clone(),
     )
@@ -356,6 +371,7 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         crate::adapter::whatsapp::WhatsAppState::new(
             config.whatsapp.clone(),
             intake,
+            persistence.clone(),
             gate.clone(),
             metrics.clone(),
         )
@@ -562,6 +578,7 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         webhook_settings,
         admin_access,
         channel_health,
+        clock: clock.clone(),
         log_level: opts.log_level,
         shutting_down: false,
         done: Some(done_tx),

@@ -27,6 +27,9 @@ pub struct OutboxRow {
     /// Where the reply goes inside the chat (thread, topic, message to
     /// quote), as the channel gave it with the message answered.
     pub reply_meta: Option<serde_json::Value>,
+    /// WhatsApp rows: when the chat's newest user turn was stored (unix
+    /// ms), for the 24-hour customer-service window; `None` if never.
+    pub last_inbound_ms: Option<i64>,
 }
 
 pub(super) fn insert_outbox(
@@ -57,7 +60,11 @@ pub(super) fn insert_outbox(
 }
 
 const OUTBOX_COLUMNS: &str =
-    "SELECT id, session_id, channel, chat, in_reply_to, text, attempts, reply_meta FROM outbox";
+    "SELECT id, session_id, channel, chat, in_reply_to, text, attempts, reply_meta,
+        CASE WHEN channel = 'whatsapp' THEN
+            (SELECT t.created_at FROM turns t WHERE t.session_id = outbox.session_id
+               AND t.role = 'user' ORDER BY t.seq DESC LIMIT 1) END
+     FROM outbox";
 
 fn outbox_row(r: &rusqlite::Row<'_>, unknown: bool) -> rusqlite::Result<OutboxRow> {
     Ok(OutboxRow {
@@ -72,6 +79,10 @@ fn outbox_row(r: &rusqlite::Row<'_>, unknown: bool) -> rusqlite::Result<OutboxRo
         reply_meta: r
             .get::<_, Option<String>>(7)?
             .and_then(|m| serde_json::from_str(&m).ok()),
+        last_inbound_ms: r
+            .get::<_, Option<String>>(8)?
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok())
+            .map(|t| t.timestamp_millis()),
     })
 }
 
