@@ -43,7 +43,7 @@ use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
 
 use super::supervisor::Adapter;
-use crate::config::SlackConfig;
+use crate::config::{GroupReplies, SlackConfig};
 use crate::error::{AdapterError, SendError, StoreError};
 use crate::health::Gate;
 use crate::ids::check_external_id;
@@ -456,6 +456,63 @@ fn parse_message(
     }
 }
 
+/// Threads keel is in (it answered there), per channel: a reply in one of
+/// them is addressed to keel. In memory, the newest few thousand; after a
+/// restart a thread counts again once keel is addressed in it.
+#[derive(Debug, Default)]
+pub struct Threads {
+    set: std::collections::HashSet<(String, String)>,
+    order: std::collections::VecDeque<(String, String)>,
+}
+
+impl Threads {
+    const MAX: usize = 4096;
+
+    pub fn insert(&mut self, channel: &str, thread_ts: &str) {
+        let key = (channel.to_string(), thread_ts.to_string());
+        if self.set.insert(key.clone()) {
+            self.order.push_back(key);
+            if self.order.len() > Self::MAX {
+                if let Some(old) = self.order.pop_front() {
+                    self.set.remove(&old);
+                }
+            }
+        }
+    }
+
+    pub fn contains(&self, channel: &str, thread_ts: &str) -> bool {
+        self.set
+            .contains(&(channel.to_string(), thread_ts.to_string()))
+    }
+}
+
+/// A direct message (`channel_type` `im`; a `D…` channel id when Slack
+/// left the type out): always answered.
+pub fn is_direct(event: &Value, channel: &str) -> bool {
+    match event.get("channel_type").and_then(Value::as_str) {
+        Some(t) => t == "im",
+        None => channel.starts_with('D'),
+    }
+}
+
+/// Whether a channel message is addressed to keel: it mentions keel's user
+/// (`<@U…>`), is a command in keel's grammar (`/recall …`), is in a thread
+/// whose first message is keel's (`parent_user_id`), or in a thread keel
+/// answered in.
+pub fn addressed(event: &Value, me: &BotIdentity, threads: &Threads, channel: &str) -> bool {
+    let text = event.get("text").and_then(Value::as_str).unwrap_or("");
+    let mention = me
+        .user_id
+        .as_ref()
+        .is_some_and(|u| text.contains(&format!("<@{u}>")) || text.contains(&format!("<@{u}|")));
+    let command = text.trim_start().starts_with('/');
+    let thread = event.get("thread_ts").and_then(Value::as_str);
+    let parent_is_me = me.user_id.is_some()
+        && event.get("parent_user_id").and_then(Value::as_str) == me.user_id.as_deref();
+    let in_thread = thread.is_some_and(|t| parent_is_me || threads.contains(channel, t));
+    mention || command || in_thread
+}
+
 /// Whether a Web API error means the token itself was refused.
 fn token_refused(status: Option<u16>, error: &str) -> bool {
     status == Some(401)
@@ -509,6 +566,7 @@ async fn socket_loop(
     );
     let me = identify(&client, &config, silence).await?;
     let mut quick_disconnects: u32 = 0;
+    let mut threads = Threads::default();
     loop {
         let opened = web_api(&client, &open_url, &app_token, &json!({}), silence).await;
         let url = match opened {
@@ -589,7 +647,24 @@ async fn socket_loop(
                             tracing::debug!(retry_attempt = n, "slack redelivered an event");
                         }
                         match parse_event(&v["payload"], &me) {
-                            Parsed::Message(msg) => {
+                            Parsed::Message(mut msg) => {
+                                let event = &v["payload"]["event"];
+                                if msg.answer && !is_direct(event, &msg.channel) {
+                                    let to_us = addressed(event, &me, &threads, &msg.channel);
+                                    if let Some(Value::Object(m)) = &mut msg.meta {
+                                        m.insert("addressed".into(), to_us.into());
+                                    } else {
+                                        msg.meta = Some(json!({ "addressed": to_us }));
+                                    }
+                                    if !to_us && config.channel_replies == GroupReplies::Addressed {
+                                        msg.answer = false;
+                                    }
+                                }
+                                if msg.answer {
+                                    if let Some(t) = &msg.thread_ts {
+                                        threads.insert(&msg.channel, t);
+                                    }
+                                }
                                 let Some(_guard) = gate.enter() else {
                                     // Shutting down: no ack, Slack resends later.
                                     return Ok(());
@@ -644,7 +719,14 @@ pub struct SlackSink {
     pub api_base: String,
     pub bot_token: String,
     pub timeout: Duration,
+    /// Parts of a split reply already accepted, by outbox id.
+    pub progress: Arc<std::sync::Mutex<std::collections::HashMap<i64, usize>>>,
 }
+
+/// Longest part of a reply, in UTF-16 units (at most as many characters):
+/// Slack's recommended limit for one message (it cuts messages at 40,000
+/// characters and answers `msg_too_long` beyond).
+pub const MAX_MESSAGE_UNITS: usize = 4000;
 
 impl ReplySink for SlackSink {
     fn send(&self, reply: OutboundReply) -> BoxFuture<'static, Result<(), SendError>> {
@@ -652,35 +734,71 @@ impl ReplySink for SlackSink {
         let url = format!("{}/chat.postMessage", self.api_base.trim_end_matches('/'));
         let token = self.bot_token.clone();
         let timeout = self.timeout;
+        let progress = self.progress.clone();
         Box::pin(async move {
-            let mut body = json!({"channel": reply.chat, "text": reply.text});
-            // A reply to a threaded message goes to its thread.
-            if let Some(ts) = reply
-                .reply_meta
-                .as_ref()
-                .and_then(|m| opt_ts(m, "thread_ts").ok().flatten())
-            {
-                body["thread_ts"] = Value::String(ts);
-            }
-            match web_api(&client, &url, &token, &body, timeout).await {
-                Ok(_) => Ok(()),
-                Err((Some(0), e, _)) => Err(SendError::Unknown(e)),
-                Err((Some(429), _, wait)) => Err(SendError::RetryAfter(
-                    wait.unwrap_or(Duration::from_secs(1)),
-                )),
-                Err((_, e, _))
-                    if matches!(
-                        e.as_str(),
-                        "channel_not_found" | "not_in_channel" | "is_archived" | "msg_too_long"
-                    ) =>
-                {
-                    Err(SendError::Permanent(format!(
-                        "slack rejected the reply: {e}"
-                    )))
+            // A long reply goes out as several messages, in order, split at
+            // lines or words; a resend after a partial failure starts at the
+            // first part not accepted yet (in memory: after a restart every
+            // part goes again, at-least-once).
+            let parts = super::split_message(&reply.text, MAX_MESSAGE_UNITS);
+            let done = progress
+                .lock()
+                .map(|p| p.get(&reply.id).copied().unwrap_or(0))
+                .unwrap_or(0);
+            for (n, part) in parts.iter().enumerate().skip(done) {
+                post_part(&client, &url, &token, timeout, &reply, part).await?;
+                if parts.len() > 1 {
+                    if let Ok(mut p) = progress.lock() {
+                        if p.len() > 10_000 {
+                            p.clear();
+                        }
+                        p.insert(reply.id, n + 1);
+                    }
                 }
-                Err((_, e, _)) => Err(SendError::Transient(format!("chat.postMessage: {e}"))),
             }
+            if let Ok(mut p) = progress.lock() {
+                p.remove(&reply.id);
+            }
+            Ok(())
         })
+    }
+}
+
+/// `chat.postMessage` for one part of a reply.
+async fn post_part(
+    client: &reqwest::Client,
+    url: &str,
+    token: &str,
+    timeout: Duration,
+    reply: &OutboundReply,
+    text: &str,
+) -> Result<(), SendError> {
+    let mut body = json!({"channel": reply.chat, "text": text});
+    // A reply to a threaded message goes to its thread.
+    if let Some(ts) = reply
+        .reply_meta
+        .as_ref()
+        .and_then(|m| opt_ts(m, "thread_ts").ok().flatten())
+    {
+        body["thread_ts"] = Value::String(ts);
+    }
+    match web_api(client, url, token, &body, timeout).await {
+        Ok(_) => Ok(()),
+        Err((Some(0), e, _)) => Err(SendError::Unknown(e)),
+        Err((Some(429), _, wait)) => Err(SendError::RetryAfter(
+            wait.unwrap_or(Duration::from_secs(1)),
+        )),
+        Err((_, e, _))
+            if matches!(
+                e.as_str(),
+                "channel_not_found" | "not_in_channel" | "is_archived" | "msg_too_long"
+            ) =>
+        {
+            Err(SendError::Permanent(format!(
+                "slack rejected the reply: {e}"
+            )))
+        }
+        Err((_, e, _)) => Err(SendError::Transient(format!("chat.postMessage: {e}"))),
     }
 }
 
@@ -695,6 +813,7 @@ pub const CHANNEL: super::Channel = super::Channel {
                 api_base: c.slack.api_base.clone(),
                 bot_token: token.clone(),
                 timeout: Duration::from_millis(c.outbox.send_timeout_ms),
+                progress: Default::default(),
             }) as Arc<dyn ReplySink>
         })
     },

@@ -1194,45 +1194,7 @@ impl TelegramSink {
 /// Telegram's limit for one message, in UTF-16 code units.
 pub const MAX_MESSAGE_UNITS: usize = 4096;
 
-/// Split `text` into parts of at most `limit` UTF-16 units, at a line break
-/// if one falls in the second half of the part, else at a space (second
-/// half), else at a character boundary. The separator is dropped.
-pub fn split_message(text: &str, limit: usize) -> Vec<String> {
-    let limit = limit.max(2);
-    let mut parts = Vec::new();
-    let mut rest = text;
-    loop {
-        let mut units = 0;
-        let mut max = rest.len();
-        for (i, c) in rest.char_indices() {
-            if units + c.len_utf16() > limit {
-                max = i;
-                break;
-            }
-            units += c.len_utf16();
-        }
-        if max == rest.len() {
-            parts.push(rest.to_string());
-            return parts;
-        }
-        let head = &rest[..max];
-        let half = head.len() / 2;
-        let at = |i: usize, sep: char| (i, i + sep.len_utf8());
-        let (cut, next) = head
-            .rfind('\n')
-            .filter(|i| *i >= half)
-            .map(|i| at(i, '\n'))
-            .or_else(|| {
-                head.char_indices()
-                    .rev()
-                    .find(|(i, c)| c.is_whitespace() && *i >= half)
-                    .map(|(i, c)| at(i, c))
-            })
-            .unwrap_or((max, max));
-        parts.push(rest[..cut].to_string());
-        rest = &rest[next..];
-    }
-}
+pub use super::split_message;
 
 /// The `sendMessage` body for one part: the chat, the forum topic, and in
 /// groups the message answered, quoted (sent even if it was deleted).

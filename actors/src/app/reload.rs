@@ -218,6 +218,7 @@ pub fn plan(running: &Config, new: &Config) -> (ReloadReport, Config) {
             app_token,
             bot_token,
             silence_timeout_s,
+            channel_replies,
         } = slack;
         let o = &old.slack;
         SlackConfig {
@@ -229,6 +230,11 @@ pub fn plan(running: &Config, new: &Config) -> (ReloadReport, Config) {
                 "slack.silence_timeout_s",
                 silence_timeout_s,
                 &o.silence_timeout_s,
+            ),
+            channel_replies: r.restart(
+                "slack.channel_replies",
+                channel_replies,
+                &o.channel_replies,
             ),
         }
     };

@@ -152,6 +152,10 @@ pub struct SlackConfig {
     pub bot_token: Option<String>,
     /// Bound on silence (no hello, no frame, no ping) before reconnecting.
     pub silence_timeout_s: u64,
+    /// Which channel messages are answered (default: only those addressed
+    /// to the bot: a mention, a command, a thread keel is in). Direct
+    /// messages are always answered.
+    pub channel_replies: GroupReplies,
 }
 
 impl Default for SlackConfig {
@@ -162,6 +166,7 @@ impl Default for SlackConfig {
             app_token: None,
             bot_token: None,
             silence_timeout_s: 60,
+            channel_replies: GroupReplies::Addressed,
         }
     }
 }
@@ -175,6 +180,7 @@ impl std::fmt::Debug for SlackConfig {
             .field("app_token", &self.app_token.as_ref().map(|_| "<redacted>"))
             .field("bot_token", &self.bot_token.as_ref().map(|_| "<redacted>"))
             .field("silence_timeout_s", &self.silence_timeout_s)
+            .field("channel_replies", &self.channel_replies)
             .finish()
     }
 }
