@@ -738,11 +738,24 @@ async fn telegram_reply_to_a_migrated_group_goes_to_the_new_supergroup() {
         "text": "/help@KeelTestBot", "entities": [{"type": "bot_command", "offset": 0, "length": 17}]}}));
     d.boot().await;
     confirmed(&tg, id).await;
-    wait_all_sent(&d, &["telegram:-222"]).await;
+    poll_until(DEADLINE, || async {
+        (!sent_to(&tg, -1001555).is_empty()).then_some(())
+    })
+    .await
+    .expect("the reply reached the supergroup");
     let moved = sent_to(&tg, -1001555);
     assert_eq!(moved.len(), 1, "{:#?}", tg.sent());
     assert_eq!(moved[0]["reply_parameters"]["message_id"], 40);
     assert!(sent_to(&tg, -222).is_empty());
+    // The 400 moved the session too, as the migration update would have.
+    let turns = poll_until(DEADLINE, || async {
+        let t = api_turns(&d, "telegram:-1001555").await;
+        (t.len() == 2 && t[1]["sent"] == json!(true)).then_some(t)
+    })
+    .await
+    .expect("the session moved to the supergroup");
+    assert_eq!(turns[0]["text"], "/help@KeelTestBot");
+    assert!(api_turns(&d, "telegram:-222").await.is_empty());
     d.assert_no_panics();
 }
 

@@ -309,6 +309,48 @@ impl Handler<Busy> for SessionRegistry {
     }
 }
 
+/// A reply sink learnt something about a chat (a Telegram group that
+/// became a supergroup, from a 400 to a reply): applied in the store like
+/// the channel's own service update, then every cached snapshot of the
+/// chats involved is dropped. Sent by sinks through `adapter::ChatEvents`.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct ChatLearnt {
+    pub channel: String,
+    pub chat: String,
+    pub event: ChatEvent,
+}
+
+impl Handler<ChatLearnt> for SessionRegistry {
+    type Result = ();
+    fn handle(&mut self, msg: ChatLearnt, ctx: &mut Context<Self>) {
+        let session = SessionKey::new(&msg.channel, &msg.chat);
+        let mut chats = vec![msg.chat.clone()];
+        if let ChatEvent::Migrated { from, to } = &msg.event {
+            chats = vec![from.clone(), to.clone()];
+        }
+        let req = self.persistence.send(crate::persistence::ApplyChatEvent {
+            session,
+            event: msg.event,
+        });
+        ctx.spawn(req.into_actor(self).map(move |res, this, _| {
+            if let Err(e) = res.unwrap_or(Err(StoreError::Closed)) {
+                tracing::warn!(error = %e, "chat event not applied");
+                return;
+            }
+            for chat in chats {
+                let id = SessionKey::new(&msg.channel, &chat).id;
+                if let Some(e) = this.sessions.get(&id) {
+                    e.addr.do_send(Forget { id });
+                }
+            }
+            if let Some(timers) = &this.timers {
+                timers.do_send(TimersChanged);
+            }
+        }));
+    }
+}
+
 impl Handler<Forget> for SessionRegistry {
     type Result = ();
     fn handle(&mut self, msg: Forget, _: &mut Context<Self>) {

@@ -73,6 +73,8 @@ pub struct SinkDeps<'a> {
     pub health: &'a ChannelHealth,
     /// The wall clock (WhatsApp's 24-hour window is checked at send time).
     pub clock: &'a Arc<dyn crate::clock::Clock>,
+    /// Where a sink reports what it learnt about a chat.
+    pub events: &'a ChatEvents,
 }
 
 /// Lets a channel without a supervised run (a webhook-driven one) stop for
@@ -121,6 +123,34 @@ impl ChannelHealth {
         tracing::error!(channel, reason, "channel stopped; it needs the operator");
         report.status(channel, &status);
         report.gave_up(channel, reason, &all);
+    }
+}
+
+/// Lets a reply sink report what it learnt about a chat while sending (a
+/// Telegram 400 naming the supergroup a group became), applied like the
+/// channel's own service update. Attached by `app::start` once the session
+/// registry exists; reports before that are only logged.
+#[derive(Clone, Default)]
+pub struct ChatEvents {
+    inner: Arc<std::sync::Mutex<Option<actix::Recipient<crate::session::ChatLearnt>>>>,
+}
+
+impl ChatEvents {
+    pub fn attach(&self, to: actix::Recipient<crate::session::ChatLearnt>) {
+        *self.inner.lock().unwrap_or_else(|p| p.into_inner()) = Some(to);
+    }
+
+    /// `chat` of `channel` says `event`.
+    pub fn report(&self, channel: &str, chat: &str, event: crate::persistence::ChatEvent) {
+        let guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        match guard.as_ref() {
+            Some(to) => to.do_send(crate::session::ChatLearnt {
+                channel: channel.to_string(),
+                chat: chat.to_string(),
+                event,
+            }),
+            None => tracing::info!(channel, ?event, "chat event before start; not applied"),
+        }
     }
 }
 
@@ -332,6 +362,7 @@ mod tests {
                 health: &ChannelHealth::default(),
                 clock: &(Arc::new(crate::clock::ManualClock::new(0))
                     as Arc<dyn crate::clock::Clock>),
+                events: &ChatEvents::default(),
             },
         );
         let mut names: Vec<&String> = sinks.keys().collect();

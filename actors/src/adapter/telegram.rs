@@ -1179,14 +1179,18 @@ pub struct TelegramSink {
     /// memory only, so after a restart every part is sent again (under the
     /// same outbox id: replies are at-least-once).
     pub progress: Arc<std::sync::Mutex<std::collections::HashMap<i64, usize>>>,
+    /// Told when a reply finds its group became a supergroup: the session
+    /// moves as if the migration update had come.
+    pub events: super::ChatEvents,
 }
 
 impl TelegramSink {
-    pub fn new(api: BotApi, timeout: Duration) -> TelegramSink {
+    pub fn new(api: BotApi, timeout: Duration, events: super::ChatEvents) -> TelegramSink {
         TelegramSink {
             api,
             timeout,
             progress: Default::default(),
+            events,
         }
     }
 }
@@ -1238,6 +1242,7 @@ impl ReplySink for TelegramSink {
         let api = self.api.clone();
         let timeout = self.timeout;
         let progress = self.progress.clone();
+        let events = self.events.clone();
         let mut chat: Value = reply
             .chat
             .parse::<i64>()
@@ -1259,6 +1264,16 @@ impl ReplySink for TelegramSink {
                     // part and the rest), once.
                     Err(ApiError::Migrated(to)) if chat != json!(to) => {
                         tracing::info!(chat = %reply.chat, to, "telegram chat migrated; reply sent there");
+                        if chat.as_i64().is_some_and(|c| c.to_string() == reply.chat) {
+                            events.report(
+                                "telegram",
+                                &reply.chat,
+                                ChatEvent::Migrated {
+                                    from: reply.chat.clone(),
+                                    to: to.to_string(),
+                                },
+                            );
+                        }
                         chat = json!(to);
                         let body = send_body(&chat, part, reply.reply_meta.as_ref());
                         api.call("sendMessage", &body, timeout)
@@ -1452,6 +1467,7 @@ pub const CHANNEL: super::Channel = super::Channel {
             Arc::new(TelegramSink::new(
                 BotApi::new(deps.http.clone(), &c.telegram.api_base, token),
                 Duration::from_millis(c.outbox.send_timeout_ms),
+                deps.events.clone(),
             )) as Arc<dyn ReplySink>
         })
     },

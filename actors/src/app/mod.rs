@@ -161,6 +161,7 @@ pub fn settings_sinks(
     cli: Option<&CliClients>,
     health: &crate::adapter::ChannelHealth,
     clock: &Arc<dyn Clock>,
+    events: &crate::adapter::ChatEvents,
 ) -> HashMap<String, Arc<dyn ReplySink>> {
     crate::adapter::reply_sinks(
         config,
@@ -169,6 +170,7 @@ pub fn settings_sinks(
             cli,
             health,
             clock,
+            events,
         },
     )
 }
@@ -319,6 +321,8 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
     // Lets a webhook-driven channel stop from its sink (attached below,
     // when the supervisor's report exists).
     let channel_health = crate::adapter::ChannelHealth::default();
+    // Lets a reply sink report a chat that moved (attached to the registry below).
+    let chat_events = crate::adapter::ChatEvents::default();
     let cli_enabled = config.cli.enabled;
     let cli_clients = cli_enabled.then(CliClients::default);
     let outbox = OutboxActor::new(
@@ -329,6 +333,7 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
             cli_clients.as_ref(),
             &channel_health,
             &clock,
+            &chat_events,
         ),
         config.outbox.clone(),
         metrics.clone(),
@@ -357,6 +362,7 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
     .with_outbox_forget(outbox.clone().recipient())
     .with_tasks(tasks.clone().recipient())
     .start();
+    chat_events.attach(registry.clone().recipient());
     let webhook_settings = Arc::new(RwLock::new(settings_webhook(&config)));
     // The webhook channel's adapter actor, behind the HTTP route.
     let webhook_adapter = config
@@ -579,6 +585,7 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         admin_access,
         channel_health,
         clock: clock.clone(),
+        chat_events,
         log_level: opts.log_level,
         shutting_down: false,
         done: Some(done_tx),

@@ -987,6 +987,23 @@ impl Handler<GetMemory> for PersistenceActor {
     }
 }
 
+/// Apply what a reply sink learnt about a chat (a Telegram 400 naming
+/// `migrate_to_chat_id`) without a turn of its own. Sent by the session
+/// registry.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<(), StoreError>")]
+pub struct ApplyChatEvent {
+    pub session: SessionKey,
+    pub event: ChatEvent,
+}
+
+impl Handler<ApplyChatEvent> for PersistenceActor {
+    type Result = ResponseFuture<Result<(), StoreError>>;
+    fn handle(&mut self, msg: ApplyChatEvent, _: &mut Context<Self>) -> Self::Result {
+        self.call(move |c, at| apply_chat_event(c, at, &msg.session, &msg.event))
+    }
+}
+
 /// Load a session's memory and recent turns. Sent by a session actor on wake.
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "Result<Option<SessionSnapshot>, StoreError>")]
