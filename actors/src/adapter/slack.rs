@@ -836,6 +836,64 @@ pub const CHANNEL: super::Channel = super::Channel {
 mod tests {
     use super::*;
 
+    #[test]
+    fn channel_messages_are_addressed_by_mention_command_or_keels_thread() {
+        let me = BotIdentity {
+            user_id: Some("UKEEL".into()),
+            bot_id: Some("BKEEL".into()),
+        };
+        let mut threads = Threads::default();
+        threads.insert("C1", "1.5");
+        let ev = |v: Value| v;
+        let yes = [
+            ev(json!({"text": "hi <@UKEEL> there"})),
+            ev(json!({"text": "<@UKEEL|keel> hi"})),
+            ev(json!({"text": "  /recall x"})),
+            ev(json!({"text": "plain", "thread_ts": "1.5"})),
+            ev(json!({"text": "plain", "thread_ts": "9.9", "parent_user_id": "UKEEL"})),
+        ];
+        for e in &yes {
+            assert!(addressed(e, &me, &threads, "C1"), "{e}");
+        }
+        let no = [
+            ev(json!({"text": "plain"})),
+            ev(json!({"text": "hi <@UOTHER>"})),
+            ev(json!({"text": "<@UKEELX> close"})),
+            ev(json!({"text": "plain", "thread_ts": "1.5x"})),
+            ev(json!({"text": "plain", "thread_ts": "9.9", "parent_user_id": "U2"})),
+            ev(json!({"text": 5})),
+            ev(json!({})),
+        ];
+        for e in &no {
+            assert!(!addressed(e, &me, &threads, "C1"), "{e}");
+        }
+        // The same thread id in another channel is another thread.
+        assert!(!addressed(
+            &json!({"text": "x", "thread_ts": "1.5"}),
+            &me,
+            &threads,
+            "C2"
+        ));
+        // No identity: mentions and keel's threads cannot be recognised.
+        let anon = BotIdentity::default();
+        assert!(!addressed(
+            &json!({"text": "x", "thread_ts": "9", "parent_user_id": null}),
+            &anon,
+            &threads,
+            "C1"
+        ));
+        assert!(is_direct(&json!({"channel_type": "im"}), "C1"));
+        assert!(!is_direct(&json!({"channel_type": "mpim"}), "D1"));
+        assert!(is_direct(&json!({}), "D1"));
+        assert!(!is_direct(&json!({}), "C1"));
+        // The thread memory is bounded.
+        for n in 0..(Threads::MAX + 10) {
+            threads.insert("C9", &n.to_string());
+        }
+        assert!(!threads.contains("C9", "0"));
+        assert!(threads.contains("C9", &(Threads::MAX + 9).to_string()));
+    }
+
     fn me() -> BotIdentity {
         BotIdentity {
             user_id: Some("UKEEL".into()),

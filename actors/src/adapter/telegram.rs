@@ -1759,6 +1759,59 @@ mod tests {
     }
 
     #[test]
+    fn chat_moves_and_the_bots_membership_become_chat_events() {
+        let a = GroupReplies::Addressed;
+        let to = json!({"update_id": 1, "message": {"message_id": 3, "chat": {"id": -5, "type": "group"},
+            "migrate_to_chat_id": -1005}});
+        let from = json!({"update_id": 2, "message": {"message_id": 1, "chat": {"id": -1005, "type": "supergroup"},
+            "migrate_from_chat_id": -5}});
+        let moved = Some(ChatEvent::Migrated {
+            from: "-5".into(),
+            to: "-1005".into(),
+        });
+        assert_eq!(stored(&to, a).event, moved);
+        assert_eq!(stored(&from, a).event, moved);
+        for odd in [
+            json!({"update_id": 3, "message": {"chat": {"id": -5}, "migrate_to_chat_id": -5}}),
+            json!({"update_id": 4, "message": {"chat": {"id": -5}, "migrate_to_chat_id": "x"}}),
+            json!({"update_id": 5, "edited_message": {"message_id": 1, "chat": {"id": -5}, "migrate_to_chat_id": -9}}),
+        ] {
+            assert_eq!(stored(&odd, a).event, None, "{odd}");
+        }
+        let member = |status: &str, extra: Value| {
+            let mut m = json!({"update_id": 9, "my_chat_member": {"chat": {"id": 7, "type": "private"},
+                "from": {"id": 7}, "new_chat_member": {"status": status, "user": {"id": 999}}}});
+            if let Value::Object(o) = extra {
+                for (k, v) in o {
+                    m["my_chat_member"]["new_chat_member"][k] = v;
+                }
+            }
+            stored(&m, a)
+        };
+        for gone in ["kicked", "left"] {
+            let i = member(gone, json!({}));
+            assert!(matches!(&i.event, Some(ChatEvent::Unreachable(r)) if r.contains(gone)));
+            assert!(!i.answer);
+        }
+        assert!(matches!(
+            member("restricted", json!({"is_member": false})).event,
+            Some(ChatEvent::Unreachable(_))
+        ));
+        for back in ["member", "administrator", "creator", "restricted"] {
+            assert_eq!(
+                member(back, json!({})).event,
+                Some(ChatEvent::Reachable),
+                "{back}"
+            );
+        }
+        assert_eq!(member("weird", json!({})).event, None);
+        // Another member's change (chat_member) is no event about keel.
+        let other = json!({"update_id": 10, "chat_member": {"chat": {"id": -5, "type": "group"},
+            "new_chat_member": {"status": "kicked", "user": {"id": 1}}}});
+        assert_eq!(stored(&other, a).event, None);
+    }
+
+    #[test]
     fn commands_to_other_bots_are_stored_and_ours_are_answered_anywhere() {
         let msg = |chat: i64, kind: &str, text: &str| {
             json!({"update_id": 1, "message": {"message_id": 3, "chat": {"id": chat, "type": kind},

@@ -639,6 +639,51 @@ mod tests {
     }
 
     #[test]
+    fn statuses_are_parsed_with_their_reason_and_hostile_ones_refused() {
+        let ok = status_report(&json!({"id": "wamid.X", "status": "failed",
+            "errors": [{"code": 131047, "title": "Re-engagement\nmessage"}]}))
+        .unwrap();
+        assert_eq!(ok.status, "failed");
+        assert_eq!(ok.error.as_deref(), Some("131047: Re-engagementmessage"));
+        let odd = status_report(&json!({"id": "wamid.Y", "status": "DELIVERED!"})).unwrap();
+        assert_eq!(odd.status, "unknown", "no lowercase letters left");
+        for bad in [
+            json!({}),
+            json!({"status": "read"}),
+            json!({"id": 5, "status": "read"}),
+            json!({"id": "", "status": "read"}),
+            json!({"id": "a\nb", "status": "read"}),
+            json!({"id": "x".repeat(10_000), "status": "read"}),
+            json!({"id": null}),
+        ] {
+            assert!(status_report(&bad).is_err(), "{bad}");
+        }
+        for body in [
+            r#"{"entry": [{"changes": [{"value": {"statuses": [{"status": "read"}]}}]}]}"#,
+            r#"{"entry": [{"changes": [{"value": {"statuses": [{"id": ["x"], "status": "read"}]}}]}]}"#,
+        ] {
+            assert_eq!(
+                parse_body(body.as_bytes()).unwrap_err().status,
+                400,
+                "{body}"
+            );
+        }
+        // Unknown shapes of `errors` are tolerated.
+        let e = status_report(&json!({"id": "w", "status": "failed", "errors": "x"})).unwrap();
+        assert_eq!(e.error, None);
+    }
+
+    #[test]
+    fn the_24_hour_window_is_checked_against_the_last_inbound_message() {
+        let now = 1_764_590_400_000;
+        assert_eq!(outside_window(Some(now - 1000), now), None);
+        assert_eq!(outside_window(Some(now - SERVICE_WINDOW_MS), now), None);
+        let late = outside_window(Some(now - SERVICE_WINDOW_MS - 1), now).unwrap();
+        assert!(late.starts_with("outside the 24-hour window"), "{late}");
+        assert!(outside_window(None, now).unwrap().contains("never wrote"));
+    }
+
+    #[test]
     fn hostile_bodies_are_400_with_one_line() {
         for bad in [
             "",
