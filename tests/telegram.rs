@@ -946,7 +946,7 @@ async fn telegram_kicked_bot_fails_unsent_replies_pauses_timers_and_resumes_when
     let attempts_then = tg.send_attempts().len();
     let other = tg.push_text(5353, "/recall nothing");
     wait_answered_text(&tg, 5353, "I have nothing under nothing.").await;
-    let waited = std::time::Instant::now();
+    let waited = tokio::time::Instant::now();
     poll_until(Duration::from_secs(4), || async {
         (waited.elapsed() >= Duration::from_secs(3)).then_some(())
     })
