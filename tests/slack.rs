@@ -949,9 +949,11 @@ async fn slack_channels_answer_only_when_addressed_and_long_replies_are_split() 
             .skip(30)
             .collect();
         let turns = d.turns("slack:DLONG").await;
-        let done = turns
-            .last()
-            .is_some_and(|t| t.role == "assistant" && t.sent == Some(true));
+        // 31 messages and 31 replies, the last one sent (all its parts).
+        let done = turns.len() == 62
+            && turns
+                .last()
+                .is_some_and(|t| t.role == "assistant" && t.sent == Some(true));
         done.then_some(posts)
     })
     .await

@@ -252,45 +252,7 @@ pub fn priority(name: &str) -> usize {
         .unwrap_or(usize::MAX)
 }
 
-/// Split `text` into parts of at most `limit` UTF-16 units, at a line break
-/// if one falls in the second half of the part, else at a space (second
-/// half), else at a character boundary. The separator is dropped.
-pub fn split_message(text: &str, limit: usize) -> Vec<String> {
-    let limit = limit.max(2);
-    let mut parts = Vec::new();
-    let mut rest = text;
-    loop {
-        let mut units = 0;
-        let mut max = rest.len();
-        for (i, c) in rest.char_indices() {
-            if units + c.len_utf16() > limit {
-                max = i;
-                break;
-            }
-            units += c.len_utf16();
-        }
-        if max == rest.len() {
-            parts.push(rest.to_string());
-            return parts;
-        }
-        let head = &rest[..max];
-        let half = head.len() / 2;
-        let at = |i: usize, sep: char| (i, i + sep.len_utf8());
-        let (cut, next) = head
-            .rfind('\n')
-            .filter(|i| *i >= half)
-            .map(|i| at(i, '\n'))
-            .or_else(|| {
-                head.char_indices()
-                    .rev()
-                    .find(|(i, c)| c.is_whitespace() && *i >= half)
-                    .map(|(i, c)| at(i, c))
-            })
-            .unwrap_or((max, max));
-        parts.push(rest[..cut].to_string());
-        rest = &rest[next..];
-    }
-}
+pub use crate::text::split_message;
 
 /// The outcome label of one delivery, the same for every channel:
 /// `accepted`, `duplicate`, `conflict`, `rejected` (the store refused the

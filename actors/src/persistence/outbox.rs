@@ -32,6 +32,10 @@ pub struct OutboxRow {
     pub last_inbound_ms: Option<i64>,
 }
 
+/// Queue a reply. A text longer than its channel takes in one message
+/// (`text::part_limit`) becomes one row per part, in order (ids ascend, and
+/// a session's rows go out one at a time in id order), each sent and
+/// recorded on its own; returns the first row's id.
 pub(super) fn insert_outbox(
     conn: &Connection,
     session: &SessionKey,
@@ -41,22 +45,30 @@ pub(super) fn insert_outbox(
     reply_meta: Option<&str>,
     at: &str,
 ) -> Result<i64, StoreError> {
-    conn.prepare_cached(
-        "INSERT INTO outbox (session_id, turn_seq, channel, chat, in_reply_to, text, created_at,
-                             reply_meta)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-    )?
-    .execute(params![
-        session.id,
-        turn_seq,
-        session.channel,
-        session.chat,
-        in_reply_to,
-        text,
-        at,
-        reply_meta
-    ])?;
-    Ok(conn.last_insert_rowid())
+    let parts = match crate::text::part_limit(&session.channel) {
+        Some(limit) => crate::text::split_message(text, limit),
+        None => vec![text.to_string()],
+    };
+    let mut first = None;
+    for part in &parts {
+        conn.prepare_cached(
+            "INSERT INTO outbox (session_id, turn_seq, channel, chat, in_reply_to, text, created_at,
+                                 reply_meta)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )?
+        .execute(params![
+            session.id,
+            turn_seq,
+            session.channel,
+            session.chat,
+            in_reply_to,
+            part,
+            at,
+            reply_meta
+        ])?;
+        first.get_or_insert(conn.last_insert_rowid());
+    }
+    Ok(first.unwrap_or_default())
 }
 
 const OUTBOX_COLUMNS: &str =

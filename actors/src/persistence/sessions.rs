@@ -807,8 +807,14 @@ const TURN_COLUMNS: &str = "SELECT t.seq, t.role, t.content, t.key, t.created_at
              THEN substr(t.principal_id, instr(t.principal_id, ':') + 1) END,
         t.kind, t.meta_json, t.revises,
         o.state, o.last_error, o.channel_ref, o.delivery_status, o.delivery_at, o.delivery_error
-     FROM turns t LEFT JOIN outbox o
-       ON t.role != 'user' AND o.session_id = t.session_id AND o.turn_seq = t.seq";
+     FROM turns t LEFT JOIN outbox o ON t.role != 'user' AND o.id = (
+         -- A reply split into parts has a row per part: the one shown is
+         -- the least advanced (failed, unknown, pending, then sent; the
+         -- first part when all are sent).
+         SELECT p.id FROM outbox p WHERE p.session_id = t.session_id AND p.turn_seq = t.seq
+         ORDER BY CASE p.state WHEN 'failed' THEN 0 WHEN 'unknown' THEN 1
+                               WHEN 'pending' THEN 2 ELSE 3 END, p.id
+         LIMIT 1)";
 
 fn turn_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TurnRow> {
     let meta: Option<String> = r.get(8)?;
@@ -1163,6 +1169,41 @@ mod tests {
         assert_eq!(turns.len(), 7);
         assert_eq!(turns.last().unwrap().text, "after");
         assert_eq!(turns.last().unwrap().seq, 7);
+    }
+
+    #[test]
+    fn a_long_reply_is_one_outbox_row_per_part_and_its_turn_shows_the_least_advanced() {
+        let c = db();
+        let long = "a".repeat(9000);
+        commit_exchange(&c, &at(), &tg("3", "1", "hi", Some(&long))).unwrap();
+        let rows = pending_outbox(&c, 0, 10).unwrap();
+        let lens: Vec<usize> = rows.iter().map(|r| r.text.len()).collect();
+        assert_eq!(lens, vec![4096, 4096, 808]);
+        assert_eq!(
+            rows.iter().map(|r| r.text.as_str()).collect::<String>(),
+            long
+        );
+        let state = |c: &Connection| {
+            session_turns(c, "telegram:3", 0, 10).unwrap().unwrap()[1]
+                .delivery
+                .clone()
+                .unwrap()
+        };
+        assert_eq!(
+            session_turns(&c, "telegram:3", 0, 10)
+                .unwrap()
+                .unwrap()
+                .len(),
+            2
+        );
+        mark_outbox_sent(&c, &at(), rows[0].id).unwrap();
+        mark_outbox_sent(&c, &at(), rows[1].id).unwrap();
+        assert_eq!(state(&c).state, "pending");
+        mark_outbox_sent(&c, &at(), rows[2].id).unwrap();
+        assert_eq!(state(&c).state, "sent");
+        // Other channels take any length: one row.
+        commit_exchange(&c, &at(), &ex("w", "1", "hi", Some(&long))).unwrap();
+        assert_eq!(pending_outbox(&c, 0, 10).unwrap().len(), 1);
     }
 
     #[test]
