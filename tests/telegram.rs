@@ -1130,6 +1130,32 @@ async fn telegram_webhook_mode_checks_the_secret_stores_before_200_and_dedupes_b
     let group = api_turns(&d, "telegram:-333").await;
     assert_eq!(group.len(), 1, "stored, not answered: {group:#?}");
     assert!(tg.offsets().is_empty(), "webhook mode never polls");
+    // The poller's hostile updates through the route: each one 200
+    // (stored, ignored or rejected) or a one-line 400, never a 5xx.
+    for h in hostile_updates() {
+        let r = post_update(&d, &base, Some(SECRET), &h.to_string())
+            .await
+            .unwrap();
+        match r.status {
+            200 => assert!(
+                ["accepted", "duplicate", "ignored", "rejected"]
+                    .contains(&r.json()["status"].as_str().unwrap_or("")),
+                "{h}: {}",
+                r.body
+            ),
+            400 => assert!(r.error_problem().is_none(), "{h}: {}", r.body),
+            other => panic!("{h}: {other} {}", r.body),
+        }
+    }
+    let r = post_update(
+        &d,
+        &base,
+        Some(SECRET),
+        &text_update(704, 77, "/recall alive").to_string(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "still answering: {}", r.body);
     // The secret never shows up in the log.
     assert!(!d.stderr_all().contains(SECRET));
     d.assert_no_panics();
