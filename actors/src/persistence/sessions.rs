@@ -526,7 +526,14 @@ pub fn apply_chat_event(
             let old = SessionKey::new(&session.channel, from);
             let new = SessionKey::new(&session.channel, to);
             if old.id != new.id {
-                move_session(conn, at, &old, &new)?;
+                // Turn ids are renumbered while outbox rows still point at
+                // the old ones: foreign keys are checked at the end of the
+                // move instead (switched back at once, so the other jobs of
+                // the group commit keep failing on their own statements).
+                conn.execute_batch("PRAGMA defer_foreign_keys = ON")?;
+                let moved = move_session(conn, at, &old, &new);
+                conn.execute_batch("PRAGMA defer_foreign_keys = OFF")?;
+                moved?;
             }
         }
         ChatEvent::Unreachable(reason) => {
@@ -577,9 +584,6 @@ fn move_session(
         return Ok(());
     };
     ensure_session(conn, new, None, at)?;
-    // Turn ids are renumbered while outbox rows still point at the old
-    // ones: foreign keys are checked at COMMIT instead.
-    conn.execute_batch("PRAGMA defer_foreign_keys = ON")?;
     type Row = (String, i64, String, Option<i64>, Option<i64>);
     let mut turns: Vec<Row> = Vec::new();
     for id in [&old.id, &new.id] {
@@ -1117,6 +1121,12 @@ mod tests {
             to: "-100".into(),
         });
         commit_exchange(&c, &t(4), &moved).unwrap();
+        let dangling = c.execute(
+            "INSERT INTO outbox (session_id, turn_seq, channel, chat, text, created_at)
+             VALUES ('telegram:-100', 999, 'telegram', '-100', 'x', 'a')",
+            [],
+        );
+        assert!(dangling.is_err(), "foreign keys are checked at once again");
         c.execute_batch("COMMIT").unwrap();
         let turns = session_turns(&c, "telegram:-100", 0, 100).unwrap().unwrap();
         let got: Vec<(i64, &str)> = turns.iter().map(|t| (t.seq, t.text.as_str())).collect();
