@@ -311,16 +311,28 @@ fn take_seqs(
     memory: Option<&str>,
     at: &str,
 ) -> Result<i64, StoreError> {
-    let first: i64 = conn
-        .prepare_cached("SELECT next_seq FROM sessions WHERE id = ?1")?
-        .query_row([session_id], |r| r.get(0))?;
+    Ok(take_seqs_of(conn, session_id, n, memory, at)?.0)
+}
+
+/// `take_seqs`, also answering the session's `unreachable` mark (read by
+/// the same statement).
+fn take_seqs_of(
+    conn: &Connection,
+    session_id: &str,
+    n: i64,
+    memory: Option<&str>,
+    at: &str,
+) -> Result<(i64, Option<String>), StoreError> {
+    let (first, unreachable): (i64, Option<String>) = conn
+        .prepare_cached("SELECT next_seq, unreachable FROM sessions WHERE id = ?1")?
+        .query_row([session_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
     conn.prepare_cached(
         "UPDATE sessions SET next_seq = next_seq + ?2, updated_at = ?3,
                 memory_json = COALESCE(?4, memory_json)
          WHERE id = ?1",
     )?
     .execute(params![session_id, n, at, memory])?;
-    Ok(first)
+    Ok((first, unreachable))
 }
 
 /// One row of `turns` to insert.
@@ -436,7 +448,13 @@ pub fn commit_exchange(
     // message) gets no reply and waits for nobody.
     let reply = reply.filter(|_| ex.answer);
     let n = if reply.is_some() { 2 } else { 1 };
-    let user_seq = take_seqs(conn, &ex.session.id, n, ex.memory.as_deref(), at)?;
+    let (user_seq, unreachable) = take_seqs_of(conn, &ex.session.id, n, ex.memory.as_deref(), at)?;
+    // A chat that writes to keel (a user message keel answers) can be
+    // written to again: a missed "member again" update does not leave it
+    // marked unreachable with its timers paused. A moved chat stays moved.
+    let back = ex.answer
+        && ex.chat_event.is_none()
+        && unreachable.is_some_and(|u| !u.starts_with("moved to "));
     let status = match (ex.answer, reply.is_some()) {
         (false, _) => None,
         (true, true) => Some("answered"),
@@ -476,6 +494,8 @@ pub fn commit_exchange(
     }
     if let Some(event) = &ex.chat_event {
         apply_chat_event(conn, stamp, &ex.session, event)?;
+    } else if back {
+        apply_chat_event(conn, stamp, &ex.session, &ChatEvent::Reachable)?;
     }
     let (mut reply_seq, mut outbox_id) = (None, None);
     if let Some(reply) = reply {
@@ -1268,6 +1288,15 @@ mod tests {
             states(&c),
             vec![("active".into(), Some(99)), ("parked".into(), None)]
         );
+        assert!(list_sessions(&c).unwrap()[0].unreachable.is_none());
+        // Kicked again; then the chat simply writes: reachable, timer back.
+        let mut again = tg("9", "4", "", None);
+        again.answer = false;
+        again.chat_event = Some(ChatEvent::Unreachable("chat unreachable: left".into()));
+        commit_exchange(&c, &at(), &again).unwrap();
+        assert_eq!(states(&c)[0].0, "parked");
+        commit_exchange(&c, &at(), &tg("9", "5", "hello?", Some("hi"))).unwrap();
+        assert_eq!(states(&c)[0].0, "active");
         assert!(list_sessions(&c).unwrap()[0].unreachable.is_none());
     }
 
