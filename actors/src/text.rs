@@ -5,10 +5,11 @@
 
 /// Longest message a channel takes, in UTF-16 units: Telegram's 4096;
 /// Slack's recommended 4,000 (it cuts at 40,000 and answers
-/// `msg_too_long` beyond). `None`: the channel takes any length.
+/// `msg_too_long` beyond); WhatsApp's 4096 characters of a text body.
+/// `None`: the channel takes any length.
 pub fn part_limit(channel: &str) -> Option<usize> {
     match channel {
-        "telegram" => Some(4096),
+        "telegram" | "whatsapp" => Some(4096),
         "slack" => Some(4000),
         _ => None,
     }
@@ -62,6 +63,7 @@ mod tests {
     fn limits_are_per_channel() {
         assert_eq!(part_limit("telegram"), Some(4096));
         assert_eq!(part_limit("slack"), Some(4000));
+        assert_eq!(part_limit("whatsapp"), Some(4096));
         assert_eq!(part_limit("webhook"), None);
         assert_eq!(split_message("", 10), vec![""]);
     }
