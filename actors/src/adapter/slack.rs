@@ -15,6 +15,9 @@
 //! (keel's own included) and service messages are stored and never
 //! answered. A reply to a message in a thread goes to that thread
 //! (`thread_ts`); a reply to a top-level message goes to the channel.
+//! In channels only messages addressed to keel are answered (a mention, a
+//! command, a thread keel is in; [`addressed`]) unless `channel_replies =
+//! "all"`; direct messages always are.
 //!
 //! A `disconnect` message (Slack rotates sockets) or a close opens a new
 //! socket right away.

@@ -15,6 +15,14 @@
 //! nothing lost, nothing processed twice. A malformed update is logged,
 //! listed as rejected in the state row and passed over, so it never stalls
 //! the offset.
+//!
+//! Webhook mode (`mode = "webhook"`) replaces the poller with
+//! `POST /v1/telegram` ([`TelegramWebhook`]; secret header in constant
+//! time, 200 only once durable, deduped by update_id) and a supervised
+//! [`TelegramIdentity`] that only runs `getMe`. Both modes turn an update
+//! into its `Deliver` through [`intake`]. Updates about the chat itself —
+//! a group upgraded to a supergroup, the bot kicked or back — carry a
+//! `ChatEvent` the store applies with the turn.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -10,12 +10,16 @@
 //!   `whatsapp:<wa_id>` (key = message id, so Meta's redeliveries are
 //!   duplicates) with its kind and metadata; the answer is 200 only after
 //!   all of them are durable (a storage failure is 503: Meta retries).
-//!   Reactions are stored, never answered. `statuses[]` are counted
-//!   (`keel_whatsapp_statuses_total{status}`).
+//!   Reactions are stored, never answered. `statuses[]` are recorded
+//!   against the reply they name (by the wamid stored when it was sent)
+//!   before the 200, and counted (`keel_whatsapp_statuses_total{status}`).
 //! - Replies: `POST {api_base}/{phone_number_id}/messages` with the access
-//!   token, quoting the message answered (`context.message_id`). A revoked
-//!   or expired token (401, or Graph error code 190) and a reply outside
-//!   the 24-hour window (error 131047) are permanent failures naming why.
+//!   token, quoting the message answered (`context.message_id`); the wamid
+//!   of the answer is kept with the outbox row. A reply to a chat that last
+//!   wrote more than 24 hours ago is failed without a call (the
+//!   customer-service window). A revoked or expired token (401, or Graph
+//!   error code 190) and Meta's own window refusal (131047) are permanent
+//!   failures naming why.
 
 use std::sync::Arc;
 
