@@ -66,6 +66,10 @@ pub enum Command {
     /// references), `timers` (ready time, RSS, fire latency) and `tasks`
     /// (output capture vs cat, RSS, start latency).
     Bench(keel_bench::BenchCli),
+    /// The durability battery: runs this keel under load, SIGKILLs it again
+    /// and again (restart storms too) and checks a ledger kept outside the
+    /// data dir: nothing acknowledged lost, duplicated or invented.
+    Torture(keel_bench::torture::TortureArgs),
 }
 
 #[derive(Debug, Clone, Args)]

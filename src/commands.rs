@@ -22,6 +22,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Tasks { cmd } => crate::tasks_cmd::tasks_cmd(cmd),
         Command::Migrate { dir } => migrate_cmd(&dir),
         Command::Bench(args) => keel_bench::dispatch(args),
+        Command::Torture(args) => keel_bench::torture::torture(args),
     }
 }
 

@@ -10,6 +10,8 @@
 //!   timers against a full-scan peer, fire lateness, a due burst.
 //! - [`tasks`] — `keel bench tasks`: 1 GiB of task output captured against
 //!   `cat` into a file with the same fsync cadence, RSS, `/task run` latency.
+//! - [`torture`] — `keel torture`: the durability battery (SIGKILL cycles,
+//!   restart storms, a ledger outside the data dir).
 //! - `seed` — the benchmarks' own SQL (seeding, peer reads, receipts).
 //!
 //! This crate is a workspace member of its own so the production library
@@ -24,5 +26,6 @@ mod reference;
 mod seed;
 pub mod tasks;
 pub mod timers;
+pub mod torture;
 
 pub use timers::{dispatch, BenchCli};

@@ -1,0 +1,1110 @@
+//! `keel torture`: the durability battery (TESTING.md C1, C5 and section F),
+//! run by users on their own machine against the real binary.
+//!
+//! The battery starts this very executable as `keel run` on a scratch data
+//! dir (or a fresh directory on the disk the user names), drives webhook
+//! clients at it (plain messages and `/remind in 1s` reminders), SIGKILLs the
+//! whole process group at seeded moments, now and then in restart storms that
+//! kill the next starts while they recover, and starts it again. Every
+//! operation is written to a Jepsen-style ledger kept *outside* the data dir
+//! (`ledger.log` in the battery's scratch dir). At the end keel is started
+//! once more and every acknowledged message must be present exactly once,
+//! nothing must be present that was never sent, and every acknowledged
+//! reminder must have fired exactly once.
+//!
+//! The schedule (kill moments, storms, which message is a reminder) comes
+//! from one seed, printed at the start: `--seed N` replays it. Outcomes still
+//! depend on timing, which is the point.
+//!
+//! Every child is in a process group of its own (killed as a group) and has
+//! `PR_SET_PDEATHSIG = SIGKILL`, so nothing outlives the battery.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::io::{BufWriter, IsTerminal, Write};
+use std::net::TcpListener;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use hmac::{Hmac, Mac};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+use sha2::Sha256;
+
+use crate::messages::{log_tail, nearest_rank, runtime, Scratch};
+
+/// How long a start may take to answer `/readyz` with 200.
+const READY_DEADLINE: Duration = Duration::from_secs(60);
+/// How long the final start may take until every acknowledged reminder fired.
+const FIRE_DEADLINE: Duration = Duration::from_secs(60);
+/// How long keel may take to exit after the final SIGTERM.
+const STOP_DEADLINE: Duration = Duration::from_secs(30);
+/// Every n-th message of a client is a reminder.
+const REMIND_EVERY: u64 = 8;
+
+/// How hard the battery pushes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Profile {
+    /// About a minute: CI and a first look (24 cycles).
+    Quick,
+    /// 200 cycles: a real run on your disk.
+    Standard,
+    /// 1000 cycles: the soak the README's figures come from.
+    Soak,
+}
+
+impl Profile {
+    fn cycles(self) -> u64 {
+        match self {
+            Profile::Quick => 24,
+            Profile::Standard => 200,
+            Profile::Soak => 1000,
+        }
+    }
+}
+
+/// Flags of `keel torture`.
+#[derive(Debug, Args)]
+pub struct TortureArgs {
+    /// quick (24 cycles), standard (200) or soak (1000).
+    #[arg(long, value_enum, default_value = "quick")]
+    pub profile: Profile,
+    /// Kill/restart cycles (overrides the profile).
+    #[arg(long)]
+    pub cycles: Option<u64>,
+    /// Stop starting new cycles after this many seconds (with --cycles, whichever comes first).
+    #[arg(long)]
+    pub seconds: Option<f64>,
+    /// Replay the schedule of an earlier run.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Put keel's data dir in a fresh directory under DIR (to test that disk).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Concurrent webhook clients.
+    #[arg(long, default_value_t = 8)]
+    pub clients: usize,
+    /// Keep the scratch directory (ledger, logs, data) and print its path.
+    #[arg(long)]
+    pub keep: bool,
+    /// Print the figures as one line of JSON, the last line of stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// The keel binary to torture (default: this executable).
+    #[arg(long, hide = true)]
+    pub keel_binary: Option<PathBuf>,
+}
+
+// ---------------------------------------------------------------------------
+// The ledger.
+
+/// What an operation was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A plain webhook message: must be stored once as a user turn.
+    Message,
+    /// `/remind in 1s note-<id>`: stored once, and its reminder fires once.
+    Remind,
+}
+
+/// The outcome of an operation as the client saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// 200: acknowledged; must be present exactly once.
+    Ok,
+    /// A 4xx: definitely refused; must be absent.
+    Fail,
+    /// No answer, a transport error or a 5xx: may or may not be present.
+    Unknown,
+}
+
+/// Jepsen-style record of every operation, mirrored to a file outside the
+/// data dir (`invoke ID KIND` / `ok ID` / `fail ID CODE` / `unknown ID`).
+pub struct Ledger {
+    ops: BTreeMap<String, (Kind, Outcome)>,
+    file: Option<BufWriter<File>>,
+}
+
+impl Ledger {
+    pub fn new(file: Option<File>) -> Ledger {
+        Ledger {
+            ops: BTreeMap::new(),
+            file: file.map(BufWriter::new),
+        }
+    }
+
+    fn write(&mut self, line: std::fmt::Arguments<'_>) {
+        if let Some(f) = &mut self.file {
+            if f.write_fmt(line).and_then(|()| f.write_all(b"\n")).is_err() {
+                self.file = None;
+                eprintln!("keel torture: cannot write the ledger file; keeping it in memory only");
+            }
+        }
+    }
+
+    /// An operation is about to be sent (again, for a retried unknown one).
+    pub fn invoke(&mut self, id: &str, kind: Kind) {
+        self.write(format_args!("invoke {id} {kind:?}"));
+        self.ops
+            .entry(id.to_string())
+            .or_insert((kind, Outcome::Unknown));
+    }
+
+    /// The answer to an operation. An acknowledgement is never taken back.
+    pub fn complete(&mut self, id: &str, outcome: Outcome, code: Option<u16>) {
+        match (outcome, code) {
+            (Outcome::Fail, Some(c)) => self.write(format_args!("fail {id} {c}")),
+            (o, _) => self.write(format_args!("{} {id}", format!("{o:?}").to_lowercase())),
+        }
+        if let Some(op) = self.ops.get_mut(id) {
+            if op.1 != Outcome::Ok {
+                op.1 = outcome;
+            }
+        }
+    }
+
+    pub fn count(&self, outcome: Outcome) -> u64 {
+        self.ops.values().filter(|o| o.1 == outcome).count() as u64
+    }
+
+    fn flush(&mut self) {
+        if let Some(f) = &mut self.file {
+            let _ = f.flush();
+        }
+    }
+
+    /// Compares the ledger with what the restarted keel reports:
+    /// `user_keys` (user turns per message id) and `fires` (reminder
+    /// notices per note, the id of the `/remind` message).
+    pub fn check(&self, user_keys: &HashMap<String, u64>, fires: &HashMap<String, u64>) -> Verdict {
+        let mut v = Verdict {
+            invoked: self.ops.len() as u64,
+            ..Verdict::default()
+        };
+        for (id, &(kind, outcome)) in &self.ops {
+            let n = user_keys.get(id).copied().unwrap_or(0);
+            let f = fires.get(id).copied().unwrap_or(0);
+            match outcome {
+                Outcome::Ok => {
+                    v.acked += 1;
+                    if n == 0 {
+                        v.lost.push(id.clone());
+                    }
+                    if kind == Kind::Remind && f == 0 {
+                        v.timers_missed.push(id.clone());
+                    }
+                }
+                Outcome::Fail => {
+                    v.failed += 1;
+                    if n > 0 {
+                        v.failed_present.push(id.clone());
+                    }
+                }
+                Outcome::Unknown => {
+                    v.unknown += 1;
+                    if n > 0 {
+                        v.recovered += 1;
+                    }
+                }
+            }
+            if n > 1 {
+                v.dup.push(id.clone());
+            }
+            if f > 0 {
+                v.timers_fired += 1;
+            }
+            if f > 1 {
+                v.timers_double.push(id.clone());
+            }
+            if f > 0 && (kind != Kind::Remind || n == 0) {
+                // A reminder fired for a message that was no reminder, or
+                // whose creating message is not in the store.
+                v.unexpected.push(format!("fire of {id}"));
+            }
+        }
+        for (key, n) in user_keys {
+            if !self.ops.contains_key(key) {
+                v.unexpected.push(format!("{key} (x{n})"));
+            }
+        }
+        for (note, n) in fires {
+            if !self.ops.contains_key(note) {
+                v.unexpected.push(format!("fire of {note} (x{n})"));
+            }
+        }
+        v
+    }
+}
+
+/// What the ledger check found.
+#[derive(Debug, Default)]
+pub struct Verdict {
+    pub invoked: u64,
+    pub acked: u64,
+    pub failed: u64,
+    pub unknown: u64,
+    /// Unknown outcome, present after recovery.
+    pub recovered: u64,
+    /// Acknowledged but absent.
+    pub lost: Vec<String>,
+    /// Present more than once.
+    pub dup: Vec<String>,
+    /// Present but never sent (or a fire nobody asked for).
+    pub unexpected: Vec<String>,
+    /// Refused (4xx) but present.
+    pub failed_present: Vec<String>,
+    /// Reminders that fired (at least once).
+    pub timers_fired: u64,
+    /// Reminders that fired more than once.
+    pub timers_double: Vec<String>,
+    /// Acknowledged reminders that never fired.
+    pub timers_missed: Vec<String>,
+}
+
+impl Verdict {
+    /// Every loss counter is zero.
+    pub fn clean(&self) -> bool {
+        self.lost.is_empty()
+            && self.dup.is_empty()
+            && self.unexpected.is_empty()
+            && self.failed_present.is_empty()
+            && self.timers_double.is_empty()
+            && self.timers_missed.is_empty()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The keel under torture.
+
+/// One `keel run` child in a process group of its own.
+struct Child_ {
+    child: Child,
+    pid: i32,
+    base: String,
+    started: Instant,
+}
+
+/// How every start of keel is made.
+struct Launcher {
+    binary: PathBuf,
+    data_dir: PathBuf,
+    config: PathBuf,
+    log: PathBuf,
+    starts: u64,
+}
+
+impl Launcher {
+    fn spawn(&mut self) -> Result<Child_> {
+        let addr = {
+            let l = TcpListener::bind("127.0.0.1:0").context("cannot find a free port")?;
+            l.local_addr().context("cannot find a free port")?
+        };
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&self.log)
+            .with_context(|| format!("cannot open {}", self.log.display()))?;
+        let log2 = log
+            .try_clone()
+            .with_context(|| format!("cannot reopen {}", self.log.display()))?;
+        let mut cmd = Command::new(&self.binary);
+        cmd.arg("run")
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--listen")
+            .arg(addr.to_string())
+            .env_remove("RUST_LOG")
+            .env_remove("KEEL_CONFIG")
+            .env_remove("KEEL_DATA_DIR")
+            .env_remove("KEEL_LISTEN")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .process_group(0);
+        // SAFETY: prctl(2) is async-signal-safe; nothing else runs between
+        // fork and exec. The child gets SIGKILL when this thread exits.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let started = Instant::now();
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {}", self.binary.display()))?;
+        self.starts += 1;
+        let pid = i32::try_from(child.id()).context("keel's pid does not fit a pid_t")?;
+        Ok(Child_ {
+            child,
+            pid,
+            base: format!("http://{addr}"),
+            started,
+        })
+    }
+}
+
+impl Child_ {
+    /// SIGKILL the whole process group and reap keel.
+    fn kill(&mut self) -> Result<()> {
+        // SAFETY: kill(2) on the process group of a child we spawned (its
+        // pgid is its pid) and have not reaped yet.
+        unsafe { libc::kill(-self.pid, libc::SIGKILL) };
+        self.child.wait().context("reaping keel")?;
+        Ok(())
+    }
+
+    /// Peak RSS of keel so far, KiB (VmHWM), if readable.
+    fn peak_rss_kib(&self) -> Option<u64> {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.pid)).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+    }
+
+    /// Poll `/readyz` until 200; the time from spawn to ready.
+    async fn wait_ready(&mut self, http: &reqwest::Client, log: &Path) -> Result<Duration> {
+        let deadline = self.started + READY_DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait().context("waiting for keel")? {
+                bail!(
+                    "keel exited with {status} before it was ready; its log:\n{}",
+                    log_tail(log)
+                );
+            }
+            if let Ok(r) = http.get(format!("{}/readyz", self.base)).send().await {
+                if r.status() == reqwest::StatusCode::OK {
+                    return Ok(self.started.elapsed());
+                }
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "keel was not ready within {READY_DEADLINE:?}; its log:\n{}",
+                    log_tail(log)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+impl Drop for Child_ {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.kill();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Load.
+
+/// What the clients saw, besides the ledger.
+#[derive(Default)]
+struct Seen {
+    /// Non-200 answers by status code.
+    rejections: BTreeMap<u16, u64>,
+    /// Transport errors (no answer).
+    errors: u64,
+}
+
+/// A webhook client: its chat, its message counter and the operation whose
+/// outcome it never learnt (retried with the same id on the next cycle, so
+/// keel's idempotency is under test too).
+struct Client {
+    index: usize,
+    n: u64,
+    retry: Option<(String, String, Kind)>,
+}
+
+/// `sha256=<hex HMAC-SHA256(secret, body)>`, the `X-Keel-Signature` value.
+fn sign(secret: &str, body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("hmac takes any key");
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// What every client of one cycle shares.
+struct Cycle<'a> {
+    cycle: u64,
+    http: &'a reqwest::Client,
+    url: &'a str,
+    secret: &'a str,
+    ledger: &'a RefCell<Ledger>,
+    seen: &'a RefCell<Seen>,
+    stop: &'a Cell<bool>,
+}
+
+/// One client in a closed loop until `stop` is set.
+async fn client_loop(c: &mut Client, cx: &Cycle<'_>) {
+    let Cycle {
+        cycle,
+        http,
+        url,
+        secret,
+        ledger,
+        seen,
+        stop,
+    } = *cx;
+    while !stop.get() {
+        let (id, text, kind) = match c.retry.take() {
+            Some(op) => op,
+            None => {
+                let id = format!("k{cycle}c{}n{}", c.index, c.n);
+                c.n += 1;
+                if c.n.is_multiple_of(REMIND_EVERY) {
+                    let text = format!("/remind in 1s note-{id}");
+                    (id, text, Kind::Remind)
+                } else {
+                    let text = format!("hello {id}");
+                    (id, text, Kind::Message)
+                }
+            }
+        };
+        let body = json!({
+            "id": id,
+            "chat": format!("torture-{}", c.index),
+            "from": format!("u{}", c.index),
+            "text": text,
+        });
+        let body = serde_json::to_vec(&body).expect("a JSON value serializes");
+        ledger.borrow_mut().invoke(&id, kind);
+        let answer = http
+            .post(url)
+            .header("content-type", "application/json")
+            .header("x-keel-signature", sign(secret, &body))
+            .body(body)
+            .send()
+            .await;
+        let answer = match answer {
+            Ok(r) => {
+                let status = r.status().as_u16();
+                r.bytes().await.map(|_| status)
+            }
+            Err(e) => Err(e),
+        };
+        match answer {
+            Ok(200) => ledger.borrow_mut().complete(&id, Outcome::Ok, None),
+            Ok(code) => {
+                *seen.borrow_mut().rejections.entry(code).or_insert(0) += 1;
+                if (400..500).contains(&code) {
+                    ledger.borrow_mut().complete(&id, Outcome::Fail, Some(code));
+                } else {
+                    ledger.borrow_mut().complete(&id, Outcome::Unknown, None);
+                    c.retry = Some((id, text, kind));
+                }
+            }
+            Err(_) => {
+                seen.borrow_mut().errors += 1;
+                ledger.borrow_mut().complete(&id, Outcome::Unknown, None);
+                c.retry = Some((id, text, kind));
+                // keel went away: do not spin until the stop flag is seen.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The schedule.
+
+/// One cycle's plan, all drawn from the seed before the cycle runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct CyclePlan {
+    /// Milliseconds of load after ready before the SIGKILL.
+    kill_after_ms: u64,
+    /// Starts killed while they recover (restart storm), ms after spawn.
+    storm_ms: Vec<u64>,
+}
+
+fn plan(rng: &mut StdRng) -> CyclePlan {
+    let kill_after_ms = rng.gen_range(100..=1200);
+    let storm_ms = if rng.gen_ratio(1, 4) {
+        // Half the kills land inside recovery (keel is ready in tens of
+        // ms), half 150–400 ms after the spawn.
+        (0..rng.gen_range(1..=3))
+            .map(|_| {
+                if rng.gen_bool(0.5) {
+                    rng.gen_range(0..=40)
+                } else {
+                    rng.gen_range(150..=400)
+                }
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    CyclePlan {
+        kill_after_ms,
+        storm_ms,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The run.
+
+/// Run the battery; see the module documentation.
+pub fn torture(args: TortureArgs) -> Result<ExitCode> {
+    if args.clients == 0 {
+        bail!("--clients must be at least 1");
+    }
+    if let Some(s) = args.seconds {
+        if !(s.is_finite() && s > 0.0) {
+            bail!("--seconds must be a positive number of seconds");
+        }
+    }
+    let cycles = match (args.cycles, args.seconds) {
+        (Some(0), _) => bail!("--cycles must be at least 1"),
+        (Some(n), _) => n,
+        (None, Some(_)) => u64::MAX,
+        (None, None) => args.profile.cycles(),
+    };
+    let budget = args.seconds.map(Duration::from_secs_f64);
+    let seed = args.seed.unwrap_or_else(rand::random);
+    let binary = match &args.keel_binary {
+        Some(b) => b.clone(),
+        None => std::env::current_exe().context("cannot find the keel executable")?,
+    };
+    let tty = std::io::stderr().is_terminal();
+    let progress = |line: String| {
+        if tty {
+            eprintln!("keel torture: {line}");
+        }
+    };
+
+    // The ledger and logs live in the scratch dir; the data dir is a fresh
+    // directory of its own (on the user's disk with --data-dir).
+    let scratch = Scratch::create(args.keep)?;
+    let data_parent = match &args.data_dir {
+        Some(d) => {
+            if !d.is_dir() {
+                bail!("--data-dir {}: not a directory", d.display());
+            }
+            d.clone()
+        }
+        None => scratch.path.clone(),
+    };
+    let data_dir = data_parent.join(format!("keel-torture-{seed}-{}", std::process::id()));
+    DirBuilder::new()
+        .mode(0o700)
+        .create(&data_dir)
+        .with_context(|| format!("cannot create {}", data_dir.display()))?;
+    let _data_guard = RemoveOnDrop {
+        path: (args.data_dir.is_some() && !args.keep).then(|| data_dir.clone()),
+    };
+    // A canary secret: keel must never write it to its log.
+    let canary = format!("keel-torture-canary-{seed:016x}");
+    let config = scratch.path.join("keel.toml");
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&config)
+        .and_then(|mut f| {
+            write!(
+                f,
+                "log_level = \"info\"\n\n[storage]\nsynchronous = \"full\"\n\n\
+                 [webhook]\nenabled = true\nsecret = \"{canary}\"\n"
+            )
+        })
+        .with_context(|| format!("cannot write {}", config.display()))?;
+    let ledger_path = scratch.path.join("ledger.log");
+    let ledger_file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&ledger_path)
+        .with_context(|| format!("cannot create {}", ledger_path.display()))?;
+    let mut launcher = Launcher {
+        binary,
+        data_dir: data_dir.clone(),
+        config,
+        log: scratch.path.join("keel.log"),
+        starts: 0,
+    };
+
+    println!("keel torture: seed {seed} (replay with --seed {seed})");
+    println!("keel torture: data dir {}", data_dir.display());
+    let rt = runtime()?;
+    let ledger = RefCell::new(Ledger::new(Some(ledger_file)));
+    let seen = RefCell::new(Seen::default());
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut clients: Vec<Client> = (0..args.clients)
+        .map(|index| Client {
+            index,
+            n: 0,
+            retry: None,
+        })
+        .collect();
+    let mut recovery: Vec<u64> = Vec::new();
+    let mut storm_kills = 0u64;
+    let mut storm_ready = 0u64;
+    let mut peak_rss = 0u64;
+    let began = Instant::now();
+    let mut done_cycles = 0u64;
+
+    let result: Result<(Verdict, Finals)> = rt.block_on(async {
+        let probe = reqwest::Client::builder()
+            .timeout(Duration::from_secs(1))
+            .build()
+            .context("cannot build an HTTP client")?;
+        for cycle in 0..cycles {
+            if budget.is_some_and(|b| began.elapsed() >= b) && done_cycles > 0 {
+                break;
+            }
+            let plan = plan(&mut rng);
+            // Restart storm: starts killed while they recover.
+            for &ms in &plan.storm_ms {
+                let mut k = launcher.spawn()?;
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                if let Ok(Some(status)) = k.child.try_wait() {
+                    bail!(
+                        "keel exited with {status} during a restart storm; its log:\n{}",
+                        log_tail(&launcher.log)
+                    );
+                }
+                if probe
+                    .get(format!("{}/readyz", k.base))
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success())
+                {
+                    storm_ready += 1;
+                }
+                k.kill()?;
+                storm_kills += 1;
+            }
+            let mut k = launcher.spawn()?;
+            let took = k.wait_ready(&probe, &launcher.log).await?;
+            recovery.push(took.as_millis() as u64);
+            let http = reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .pool_max_idle_per_host(args.clients)
+                .build()
+                .context("cannot build an HTTP client")?;
+            let url = format!("{}/v1/messages", k.base);
+            let stop = Cell::new(false);
+            let cx = Cycle {
+                cycle,
+                http: &http,
+                url: &url,
+                secret: &canary,
+                ledger: &ledger,
+                seen: &seen,
+                stop: &stop,
+            };
+            let load = futures::future::join_all(clients.iter_mut().map(|c| client_loop(c, &cx)));
+            let killer = async {
+                tokio::time::sleep(Duration::from_millis(plan.kill_after_ms)).await;
+                let rss = k.peak_rss_kib();
+                let killed = k.kill();
+                stop.set(true);
+                (rss, killed)
+            };
+            let (_, (rss, killed)) = tokio::join!(load, killer);
+            killed?;
+            peak_rss = peak_rss.max(rss.unwrap_or(0));
+            done_cycles += 1;
+            progress(format!(
+                "cycle {}/{}: {} acked, recovery {} ms{}",
+                cycle + 1,
+                if cycles == u64::MAX {
+                    "?".to_string()
+                } else {
+                    cycles.to_string()
+                },
+                ledger.borrow().count(Outcome::Ok),
+                took.as_millis(),
+                if plan.storm_ms.is_empty() {
+                    String::new()
+                } else {
+                    format!(", storm of {}", plan.storm_ms.len())
+                }
+            ));
+        }
+        ledger.borrow_mut().flush();
+        // The final start: everything acknowledged must be there.
+        let mut k = launcher.spawn()?;
+        let took = k.wait_ready(&probe, &launcher.log).await?;
+        recovery.push(took.as_millis() as u64);
+        progress("final start ready; waiting for the reminders".to_string());
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .context("cannot build an HTTP client")?;
+        let deadline = Instant::now() + FIRE_DEADLINE;
+        let verdict = loop {
+            let (keys, fires) = observe(&http, &k.base).await?;
+            let v = ledger.borrow().check(&keys, &fires);
+            if v.timers_missed.is_empty() || Instant::now() >= deadline {
+                break v;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        };
+        peak_rss = peak_rss.max(k.peak_rss_kib().unwrap_or(0));
+        // SAFETY: kill(2) on the child we spawned and have not reaped.
+        unsafe { libc::kill(k.pid, libc::SIGTERM) };
+        let stop_deadline = Instant::now() + STOP_DEADLINE;
+        let clean_exit = loop {
+            if let Some(status) = k.child.try_wait().context("waiting for keel")? {
+                break status.success();
+            }
+            if Instant::now() >= stop_deadline {
+                k.kill()?;
+                break false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        Ok((verdict, Finals { clean_exit }))
+    });
+    let (verdict, finals) = result?;
+
+    let log = fs::read_to_string(&launcher.log).unwrap_or_default();
+    let panics = log.matches("panicked at").count() as u64;
+    let canary_hits = log.matches(canary.as_str()).count() as u64
+        + fs::read_to_string(&ledger_path)
+            .unwrap_or_default()
+            .matches(canary.as_str())
+            .count() as u64;
+    recovery.sort_unstable();
+    let pct = |q: f64| nearest_rank(recovery.len(), q).map_or(0, |i| recovery[i]);
+    let seen = seen.into_inner();
+    let rejections: serde_json::Map<String, Value> = seen
+        .rejections
+        .iter()
+        .map(|(k, v)| (k.to_string(), (*v).into()))
+        .collect();
+    let figures = json!({
+        "seed": seed,
+        "cycles": done_cycles,
+        "starts": launcher.starts,
+        "storm_kills": storm_kills,
+        "storm_ready_before_kill": storm_ready,
+        "invoked": verdict.invoked,
+        "acked": verdict.acked,
+        "failed": verdict.failed,
+        "unknown": verdict.unknown,
+        "lost": verdict.lost.len(),
+        "dup": verdict.dup.len(),
+        "unexpected": verdict.unexpected.len(),
+        "failed_present": verdict.failed_present.len(),
+        "recovered": verdict.recovered,
+        "timers_fired": verdict.timers_fired,
+        "timers_double": verdict.timers_double.len(),
+        "timers_missed": verdict.timers_missed.len(),
+        "recovery_ms_p50": pct(0.50),
+        "recovery_ms_p99": pct(0.99),
+        "recovery_ms_max": recovery.last().copied().unwrap_or(0),
+        "transport_errors": seen.errors,
+        "rejections": rejections,
+        "panics": panics,
+        "peak_rss_kib": peak_rss,
+        "canary_hits": canary_hits,
+        "clean_final_exit": finals.clean_exit,
+        "seconds": began.elapsed().as_secs(),
+        // No named kill points are compiled into keel yet (C2).
+        "failpoints": false,
+    });
+    print_figures(&figures);
+    let sample = |what: &str, v: &[String]| {
+        if !v.is_empty() {
+            println!(
+                "  {what}: {}",
+                v.iter().take(10).cloned().collect::<Vec<_>>().join(", ")
+            );
+        }
+    };
+    sample("lost", &verdict.lost);
+    sample("dup", &verdict.dup);
+    sample("unexpected", &verdict.unexpected);
+    sample("failed but present", &verdict.failed_present);
+    sample("timers double", &verdict.timers_double);
+    sample("timers missed", &verdict.timers_missed);
+    let ok = verdict.clean() && panics == 0 && canary_hits == 0 && finals.clean_exit;
+    println!(
+        "keel torture: {} (seed {seed}; ledger {})",
+        if ok { "PASS" } else { "FAIL" },
+        if args.keep {
+            ledger_path.display().to_string()
+        } else {
+            "removed".to_string()
+        }
+    );
+    if args.keep {
+        eprintln!("keel torture: scratch kept in {}", scratch.path.display());
+    }
+    if args.json {
+        println!("{figures}");
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+struct Finals {
+    clean_exit: bool,
+}
+
+/// Removes a directory on drop (the data dir made under the user's `--data-dir`).
+struct RemoveOnDrop {
+    path: Option<PathBuf>,
+}
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(p) = &self.path {
+            if let Err(e) = fs::remove_dir_all(p) {
+                eprintln!("keel torture: cannot remove {}: {e}", p.display());
+            }
+        }
+    }
+}
+
+/// The figures as a table.
+fn print_figures(f: &Value) {
+    let g = |k: &str| f.get(k).map_or_else(|| "-".to_string(), Value::to_string);
+    println!(
+        "cycles {}  starts {}  storm kills {}  seconds {}",
+        g("cycles"),
+        g("starts"),
+        g("storm_kills"),
+        g("seconds")
+    );
+    println!(
+        "ops: invoked {}  acked {}  failed {}  unknown {}  recovered {}",
+        g("invoked"),
+        g("acked"),
+        g("failed"),
+        g("unknown"),
+        g("recovered")
+    );
+    println!(
+        "losses: lost {}  dup {}  unexpected {}  failed but present {}",
+        g("lost"),
+        g("dup"),
+        g("unexpected"),
+        g("failed_present")
+    );
+    println!(
+        "timers: fired {}  double {}  missed {}",
+        g("timers_fired"),
+        g("timers_double"),
+        g("timers_missed")
+    );
+    println!(
+        "recovery to ready (ms): p50 {}  p99 {}  max {}",
+        g("recovery_ms_p50"),
+        g("recovery_ms_p99"),
+        g("recovery_ms_max")
+    );
+    println!(
+        "rejections by code {}  transport errors {}  panics {}  peak RSS {} KiB  canary hits {}  failpoints {}",
+        g("rejections"),
+        g("transport_errors"),
+        g("panics"),
+        g("peak_rss_kib"),
+        g("canary_hits"),
+        g("failpoints")
+    );
+}
+
+/// User turns per message id and reminder notices per note, over every
+/// session keel reports.
+async fn observe(
+    http: &reqwest::Client,
+    base: &str,
+) -> Result<(HashMap<String, u64>, HashMap<String, u64>)> {
+    let sessions: Value = get_json(http, &format!("{base}/v1/sessions?limit=100000")).await?;
+    let mut keys = HashMap::new();
+    let mut fires = HashMap::new();
+    let ids = sessions
+        .get("sessions")
+        .and_then(Value::as_array)
+        .context("GET /v1/sessions: no sessions array")?;
+    for s in ids {
+        let Some(id) = s.get("id").and_then(Value::as_str) else {
+            continue;
+        };
+        let mut after = 0i64;
+        loop {
+            let url = format!(
+                "{base}/v1/sessions/{}/turns?after={after}&limit=100000",
+                encode_segment(id)
+            );
+            let v = get_json(http, &url).await?;
+            let turns = v
+                .get("turns")
+                .and_then(Value::as_array)
+                .with_context(|| format!("GET {url}: no turns array"))?;
+            for t in turns {
+                after = after.max(t.get("seq").and_then(Value::as_i64).unwrap_or(after));
+                let role = t.get("role").and_then(Value::as_str).unwrap_or("");
+                let text = t.get("text").and_then(Value::as_str).unwrap_or("");
+                if role == "user" {
+                    if let Some(k) = t.get("key").and_then(Value::as_str) {
+                        *keys.entry(k.to_string()).or_insert(0) += 1;
+                    }
+                } else if let Some(note) = reminder_note(text) {
+                    *fires.entry(note.to_string()).or_insert(0) += 1;
+                }
+            }
+            if turns.len() < 100_000 {
+                break;
+            }
+        }
+    }
+    Ok((keys, fires))
+}
+
+/// The note id of a reminder notice `⏰ Reminder #N: note-<id>[ (late …)]`.
+fn reminder_note(text: &str) -> Option<&str> {
+    let rest = text.strip_prefix("⏰ Reminder #")?;
+    let (_, note) = rest.split_once(": note-")?;
+    note.split_whitespace().next()
+}
+
+async fn get_json(http: &reqwest::Client, url: &str) -> Result<Value> {
+    let r = http
+        .get(url)
+        .send()
+        .await
+        .with_context(|| format!("GET {url}"))?;
+    if !r.status().is_success() {
+        bail!("GET {url} answered {}", r.status());
+    }
+    r.json()
+        .await
+        .with_context(|| format!("GET {url}: reading JSON"))
+}
+
+/// Percent-encodes a path segment.
+fn encode_segment(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ledger(ops: &[(&str, Kind, Outcome)]) -> Ledger {
+        let mut l = Ledger::new(None);
+        for &(id, kind, outcome) in ops {
+            l.invoke(id, kind);
+            l.complete(id, outcome, Some(400));
+        }
+        l
+    }
+
+    fn counts(pairs: &[(&str, u64)]) -> HashMap<String, u64> {
+        pairs.iter().map(|(k, n)| (k.to_string(), *n)).collect()
+    }
+
+    #[test]
+    fn a_clean_store_passes() {
+        let l = ledger(&[
+            ("a", Kind::Message, Outcome::Ok),
+            ("b", Kind::Remind, Outcome::Ok),
+            ("c", Kind::Message, Outcome::Unknown),
+            ("d", Kind::Message, Outcome::Unknown),
+            ("e", Kind::Message, Outcome::Fail),
+        ]);
+        let v = l.check(
+            &counts(&[("a", 1), ("b", 1), ("c", 1)]),
+            &counts(&[("b", 1)]),
+        );
+        assert!(v.clean(), "{v:?}");
+        assert_eq!((v.invoked, v.acked, v.unknown, v.failed), (5, 2, 2, 1));
+        assert_eq!((v.recovered, v.timers_fired), (1, 1));
+    }
+
+    #[test]
+    fn every_kind_of_loss_is_counted() {
+        let l = ledger(&[
+            ("lost", Kind::Message, Outcome::Ok),
+            ("dup", Kind::Message, Outcome::Ok),
+            ("refused", Kind::Message, Outcome::Fail),
+            ("missed", Kind::Remind, Outcome::Ok),
+            ("twice", Kind::Remind, Outcome::Ok),
+        ]);
+        let v = l.check(
+            &counts(&[
+                ("dup", 2),
+                ("refused", 1),
+                ("missed", 1),
+                ("twice", 1),
+                ("invented", 1),
+            ]),
+            &counts(&[("twice", 2), ("ghost", 1)]),
+        );
+        assert!(!v.clean());
+        assert_eq!(v.lost, ["lost"]);
+        assert_eq!(v.dup, ["dup"]);
+        assert_eq!(v.failed_present, ["refused"]);
+        assert_eq!(v.timers_missed, ["missed"]);
+        assert_eq!(v.timers_double, ["twice"]);
+        let mut unexpected = v.unexpected.clone();
+        unexpected.sort();
+        assert_eq!(unexpected, ["fire of ghost (x1)", "invented (x1)"]);
+    }
+
+    #[test]
+    fn an_acknowledgement_is_never_taken_back() {
+        let mut l = ledger(&[("a", Kind::Message, Outcome::Ok)]);
+        // A retry of the same id that times out does not unacknowledge it.
+        l.invoke("a", Kind::Message);
+        l.complete("a", Outcome::Unknown, None);
+        assert_eq!(l.count(Outcome::Ok), 1);
+        let v = l.check(&HashMap::new(), &HashMap::new());
+        assert_eq!(v.lost, ["a"]);
+    }
+
+    #[test]
+    fn the_schedule_is_a_function_of_the_seed() {
+        let a: Vec<_> = {
+            let mut r = StdRng::seed_from_u64(7);
+            (0..50).map(|_| plan(&mut r)).collect()
+        };
+        let b: Vec<_> = {
+            let mut r = StdRng::seed_from_u64(7);
+            (0..50).map(|_| plan(&mut r)).collect()
+        };
+        assert_eq!(a, b);
+        assert!(a.iter().any(|p| !p.storm_ms.is_empty()));
+        assert!(a.iter().all(|p| (100..=1200).contains(&p.kill_after_ms)));
+    }
+
+    #[test]
+    fn reminder_notices_name_their_note() {
+        assert_eq!(
+            reminder_note("⏰ Reminder #12: note-k1c2n8"),
+            Some("k1c2n8")
+        );
+        assert_eq!(
+            reminder_note("⏰ Reminder #3: note-k0c0n8 (late by 4s: keel was not running at …)"),
+            Some("k0c0n8")
+        );
+        assert_eq!(reminder_note("Reminder #3 set for …"), None);
+    }
+}
