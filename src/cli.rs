@@ -85,6 +85,10 @@ pub struct RunArgs {
     /// Serve one local user on stdin/stdout; exit at EOF.
     #[arg(long)]
     pub stdin: bool,
+    /// Serve although the store lost acknowledged commits (R39: a damaged or
+    /// deleted WAL); logged at WARN with `audit="data_loss_accepted"`.
+    #[arg(long)]
+    pub accept_data_loss: bool,
 }
 
 #[derive(Debug, Args)]

@@ -63,10 +63,22 @@ fn status(dir: &DataDirArg, as_json: bool) -> Result<ExitCode> {
         .into_iter()
         .map(|(state, n)| (state, n.into()))
         .collect();
+    // R39: the store's highest commit against keel's record of the highest
+    // acknowledged one (read-only: the record is not repaired here).
+    let commit = persistence::acked::store_seq(&conn)?;
+    let record = persistence::acked::read(&persistence::acked::record_path(
+        &config.data_dir.join("keel.db"),
+    ));
+    let (acked_record, missing) = match record {
+        persistence::acked::Record::Seq(n) => (json!(n), (n - commit).max(0)),
+        persistence::acked::Record::Missing => (json!("missing"), 0),
+        persistence::acked::Record::Damaged => (json!("damaged"), 0),
+    };
     if as_json {
         println!(
             "{}",
             json!({
+                "commits": { "store": commit, "acked_record": acked_record, "missing": missing },
                 "data_dir": config.data_dir,
                 "running": pid.is_some(),
                 "pid": pid,
@@ -90,6 +102,13 @@ fn status(dir: &DataDirArg, as_json: bool) -> Result<ExitCode> {
             migrate::latest_version()
         );
         println!("boot epoch:      {}", stats.boot_epoch);
+        if missing > 0 {
+            println!(
+                "DATA LOSS:       {missing} acknowledged commits missing (store at commit {commit}, keel.acked records {acked_record}); see the README, R39"
+            );
+        } else {
+            println!("commits:         {commit} (acknowledged on record: {acked_record})");
+        }
         println!("sessions:        {}", stats.sessions);
         println!("turns:           {}", stats.turns);
         println!("outbox pending:  {}", stats.outbox_pending);

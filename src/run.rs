@@ -96,6 +96,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
                 stdin: args.stdin,
                 log_level: Some(log_hook),
                 task_env: crate::config::task_env(),
+                accept_data_loss: args.accept_data_loss,
             },
         )
         .await

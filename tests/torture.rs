@@ -1,6 +1,7 @@
 //! `keel torture` through the real binary: a short battery passes with every
-//! figure of TESTING.md section F in its JSON line and exit code 0, and the
-//! same seed replays the same schedule. (The ledger accounting itself —
+//! figure of TESTING.md section F in its JSON line and exit code 0, its
+//! damaged-file cases are all detected or harmless, and the same seed
+//! replays the same schedule. (The ledger accounting itself —
 //! that a lost, duplicated or invented message is counted — is unit-tested
 //! in bench/src/torture.rs.)
 
@@ -79,6 +80,18 @@ async fn a_short_torture_passes_and_reports_every_figure() {
         assert_eq!(f[zero], 0, "{zero} in {f}");
     }
     assert!(f["acked"].as_u64() > Some(100), "too little load: {f}");
+    // Damaged files (F5–F7): every case ran, none lost data silently, and
+    // the WAL cases are caught by R39's record of acknowledged commits.
+    assert_eq!(f["damage_cases"], 11, "{f}");
+    assert_eq!(f["damage_silent"], 0, "{f}");
+    for case in [
+        "wal_deleted",
+        "wal_truncated",
+        "db_header_flip",
+        "config_nul",
+    ] {
+        assert_eq!(f["damage"][case], "detected", "{case} in {f}");
+    }
     assert!(
         f["timers_fired"].as_u64() > Some(0),
         "no reminder fired: {f}"

@@ -26,6 +26,9 @@ struct State {
     storage_degraded: Option<String>,
     /// Damage found after start (background quick_check); never clears.
     corrupt: Option<String>,
+    /// R39: acknowledged commits are missing and the operator did not
+    /// accept it: not ready, and the writer commits nothing.
+    data_loss: Option<String>,
 }
 
 /// Shared readiness. Cheap to clone.
@@ -50,6 +53,7 @@ impl Health {
                 phase: Phase::Starting,
                 storage_degraded: None,
                 corrupt: None,
+                data_loss: None,
             })),
             metrics,
         }
@@ -85,12 +89,27 @@ impl Health {
         self.metrics.ready.set(0);
     }
 
+    /// R39: the store is missing acknowledged commits. Sticky: `/readyz`
+    /// answers 503 with `reason`, and the writer refuses every write.
+    pub fn data_loss(&self, reason: &str) {
+        let mut s = self.lock();
+        s.data_loss = Some(reason.to_string());
+        drop(s);
+        self.metrics.storage_degraded.set(1);
+        self.metrics.ready.set(0);
+    }
+
+    /// Why writes are refused (R39), if they are.
+    pub fn refusing_writes(&self) -> Option<String> {
+        self.lock().data_loss.clone()
+    }
+
     /// Called by the persistence writer after a commit succeeds.
     /// Returns true when this ends a degraded period.
     pub fn storage_ok(&self) -> bool {
         let mut s = self.lock();
         let was = s.storage_degraded.take().is_some();
-        let ready = s.phase == Phase::Ready && s.corrupt.is_none();
+        let ready = s.phase == Phase::Ready && s.corrupt.is_none() && s.data_loss.is_none();
         drop(s);
         if was && ready {
             self.metrics.storage_degraded.set(0);
@@ -101,6 +120,13 @@ impl Health {
 
     pub fn readiness(&self) -> Readiness {
         let s = self.lock();
+        if let (Some(reason), false) = (&s.data_loss, s.phase == Phase::ShuttingDown) {
+            return Readiness {
+                ready: false,
+                status: "data_loss_detected",
+                reason: reason.clone(),
+            };
+        }
         if let (Some(reason), false) = (&s.corrupt, s.phase == Phase::ShuttingDown) {
             return Readiness {
                 ready: false,
@@ -239,6 +265,19 @@ mod tests {
         let _stuck = gate.enter().unwrap();
         let left = gate.close_and_drain(Duration::from_secs(5)).await;
         assert_eq!(left, 1);
+    }
+
+    #[test]
+    fn data_loss_is_sticky_and_refuses_writes() {
+        let h = Health::new(crate::metrics::Metrics::new());
+        assert_eq!(h.refusing_writes(), None);
+        h.set_phase(Phase::Ready);
+        h.data_loss("data_loss_detected: 3 missing");
+        h.storage_ok();
+        let r = h.readiness();
+        assert_eq!((r.ready, r.status), (false, "data_loss_detected"));
+        assert!(r.reason.contains("3 missing"));
+        assert!(h.refusing_writes().is_some());
     }
 
     #[test]

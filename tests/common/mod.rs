@@ -293,6 +293,8 @@ pub struct Daemon {
     pub ignore_sigxfsz: bool,
     /// Extra environment for `keel run` (e.g. tokens from env).
     pub env: Vec<(String, String)>,
+    /// Extra flags for `keel run` (e.g. `--accept-data-loss`).
+    pub args: Vec<String>,
 }
 
 impl Daemon {
@@ -334,6 +336,7 @@ impl Daemon {
             client: http_client(),
             ignore_sigxfsz: false,
             env: Vec::new(),
+            args: Vec::new(),
         }
     }
 
@@ -377,7 +380,8 @@ impl Daemon {
             .env_remove("KEEL_LISTEN")
             .env_remove("KEEL_CONFIG")
             .env("NO_COLOR", "1")
-            .envs(self.env.iter().map(|(k, v)| (k, v)));
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .args(&self.args);
         cmd
     }
 

@@ -56,6 +56,8 @@ pub struct RunOptions {
     pub log_level: Option<LogLevelHook>,
     /// PATH and LANG of keel (read by the binary), given to task children.
     pub task_env: Vec<(String, String)>,
+    /// R39: serve a store that lost acknowledged commits (`--accept-data-loss`).
+    pub accept_data_loss: bool,
 }
 
 /// A started keel.
@@ -305,6 +307,37 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
     if let Some(db) = report.deferred_check.clone() {
         persistence::check_in_background(db, health.clone());
     }
+    // R39: acknowledged commits missing (a damaged or deleted WAL).
+    if let (Some(loss), Some(db)) = (report.data_loss, &store_opts.path) {
+        if opts.accept_data_loss {
+            tracing::warn!(
+                audit = "data_loss_accepted",
+                path = %db.display(),
+                missing = loss.missing(),
+                recorded = loss.recorded,
+                found = loss.found,
+                "data loss accepted (--accept-data-loss): serving what is left; the record of acknowledged commits restarts at the store's commit"
+            );
+            let record = persistence::acked::record_path(db);
+            persistence::acked::reset(&record, loss.found).map_err(|e| {
+                StartError::Store(StoreError::Open {
+                    path: record.clone(),
+                    detail: e.to_string(),
+                })
+            })?;
+        } else {
+            let reason = loss.reason(db);
+            tracing::error!(
+                event = "data_loss_detected",
+                path = %db.display(),
+                missing = loss.missing(),
+                recorded = loss.recorded,
+                found = loss.found,
+                "{reason}"
+            );
+            health.data_loss(&reason);
+        }
+    }
     let persistence = PersistenceActor::new(
         conn,
         store_opts,
@@ -427,6 +460,47 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
     )
     .map_err(|source| StartError::Bind { addr, source })?;
     tracing::info!(addr = %http_addr, "http listening");
+
+    // R39: refuse to serve a store that lost acknowledged commits. Only
+    // the HTTP listener runs (`/readyz` says why); no recovery, timers,
+    // tasks or adapters, and the writer commits nothing.
+    if health.refusing_writes().is_some() {
+        let (done_tx, done) = oneshot::channel();
+        let lifecycle = Lifecycle {
+            config,
+            health,
+            gate,
+            metrics,
+            persistence,
+            registry,
+            outbox,
+            timers,
+            tasks,
+            task_env: opts.task_env.clone(),
+            cli: None,
+            webhook: webhook_adapter,
+            adapters: None,
+            http: server,
+            http_client: http,
+            cli_clients,
+            webhook_settings,
+            admin_access,
+            channel_health,
+            clock: clock.clone(),
+            chat_events,
+            log_level: opts.log_level,
+            shutting_down: false,
+            done: Some(done_tx),
+        }
+        .start();
+        return Ok(Running {
+            lifecycle,
+            done,
+            http_addr,
+            cli: None,
+            boot_epoch: 0,
+        });
+    }
 
     // Recovery: count this start (R38) and resume turns awaiting the agent;
     // the outbox is already sending what an earlier run left unsent (R3).

@@ -14,6 +14,7 @@
 //! trusted), reports `degraded`, and probes with a tiny write until storage
 //! works again (R35).
 
+pub mod acked;
 pub mod adapter_state;
 pub mod meta;
 pub mod migrate;

@@ -54,6 +54,8 @@ pub struct OpenReport {
     /// A large database whose `quick_check` is left to the caller
     /// (`check_in_background` after start, or at once for operator commands).
     pub deferred_check: Option<PathBuf>,
+    /// R39: acknowledged commits missing from the store.
+    pub data_loss: Option<super::acked::DataLoss>,
 }
 
 /// Open a connection and set the pragmas keel relies on. A damaged file is
@@ -234,6 +236,10 @@ pub fn open_store(opts: &StoreOptions) -> Result<(Connection, OpenReport), Store
         }
     }
     let report = migrate::migrate(&mut conn, &path)?;
+    let data_loss = match &opts.path {
+        Some(db) => super::acked::check(&conn, db)?,
+        None => None,
+    };
     if let Some(db) = &opts.path {
         let _ = fs::set_permissions(db, fs::Permissions::from_mode(0o600));
         let marker = db.with_file_name(MARKER);
@@ -250,6 +256,7 @@ pub fn open_store(opts: &StoreOptions) -> Result<(Connection, OpenReport), Store
             migrated_from: report.from,
             schema_version: report.to,
             deferred_check,
+            data_loss,
         },
     ))
 }

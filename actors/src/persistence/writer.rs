@@ -174,6 +174,8 @@ pub(super) struct Writer {
     clock: Arc<dyn Clock>,
     rx: mpsc::Receiver<Cmd>,
     degraded: bool,
+    /// R39: the fsync'd record of the highest acknowledged commit (none in memory).
+    acked: Option<super::acked::AckedRecord>,
 }
 
 impl Writer {
@@ -247,6 +249,7 @@ impl Writer {
         let n = jobs.len();
         let mut wrote = false;
         let clock = self.clock.clone();
+        let health = self.health.clone();
         let result = self.connection().and_then(|conn| {
             let before = conn.total_changes();
             // Cached statements: these run once or twice per job, so parsing
@@ -267,10 +270,30 @@ impl Writer {
                     exec("RELEASE job")?;
                 }
             }
-            exec("COMMIT")?;
             wrote = conn.total_changes() > before;
-            Ok(())
+            let seq = if wrote {
+                if let Some(reason) = health.refusing_writes() {
+                    exec("ROLLBACK")?;
+                    return Err(StoreError::Unavailable(reason));
+                }
+                Some(super::acked::bump(conn)?)
+            } else {
+                None
+            };
+            exec("COMMIT")?;
+            Ok(seq)
         });
+        // R39: the record of the highest acknowledged commit is synced
+        // before any job of the batch is answered.
+        let result = match (result, &self.acked) {
+            (Ok(Some(seq)), Some(record)) => record.store(seq).map_err(|e| {
+                StoreError::Unavailable(format!("cannot record the acknowledged commit: {e}"))
+            }),
+            (Ok(Some(_)), None) if self.opts.path.is_some() => Err(StoreError::Unavailable(
+                "the record of acknowledged commits (keel.acked) is not open".into(),
+            )),
+            (r, _) => r.map(|_| ()),
+        };
         match &result {
             Ok(()) => {
                 self.metrics.commit_batch_size.observe(n as f64);
@@ -291,6 +314,9 @@ impl Writer {
     }
 
     fn probe(&mut self) {
+        if self.health.refusing_writes().is_some() {
+            return; // R39: nothing is written to a store that lost commits
+        }
         let at = self.clock.stamp();
         let result = self.connection().and_then(|conn| {
             conn.execute_batch("BEGIN IMMEDIATE")?;
@@ -380,6 +406,12 @@ pub(super) fn spawn(
     if let Err(e) = install_wal_hook(&mut conn, checkpointer.as_ref().map(|c| c.nudge.clone())) {
         tracing::warn!(error = %e, "cannot install the WAL hook; SQLite checkpoints inline");
     }
+    let acked = opts.path.as_ref().and_then(|db| {
+        let path = super::acked::record_path(db);
+        super::acked::AckedRecord::open(&path)
+            .map_err(|e| tracing::error!(path = %path.display(), error = %e, "cannot open the record of acknowledged commits; writes will fail"))
+            .ok()
+    });
     let (tx, rx) = mpsc::channel();
     let writer = Writer {
         conn: Some(conn),
@@ -390,7 +422,9 @@ pub(super) fn spawn(
         clock,
         rx,
         degraded: false,
+        acked,
     };
+
     let thread = std::thread::Builder::new()
         .name("keel-writer".into())
         .spawn(move || writer.run())
