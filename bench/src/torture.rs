@@ -298,6 +298,8 @@ struct Launcher {
     config: PathBuf,
     log: PathBuf,
     starts: u64,
+    /// Start keel with SIGXFSZ ignored (the RLIMIT_FSIZE case).
+    ignore_sigxfsz: bool,
 }
 
 impl Launcher {
@@ -333,10 +335,15 @@ impl Launcher {
             .process_group(0);
         // SAFETY: prctl(2) is async-signal-safe; nothing else runs between
         // fork and exec. The child gets SIGKILL when this thread exits.
+        let ignore_sigxfsz = self.ignore_sigxfsz;
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if ignore_sigxfsz {
+                    // An ignored disposition survives execve.
+                    libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
                 }
                 Ok(())
             });
@@ -634,6 +641,7 @@ pub fn torture(args: TortureArgs) -> Result<ExitCode> {
         config,
         log: scratch.path.join("keel.log"),
         starts: 0,
+        ignore_sigxfsz: false,
     };
 
     println!("keel torture: seed {seed} (replay with --seed {seed})");
@@ -775,7 +783,21 @@ pub fn torture(args: TortureArgs) -> Result<ExitCode> {
             let outcome = damage_case(case, &launcher, &scratch.path, &canary, &probe).await?;
             damage.push((case, outcome));
         }
-        Ok((verdict, Finals { clean_exit, damage }))
+        // Storage faults while keel runs (F3 file size limit, F1 full disk).
+        let mut faults = Vec::new();
+        for fault in [Fault::FileSizeLimit, Fault::DiskFull] {
+            progress(format!("storage fault {}", fault.name()));
+            let outcome = fault_case(fault, &launcher, &scratch.path, &canary, &probe).await?;
+            faults.push((fault, outcome));
+        }
+        Ok((
+            verdict,
+            Finals {
+                clean_exit,
+                damage,
+                faults,
+            },
+        ))
     });
     let (verdict, finals) = result?;
 
@@ -808,6 +830,19 @@ pub fn torture(args: TortureArgs) -> Result<ExitCode> {
             (c.name().to_string(), Value::String(short))
         })
         .collect();
+    let faults_json: serde_json::Map<String, Value> = finals
+        .faults
+        .iter()
+        .map(|(f, o)| (f.name().to_string(), Value::String(o.short())))
+        .collect();
+    let fault_losses: u64 = finals
+        .faults
+        .iter()
+        .map(|(_, o)| match o {
+            FaultOutcome::Lost(n) => *n,
+            _ => 0,
+        })
+        .sum();
     let figures = json!({
         "seed": seed,
         "cycles": done_cycles,
@@ -840,8 +875,10 @@ pub fn torture(args: TortureArgs) -> Result<ExitCode> {
         "damage_survived": count_damage(|o| matches!(o, DamageOutcome::Survived)),
         "damage_silent": count_damage(|o| matches!(o, DamageOutcome::Silent(_))),
         "damage": damage_json,
-        // Not built yet: they need root and a tmpfs / setrlimit in the child.
-        "not_run": ["tmpfs_full (F1)", "rlimit_fsize (F3)", "power_loss (C4)", "io_errors (F2)"],
+        "faults": faults_json,
+        "fault_losses": fault_losses,
+        // Not built yet.
+        "not_run": ["power_loss (C4)", "io_errors (F2)", "failpoints (C2)"],
         "seconds": began.elapsed().as_secs(),
         // No named kill points are compiled into keel yet (C2).
         "failpoints": false,
@@ -864,7 +901,10 @@ pub fn torture(args: TortureArgs) -> Result<ExitCode> {
     for (c, o) in &finals.damage {
         println!("  damage {:<22} {o}", c.name());
     }
-    let silent = count_damage(|o| matches!(o, DamageOutcome::Silent(_)));
+    for (f, o) in &finals.faults {
+        println!("  fault  {:<22} {o}", f.name());
+    }
+    let silent = count_damage(|o| matches!(o, DamageOutcome::Silent(_))) + fault_losses;
     let ok = verdict.clean() && panics == 0 && canary_hits == 0 && finals.clean_exit && silent == 0;
     println!(
         "keel torture: {} (seed {seed}; ledger {})",
@@ -891,6 +931,7 @@ pub fn torture(args: TortureArgs) -> Result<ExitCode> {
 struct Finals {
     clean_exit: bool,
     damage: Vec<(Damage, DamageOutcome)>,
+    faults: Vec<(Fault, FaultOutcome)>,
 }
 
 /// Removes a directory on drop (the data dir made under the user's `--data-dir`).
@@ -1204,6 +1245,7 @@ async fn damage_case(
         config: config.clone(),
         log: main.log.clone(),
         starts: 0,
+        ignore_sigxfsz: false,
     };
     let mut k = l.spawn()?;
     k.wait_ready(probe, &l.log).await?;
@@ -1258,6 +1300,7 @@ async fn damage_case(
                 .unwrap_or("no error line")
                 .trim()
                 .chars()
+                .map(|c| if c.is_control() { '?' } else { c })
                 .take(160)
                 .collect::<String>();
             break DamageOutcome::Detected(format!("{status}: {last}"));
@@ -1292,6 +1335,249 @@ async fn damage_case(
     };
     drop(k);
     Ok(outcome)
+}
+
+// ---------------------------------------------------------------------------
+// Storage faults while keel runs (TESTING.md F1, F3).
+
+/// A storage fault injected into a running keel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// F3: `RLIMIT_FSIZE` lowered on the running keel (SIGXFSZ ignored):
+    /// every write fails with EFBIG until it is raised again.
+    FileSizeLimit,
+    /// F1: the data dir on a 2 MiB tmpfs filled up (needs root).
+    DiskFull,
+}
+
+impl Fault {
+    pub fn name(self) -> &'static str {
+        match self {
+            Fault::FileSizeLimit => "rlimit_fsize",
+            Fault::DiskFull => "tmpfs_full",
+        }
+    }
+}
+
+/// What happened under a storage fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FaultOutcome {
+    /// Refused (503) while failing, recovered by itself, nothing acked lost.
+    Recovered,
+    /// Acknowledged messages missing afterwards: a loss.
+    Lost(u64),
+    /// Not run, and why (e.g. not root).
+    Skipped(String),
+}
+
+impl FaultOutcome {
+    fn short(&self) -> String {
+        match self {
+            FaultOutcome::Recovered => "recovered".into(),
+            FaultOutcome::Lost(n) => format!("lost:{n}"),
+            FaultOutcome::Skipped(why) => format!("skipped: {why}"),
+        }
+    }
+}
+
+impl std::fmt::Display for FaultOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FaultOutcome::Recovered => write!(f, "recovered (503 while failing, nothing lost)"),
+            FaultOutcome::Lost(n) => write!(f, "LOST {n} acknowledged messages"),
+            FaultOutcome::Skipped(why) => write!(f, "skipped: {why}"),
+        }
+    }
+}
+
+/// POST one signed webhook message; the status code.
+async fn post_signed(
+    http: &reqwest::Client,
+    base: &str,
+    secret: &str,
+    id: &str,
+    text: &str,
+) -> Result<u16> {
+    let body = serde_json::to_vec(&json!({"id": id, "chat": "fault", "from": "u", "text": text}))
+        .expect("a JSON value serializes");
+    let r = http
+        .post(format!("{base}/v1/messages"))
+        .header("content-type", "application/json")
+        .header("x-keel-signature", sign(secret, &body))
+        .body(body)
+        .send()
+        .await
+        .with_context(|| format!("POST {id}"))?;
+    Ok(r.status().as_u16())
+}
+
+/// A tmpfs mounted for the disk-full case; lazily unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Sets the soft `RLIMIT_FSIZE` of a running process; returns the old soft limit.
+fn set_fsize_limit(pid: i32, soft: libc::rlim_t) -> Result<libc::rlim_t> {
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: prlimit with a null new limit only reads into `old`.
+    if unsafe { libc::prlimit(pid, libc::RLIMIT_FSIZE, std::ptr::null(), &mut old) } != 0 {
+        bail!("prlimit: {}", std::io::Error::last_os_error());
+    }
+    let new = libc::rlimit {
+        rlim_cur: soft.min(old.rlim_max),
+        rlim_max: old.rlim_max,
+    };
+    // SAFETY: prlimit on our own child with a valid rlimit struct.
+    if unsafe { libc::prlimit(pid, libc::RLIMIT_FSIZE, &new, std::ptr::null_mut()) } != 0 {
+        bail!("prlimit: {}", std::io::Error::last_os_error());
+    }
+    Ok(old.rlim_cur)
+}
+
+/// Acked writes, the fault, writes until 503, the fault lifted, recovery,
+/// and every acknowledged message present after a restart.
+async fn fault_case(
+    fault: Fault,
+    main: &Launcher,
+    scratch: &Path,
+    secret: &str,
+    probe: &reqwest::Client,
+) -> Result<FaultOutcome> {
+    let dir = scratch.join(format!("fault-{}", fault.name()));
+    DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    let data = dir.join("data");
+    DirBuilder::new()
+        .mode(0o700)
+        .create(&data)
+        .with_context(|| format!("cannot create {}", data.display()))?;
+    let _mount = match fault {
+        Fault::DiskFull => {
+            // SAFETY: geteuid(2) only reads the caller's id.
+            if unsafe { libc::geteuid() } != 0 {
+                return Ok(FaultOutcome::Skipped("needs root (mounts a tmpfs)".into()));
+            }
+            let out = Command::new("mount")
+                .args(["-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs"])
+                .arg(&data)
+                .output();
+            match out {
+                Ok(o) if o.status.success() => Some(Tmpfs(data.clone())),
+                Ok(o) => {
+                    return Ok(FaultOutcome::Skipped(format!(
+                        "mount tmpfs failed: {}",
+                        String::from_utf8_lossy(&o.stderr).trim()
+                    )))
+                }
+                Err(e) => return Ok(FaultOutcome::Skipped(format!("cannot run mount: {e}"))),
+            }
+        }
+        Fault::FileSizeLimit => None,
+    };
+    let mut l = Launcher {
+        binary: main.binary.clone(),
+        data_dir: data.clone(),
+        config: main.config.clone(),
+        log: main.log.clone(),
+        starts: 0,
+        ignore_sigxfsz: fault == Fault::FileSizeLimit,
+    };
+    let mut k = l.spawn()?;
+    k.wait_ready(probe, &l.log).await?;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .context("cannot build an HTTP client")?;
+    let mut acked = Vec::new();
+    let name = fault.name();
+    for i in 0..5 {
+        let id = format!("f-{name}-before-{i}");
+        if post_signed(&http, &k.base, secret, &id, "before").await? == 200 {
+            acked.push(id);
+        }
+    }
+    // The fault.
+    let filler = data.join("filler");
+    let old_limit = match fault {
+        Fault::FileSizeLimit => {
+            let biggest = fs::read_dir(&data)
+                .map(|d| {
+                    d.filter_map(|e| e.ok()?.metadata().ok())
+                        .map(|m| m.len())
+                        .max()
+                        .unwrap_or(0)
+                })
+                .unwrap_or(0);
+            Some(set_fsize_limit(k.pid, biggest as libc::rlim_t)?)
+        }
+        Fault::DiskFull => {
+            let mut f = File::create(&filler).context("cannot create the filler")?;
+            let chunk = vec![0u8; 16 * 1024];
+            while f.write_all(&chunk).and_then(|()| f.sync_all()).is_ok() {}
+            None
+        }
+    };
+    let big = "x".repeat(60 * 1024);
+    let mut refused = false;
+    for i in 0..60 {
+        let id = format!("f-{name}-big-{i}");
+        match post_signed(&http, &k.base, secret, &id, &big).await {
+            Ok(200) => acked.push(id),
+            Ok(503) => {
+                refused = true;
+                break;
+            }
+            Ok(_) | Err(_) => {}
+        }
+    }
+    // Lift the fault; keel must recover by itself.
+    match old_limit {
+        Some(old) => {
+            set_fsize_limit(k.pid, old)?;
+        }
+        None => fs::remove_file(&filler).context("cannot remove the filler")?,
+    }
+    let deadline = Instant::now() + READY_DEADLINE;
+    let mut after = false;
+    while Instant::now() < deadline {
+        let id = format!("f-{name}-after");
+        if matches!(
+            post_signed(&http, &k.base, secret, &id, "after").await,
+            Ok(200)
+        ) {
+            acked.push(id);
+            after = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // SAFETY: kill(2) on the child we spawned and have not reaped.
+    unsafe { libc::kill(k.pid, libc::SIGTERM) };
+    k.child.wait().context("waiting for keel")?;
+    drop(k);
+    let mut k = l.spawn()?;
+    k.wait_ready(probe, &l.log).await?;
+    let (keys, _) = observe(&http, &k.base).await?;
+    drop(k);
+    let lost = acked.iter().filter(|id| !keys.contains_key(*id)).count() as u64;
+    Ok(if lost > 0 {
+        FaultOutcome::Lost(lost)
+    } else if !refused {
+        FaultOutcome::Skipped("the fault never made a write fail".into())
+    } else if !after {
+        bail!("{name}: keel did not accept a message again within {READY_DEADLINE:?} after the fault was lifted");
+    } else {
+        FaultOutcome::Recovered
+    })
 }
 
 #[cfg(test)]
