@@ -29,9 +29,16 @@ fn config_for(dir: &DataDirArg) -> Result<Config> {
     crate::config::load(dir, None)
 }
 
-fn open_ro(config: &Config) -> Result<persistence::Connection> {
+/// The store read-only, unlocked with the key found the one way every
+/// command finds it (`crate::vault`).
+pub(crate) fn open_ro(config: &Config) -> Result<persistence::Connection> {
     let path = config.data_dir.join("keel.db");
-    Ok(persistence::open_read_only(&path)?)
+    let key = if path.exists() {
+        crate::vault::store_key(config, crate::vault::Create::Never)?
+    } else {
+        None
+    };
+    Ok(persistence::open_read_only(&path, key.as_ref())?)
 }
 
 fn status(dir: &DataDirArg, as_json: bool) -> Result<ExitCode> {
@@ -227,7 +234,8 @@ fn migrate_cmd(dir: &DataDirArg) -> Result<ExitCode> {
     let _lock = crate::run::lock_data_dir(&config.data_dir)?;
     // SAFETY: umask only changes this process's file-creation mask.
     unsafe { libc::umask(0o077) };
-    let (conn, report) = persistence::open_store(&StoreOptions::from_config(&config))
+    let key = crate::vault::store_key(&config, crate::vault::Create::IfFresh)?;
+    let (conn, report) = persistence::open_store(&StoreOptions::from_config(&config, key.as_ref()))
         .with_context(|| format!("migrating {}", config.data_dir.display()))?;
     // An operator command can afford the full check a large store skips at start.
     if let Some(db) = &report.deferred_check {

@@ -12,6 +12,7 @@ mod tasks_cmd;
 mod telemetry;
 mod timers_cmd;
 mod timers_preview;
+mod vault;
 
 use std::process::ExitCode;
 

@@ -85,6 +85,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     } else {
         Some(lock_data_dir(&config.data_dir)?)
     };
+    let key = crate::vault::master_key(&config, crate::vault::Create::IfFresh)?;
     let reload_args = args.clone();
     let system = actix_rt::System::new();
     let result = system.block_on(async move {
@@ -96,6 +97,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
                 stdin: args.stdin,
                 log_level: Some(log_hook),
                 task_env: crate::config::task_env(),
+                key: Some(key),
             },
         )
         .await

@@ -735,7 +735,7 @@ async fn finished_tasks_past_retention_are_pruned_with_their_logs() {
     assert!(d.sigterm(DEADLINE).await.success());
     {
         // Age one of them past the retention period, as if 30 days passed.
-        let conn = rusqlite::Connection::open(d.db_path()).expect("open db");
+        let conn = common::open_db(&d.db_path());
         let n = conn
             .execute(
                 "UPDATE tasks SET finished_at = '2000-01-01T00:00:00.000Z' WHERE id = ?1",
@@ -754,7 +754,7 @@ async fn finished_tasks_past_retention_are_pruned_with_their_logs() {
         .filter_map(|t| t["id"].as_i64())
         .collect();
     assert_eq!(ids, vec![young], "{v}");
-    let conn = rusqlite::Connection::open(d.db_path()).expect("open db");
+    let conn = common::open_db(&d.db_path());
     let left = |table: &str| -> i64 {
         conn.query_row(
             &format!("SELECT COUNT(*) FROM {table} WHERE task_id = ?1"),

@@ -32,6 +32,7 @@ pub mod export;
 pub mod health;
 pub mod http;
 pub mod ids;
+pub mod masterkey;
 pub mod metrics;
 pub mod outbox;
 pub mod persistence;

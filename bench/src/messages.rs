@@ -329,6 +329,7 @@ fn run_reference(
         busy_timeout: Duration::from_secs(5),
         max_batch: 1024,
         probe_interval: Duration::from_millis(500),
+        key: None,
     };
     let (conn, _) =
         persistence::open_store(&opts).with_context(|| format!("opening {}", dir.display()))?;
@@ -379,11 +380,17 @@ pub(crate) struct Keel {
 impl Keel {
     /// Start `binary run` on a fresh data dir under `scratch` and a free port.
     pub(crate) fn start(binary: &Path, scratch: &Path) -> Result<Keel> {
-        Keel::start_with(binary, scratch, "")
+        Keel::start_with(binary, scratch, true, "")
     }
 
-    /// Like [`Keel::start`], with `extra` appended to the config file.
-    pub(crate) fn start_with(binary: &Path, scratch: &Path, extra: &str) -> Result<Keel> {
+    /// Like [`Keel::start`], with `[storage] encrypt` set and `extra`
+    /// appended to the config file.
+    pub(crate) fn start_with(
+        binary: &Path,
+        scratch: &Path,
+        encrypt: bool,
+        extra: &str,
+    ) -> Result<Keel> {
         let addr = {
             let l = TcpListener::bind("127.0.0.1:0").context("cannot find a free port")?;
             l.local_addr()
@@ -397,7 +404,12 @@ impl Keel {
             .mode(0o600)
             .open(&config)
             .and_then(|mut f| {
-                f.write_all(b"[storage]\nsynchronous = \"full\"\n\n[webhook]\nenabled = true\n")?;
+                f.write_all(
+                    format!(
+                        "[storage]\nsynchronous = \"full\"\nencrypt = {encrypt}\n\n[webhook]\nenabled = true\n"
+                    )
+                    .as_bytes(),
+                )?;
                 f.write_all(extra.as_bytes())
             })
             .with_context(|| format!("cannot write {}", config.display()))?;

@@ -56,6 +56,9 @@ pub struct RunOptions {
     pub log_level: Option<LogLevelHook>,
     /// PATH and LANG of keel (read by the binary), given to task children.
     pub task_env: Vec<(String, String)>,
+    /// The master key (found by the binary): unlocks `secrets.db` and, while
+    /// `[storage] encrypt`, `keel.db`. `None` only in library tests.
+    pub key: Option<crate::masterkey::KeyHandle>,
 }
 
 /// A started keel.
@@ -280,7 +283,7 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
     let gate = Gate::closed();
 
     // Stores: open, integrity check, migrate (blocking, before anything else).
-    let store_opts = StoreOptions::from_config(&config);
+    let store_opts = StoreOptions::from_config(&config, opts.key.as_ref());
     let open_opts = store_opts.clone();
     let (conn, report) = tokio::task::spawn_blocking(move || persistence::open_store(&open_opts))
         .await
@@ -292,7 +295,7 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         "store open"
     );
     if let Some(db) = report.deferred_check.clone() {
-        persistence::check_in_background(db, health.clone());
+        persistence::check_in_background(db, store_opts.key.clone(), health.clone());
     }
     let persistence = PersistenceActor::new(
         conn,

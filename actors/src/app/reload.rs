@@ -9,7 +9,7 @@
 
 use crate::config::{
     AdminConfig, AgentConfig, CliConfig, Config, OutboxConfig, SlackConfig, StorageConfig,
-    SupervisionConfig, TasksConfig, TelegramConfig, TimersConfig, WebhookConfig,
+    SupervisionConfig, TasksConfig, TelegramConfig, TimersConfig, VaultConfig, WebhookConfig,
 };
 
 /// The outcome of comparing a new config with the running one.
@@ -79,6 +79,7 @@ pub fn plan(running: &Config, new: &Config) -> (ReloadReport, Config) {
         tasks,
         task,
         principals,
+        vault,
     } = new;
     let storage = {
         let StorageConfig {
@@ -86,6 +87,7 @@ pub fn plan(running: &Config, new: &Config) -> (ReloadReport, Config) {
             busy_timeout_ms,
             max_batch,
             probe_interval_ms,
+            encrypt,
         } = storage;
         let o = &old.storage;
         StorageConfig {
@@ -101,6 +103,18 @@ pub fn plan(running: &Config, new: &Config) -> (ReloadReport, Config) {
                 probe_interval_ms,
                 &o.probe_interval_ms,
             ),
+            encrypt: r.restart("storage.encrypt", encrypt, &o.encrypt),
+        }
+    };
+    let vault = {
+        let VaultConfig {
+            key_source,
+            key_file,
+        } = vault;
+        VaultConfig {
+            // The key unlocks the stores at start only.
+            key_source: r.restart("vault.key_source", key_source, &old.vault.key_source),
+            key_file: r.restart("vault.key_file", key_file, &old.vault.key_file),
         }
     };
     let webhook = {
@@ -308,6 +322,7 @@ pub fn plan(running: &Config, new: &Config) -> (ReloadReport, Config) {
         task: r.live("task", task, &old.task),
         // Sessions look people up per message (settings replaced on reload).
         principals: r.live("principals", principals, &old.principals),
+        vault,
     };
     (r, effective)
 }

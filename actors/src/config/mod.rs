@@ -77,6 +77,35 @@ pub struct Config {
     /// People and their identities on the channels (`[principals.NAME]`):
     /// working memory belongs to the person across channels.
     pub principals: BTreeMap<String, PrincipalConfig>,
+    /// `[vault]`: where the master key comes from (R28).
+    pub vault: VaultConfig,
+}
+
+/// Where the master key of the encrypted stores comes from (first match
+/// wins: `KEEL_MASTER_KEY`, then this).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct VaultConfig {
+    /// `file` (default) or `keychain` (not built: refused with a one-line error).
+    pub key_source: KeySource,
+    /// The key file; default `<data_dir>/master.key`, created 0600 at first start.
+    pub key_file: Option<PathBuf>,
+}
+
+impl Default for VaultConfig {
+    fn default() -> Self {
+        VaultConfig {
+            key_source: KeySource::File,
+            key_file: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum KeySource {
+    File,
+    Keychain,
 }
 
 /// `[principals.NAME]`: one person's identities, one per channel.
@@ -140,6 +169,7 @@ impl Default for Config {
             tasks: TasksConfig::default(),
             task: BTreeMap::new(),
             principals: BTreeMap::new(),
+            vault: VaultConfig::default(),
         }
     }
 }
@@ -219,6 +249,8 @@ pub struct StorageConfig {
     pub max_batch: usize,
     /// How often a degraded store retries a write to see if the cause is gone.
     pub probe_interval_ms: u64,
+    /// Encrypt `keel.db` with SQLCipher (R28); `secrets.db` is always encrypted.
+    pub encrypt: bool,
 }
 
 impl Default for StorageConfig {
@@ -228,6 +260,7 @@ impl Default for StorageConfig {
             busy_timeout_ms: 5_000,
             max_batch: 1_024,
             probe_interval_ms: 500,
+            encrypt: true,
         }
     }
 }
@@ -534,6 +567,20 @@ impl Config {
     /// The database file, or `None` when running ephemeral.
     pub fn db_path(&self) -> Option<PathBuf> {
         (!self.ephemeral).then(|| self.data_dir.join("keel.db"))
+    }
+
+    /// The master key file (`[vault] key_file`, default `<data_dir>/master.key`).
+    pub fn key_file(&self) -> PathBuf {
+        match &self.vault.key_file {
+            Some(p) if p.is_absolute() => p.clone(),
+            Some(p) => self.data_dir.join(p),
+            None => self.data_dir.join("master.key"),
+        }
+    }
+
+    /// The vault database, or `None` when running ephemeral.
+    pub fn secrets_path(&self) -> Option<PathBuf> {
+        (!self.ephemeral).then(|| self.data_dir.join("secrets.db"))
     }
 
     /// The admin socket of `keel tasks run|cancel` (always in the data dir,
