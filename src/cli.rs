@@ -61,6 +61,57 @@ pub enum Command {
     Migrate {
         #[command(flatten)]
         dir: DataDirArg,
+        /// Encrypt a plain keel.db with the master key (temp file, fsync,
+        /// atomic rename; the plain file is kept as keel.db.plain-<time>).
+        #[arg(long)]
+        encrypt: bool,
+    },
+    /// Secrets in the encrypted vault (secrets.db); values come from stdin only.
+    Secrets {
+        #[command(subcommand)]
+        cmd: SecretsCmd,
+    },
+    /// Capability tokens for the admin HTTP endpoints.
+    Tokens {
+        #[command(subcommand)]
+        cmd: TokensCmd,
+    },
+    /// The hash-chained audit log.
+    Audit {
+        /// Only records at or after this instant (RFC 3339).
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long)]
+        json: bool,
+        /// Check the chain; exit 1 naming the first bad record.
+        #[arg(long)]
+        verify: bool,
+        #[command(flatten)]
+        dir: DataDirArg,
+    },
+    /// Copy the stores to FILE (and FILE.secrets) with the online backup API;
+    /// works while keel runs.
+    Backup {
+        file: PathBuf,
+        #[command(flatten)]
+        dir: DataDirArg,
+    },
+    /// Put a backup in place (keel stopped); the replaced files are kept.
+    Restore {
+        file: PathBuf,
+        /// Replace a store holding newer commits than the backup.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        dir: DataDirArg,
+    },
+    /// Rotate the master key (keel stopped): new key from stdin (64 hex
+    /// characters) or --new-key-file.
+    Rekey {
+        #[arg(long)]
+        new_key_file: Option<PathBuf>,
+        #[command(flatten)]
+        dir: DataDirArg,
     },
     /// Benchmarks: `messages` (default: acknowledged messages/s against
     /// references), `timers` (ready time, RSS, fire latency) and `tasks`
@@ -181,6 +232,62 @@ pub struct PreviewArgs {
     /// Print `{"next": ["2026-11-01T05:30:00Z", …]}`.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SecretsCmd {
+    /// Store a secret; the value is read from stdin (no echo on a terminal).
+    Set {
+        name: String,
+        #[command(flatten)]
+        dir: DataDirArg,
+    },
+    /// Names and times (never values).
+    List {
+        #[command(flatten)]
+        dir: DataDirArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a secret.
+    Rm {
+        name: String,
+        #[command(flatten)]
+        dir: DataDirArg,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokensCmd {
+    /// Grant a token; it is printed once, as the last line of stdout.
+    Grant {
+        /// read, send, tasks, deploy, admin (comma-separated).
+        #[arg(long)]
+        perm: String,
+        /// Limit the token to sessions whose id starts with this.
+        #[arg(long)]
+        scope: Option<String>,
+        /// Lifetime, e.g. 30m, 12h, 7d (default: no expiry).
+        #[arg(long)]
+        ttl: Option<String>,
+        #[arg(long)]
+        note: Option<String>,
+        #[command(flatten)]
+        dir: DataDirArg,
+    },
+    /// Every token (id, permissions, scope, times; never the secret).
+    List {
+        #[command(flatten)]
+        dir: DataDirArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token at once (also in a running keel).
+    Revoke {
+        id: String,
+        #[command(flatten)]
+        dir: DataDirArg,
+    },
 }
 
 #[derive(Debug, Subcommand)]

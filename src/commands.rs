@@ -20,7 +20,26 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Sessions { cmd } => sessions(cmd),
         Command::Timers { cmd } => crate::timers_cmd::timers_cmd(cmd),
         Command::Tasks { cmd } => crate::tasks_cmd::tasks_cmd(cmd),
-        Command::Migrate { dir } => migrate_cmd(&dir),
+        Command::Migrate { dir, encrypt } => {
+            if encrypt {
+                crate::vault_cmd::migrate_encrypt(&dir)
+            } else {
+                migrate_cmd(&dir)
+            }
+        }
+        Command::Secrets { cmd } => crate::vault_cmd::secrets(cmd),
+        Command::Tokens { cmd } => crate::vault_cmd::tokens(cmd),
+        Command::Audit {
+            since,
+            json,
+            verify,
+            dir,
+        } => crate::vault_cmd::audit(&dir, since.as_deref(), json, verify),
+        Command::Backup { file, dir } => crate::vault_cmd::backup(&dir, &file),
+        Command::Restore { file, force, dir } => crate::vault_cmd::restore(&dir, &file, force),
+        Command::Rekey { new_key_file, dir } => {
+            crate::vault_cmd::rekey(&dir, new_key_file.as_deref())
+        }
         Command::Bench(args) => keel_bench::dispatch(args),
     }
 }

@@ -13,6 +13,7 @@ mod telemetry;
 mod timers_cmd;
 mod timers_preview;
 mod vault;
+mod vault_cmd;
 
 use std::process::ExitCode;
 

@@ -86,6 +86,10 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         Some(lock_data_dir(&config.data_dir)?)
     };
     let key = crate::vault::master_key(&config, crate::vault::Create::IfFresh)?;
+    if !config.ephemeral {
+        // A rekey killed halfway is finished or undone before any store opens.
+        crate::vault_cmd::recover_rekey(&config, &key)?;
+    }
     let reload_args = args.clone();
     let system = actix_rt::System::new();
     let result = system.block_on(async move {

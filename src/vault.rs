@@ -22,6 +22,9 @@ pub enum Create {
     /// before the first start). A store without its key is an error: a new
     /// key would not open it.
     IfFresh,
+    /// `keel migrate --encrypt`: also over a plain store, as long as no
+    /// `secrets.db` exists (which the missing key would have encrypted).
+    ForEncrypt,
 }
 
 /// The master key for `config` (also used for `secrets.db` when the main
@@ -46,7 +49,11 @@ pub fn master_key(config: &Config, create: Create) -> Result<KeyHandle> {
             |name: &str| std::fs::metadata(config.data_dir.join(name)).is_ok_and(|m| m.len() > 0);
         !has("keel.db") && !has("secrets.db")
     };
-    let create = create == Create::IfFresh && fresh;
+    let create = match create {
+        Create::Never => false,
+        Create::IfFresh => fresh,
+        Create::ForEncrypt => !config.data_dir.join("secrets.db").exists(),
+    };
     let (handle, found) = masterkey::resolve(env.as_deref().map(|s| s.as_str()), &file, create)?;
     if found == (Found::File { created: true }) {
         eprintln!(

@@ -41,3 +41,4 @@ pub mod schedule;
 pub mod session;
 pub mod tasks;
 pub mod timer;
+pub mod vault;

@@ -35,6 +35,7 @@ use crate::health::{Gate, Health, Phase};
 use crate::http::AdminAccess;
 use crate::metrics::Metrics;
 use crate::outbox::{DrainOutbox, OutboxActor, SetOutboxPolicy, SetSinks};
+use crate::persistence::audit::AppendAudit;
 use crate::persistence::{CloseStore, PersistenceActor, PutAdapterState};
 use crate::session::{Reconfigure, SessionRegistry};
 use crate::tasks::{SetTaskSettings, StopTasks, TaskActor};
@@ -93,6 +94,29 @@ pub struct Lifecycle {
     pub(crate) log_level: Option<LogLevelHook>,
     pub(crate) shutting_down: bool,
     pub(crate) done: Option<oneshot::Sender<ExitReport>>,
+    /// Capability tokens (failed attempts are summarised in the audit log).
+    pub(crate) tokens: crate::vault::TokenTable,
+}
+
+/// Append the `auth_failed` summary (count since the last one), if any
+/// attempt failed. Called every minute and in the shutdown cascade.
+pub async fn flush_auth_failures(
+    tokens: &crate::vault::TokenTable,
+    persistence: &Addr<PersistenceActor>,
+) {
+    let n = tokens.take_failures();
+    if n == 0 {
+        return;
+    }
+    let sent = persistence
+        .send(AppendAudit {
+            kind: "auth_failed",
+            detail: serde_json::json!({ "count": n }),
+        })
+        .await;
+    if !matches!(sent, Ok(Ok(_))) {
+        tracing::warn!(count = n, "auth_failed audit record not written");
+    }
 }
 
 impl Actor for Lifecycle {
@@ -119,6 +143,8 @@ impl Handler<Shutdown> for Lifecycle {
         let persistence = self.persistence.clone();
         let http = self.http.clone();
         let adapters = self.adapters.clone();
+        let tokens = self.tokens.clone();
+        let reason = msg.reason.clone();
         let cascade = async move {
             // 0. Pollers stop first: a long poll in flight is abandoned and
             //    its offset not advanced, so Telegram sends it again later.
@@ -162,7 +188,16 @@ impl Handler<Shutdown> for Lifecycle {
                 .saturating_duration_since(tokio::time::Instant::now())
                 .max(Duration::from_millis(100));
             let _ = tokio::time::timeout(remaining, outbox.send(DrainOutbox)).await;
-            // 5. Flush, checkpoint, close.
+            // 5. The audit log's last records, then flush, checkpoint, close
+            //    (keel.db; secrets.db is closed with a TRUNCATE checkpoint
+            //    after every write, so nothing of it is open here).
+            flush_auth_failures(&tokens, &persistence).await;
+            let _ = persistence
+                .send(AppendAudit {
+                    kind: "stopped",
+                    detail: serde_json::json!({ "reason": reason }),
+                })
+                .await;
             let store_closed = match persistence.send(CloseStore).await {
                 Ok(Ok((busy, log, done))) => {
                     tracing::info!(busy, wal_frames = log, checkpointed = done, "store closed");
@@ -241,6 +276,14 @@ impl Handler<Reload> for Lifecycle {
         self.persistence.do_send(PutAdapterState {
             adapter: PENDING_KEY.into(),
             state_json: pending_json(&report.restart_needed),
+        });
+        // Key names only: some keys hold secrets.
+        self.persistence.do_send(AppendAudit {
+            kind: "reloaded",
+            detail: serde_json::json!({
+                "applied": report.applied,
+                "restart_needed": report.restart_needed,
+            }),
         });
         self.metrics
             .config_reloads

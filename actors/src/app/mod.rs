@@ -297,6 +297,7 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
     if let Some(db) = report.deferred_check.clone() {
         persistence::check_in_background(db, store_opts.key.clone(), health.clone());
     }
+    let store_key = store_opts.key.clone();
     let persistence = PersistenceActor::new(
         conn,
         store_opts,
@@ -369,6 +370,14 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         metrics: metrics.clone(),
     });
     let admin_access = Arc::new(RwLock::new(settings_admin(&config)));
+    // Capability tokens: every row, kept in memory so a request never waits
+    // for the store and a revocation applies at once.
+    let tokens = crate::vault::TokenTable::load(
+        persistence
+            .send(crate::persistence::vault::GetTokens)
+            .await
+            .unwrap_or(Err(StoreError::Closed))?,
+    );
     let addr = config
         .listen_addr()
         .map_err(|e| StartError::Config(format!("listen: {e}")))?;
@@ -379,6 +388,11 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         persistence.clone(),
         admin_access.clone(),
         Some(tasks.clone()),
+        crate::http::AdminDeps {
+            tokens: tokens.clone(),
+            clock: clock.clone(),
+            outbox: Some(outbox.clone().recipient()),
+        },
         webhook
             .iter()
             .map(|s| s.routes())
@@ -407,7 +421,20 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         None
     } else {
         Some(
-            crate::tasks::admin::serve(&config.admin_socket(), tasks.clone()).map_err(|e| {
+            crate::tasks::admin::serve(
+                &config.admin_socket(),
+                tasks.clone(),
+                opts.key.clone().map(|key| crate::vault::admin::VaultAdmin {
+                    persistence: persistence.clone(),
+                    tokens: tokens.clone(),
+                    secrets_path: config.secrets_path(),
+                    key,
+                    clock: clock.clone(),
+                    db_path: config.db_path(),
+                    db_key: store_key.clone(),
+                }),
+            )
+            .map_err(|e| {
                 StartError::Config(format!(
                     "cannot bind the admin socket {}: {e}",
                     config.admin_socket().display()
@@ -514,6 +541,27 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         clients.first_bind(Duration::from_secs(5)).await;
     }
     health.set_phase(Phase::Ready);
+    let _ = persistence
+        .send(crate::persistence::audit::AppendAudit {
+            kind: "started",
+            detail: serde_json::json!({
+                "boot_epoch": stats.boot_epoch,
+                "encrypted": config.storage.encrypt && !config.ephemeral,
+            }),
+        })
+        .await;
+    {
+        // Failed token attempts are summarised once a minute.
+        let (tokens, persistence) = (tokens.clone(), persistence.clone());
+        actix_rt::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(60));
+            every.tick().await;
+            loop {
+                every.tick().await;
+                lifecycle::flush_auth_failures(&tokens, &persistence).await;
+            }
+        });
+    }
     tracing::info!(
         boot_epoch = stats.boot_epoch,
         sessions = stats.sessions,
@@ -546,6 +594,7 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         log_level: opts.log_level,
         shutting_down: false,
         done: Some(done_tx),
+        tokens,
     }
     .start();
     Ok(Running {

@@ -45,6 +45,12 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "turn_refs",
         sql: include_str!("../../../migrations/0005_turn_refs.sql"),
     },
+    // 0006 is another branch's; the numbers only order the files.
+    Migration {
+        version: 7,
+        name: "vault",
+        sql: include_str!("../../../migrations/0007_vault.sql"),
+    },
 ];
 
 /// The schema version this binary writes.

@@ -15,6 +15,8 @@
 //! works again (R35).
 
 pub mod adapter_state;
+pub mod audit;
+pub mod backup;
 pub mod meta;
 pub mod migrate;
 mod open;
@@ -22,6 +24,7 @@ pub mod outbox;
 pub mod sessions;
 pub mod tasks;
 pub mod timers;
+pub mod vault;
 mod writer;
 
 /// Shared helpers of the store's unit tests.
@@ -47,6 +50,7 @@ pub(crate) mod testing {
 use std::sync::{mpsc, Arc};
 
 use actix::prelude::*;
+pub use rusqlite::backup::Progress as BackupProgress;
 pub use rusqlite::Connection;
 use tokio::sync::oneshot;
 
@@ -57,8 +61,8 @@ use crate::metrics::Metrics;
 pub use adapter_state::{GetAdapterState, PutAdapterState};
 pub use meta::{GetStats, RecordBoot, StoreStats};
 pub use open::{
-    check_in_background, open_connection, open_read_only, open_store, write_atomic, OpenReport,
-    StoreOptions, SYNC_CHECK_MAX_BYTES,
+    check_in_background, is_plain_sqlite, open_connection, open_read_only, open_store,
+    write_atomic, OpenReport, StoreOptions, SYNC_CHECK_MAX_BYTES,
 };
 pub use outbox::{GetPendingOutbox, OutboxRow, RecordSend, SendOutcome};
 pub use sessions::{

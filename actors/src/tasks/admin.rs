@@ -3,6 +3,9 @@
 //! socket. Only the local user who runs keel can connect (file mode; the
 //! data dir is 0700 too).
 //!
+//! The vault's operations (secrets, tokens, backup) share the socket; they
+//! are answered by `vault::admin`.
+//!
 //! Protocol: one JSON line per request, one JSON line back.
 //! `{"op": "run", "name": "backup", "args": ["--full"]}` →
 //! `{"id": 12, "name": "backup"}`; `{"op": "cancel", "id": 12}` →
@@ -20,6 +23,7 @@ use tokio::sync::watch;
 
 use super::{CancelTask, SubmitTask, TaskActor};
 use crate::persistence::tasks::{CancelOutcome, Origin};
+use crate::vault::admin::VaultAdmin;
 
 /// Longest request line.
 const MAX_LINE: usize = 2 * 1024 * 1024;
@@ -52,7 +56,11 @@ enum Request {
 
 /// Bind `path` (a stale file from an earlier run is replaced: keel holds
 /// the data-dir lock) and serve it on the current runtime.
-pub fn serve(path: &Path, tasks: Addr<TaskActor>) -> std::io::Result<AdminSocket> {
+pub fn serve(
+    path: &Path,
+    tasks: Addr<TaskActor>,
+    vault: Option<VaultAdmin>,
+) -> std::io::Result<AdminSocket> {
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path)?;
     {
@@ -67,7 +75,8 @@ pub fn serve(path: &Path, tasks: Addr<TaskActor>) -> std::io::Result<AdminSocket
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => {
                         let tasks = tasks.clone();
-                        actix_rt::spawn(async move { serve_conn(stream, tasks).await });
+                        let vault = vault.clone();
+                        actix_rt::spawn(async move { serve_conn(stream, tasks, vault).await });
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "admin socket accept failed");
@@ -84,7 +93,7 @@ pub fn serve(path: &Path, tasks: Addr<TaskActor>) -> std::io::Result<AdminSocket
     })
 }
 
-async fn serve_conn(stream: UnixStream, tasks: Addr<TaskActor>) {
+async fn serve_conn(stream: UnixStream, tasks: Addr<TaskActor>, vault: Option<VaultAdmin>) {
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read.take(MAX_LINE as u64 + 1));
     let mut line = String::new();
@@ -97,7 +106,7 @@ async fn serve_conn(stream: UnixStream, tasks: Addr<TaskActor>) {
         let answer = if line.len() > MAX_LINE {
             json!({"error": format!("request longer than {MAX_LINE} bytes")})
         } else {
-            handle(line.trim_end(), &tasks).await
+            handle(line.trim_end(), &tasks, vault.as_ref()).await
         };
         let mut out = answer.to_string();
         out.push('\n');
@@ -107,7 +116,17 @@ async fn serve_conn(stream: UnixStream, tasks: Addr<TaskActor>) {
     }
 }
 
-async fn handle(line: &str, tasks: &Addr<TaskActor>) -> Value {
+async fn handle(line: &str, tasks: &Addr<TaskActor>, vault: Option<&VaultAdmin>) -> Value {
+    // The vault's operations (secrets, tokens, backup) have their own module.
+    let op = serde_json::from_str::<Value>(line)
+        .ok()
+        .and_then(|v| v.get("op").and_then(|o| o.as_str()).map(str::to_string));
+    if let Some(op) = op.filter(|o| crate::vault::admin::OPS.contains(&o.as_str())) {
+        return match vault {
+            Some(v) => crate::vault::admin::handle(line, v).await,
+            None => json!({"error": format!("{op} is not available in this keel")}),
+        };
+    }
     let req: Request = match serde_json::from_str(line) {
         Ok(r) => r,
         Err(e) => return json!({"error": format!("bad request: {e}")}),
