@@ -267,6 +267,16 @@ fn migrate_cmd(dir: &DataDirArg) -> Result<ExitCode> {
             );
         }
     }
+    if report.migrated_from != report.schema_version {
+        let tx = conn.unchecked_transaction()?;
+        keel_actors::persistence::audit::append(
+            &tx,
+            &keel_actors::clock::Clock::stamp(&keel_actors::clock::WallClock),
+            "migrated",
+            &json!({"from": report.migrated_from, "to": report.schema_version}),
+        )?;
+        tx.commit()?;
+    }
     println!(
         "schema version {} (was {})",
         report.schema_version, report.migrated_from

@@ -550,6 +550,25 @@ async fn cancel_timeout_concurrency_timers_and_shutdown_stop_process_groups() {
         "{t}"
     );
     assert_eq!(logs(&d, last, None).await, b"up\n");
+    // Every start and cancel is in the audit log (R31).
+    let mut a: Vec<String> = vec!["audit".into(), "--json".into()];
+    a.extend(args(&d));
+    let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+    let out = d.cli(&refs).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let audit: Value = serde_json::from_slice(&out.stdout).expect("audit json");
+    let kinds: Vec<&str> = audit["records"]
+        .as_array()
+        .expect("records")
+        .iter()
+        .filter_map(|r| r["kind"].as_str())
+        .collect();
+    assert!(kinds.contains(&"task_started"), "{kinds:?}");
+    assert!(kinds.contains(&"task_cancelled"), "{kinds:?}");
     d.assert_no_panics();
 }
 

@@ -136,6 +136,11 @@ fn check(req: &ServiceRequest, need: Perm, sessions: bool) -> Result<(), HttpRes
                         .json(json!({"error": "this token is limited to sessions"})),
                 );
             }
+            if state.tokens.should_touch(&a.token_id, state.clock.now_ms()) {
+                state
+                    .persistence
+                    .do_send(crate::persistence::vault::TouchToken(a.token_id.clone()));
+            }
             req.extensions_mut().insert(a);
             Ok(())
         }

@@ -1441,8 +1441,12 @@ pub fn open_db_with(db: &Path, flags: rusqlite::OpenFlags) -> rusqlite::Connecti
         writeln!(f, "{hex}").expect("write master.key");
         key = Some(hex);
     }
+    // A plain store (`[storage] encrypt = false`) is opened without the key.
+    let plain = std::fs::read(db)
+        .map(|b| b.starts_with(b"SQLite format 3\0"))
+        .unwrap_or(false);
     let conn = rusqlite::Connection::open_with_flags(db, flags).expect("open db");
-    if let Some(k) = key {
+    if let Some(k) = key.filter(|_| !plain) {
         conn.execute_batch(&format!(
             "PRAGMA cipher_log_level = NONE; PRAGMA key = \"x'{k}'\";"
         ))

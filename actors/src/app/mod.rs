@@ -294,6 +294,8 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         migrated_from = report.migrated_from,
         "store open"
     );
+    let migrated = (report.migrated_from != report.schema_version)
+        .then(|| serde_json::json!({"from": report.migrated_from, "to": report.schema_version}));
     if let Some(db) = report.deferred_check.clone() {
         persistence::check_in_background(db, store_opts.key.clone(), health.clone());
     }
@@ -541,6 +543,14 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         clients.first_bind(Duration::from_secs(5)).await;
     }
     health.set_phase(Phase::Ready);
+    if let Some(detail) = migrated {
+        let _ = persistence
+            .send(crate::persistence::audit::AppendAudit {
+                kind: "migrated",
+                detail,
+            })
+            .await;
+    }
     let _ = persistence
         .send(crate::persistence::audit::AppendAudit {
             kind: "started",

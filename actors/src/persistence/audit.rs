@@ -72,6 +72,17 @@ pub fn append(
     kind: &str,
     detail: &Value,
 ) -> Result<i64, StoreError> {
+    append_at(conn, &at.text, kind, detail)
+}
+
+/// [`append`] with the write time as RFC 3339 text (for SQL functions that
+/// take the time that way).
+pub fn append_at(
+    conn: &Connection,
+    at: &str,
+    kind: &str,
+    detail: &Value,
+) -> Result<i64, StoreError> {
     if !KINDS.contains(&kind) {
         return Err(StoreError::Invalid(format!("unknown audit kind {kind:?}")));
     }
@@ -84,11 +95,11 @@ pub fn append(
         None => (1, GENESIS.to_string()),
     };
     let detail = detail.to_string();
-    let hash = chain_hash(&prev, seq, &at.text, kind, &detail);
+    let hash = chain_hash(&prev, seq, at, kind, &detail);
     conn.prepare_cached(
         "INSERT INTO audit (seq, at, kind, detail, prev_hash, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )?
-    .execute(params![seq, at.text, kind, detail, prev, hash])?;
+    .execute(params![seq, at, kind, detail, prev, hash])?;
     Ok(seq)
 }
 

@@ -370,11 +370,23 @@ pub fn request_cancel(
                 attempt,
                 Some("cancelled before it started"),
             )?;
+            super::audit::append_at(
+                conn,
+                at,
+                "task_cancelled",
+                &serde_json::json!({"id": id, "was": "QUEUED", "session": session}),
+            )?;
             Ok(CancelOutcome::Cancelled)
         }
         "RUNNING" => {
             conn.prepare_cached("UPDATE tasks SET cancel_requested = 1 WHERE id = ?1")?
                 .execute([id])?;
+            super::audit::append_at(
+                conn,
+                at,
+                "task_cancelled",
+                &serde_json::json!({"id": id, "was": "RUNNING", "session": session}),
+            )?;
             Ok(CancelOutcome::Requested)
         }
         _ => Ok(CancelOutcome::Finished(state)),
@@ -421,6 +433,12 @@ pub fn start_task(
     )?
     .execute(params![id, epoch])?;
     record_state(conn, at, id, TaskState::Running, epoch, attempt, None)?;
+    super::audit::append_at(
+        conn,
+        at,
+        "task_started",
+        &serde_json::json!({"id": id, "name": name, "attempt": attempt, "session": session_id}),
+    )?;
     let next_seq: i64 = conn
         .prepare_cached("SELECT COALESCE(MAX(seq), 0) + 1 FROM log_fragments WHERE task_id = ?1")?
         .query_row([id], |r| r.get(0))?;

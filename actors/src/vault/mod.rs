@@ -223,6 +223,8 @@ pub struct TokenTable {
     rows: Arc<RwLock<HashMap<String, TokenRow>>>,
     /// Failed attempts since the last `auth_failed` audit record.
     failures: Arc<AtomicU64>,
+    /// When each token's `last_used_at` was last written (unix ms).
+    touched: Arc<std::sync::Mutex<HashMap<String, i64>>>,
 }
 
 impl TokenTable {
@@ -287,6 +289,19 @@ impl TokenTable {
             perms: row.perms.iter().filter_map(|p| Perm::parse(p)).collect(),
             scope: row.scope.clone(),
         })
+    }
+
+    /// Whether `id`'s `last_used_at` is due for a write (at most once a
+    /// minute per token, so busy clients do not write on every request).
+    pub fn should_touch(&self, id: &str, now_ms: i64) -> bool {
+        let mut t = self.touched.lock().unwrap_or_else(|p| p.into_inner());
+        match t.get(id) {
+            Some(last) if now_ms - last < 60_000 => false,
+            _ => {
+                t.insert(id.to_string(), now_ms);
+                true
+            }
+        }
     }
 
     /// Count one failed attempt (for the summarised audit record).
