@@ -270,3 +270,36 @@ async fn encrypt_false_keeps_plain_sqlite_and_a_plain_store_is_not_opened_encryp
     );
     assert_eq!(sha256_file(&d.db_path()), before);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ephemeral_keeps_the_vault_in_memory_with_no_key_file() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    std::fs::create_dir(&data).expect("mkdir");
+    let listen = format!("127.0.0.1:{}", common::free_port());
+    let out = common::run_keel(
+        &[
+            "run",
+            "--ephemeral",
+            "--stdin",
+            "--data-dir",
+            &data.display().to_string(),
+            "--listen",
+            &listen,
+        ],
+        Some(b"/remember color blue\n/recall color\n"),
+        DEADLINE,
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("blue"));
+    let left: Vec<_> = std::fs::read_dir(&data)
+        .expect("data dir")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert!(left.is_empty(), "an ephemeral keel wrote {left:?}");
+}

@@ -531,3 +531,72 @@ async fn backup_while_running_restore_rekey_and_migrate_encrypt() {
     let out = keel(&p, &["migrate", "--encrypt"], None).await;
     assert!(!out.status.success(), "migrated an encrypted store again");
 }
+
+/// `keel rekey` killed (SIGKILL) at seeded moments: every next start
+/// finishes or undoes it, the stores open with the key file's key, and
+/// nothing stored is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rekey_killed_at_random_moments_leaves_a_store_that_opens() {
+    use rand::Rng;
+    let seed = common::Seed::from_env("rekey_killed_at_random_moments_leaves_a_store_that_opens");
+    let mut rng = seed.rng();
+    let mut outputs = Vec::new();
+    let mut d = Daemon::start(Config::default()).await;
+    keel_ok(
+        &d,
+        &["secrets", "set", "kept"],
+        Some(b"value"),
+        &mut outputs,
+    )
+    .await;
+    for i in 0..300 {
+        d.post_ok(&format!("k{i}"), "chat", "some text to rewrite")
+            .await;
+    }
+    assert!(d.sigterm(DEADLINE).await.success());
+    let mut finished = 0;
+    for cycle in 0..8 {
+        let new: String = (0..32)
+            .map(|_| format!("{:02x}", rng.gen::<u8>()))
+            .collect();
+        let mut cmd = tokio::process::Command::new(common::keel_bin());
+        cmd.arg("rekey")
+            .args(dir_args(&d))
+            .env_remove("KEEL_MASTER_KEY")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().expect("spawn rekey");
+        {
+            use tokio::io::AsyncWriteExt;
+            let mut stdin = child.stdin.take().expect("stdin");
+            stdin.write_all(new.as_bytes()).await.expect("key");
+        }
+        // The kill moment: a seeded delay (fault injection, not a wait for
+        // a condition), from before it starts to after it is done.
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(0..60))).await;
+        let _ = child.start_kill();
+        let status = child.wait().await.expect("wait rekey");
+        if status.success() {
+            finished += 1;
+        }
+        d.restart().await;
+        assert_eq!(
+            d.turns("webhook:chat").await.len(),
+            600,
+            "cycle {cycle}: turns lost after a killed rekey"
+        );
+        let list = keel_ok(&d, &["secrets", "list"], None, &mut outputs).await;
+        assert!(list.contains("kept"), "cycle {cycle}: {list}");
+        assert!(d.sigterm(DEADLINE).await.success());
+        assert_eq!(common::integrity_check(&d.db_path()), "ok");
+        let leftovers: Vec<_> = std::fs::read_dir(&d.data_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".rekey"))
+            .collect();
+        assert!(leftovers.is_empty(), "cycle {cycle}: {leftovers:?}");
+    }
+    eprintln!("rekey ran to completion in {finished} of 8 cycles");
+}
