@@ -19,6 +19,9 @@
 //! - [`timer`] — `TimerActor` (durable timers, bounded window), schedules, `/remind`.
 //! - [`tasks`] — `TaskActor` (configured commands under supervision, logs,
 //!   recovery by boot epoch), the process runner, `/task`, the admin socket.
+//! - [`masterkey`] — the master key of the SQLCipher stores (sources, checks).
+//! - [`vault`] — capability tokens, the access rule of admin routes, secret
+//!   names, the vault's admin-socket operations.
 
 pub mod adapter;
 pub mod agent;
