@@ -88,11 +88,12 @@ fn unauthorized() -> HttpResponse {
         .json(json!({"error": "a valid capability token is needed (Authorization: Bearer keel_…)"}))
 }
 
-/// Apply the access rule to `req` for `need`; `Ok` = let through (with the
-/// token, if one was presented, in the request's extensions).
-fn check(req: &ServiceRequest, need: Perm, sessions: bool) -> Result<(), HttpResponse> {
+/// Apply the access rule to `req` for `need`; `None` = let through (with
+/// the token, if one was presented, in the request's extensions), else the
+/// refusal to send.
+fn check(req: &ServiceRequest, need: Perm, sessions: bool) -> Option<HttpResponse> {
     let Some(state) = req.app_data::<web::Data<AdminState>>() else {
-        return Err(HttpResponse::InternalServerError().finish());
+        return Some(HttpResponse::InternalServerError().finish());
     };
     let open = state
         .access
@@ -122,10 +123,10 @@ fn check(req: &ServiceRequest, need: Perm, sessions: bool) -> Result<(), HttpRes
         );
         state.auth_failures.with_label_values(&[reason]).inc();
         state.tokens.count_failure();
-        Err(resp)
+        Some(resp)
     };
     match decision {
-        Access::Granted(None) => Ok(()),
+        Access::Granted(None) => None,
         Access::Granted(Some(a)) => {
             if a.scope.is_some() && !sessions {
                 let id = a.token_id.clone();
@@ -142,7 +143,7 @@ fn check(req: &ServiceRequest, need: Perm, sessions: bool) -> Result<(), HttpRes
                     .do_send(crate::persistence::vault::TouchToken(a.token_id.clone()));
             }
             req.extensions_mut().insert(a);
-            Ok(())
+            None
         }
         Access::Unauthorized(why, id) => refuse(why.as_str(), id.as_deref(), unauthorized()),
         Access::Forbidden { token_id, need } => refuse(
@@ -178,8 +179,8 @@ pub fn admin_scope(
                 _ => access.write,
             };
             match check(&req, need, access.sessions) {
-                Ok(()) => next.call(req).await,
-                Err(resp) => Ok(req.into_response(resp)),
+                None => next.call(req).await,
+                Some(resp) => Ok(req.into_response(resp)),
             }
         },
     ))
