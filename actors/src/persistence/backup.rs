@@ -207,12 +207,37 @@ pub fn export_keyed(
     File::open(dest)
         .and_then(|f| f.sync_all())
         .map_err(io(dest))?;
+    // The copy's directory entry is durable before anyone relies on it.
+    if let Some(dir) = dest.parent() {
+        File::open(dir)
+            .and_then(|f| f.sync_all())
+            .map_err(io(dir))?;
+    }
     Ok(())
 }
 
-/// Check that `path` opens with `key` and passes `quick_check`.
+/// Check that `path` opens with `key`, holds a schema and passes
+/// `quick_check`. An empty file would open with any key (SQLite sees a new
+/// database): it never passes, so a copy cut short before its first page
+/// is never taken for a finished one.
 pub fn verify_keyed(path: &Path, key: Option<&KeyHandle>) -> Result<(), StoreError> {
+    let empty = fs::metadata(path).map(|m| m.len() == 0).unwrap_or(true);
+    if empty {
+        return Err(StoreError::Corrupt {
+            path: path.to_path_buf(),
+            detail: "the file is empty".into(),
+        });
+    }
     let c = open_read_only(path, key)?;
+    let tables: i64 = c
+        .query_row("SELECT COUNT(*) FROM sqlite_master", [], |r| r.get(0))
+        .map_err(|e| classify_key_error(path, key, e))?;
+    if tables == 0 {
+        return Err(StoreError::Corrupt {
+            path: path.to_path_buf(),
+            detail: "the file holds no schema".into(),
+        });
+    }
     let problems = super::meta::quick_check(&c).map_err(|e| classify_key_error(path, key, e))?;
     if problems != ["ok"] {
         return Err(StoreError::Corrupt {
