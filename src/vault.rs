@@ -36,9 +36,6 @@ pub fn master_key(config: &Config, create: Create) -> Result<KeyHandle> {
             "memory (--ephemeral)",
         ));
     }
-    if config.vault.key_source == KeySource::Keychain {
-        bail!("[vault] key_source = \"keychain\" is not built yet; use the key file or KEEL_MASTER_KEY");
-    }
     let env = std::env::var("KEEL_MASTER_KEY")
         .ok()
         .filter(|v| !v.is_empty())
@@ -54,6 +51,9 @@ pub fn master_key(config: &Config, create: Create) -> Result<KeyHandle> {
         Create::IfFresh => fresh,
         Create::ForEncrypt => !config.data_dir.join("secrets.db").exists(),
     };
+    if env.is_none() && config.vault.key_source == KeySource::Keychain {
+        return keychain_key(config, create);
+    }
     let (handle, found) = masterkey::resolve(env.as_deref().map(|s| s.as_str()), &file, create)?;
     if found == (Found::File { created: true }) {
         eprintln!(
@@ -62,6 +62,46 @@ pub fn master_key(config: &Config, create: Create) -> Result<KeyHandle> {
         );
     }
     Ok(handle)
+}
+
+/// The master key from the OS keychain: the kernel keyutils user keyring
+/// (Linux; headless, no D-Bus), key `keel:<data dir>`. Kernel keys live in
+/// memory while the user has a session or process: they do not survive a
+/// reboot, so back the key up.
+fn keychain_key(config: &Config, create: bool) -> Result<KeyHandle> {
+    use linux_keyutils::{KeyError, KeyRing, KeyRingIdentifier};
+    let dir = std::path::absolute(&config.data_dir)
+        .unwrap_or_else(|_| config.data_dir.clone())
+        .display()
+        .to_string();
+    let description = format!("keel:{dir}");
+    let source = format!("keychain (kernel keyutils user keyring, key {description})");
+    let ring = KeyRing::from_special_id(KeyRingIdentifier::User, false)
+        .map_err(|e| anyhow::anyhow!("{source}: cannot open: {e:?}"))?;
+    match ring.search(&description) {
+        Ok(key) => {
+            let bytes = Zeroizing::new(
+                key.read_to_vec()
+                    .map_err(|e| anyhow::anyhow!("{source}: cannot read: {e:?}"))?,
+            );
+            let hex = std::str::from_utf8(&bytes)
+                .map_err(|_| anyhow::anyhow!("{source}: the stored key is not hex"))?;
+            Ok(KeyHandle::new(MasterKey::from_hex(hex, &source)?, source))
+        }
+        Err(KeyError::KeyDoesNotExist) if create => {
+            let key = MasterKey::generate();
+            ring.add_key(&description, key.to_hex().as_bytes())
+                .map_err(|e| anyhow::anyhow!("{source}: cannot store the key: {e:?}"))?;
+            eprintln!(
+                "keel: created the master key in the {source}; kernel keys do not survive a reboot: back it up (keyctl print) or use a key file"
+            );
+            Ok(KeyHandle::new(key, source))
+        }
+        Err(KeyError::KeyDoesNotExist) => {
+            bail!("{source}: no master key stored there; restore it from your backup or set KEEL_MASTER_KEY")
+        }
+        Err(e) => bail!("{source}: {e:?}"),
+    }
 }
 
 /// The key for `keel.db` only: `None` while `[storage] encrypt = false`.

@@ -529,6 +529,9 @@ pub fn rekey(dir: &DataDirArg, new_key_file: Option<&Path>) -> Result<ExitCode> 
     if std::env::var_os("KEEL_MASTER_KEY").is_some() {
         bail!("the key comes from KEEL_MASTER_KEY; keel rekey rotates the key file (unset KEEL_MASTER_KEY, put the key in the file, then rekey)");
     }
+    if config.vault.key_source == keel_actors::config::KeySource::Keychain {
+        bail!("[vault] key_source = \"keychain\": keel rekey rotates the key file only");
+    }
     let old = master_key(&config, Create::Never)?;
     recover_rekey(&config, &old)?;
     let new = match new_key_file {

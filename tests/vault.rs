@@ -303,3 +303,44 @@ async fn ephemeral_keeps_the_vault_in_memory_with_no_key_file() {
         .collect();
     assert!(left.is_empty(), "an ephemeral keel wrote {left:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_keychain_source_keeps_the_key_out_of_the_data_dir() {
+    let cfg = Config {
+        extra: "[vault]\nkey_source = \"keychain\"\n".into(),
+        ..Config::default()
+    };
+    let mut d = Daemon::start(cfg).await;
+    d.post_ok("1", "chat", "keychain-canary-90ab").await;
+    assert!(
+        d.stderr_all().contains("keyutils"),
+        "no line naming the backend"
+    );
+    let out = keel(&d, &["status", "--json"], &[]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(d.sigterm(DEADLINE).await.success());
+    assert!(
+        !d.data_dir.join("master.key").exists(),
+        "a key file was written"
+    );
+    assert!(files_containing(&d.data_dir, b"keychain-canary-90ab").is_empty());
+    d.restart().await;
+    assert_eq!(d.turns("webhook:chat").await.len(), 2);
+    assert!(d.sigterm(DEADLINE).await.success());
+    // Gone from the keychain: a clear refusal, the store untouched.
+    let ring =
+        linux_keyutils::KeyRing::from_special_id(linux_keyutils::KeyRingIdentifier::User, false)
+            .expect("user keyring");
+    let key = ring
+        .search(&format!("keel:{}", d.data_dir.display()))
+        .expect("the key is in the user keyring");
+    key.invalidate().expect("remove the test's key");
+    let before = sha256_file(&d.db_path());
+    let stderr = refused_start(&d, &[]).await;
+    assert!(stderr.contains("no master key stored"), "{stderr}");
+    assert_eq!(sha256_file(&d.db_path()), before);
+}

@@ -86,7 +86,7 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct VaultConfig {
-    /// `file` (default) or `keychain` (not built: refused with a one-line error).
+    /// `file` (default) or `keychain` (the kernel keyutils store, Linux).
     pub key_source: KeySource,
     /// The key file; default `<data_dir>/master.key`, created 0600 at first start.
     pub key_file: Option<PathBuf>,
