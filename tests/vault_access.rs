@@ -8,6 +8,8 @@
 //! raw byte of the data dir.
 
 mod common;
+#[path = "common/telegram.rs"]
+mod telegram;
 
 use std::path::Path;
 use std::time::Duration;
@@ -599,4 +601,103 @@ async fn rekey_killed_at_random_moments_leaves_a_store_that_opens() {
         assert!(leftovers.is_empty(), "cycle {cycle}: {leftovers:?}");
     }
     eprintln!("rekey ran to completion in {finished} of 20 cycles");
+}
+
+/// Channel tokens from the vault: the Telegram bot token by the
+/// `<channel>.token` fallback, the WhatsApp access token by `vault:NAME`.
+/// Both work (the fake Bot API sees the bot token, the fake Graph API the
+/// access token) and neither appears in keel's output, logs, HTTP answers
+/// or the raw bytes of the data dir.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_tokens_from_the_vault_work_and_leave_no_canary() {
+    const BOT: &str = "123456:canary-bot-token-ZZ91";
+    const WA: &str = "canary-whatsapp-token-4f4f";
+    let tg = telegram::FakeTelegram::start();
+    let graph = common::ReplyServer::start();
+    let graph_base = graph.url.trim_end_matches("/replies").to_string();
+    let mut outputs = Vec::new();
+    let d0 = Daemon::new(Config::default(), None);
+    let text = format!(
+        "{}\n[whatsapp]\nenabled = true\napi_base = {graph_base:?}\nphone_number_id = \"1234\"\n\
+         access_token = \"vault:wa-token\"\napp_secret = \"wa-app-secret\"\nverify_token = \"v\"\n",
+        telegram::config_toml(&tg.url, "placeholder", "").replace("token = \"placeholder\"\n", "")
+    );
+    d0.write_config_text(&text);
+    keel_ok(
+        &d0,
+        &["secrets", "set", "telegram.token"],
+        Some(BOT.as_bytes()),
+        &mut outputs,
+    )
+    .await;
+    keel_ok(
+        &d0,
+        &["secrets", "set", "wa-token"],
+        Some(WA.as_bytes()),
+        &mut outputs,
+    )
+    .await;
+    let mut d = d0;
+    d.boot().await;
+    // Telegram: a message in, a reply out, with the vault's bot token.
+    tg.push_text(77, "/help");
+    assert!(
+        poll_until(DEADLINE, || async { (!tg.sent().is_empty()).then_some(()) })
+            .await
+            .is_some(),
+        "no reply through the bot token from the vault"
+    );
+    assert!(
+        tg.polls().iter().any(|(t, _)| t == BOT),
+        "the fake Bot API never saw the token"
+    );
+    // WhatsApp: a signed message in, a reply out with the vault's access token.
+    let body = serde_json::to_vec(&json!({"object": "whatsapp_business_account", "entry": [{"id": "1",
+        "changes": [{"field": "messages", "value": {"messaging_product": "whatsapp",
+        "metadata": {"phone_number_id": "1234"}, "contacts": [{"wa_id": "4915", "profile": {"name": "A"}}],
+        "messages": [{"from": "4915", "id": "wamid.1", "timestamp": "1764590400", "type": "text",
+        "text": {"body": "/help"}}]}}]}]}))
+    .unwrap();
+    let r = send(
+        d.client
+            .post(d.url("/v1/whatsapp"))
+            .header("content-type", "application/json")
+            .header("x-hub-signature-256", sign("wa-app-secret", &body))
+            .body(body),
+    )
+    .await
+    .expect("POST");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(
+        poll_until(DEADLINE, || async {
+            (!graph.replies().is_empty()).then_some(())
+        })
+        .await
+        .is_some(),
+        "no WhatsApp reply"
+    );
+    let status = d.status_json().await;
+    outputs.push(String::from_utf8_lossy(&status.stdout).into_owned());
+    let metrics = send(d.client.get(d.url("/metrics")))
+        .await
+        .expect("metrics")
+        .body;
+    assert!(d.sigterm(DEADLINE).await.success());
+    let logs = format!(
+        "{}{}",
+        d.stderr_all(),
+        std::fs::read_to_string(&d.stdout_path).unwrap_or_default()
+    );
+    for canary in [BOT, "canary-bot-token-ZZ91", WA] {
+        assert!(
+            files_containing(&d.data_dir, canary.as_bytes()).is_empty(),
+            "{canary} at rest"
+        );
+        assert!(!logs.contains(canary), "{canary} in keel's log");
+        assert!(
+            !outputs.iter().any(|o| o.contains(canary)),
+            "{canary} in command output"
+        );
+        assert!(!metrics.contains(canary), "{canary} in /metrics");
+    }
 }
