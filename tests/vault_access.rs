@@ -424,7 +424,27 @@ async fn backup_while_running_restore_rekey_and_migrate_encrypt() {
     }
     let file = d.root().join("backup.db");
     let file_s = file.display().to_string();
+    // Writes go on while the backup runs.
+    let load = {
+        let (client, url) = (d.client.clone(), d.url("/v1/messages"));
+        tokio::spawn(async move {
+            for i in 0..200 {
+                let body =
+                    json!({"id": format!("during{i}"), "chat": "busy", "from": "t", "text": "x"});
+                let r = send(
+                    client
+                        .post(&url)
+                        .header("content-type", "application/json")
+                        .body(body.to_string()),
+                )
+                .await
+                .expect("post during backup");
+                assert_eq!(r.status, 200, "{}", r.body);
+            }
+        })
+    };
     let out = keel_ok(&d, &["backup", &file_s], None, &mut outputs).await;
+    load.await.expect("load task");
     assert!(out.contains("integrity checked"), "{out}");
     assert!(file.exists() && file.with_file_name("backup.db.secrets").exists());
     assert!(

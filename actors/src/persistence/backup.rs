@@ -8,7 +8,7 @@
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
-use rusqlite::backup::{Backup, Progress};
+use rusqlite::backup::{Backup, Progress, StepResult};
 use rusqlite::{Connection, OpenFlags};
 use serde::Serialize;
 
@@ -16,7 +16,7 @@ use super::open::{apply_key, classify_key_error, open_read_only};
 use crate::error::StoreError;
 use crate::masterkey::KeyHandle;
 
-/// Pages copied per backup step (the writer may commit between steps).
+/// Pages copied per backup step when progress is shown (keel stopped).
 const PAGES_PER_STEP: std::os::raw::c_int = 1024;
 
 /// What a backup wrote.
@@ -44,7 +44,10 @@ pub fn secrets_companion(dest: &Path) -> PathBuf {
 }
 
 /// Copy `src` (keyed with `key`) to the new file `dest` with the same key;
-/// then fsync and `integrity_check` it. `progress` sees each step.
+/// then fsync and `quick_check` it. With `progress` the copy runs in steps
+/// of [`PAGES_PER_STEP`] (keel stopped: nothing restarts it); without, in
+/// one step — one WAL read snapshot, so a running writer neither blocks it
+/// nor makes it start over.
 pub fn backup_db(
     src: &Path,
     key: Option<&KeyHandle>,
@@ -69,7 +72,23 @@ pub fn backup_db(
     apply_key(&to, dest, key)?;
     let pages = {
         let b = Backup::new(&from, &mut to)?;
-        b.run_to_completion(PAGES_PER_STEP, std::time::Duration::ZERO, progress)?;
+        let step = if progress.is_some() {
+            PAGES_PER_STEP
+        } else {
+            -1
+        };
+        loop {
+            match b.step(step)? {
+                StepResult::Done => break,
+                StepResult::More => {
+                    if let Some(p) = progress {
+                        p(b.progress());
+                    }
+                }
+                // Busy/locked: another connection holds a lock; try again.
+                _ => std::thread::sleep(std::time::Duration::from_millis(5)),
+            }
+        }
         b.progress().pagecount as i64
     };
     let problems = super::meta::quick_check(&to).map_err(|e| classify_key_error(dest, key, e))?;
