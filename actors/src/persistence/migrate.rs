@@ -45,7 +45,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "turn_refs",
         sql: include_str!("../../../migrations/0005_turn_refs.sql"),
     },
-    // 0006 is another branch's; the numbers only order the files.
+    Migration {
+        version: 6,
+        name: "chat_state",
+        sql: include_str!("../../../migrations/0006_chat_state.sql"),
+    },
     Migration {
         version: 7,
         name: "vault",
