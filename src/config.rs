@@ -119,6 +119,11 @@ pub fn load(dir: &DataDirArg, run: Option<&RunArgs>) -> Result<Config> {
     if config.slack.bot_token.is_none() {
         config.slack.bot_token = env_token("KEEL_SLACK_BOT_TOKEN");
     }
+    if config.containers.docker_host.is_none() {
+        // The engine's usual variable; keel speaks to Unix sockets only.
+        config.containers.docker_host =
+            env_token("DOCKER_HOST").filter(|h| h.starts_with("unix://"));
+    }
     config.validate(&origin)?;
     Ok(config)
 }

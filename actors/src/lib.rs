@@ -19,14 +19,20 @@
 //! - [`timer`] — `TimerActor` (durable timers, bounded window), schedules, `/remind`.
 //! - [`tasks`] — `TaskActor` (configured commands under supervision, logs,
 //!   recovery by boot epoch), the process runner, `/task`, the admin socket.
+//! - [`containers`] — `ContainerReaper`, the only code that talks to the
+//!   container engine (bollard behind the `Engine` trait): orphan reaping,
+//!   services from the event log, reconcile, the spec allow-list.
+//! - [`chain`] — the hash chain of append-only logs (services events).
 
 pub mod adapter;
 pub mod agent;
 pub mod app;
 pub mod backoff;
 pub mod brain;
+pub mod chain;
 pub mod clock;
 pub mod config;
+pub mod containers;
 pub mod error;
 pub mod export;
 pub mod health;

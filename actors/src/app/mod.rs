@@ -23,6 +23,7 @@ pub mod lifecycle;
 pub mod reload;
 
 use crate::clock::{Clock, WallClock};
+use crate::containers::{ContainerReaper, ReaperSettings, RecoverContainers, RecoverReport};
 use crate::metrics::Metrics;
 use crate::outbox::{OutboxActor, OutboxKick, ReplySink};
 use crate::persistence::meta::{CommitOwnerNotice, NoticeCoverage, NoticeOutcome};
@@ -136,6 +137,51 @@ pub fn settings_tasks(config: &Config, base_env: &[(String, String)]) -> TaskSet
     }
 }
 
+/// The reaper's settings: the instance id (configured, or the one kept in
+/// the store, created at first start) and the paths no container may mount.
+async fn settings_reaper(
+    config: &Config,
+    persistence: &Addr<PersistenceActor>,
+) -> Result<ReaperSettings, StartError> {
+    let instance = match &config.containers.instance {
+        Some(id) => id.clone(),
+        None => {
+            use rand::Rng;
+            let proposed: String = (0..12)
+                .map(|_| {
+                    let n = rand::thread_rng().gen_range(0..36u32);
+                    char::from_digit(n, 36).unwrap_or('0')
+                })
+                .collect();
+            persistence
+                .send(crate::persistence::services::GetOrCreateInstance { proposed })
+                .await
+                .unwrap_or(Err(StoreError::Closed))?
+        }
+    };
+    let mut paths = vec![std::path::PathBuf::from(
+        config
+            .containers
+            .host()
+            .strip_prefix("unix://")
+            .unwrap_or("/var/run/docker.sock"),
+    )];
+    paths.push("/var/run/docker.sock".into());
+    paths.push("/run/docker.sock".into());
+    if !config.ephemeral {
+        paths.push(config.data_dir.clone());
+        if let Ok(real) = config.data_dir.canonicalize() {
+            paths.push(real);
+        }
+    }
+    Ok(ReaperSettings {
+        instance,
+        reconcile_interval: Duration::from_secs(config.containers.reconcile_interval_s),
+        stop_services_on_shutdown: config.containers.stop_services_on_shutdown,
+        forbidden: crate::containers::spec::Forbidden { paths },
+    })
+}
+
 pub fn settings_admin(config: &Config) -> crate::http::AdminAccess {
     crate::http::AdminAccess {
         loopback_open: config.admin.loopback_open,
@@ -235,6 +281,7 @@ fn restart_detail(
     awaiting: usize,
     timers: &TimerStats,
     tasks: &TaskRecovery,
+    containers: Option<&RecoverReport>,
 ) -> String {
     let mut text = format!(
         " Timers recovered: {} fired late, {} skipped.",
@@ -244,6 +291,20 @@ fn restart_detail(
         " Tasks interrupted: {}, queued again: {}.",
         tasks.interrupted, tasks.requeued
     ));
+    if let Some(c) = containers {
+        text.push_str(&format!(
+            " Containers reaped: {}; services: {} ({} adopted).",
+            c.reaped, c.services, c.adopted
+        ));
+        if let Some(e) = &c.engine_error {
+            text.push_str(&format!(" Container engine degraded: {e}."));
+        }
+        if let Some(d) = &c.log_damage {
+            text.push_str(&format!(
+                " Services event log damaged: {d}; run keel verify."
+            ));
+        }
+    }
     if pending_replies > 0 {
         text.push_str(&format!(
             " {pending_replies} unsent replies are being delivered now."
@@ -331,6 +392,10 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
     // Likewise the task runner's (sessions, timers and HTTP queue tasks).
     let task_ctx: Context<TaskActor> = Context::new();
     let tasks = task_ctx.address();
+    // The container reaper's (HTTP and the admin socket send it service
+    // requests); it starts, and recovers, after the tasks below.
+    let reaper_ctx: Option<Context<ContainerReaper>> = config.containers.enabled.then(Context::new);
+    let reaper = reaper_ctx.as_ref().map(|c| c.address());
     let registry = SessionRegistry::new(
         persistence.clone(),
         outbox.clone().recipient(),
@@ -375,7 +440,10 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         metrics.clone(),
         persistence.clone(),
         admin_access.clone(),
-        Some(tasks.clone()),
+        crate::http::Backends {
+            tasks: Some(tasks.clone()),
+            services: reaper.clone(),
+        },
         webhook
             .iter()
             .map(|s| s.routes())
@@ -404,12 +472,13 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         None
     } else {
         Some(
-            crate::tasks::admin::serve(&config.admin_socket(), tasks.clone()).map_err(|e| {
-                StartError::Config(format!(
-                    "cannot bind the admin socket {}: {e}",
-                    config.admin_socket().display()
-                ))
-            })?,
+            crate::tasks::admin::serve(&config.admin_socket(), tasks.clone(), reaper.clone())
+                .map_err(|e| {
+                    StartError::Config(format!(
+                        "cannot bind the admin socket {}: {e}",
+                        config.admin_socket().display()
+                    ))
+                })?,
         )
     };
     let runner = crate::tasks::process::ProcessRunner::start()
@@ -430,6 +499,31 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         .send(Recover)
         .await
         .unwrap_or(Err(StoreError::Closed))?;
+    // Containers (R24, R25): reap this instance's orphans, rebuild services
+    // from the event log (adopt / replace / create). An engine that fails
+    // leaves containers degraded, never keel down (R27).
+    let container_report = match (reaper_ctx, &reaper) {
+        (Some(ctx), Some(addr)) => {
+            let settings = settings_reaper(&config, &persistence).await?;
+            let engine = crate::containers::docker::DockerEngine::new(
+                config.containers.host(),
+                Duration::from_millis(config.containers.request_timeout_ms),
+            );
+            ctx.run(ContainerReaper::new(
+                Arc::new(engine),
+                persistence.clone(),
+                health.clone(),
+                &metrics,
+                settings,
+            ));
+            Some(
+                addr.send(RecoverContainers)
+                    .await
+                    .unwrap_or(Err(StoreError::Closed))?,
+            )
+        }
+        _ => None,
+    };
     // Timers: fire what came due while keel was down, per misfire policy (R10).
     timer_ctx.run(
         TimerActor::new(
@@ -472,7 +566,13 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
             session: SessionKey::new(&owner.channel, &owner.chat),
             deliver: routed_channels(&config).contains(&owner.channel),
             min_interval_ms: owner.min_interval_s.saturating_mul(1_000) as i64,
-            detail: restart_detail(stats.outbox_pending, awaiting, &timer_stats, &task_stats),
+            detail: restart_detail(
+                stats.outbox_pending,
+                awaiting,
+                &timer_stats,
+                &task_stats,
+                container_report.as_ref(),
+            ),
         };
         let outcome = persistence
             .send(notice.message(Some(stats.boot_epoch)))
@@ -530,6 +630,7 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         outbox,
         timers,
         tasks,
+        containers: reaper.clone(),
         task_env: opts.task_env.clone(),
         cli: cli.clone(),
         webhook: webhook_adapter,

@@ -8,8 +8,8 @@
 //! The lifecycle controller then pushes the live settings to the actors.
 
 use crate::config::{
-    AdminConfig, AgentConfig, CliConfig, Config, OutboxConfig, SlackConfig, StorageConfig,
-    SupervisionConfig, TasksConfig, TelegramConfig, TimersConfig, WebhookConfig,
+    AdminConfig, AgentConfig, CliConfig, Config, ContainersConfig, OutboxConfig, SlackConfig,
+    StorageConfig, SupervisionConfig, TasksConfig, TelegramConfig, TimersConfig, WebhookConfig,
 };
 
 /// The outcome of comparing a new config with the running one.
@@ -79,6 +79,7 @@ pub fn plan(running: &Config, new: &Config) -> (ReloadReport, Config) {
         tasks,
         task,
         principals,
+        containers,
     } = new;
     let storage = {
         let StorageConfig {
@@ -276,6 +277,40 @@ pub fn plan(running: &Config, new: &Config) -> (ReloadReport, Config) {
             retention_days: r.live("tasks.retention_days", retention_days, &o.retention_days),
         }
     };
+    // The engine connection and the instance id are fixed for a run (the
+    // reaper connects and names containers with them at start); the loop's
+    // interval and the shutdown policy are pushed to the reaper.
+    let containers = {
+        let ContainersConfig {
+            enabled,
+            docker_host,
+            instance,
+            reconcile_interval_s,
+            stop_services_on_shutdown,
+            request_timeout_ms,
+        } = containers;
+        let o = &old.containers;
+        ContainersConfig {
+            enabled: r.restart("containers.enabled", enabled, &o.enabled),
+            docker_host: r.restart("containers.docker_host", docker_host, &o.docker_host),
+            instance: r.restart("containers.instance", instance, &o.instance),
+            reconcile_interval_s: r.live(
+                "containers.reconcile_interval_s",
+                reconcile_interval_s,
+                &o.reconcile_interval_s,
+            ),
+            stop_services_on_shutdown: r.live(
+                "containers.stop_services_on_shutdown",
+                stop_services_on_shutdown,
+                &o.stop_services_on_shutdown,
+            ),
+            request_timeout_ms: r.restart(
+                "containers.request_timeout_ms",
+                request_timeout_ms,
+                &o.request_timeout_ms,
+            ),
+        }
+    };
     let effective = Config {
         data_dir: r.restart("data_dir", data_dir, &old.data_dir),
         listen: r.restart("listen", listen, &old.listen),
@@ -308,6 +343,7 @@ pub fn plan(running: &Config, new: &Config) -> (ReloadReport, Config) {
         task: r.live("task", task, &old.task),
         // Sessions look people up per message (settings replaced on reload).
         principals: r.live("principals", principals, &old.principals),
+        containers,
     };
     (r, effective)
 }

@@ -12,11 +12,13 @@ use std::time::Duration;
 use serde::Deserialize;
 
 mod channels;
+mod containers;
 mod ids;
 mod tasks;
 mod whatsapp;
 
 pub use channels::{GroupReplies, SlackConfig, TelegramConfig};
+pub use containers::{check_instance, ContainersConfig, DEFAULT_DOCKER_HOST};
 pub use ids::{check_external_id, MAX_ID_BYTES};
 pub use tasks::{validate_task, TaskConfig, TaskKind, TasksConfig, MAX_TASK_NAME};
 pub use whatsapp::WhatsAppConfig;
@@ -77,6 +79,8 @@ pub struct Config {
     /// People and their identities on the channels (`[principals.NAME]`):
     /// working memory belongs to the person across channels.
     pub principals: BTreeMap<String, PrincipalConfig>,
+    /// The container engine (R23–R27).
+    pub containers: ContainersConfig,
 }
 
 /// `[principals.NAME]`: one person's identities, one per channel.
@@ -140,6 +144,7 @@ impl Default for Config {
             tasks: TasksConfig::default(),
             task: BTreeMap::new(),
             principals: BTreeMap::new(),
+            containers: ContainersConfig::default(),
         }
     }
 }
@@ -427,6 +432,9 @@ impl Config {
                 "must be between 1 and 36500".into(),
             ));
         }
+        self.containers
+            .validate()
+            .map_err(|(key, detail)| invalid(key, detail))?;
         if self.storage.probe_interval_ms == 0 {
             return Err(invalid("storage.probe_interval_ms", "must be > 0".into()));
         }

@@ -45,6 +45,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "turn_refs",
         sql: include_str!("../../../migrations/0005_turn_refs.sql"),
     },
+    Migration {
+        version: 8,
+        name: "services",
+        sql: include_str!("../../../migrations/0008_services.sql"),
+    },
 ];
 
 /// The schema version this binary writes.

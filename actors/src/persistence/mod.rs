@@ -19,6 +19,7 @@ pub mod meta;
 pub mod migrate;
 mod open;
 pub mod outbox;
+pub mod services;
 pub mod sessions;
 pub mod tasks;
 pub mod timers;
