@@ -526,3 +526,163 @@ async fn a_damaged_event_log_is_reported_and_never_replayed_past_the_damage() {
     assert!(d.stderr_all().contains("services event log damaged"));
     d.assert_no_panics();
 }
+
+/// kill -9 during deploys, kills and reconciles, 10 cycles: no duplicate
+/// containers, no orphan ephemeral ones, acknowledged deploys running,
+/// acknowledged kills dead, and `keel verify` consistent at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_deploy_kill_and_reconcile_leaves_no_duplicates_or_orphans() {
+    use rand::Rng;
+    let Some(engine) = docker_or_skip("kill_9_cycles") else {
+        return;
+    };
+    let seed = common::Seed::from_env("kill_9_cycles");
+    let mut rng = seed.rng();
+    let inst = Instance::new(engine, "k9");
+    let mut d = daemon(&inst, Config::default(), 1, "");
+    // name → Some(true) deployed and acknowledged, Some(false) killed and
+    // acknowledged; absent or unknown outcomes are not checked.
+    let mut acked: std::collections::BTreeMap<String, bool> = Default::default();
+    let mut kill_tried: std::collections::BTreeSet<String> = Default::default();
+    for cycle in 0..10 {
+        d.boot().await;
+        // Right after every start: no duplicates, no ephemeral orphans.
+        let names = engine.names(&inst.id);
+        assert!(
+            names.iter().all(|(n, _)| !n.contains("-ephemeral-")),
+            "cycle {cycle}: orphans {names:?}"
+        );
+        let mut per_service: std::collections::HashMap<String, usize> = Default::default();
+        for c in engine.containers(&inst.id) {
+            if let Some(s) = c["Labels"]["keel.service"].as_str() {
+                *per_service.entry(s.to_string()).or_default() += 1;
+            }
+        }
+        assert!(
+            per_service.values().all(|n| *n <= 1),
+            "cycle {cycle}: duplicates {per_service:?}"
+        );
+        // Plant an ephemeral container and some drift, then race a deploy
+        // and a kill against SIGKILL.
+        engine.plant(
+            &format!("keel-{}-ephemeral-e-{cycle}", inst.id),
+            inst.labels("ephemeral", &[]),
+            true,
+        );
+        if let Some(victim) = engine
+            .containers(&inst.id)
+            .iter()
+            .find(|c| c["Labels"]["keel.kind"] == "service")
+        {
+            engine.remove(victim["Id"].as_str().unwrap());
+        }
+        let name = format!("s{cycle}");
+        let data_dir = d.data_dir.to_string_lossy().into_owned();
+        let config = d.config_path.to_string_lossy().into_owned();
+        let deploy = tokio::spawn({
+            let (data_dir, config) = (data_dir.clone(), config.clone());
+            let name = name.clone();
+            async move {
+                common::run_keel(
+                    &[
+                        "services",
+                        "deploy",
+                        &name,
+                        "--image",
+                        IMAGE,
+                        "--data-dir",
+                        &data_dir,
+                        "--config",
+                        &config,
+                        "--",
+                        "sleep",
+                        "3600",
+                    ],
+                    None,
+                    DEADLINE,
+                )
+                .await
+            }
+        });
+        let kill = (cycle >= 2).then(|| {
+            let victim = format!("s{}", cycle - 2);
+            tokio::spawn(async move {
+                let out = common::run_keel(
+                    &[
+                        "services",
+                        "kill",
+                        &victim,
+                        "--data-dir",
+                        &data_dir,
+                        "--config",
+                        &config,
+                    ],
+                    None,
+                    DEADLINE,
+                )
+                .await;
+                (victim, out)
+            })
+        });
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(0..400))).await;
+        d.sigkill();
+        let out = deploy.await.unwrap();
+        if out.status.success() && stdout(&out).contains("deployed") {
+            acked.insert(name, true);
+        }
+        if let Some(k) = kill {
+            let (victim, out) = k.await.unwrap();
+            kill_tried.insert(victim.clone());
+            if out.status.success() {
+                acked.insert(victim, false);
+            }
+        }
+    }
+    d.boot().await;
+    let consistent = poll_until(DEADLINE, || async {
+        let (code, v) = verify(&d).await;
+        (code == 0).then_some(v)
+    })
+    .await;
+    assert!(
+        consistent.is_some(),
+        "not consistent: {:?}",
+        verify(&d).await
+    );
+    let l = list(&d).await;
+    for (name, alive) in &acked {
+        let s = l["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == json!(name))
+            .unwrap_or_else(|| panic!("{name} lost: {l}"));
+        if *alive && !kill_tried.contains(name) {
+            assert_eq!(s["state"], "running", "{name}: {l}");
+        }
+        if !*alive {
+            assert_eq!(s["state"], "killed", "{name}: {l}");
+            assert!(
+                service_names(engine, &inst, name).is_empty(),
+                "{name} revived"
+            );
+        }
+    }
+    for (name, n) in l["services"].as_array().unwrap().iter().map(|s| {
+        let name = s["name"].as_str().unwrap().to_string();
+        let n = service_names(engine, &inst, &name).len();
+        (name, n)
+    }) {
+        assert!(n <= 1, "{name}: {n} containers");
+    }
+    assert!(engine
+        .names(&inst.id)
+        .iter()
+        .all(|(n, _)| !n.contains("-ephemeral-")));
+    eprintln!(
+        "kill_9 cycles: {} acknowledged operations, figures: {}",
+        acked.len(),
+        json!({"services": l["services"].as_array().unwrap().len()})
+    );
+    d.assert_no_panics();
+}
