@@ -1,6 +1,7 @@
 //! Build the actor graph from a `Config`, in the start order of R32:
 //! config → store (open, integrity check, migrate) → recovery (boot epoch,
-//! unsent replies, awaiting turns, interrupted tasks, overdue timers) →
+//! unsent replies, awaiting turns, interrupted tasks, orphan containers
+//! reaped and services rebuilt, overdue timers) →
 //! adapters by priority → owner notice → ready. The `settings_*` functions are the one path that turns a `Config`
 //! into running settings; startup and SIGHUP reload both go through them.
 
