@@ -7,7 +7,7 @@
 //! containers on a vfs engine is slow and large: run it by hand, not in CI.
 //! Figures are printed, never asserted.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -55,13 +55,13 @@ fn section(host: &str, instance: &str) -> String {
 }
 
 /// Start keel on `dir` (its data dir `dir/keel`), replacing its config.
-fn start(binary: &PathBuf, dir: &std::path::Path, extra: &str) -> Result<Keel> {
+fn start(binary: &Path, dir: &Path, extra: &str) -> Result<Keel> {
     let _ = std::fs::remove_file(dir.join("keel.toml"));
     Keel::start_with(binary, dir, extra)
 }
 
 /// Milliseconds from start to `/readyz` 200.
-async fn timed_start(binary: &PathBuf, dir: &std::path::Path, extra: &str) -> Result<(Keel, f64)> {
+async fn timed_start(binary: &Path, dir: &Path, extra: &str) -> Result<(Keel, f64)> {
     let t = Instant::now();
     let mut keel = start(binary, dir, extra)?;
     let base = format!("http://{}", keel.addr);
@@ -193,7 +193,7 @@ pub fn bench_services(args: ServiceBenchArgs) -> Result<ExitCode> {
         Ok(f) => f,
         Err(e) => {
             // Leave nothing behind on the engine.
-            let _ = rt.block_on(async {
+            rt.block_on(async {
                 for c in engine.list(&inst_n).await.unwrap_or_default() {
                     let _ = engine.remove(&c.id).await;
                 }
