@@ -482,6 +482,26 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
                 })?,
         )
     };
+    // The engine and the instance id, shared by the reaper and the runner
+    // of container tasks.
+    let containers: Option<(Arc<dyn crate::containers::engine::Engine>, ReaperSettings)> =
+        if config.containers.enabled {
+            let settings = settings_reaper(&config, &persistence).await?;
+            let engine = crate::containers::docker::DockerEngine::new(
+                config.containers.host(),
+                Duration::from_millis(config.containers.request_timeout_ms),
+            );
+            Some((Arc::new(engine), settings))
+        } else {
+            None
+        };
+    let container_runner = containers.as_ref().map(|(engine, settings)| {
+        Arc::new(crate::tasks::container::ContainerRunner::new(
+            engine.clone(),
+            &settings.instance,
+            Duration::from_millis(config.tasks.grace_ms),
+        )) as Arc<dyn crate::tasks::process::Runner>
+    });
     let runner = crate::tasks::process::ProcessRunner::start()
         .map_err(|e| StartError::Config(format!("cannot start the task spawner thread: {e}")))?;
     task_ctx.run(
@@ -494,6 +514,7 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
             stats.boot_epoch,
         )
         .with_metrics(crate::tasks::TaskMetrics::new(&metrics))
+        .with_container_runner(container_runner)
         .with_admin(admin_socket),
     );
     let task_stats = tasks
@@ -503,15 +524,10 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
     // Containers (R24, R25): reap this instance's orphans, rebuild services
     // from the event log (adopt / replace / create). An engine that fails
     // leaves containers degraded, never keel down (R27).
-    let container_report = match (reaper_ctx, &reaper) {
-        (Some(ctx), Some(addr)) => {
-            let settings = settings_reaper(&config, &persistence).await?;
-            let engine = crate::containers::docker::DockerEngine::new(
-                config.containers.host(),
-                Duration::from_millis(config.containers.request_timeout_ms),
-            );
+    let container_report = match (reaper_ctx, &reaper, containers) {
+        (Some(ctx), Some(addr), Some((engine, settings))) => {
             ctx.run(ContainerReaper::new(
-                Arc::new(engine),
+                engine,
                 persistence.clone(),
                 health.clone(),
                 &metrics,

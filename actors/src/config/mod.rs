@@ -527,6 +527,12 @@ impl Config {
         self.tasks.validate().map_err(|(k, e)| invalid(k, e))?;
         for (name, t) in &self.task {
             validate_task(name, t).map_err(|e| invalid("task", e))?;
+            if t.kind == TaskKind::Container && !self.containers.enabled {
+                return Err(invalid(
+                    "task",
+                    format!("task.{name}.kind: container tasks need [containers] enabled = true"),
+                ));
+            }
         }
         Ok(())
     }
@@ -680,6 +686,14 @@ mod tests {
             (
                 "[task.x]\ncommand = [\"a\"]\nkind = \"container\"",
                 "task.x.kind",
+            ),
+            (
+                "[task.x]\ncommand = [\"a\"]\nkind = \"container\"\nimage = \"busybox\"",
+                "container tasks need [containers] enabled",
+            ),
+            (
+                "[task.x]\ncommand = [\"a\"]\nimage = \"busybox\"",
+                "task.x.image",
             ),
             (
                 "[task.x]\ncommand = [\"a\"]\ntimeout_s = 0",

@@ -8,11 +8,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bollard::container::LogOutput;
 use bollard::errors::Error as BollardError;
 use bollard::models::{ContainerCreateBody, HostConfig};
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, EventsOptionsBuilder, ListContainersOptionsBuilder,
-    RemoveContainerOptionsBuilder, StopContainerOptionsBuilder,
+    LogsOptionsBuilder, RemoveContainerOptionsBuilder, StopContainerOptionsBuilder,
+    WaitContainerOptions,
 };
 use bollard::Docker;
 use futures::future::BoxFuture;
@@ -258,6 +260,59 @@ impl Engine for DockerEngine {
                 // "removal already in progress"
                 Err(EngineError::Conflict(m)) if m.contains("in progress") => Ok(()),
                 other => idempotent(other, true),
+            }
+        })
+    }
+
+    fn logs(&self, id: &str) -> BoxStream<'static, EngineResult<(bool, Vec<u8>)>> {
+        let id = id.to_string();
+        let this = self.clone();
+        let timeout = self.timeout;
+        futures::stream::once(async move { this.client().await })
+            .flat_map(move |client| match client {
+                Ok(d) => {
+                    let opts = LogsOptionsBuilder::new()
+                        .follow(true)
+                        .stdout(true)
+                        .stderr(true)
+                        .build();
+                    d.logs(&id, Some(opts))
+                        .filter_map(move |item| async move {
+                            match item {
+                                Ok(LogOutput::StdOut { message })
+                                | Ok(LogOutput::Console { message }) => {
+                                    Some(Ok((false, message.to_vec())))
+                                }
+                                Ok(LogOutput::StdErr { message }) => {
+                                    Some(Ok((true, message.to_vec())))
+                                }
+                                Ok(LogOutput::StdIn { .. }) => None,
+                                Err(e) => Some(Err(map_err(e, timeout))),
+                            }
+                        })
+                        .boxed()
+                }
+                Err(e) => futures::stream::once(async move { Err(e) }).boxed(),
+            })
+            .boxed()
+    }
+
+    fn wait(&self, id: &str) -> BoxFuture<'static, EngineResult<i64>> {
+        let id = id.to_string();
+        let this = self.clone();
+        Box::pin(async move {
+            // The wait lasts as long as the container runs: no request
+            // timeout (bollard's covers the response headers only).
+            let docker = this.client().await?;
+            let mut s = docker.wait_container(&id, None::<WaitContainerOptions>);
+            match s.next().await {
+                Some(Ok(r)) => Ok(r.status_code),
+                // bollard reports a non-zero exit as an error.
+                Some(Err(BollardError::DockerContainerWaitError { code, .. })) => Ok(code),
+                Some(Err(e)) => Err(map_err(e, this.timeout)),
+                None => Err(EngineError::Unavailable(
+                    "wait ended without a status".into(),
+                )),
             }
         })
     }

@@ -99,6 +99,11 @@ pub trait Engine: Send + Sync + 'static {
     /// One item per container event of the instance; ends when the
     /// connection does.
     fn events(&self, instance: &str) -> BoxStream<'static, EngineResult<()>>;
+    /// The container's output from its start, `(is_stderr, bytes)`,
+    /// following it until it exits.
+    fn logs(&self, id: &str) -> BoxStream<'static, EngineResult<(bool, Vec<u8>)>>;
+    /// Wait until the container exits; its exit code.
+    fn wait(&self, id: &str) -> BoxFuture<'static, EngineResult<i64>>;
 }
 
 /// An engine in memory for unit tests, with scripted faults.
@@ -239,5 +244,19 @@ impl Engine for MemoryEngine {
 
     fn events(&self, _instance: &str) -> BoxStream<'static, EngineResult<()>> {
         Box::pin(futures::stream::pending())
+    }
+
+    fn logs(&self, _id: &str) -> BoxStream<'static, EngineResult<(bool, Vec<u8>)>> {
+        Box::pin(futures::stream::empty())
+    }
+
+    fn wait(&self, id: &str) -> BoxFuture<'static, EngineResult<i64>> {
+        let id = id.to_string();
+        self.run("wait", move |s| {
+            if let Some(c) = s.containers.iter_mut().find(|c| c.id == id || c.name == id) {
+                c.state = "exited".into();
+            }
+            Ok(0)
+        })
     }
 }
