@@ -7,7 +7,8 @@
 //!   checked (hash chain) and replayed up to the first damage; running
 //!   containers of the desired services are adopted, others replaced or
 //!   created. Containers of other instances are never listed, let alone
-//!   touched; task containers are left alone.
+//!   touched; task containers are reaped only when their task is not
+//!   RUNNING (task recovery, which re-attaches running ones, comes first).
 //! - **Services** (`DeployService`, `KillService`): the decision is an event
 //!   appended to the log (its own transaction) before the engine is asked;
 //!   a crash in between is repaired by the reconcile loop, and deterministic
@@ -626,6 +627,42 @@ impl Inner {
         Ok(n)
     }
 
+    /// Task containers whose task is not RUNNING (it ended, or its row is
+    /// gone) — left by a crash between the end and the removal. Runs after
+    /// task recovery, which re-attached every RUNNING one.
+    async fn reap_finished_tasks(&self) -> Result<usize, EngineError> {
+        let list = self.engine.list(&self.instance()).await?;
+        let mut n = 0;
+        for c in list {
+            if c.label(spec::LABEL_KIND) != Some(Kind::Task.as_str()) {
+                continue;
+            }
+            let Some(id) = c
+                .label(spec::LABEL_TASK)
+                .and_then(|t| t.parse::<i64>().ok())
+            else {
+                continue;
+            };
+            let task = self
+                .persistence
+                .send(crate::persistence::tasks::GetTask(id))
+                .await
+                .unwrap_or(Err(StoreError::Closed));
+            let running = match task {
+                Ok(Some(t)) => t.task.state == "RUNNING" || t.task.state == "QUEUED",
+                Ok(None) => false,
+                // Unknown: never reap on a guess.
+                Err(_) => true,
+            };
+            if !running {
+                self.engine.remove(&c.id).await?;
+                tracing::info!(container = %c.name, task = id, "finished task's container removed");
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     async fn list_json(&self, st: &mut State) -> Value {
         let instance = self.instance();
         let actual = match self.engine.list(&instance).await {
@@ -717,6 +754,7 @@ impl Handler<RecoverContainers> for ContainerReaper {
             let result: Result<(), EngineError> = async {
                 inner.engine.ping().await?;
                 report.reaped = inner.remove_kinds(&[Kind::Ephemeral]).await?;
+                report.reaped += inner.reap_finished_tasks().await?;
                 let cmp = inner.reconcile(&mut st).await?;
                 report.adopted = cmp.ok.len();
                 Ok(())
