@@ -165,16 +165,24 @@ pub fn compare(
     actual: &[ContainerInfo],
 ) -> Comparison {
     let mut c = Comparison::default();
-    let services: Vec<&ContainerInfo> = actual
+    // Service containers by service name: one pass, so start-up with N
+    // services costs O(N), not O(N²).
+    let mut by_service: HashMap<&str, Vec<&ContainerInfo>> = HashMap::new();
+    for a in actual
         .iter()
         .filter(|a| a.label(spec::LABEL_KIND) == Some(Kind::Service.as_str()))
-        .collect();
+    {
+        match a.label(spec::LABEL_SERVICE) {
+            Some(s) if desired.contains_key(s) => by_service.entry(s).or_default().push(a),
+            _ => c.unexpected.push(a.name.clone()),
+        }
+    }
     for (name, d) in desired {
         let want = service_container(instance, name, d);
-        let mine: Vec<&&ContainerInfo> = services
-            .iter()
-            .filter(|a| a.label(spec::LABEL_SERVICE) == Some(name.as_str()))
-            .collect();
+        let mine = by_service
+            .get(name.as_str())
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
         let exact = mine
             .iter()
             .find(|a| a.name == want && a.label(spec::LABEL_SPEC) == Some(d.hash.as_str()));
@@ -191,14 +199,6 @@ pub fn compare(
             }
             None if mine.is_empty() => c.missing.push(name.clone()),
             None => c.drifted.push(name.clone()),
-        }
-    }
-    for a in &services {
-        let known = a
-            .label(spec::LABEL_SERVICE)
-            .is_some_and(|s| desired.contains_key(s));
-        if !known {
-            c.unexpected.push(a.name.clone());
         }
     }
     c.unexpected.sort();
@@ -576,8 +576,17 @@ impl Inner {
 
     /// One full comparison and repair.
     async fn reconcile(&self, st: &mut State) -> Result<Comparison, EngineError> {
+        let actual = self.engine.list(&self.instance()).await?;
+        self.reconcile_with(st, actual).await
+    }
+
+    /// Compare `actual` (just listed) and repair.
+    async fn reconcile_with(
+        &self,
+        st: &mut State,
+        actual: Vec<ContainerInfo>,
+    ) -> Result<Comparison, EngineError> {
         let instance = self.instance();
-        let actual = self.engine.list(&instance).await?;
         let cmp = compare(&instance, &st.replay.desired, &actual);
         // A damaged log is reported, not acted on: repairing towards its
         // valid prefix could revive a killed service or remove a live one.
@@ -612,6 +621,14 @@ impl Inner {
     /// Remove this instance's containers of `kinds`; returns how many.
     async fn remove_kinds(&self, kinds: &[Kind]) -> Result<usize, EngineError> {
         let list = self.engine.list(&self.instance()).await?;
+        self.remove_kinds_in(kinds, &list).await
+    }
+
+    async fn remove_kinds_in(
+        &self,
+        kinds: &[Kind],
+        list: &[ContainerInfo],
+    ) -> Result<usize, EngineError> {
         let mut n = 0;
         for c in list {
             let kind = c.label(spec::LABEL_KIND).and_then(Kind::parse);
@@ -630,8 +647,7 @@ impl Inner {
     /// Task containers whose task is not RUNNING (it ended, or its row is
     /// gone) — left by a crash between the end and the removal. Runs after
     /// task recovery, which re-attached every RUNNING one.
-    async fn reap_finished_tasks(&self) -> Result<usize, EngineError> {
-        let list = self.engine.list(&self.instance()).await?;
+    async fn reap_finished_tasks(&self, list: &[ContainerInfo]) -> Result<usize, EngineError> {
         let mut n = 0;
         for c in list {
             if c.label(spec::LABEL_KIND) != Some(Kind::Task.as_str()) {
@@ -753,9 +769,15 @@ impl Handler<RecoverContainers> for ContainerReaper {
             };
             let result: Result<(), EngineError> = async {
                 inner.engine.ping().await?;
-                report.reaped = inner.remove_kinds(&[Kind::Ephemeral]).await?;
-                report.reaped += inner.reap_finished_tasks().await?;
-                let cmp = inner.reconcile(&mut st).await?;
+                // One list for the whole start: reaping and adoption.
+                let list = inner.engine.list(&inner.instance()).await?;
+                report.reaped = inner.remove_kinds_in(&[Kind::Ephemeral], &list).await?;
+                report.reaped += inner.reap_finished_tasks(&list).await?;
+                let left: Vec<ContainerInfo> = list
+                    .into_iter()
+                    .filter(|c| c.label(spec::LABEL_KIND) == Some(Kind::Service.as_str()))
+                    .collect();
+                let cmp = inner.reconcile_with(&mut st, left).await?;
                 report.adopted = cmp.ok.len();
                 Ok(())
             }
