@@ -693,3 +693,45 @@ async fn kill_9_during_deploy_kill_and_reconcile_leaves_no_duplicates_or_orphans
     );
     d.assert_no_panics();
 }
+
+/// SIGTERM keeps services running by default (adopted at the next start);
+/// with `stop_services_on_shutdown = true` they are stopped and removed,
+/// and the next start creates them again (they are still desired).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_survive_sigterm_unless_stop_services_on_shutdown() {
+    let Some(engine) = docker_or_skip("stop_services_on_shutdown") else {
+        return;
+    };
+    let inst = Instance::new(engine, "stop");
+    let mut d = daemon(&inst, Config::default(), 30, "");
+    d.boot().await;
+    let o = keel(
+        &d,
+        &["services", "deploy", "web", "--image", IMAGE],
+        &["sleep", "3600"],
+    )
+    .await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let id = list(&d).await["services"][0]["container_id"].clone();
+    assert!(d.sigterm(DEADLINE).await.success());
+    assert_eq!(service_names(engine, &inst, "web").len(), 1, "kept running");
+    d.restart().await;
+    assert_eq!(list(&d).await["services"][0]["container_id"], id, "adopted");
+    assert!(d.sigterm(DEADLINE).await.success());
+
+    d.write_config_text(&format!(
+        "{}{}stop_services_on_shutdown = true\n",
+        d.config.to_toml(),
+        inst.toml(30)
+    ));
+    d.restart().await;
+    assert!(d.sigterm(DEADLINE).await.success());
+    assert!(
+        service_names(engine, &inst, "web").is_empty(),
+        "stopped and removed"
+    );
+    d.restart().await;
+    let l = list(&d).await;
+    assert_eq!(l["services"][0]["state"], "running", "created again: {l}");
+    d.assert_no_panics();
+}

@@ -390,6 +390,33 @@ mod tests {
     }
 
     #[test]
+    fn containers_interval_and_shutdown_policy_are_live_the_engine_is_not() {
+        let old = cfg("[containers]\nenabled = true");
+        let new = cfg(
+            "[containers]\nenabled = true\nreconcile_interval_s = 5\nstop_services_on_shutdown = true\n\
+             instance = \"abc\"\ndocker_host = \"unix:///x.sock\"\nrequest_timeout_ms = 500",
+        );
+        let (r, eff) = plan(&old, &new);
+        assert_eq!(
+            r.applied,
+            vec![
+                "containers.reconcile_interval_s",
+                "containers.stop_services_on_shutdown"
+            ]
+        );
+        assert_eq!(
+            r.restart_needed,
+            vec![
+                "containers.docker_host",
+                "containers.instance",
+                "containers.request_timeout_ms"
+            ]
+        );
+        assert_eq!(eff.containers.reconcile_interval_s, 5);
+        assert_eq!(eff.containers.instance, None);
+    }
+
+    #[test]
     fn an_unchanged_config_reports_nothing_and_secrets_are_named_not_shown() {
         let old = cfg("[webhook]\nsecret = \"canary-old\"");
         let (r, eff) = plan(&old, &old.clone());

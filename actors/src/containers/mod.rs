@@ -619,22 +619,25 @@ impl Inner {
     }
 
     /// Remove this instance's containers of `kinds`; returns how many.
-    async fn remove_kinds(&self, kinds: &[Kind]) -> Result<usize, EngineError> {
+    async fn remove_kinds(&self, kinds: &[Kind], grace_s: i64) -> Result<usize, EngineError> {
         let list = self.engine.list(&self.instance()).await?;
-        self.remove_kinds_in(kinds, &list).await
+        self.remove_kinds_in(kinds, &list, grace_s).await
     }
 
+    /// Services get `grace_s` between SIGTERM and SIGKILL; the rest is
+    /// force-removed.
     async fn remove_kinds_in(
         &self,
         kinds: &[Kind],
         list: &[ContainerInfo],
+        grace_s: i64,
     ) -> Result<usize, EngineError> {
         let mut n = 0;
         for c in list {
             let kind = c.label(spec::LABEL_KIND).and_then(Kind::parse);
             if kind.is_some_and(|k| kinds.contains(&k)) {
                 if kind == Some(Kind::Service) && c.running() {
-                    self.engine.stop(&c.id, STOP_GRACE_S).await?;
+                    self.engine.stop(&c.id, grace_s).await?;
                 }
                 self.engine.remove(&c.id).await?;
                 tracing::info!(container = %c.name, "container removed");
@@ -771,7 +774,7 @@ impl Handler<RecoverContainers> for ContainerReaper {
                 inner.engine.ping().await?;
                 // One list for the whole start: reaping and adoption.
                 let list = inner.engine.list(&inner.instance()).await?;
-                report.reaped = inner.remove_kinds_in(&[Kind::Ephemeral], &list).await?;
+                report.reaped = inner.remove_kinds_in(&[Kind::Ephemeral], &list, 0).await?;
                 report.reaped += inner.reap_finished_tasks(&list).await?;
                 let left: Vec<ContainerInfo> = list
                     .into_iter()
@@ -1169,7 +1172,9 @@ impl Handler<StopContainers> for ContainerReaper {
             if inner.settings().stop_services_on_shutdown {
                 kinds.push(Kind::Service);
             }
-            match tokio::time::timeout(msg.deadline, inner.remove_kinds(&kinds)).await {
+            // Half the budget at most for a service's own shutdown.
+            let grace_s = ((msg.deadline.as_secs() / 2) as i64).min(STOP_GRACE_S);
+            match tokio::time::timeout(msg.deadline, inner.remove_kinds(&kinds, grace_s)).await {
                 Ok(Ok(n)) => {
                     inner
                         .metrics
