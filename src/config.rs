@@ -98,6 +98,10 @@ pub fn load(dir: &DataDirArg, run: Option<&RunArgs>) -> Result<Config> {
             &mut config.whatsapp.verify_token,
             "KEEL_WHATSAPP_VERIFY_TOKEN",
         ),
+        (
+            &mut config.telegram.webhook_secret,
+            "KEEL_TELEGRAM_WEBHOOK_SECRET",
+        ),
     ] {
         if slot.is_none() {
             *slot = env_token(name);

@@ -781,8 +781,10 @@ async fn slack_agent_replies_go_to_the_thread_and_bots_never_reach_the_agent() {
         },
         None,
     );
+    // Every channel message is answered here (not only addressed ones).
     let text = d.config.to_toml()
         + &config_toml(&fake.api_base, "xapp-CANARY-app", "xoxb-CANARY-bot", 30)
+        + "channel_replies = \"all\"\n"
         + FAST_BACKOFF;
     d.write_config_text(&text);
     d.boot().await;
@@ -815,5 +817,154 @@ async fn slack_agent_replies_go_to_the_thread_and_bots_never_reach_the_agent() {
         "{asked:?}"
     );
     assert_eq!(asked.len(), 3, "{asked:?}");
+    d.assert_no_panics();
+}
+
+const SAVED: &str = "Got it — your message is saved. Send /help to see what I can do.";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slack_channels_answer_only_when_addressed_and_long_replies_are_split() {
+    let fake = FakeSlack::start();
+    let mut d = daemon(&fake, 30);
+    d.boot().await;
+    fake.set_daemon(&d.base());
+    let c = "CADR";
+    let in_channel = |text: &str, ts: &str| msg(c, "U1", text, ts);
+    // Not addressed: stored, never answered.
+    fake.push_event("EvA1", in_channel("hello everyone", &fake.next_ts()), 0);
+    // A mention, a command: answered at the channel.
+    fake.push_event(
+        "EvA2",
+        in_channel(&format!("<@{BOT_USER}> are you there?"), &fake.next_ts()),
+        0,
+    );
+    fake.push_event("EvA3", in_channel("/recall kaddr", &fake.next_ts()), 0);
+    // A thread: addressed once, then keel is in it; another thread is not.
+    let t1 = fake.next_ts();
+    let mut first = in_channel(
+        &format!("<@{BOT_USER}> a question in a thread"),
+        &fake.next_ts(),
+    );
+    first["thread_ts"] = json!(t1);
+    fake.push_event("EvA4", first, 0);
+    poll_until(DEADLINE, || async {
+        posts_with(&fake, SAVED)
+            .iter()
+            .any(|p| p["thread_ts"] == json!(t1))
+            .then_some(())
+    })
+    .await
+    .expect("answered in the thread");
+    let mut follow = in_channel("and what about this", &fake.next_ts());
+    follow["thread_ts"] = json!(t1);
+    fake.push_event("EvA5", follow, 0);
+    let mut elsewhere = in_channel("unrelated thread chatter", &fake.next_ts());
+    elsewhere["thread_ts"] = json!(fake.next_ts());
+    fake.push_event("EvA6", elsewhere, 0);
+    // A thread under one of keel's own messages.
+    let mut under_keel = in_channel("replying to keel", &fake.next_ts());
+    under_keel["thread_ts"] = json!(fake.next_ts());
+    under_keel["parent_user_id"] = json!(BOT_USER);
+    fake.push_event("EvA7", under_keel, 0);
+    // A direct message is always answered.
+    let mut dm = msg("DKEEL", "U1", "plain direct message", &fake.next_ts());
+    dm["channel_type"] = json!("im");
+    fake.push_event("EvA8", dm, 0);
+    fake.push_event("EvA9", in_channel("/recall kend", &fake.next_ts()), 0);
+    wait_post(&fake, "kend").await;
+    poll_until(DEADLINE, || async {
+        (posts_with(&fake, SAVED).len() >= 5).then_some(())
+    })
+    .await
+    .expect("the addressed messages answered");
+    let saved: Vec<Value> = posts_with(&fake, SAVED);
+    let places: Vec<(String, Option<String>)> = saved
+        .iter()
+        .map(|p| {
+            (
+                p["channel"].as_str().unwrap().to_string(),
+                p["thread_ts"].as_str().map(str::to_string),
+            )
+        })
+        .collect();
+    // mention (channel), both in t1, under keel's message, DM.
+    assert_eq!(places.len(), 5, "{saved:#?}");
+    assert_eq!(
+        places
+            .iter()
+            .filter(|p| p.1.as_deref() == Some(t1.as_str()))
+            .count(),
+        2
+    );
+    assert!(places.contains(&(c.to_string(), None)));
+    assert!(places.contains(&(c.to_string(), Some(t1.clone()))));
+    assert!(places.contains(&("DKEEL".to_string(), None)));
+    let turns = d.turns("slack:CADR").await;
+    let users = turns.iter().filter(|t| t.role == "user").count();
+    assert_eq!(users, 8, "every message stored");
+    let r = d.get("/v1/sessions/slack:CADR/turns").await.unwrap().json();
+    let hello = r["turns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["text"] == "hello everyone")
+        .cloned()
+        .unwrap();
+    assert_eq!(hello["meta"]["addressed"], false, "{hello}");
+    assert!(posts_with(&fake, "unrelated").is_empty());
+    assert_eq!(
+        fake.posts().iter().filter(|p| p["channel"] == c).count(),
+        6,
+        "mention, 2 commands, 2 in t1, under keel: {:#?}",
+        fake.posts()
+    );
+
+    // A reply over Slack's limit goes out as several messages, in order,
+    // split at lines, each within the limit.
+    let line = "lorem ipsum ".repeat(16);
+    for i in 0..30 {
+        let mut m = msg("DLONG", "U1", &line, &fake.next_ts());
+        m["channel_type"] = json!("im");
+        fake.push_event(&format!("EvL{i}"), m, 0);
+    }
+    poll_until(DEADLINE, || async {
+        (fake
+            .posts()
+            .iter()
+            .filter(|p| p["channel"] == "DLONG")
+            .count()
+            == 30)
+            .then_some(())
+    })
+    .await
+    .expect("30 acknowledgements");
+    let mut history = msg("DLONG", "U1", "/history 50", &fake.next_ts());
+    history["channel_type"] = json!("im");
+    fake.push_event("EvLH", history, 0);
+    let parts = poll_until(DEADLINE, || async {
+        let posts: Vec<Value> = fake
+            .posts()
+            .into_iter()
+            .filter(|p| p["channel"] == "DLONG")
+            .skip(30)
+            .collect();
+        let turns = d.turns("slack:DLONG").await;
+        // 31 messages and 31 replies, the last one sent (all its parts).
+        let done = turns.len() == 62
+            && turns
+                .last()
+                .is_some_and(|t| t.role == "assistant" && t.sent == Some(true));
+        done.then_some(posts)
+    })
+    .await
+    .expect("the long reply sent");
+    let texts: Vec<String> = parts
+        .iter()
+        .map(|p| p["text"].as_str().unwrap().to_string())
+        .collect();
+    assert!(texts.len() >= 2, "{texts:#?}");
+    assert!(texts.iter().all(|t| t.encode_utf16().count() <= 4000));
+    let reply = d.turns("slack:DLONG").await.last().unwrap().text.clone();
+    assert_eq!(texts.join("\n"), reply, "every part once, in order");
     d.assert_no_panics();
 }

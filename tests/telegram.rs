@@ -391,7 +391,19 @@ async fn telegram_corpus_is_stored_with_kinds_and_meta_and_answered_only_when_ad
     let tg = FakeTelegram::start();
     let mut d = daemon(Config::default(), &tg, "444:corpus", FAST_BACKOFF);
     let corpus: Vec<Value> = serde_json::from_str(CORPUS).unwrap();
-    for case in &corpus {
+    // Updates about the chats themselves (the bot kicked and back, the
+    // group moved) come after the rest is answered: they fail unsent
+    // replies and move sessions, which is checked on its own below.
+    let late_names = [
+        "my_chat_member_kicked",
+        "my_chat_member_member_again",
+        "group_migrate_to_chat_id",
+        "supergroup_migrate_from_chat_id",
+    ];
+    for case in corpus
+        .iter()
+        .filter(|c| !late_names.contains(&c["name"].as_str().unwrap()))
+    {
         tg.push_exact(case["update"].clone());
     }
     // An addressed message in the forum topic (thread 77), after the corpus.
@@ -417,9 +429,43 @@ async fn telegram_corpus_is_stored_with_kinds_and_meta_and_answered_only_when_ad
         "telegram:-222",
         "telegram:-1001333",
         "telegram:-1001444",
-        "telegram:-1001555",
     ];
     wait_all_sent(&d, &sessions).await;
+    let sessions = [
+        "telegram:111",
+        "telegram:-1001333",
+        "telegram:-1001444",
+        "telegram:-1001555",
+    ];
+    let mut late: HashMap<String, i64> = HashMap::new();
+    for case in corpus
+        .iter()
+        .filter(|c| late_names.contains(&c["name"].as_str().unwrap()))
+    {
+        let id = tg.push_raw(case["update"].clone());
+        late.insert(case["update"]["update_id"].to_string(), id);
+    }
+    confirmed(&tg, *late.values().max().unwrap()).await;
+    // The group moved into the supergroup: its turns with it.
+    assert!(api_turns(&d, "telegram:-222").await.is_empty());
+    let listed = d.get("/v1/sessions").await.unwrap().json();
+    let unreachable = |id: &str| {
+        listed["sessions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["id"] == id)
+            .map(|s| s["unreachable"].clone())
+    };
+    assert_eq!(
+        unreachable("telegram:-222"),
+        Some(json!("moved to telegram:-1001555"))
+    );
+    assert_eq!(
+        unreachable("telegram:111"),
+        Some(Value::Null),
+        "member again"
+    );
 
     // Every corpus update is a turn with the corpus kind, keyed by update_id.
     let mut by_key: HashMap<String, (String, Value)> = HashMap::new();
@@ -433,6 +479,7 @@ async fn telegram_corpus_is_stored_with_kinds_and_meta_and_answered_only_when_ad
     }
     for case in &corpus {
         let id = case["update"]["update_id"].to_string();
+        let id = late.get(&id).map(i64::to_string).unwrap_or(id);
         let (_, turn) = by_key
             .get(&id)
             .unwrap_or_else(|| panic!("{} ({id}) not stored", case["name"]));
@@ -497,7 +544,7 @@ async fn telegram_corpus_is_stored_with_kinds_and_meta_and_answered_only_when_ad
         .iter()
         .any(|s| s["text"].as_str().unwrap().contains("/recall")));
     // Not addressed: stored with answer = false, no reply turn.
-    for id in [1002, 1005, 1008, 1019, 1028, 1029, 1030] {
+    for id in [1002, 1005, 1008, 1019, 1028, 1029, late["1030"]] {
         assert!(turn(id)["meta"]["addressed"] != json!(true), "{id}");
     }
     // The forum: the topic message addressed to keel is answered in its topic.
@@ -520,7 +567,10 @@ async fn telegram_corpus_is_stored_with_kinds_and_meta_and_answered_only_when_ad
 
     // Hostile updates: stored or passed over, never a crash; the daemon
     // still answers.
-    let stored_hostile: Vec<&String> = by_key.keys().filter(|k| k.starts_with('5')).collect();
+    let stored_hostile: Vec<&String> = by_key
+        .keys()
+        .filter(|k| k.starts_with('5') && !late.values().any(|v| v.to_string() == **k))
+        .collect();
     assert!(
         stored_hostile.is_empty(),
         "hostile turns live in their own chats"
@@ -580,7 +630,7 @@ async fn telegram_group_replies_all_answers_every_user_message_but_never_service
     let mut last = 0;
     for case in corpus.iter().filter(|c| {
         let n = c["name"].as_str().unwrap();
-        n.starts_with("group_") || n == "forum_topic_message"
+        (n.starts_with("group_") && n != "group_migrate_to_chat_id") || n == "forum_topic_message"
     }) {
         last = tg.push_exact(case["update"].clone());
     }
@@ -594,7 +644,7 @@ async fn telegram_group_replies_all_answers_every_user_message_but_never_service
     let mut q = quoted.clone();
     q.sort_unstable();
     // 20 /help@us, 22 mention, 23 reply, 24 plain, 25 poll; not 21
-    // (/help@OtherBot), 26 (bot added), 27 (left), 28 (migration).
+    // (/help@OtherBot), 26 (bot added), 27 (left).
     assert_eq!(q, vec![20, 22, 23, 24, 25]);
     let forum = sent_to(&tg, -1001333);
     assert_eq!(forum.len(), 1);
@@ -688,10 +738,517 @@ async fn telegram_reply_to_a_migrated_group_goes_to_the_new_supergroup() {
         "text": "/help@KeelTestBot", "entities": [{"type": "bot_command", "offset": 0, "length": 17}]}}));
     d.boot().await;
     confirmed(&tg, id).await;
-    wait_all_sent(&d, &["telegram:-222"]).await;
+    poll_until(DEADLINE, || async {
+        (!sent_to(&tg, -1001555).is_empty()).then_some(())
+    })
+    .await
+    .expect("the reply reached the supergroup");
     let moved = sent_to(&tg, -1001555);
     assert_eq!(moved.len(), 1, "{:#?}", tg.sent());
     assert_eq!(moved[0]["reply_parameters"]["message_id"], 40);
     assert!(sent_to(&tg, -222).is_empty());
+    // The 400 moved the session too, as the migration update would have.
+    let turns = poll_until(DEADLINE, || async {
+        let t = api_turns(&d, "telegram:-1001555").await;
+        (t.len() == 2 && t[1]["sent"] == json!(true)).then_some(t)
+    })
+    .await
+    .expect("the session moved to the supergroup");
+    assert_eq!(turns[0]["text"], "/help@KeelTestBot");
+    assert!(api_turns(&d, "telegram:-222").await.is_empty());
+    d.assert_no_panics();
+}
+
+// ---------------------------------------------------------------------------
+// Chats that move or drop the bot; webhook mode (issue 7 §2).
+
+/// A message in group `chat` from Ann, addressed to the bot by a command.
+fn group_command(chat: i64, message_id: i64, text: &str) -> Value {
+    let command_len = text
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .encode_utf16()
+        .count();
+    json!({"message": {"message_id": message_id, "date": 0,
+        "chat": {"id": chat, "type": if chat < -1_000_000_000_000 { "supergroup" } else { "group" }, "title": "g"},
+        "from": {"id": 111, "is_bot": false, "first_name": "Ann"},
+        "text": text, "entities": [{"type": "bot_command", "offset": 0, "length": command_len}]}})
+}
+
+/// `my_chat_member` for the bot in private chat `chat`: `status` is the new one.
+fn bot_status(chat: i64, old: &str, status: &str) -> Value {
+    json!({"my_chat_member": {"chat": {"id": chat, "type": "private", "first_name": "Ann"},
+        "from": {"id": chat, "is_bot": false, "first_name": "Ann"}, "date": 0,
+        "old_chat_member": {"status": old, "user": {"id": 999, "is_bot": true, "first_name": "Keel", "username": "KeelTestBot"}},
+        "new_chat_member": {"status": status, "user": {"id": 999, "is_bot": true, "first_name": "Keel", "username": "KeelTestBot"}}}})
+}
+
+/// Outgoing turns of `session` whose outbox row is in `state`.
+async fn replies_in(d: &Daemon, session: &str, state: &str) -> Vec<Value> {
+    api_turns(d, session)
+        .await
+        .into_iter()
+        .filter(|t| t["role"] != "user" && t["delivery"]["state"] == state)
+        .collect()
+}
+
+/// `keel timers list --json` of this daemon.
+async fn timers_json(d: &Daemon) -> Value {
+    let dir = d.data_dir.to_string_lossy().into_owned();
+    let out = d
+        .cli(&["timers", "list", "--json", "--data-dir", &dir])
+        .await;
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).expect("timers json")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn telegram_group_migration_moves_turns_memory_timers_and_unsent_replies_to_the_supergroup() {
+    let tg = FakeTelegram::start();
+    let mut d = daemon(Config::default(), &tg, "321:move", FAST_BACKOFF);
+    let (old, new) = (-222, -1001555);
+    tg.push_raw(group_command(old, 40, "/remember@KeelTestBot color blue"));
+    d.boot().await;
+    wait_answered_text(&tg, old, "Remembered color.").await;
+    let id = tg.push_raw(group_command(
+        old,
+        41,
+        "/remind@KeelTestBot every 1h --skip standup",
+    ));
+    confirmed(&tg, id).await;
+    wait_all_sent(&d, &["telegram:-222"]).await;
+    // The next reply cannot be sent (502s) and is still unsent when keel
+    // dies and the group moves.
+    tg.fail_sends((0..10_000).map(|_| Fault::api(502, "Bad Gateway", None)));
+    let id = tg.push_raw(group_command(old, 42, "/recall@KeelTestBot color"));
+    confirmed(&tg, id).await;
+    poll_until(DEADLINE, || async {
+        (!replies_in(&d, "telegram:-222", "pending").await.is_empty()).then_some(())
+    })
+    .await
+    .expect("a pending reply");
+    // Telegram tells both chats (the old one first), keel stores both.
+    tg.migrate(old, new);
+    tg.push_raw(json!({"message": {"message_id": 43, "date": 0,
+        "chat": {"id": old, "type": "group", "title": "g"},
+        "from": {"id": 111, "is_bot": false, "first_name": "Ann"}, "migrate_to_chat_id": new}}));
+    let last = tg.push_raw(json!({"message": {"message_id": 1, "date": 0,
+        "chat": {"id": new, "type": "supergroup", "title": "g"},
+        "from": {"id": 111, "is_bot": false, "first_name": "Ann"}, "migrate_from_chat_id": old}}));
+    confirmed(&tg, last).await;
+    d.sigkill();
+    tg.clear_send_faults();
+    let before = tg.send_attempts().len();
+    d.restart().await;
+    wait_answered_text(&tg, new, "color: blue").await;
+    // After the restart the unsent reply went straight to the new id: the
+    // store had moved it (no 400 from the old id first).
+    let after: Vec<Value> = tg.send_attempts()[before..].to_vec();
+    assert!(
+        after.iter().all(|s| s["chat_id"] == json!(new)),
+        "{after:#?}"
+    );
+    // The turns moved in order, renumbered; the old session is empty.
+    let turns = api_turns(&d, "telegram:-1001555").await;
+    let texts: Vec<&str> = turns.iter().map(|t| t["text"].as_str().unwrap()).collect();
+    assert_eq!(texts[0], "/remember@KeelTestBot color blue", "{texts:#?}");
+    assert_eq!(texts[1], "Remembered color.");
+    assert!(texts.contains(&"color: blue"), "{texts:#?}");
+    let seqs: Vec<i64> = turns.iter().map(|t| t["seq"].as_i64().unwrap()).collect();
+    assert_eq!(seqs, (1..=turns.len() as i64).collect::<Vec<_>>());
+    assert_eq!(turns.iter().filter(|t| t["kind"] == "service").count(), 2);
+    assert!(api_turns(&d, "telegram:-222").await.is_empty());
+    // Memory and timers came along; new replies go to the new id.
+    let id = tg.push_raw(group_command(new, 2, "/recall@KeelTestBot color"));
+    confirmed(&tg, id).await;
+    poll_until(DEADLINE, || async {
+        (sent_to(&tg, new)
+            .iter()
+            .filter(|s| s["text"] == "color: blue")
+            .count()
+            == 2)
+            .then_some(())
+    })
+    .await
+    .expect("memory recalled in the supergroup");
+    let timers = timers_json(&d).await.to_string();
+    assert!(
+        timers.contains("telegram:-1001555") && !timers.contains("telegram:-222"),
+        "{timers}"
+    );
+    let accepted_old = sent_to(&tg, old).len();
+    assert_eq!(accepted_old, 2, "only the two replies before the move");
+    d.assert_no_panics();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn telegram_kicked_bot_fails_unsent_replies_pauses_timers_and_resumes_when_back() {
+    let tg = FakeTelegram::start();
+    let mut d = daemon(Config::default(), &tg, "654:kick", FAST_BACKOFF);
+    let chat = 4242;
+    let session = "telegram:4242";
+    tg.push_text(chat, "/remind every 1s --skip tick");
+    d.boot().await;
+    let ticks = |tg: &FakeTelegram| {
+        sent_to(tg, chat)
+            .iter()
+            .filter(|s| s["text"].as_str().unwrap_or("").contains("tick"))
+            .count()
+    };
+    poll_until(DEADLINE, || async { (ticks(&tg) >= 2).then_some(()) })
+        .await
+        .expect("the reminder fires");
+    // Replies pile up unsent, then the user blocks the bot.
+    tg.fail_sends((0..10_000).map(|_| Fault::api(502, "Bad Gateway", None)));
+    poll_until(DEADLINE, || async {
+        (replies_in(&d, session, "pending").await.len() >= 2).then_some(())
+    })
+    .await
+    .expect("unsent reminders");
+    tg.set_blocked(chat, true);
+    tg.clear_send_faults();
+    let kicked = tg.push_raw(bot_status(chat, "member", "kicked"));
+    confirmed(&tg, kicked).await;
+    // Every unsent reply failed with the reason; none is retried.
+    poll_until(DEADLINE, || async {
+        let open = replies_in(&d, session, "pending").await.len()
+            + replies_in(&d, session, "unknown").await.len();
+        (open == 0).then_some(())
+    })
+    .await
+    .expect("no reply left pending");
+    let failed = replies_in(&d, session, "failed").await;
+    assert!(failed.len() >= 2, "{failed:#?}");
+    assert!(
+        failed.iter().all(|t| t["delivery"]["error"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("chat unreachable")),
+        "{failed:#?}"
+    );
+    let timers = timers_json(&d).await;
+    assert_eq!(timers["timers"][0]["state"], "parked", "{timers}");
+    let listed = d.get("/v1/sessions").await.unwrap().json();
+    let me = listed["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == session)
+        .cloned()
+        .unwrap();
+    assert!(
+        me["unreachable"].as_str().unwrap().contains("kicked"),
+        "{me}"
+    );
+    // Paused: for 3 s (three periods) nothing more is written or sent.
+    let turns_then = api_turns(&d, session).await.len();
+    let attempts_then = tg.send_attempts().len();
+    let other = tg.push_text(5353, "/recall nothing");
+    wait_answered_text(&tg, 5353, "I have nothing under nothing.").await;
+    let waited = tokio::time::Instant::now();
+    poll_until(Duration::from_secs(4), || async {
+        (waited.elapsed() >= Duration::from_secs(3)).then_some(())
+    })
+    .await;
+    assert!(other > kicked);
+    assert_eq!(
+        api_turns(&d, session).await.len(),
+        turns_then,
+        "no fire while paused"
+    );
+    let to_chat = tg.send_attempts()[attempts_then..]
+        .iter()
+        .filter(|s| s["chat_id"] == json!(chat))
+        .count();
+    assert_eq!(to_chat, 0, "nothing sent to an unreachable chat");
+    // Back: the timer fires again, into the chat.
+    tg.set_blocked(chat, false);
+    let before = ticks(&tg);
+    tg.push_raw(bot_status(chat, "kicked", "member"));
+    poll_until(DEADLINE, || async { (ticks(&tg) > before).then_some(()) })
+        .await
+        .expect("the reminder fires again");
+    assert_eq!(timers_json(&d).await["timers"][0]["state"], "active");
+    // The member updates themselves were never answered.
+    assert!(sent_to(&tg, chat).iter().all(|s| {
+        let t = s["text"].as_str().unwrap_or("");
+        t.contains("tick") || t.starts_with("Reminder #1 set")
+    }));
+    d.assert_no_panics();
+}
+
+const SECRET: &str = "tg-webhook-SECRET_canary-42";
+
+/// A daemon in webhook mode with `SECRET` (not started).
+fn webhook_daemon(tg: &FakeTelegram, token: &str) -> Daemon {
+    let extra = format!("mode = \"webhook\"\nwebhook_secret = \"{SECRET}\"\n{FAST_BACKOFF}");
+    daemon(Config::default(), tg, token, &extra)
+}
+
+/// POST one update to `/v1/telegram` with `secret` (none: no header).
+async fn post_update(
+    d: &Daemon,
+    base: &str,
+    secret: Option<&str>,
+    body: &str,
+) -> Result<common::Resp, reqwest::Error> {
+    let mut req = d
+        .client
+        .post(format!("{base}/v1/telegram"))
+        .header("content-type", "application/json")
+        .body(body.to_string());
+    if let Some(s) = secret {
+        req = req.header("X-Telegram-Bot-Api-Secret-Token", s);
+    }
+    common::send(req).await
+}
+
+fn text_update(id: i64, chat: i64, text: &str) -> Value {
+    json!({"update_id": id, "message": {"message_id": id, "date": 0,
+        "chat": {"id": chat, "type": "private"},
+        "from": {"id": chat, "is_bot": false, "first_name": "t"}, "text": text}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn telegram_webhook_mode_checks_the_secret_stores_before_200_and_dedupes_by_update_id() {
+    let tg = FakeTelegram::start();
+    // Without a secret, webhook mode refuses to start with one line.
+    let d = daemon(
+        Config::default(),
+        &tg,
+        "135:hook",
+        &format!("mode = \"webhook\"\n{FAST_BACKOFF}"),
+    );
+    let data = d.data_dir.to_string_lossy().into_owned();
+    let config = d.config_path.to_string_lossy().into_owned();
+    let out = d
+        .cli(&[
+            "run",
+            "--data-dir",
+            &data,
+            "--config",
+            &config,
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("webhook_secret"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+
+    let mut d = webhook_daemon(&tg, "135:hook");
+    d.boot().await;
+    let base = d.base();
+    poll_until(DEADLINE, || async { (tg.me_calls() > 0).then_some(()) })
+        .await
+        .expect("getMe at start");
+    let update = text_update(700, 77, "/recall hooked").to_string();
+    // Missing, wrong and same-length-wrong secrets: 401, nothing stored.
+    let wrong_same_len: String = SECRET.chars().rev().collect();
+    for secret in [None, Some("nope"), Some(wrong_same_len.as_str()), Some("")] {
+        let r = post_update(&d, &base, secret, &update).await.unwrap();
+        assert_eq!(r.status, 401, "{secret:?}: {}", r.body);
+        assert!(r.error_problem().is_none(), "{}", r.body);
+    }
+    let r = d.get("/v1/sessions/telegram:77/turns").await.unwrap();
+    assert_eq!(r.status, 404, "nothing stored: {}", r.body);
+    // Bad bodies with the right secret: one-line 400s.
+    for bad in [
+        "",
+        "not json",
+        "[]",
+        "{\"message\": {}}",
+        "{\"update_id\": \"7\"}",
+    ] {
+        let r = post_update(&d, &base, Some(SECRET), bad).await.unwrap();
+        assert_eq!(r.status, 400, "{bad}: {}", r.body);
+        assert!(r.error_problem().is_none(), "{}", r.body);
+    }
+    // A malformed update is passed over (200 rejected), never retried forever.
+    let r = post_update(
+        &d,
+        &base,
+        Some(SECRET),
+        r#"{"update_id": 699, "message": {"chat": {"id": "x"}, "text": "bad"}}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (r.status, r.json()["status"].clone()),
+        (200, json!("rejected"))
+    );
+    // Stored before 200; a redelivery is a duplicate, stored and answered once.
+    let r = post_update(&d, &base, Some(SECRET), &update).await.unwrap();
+    assert_eq!(
+        (r.status, r.json()["status"].clone()),
+        (200, json!("accepted")),
+        "{}",
+        r.body
+    );
+    let turns = api_turns(&d, "telegram:77").await;
+    assert_eq!(turns[0]["key"], "700", "durable when 200 came back");
+    let r = post_update(&d, &base, Some(SECRET), &update).await.unwrap();
+    assert_eq!(
+        (r.status, r.json()["status"].clone()),
+        (200, json!("duplicate"))
+    );
+    wait_answered_text(&tg, 77, "I have nothing under hooked.").await;
+    // The same handling as polling: groups answer only when addressed, a
+    // button press is answered, a kick is applied.
+    let plain = json!({"update_id": 701, "message": {"message_id": 9, "date": 0,
+        "chat": {"id": -333, "type": "group", "title": "g"},
+        "from": {"id": 5, "is_bot": false, "first_name": "B"}, "text": "just chatting"}});
+    let r = post_update(&d, &base, Some(SECRET), &plain.to_string())
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    let press = json!({"update_id": 702, "callback_query": {"id": "cbq-1", "data": "yes",
+        "chat_instance": "1", "from": {"id": 77, "is_bot": false, "first_name": "t"},
+        "message": {"message_id": 3, "date": 0, "chat": {"id": 77, "type": "private"}, "text": "ok?"}}});
+    let r = post_update(&d, &base, Some(SECRET), &press.to_string())
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    poll_until(DEADLINE, || async {
+        tg.callback_answers()
+            .iter()
+            .any(|b| b["callback_query_id"] == "cbq-1")
+            .then_some(())
+    })
+    .await
+    .expect("answerCallbackQuery");
+    let mut kicked = bot_status(77, "member", "kicked");
+    kicked["update_id"] = json!(703);
+    let r = post_update(&d, &base, Some(SECRET), &kicked.to_string())
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    let listed = d.get("/v1/sessions").await.unwrap().json();
+    assert!(listed.to_string().contains("chat unreachable"), "{listed}");
+    let group = api_turns(&d, "telegram:-333").await;
+    assert_eq!(group.len(), 1, "stored, not answered: {group:#?}");
+    assert!(tg.offsets().is_empty(), "webhook mode never polls");
+    // The poller's hostile updates through the route: each one 200
+    // (stored, ignored or rejected) or a one-line 400, never a 5xx.
+    for h in hostile_updates() {
+        let r = post_update(&d, &base, Some(SECRET), &h.to_string())
+            .await
+            .unwrap();
+        match r.status {
+            200 => assert!(
+                ["accepted", "duplicate", "ignored", "rejected"]
+                    .contains(&r.json()["status"].as_str().unwrap_or("")),
+                "{h}: {}",
+                r.body
+            ),
+            400 => assert!(r.error_problem().is_none(), "{h}: {}", r.body),
+            other => panic!("{h}: {other} {}", r.body),
+        }
+    }
+    let r = post_update(
+        &d,
+        &base,
+        Some(SECRET),
+        &text_update(704, 77, "/recall alive").to_string(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "still answering: {}", r.body);
+    // The secret never shows up in the log.
+    assert!(!d.stderr_all().contains(SECRET));
+    d.assert_no_panics();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn telegram_webhook_deliveries_survive_two_sigkills_none_lost_none_duplicated() {
+    use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let tg = FakeTelegram::start();
+    let mut d = webhook_daemon(&tg, "246:hook-crash");
+    d.boot().await;
+    let port = Arc::new(AtomicU16::new(d.port));
+    let acked = Arc::new(AtomicUsize::new(0));
+    let total = 300i64;
+    // Telegram's side: each update is POSTed until it gets a 200 (a
+    // refused connection, a reset or a 503 is retried, as Telegram does),
+    // four at a time, in update_id order.
+    let sender = {
+        let (port, acked) = (port.clone(), acked.clone());
+        let client = common::http_client();
+        tokio::spawn(async move {
+            let next = Arc::new(AtomicUsize::new(0));
+            let workers = (0..4).map(|_| {
+                let (port, acked, next, client) =
+                    (port.clone(), acked.clone(), next.clone(), client.clone());
+                tokio::spawn(async move {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::SeqCst) as i64;
+                        if i >= total {
+                            return;
+                        }
+                        let id = 9000 + i;
+                        let body =
+                            text_update(id, 6000 + i % 7, &format!("/recall k{id}")).to_string();
+                        loop {
+                            let url = format!(
+                                "http://127.0.0.1:{}/v1/telegram",
+                                port.load(Ordering::SeqCst)
+                            );
+                            let sent = client
+                                .post(url)
+                                .header("X-Telegram-Bot-Api-Secret-Token", SECRET)
+                                .header("content-type", "application/json")
+                                .body(body.clone())
+                                .send()
+                                .await;
+                            if let Ok(r) = sent {
+                                if r.status().as_u16() == 200 {
+                                    acked.fetch_add(1, Ordering::SeqCst);
+                                    break;
+                                }
+                            }
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    }
+                })
+            });
+            futures::future::join_all(workers).await;
+        })
+    };
+    for kill_at in [60, 180] {
+        poll_until(DEADLINE, || async {
+            (acked.load(Ordering::SeqCst) >= kill_at).then_some(())
+        })
+        .await
+        .expect("deliveries acknowledged");
+        d.sigkill();
+        d.restart().await;
+        port.store(d.port, Ordering::SeqCst);
+    }
+    tokio::time::timeout(DEADLINE, sender)
+        .await
+        .expect("every update acknowledged")
+        .unwrap();
+    let ids: Vec<i64> = (9000..9000 + total).collect();
+    wait_answered(&tg, &ids).await;
+    let counts = d.user_key_counts().await;
+    for id in &ids {
+        assert_eq!(
+            counts.get(&id.to_string()),
+            Some(&1),
+            "update {id} stored once"
+        );
+    }
+    assert_eq!(counts.len(), ids.len(), "nothing invented");
+    // Replies are at-least-once: only a reply in flight at a kill may go twice.
+    let twice = answered_ids(&tg.sent())
+        .values()
+        .filter(|n| **n > 1)
+        .count();
+    println!("{{\"webhook_crash\": {{\"updates\": {total}, \"kills\": 2, \"answered_twice\": {twice}}}}}");
+    assert!(twice <= 2 * 7, "{twice} answered twice");
+    assert!(tg.offsets().is_empty(), "webhook mode never polls");
     d.assert_no_panics();
 }

@@ -332,3 +332,236 @@ async fn an_expired_token_stops_the_channel_and_the_owner_is_told_to_renew_it() 
     assert!(!d.stderr_all().contains("expired-canary"));
     d.assert_no_panics();
 }
+
+/// A Graph API on 127.0.0.1 answering `POST /{phone_number_id}/messages`
+/// as Meta does (`{"messages": [{"id": "wamid.OUT<n>"}]}`), or 503 while
+/// `failing` is set; records every body.
+struct FakeGraph {
+    base: String,
+    bodies: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+    failing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: actix_web::dev::ServerHandle,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FakeGraph {
+    fn start() -> FakeGraph {
+        use actix_web::{web, App, HttpResponse, HttpServer};
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind graph");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        let bodies: std::sync::Arc<std::sync::Mutex<Vec<Value>>> = Default::default();
+        let failing: std::sync::Arc<std::sync::atomic::AtomicBool> = Default::default();
+        let (b2, f2) = (bodies.clone(), failing.clone());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            actix_web::rt::System::new().block_on(async move {
+                let server = HttpServer::new(move || {
+                    let (bodies, failing) = (b2.clone(), f2.clone());
+                    App::new().default_service(web::to(move |body: web::Bytes| {
+                        let (bodies, failing) = (bodies.clone(), failing.clone());
+                        async move {
+                            let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                            let mut g = bodies.lock().unwrap();
+                            g.push(v.clone());
+                            if failing.load(Ordering::SeqCst) {
+                                return HttpResponse::ServiceUnavailable().json(
+                                    json!({"error": {"message": "temporarily unavailable", "code": 2}}),
+                                );
+                            }
+                            HttpResponse::Ok().json(json!({"messaging_product": "whatsapp",
+                                "contacts": [{"input": v["to"], "wa_id": v["to"]}],
+                                "messages": [{"id": format!("wamid.OUT{}", g.len())}]}))
+                        }
+                    }))
+                })
+                .workers(1)
+                .disable_signals()
+                .listen(listener)
+                .expect("listen graph")
+                .run();
+                tx.send(server.handle()).expect("handle");
+                let _ = server.await;
+            });
+        });
+        FakeGraph {
+            base,
+            bodies,
+            failing,
+            handle: rx.recv().expect("graph started"),
+            thread: Some(thread),
+        }
+    }
+
+    fn bodies(&self) -> Vec<Value> {
+        self.bodies.lock().unwrap().clone()
+    }
+}
+
+impl Drop for FakeGraph {
+    fn drop(&mut self) {
+        futures::executor::block_on(self.handle.stop(false));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn graph_daemon(graph: &FakeGraph) -> Daemon {
+    let d = Daemon::new(Config::default(), None);
+    d.write_config_text(&format!(
+        "[whatsapp]\nenabled = true\napi_base = {:?}\nphone_number_id = \"1234\"\n\
+         access_token = \"wa-token\"\napp_secret = {SECRET:?}\nverify_token = \"v\"\n\
+         [adapters]\nbackoff_initial_ms = 50\nbackoff_max_ms = 400\n",
+        graph.base
+    ));
+    d
+}
+
+fn statuses(list: Value) -> Value {
+    json!({"object": "whatsapp_business_account", "entry": [{"id": "WABA", "changes": [{
+        "field": "messages",
+        "value": {"messaging_product": "whatsapp",
+                  "metadata": {"display_phone_number": "15550000", "phone_number_id": "1234"},
+                  "statuses": list}}]}]})
+}
+
+/// The outgoing turns of Ann's chat as the API shows them.
+async fn reply_turns(d: &Daemon) -> Vec<Value> {
+    let r = d
+        .get("/v1/sessions/whatsapp:4915550001/turns")
+        .await
+        .expect("GET turns");
+    r.json()["turns"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|t| t["role"] != "user")
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whatsapp_statuses_are_recorded_against_the_reply_by_its_wamid() {
+    let graph = FakeGraph::start();
+    let mut d = graph_daemon(&graph);
+    d.boot().await;
+    let b = message("wamid.IN1", "text", json!({"body": "/recall x"}));
+    let r = post(&d, &b, Some(sign(&serde_json::to_vec(&b).unwrap()))).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    // The wamid the Graph API answered is stored with the reply.
+    let wamid = poll_until(Duration::from_secs(30), || async {
+        reply_turns(&d)
+            .await
+            .first()
+            .and_then(|t| t["delivery"]["channel_ref"].as_str().map(str::to_string))
+    })
+    .await
+    .expect("the reply's wamid");
+    assert_eq!(wamid, "wamid.OUT1");
+    // Meta reports out of order; the newest state wins, an unknown wamid is
+    // acknowledged and matches nothing.
+    let report = |status: &str| {
+        json!({"id": wamid, "status": status, "timestamp": "1764590500",
+        "recipient_id": "4915550001"})
+    };
+    for list in [
+        json!([report("delivered"), report("read")]),
+        json!([report("sent")]),
+        json!([{"id": "wamid.NOT-OURS", "status": "read", "timestamp": "1"}]),
+    ] {
+        let b = statuses(list);
+        let r = post(&d, &b, Some(sign(&serde_json::to_vec(&b).unwrap()))).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let delivery = reply_turns(&d).await[0]["delivery"].clone();
+    assert_eq!(delivery["status"], "read", "{delivery}");
+    assert!(delivery["status_at"].is_string());
+    // Unsigned, or without an id: refused, nothing recorded.
+    let fail = statuses(json!([{"id": wamid, "status": "failed",
+        "errors": [{"code": 131026, "title": "Message undeliverable"}]}]));
+    assert_eq!(post(&d, &fail, None).await.status, 401);
+    let no_id = statuses(json!([{"status": "failed"}]));
+    let r = post(&d, &no_id, Some(sign(&serde_json::to_vec(&no_id).unwrap()))).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.error_problem().is_none(), "{}", r.body);
+    assert_eq!(reply_turns(&d).await[0]["delivery"]["status"], "read");
+    // A failure report wins over read and keeps Meta's reason.
+    let r = post(&d, &fail, Some(sign(&serde_json::to_vec(&fail).unwrap()))).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let delivery = reply_turns(&d).await[0]["delivery"].clone();
+    assert_eq!(
+        (delivery["status"].clone(), delivery["status_error"].clone()),
+        (json!("failed"), json!("131026: Message undeliverable")),
+        "{delivery}"
+    );
+    assert_eq!(delivery["state"], "sent", "the Graph API did accept it");
+    d.assert_no_panics();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whatsapp_reply_outside_the_24_hour_window_is_failed_without_a_call() {
+    use std::sync::atomic::Ordering;
+    let graph = FakeGraph::start();
+    graph.failing.store(true, Ordering::SeqCst);
+    let mut d = graph_daemon(&graph);
+    d.boot().await;
+    let b = message("wamid.IN1", "text", json!({"body": "/recall x"}));
+    let r = post(&d, &b, Some(sign(&serde_json::to_vec(&b).unwrap()))).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    poll_until(Duration::from_secs(30), || async {
+        (!graph.bodies().is_empty()).then_some(())
+    })
+    .await
+    .expect("a refused send");
+    // keel is down for a day: the user's message is now 25 hours old.
+    d.sigkill();
+    {
+        let db = rusqlite::Connection::open(d.db_path()).expect("open db");
+        let day_ago = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            - 25 * 3600;
+        let n = db
+            .execute(
+                "UPDATE turns SET created_at = strftime('%Y-%m-%dT%H:%M:%fZ', ?1, 'unixepoch')
+                 WHERE session_id = 'whatsapp:4915550001' AND role = 'user'",
+                [day_ago as i64],
+            )
+            .expect("age the turn");
+        assert_eq!(n, 1);
+    }
+    graph.failing.store(false, Ordering::SeqCst);
+    let calls_before = graph.bodies().len();
+    d.restart().await;
+    let failed = poll_until(Duration::from_secs(30), || async {
+        reply_turns(&d)
+            .await
+            .into_iter()
+            .find(|t| t["delivery"]["state"] == "failed")
+    })
+    .await
+    .expect("the reply is failed");
+    let why = failed["delivery"]["error"].as_str().unwrap_or("");
+    assert!(why.contains("outside the 24-hour window"), "{why}");
+    assert_eq!(
+        graph.bodies().len(),
+        calls_before,
+        "no call outside the window"
+    );
+    // The user writes again: the window is open, the reply goes out.
+    let b = message("wamid.IN2", "text", json!({"body": "/recall y"}));
+    let r = post(&d, &b, Some(sign(&serde_json::to_vec(&b).unwrap()))).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    poll_until(Duration::from_secs(30), || async {
+        (reply_turns(&d)
+            .await
+            .iter()
+            .any(|t| t["delivery"]["state"] == "sent"))
+        .then_some(())
+    })
+    .await
+    .expect("the reply inside the window is sent");
+    d.assert_no_panics();
+}

@@ -14,7 +14,8 @@
 //!   restarts them with backoff.
 //! - [`http`] — health, readiness, metrics and admin endpoints.
 //! - [`health`] — readiness state and the intake gate; [`metrics`] — Prometheus.
-//! - [`ids`] — validation of outside ids, safe file names; [`export`] — session export.
+//! - [`ids`] — validation of outside ids, safe file names; [`export`] — session export;
+//!   [`text`] — channels' message length limits and how replies are split.
 //! - [`error`] — `thiserror` enums per boundary.
 //! - [`timer`] — `TimerActor` (durable timers, bounded window), schedules, `/remind`.
 //! - [`tasks`] — `TaskActor` (configured commands under supervision, logs,
@@ -45,4 +46,5 @@ pub mod redact;
 pub mod schedule;
 pub mod session;
 pub mod tasks;
+pub mod text;
 pub mod timer;

@@ -55,11 +55,24 @@ pub struct OutboundReply {
     /// Where it goes inside the chat (thread, topic, message to quote), as
     /// the channel gave it with the message answered; `None` for notices.
     pub reply_meta: Option<serde_json::Value>,
+    /// When the chat last wrote to keel (unix ms; WhatsApp rows only).
+    pub last_inbound_ms: Option<i64>,
 }
 
 /// How an adapter sends replies out. Implemented by each channel.
 pub trait ReplySink: Send + Sync + 'static {
     fn send(&self, reply: OutboundReply) -> BoxFuture<'static, Result<(), SendError>>;
+
+    /// Like `send`, and also the channel's own id of the sent message when
+    /// the channel reports delivery later (WhatsApp's wamid). The outbox
+    /// calls this one.
+    fn send_with_ref(
+        &self,
+        reply: OutboundReply,
+    ) -> BoxFuture<'static, Result<Option<String>, SendError>> {
+        let sent = self.send(reply);
+        Box::pin(async move { sent.await.map(|()| None) })
+    }
 }
 
 /// New replies were committed. Sent (fire and forget) by session actors.
@@ -350,24 +363,27 @@ impl OutboxActor {
             in_reply_to: row.in_reply_to.clone(),
             text: row.text.clone(),
             reply_meta: row.reply_meta.clone(),
+            last_inbound_ms: row.last_inbound_ms,
         };
         let timeout = Duration::from_millis(self.config.send_timeout_ms);
         let persistence = self.persistence.clone();
         let work = async move {
-            let result = match tokio::time::timeout(timeout, sink.send(reply)).await {
+            let result = match tokio::time::timeout(timeout, sink.send_with_ref(reply)).await {
                 Ok(r) => r,
                 Err(_) => Err(SendError::Unknown(format!("no answer within {timeout:?}"))),
             };
-            let outcome = match &result {
-                Ok(()) => SendOutcome::Sent,
-                Err(SendError::Permanent(e)) => SendOutcome::GaveUp(e.clone()),
-                Err(e @ SendError::Unknown(_)) => SendOutcome::Unknown(e.to_string()),
-                Err(e) => SendOutcome::Failed(e.to_string()),
+            let (outcome, channel_ref) = match result {
+                Ok(ref r) => (SendOutcome::Sent, r.clone()),
+                Err(SendError::Permanent(ref e)) => (SendOutcome::GaveUp(e.clone()), None),
+                Err(ref e @ SendError::Unknown(_)) => (SendOutcome::Unknown(e.to_string()), None),
+                Err(ref e) => (SendOutcome::Failed(e.to_string()), None),
             };
+            let result = result.map(|_| ());
             let recorded = persistence
                 .send(RecordSend {
                     id: row.id,
                     outcome,
+                    channel_ref,
                 })
                 .await
                 .unwrap_or(Err(StoreError::Closed));
@@ -412,6 +428,11 @@ impl OutboxActor {
                             this.requeue_waiting(None, ctx);
                         });
                     }
+                }
+                // Failed meanwhile (its chat became unreachable): not retried.
+                Err(e) if matches!(recorded, Ok(false)) => {
+                    tracing::info!(id = row.id, channel = %row.channel, error = %e,
+                        "reply no longer pending (failed meanwhile); not retried");
                 }
                 Err(e) => {
                     let delay = match &e {
@@ -463,6 +484,29 @@ impl Handler<OutboxKick> for OutboxActor {
     type Result = ();
     fn handle(&mut self, _: OutboxKick, ctx: &mut Context<Self>) {
         self.refill(ctx);
+    }
+}
+
+/// The replies of `session` were failed in the store (its chat became
+/// unreachable): drop the ones queued or waiting here, so none is sent.
+/// The one in flight, if any, is dropped when its outcome is recorded.
+/// Sent by session actors.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct ForgetReplies {
+    pub session: String,
+}
+
+impl Handler<ForgetReplies> for OutboxActor {
+    type Result = ();
+    fn handle(&mut self, msg: ForgetReplies, _: &mut Context<Self>) {
+        let before = self.queue.len() + self.waiting.len();
+        self.queue.retain(|r| r.session_id != msg.session);
+        self.waiting.retain(|_, r| r.session_id != msg.session);
+        let dropped = before - self.queue.len() - self.waiting.len();
+        if dropped > 0 {
+            tracing::info!(session = %msg.session, dropped, "queued replies to an unreachable chat dropped");
+        }
     }
 }
 

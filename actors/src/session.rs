@@ -23,10 +23,10 @@ use crate::brain::{Brain, BrainInput, Decision, RECENT_TURNS};
 use crate::clock::Clock;
 use crate::error::StoreError;
 use crate::metrics::Metrics;
-use crate::outbox::OutboxKick;
+use crate::outbox::{ForgetReplies, OutboxKick};
 use crate::persistence::{
-    AwaitingTurn, CommitAgentReply, CommitExchange, Exchange, ExchangeOutcome, GetAwaiting,
-    GetSession, PersistenceActor, ReplyPlan, SessionKey, TurnRow,
+    AwaitingTurn, ChatEvent, CommitAgentReply, CommitExchange, Exchange, ExchangeOutcome,
+    GetAwaiting, GetSession, PersistenceActor, ReplyPlan, SessionKey, TurnRow,
 };
 use crate::tasks::TasksChanged;
 use crate::timer::TimersChanged;
@@ -74,6 +74,9 @@ pub struct Deliver {
     /// `true`: answer it (brain, agent); `false`: store it only (chatter in
     /// a group not addressed to keel, edits, other bots' messages).
     pub answer: bool,
+    /// What the message says about the chat itself (it moved to another
+    /// id, keel was removed or added back): applied with the turn.
+    pub chat_event: Option<ChatEvent>,
 }
 
 impl Deliver {
@@ -92,6 +95,7 @@ impl Deliver {
             revises: None,
             reply_to: None,
             answer: true,
+            chat_event: None,
         }
     }
 }
@@ -146,6 +150,15 @@ struct Busy {
     delta: i64,
 }
 
+/// Drop a session's cached snapshot: the store changed it behind the
+/// session's back (a chat moved). Sent by session actors to the registry,
+/// which forwards it to the session, if it is in memory.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+struct Forget {
+    id: String,
+}
+
 struct Entry {
     addr: Addr<SessionActor>,
     busy: i64,
@@ -158,6 +171,8 @@ pub struct SessionRegistry {
     outbox: Recipient<OutboxKick>,
     /// Told when a command created or cancelled a timer.
     timers: Option<Recipient<TimersChanged>>,
+    /// Told when a chat became unreachable: its queued replies are dropped.
+    forget_replies: Option<Recipient<ForgetReplies>>,
     /// Told when a command queued or cancelled a task.
     tasks: Option<Recipient<TasksChanged>>,
     settings: SessionSettings,
@@ -181,6 +196,7 @@ impl SessionRegistry {
             persistence,
             outbox,
             timers: None,
+            forget_replies: None,
             tasks: None,
             settings,
             metrics,
@@ -194,6 +210,12 @@ impl SessionRegistry {
     /// Tell `timers` when a command creates or cancels a timer.
     pub fn with_timers(mut self, timers: Recipient<TimersChanged>) -> SessionRegistry {
         self.timers = Some(timers);
+        self
+    }
+
+    /// Tell the outbox when a chat became unreachable.
+    pub fn with_outbox_forget(mut self, outbox: Recipient<ForgetReplies>) -> SessionRegistry {
+        self.forget_replies = Some(outbox);
         self
     }
 
@@ -212,6 +234,7 @@ impl SessionRegistry {
                 persistence: self.persistence.clone(),
                 outbox: self.outbox.clone(),
                 timers: self.timers.clone(),
+                forget_replies: self.forget_replies.clone(),
                 tasks: self.tasks.clone(),
                 registry: me,
                 settings: self.settings.clone(),
@@ -286,6 +309,64 @@ impl Handler<Busy> for SessionRegistry {
     }
 }
 
+/// A reply sink learnt something about a chat (a Telegram group that
+/// became a supergroup, from a 400 to a reply): applied in the store like
+/// the channel's own service update, then every cached snapshot of the
+/// chats involved is dropped. Sent by sinks through `adapter::ChatEvents`.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct ChatLearnt {
+    pub channel: String,
+    pub chat: String,
+    pub event: ChatEvent,
+}
+
+impl Handler<ChatLearnt> for SessionRegistry {
+    type Result = ();
+    fn handle(&mut self, msg: ChatLearnt, ctx: &mut Context<Self>) {
+        let session = SessionKey::new(&msg.channel, &msg.chat);
+        let mut chats = vec![msg.chat.clone()];
+        if let ChatEvent::Migrated { from, to } = &msg.event {
+            chats = vec![from.clone(), to.clone()];
+        }
+        let req = self.persistence.send(crate::persistence::ApplyChatEvent {
+            session,
+            event: msg.event,
+        });
+        ctx.spawn(req.into_actor(self).map(move |res, this, _| {
+            if let Err(e) = res.unwrap_or(Err(StoreError::Closed)) {
+                tracing::warn!(error = %e, "chat event not applied");
+                return;
+            }
+            for chat in chats {
+                let id = SessionKey::new(&msg.channel, &chat).id;
+                if let Some(e) = this.sessions.get(&id) {
+                    e.addr.do_send(Forget { id });
+                }
+            }
+            if let Some(timers) = &this.timers {
+                timers.do_send(TimersChanged);
+            }
+        }));
+    }
+}
+
+impl Handler<Forget> for SessionRegistry {
+    type Result = ();
+    fn handle(&mut self, msg: Forget, _: &mut Context<Self>) {
+        if let Some(e) = self.sessions.get(&msg.id) {
+            e.addr.do_send(msg);
+        }
+    }
+}
+
+impl Handler<Forget> for SessionActor {
+    type Result = ();
+    fn handle(&mut self, _: Forget, _: &mut Context<Self>) {
+        self.cache = None;
+    }
+}
+
 impl Handler<Reconfigure> for SessionRegistry {
     type Result = ();
     fn handle(&mut self, msg: Reconfigure, _: &mut Context<Self>) {
@@ -341,6 +422,8 @@ pub struct SessionActor {
     persistence: Addr<PersistenceActor>,
     outbox: Recipient<OutboxKick>,
     timers: Option<Recipient<TimersChanged>>,
+    /// Told when a chat became unreachable: its queued replies are dropped.
+    forget_replies: Option<Recipient<ForgetReplies>>,
     tasks: Option<Recipient<TasksChanged>>,
     registry: Addr<SessionRegistry>,
     settings: SessionSettings,
@@ -530,6 +613,7 @@ impl SessionActor {
             reply_meta: msg.reply_to.as_ref().map(Value::to_string),
             answer: msg.answer,
             person_memory,
+            chat_event: msg.chat_event.clone(),
         };
         self.persistence
             .send(CommitExchange(exchange))
@@ -581,6 +665,29 @@ impl SessionActor {
                         }
                         if outbox_id.is_some() {
                             this.outbox.do_send(OutboxKick);
+                        }
+                        if let Some(event) = &msg.chat_event {
+                            // The store moved turns or changed timers behind
+                            // every cached snapshot of the chats involved.
+                            this.cache = None;
+                            if let ChatEvent::Migrated { from, to } = event {
+                                for chat in [from, to] {
+                                    let key = SessionKey::new(&this.key.channel, chat);
+                                    if key.id != this.key.id {
+                                        this.registry.do_send(Forget { id: key.id });
+                                    }
+                                }
+                            }
+                            if let ChatEvent::Unreachable(_) = event {
+                                if let Some(outbox) = &this.forget_replies {
+                                    outbox.do_send(ForgetReplies {
+                                        session: this.key.id.clone(),
+                                    });
+                                }
+                            }
+                            if let Some(timers) = &this.timers {
+                                timers.do_send(TimersChanged);
+                            }
                         }
                         if let Some(Decision::Act(_)) = decision {
                             // The reply text was rendered by the store: reload

@@ -65,6 +65,13 @@ struct Inner {
     /// Every answerCallbackQuery body, and faults to play on them.
     callback_answers: Vec<Value>,
     callback_faults: VecDeque<Fault>,
+    /// Every sendMessage body received, accepted or not.
+    send_attempts: Vec<Value>,
+    /// Groups upgraded to supergroups: sends to the old id answer 400 with
+    /// `parameters.migrate_to_chat_id`, as Telegram does.
+    migrated: std::collections::HashMap<i64, i64>,
+    /// Chats that removed the bot: sends answer 403, as Telegram does.
+    blocked: std::collections::HashSet<i64>,
 }
 
 pub struct FakeTelegram {
@@ -261,6 +268,19 @@ impl FakeTelegram {
                     let fault = {
                         let mut g = inner.lock().unwrap();
                         g.send_requests += 1;
+                        g.send_attempts.push(body.clone());
+                        let chat = body["chat_id"].as_i64().unwrap_or(0);
+                        if let Some(to) = g.migrated.get(&chat) {
+                            return HttpResponse::BadRequest().json(json!({"ok": false,
+                                "error_code": 400,
+                                "description": "Bad Request: group chat was upgraded to a supergroup chat",
+                                "parameters": {"migrate_to_chat_id": to}}));
+                        }
+                        if g.blocked.contains(&chat) {
+                            return HttpResponse::Forbidden().json(json!({"ok": false,
+                                "error_code": 403,
+                                "description": "Forbidden: bot was kicked from the chat"}));
+                        }
                         g.send_faults.pop_front()
                     };
                     if let Some(f) = fault.filter(|f| !matches!(f, Fault::Pass)) {
@@ -372,6 +392,33 @@ impl FakeTelegram {
     /// Every accepted sendMessage body.
     pub fn sent(&self) -> Vec<Value> {
         self.inner.lock().unwrap().sent.clone()
+    }
+
+    /// Every sendMessage body received (accepted, failed or refused).
+    pub fn send_attempts(&self) -> Vec<Value> {
+        self.inner.lock().unwrap().send_attempts.clone()
+    }
+
+    /// Forget the faults not played yet on sendMessage.
+    pub fn clear_send_faults(&self) {
+        self.inner.lock().unwrap().send_faults.clear();
+    }
+
+    /// The group `old` became supergroup `new`: sends to `old` answer 400
+    /// with `migrate_to_chat_id`.
+    pub fn migrate(&self, old: i64, new: i64) {
+        self.inner.lock().unwrap().migrated.insert(old, new);
+    }
+
+    /// The bot was removed from `chat` (`true`) or is back (`false`):
+    /// sends there answer 403 while removed.
+    pub fn set_blocked(&self, chat: i64, blocked: bool) {
+        let mut g = self.inner.lock().unwrap();
+        if blocked {
+            g.blocked.insert(chat);
+        } else {
+            g.blocked.remove(&chat);
+        }
     }
 
     pub fn send_requests(&self) -> usize {

@@ -71,6 +71,10 @@ pub struct SinkDeps<'a> {
     pub cli: Option<&'a cli::CliClients>,
     /// Where a sink reports that its channel stopped for good.
     pub health: &'a ChannelHealth,
+    /// The wall clock (WhatsApp's 24-hour window is checked at send time).
+    pub clock: &'a Arc<dyn crate::clock::Clock>,
+    /// Where a sink reports what it learnt about a chat.
+    pub events: &'a ChatEvents,
 }
 
 /// Lets a channel without a supervised run (a webhook-driven one) stop for
@@ -122,6 +126,34 @@ impl ChannelHealth {
     }
 }
 
+/// Lets a reply sink report what it learnt about a chat while sending (a
+/// Telegram 400 naming the supergroup a group became), applied like the
+/// channel's own service update. Attached by `app::start` once the session
+/// registry exists; reports before that are only logged.
+#[derive(Clone, Default)]
+pub struct ChatEvents {
+    inner: Arc<std::sync::Mutex<Option<actix::Recipient<crate::session::ChatLearnt>>>>,
+}
+
+impl ChatEvents {
+    pub fn attach(&self, to: actix::Recipient<crate::session::ChatLearnt>) {
+        *self.inner.lock().unwrap_or_else(|p| p.into_inner()) = Some(to);
+    }
+
+    /// `chat` of `channel` says `event`.
+    pub fn report(&self, channel: &str, chat: &str, event: crate::persistence::ChatEvent) {
+        let guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        match guard.as_ref() {
+            Some(to) => to.do_send(crate::session::ChatLearnt {
+                channel: channel.to_string(),
+                chat: chat.to_string(),
+                event,
+            }),
+            None => tracing::info!(channel, ?event, "chat event before start; not applied"),
+        }
+    }
+}
+
 /// What a channel's supervised intake may be built from.
 #[derive(Clone)]
 pub struct IntakeDeps {
@@ -132,6 +164,9 @@ pub struct IntakeDeps {
     pub metrics: Metrics,
     /// The connected `keel chat` clients, when the cli channel is on.
     pub cli: Option<cli::CliClients>,
+    /// Telegram webhook mode: where the supervised `getMe` leaves the bot's
+    /// identity for the `POST /v1/telegram` route.
+    pub telegram_bot: telegram::BotCell,
 }
 
 /// One channel keel speaks. Plain function pointers, so the registry is a
@@ -217,6 +252,8 @@ pub fn priority(name: &str) -> usize {
         .unwrap_or(usize::MAX)
 }
 
+pub use crate::text::split_message;
+
 /// The outcome label of one delivery, the same for every channel:
 /// `accepted`, `duplicate`, `conflict`, `rejected` (the store refused the
 /// message itself) or `unavailable` (storage or shutdown: retry later).
@@ -285,6 +322,9 @@ mod tests {
                 http: &http,
                 cli: Some(&clients),
                 health: &ChannelHealth::default(),
+                clock: &(Arc::new(crate::clock::ManualClock::new(0))
+                    as Arc<dyn crate::clock::Clock>),
+                events: &ChatEvents::default(),
             },
         );
         let mut names: Vec<&String> = sinks.keys().collect();

@@ -15,6 +15,9 @@
 //! (keel's own included) and service messages are stored and never
 //! answered. A reply to a message in a thread goes to that thread
 //! (`thread_ts`); a reply to a top-level message goes to the channel.
+//! In channels only messages addressed to keel are answered (a mention, a
+//! command, a thread keel is in; [`addressed`]) unless `channel_replies =
+//! "all"`; direct messages always are.
 //!
 //! A `disconnect` message (Slack rotates sockets) or a close opens a new
 //! socket right away.
@@ -43,7 +46,7 @@ use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
 
 use super::supervisor::Adapter;
-use crate::config::SlackConfig;
+use crate::config::{GroupReplies, SlackConfig};
 use crate::error::{AdapterError, SendError, StoreError};
 use crate::health::Gate;
 use crate::ids::check_external_id;
@@ -456,6 +459,63 @@ fn parse_message(
     }
 }
 
+/// Threads keel is in (it answered there), per channel: a reply in one of
+/// them is addressed to keel. In memory, the newest few thousand; after a
+/// restart a thread counts again once keel is addressed in it.
+#[derive(Debug, Default)]
+pub struct Threads {
+    set: std::collections::HashSet<(String, String)>,
+    order: std::collections::VecDeque<(String, String)>,
+}
+
+impl Threads {
+    const MAX: usize = 4096;
+
+    pub fn insert(&mut self, channel: &str, thread_ts: &str) {
+        let key = (channel.to_string(), thread_ts.to_string());
+        if self.set.insert(key.clone()) {
+            self.order.push_back(key);
+            if self.order.len() > Self::MAX {
+                if let Some(old) = self.order.pop_front() {
+                    self.set.remove(&old);
+                }
+            }
+        }
+    }
+
+    pub fn contains(&self, channel: &str, thread_ts: &str) -> bool {
+        self.set
+            .contains(&(channel.to_string(), thread_ts.to_string()))
+    }
+}
+
+/// A direct message (`channel_type` `im`; a `D…` channel id when Slack
+/// left the type out): always answered.
+pub fn is_direct(event: &Value, channel: &str) -> bool {
+    match event.get("channel_type").and_then(Value::as_str) {
+        Some(t) => t == "im",
+        None => channel.starts_with('D'),
+    }
+}
+
+/// Whether a channel message is addressed to keel: it mentions keel's user
+/// (`<@U…>`), is a command in keel's grammar (`/recall …`), is in a thread
+/// whose first message is keel's (`parent_user_id`), or in a thread keel
+/// answered in.
+pub fn addressed(event: &Value, me: &BotIdentity, threads: &Threads, channel: &str) -> bool {
+    let text = event.get("text").and_then(Value::as_str).unwrap_or("");
+    let mention = me
+        .user_id
+        .as_ref()
+        .is_some_and(|u| text.contains(&format!("<@{u}>")) || text.contains(&format!("<@{u}|")));
+    let command = text.trim_start().starts_with('/');
+    let thread = event.get("thread_ts").and_then(Value::as_str);
+    let parent_is_me = me.user_id.is_some()
+        && event.get("parent_user_id").and_then(Value::as_str) == me.user_id.as_deref();
+    let in_thread = thread.is_some_and(|t| parent_is_me || threads.contains(channel, t));
+    mention || command || in_thread
+}
+
 /// Whether a Web API error means the token itself was refused.
 fn token_refused(status: Option<u16>, error: &str) -> bool {
     status == Some(401)
@@ -509,6 +569,7 @@ async fn socket_loop(
     );
     let me = identify(&client, &config, silence).await?;
     let mut quick_disconnects: u32 = 0;
+    let mut threads = Threads::default();
     loop {
         let opened = web_api(&client, &open_url, &app_token, &json!({}), silence).await;
         let url = match opened {
@@ -589,7 +650,24 @@ async fn socket_loop(
                             tracing::debug!(retry_attempt = n, "slack redelivered an event");
                         }
                         match parse_event(&v["payload"], &me) {
-                            Parsed::Message(msg) => {
+                            Parsed::Message(mut msg) => {
+                                let event = &v["payload"]["event"];
+                                if msg.answer && !is_direct(event, &msg.channel) {
+                                    let to_us = addressed(event, &me, &threads, &msg.channel);
+                                    if let Some(Value::Object(m)) = &mut msg.meta {
+                                        m.insert("addressed".into(), to_us.into());
+                                    } else {
+                                        msg.meta = Some(json!({ "addressed": to_us }));
+                                    }
+                                    if !to_us && config.channel_replies == GroupReplies::Addressed {
+                                        msg.answer = false;
+                                    }
+                                }
+                                if msg.answer {
+                                    if let Some(t) = &msg.thread_ts {
+                                        threads.insert(&msg.channel, t);
+                                    }
+                                }
                                 let Some(_guard) = gate.enter() else {
                                     // Shutting down: no ack, Slack resends later.
                                     return Ok(());
@@ -644,7 +722,14 @@ pub struct SlackSink {
     pub api_base: String,
     pub bot_token: String,
     pub timeout: Duration,
+    /// Parts of a split reply already accepted, by outbox id.
+    pub progress: Arc<std::sync::Mutex<std::collections::HashMap<i64, usize>>>,
 }
+
+/// Longest part of a reply, in UTF-16 units (at most as many characters):
+/// Slack's recommended limit for one message (it cuts messages at 40,000
+/// characters and answers `msg_too_long` beyond).
+pub const MAX_MESSAGE_UNITS: usize = 4000;
 
 impl ReplySink for SlackSink {
     fn send(&self, reply: OutboundReply) -> BoxFuture<'static, Result<(), SendError>> {
@@ -652,35 +737,71 @@ impl ReplySink for SlackSink {
         let url = format!("{}/chat.postMessage", self.api_base.trim_end_matches('/'));
         let token = self.bot_token.clone();
         let timeout = self.timeout;
+        let progress = self.progress.clone();
         Box::pin(async move {
-            let mut body = json!({"channel": reply.chat, "text": reply.text});
-            // A reply to a threaded message goes to its thread.
-            if let Some(ts) = reply
-                .reply_meta
-                .as_ref()
-                .and_then(|m| opt_ts(m, "thread_ts").ok().flatten())
-            {
-                body["thread_ts"] = Value::String(ts);
-            }
-            match web_api(&client, &url, &token, &body, timeout).await {
-                Ok(_) => Ok(()),
-                Err((Some(0), e, _)) => Err(SendError::Unknown(e)),
-                Err((Some(429), _, wait)) => Err(SendError::RetryAfter(
-                    wait.unwrap_or(Duration::from_secs(1)),
-                )),
-                Err((_, e, _))
-                    if matches!(
-                        e.as_str(),
-                        "channel_not_found" | "not_in_channel" | "is_archived" | "msg_too_long"
-                    ) =>
-                {
-                    Err(SendError::Permanent(format!(
-                        "slack rejected the reply: {e}"
-                    )))
+            // A long reply goes out as several messages, in order, split at
+            // lines or words; a resend after a partial failure starts at the
+            // first part not accepted yet (in memory: after a restart every
+            // part goes again, at-least-once).
+            let parts = super::split_message(&reply.text, MAX_MESSAGE_UNITS);
+            let done = progress
+                .lock()
+                .map(|p| p.get(&reply.id).copied().unwrap_or(0))
+                .unwrap_or(0);
+            for (n, part) in parts.iter().enumerate().skip(done) {
+                post_part(&client, &url, &token, timeout, &reply, part).await?;
+                if parts.len() > 1 {
+                    if let Ok(mut p) = progress.lock() {
+                        if p.len() > 10_000 {
+                            p.clear();
+                        }
+                        p.insert(reply.id, n + 1);
+                    }
                 }
-                Err((_, e, _)) => Err(SendError::Transient(format!("chat.postMessage: {e}"))),
             }
+            if let Ok(mut p) = progress.lock() {
+                p.remove(&reply.id);
+            }
+            Ok(())
         })
+    }
+}
+
+/// `chat.postMessage` for one part of a reply.
+async fn post_part(
+    client: &reqwest::Client,
+    url: &str,
+    token: &str,
+    timeout: Duration,
+    reply: &OutboundReply,
+    text: &str,
+) -> Result<(), SendError> {
+    let mut body = json!({"channel": reply.chat, "text": text});
+    // A reply to a threaded message goes to its thread.
+    if let Some(ts) = reply
+        .reply_meta
+        .as_ref()
+        .and_then(|m| opt_ts(m, "thread_ts").ok().flatten())
+    {
+        body["thread_ts"] = Value::String(ts);
+    }
+    match web_api(client, url, token, &body, timeout).await {
+        Ok(_) => Ok(()),
+        Err((Some(0), e, _)) => Err(SendError::Unknown(e)),
+        Err((Some(429), _, wait)) => Err(SendError::RetryAfter(
+            wait.unwrap_or(Duration::from_secs(1)),
+        )),
+        Err((_, e, _))
+            if matches!(
+                e.as_str(),
+                "channel_not_found" | "not_in_channel" | "is_archived" | "msg_too_long"
+            ) =>
+        {
+            Err(SendError::Permanent(format!(
+                "slack rejected the reply: {e}"
+            )))
+        }
+        Err((_, e, _)) => Err(SendError::Transient(format!("chat.postMessage: {e}"))),
     }
 }
 
@@ -695,6 +816,7 @@ pub const CHANNEL: super::Channel = super::Channel {
                 api_base: c.slack.api_base.clone(),
                 bot_token: token.clone(),
                 timeout: Duration::from_millis(c.outbox.send_timeout_ms),
+                progress: Default::default(),
             }) as Arc<dyn ReplySink>
         })
     },
@@ -716,6 +838,64 @@ pub const CHANNEL: super::Channel = super::Channel {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn channel_messages_are_addressed_by_mention_command_or_keels_thread() {
+        let me = BotIdentity {
+            user_id: Some("UKEEL".into()),
+            bot_id: Some("BKEEL".into()),
+        };
+        let mut threads = Threads::default();
+        threads.insert("C1", "1.5");
+        let ev = |v: Value| v;
+        let yes = [
+            ev(json!({"text": "hi <@UKEEL> there"})),
+            ev(json!({"text": "<@UKEEL|keel> hi"})),
+            ev(json!({"text": "  /recall x"})),
+            ev(json!({"text": "plain", "thread_ts": "1.5"})),
+            ev(json!({"text": "plain", "thread_ts": "9.9", "parent_user_id": "UKEEL"})),
+        ];
+        for e in &yes {
+            assert!(addressed(e, &me, &threads, "C1"), "{e}");
+        }
+        let no = [
+            ev(json!({"text": "plain"})),
+            ev(json!({"text": "hi <@UOTHER>"})),
+            ev(json!({"text": "<@UKEELX> close"})),
+            ev(json!({"text": "plain", "thread_ts": "1.5x"})),
+            ev(json!({"text": "plain", "thread_ts": "9.9", "parent_user_id": "U2"})),
+            ev(json!({"text": 5})),
+            ev(json!({})),
+        ];
+        for e in &no {
+            assert!(!addressed(e, &me, &threads, "C1"), "{e}");
+        }
+        // The same thread id in another channel is another thread.
+        assert!(!addressed(
+            &json!({"text": "x", "thread_ts": "1.5"}),
+            &me,
+            &threads,
+            "C2"
+        ));
+        // No identity: mentions and keel's threads cannot be recognised.
+        let anon = BotIdentity::default();
+        assert!(!addressed(
+            &json!({"text": "x", "thread_ts": "9", "parent_user_id": null}),
+            &anon,
+            &threads,
+            "C1"
+        ));
+        assert!(is_direct(&json!({"channel_type": "im"}), "C1"));
+        assert!(!is_direct(&json!({"channel_type": "mpim"}), "D1"));
+        assert!(is_direct(&json!({}), "D1"));
+        assert!(!is_direct(&json!({}), "C1"));
+        // The thread memory is bounded.
+        for n in 0..(Threads::MAX + 10) {
+            threads.insert("C9", &n.to_string());
+        }
+        assert!(!threads.contains("C9", "0"));
+        assert!(threads.contains("C9", &(Threads::MAX + 9).to_string()));
+    }
 
     fn me() -> BotIdentity {
         BotIdentity {

@@ -15,6 +15,14 @@
 //! nothing lost, nothing processed twice. A malformed update is logged,
 //! listed as rejected in the state row and passed over, so it never stalls
 //! the offset.
+//!
+//! Webhook mode (`mode = "webhook"`) replaces the poller with
+//! `POST /v1/telegram` ([`TelegramWebhook`]; secret header in constant
+//! time, 200 only once durable, deduped by update_id) and a supervised
+//! [`TelegramIdentity`] that only runs `getMe`. Both modes turn an update
+//! into its `Deliver` through [`intake`]. Updates about the chat itself —
+//! a group upgraded to a supergroup, the bot kicked or back — carry a
+//! `ChatEvent` the store applies with the turn.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,12 +35,12 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use super::supervisor::Adapter;
-use crate::config::{GroupReplies, TelegramConfig};
+use crate::config::{GroupReplies, TelegramConfig, TelegramMode};
 use crate::error::{AdapterError, SendError, StoreError};
 use crate::health::Gate;
 use crate::metrics::Metrics;
 use crate::outbox::{OutboundReply, ReplySink};
-use crate::persistence::{GetAdapterState, PersistenceActor, PutAdapterState};
+use crate::persistence::{ChatEvent, GetAdapterState, PersistenceActor, PutAdapterState};
 use crate::redact::redact;
 use crate::session::{Deliver, SessionRegistry};
 
@@ -268,6 +276,9 @@ pub struct Inbound {
     pub callback_id: Option<String>,
     /// An album's `media_group_id`: only its first part is answered.
     pub media_group: Option<String>,
+    /// What the update says about the chat: it moved to a supergroup, or
+    /// the bot was removed from it or added back.
+    pub event: Option<ChatEvent>,
 }
 
 /// What to do with one update.
@@ -534,6 +545,7 @@ fn message(
     if let Some(id) = message_id {
         meta.insert("message_id".into(), json!(id));
     }
+    let mut event = None;
     let (raw_text, entities) = match (m.get("text"), m.get("caption")) {
         (Some(Value::String(t)), _) => (Some(t.as_str()), m.get("entities")),
         (_, Some(Value::String(c))) => (Some(c.as_str()), m.get("caption_entities")),
@@ -575,6 +587,22 @@ fn message(
         for id in ["migrate_to_chat_id", "migrate_from_chat_id"] {
             copy_scalar(&mut meta, m, id);
         }
+        // The old group says where it went; the new supergroup says where
+        // it came from. Either moves the old session (the second finds
+        // nothing left to move).
+        let to = m.get("migrate_to_chat_id").and_then(Value::as_i64);
+        let from = m.get("migrate_from_chat_id").and_then(Value::as_i64);
+        event = match (to, from) {
+            (Some(to), _) if to != chat => Some(ChatEvent::Migrated {
+                from: chat.to_string(),
+                to: to.to_string(),
+            }),
+            (_, Some(from)) if from != chat => Some(ChatEvent::Migrated {
+                from: from.to_string(),
+                to: chat.to_string(),
+            }),
+            _ => None,
+        };
         "service".to_string()
     } else {
         // A content type keel does not know yet: stored, its field names kept.
@@ -597,6 +625,10 @@ fn message(
     let (text, truncated) = clean(raw_text.unwrap_or(""), MAX_TEXT_CHARS);
     if truncated {
         meta.insert("truncated".into(), json!(true));
+    }
+    // An edit of a service message is no migration.
+    if source == Source::Edit {
+        event = None;
     }
     let cmd = command(&text);
     let other_bot = cmd
@@ -670,6 +702,7 @@ fn message(
         answer,
         callback_id: None,
         media_group,
+        event,
     })))
 }
 
@@ -728,6 +761,7 @@ fn callback(q: &Value) -> Result<Parsed, String> {
         answer: message.is_some(),
         callback_id: Some(id.to_string()),
         media_group: None,
+        event: None,
     })))
 }
 
@@ -752,7 +786,31 @@ fn member(m: &Value, field: &str) -> Result<Parsed, String> {
     {
         meta["user_id"] = json!(u);
     }
-    Ok(store_only(chat, from, "service", meta))
+    let mut parsed = store_only(chat, from, "service", meta);
+    // `my_chat_member` is about the bot itself: kicked or left (a private
+    // chat: the user blocked it) makes the chat unreachable; a member again
+    // makes it reachable. Never answered either way.
+    if field == "my_chat_member" {
+        let status = m.pointer("/new_chat_member/status").and_then(Value::as_str);
+        let member = m
+            .pointer("/new_chat_member/is_member")
+            .and_then(Value::as_bool);
+        let event = match (status, member) {
+            (Some(s @ ("kicked" | "left")), _) | (Some(s @ "restricted"), Some(false)) => {
+                Some(ChatEvent::Unreachable(format!(
+                    "chat unreachable: the bot's status in it is now {s:?}"
+                )))
+            }
+            (Some("member" | "administrator" | "creator" | "restricted"), _) => {
+                Some(ChatEvent::Reachable)
+            }
+            _ => None,
+        };
+        if let Parsed::Store(i) = &mut parsed {
+            i.event = event;
+        }
+    }
+    Ok(parsed)
 }
 
 fn reaction(r: &Value, field: &str) -> Result<Parsed, String> {
@@ -822,6 +880,7 @@ fn store_only(chat: i64, from: i64, kind: &str, meta: Value) -> Parsed {
         answer: false,
         callback_id: None,
         media_group: None,
+        event: None,
     }))
 }
 
@@ -889,9 +948,7 @@ async fn poll_loop(
         _ = stop.wait_for(|s| *s) => return Ok(()),
     };
     tracing::info!(username = %bot.username, "telegram bot identified");
-    // Albums arrive as one update per item: only the first item seen is
-    // answered (within this run; a restart may answer one more).
-    let mut albums: std::collections::VecDeque<String> = Default::default();
+    let mut albums = Albums::default();
     loop {
         let mut body = json!({
             "timeout": config.poll_timeout_s,
@@ -930,29 +987,17 @@ async fn poll_loop(
                 continue;
             };
             max_id = Some(max_id.map_or(id, |m| m.max(id)));
-            match parse_update(update, &bot, config.group_replies) {
-                Ok(Parsed::Store(mut msg)) => {
-                    if let Some(group) = &msg.media_group {
-                        if albums.contains(group) {
-                            msg.answer = false;
-                        } else {
-                            albums.push_back(group.clone());
-                            if albums.len() > 64 {
-                                albums.pop_front();
-                            }
-                        }
-                    }
-                    valid.push((id, *msg));
-                }
-                Ok(Parsed::Ignore(reason)) => {
-                    tracing::info!(update_id = id, reason = %reason, "telegram update ignored");
-                    super::count_inbound(&metrics, "telegram", "ignored");
-                }
-                Err(reason) => {
-                    tracing::warn!(update_id = id, reason = %reason, "telegram update rejected");
-                    super::count_inbound(&metrics, "telegram", "rejected");
-                    state.rejected.push(id);
-                }
+            match intake(
+                update,
+                id,
+                &bot,
+                config.group_replies,
+                &mut albums,
+                &metrics,
+            ) {
+                Intake::Deliver(deliver, callback) => valid.push((id, *deliver, callback)),
+                Intake::Ignored => {}
+                Intake::Rejected(_) => state.rejected.push(id),
             }
         }
         // All updates but the last are stored first (concurrently, through
@@ -963,9 +1008,7 @@ async fn poll_loop(
         let mut callbacks = Vec::new();
         let (ids, requests): (Vec<(i64, Option<String>)>, Vec<_>) = valid
             .into_iter()
-            .map(|(id, msg)| {
-                let callback = msg.callback_id.clone();
-                let deliver = telegram_deliver(msg, id, None);
+            .map(|(id, deliver, callback)| {
                 ((id, callback), super::deliver(&registry, &metrics, deliver))
             })
             .unzip();
@@ -983,9 +1026,8 @@ async fn poll_loop(
         state.rejected.drain(..keep);
         let json = serde_json::to_string(&state).unwrap_or_default();
         let mut offset_stored = false;
-        if let Some((id, msg)) = last {
-            let callback = msg.callback_id.clone();
-            let deliver = telegram_deliver(msg, id, Some((key.clone(), json.clone())));
+        if let Some((id, mut deliver, callback)) = last {
+            deliver.adapter_state = Some((key.clone(), json.clone()));
             let result = super::deliver(&registry, &metrics, deliver).await;
             offset_stored = result.is_ok();
             if result.is_ok() {
@@ -1039,10 +1081,74 @@ async fn answer_callback(api: BotApi, id: String) {
     }
 }
 
-/// The `Deliver` for one update; `state` rides along on the batch's last.
-fn telegram_deliver(msg: Inbound, id: i64, state: Option<(String, String)>) -> Deliver {
+/// Albums arrive as one update per item: only the first item seen is
+/// answered (within one run; a restart may answer one more).
+#[derive(Debug, Default)]
+pub struct Albums(std::collections::VecDeque<String>);
+
+impl Albums {
+    /// Whether `group` is an album not seen yet (remembered from now on).
+    fn first(&mut self, group: &str) -> bool {
+        if self.0.iter().any(|g| g == group) {
+            return false;
+        }
+        self.0.push_back(group.to_string());
+        if self.0.len() > 64 {
+            self.0.pop_front();
+        }
+        true
+    }
+}
+
+/// What one update becomes, the same in polling and webhook mode.
+#[derive(Debug)]
+pub enum Intake {
+    /// Store it (with the callback query to answer once it is durable).
+    Deliver(Box<Deliver>, Option<String>),
+    /// Nothing to store (no chat); logged and counted.
+    Ignored,
+    /// Malformed; logged by field name and counted, never stored.
+    Rejected(String),
+}
+
+/// Parse update `id` into the `Deliver` keel stores for it (key =
+/// update_id, session `telegram:<chat_id>`), logging and counting what is
+/// passed over. Polling and webhook mode both go through here.
+pub fn intake(
+    update: &Value,
+    id: i64,
+    bot: &BotIdentity,
+    group_replies: GroupReplies,
+    albums: &mut Albums,
+    metrics: &Metrics,
+) -> Intake {
+    match parse_update(update, bot, group_replies) {
+        Ok(Parsed::Store(mut msg)) => {
+            if let Some(group) = &msg.media_group {
+                if !albums.first(group) {
+                    msg.answer = false;
+                }
+            }
+            let callback = msg.callback_id.clone();
+            Intake::Deliver(Box::new(telegram_deliver(*msg, id)), callback)
+        }
+        Ok(Parsed::Ignore(reason)) => {
+            tracing::info!(update_id = id, reason = %reason, "telegram update ignored");
+            super::count_inbound(metrics, "telegram", "ignored");
+            Intake::Ignored
+        }
+        Err(reason) => {
+            tracing::warn!(update_id = id, reason = %reason, "telegram update rejected");
+            super::count_inbound(metrics, "telegram", "rejected");
+            Intake::Rejected(reason)
+        }
+    }
+}
+
+/// The `Deliver` for one update (the poller adds its offset to a batch's last).
+fn telegram_deliver(msg: Inbound, id: i64) -> Deliver {
     Deliver {
-        adapter_state: state,
+        chat_event: msg.event,
         kind: msg.kind,
         meta: Some(msg.meta),
         msg_ref: msg.msg_ref,
@@ -1081,14 +1187,18 @@ pub struct TelegramSink {
     /// memory only, so after a restart every part is sent again (under the
     /// same outbox id: replies are at-least-once).
     pub progress: Arc<std::sync::Mutex<std::collections::HashMap<i64, usize>>>,
+    /// Told when a reply finds its group became a supergroup: the session
+    /// moves as if the migration update had come.
+    pub events: super::ChatEvents,
 }
 
 impl TelegramSink {
-    pub fn new(api: BotApi, timeout: Duration) -> TelegramSink {
+    pub fn new(api: BotApi, timeout: Duration, events: super::ChatEvents) -> TelegramSink {
         TelegramSink {
             api,
             timeout,
             progress: Default::default(),
+            events,
         }
     }
 }
@@ -1096,45 +1206,7 @@ impl TelegramSink {
 /// Telegram's limit for one message, in UTF-16 code units.
 pub const MAX_MESSAGE_UNITS: usize = 4096;
 
-/// Split `text` into parts of at most `limit` UTF-16 units, at a line break
-/// if one falls in the second half of the part, else at a space (second
-/// half), else at a character boundary. The separator is dropped.
-pub fn split_message(text: &str, limit: usize) -> Vec<String> {
-    let limit = limit.max(2);
-    let mut parts = Vec::new();
-    let mut rest = text;
-    loop {
-        let mut units = 0;
-        let mut max = rest.len();
-        for (i, c) in rest.char_indices() {
-            if units + c.len_utf16() > limit {
-                max = i;
-                break;
-            }
-            units += c.len_utf16();
-        }
-        if max == rest.len() {
-            parts.push(rest.to_string());
-            return parts;
-        }
-        let head = &rest[..max];
-        let half = head.len() / 2;
-        let at = |i: usize, sep: char| (i, i + sep.len_utf8());
-        let (cut, next) = head
-            .rfind('\n')
-            .filter(|i| *i >= half)
-            .map(|i| at(i, '\n'))
-            .or_else(|| {
-                head.char_indices()
-                    .rev()
-                    .find(|(i, c)| c.is_whitespace() && *i >= half)
-                    .map(|(i, c)| at(i, c))
-            })
-            .unwrap_or((max, max));
-        parts.push(rest[..cut].to_string());
-        rest = &rest[next..];
-    }
-}
+pub use super::split_message;
 
 /// The `sendMessage` body for one part: the chat, the forum topic, and in
 /// groups the message answered, quoted (sent even if it was deleted).
@@ -1178,6 +1250,7 @@ impl ReplySink for TelegramSink {
         let api = self.api.clone();
         let timeout = self.timeout;
         let progress = self.progress.clone();
+        let events = self.events.clone();
         let mut chat: Value = reply
             .chat
             .parse::<i64>()
@@ -1199,6 +1272,16 @@ impl ReplySink for TelegramSink {
                     // part and the rest), once.
                     Err(ApiError::Migrated(to)) if chat != json!(to) => {
                         tracing::info!(chat = %reply.chat, to, "telegram chat migrated; reply sent there");
+                        if chat.as_i64().is_some_and(|c| c.to_string() == reply.chat) {
+                            events.report(
+                                "telegram",
+                                &reply.chat,
+                                ChatEvent::Migrated {
+                                    from: reply.chat.clone(),
+                                    to: to.to_string(),
+                                },
+                            );
+                        }
                         chat = json!(to);
                         let body = send_body(&chat, part, reply.reply_meta.as_ref());
                         api.call("sendMessage", &body, timeout)
@@ -1224,6 +1307,165 @@ impl ReplySink for TelegramSink {
     }
 }
 
+// ---- webhook mode ----
+
+/// Who the bot is, learnt by the webhook-mode adapter's `getMe` and read by
+/// the route (`None` until the first `getMe` answered).
+pub type BotCell = Arc<std::sync::RwLock<Option<BotIdentity>>>;
+
+/// The supervised part of webhook mode: `getMe` at every start (a refused
+/// token stops the channel and the owner is told, as in polling mode), then
+/// it only waits; updates arrive on the route.
+pub struct TelegramIdentity {
+    pub api: BotApi,
+    pub bot: BotCell,
+    pub timeout: Duration,
+}
+
+impl Adapter for TelegramIdentity {
+    fn name(&self) -> &'static str {
+        "telegram"
+    }
+
+    fn run(&self, mut stop: watch::Receiver<bool>) -> BoxFuture<'static, Result<(), AdapterError>> {
+        let (api, cell, timeout) = (self.api.clone(), self.bot.clone(), self.timeout);
+        Box::pin(async move {
+            let bot = tokio::select! {
+                r = get_me(&api, timeout) => r?,
+                _ = stop.wait_for(|s| *s) => return Ok(()),
+            };
+            tracing::info!(username = %bot.username, "telegram bot identified (webhook mode)");
+            *cell.write().unwrap_or_else(|p| p.into_inner()) = Some(bot);
+            let _ = stop.wait_for(|s| *s).await;
+            Ok(())
+        })
+    }
+}
+
+/// Largest webhook body read (Telegram's updates are a few KiB).
+const MAX_WEBHOOK_BODY: usize = 1024 * 1024;
+
+/// What `POST /v1/telegram` needs.
+#[derive(Clone)]
+pub struct TelegramWebhook {
+    pub api: BotApi,
+    /// The `secret_token` given to `setWebhook`; never logged.
+    pub secret: Arc<str>,
+    pub group_replies: GroupReplies,
+    pub bot: BotCell,
+    pub albums: Arc<std::sync::Mutex<Albums>>,
+    pub registry: Addr<SessionRegistry>,
+    pub gate: Gate,
+    pub metrics: Metrics,
+}
+
+impl TelegramWebhook {
+    /// Mount `POST /v1/telegram`.
+    pub fn routes(&self) -> super::ChannelRoutes {
+        let state = self.clone();
+        Arc::new(move |cfg: &mut actix_web::web::ServiceConfig| {
+            cfg.app_data(actix_web::web::Data::new(state.clone()))
+                .route("/v1/telegram", actix_web::web::post().to(webhook_post));
+        })
+    }
+}
+
+/// `POST /v1/telegram`: one update per request. The secret header is
+/// compared in constant time (missing or wrong: 401, nothing stored); the
+/// answer is 200 only once the update is durable, so Telegram redelivers
+/// anything keel did not store; a redelivered update is a duplicate of its
+/// update_id (200, stored once). A malformed update with the right secret
+/// is answered 200 `rejected` and logged, so it never blocks the ones
+/// behind it (as the poller passes over it).
+async fn webhook_post(
+    state: actix_web::web::Data<TelegramWebhook>,
+    req: actix_web::HttpRequest,
+    payload: actix_web::web::Payload,
+) -> actix_web::HttpResponse {
+    use super::webhook::{error_response, read_limited, reject};
+    use actix_web::HttpResponse;
+    use subtle::ConstantTimeEq;
+    let given = req
+        .headers()
+        .get("x-telegram-bot-api-secret-token")
+        .map(|v| v.as_bytes())
+        .unwrap_or(b"");
+    if !bool::from(given.ct_eq(state.secret.as_bytes())) || given.is_empty() {
+        super::count_inbound(&state.metrics, "telegram", "rejected");
+        tracing::info!("telegram webhook request with a missing or wrong secret token refused");
+        return error_response(&reject(
+            401,
+            "missing or wrong X-Telegram-Bot-Api-Secret-Token",
+        ));
+    }
+    let body = match read_limited(&req, payload, MAX_WEBHOOK_BODY).await {
+        Ok(b) => b,
+        Err(r) => {
+            super::count_inbound(&state.metrics, "telegram", "rejected");
+            return error_response(&r);
+        }
+    };
+    let update: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            super::count_inbound(&state.metrics, "telegram", "rejected");
+            return error_response(&reject(400, format!("invalid JSON body: {e}")));
+        }
+    };
+    let Some(id) = update_id(&update) else {
+        super::count_inbound(&state.metrics, "telegram", "rejected");
+        return error_response(&reject(400, "update without an integer update_id"));
+    };
+    let bot = state.bot.read().unwrap_or_else(|p| p.into_inner()).clone();
+    let Some(bot) = bot else {
+        // Telegram retries: nothing is lost while getMe is pending.
+        super::count_inbound(&state.metrics, "telegram", "unavailable");
+        return error_response(&reject(
+            503,
+            "the bot is not identified yet (getMe pending)",
+        ));
+    };
+    let Some(_guard) = state.gate.enter() else {
+        super::count_inbound(&state.metrics, "telegram", "unavailable");
+        return error_response(&reject(503, "not accepting messages right now"));
+    };
+    let parsed = {
+        let mut albums = state.albums.lock().unwrap_or_else(|p| p.into_inner());
+        intake(
+            &update,
+            id,
+            &bot,
+            state.group_replies,
+            &mut albums,
+            &state.metrics,
+        )
+    };
+    let (deliver, callback) = match parsed {
+        Intake::Deliver(d, c) => (d, c),
+        Intake::Ignored => return HttpResponse::Ok().json(json!({"status": "ignored"})),
+        Intake::Rejected(reason) => {
+            return HttpResponse::Ok().json(json!({"status": "rejected", "error": reason}))
+        }
+    };
+    match super::deliver(&state.registry, &state.metrics, *deliver).await {
+        Ok(done) => {
+            if let Some(callback) = callback {
+                actix::spawn(answer_callback(state.api.clone(), callback));
+            }
+            let status = match done {
+                crate::session::Delivered::Accepted { .. } => "accepted",
+                _ => "duplicate",
+            };
+            HttpResponse::Ok().json(json!({ "status": status }))
+        }
+        Err(StoreError::Invalid(reason)) => {
+            tracing::warn!(update_id = id, reason = %reason, "telegram update rejected");
+            HttpResponse::Ok().json(json!({"status": "rejected", "error": reason}))
+        }
+        Err(e) => error_response(&reject(503, e.to_string())),
+    }
+}
+
 /// The telegram channel: Bot API long polling in, `sendMessage` out.
 pub const CHANNEL: super::Channel = super::Channel {
     name: "telegram",
@@ -1233,10 +1475,20 @@ pub const CHANNEL: super::Channel = super::Channel {
             Arc::new(TelegramSink::new(
                 BotApi::new(deps.http.clone(), &c.telegram.api_base, token),
                 Duration::from_millis(c.outbox.send_timeout_ms),
+                deps.events.clone(),
             )) as Arc<dyn ReplySink>
         })
     },
     intake: |c, deps| match (c.telegram.enabled, &c.telegram.token) {
+        (true, Some(token)) if c.telegram.mode == TelegramMode::Webhook => {
+            Some(Arc::new(TelegramIdentity {
+                api: BotApi::new(deps.http.clone(), &c.telegram.api_base, token),
+                bot: deps.telegram_bot.clone(),
+                timeout: Duration::from_secs(
+                    c.telegram.poll_timeout_s + c.telegram.request_margin_s,
+                ),
+            }) as Arc<dyn Adapter>)
+        }
         (true, Some(token)) => Some(Arc::new(TelegramAdapter {
             api: BotApi::new(deps.http.clone(), &c.telegram.api_base, token),
             config: c.telegram.clone(),
@@ -1512,6 +1764,59 @@ mod tests {
         let big = stored(&cases[11], GroupReplies::Addressed);
         assert_eq!(big.meta["truncated"], true);
         assert!(parse_update(&cases[17], &bot(), GroupReplies::Addressed).is_err());
+    }
+
+    #[test]
+    fn chat_moves_and_the_bots_membership_become_chat_events() {
+        let a = GroupReplies::Addressed;
+        let to = json!({"update_id": 1, "message": {"message_id": 3, "chat": {"id": -5, "type": "group"},
+            "migrate_to_chat_id": -1005}});
+        let from = json!({"update_id": 2, "message": {"message_id": 1, "chat": {"id": -1005, "type": "supergroup"},
+            "migrate_from_chat_id": -5}});
+        let moved = Some(ChatEvent::Migrated {
+            from: "-5".into(),
+            to: "-1005".into(),
+        });
+        assert_eq!(stored(&to, a).event, moved);
+        assert_eq!(stored(&from, a).event, moved);
+        for odd in [
+            json!({"update_id": 3, "message": {"chat": {"id": -5}, "migrate_to_chat_id": -5}}),
+            json!({"update_id": 4, "message": {"chat": {"id": -5}, "migrate_to_chat_id": "x"}}),
+            json!({"update_id": 5, "edited_message": {"message_id": 1, "chat": {"id": -5}, "migrate_to_chat_id": -9}}),
+        ] {
+            assert_eq!(stored(&odd, a).event, None, "{odd}");
+        }
+        let member = |status: &str, extra: Value| {
+            let mut m = json!({"update_id": 9, "my_chat_member": {"chat": {"id": 7, "type": "private"},
+                "from": {"id": 7}, "new_chat_member": {"status": status, "user": {"id": 999}}}});
+            if let Value::Object(o) = extra {
+                for (k, v) in o {
+                    m["my_chat_member"]["new_chat_member"][k] = v;
+                }
+            }
+            stored(&m, a)
+        };
+        for gone in ["kicked", "left"] {
+            let i = member(gone, json!({}));
+            assert!(matches!(&i.event, Some(ChatEvent::Unreachable(r)) if r.contains(gone)));
+            assert!(!i.answer);
+        }
+        assert!(matches!(
+            member("restricted", json!({"is_member": false})).event,
+            Some(ChatEvent::Unreachable(_))
+        ));
+        for back in ["member", "administrator", "creator", "restricted"] {
+            assert_eq!(
+                member(back, json!({})).event,
+                Some(ChatEvent::Reachable),
+                "{back}"
+            );
+        }
+        assert_eq!(member("weird", json!({})).event, None);
+        // Another member's change (chat_member) is no event about keel.
+        let other = json!({"update_id": 10, "chat_member": {"chat": {"id": -5, "type": "group"},
+            "new_chat_member": {"status": "kicked", "user": {"id": 1}}}});
+        assert_eq!(stored(&other, a).event, None);
     }
 
     #[test]

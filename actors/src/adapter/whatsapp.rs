@@ -10,12 +10,16 @@
 //!   `whatsapp:<wa_id>` (key = message id, so Meta's redeliveries are
 //!   duplicates) with its kind and metadata; the answer is 200 only after
 //!   all of them are durable (a storage failure is 503: Meta retries).
-//!   Reactions are stored, never answered. `statuses[]` are counted
-//!   (`keel_whatsapp_statuses_total{status}`).
+//!   Reactions are stored, never answered. `statuses[]` are recorded
+//!   against the reply they name (by the wamid stored when it was sent)
+//!   before the 200, and counted (`keel_whatsapp_statuses_total{status}`).
 //! - Replies: `POST {api_base}/{phone_number_id}/messages` with the access
-//!   token, quoting the message answered (`context.message_id`). A revoked
-//!   or expired token (401, or Graph error code 190) and a reply outside
-//!   the 24-hour window (error 131047) are permanent failures naming why.
+//!   token, quoting the message answered (`context.message_id`); the wamid
+//!   of the answer is kept with the outbox row. A reply to a chat that last
+//!   wrote more than 24 hours ago is failed without a call (the
+//!   customer-service window). A revoked or expired token (401, or Graph
+//!   error code 190) and Meta's own window refusal (131047) are permanent
+//!   failures naming why.
 
 use std::sync::Arc;
 
@@ -36,6 +40,7 @@ use crate::error::{SendError, StoreError};
 use crate::health::Gate;
 use crate::metrics::Metrics;
 use crate::outbox::OutboundReply;
+use crate::persistence::{PersistenceActor, RecordDeliveryStatuses};
 use crate::session::{Deliver, Delivered, SessionRegistry};
 
 /// Largest webhook body read.
@@ -56,6 +61,7 @@ pub const CHANNEL: super::Channel = super::Channel {
                 token: token.clone(),
                 health: deps.health.clone(),
                 revoked: Arc::default(),
+                clock: deps.clock.clone(),
             }) as Arc<dyn ReplySink>),
             _ => None,
         }
@@ -140,8 +146,62 @@ fn to_deliver(m: &Value) -> Result<Deliver, String> {
     })
 }
 
+/// One entry of `statuses[]`: Meta's report about a message keel sent.
+#[derive(Debug, Clone, PartialEq)]
+struct StatusReport {
+    /// The wamid the Graph API gave the message.
+    id: String,
+    /// `sent`, `delivered`, `read`, `failed` (or what Meta adds later).
+    status: String,
+    /// For `failed`: Meta's code and title, one line.
+    error: Option<String>,
+}
+
+fn status_report(s: &Value) -> Result<StatusReport, String> {
+    let id = s
+        .get("id")
+        .and_then(Value::as_str)
+        .ok_or("status without \"id\"")?;
+    check_external_id("id", id)?;
+    let status: String = s
+        .get("status")
+        .and_then(Value::as_str)
+        .unwrap_or("unknown")
+        .chars()
+        .filter(char::is_ascii_lowercase)
+        .take(16)
+        .collect();
+    let error = s
+        .get("errors")
+        .and_then(Value::as_array)
+        .and_then(|e| e.first())
+        .map(|e| {
+            let code = e.get("code").and_then(Value::as_i64).unwrap_or(0);
+            let title = e
+                .get("title")
+                .or_else(|| e.get("message"))
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            let line: String = format!("{code}: {title}")
+                .chars()
+                .filter(|c| !c.is_control())
+                .take(200)
+                .collect();
+            line
+        });
+    Ok(StatusReport {
+        id: id.to_string(),
+        status: if status.is_empty() {
+            "unknown".into()
+        } else {
+            status
+        },
+        error,
+    })
+}
+
 /// Messages and statuses of one webhook body.
-fn parse_body(body: &[u8]) -> Result<(Vec<Deliver>, Vec<String>), Rejection> {
+fn parse_body(body: &[u8]) -> Result<(Vec<Deliver>, Vec<StatusReport>), Rejection> {
     let v: Value =
         serde_json::from_slice(body).map_err(|e| reject(400, format!("invalid JSON body: {e}")))?;
     let entries = v
@@ -169,14 +229,7 @@ fn parse_body(body: &[u8]) -> Result<(Vec<Deliver>, Vec<String>), Rejection> {
             .into_iter()
             .flatten()
         {
-            let status = s.get("status").and_then(Value::as_str).unwrap_or("unknown");
-            statuses.push(
-                status
-                    .chars()
-                    .filter(char::is_ascii_lowercase)
-                    .take(16)
-                    .collect(),
-            );
+            statuses.push(status_report(s).map_err(|e| reject(400, format!("status: {e}")))?);
         }
     }
     Ok((messages, statuses))
@@ -270,6 +323,8 @@ impl Handler<GetAdapterInfo> for WhatsAppAdapter {
 pub struct WhatsAppState {
     pub config: Arc<WhatsAppConfig>,
     pub intake: Addr<WhatsAppAdapter>,
+    /// Where delivery statuses are recorded against their outbox rows.
+    pub persistence: Addr<PersistenceActor>,
     pub gate: Gate,
     pub metrics: Metrics,
     pub statuses: IntCounterVec,
@@ -279,6 +334,7 @@ impl WhatsAppState {
     pub fn new(
         config: WhatsAppConfig,
         intake: Addr<WhatsAppAdapter>,
+        persistence: Addr<PersistenceActor>,
         gate: Gate,
         metrics: Metrics,
     ) -> WhatsAppState {
@@ -294,6 +350,7 @@ impl WhatsAppState {
         WhatsAppState {
             config: Arc::new(config),
             intake,
+            persistence,
             gate,
             metrics,
             statuses,
@@ -364,15 +421,37 @@ async fn post(
         }
     };
     for s in &statuses {
-        state.statuses.with_label_values(&[s.as_str()]).inc();
+        state.statuses.with_label_values(&[s.status.as_str()]).inc();
     }
-    if messages.is_empty() {
+    if messages.is_empty() && statuses.is_empty() {
         return HttpResponse::Ok().json(json!({"status": "ok", "messages": 0}));
     }
     let Some(_guard) = state.gate.enter() else {
         super::count_inbound(&state.metrics, "whatsapp", "unavailable");
         return error_response(&reject(503, "not accepting messages right now"));
     };
+    // Statuses are recorded against their outbox rows (found by wamid)
+    // before the 200, like messages: Meta resends what was not answered.
+    if !statuses.is_empty() {
+        let recorded = state
+            .persistence
+            .send(RecordDeliveryStatuses {
+                channel: "whatsapp".into(),
+                statuses: statuses
+                    .into_iter()
+                    .map(|s| (s.id, s.status, s.error))
+                    .collect(),
+            })
+            .await
+            .unwrap_or(Err(StoreError::Closed));
+        match recorded {
+            Ok(n) => tracing::debug!(matched = n, "whatsapp statuses recorded"),
+            Err(e) => return error_response(&reject(503, e.to_string())),
+        }
+    }
+    if messages.is_empty() {
+        return HttpResponse::Ok().json(json!({"status": "ok", "messages": 0}));
+    }
     let n = messages.len();
     match state
         .intake
@@ -395,6 +474,30 @@ pub struct WhatsAppSink {
     pub health: super::ChannelHealth,
     /// The token was refused: later replies fail at once, without a call.
     pub revoked: Arc<std::sync::atomic::AtomicBool>,
+    /// For the 24-hour customer-service window.
+    pub clock: Arc<dyn crate::clock::Clock>,
+}
+
+/// WhatsApp's customer-service window: free-form messages only within 24
+/// hours of the user's last message.
+pub const SERVICE_WINDOW_MS: i64 = 24 * 3600 * 1000;
+
+/// `Some(reason)` when a free-form reply to a chat whose last message came
+/// at `last_inbound_ms` may not be sent at `now_ms`.
+pub fn outside_window(last_inbound_ms: Option<i64>, now_ms: i64) -> Option<String> {
+    match last_inbound_ms {
+        Some(last) if now_ms - last <= SERVICE_WINDOW_MS => None,
+        Some(last) => {
+            let at = crate::clock::Stamp::from_ms(last).text;
+            Some(format!(
+                "outside the 24-hour window: the chat last wrote at {at}; WhatsApp accepts only template messages now"
+            ))
+        }
+        None => Some(
+            "outside the 24-hour window: the chat never wrote to keel; WhatsApp accepts only template messages"
+                .into(),
+        ),
+    }
 }
 
 /// Why replies stop after the Graph API refused the token.
@@ -403,6 +506,19 @@ const RENEW: &str = "whatsapp access token expired or revoked; renew it \
 
 impl ReplySink for WhatsAppSink {
     fn send(&self, reply: OutboundReply) -> BoxFuture<'static, Result<(), SendError>> {
+        let sent = self.send_with_ref(reply);
+        Box::pin(async move { sent.await.map(|_| ()) })
+    }
+
+    /// Sends the reply and answers the wamid the Graph API gave it, which
+    /// later `statuses[]` name. Outside the 24-hour window nothing is sent.
+    fn send_with_ref(
+        &self,
+        reply: OutboundReply,
+    ) -> BoxFuture<'static, Result<Option<String>, SendError>> {
+        if let Some(reason) = outside_window(reply.last_inbound_ms, self.clock.now_ms()) {
+            return Box::pin(async move { Err(SendError::Permanent(reason)) });
+        }
         let mut body = json!({
             "messaging_product": "whatsapp",
             "recipient_type": "individual",
@@ -441,7 +557,12 @@ impl ReplySink for WhatsAppSink {
             let status = resp.status().as_u16();
             let v: Value = resp.json().await.unwrap_or(Value::Null);
             if (200..300).contains(&status) {
-                return Ok(());
+                let wamid = v
+                    .pointer("/messages/0/id")
+                    .and_then(Value::as_str)
+                    .filter(|id| check_external_id("id", id).is_ok())
+                    .map(str::to_string);
+                return Ok(wamid);
             }
             let error = graph_error(status, &v);
             if token_refused(status, &v) && !revoked.swap(true, Ordering::SeqCst) {
@@ -501,6 +622,7 @@ mod tests {
             "statuses": [{"id": "x", "status": "delivered"}]
         }}]}]});
         let (msgs, statuses) = parse_body(body.to_string().as_bytes()).unwrap();
+        let statuses: Vec<String> = statuses.into_iter().map(|s| s.status).collect();
         let got: Vec<(&str, &str, bool)> = msgs
             .iter()
             .map(|d| (d.kind.as_str(), d.text.as_str(), d.answer))
@@ -518,6 +640,51 @@ mod tests {
         );
         assert_eq!(msgs[4].revises.as_deref(), Some("w1"));
         assert_eq!(statuses, vec!["delivered".to_string()]);
+    }
+
+    #[test]
+    fn statuses_are_parsed_with_their_reason_and_hostile_ones_refused() {
+        let ok = status_report(&json!({"id": "wamid.X", "status": "failed",
+            "errors": [{"code": 131047, "title": "Re-engagement\nmessage"}]}))
+        .unwrap();
+        assert_eq!(ok.status, "failed");
+        assert_eq!(ok.error.as_deref(), Some("131047: Re-engagementmessage"));
+        let odd = status_report(&json!({"id": "wamid.Y", "status": "DELIVERED!"})).unwrap();
+        assert_eq!(odd.status, "unknown", "no lowercase letters left");
+        for bad in [
+            json!({}),
+            json!({"status": "read"}),
+            json!({"id": 5, "status": "read"}),
+            json!({"id": "", "status": "read"}),
+            json!({"id": "a\nb", "status": "read"}),
+            json!({"id": "x".repeat(10_000), "status": "read"}),
+            json!({"id": null}),
+        ] {
+            assert!(status_report(&bad).is_err(), "{bad}");
+        }
+        for body in [
+            r#"{"entry": [{"changes": [{"value": {"statuses": [{"status": "read"}]}}]}]}"#,
+            r#"{"entry": [{"changes": [{"value": {"statuses": [{"id": ["x"], "status": "read"}]}}]}]}"#,
+        ] {
+            assert_eq!(
+                parse_body(body.as_bytes()).unwrap_err().status,
+                400,
+                "{body}"
+            );
+        }
+        // Unknown shapes of `errors` are tolerated.
+        let e = status_report(&json!({"id": "w", "status": "failed", "errors": "x"})).unwrap();
+        assert_eq!(e.error, None);
+    }
+
+    #[test]
+    fn the_24_hour_window_is_checked_against_the_last_inbound_message() {
+        let now = 1_764_590_400_000;
+        assert_eq!(outside_window(Some(now - 1000), now), None);
+        assert_eq!(outside_window(Some(now - SERVICE_WINDOW_MS), now), None);
+        let late = outside_window(Some(now - SERVICE_WINDOW_MS - 1), now).unwrap();
+        assert!(late.starts_with("outside the 24-hour window"), "{late}");
+        assert!(outside_window(None, now).unwrap().contains("never wrote"));
     }
 
     #[test]

@@ -93,6 +93,10 @@ pub struct Lifecycle {
     pub(crate) webhook_settings: Arc<RwLock<WebhookSettings>>,
     pub(crate) admin_access: Arc<RwLock<AdminAccess>>,
     pub(crate) channel_health: crate::adapter::ChannelHealth,
+    /// The process's wall clock, for sinks rebuilt on reload.
+    pub(crate) clock: std::sync::Arc<dyn crate::clock::Clock>,
+    /// Where rebuilt sinks report chats that moved.
+    pub(crate) chat_events: crate::adapter::ChatEvents,
     pub(crate) log_level: Option<LogLevelHook>,
     pub(crate) shutting_down: bool,
     pub(crate) done: Option<oneshot::Sender<ExitReport>>,
@@ -231,6 +235,8 @@ impl Handler<Reload> for Lifecycle {
             &self.http_client,
             self.cli_clients.as_ref(),
             &self.channel_health,
+            &self.clock,
+            &self.chat_events,
         );
         self.outbox.do_send(SetSinks(sinks));
         self.outbox.do_send(SetOutboxPolicy {

@@ -207,8 +207,19 @@ pub fn settings_sinks(
     http: &reqwest::Client,
     cli: Option<&CliClients>,
     health: &crate::adapter::ChannelHealth,
+    clock: &Arc<dyn Clock>,
+    events: &crate::adapter::ChatEvents,
 ) -> HashMap<String, Arc<dyn ReplySink>> {
-    crate::adapter::reply_sinks(config, &crate::adapter::SinkDeps { http, cli, health })
+    crate::adapter::reply_sinks(
+        config,
+        &crate::adapter::SinkDeps {
+            http,
+            cli,
+            health,
+            clock,
+            events,
+        },
+    )
 }
 
 /// The owner's "keel restarted" notice of this start (R18).
@@ -372,11 +383,20 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
     // Lets a webhook-driven channel stop from its sink (attached below,
     // when the supervisor's report exists).
     let channel_health = crate::adapter::ChannelHealth::default();
+    // Lets a reply sink report a chat that moved (attached to the registry below).
+    let chat_events = crate::adapter::ChatEvents::default();
     let cli_enabled = config.cli.enabled;
     let cli_clients = cli_enabled.then(CliClients::default);
     let outbox = OutboxActor::new(
         persistence.clone(),
-        settings_sinks(&config, &http, cli_clients.as_ref(), &channel_health),
+        settings_sinks(
+            &config,
+            &http,
+            cli_clients.as_ref(),
+            &channel_health,
+            &clock,
+            &chat_events,
+        ),
         config.outbox.clone(),
         metrics.clone(),
     )
@@ -405,8 +425,10 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         clock.clone(),
     )
     .with_timers(timers.clone().recipient())
+    .with_outbox_forget(outbox.clone().recipient())
     .with_tasks(tasks.clone().recipient())
     .start();
+    chat_events.attach(registry.clone().recipient());
     let webhook_settings = Arc::new(RwLock::new(settings_webhook(&config)));
     // The webhook channel's adapter actor, behind the HTTP route.
     let webhook_adapter = config
@@ -421,10 +443,30 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         crate::adapter::whatsapp::WhatsAppState::new(
             config.whatsapp.clone(),
             intake,
+            persistence.clone(),
             gate.clone(),
             metrics.clone(),
         )
     });
+    // Telegram in webhook mode: its route, and the cell where the
+    // supervised getMe leaves the bot's identity for it.
+    let telegram_bot = crate::adapter::telegram::BotCell::default();
+    let telegram_webhook = match (&config.telegram, &config.telegram.token) {
+        (t, Some(token)) if t.enabled && t.mode == crate::config::TelegramMode::Webhook => t
+            .webhook_secret
+            .as_ref()
+            .map(|secret| crate::adapter::telegram::TelegramWebhook {
+                api: crate::adapter::telegram::BotApi::new(http.clone(), &t.api_base, token),
+                secret: secret.as_str().into(),
+                group_replies: t.group_replies,
+                bot: telegram_bot.clone(),
+                albums: Default::default(),
+                registry: registry.clone(),
+                gate: gate.clone(),
+                metrics: metrics.clone(),
+            }),
+        _ => None,
+    };
     let webhook = webhook_adapter.clone().map(|intake| WebhookState {
         settings: webhook_settings.clone(),
         intake,
@@ -449,6 +491,7 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
             .iter()
             .map(|s| s.routes())
             .chain(whatsapp_state.iter().map(|s| s.routes()))
+            .chain(telegram_webhook.iter().map(|s| s.routes()))
             .collect(),
     )
     .map_err(|source| StartError::Bind { addr, source })?;
@@ -619,6 +662,7 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
             gate: gate.clone(),
             metrics: metrics.clone(),
             cli: cli_clients.clone(),
+            telegram_bot,
         },
         outbox.clone(),
         &channel_health,
@@ -658,6 +702,8 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         webhook_settings,
         admin_access,
         channel_health,
+        clock: clock.clone(),
+        chat_events,
         log_level: opts.log_level,
         shutting_down: false,
         done: Some(done_tx),

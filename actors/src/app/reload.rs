@@ -190,6 +190,8 @@ pub fn plan(running: &Config, new: &Config) -> (ReloadReport, Config) {
             limit,
             request_margin_s,
             group_replies,
+            mode,
+            webhook_secret,
         } = telegram;
         let o = &old.telegram;
         TelegramConfig {
@@ -205,6 +207,9 @@ pub fn plan(running: &Config, new: &Config) -> (ReloadReport, Config) {
                 &o.request_margin_s,
             ),
             group_replies: r.restart("telegram.group_replies", group_replies, &o.group_replies),
+            // The route and the poller are chosen at start.
+            mode: r.restart("telegram.mode", mode, &o.mode),
+            webhook_secret: r.restart("telegram.webhook_secret", webhook_secret, &o.webhook_secret),
         }
     };
     let slack = {
@@ -214,6 +219,7 @@ pub fn plan(running: &Config, new: &Config) -> (ReloadReport, Config) {
             app_token,
             bot_token,
             silence_timeout_s,
+            channel_replies,
         } = slack;
         let o = &old.slack;
         SlackConfig {
@@ -225,6 +231,11 @@ pub fn plan(running: &Config, new: &Config) -> (ReloadReport, Config) {
                 "slack.silence_timeout_s",
                 silence_timeout_s,
                 &o.silence_timeout_s,
+            ),
+            channel_replies: r.restart(
+                "slack.channel_replies",
+                channel_replies,
+                &o.channel_replies,
             ),
         }
     };

@@ -18,8 +18,21 @@ pub enum GroupReplies {
     All,
 }
 
+/// `[telegram] mode`: how updates arrive.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TelegramMode {
+    /// keel asks with `getUpdates` (long polling); nothing needs to reach keel.
+    #[default]
+    Polling,
+    /// Telegram POSTs each update to `/v1/telegram` (registered by the
+    /// operator with `setWebhook`), signed with `webhook_secret`.
+    Webhook,
+}
+
 /// `[telegram]` in keel.toml. The token may come from `KEEL_TELEGRAM_TOKEN`
-/// instead (read by the binary).
+/// and the webhook secret from `KEEL_TELEGRAM_WEBHOOK_SECRET` instead (read
+/// by the binary).
 #[derive(Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TelegramConfig {
@@ -41,6 +54,11 @@ pub struct TelegramConfig {
     /// Which group and supergroup messages are answered (default: only
     /// those addressed to the bot).
     pub group_replies: GroupReplies,
+    /// Polling (default) or webhook.
+    pub mode: TelegramMode,
+    /// The `secret_token` given to `setWebhook`: Telegram sends it in
+    /// `X-Telegram-Bot-Api-Secret-Token` with every update (webhook mode).
+    pub webhook_secret: Option<String>,
 }
 
 impl Default for TelegramConfig {
@@ -54,6 +72,8 @@ impl Default for TelegramConfig {
             limit: 100,
             request_margin_s: 10,
             group_replies: GroupReplies::Addressed,
+            mode: TelegramMode::Polling,
+            webhook_secret: None,
         }
     }
 }
@@ -70,6 +90,11 @@ impl std::fmt::Debug for TelegramConfig {
             .field("limit", &self.limit)
             .field("request_margin_s", &self.request_margin_s)
             .field("group_replies", &self.group_replies)
+            .field("mode", &self.mode)
+            .field(
+                "webhook_secret",
+                &self.webhook_secret.as_ref().map(|_| "<redacted>"),
+            )
             .finish()
     }
 }
@@ -93,6 +118,22 @@ impl TelegramConfig {
         if self.poll_timeout_s > 600 || !(1..=100).contains(&self.limit) {
             return Err("poll_timeout_s must be <= 600 and limit between 1 and 100".into());
         }
+        if let Some(s) = &self.webhook_secret {
+            // Telegram's own rule for `secret_token`.
+            if s.is_empty()
+                || s.len() > 256
+                || !s
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            {
+                return Err(
+                    "webhook_secret must be 1-256 characters of A-Z, a-z, 0-9, _ and -".into(),
+                );
+            }
+        }
+        if self.enabled && self.mode == TelegramMode::Webhook && self.webhook_secret.is_none() {
+            return Err("mode = \"webhook\" needs a webhook_secret (set telegram.webhook_secret or KEEL_TELEGRAM_WEBHOOK_SECRET, and give the same value to setWebhook as secret_token)".into());
+        }
         Ok(())
     }
 }
@@ -111,6 +152,10 @@ pub struct SlackConfig {
     pub bot_token: Option<String>,
     /// Bound on silence (no hello, no frame, no ping) before reconnecting.
     pub silence_timeout_s: u64,
+    /// Which channel messages are answered (default: only those addressed
+    /// to the bot: a mention, a command, a thread keel is in). Direct
+    /// messages are always answered.
+    pub channel_replies: GroupReplies,
 }
 
 impl Default for SlackConfig {
@@ -121,6 +166,7 @@ impl Default for SlackConfig {
             app_token: None,
             bot_token: None,
             silence_timeout_s: 60,
+            channel_replies: GroupReplies::Addressed,
         }
     }
 }
@@ -134,6 +180,7 @@ impl std::fmt::Debug for SlackConfig {
             .field("app_token", &self.app_token.as_ref().map(|_| "<redacted>"))
             .field("bot_token", &self.bot_token.as_ref().map(|_| "<redacted>"))
             .field("silence_timeout_s", &self.silence_timeout_s)
+            .field("channel_replies", &self.channel_replies)
             .finish()
     }
 }

@@ -17,7 +17,7 @@ mod ids;
 mod tasks;
 mod whatsapp;
 
-pub use channels::{GroupReplies, SlackConfig, TelegramConfig};
+pub use channels::{GroupReplies, SlackConfig, TelegramConfig, TelegramMode};
 pub use containers::{check_instance, ContainersConfig, DEFAULT_DOCKER_HOST};
 pub use ids::{check_external_id, MAX_ID_BYTES};
 pub use tasks::{validate_task, TaskConfig, TaskKind, TasksConfig, MAX_TASK_NAME};

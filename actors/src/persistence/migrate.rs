@@ -46,6 +46,11 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../../migrations/0005_turn_refs.sql"),
     },
     Migration {
+        version: 6,
+        name: "chat_state",
+        sql: include_str!("../../../migrations/0006_chat_state.sql"),
+    },
+    Migration {
         version: 8,
         name: "services",
         sql: include_str!("../../../migrations/0008_services.sql"),

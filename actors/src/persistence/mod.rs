@@ -61,11 +61,11 @@ pub use open::{
     check_in_background, open_connection, open_read_only, open_store, write_atomic, OpenReport,
     StoreOptions, SYNC_CHECK_MAX_BYTES,
 };
-pub use outbox::{GetPendingOutbox, OutboxRow, RecordSend, SendOutcome};
+pub use outbox::{GetPendingOutbox, OutboxRow, RecordDeliveryStatuses, RecordSend, SendOutcome};
 pub use sessions::{
-    AwaitingTurn, CommitAgentReply, CommitExchange, CommitNotice, Exchange, ExchangeOutcome,
-    GetAwaiting, GetMemory, GetSession, GetSessions, GetTurns, ReplyPlan, SessionKey,
-    SessionSnapshot, SessionSummary, TurnRow,
+    ApplyChatEvent, AwaitingTurn, ChatEvent, CommitAgentReply, CommitExchange, CommitNotice,
+    Exchange, ExchangeOutcome, GetAwaiting, GetMemory, GetSession, GetSessions, GetTurns,
+    ReplyPlan, SessionKey, SessionSnapshot, SessionSummary, TurnRow,
 };
 use writer::{Cmd, FnJob};
 

@@ -4,7 +4,7 @@
 //! marked sent only after the channel accepted it.
 
 use actix::prelude::*;
-use rusqlite::{params, Connection};
+use rusqlite::{params, Connection, OptionalExtension};
 
 use super::sessions::SessionKey;
 use super::PersistenceActor;
@@ -27,8 +27,15 @@ pub struct OutboxRow {
     /// Where the reply goes inside the chat (thread, topic, message to
     /// quote), as the channel gave it with the message answered.
     pub reply_meta: Option<serde_json::Value>,
+    /// WhatsApp rows: when the chat's newest user turn was stored (unix
+    /// ms), for the 24-hour customer-service window; `None` if never.
+    pub last_inbound_ms: Option<i64>,
 }
 
+/// Queue a reply. A text longer than its channel takes in one message
+/// (`text::part_limit`) becomes one row per part, in order (ids ascend, and
+/// a session's rows go out one at a time in id order), each sent and
+/// recorded on its own; returns the first row's id.
 pub(super) fn insert_outbox(
     conn: &Connection,
     session: &SessionKey,
@@ -38,26 +45,38 @@ pub(super) fn insert_outbox(
     reply_meta: Option<&str>,
     at: &str,
 ) -> Result<i64, StoreError> {
-    conn.prepare_cached(
-        "INSERT INTO outbox (session_id, turn_seq, channel, chat, in_reply_to, text, created_at,
-                             reply_meta)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-    )?
-    .execute(params![
-        session.id,
-        turn_seq,
-        session.channel,
-        session.chat,
-        in_reply_to,
-        text,
-        at,
-        reply_meta
-    ])?;
-    Ok(conn.last_insert_rowid())
+    let parts = match crate::text::part_limit(&session.channel) {
+        Some(limit) => crate::text::split_message(text, limit),
+        None => vec![text.to_string()],
+    };
+    let mut first = None;
+    for part in &parts {
+        conn.prepare_cached(
+            "INSERT INTO outbox (session_id, turn_seq, channel, chat, in_reply_to, text, created_at,
+                                 reply_meta)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )?
+        .execute(params![
+            session.id,
+            turn_seq,
+            session.channel,
+            session.chat,
+            in_reply_to,
+            part,
+            at,
+            reply_meta
+        ])?;
+        first.get_or_insert(conn.last_insert_rowid());
+    }
+    Ok(first.unwrap_or_default())
 }
 
 const OUTBOX_COLUMNS: &str =
-    "SELECT id, session_id, channel, chat, in_reply_to, text, attempts, reply_meta FROM outbox";
+    "SELECT id, session_id, channel, chat, in_reply_to, text, attempts, reply_meta,
+        CASE WHEN channel = 'whatsapp' THEN
+            (SELECT t.created_at FROM turns t WHERE t.session_id = outbox.session_id
+               AND t.role = 'user' ORDER BY t.seq DESC LIMIT 1) END
+     FROM outbox";
 
 fn outbox_row(r: &rusqlite::Row<'_>, unknown: bool) -> rusqlite::Result<OutboxRow> {
     Ok(OutboxRow {
@@ -72,6 +91,10 @@ fn outbox_row(r: &rusqlite::Row<'_>, unknown: bool) -> rusqlite::Result<OutboxRo
         reply_meta: r
             .get::<_, Option<String>>(7)?
             .and_then(|m| serde_json::from_str(&m).ok()),
+        last_inbound_ms: r
+            .get::<_, Option<String>>(8)?
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok())
+            .map(|t| t.timestamp_millis()),
     })
 }
 
@@ -99,12 +122,13 @@ pub fn mark_outbox_sent(conn: &Connection, at: &Stamp, id: i64) -> Result<(), St
     Ok(())
 }
 
-/// A send attempt failed (never undoes `sent`: an earlier attempt may have
-/// been accepted meanwhile). `unknown` records that the request may have
+/// A send attempt failed (never undoes `sent` — an earlier attempt may have
+/// been accepted meanwhile — nor `failed`: the first reason stays). `unknown` records that the request may have
 /// arrived (it stays pending and is sent again: at-least-once, counted).
 pub fn record_outbox_failure(conn: &Connection, id: i64, error: &str) -> Result<(), StoreError> {
     conn.prepare_cached(
-        "UPDATE outbox SET attempts = attempts + 1, last_error = ?2 WHERE id = ?1 AND state != 'sent'",
+        "UPDATE outbox SET attempts = attempts + 1, last_error = ?2
+         WHERE id = ?1 AND state IN ('pending', 'unknown')",
     )?
     .execute(params![id, error])?;
     Ok(())
@@ -115,7 +139,8 @@ pub fn record_outbox_failure(conn: &Connection, id: i64, error: &str) -> Result<
 /// accepted send marks it `sent`.
 pub fn mark_outbox_unknown(conn: &Connection, id: i64, error: &str) -> Result<(), StoreError> {
     conn.prepare_cached(
-        "UPDATE outbox SET state = 'unknown', attempts = attempts + 1, last_error = ?2 WHERE id = ?1 AND state != 'sent'",
+        "UPDATE outbox SET state = 'unknown', attempts = attempts + 1, last_error = ?2
+         WHERE id = ?1 AND state IN ('pending', 'unknown')",
     )?
     .execute(params![id, error])?;
     Ok(())
@@ -136,7 +161,8 @@ pub fn unknown_outbox(conn: &Connection, limit: i64) -> Result<Vec<OutboxRow>, S
 /// Give up on a reply that can never be delivered (no route).
 pub fn mark_outbox_failed(conn: &Connection, id: i64, error: &str) -> Result<(), StoreError> {
     conn.prepare_cached(
-        "UPDATE outbox SET state = 'failed', attempts = attempts + 1, last_error = ?2 WHERE id = ?1 AND state != 'sent'",
+        "UPDATE outbox SET state = 'failed', attempts = attempts + 1, last_error = ?2
+         WHERE id = ?1 AND state IN ('pending', 'unknown')",
     )?
     .execute(params![id, error])?;
     Ok(())
@@ -182,22 +208,120 @@ pub enum SendOutcome {
     GaveUp(String),
 }
 
-/// Record the outcome of one send attempt.
+/// Whether a row still waits to be sent (`pending` or `unknown`): a row
+/// failed meanwhile (its chat became unreachable) is not retried.
+pub fn outbox_live(conn: &Connection, id: i64) -> Result<bool, StoreError> {
+    let state: Option<String> = conn
+        .prepare_cached("SELECT state FROM outbox WHERE id = ?1")?
+        .query_row([id], |r| r.get(0))
+        .optional()?;
+    Ok(matches!(state.as_deref(), Some("pending" | "unknown")))
+}
+
+/// The channel's own id of a sent reply (WhatsApp wamid).
+pub fn set_channel_ref(conn: &Connection, id: i64, channel_ref: &str) -> Result<(), StoreError> {
+    conn.prepare_cached("UPDATE outbox SET channel_ref = ?2 WHERE id = ?1")?
+        .execute(params![id, channel_ref])?;
+    Ok(())
+}
+
+/// One delivery report of a channel about a sent reply, found by the id the
+/// channel gave it. Statuses only move forward (`sent` < `delivered` <
+/// `read`; `failed` always wins): Meta may deliver them out of order.
+/// Returns whether a row matched.
+pub fn record_delivery_status(
+    conn: &Connection,
+    channel: &str,
+    channel_ref: &str,
+    status: &str,
+    at: &str,
+    error: Option<&str>,
+) -> Result<bool, StoreError> {
+    let rank = |s: &str| match s {
+        "sent" => 1,
+        "delivered" => 2,
+        "read" => 3,
+        "failed" => 4,
+        _ => 0,
+    };
+    let row: Option<(i64, Option<String>)> = conn
+        .prepare_cached(
+            "SELECT id, delivery_status FROM outbox WHERE channel = ?1 AND channel_ref = ?2
+             ORDER BY id DESC LIMIT 1",
+        )?
+        .query_row(params![channel, channel_ref], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()?;
+    let Some((id, current)) = row else {
+        return Ok(false);
+    };
+    if current.as_deref().map_or(0, rank) >= rank(status) && rank(status) > 0 {
+        return Ok(true);
+    }
+    conn.prepare_cached(
+        "UPDATE outbox SET delivery_status = ?2, delivery_at = ?3, delivery_error = ?4 WHERE id = ?1",
+    )?
+    .execute(params![id, status, at, error])?;
+    Ok(true)
+}
+
+/// Record the outcome of one send attempt. Answers whether the row still
+/// waits to be sent (`false` after `Sent`/`GaveUp`, or when it was failed
+/// meanwhile: the outbox then drops it instead of retrying).
 #[derive(Debug, Clone, Message)]
-#[rtype(result = "Result<(), StoreError>")]
+#[rtype(result = "Result<bool, StoreError>")]
 pub struct RecordSend {
     pub id: i64,
     pub outcome: SendOutcome,
+    /// The channel's id of the sent message, when it gave one.
+    pub channel_ref: Option<String>,
 }
 
 impl Handler<RecordSend> for PersistenceActor {
-    type Result = ResponseFuture<Result<(), StoreError>>;
+    type Result = ResponseFuture<Result<bool, StoreError>>;
     fn handle(&mut self, msg: RecordSend, _: &mut Context<Self>) -> Self::Result {
-        self.call(move |c, at| match &msg.outcome {
-            SendOutcome::Sent => mark_outbox_sent(c, at, msg.id),
-            SendOutcome::Failed(e) => record_outbox_failure(c, msg.id, e),
-            SendOutcome::Unknown(e) => mark_outbox_unknown(c, msg.id, e),
-            SendOutcome::GaveUp(e) => mark_outbox_failed(c, msg.id, e),
+        self.call(move |c, at| {
+            match &msg.outcome {
+                SendOutcome::Sent => {
+                    mark_outbox_sent(c, at, msg.id)?;
+                    if let Some(r) = &msg.channel_ref {
+                        set_channel_ref(c, msg.id, r)?;
+                    }
+                    return Ok(false);
+                }
+                SendOutcome::Failed(e) => record_outbox_failure(c, msg.id, e)?,
+                SendOutcome::Unknown(e) => mark_outbox_unknown(c, msg.id, e)?,
+                SendOutcome::GaveUp(e) => {
+                    mark_outbox_failed(c, msg.id, e)?;
+                    return Ok(false);
+                }
+            }
+            outbox_live(c, msg.id)
+        })
+    }
+}
+
+/// A channel's delivery reports about sent replies, `(channel_ref, status,
+/// error)`. Sent by the WhatsApp route; answers how many matched a row.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<usize, StoreError>")]
+pub struct RecordDeliveryStatuses {
+    pub channel: String,
+    pub statuses: Vec<(String, String, Option<String>)>,
+}
+
+impl Handler<RecordDeliveryStatuses> for PersistenceActor {
+    type Result = ResponseFuture<Result<usize, StoreError>>;
+    fn handle(&mut self, msg: RecordDeliveryStatuses, _: &mut Context<Self>) -> Self::Result {
+        self.call(move |c, at| {
+            let mut n = 0;
+            for (r, status, error) in &msg.statuses {
+                if record_delivery_status(c, &msg.channel, r, status, &at.text, error.as_deref())? {
+                    n += 1;
+                }
+            }
+            Ok(n)
         })
     }
 }

@@ -73,6 +73,30 @@ pub struct Exchange {
     /// object (`null` removes a key). Applied here, in the writer, so two
     /// chats of one person never overwrite each other's changes.
     pub person_memory: Option<(SessionKey, String)>,
+    /// What the message says about the chat itself (it moved, keel was
+    /// removed or added back), applied with the turn.
+    pub chat_event: Option<ChatEvent>,
+}
+
+/// Something a channel learnt about a chat, applied in the same unit of
+/// work as the turn that told it, so a redelivered update (a duplicate)
+/// applies nothing twice and a crash applies all or nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChatEvent {
+    /// The chat now lives under another id of the same channel (a Telegram
+    /// group upgraded to a supergroup): the session of `from` — its turns,
+    /// memory, timers, tasks and unsent replies — moves into the session of
+    /// `to`, merged in time order with what `to` already has; unsent
+    /// replies are addressed to `to`. The old session stays, empty, marked
+    /// unreachable ("moved to …"). Idempotent: a second move finds nothing.
+    Migrated { from: String, to: String },
+    /// keel cannot write to this chat any more (kicked, left, blocked): the
+    /// session is marked unreachable with `reason`, its unsent replies fail
+    /// with it (never retried), its active timers are paused.
+    Unreachable(String),
+    /// keel is a member again: the mark is cleared and paused timers resume
+    /// (instants missed meanwhile follow their misfire policy).
+    Reachable,
 }
 
 impl Default for Exchange {
@@ -109,6 +133,7 @@ impl Exchange {
             reply_meta: None,
             answer: true,
             person_memory: None,
+            chat_event: None,
         }
     }
 }
@@ -154,6 +179,28 @@ pub struct TurnRow {
     pub created_at: String,
     /// For outgoing turns: whether the channel accepted it (`None`: no route).
     pub sent: Option<bool>,
+    /// For outgoing turns with an outbox row: its state (`pending`, `sent`,
+    /// `unknown`, `failed`), why it failed, and the channel's newest
+    /// delivery report (WhatsApp `delivered`, `read`, …).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delivery: Option<Delivery>,
+}
+
+/// What became of one outgoing turn's outbox row.
+#[derive(Debug, Clone, Serialize, PartialEq, Default)]
+pub struct Delivery {
+    pub state: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The channel's own id of the sent message (WhatsApp wamid).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub channel_ref: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status_error: Option<String>,
 }
 
 impl TurnRow {
@@ -191,6 +238,7 @@ impl TurnRow {
             revises: None,
             created_at,
             sent,
+            delivery: None,
         }
     }
 }
@@ -211,6 +259,10 @@ pub struct SessionSummary {
     pub turns: i64,
     pub created_at: String,
     pub updated_at: String,
+    /// Why keel cannot write to this chat (kicked, left, moved); absent
+    /// while it can.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unreachable: Option<String>,
 }
 
 /// A user turn still waiting for the external agent (resumed after restart).
@@ -259,16 +311,28 @@ fn take_seqs(
     memory: Option<&str>,
     at: &str,
 ) -> Result<i64, StoreError> {
-    let first: i64 = conn
-        .prepare_cached("SELECT next_seq FROM sessions WHERE id = ?1")?
-        .query_row([session_id], |r| r.get(0))?;
+    Ok(take_seqs_of(conn, session_id, n, memory, at)?.0)
+}
+
+/// `take_seqs`, also answering the session's `unreachable` mark (read by
+/// the same statement).
+fn take_seqs_of(
+    conn: &Connection,
+    session_id: &str,
+    n: i64,
+    memory: Option<&str>,
+    at: &str,
+) -> Result<(i64, Option<String>), StoreError> {
+    let (first, unreachable): (i64, Option<String>) = conn
+        .prepare_cached("SELECT next_seq, unreachable FROM sessions WHERE id = ?1")?
+        .query_row([session_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
     conn.prepare_cached(
         "UPDATE sessions SET next_seq = next_seq + ?2, updated_at = ?3,
                 memory_json = COALESCE(?4, memory_json)
          WHERE id = ?1",
     )?
     .execute(params![session_id, n, at, memory])?;
-    Ok(first)
+    Ok((first, unreachable))
 }
 
 /// One row of `turns` to insert.
@@ -384,7 +448,13 @@ pub fn commit_exchange(
     // message) gets no reply and waits for nobody.
     let reply = reply.filter(|_| ex.answer);
     let n = if reply.is_some() { 2 } else { 1 };
-    let user_seq = take_seqs(conn, &ex.session.id, n, ex.memory.as_deref(), at)?;
+    let (user_seq, unreachable) = take_seqs_of(conn, &ex.session.id, n, ex.memory.as_deref(), at)?;
+    // A chat that writes to keel (a user message keel answers) can be
+    // written to again: a missed "member again" update does not leave it
+    // marked unreachable with its timers paused. A moved chat stays moved.
+    let back = ex.answer
+        && ex.chat_event.is_none()
+        && unreachable.is_some_and(|u| !u.starts_with("moved to "));
     let status = match (ex.answer, reply.is_some()) {
         (false, _) => None,
         (true, true) => Some("answered"),
@@ -422,6 +492,11 @@ pub fn commit_exchange(
     if let Some((person, patch)) = &ex.person_memory {
         apply_memory_patch(conn, person, patch, at)?;
     }
+    if let Some(event) = &ex.chat_event {
+        apply_chat_event(conn, stamp, &ex.session, event)?;
+    } else if back {
+        apply_chat_event(conn, stamp, &ex.session, &ChatEvent::Reachable)?;
+    }
     let (mut reply_seq, mut outbox_id) = (None, None);
     if let Some(reply) = reply {
         let seq = user_seq + 1;
@@ -449,6 +524,178 @@ pub fn commit_exchange(
         reply_seq,
         outbox_id,
     })
+}
+
+/// Seqs are moved out of the way by this much while a merge renumbers them
+/// (no session has this many turns).
+const SEQ_SHIFT: i64 = 1 << 40;
+
+/// Why timers of an unreachable chat are parked: resumed by `Reachable`.
+const PAUSED: &str = "paused: ";
+
+/// Apply what a channel said about the chat of `session` (see [`ChatEvent`]).
+pub fn apply_chat_event(
+    conn: &Connection,
+    stamp: &Stamp,
+    session: &SessionKey,
+    event: &ChatEvent,
+) -> Result<(), StoreError> {
+    let at = &stamp.text;
+    match event {
+        ChatEvent::Migrated { from, to } => {
+            let old = SessionKey::new(&session.channel, from);
+            let new = SessionKey::new(&session.channel, to);
+            if old.id != new.id {
+                // Turn ids are renumbered while outbox rows still point at
+                // the old ones: foreign keys are checked at the end of the
+                // move instead (switched back at once, so the other jobs of
+                // the group commit keep failing on their own statements).
+                conn.execute_batch("PRAGMA defer_foreign_keys = ON")?;
+                let moved = move_session(conn, at, &old, &new);
+                conn.execute_batch("PRAGMA defer_foreign_keys = OFF")?;
+                moved?;
+            }
+        }
+        ChatEvent::Unreachable(reason) => {
+            conn.prepare_cached(
+                "UPDATE sessions SET unreachable = ?2, updated_at = ?3 WHERE id = ?1",
+            )?
+            .execute(params![session.id, reason, at])?;
+            conn.prepare_cached(
+                "UPDATE outbox SET state = 'failed', last_error = ?2
+                 WHERE session_id = ?1 AND state IN ('pending', 'unknown')",
+            )?
+            .execute(params![session.id, reason])?;
+            // Parked keeps next_run: resuming continues from there.
+            conn.prepare_cached(
+                "UPDATE timers SET state = 'parked', error = ?2, updated_at = ?3
+                 WHERE session_id = ?1 AND state = 'active'",
+            )?
+            .execute(params![session.id, format!("{PAUSED}{reason}"), at])?;
+        }
+        ChatEvent::Reachable => {
+            conn.prepare_cached(
+                "UPDATE sessions SET unreachable = NULL, updated_at = ?2 WHERE id = ?1",
+            )?
+            .execute(params![session.id, at])?;
+            conn.prepare_cached(
+                "UPDATE timers SET state = 'active', error = NULL, updated_at = ?3
+                 WHERE session_id = ?1 AND state = 'parked' AND next_run IS NOT NULL
+                   AND substr(error, 1, length(?2)) = ?2",
+            )?
+            .execute(params![session.id, PAUSED, at])?;
+        }
+    }
+    Ok(())
+}
+
+/// Move everything of session `old` into `new` (same channel): turns
+/// renumbered in time order together with `new`'s own (references between
+/// turns and from outbox rows follow), memory merged (`new`'s keys win),
+/// timers and tasks re-pointed, unsent replies addressed to `new`'s chat.
+fn move_session(
+    conn: &Connection,
+    at: &str,
+    old: &SessionKey,
+    new: &SessionKey,
+) -> Result<(), StoreError> {
+    let old_memory = session_memory(conn, &old.id)?;
+    let Some(old_memory) = old_memory else {
+        return Ok(());
+    };
+    ensure_session(conn, new, None, at)?;
+    type Row = (String, i64, String, Option<i64>, Option<i64>);
+    let mut turns: Vec<Row> = Vec::new();
+    for id in [&old.id, &new.id] {
+        let mut stmt = conn.prepare_cached(
+            "SELECT session_id, seq, created_at, in_reply_to, revises FROM turns
+             WHERE session_id = ?1",
+        )?;
+        let rows = stmt.query_map([id], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        })?;
+        for row in rows {
+            turns.push(row?);
+        }
+    }
+    if turns.iter().all(|t| t.0 != old.id) && old_memory == "{}" {
+        return Ok(());
+    }
+    // Time order; within one instant the older chat first, then by seq.
+    turns.sort_by(|a, b| (&a.2, a.0 != old.id, a.1).cmp(&(&b.2, b.0 != old.id, b.1)));
+    let mut renumber = std::collections::HashMap::new();
+    for (n, t) in turns.iter().enumerate() {
+        renumber.insert((t.0.clone(), t.1), n as i64 + 1);
+    }
+    let map = |session: &str, seq: Option<i64>| {
+        seq.and_then(|s| renumber.get(&(session.to_string(), s)).copied())
+    };
+    for (session_id, seq, _, in_reply_to, revises) in &turns {
+        let to = renumber[&(session_id.clone(), *seq)];
+        conn.prepare_cached(
+            "UPDATE turns SET session_id = ?3, seq = ?4, in_reply_to = ?5, revises = ?6
+             WHERE session_id = ?1 AND seq = ?2",
+        )?
+        .execute(params![
+            session_id,
+            seq,
+            new.id,
+            to + SEQ_SHIFT,
+            map(session_id, *in_reply_to),
+            map(session_id, *revises)
+        ])?;
+    }
+    conn.prepare_cached("UPDATE turns SET seq = seq - ?2 WHERE session_id = ?1 AND seq >= ?2")?
+        .execute(params![new.id, SEQ_SHIFT])?;
+    let outbox: Vec<(i64, String, i64)> = {
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, session_id, turn_seq FROM outbox WHERE session_id IN (?1, ?2)",
+        )?;
+        let rows = stmt.query_map(params![old.id, new.id], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })?;
+        rows.collect::<Result<_, _>>()?
+    };
+    for (id, session_id, turn_seq) in outbox {
+        let seq = renumber
+            .get(&(session_id.clone(), turn_seq))
+            .copied()
+            .unwrap_or(turn_seq);
+        conn.prepare_cached(
+            "UPDATE outbox SET session_id = ?2, turn_seq = ?3,
+                    chat = CASE WHEN state IN ('pending', 'unknown') THEN ?4 ELSE chat END
+             WHERE id = ?1",
+        )?
+        .execute(params![id, new.id, seq, new.chat])?;
+    }
+    for sql in [
+        "UPDATE timers SET session_id = ?2 WHERE session_id = ?1",
+        "UPDATE tasks SET session_id = ?2 WHERE session_id = ?1",
+    ] {
+        conn.prepare_cached(sql)?.execute(params![old.id, new.id])?;
+    }
+    use serde_json::{Map, Value};
+    let mut memory: Map<String, Value> = serde_json::from_str(&old_memory).unwrap_or_default();
+    let current = session_memory(conn, &new.id)?.unwrap_or_default();
+    let newer: Map<String, Value> = serde_json::from_str(&current).unwrap_or_default();
+    memory.extend(newer);
+    conn.prepare_cached(
+        "UPDATE sessions SET memory_json = ?2, next_seq = ?3, updated_at = ?4, unreachable = NULL
+         WHERE id = ?1",
+    )?
+    .execute(params![
+        new.id,
+        Value::Object(memory).to_string(),
+        turns.len() as i64 + 1,
+        at
+    ])?;
+    // The old id keeps its row (a session actor may still know it) with
+    // nothing in it; new turns there would start after the old numbers.
+    conn.prepare_cached(
+        "UPDATE sessions SET memory_json = '{}', unreachable = ?2, updated_at = ?3 WHERE id = ?1",
+    )?
+    .execute(params![old.id, format!("moved to {}", new.id), at])?;
+    Ok(())
 }
 
 /// Apply `patch` (a JSON object; `null` removes a key) to the memory of
@@ -579,13 +826,19 @@ pub fn load_session(
 // The sender is the principal id without its "<channel>:" prefix (channel
 // names never contain ':'), so no join is needed.
 const TURN_COLUMNS: &str = "SELECT t.seq, t.role, t.content, t.key, t.created_at,
-        CASE WHEN t.role = 'user' THEN NULL
-             ELSE (SELECT o.state = 'sent' FROM outbox o
-                   WHERE o.session_id = t.session_id AND o.turn_seq = t.seq) END,
+        CASE WHEN t.role = 'user' THEN NULL ELSE o.state = 'sent' END,
         CASE WHEN t.role = 'user' AND t.principal_id IS NOT NULL
              THEN substr(t.principal_id, instr(t.principal_id, ':') + 1) END,
-        t.kind, t.meta_json, t.revises
-     FROM turns t";
+        t.kind, t.meta_json, t.revises,
+        o.state, o.last_error, o.channel_ref, o.delivery_status, o.delivery_at, o.delivery_error
+     FROM turns t LEFT JOIN outbox o ON t.role != 'user' AND o.id = (
+         -- A reply split into parts has a row per part: the one shown is
+         -- the least advanced (failed, unknown, pending, then sent; the
+         -- first part when all are sent).
+         SELECT p.id FROM outbox p WHERE p.session_id = t.session_id AND p.turn_seq = t.seq
+         ORDER BY CASE p.state WHEN 'failed' THEN 0 WHEN 'unknown' THEN 1
+                               WHEN 'pending' THEN 2 ELSE 3 END, p.id
+         LIMIT 1)";
 
 fn turn_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TurnRow> {
     let meta: Option<String> = r.get(8)?;
@@ -601,6 +854,17 @@ fn turn_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TurnRow> {
         // Written only by keel as JSON; unreadable text is shown as a string.
         meta: meta.map(|m| serde_json::from_str(&m).unwrap_or(serde_json::Value::String(m))),
         revises: r.get(9)?,
+        delivery: match r.get::<_, Option<String>>(10)? {
+            None => None,
+            Some(state) => Some(Delivery {
+                error: if state == "sent" { None } else { r.get(11)? },
+                state,
+                channel_ref: r.get(12)?,
+                status: r.get(13)?,
+                status_at: r.get(14)?,
+                status_error: r.get(15)?,
+            }),
+        },
     })
 }
 
@@ -640,7 +904,8 @@ pub fn session_turns(
 /// All sessions, ordered by id.
 pub fn list_sessions(conn: &Connection) -> Result<Vec<SessionSummary>, StoreError> {
     let mut stmt = conn.prepare_cached(
-        "SELECT id, channel, chat, next_seq - 1, created_at, updated_at FROM sessions ORDER BY id",
+        "SELECT id, channel, chat, next_seq - 1, created_at, updated_at, unreachable
+         FROM sessions ORDER BY id",
     )?;
     let rows = stmt
         .query_map([], |r| {
@@ -651,6 +916,7 @@ pub fn list_sessions(conn: &Connection) -> Result<Vec<SessionSummary>, StoreErro
                 turns: r.get(3)?,
                 created_at: r.get(4)?,
                 updated_at: r.get(5)?,
+                unreachable: r.get(6)?,
             })
         })?
         .collect::<Result<Vec<_>, _>>()?;
@@ -751,6 +1017,23 @@ impl Handler<GetMemory> for PersistenceActor {
     }
 }
 
+/// Apply what a reply sink learnt about a chat (a Telegram 400 naming
+/// `migrate_to_chat_id`) without a turn of its own. Sent by the session
+/// registry.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<(), StoreError>")]
+pub struct ApplyChatEvent {
+    pub session: SessionKey,
+    pub event: ChatEvent,
+}
+
+impl Handler<ApplyChatEvent> for PersistenceActor {
+    type Result = ResponseFuture<Result<(), StoreError>>;
+    fn handle(&mut self, msg: ApplyChatEvent, _: &mut Context<Self>) -> Self::Result {
+        self.call(move |c, at| apply_chat_event(c, at, &msg.session, &msg.event))
+    }
+}
+
 /// Load a session's memory and recent turns. Sent by a session actor on wake.
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "Result<Option<SessionSnapshot>, StoreError>")]
@@ -811,6 +1094,7 @@ impl Handler<GetAwaiting> for PersistenceActor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::Stamp;
     use crate::persistence::meta::{next_boot_epoch, stats};
     use crate::persistence::outbox::{mark_outbox_sent, pending_outbox};
     use crate::persistence::testing::{at, db};
@@ -821,6 +1105,199 @@ mod tests {
             deliver: true,
         });
         Exchange::text(SessionKey::new("webhook", chat), "u1", key, text, reply)
+    }
+
+    fn tg(chat: &str, key: &str, text: &str, reply: Option<&str>) -> Exchange {
+        let mut e = ex(chat, key, text, reply);
+        e.session = SessionKey::new("telegram", chat);
+        e
+    }
+
+    #[test]
+    fn a_migrated_chat_moves_turns_memory_timers_and_unsent_replies_in_time_order() {
+        let c = db();
+        c.execute_batch("PRAGMA foreign_keys = ON; BEGIN").unwrap();
+        let t = |s: i64| Stamp::from_ms(1_764_590_400_000 + s * 1000);
+        let mut first = tg("-5", "1", "/remember k v", Some("ok"));
+        first.memory = Some(r#"{"k":"old","only_old":1}"#.into());
+        commit_exchange(&c, &t(1), &first).unwrap();
+        commit_exchange(&c, &t(3), &tg("-5", "3", "later", None)).unwrap();
+        let mut newer = tg("-100", "2", "in between", None);
+        newer.memory = Some(r#"{"k":"new"}"#.into());
+        newer.answer = false;
+        commit_exchange(&c, &t(2), &newer).unwrap();
+        c.execute(
+            "INSERT INTO timers (session_id, kind, schedule, timezone, callback, next_run,
+                                 created_at, updated_at)
+             VALUES ('telegram:-5', 'once', 'x', 'UTC', 'reminder', 99, 'a', 'a')",
+            [],
+        )
+        .unwrap();
+        let mut moved = tg("-100", "4", "", None);
+        moved.kind = "service".into();
+        moved.answer = false;
+        moved.chat_event = Some(ChatEvent::Migrated {
+            from: "-5".into(),
+            to: "-100".into(),
+        });
+        commit_exchange(&c, &t(4), &moved).unwrap();
+        let dangling = c.execute(
+            "INSERT INTO outbox (session_id, turn_seq, channel, chat, text, created_at)
+             VALUES ('telegram:-100', 999, 'telegram', '-100', 'x', 'a')",
+            [],
+        );
+        assert!(dangling.is_err(), "foreign keys are checked at once again");
+        c.execute_batch("COMMIT").unwrap();
+        let turns = session_turns(&c, "telegram:-100", 0, 100).unwrap().unwrap();
+        let got: Vec<(i64, &str)> = turns.iter().map(|t| (t.seq, t.text.as_str())).collect();
+        assert_eq!(
+            got,
+            vec![
+                (1, "/remember k v"),
+                (2, "ok"),
+                (3, "in between"),
+                (4, "later"),
+                (5, "")
+            ]
+        );
+        let reply_to: i64 = c
+            .query_row(
+                "SELECT in_reply_to FROM turns WHERE session_id = 'telegram:-100' AND seq = 2",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(reply_to, 1);
+        let rows = pending_outbox(&c, 0, 10).unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(
+            (rows[0].session_id.as_str(), rows[0].chat.as_str()),
+            ("telegram:-100", "-100")
+        );
+        assert_eq!(turns[1].delivery.as_ref().unwrap().state, "pending");
+        let timer_session: String = c
+            .query_row("SELECT session_id FROM timers", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(timer_session, "telegram:-100");
+        let memory: serde_json::Value =
+            serde_json::from_str(&session_memory(&c, "telegram:-100").unwrap().unwrap()).unwrap();
+        assert_eq!(memory, serde_json::json!({"k": "new", "only_old": 1}));
+        assert_eq!(session_memory(&c, "telegram:-5").unwrap().unwrap(), "{}");
+        let old = list_sessions(&c).unwrap();
+        let old = old.iter().find(|s| s.id == "telegram:-5").unwrap();
+        assert_eq!(old.unreachable.as_deref(), Some("moved to telegram:-100"));
+        // The next turn of the new session follows the merged ones; a
+        // second migration notice finds nothing left to move.
+        let mut again = tg("-5", "6", "", None);
+        again.answer = false;
+        again.chat_event = moved.chat_event.clone();
+        c.execute_batch("BEGIN").unwrap();
+        commit_exchange(&c, &t(5), &again).unwrap();
+        commit_exchange(&c, &t(6), &tg("-100", "7", "after", None)).unwrap();
+        c.execute_batch("COMMIT").unwrap();
+        let turns = session_turns(&c, "telegram:-100", 0, 100).unwrap().unwrap();
+        assert_eq!(turns.len(), 7);
+        assert_eq!(turns.last().unwrap().text, "after");
+        assert_eq!(turns.last().unwrap().seq, 7);
+    }
+
+    #[test]
+    fn a_long_reply_is_one_outbox_row_per_part_and_its_turn_shows_the_least_advanced() {
+        let c = db();
+        let long = "a".repeat(9000);
+        commit_exchange(&c, &at(), &tg("3", "1", "hi", Some(&long))).unwrap();
+        let rows = pending_outbox(&c, 0, 10).unwrap();
+        let lens: Vec<usize> = rows.iter().map(|r| r.text.len()).collect();
+        assert_eq!(lens, vec![4096, 4096, 808]);
+        assert_eq!(
+            rows.iter().map(|r| r.text.as_str()).collect::<String>(),
+            long
+        );
+        let state = |c: &Connection| {
+            session_turns(c, "telegram:3", 0, 10).unwrap().unwrap()[1]
+                .delivery
+                .clone()
+                .unwrap()
+        };
+        assert_eq!(
+            session_turns(&c, "telegram:3", 0, 10)
+                .unwrap()
+                .unwrap()
+                .len(),
+            2
+        );
+        mark_outbox_sent(&c, &at(), rows[0].id).unwrap();
+        mark_outbox_sent(&c, &at(), rows[1].id).unwrap();
+        assert_eq!(state(&c).state, "pending");
+        mark_outbox_sent(&c, &at(), rows[2].id).unwrap();
+        assert_eq!(state(&c).state, "sent");
+        // Other channels take any length: one row.
+        commit_exchange(&c, &at(), &ex("w", "1", "hi", Some(&long))).unwrap();
+        assert_eq!(pending_outbox(&c, 0, 10).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn an_unreachable_chat_fails_its_replies_and_pauses_its_timers_until_it_is_back() {
+        let c = db();
+        commit_exchange(&c, &at(), &tg("9", "1", "hi", Some("hello"))).unwrap();
+        c.execute(
+            "INSERT INTO timers (session_id, kind, schedule, timezone, callback, next_run,
+                                 created_at, updated_at)
+             VALUES ('telegram:9', 'once', 'x', 'UTC', 'reminder', 99, 'a', 'a'),
+                    ('telegram:9', 'once', 'x', 'UTC', 'reminder', NULL, 'a', 'a')",
+            [],
+        )
+        .unwrap();
+        c.execute(
+            "UPDATE timers SET state = 'parked', error = 'bad' WHERE id = 2",
+            [],
+        )
+        .unwrap();
+        let mut kicked = tg("9", "2", "", None);
+        kicked.answer = false;
+        kicked.chat_event = Some(ChatEvent::Unreachable("chat unreachable: kicked".into()));
+        commit_exchange(&c, &at(), &kicked).unwrap();
+        assert!(pending_outbox(&c, 0, 10).unwrap().is_empty());
+        let turns = session_turns(&c, "telegram:9", 0, 10).unwrap().unwrap();
+        let d = turns[1].delivery.clone().unwrap();
+        assert_eq!(
+            (d.state.as_str(), d.error.as_deref()),
+            ("failed", Some("chat unreachable: kicked"))
+        );
+        let states = |c: &Connection| -> Vec<(String, Option<i64>)> {
+            let mut s = c
+                .prepare("SELECT state, next_run FROM timers ORDER BY id")
+                .unwrap();
+            s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect()
+        };
+        assert_eq!(
+            states(&c),
+            vec![("parked".into(), Some(99)), ("parked".into(), None)]
+        );
+        assert!(list_sessions(&c).unwrap()[0].unreachable.is_some());
+        // A redelivered kick is a duplicate: nothing applied twice.
+        let mut back = tg("9", "3", "", None);
+        back.answer = false;
+        back.chat_event = Some(ChatEvent::Reachable);
+        commit_exchange(&c, &at(), &back).unwrap();
+        // Only the paused timer resumes; one parked for its own reason stays.
+        assert_eq!(
+            states(&c),
+            vec![("active".into(), Some(99)), ("parked".into(), None)]
+        );
+        assert!(list_sessions(&c).unwrap()[0].unreachable.is_none());
+        // Kicked again; then the chat simply writes: reachable, timer back.
+        let mut again = tg("9", "4", "", None);
+        again.answer = false;
+        again.chat_event = Some(ChatEvent::Unreachable("chat unreachable: left".into()));
+        commit_exchange(&c, &at(), &again).unwrap();
+        assert_eq!(states(&c)[0].0, "parked");
+        commit_exchange(&c, &at(), &tg("9", "5", "hello?", Some("hi"))).unwrap();
+        assert_eq!(states(&c)[0].0, "active");
+        assert!(list_sessions(&c).unwrap()[0].unreachable.is_none());
     }
 
     #[test]
