@@ -332,6 +332,11 @@ fn clean_stale_dirs() {
             .and_then(|p| p.trim().parse::<i32>().ok())
             .is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
         if !alive && !daemon_alive {
+            // dockerd leaves its default network namespace bind-mounted.
+            let netns = e.path().join("exec/netns/default");
+            if netns.exists() {
+                let _ = Command::new("umount").arg("-l").arg(&netns).status();
+            }
             let _ = std::fs::remove_dir_all(e.path());
         }
     }
