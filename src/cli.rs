@@ -57,6 +57,20 @@ pub enum Command {
         #[command(subcommand)]
         cmd: TasksCmd,
     },
+    /// Services in containers (through the running keel): deploy, kill, list.
+    Services {
+        #[command(subcommand)]
+        cmd: ServicesCmd,
+    },
+    /// Compare the services event log with the container engine and check
+    /// the log's hash chain; exit 0 when consistent, 1 otherwise. Asks the
+    /// running keel when there is one, else reads the store and the engine.
+    Verify {
+        #[command(flatten)]
+        dir: DataDirArg,
+        #[arg(long)]
+        json: bool,
+    },
     /// Create or upgrade the database schema, then exit.
     Migrate {
         #[command(flatten)]
@@ -233,6 +247,49 @@ pub struct PreviewArgs {
     #[arg(long)]
     pub json: bool,
 }
+
+#[derive(Debug, Subcommand)]
+pub enum ServicesCmd {
+    /// Deploy (or redeploy) a service: `keel services deploy NAME --image IMG -- CMD…`.
+    Deploy {
+        name: String,
+        #[arg(long)]
+        image: String,
+        /// K=V, repeatable.
+        #[arg(long = "env", value_name = "K=V")]
+        env: Vec<String>,
+        /// k=v, repeatable (not starting with keel.).
+        #[arg(long = "label", value_name = "k=v")]
+        label: Vec<String>,
+        /// Memory limit, e.g. 64m.
+        #[arg(long)]
+        memory: Option<String>,
+        /// CPU limit in cores, e.g. 0.5.
+        #[arg(long)]
+        cpus: Option<f64>,
+        /// A user-defined network (default: no network).
+        #[arg(long)]
+        network: Option<String>,
+        #[arg(last = true)]
+        command: Vec<String>,
+        #[command(flatten)]
+        dir: DataDirArg,
+    },
+    /// Kill a service: its container is removed and it stays dead.
+    Kill {
+        name: String,
+        #[command(flatten)]
+        dir: DataDirArg,
+    },
+    /// List services with their state and container.
+    List {
+        #[command(flatten)]
+        dir: DataDirArg,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 
 #[derive(Debug, Subcommand)]
 pub enum SecretsCmd {

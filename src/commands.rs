@@ -40,6 +40,8 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Rekey { new_key_file, dir } => {
             crate::vault_cmd::rekey(&dir, new_key_file.as_deref())
         }
+        Command::Services { cmd } => crate::services_cmd::services_cmd(cmd),
+        Command::Verify { dir, json } => crate::services_cmd::verify(&dir, json),
         Command::Bench(args) => keel_bench::dispatch(args),
     }
 }
@@ -76,6 +78,12 @@ fn status(dir: &DataDirArg, as_json: bool) -> Result<ExitCode> {
             .and_then(|k| serde_json::from_value(k).ok())
             .unwrap_or_default(),
     };
+    // The container reaper's last report (engine state, reaped at start,
+    // event log check); none when containers never ran here.
+    let containers: serde_json::Value =
+        persistence::adapter_state::load(&conn, persistence::services::STATUS_KEY)?
+            .and_then(|j| serde_json::from_str(&j).ok())
+            .unwrap_or(serde_json::Value::Null);
     let timers: serde_json::Map<String, serde_json::Value> =
         persistence::timers::count_by_state(&conn)?
             .into_iter()
@@ -101,6 +109,7 @@ fn status(dir: &DataDirArg, as_json: bool) -> Result<ExitCode> {
                 "timers": timers,
                 "tasks": { "by_state": tasks, "log_bytes": task_log_bytes },
                 "config": { "restart_needed": restart_needed },
+                "containers": containers,
             })
         );
     } else {
@@ -146,6 +155,20 @@ fn status(dir: &DataDirArg, as_json: bool) -> Result<ExitCode> {
             println!(
                 "config:          reloaded; waiting for a restart: {}",
                 restart_needed.join(", ")
+            );
+        }
+        if !containers.is_null() {
+            println!(
+                "containers:      {}{} (instance {}, reaped at start {}, services {}, repairs {})",
+                containers["state"].as_str().unwrap_or("?"),
+                containers["reason"]
+                    .as_str()
+                    .map(|r| format!(": {r}"))
+                    .unwrap_or_default(),
+                containers["instance"].as_str().unwrap_or("?"),
+                containers["reaped_at_start"],
+                containers["services"],
+                containers["repairs"],
             );
         }
         for (name, s) in adapters.as_object().into_iter().flatten() {

@@ -126,6 +126,11 @@ pub fn load(dir: &DataDirArg, run: Option<&RunArgs>) -> Result<Config> {
     if run.is_some() {
         resolve_vault(&mut config)?;
     }
+    if config.containers.docker_host.is_none() {
+        // The engine's usual variable; keel speaks to Unix sockets only.
+        config.containers.docker_host =
+            env_token("DOCKER_HOST").filter(|h| h.starts_with("unix://"));
+    }
     config.validate(&origin)?;
     Ok(config)
 }

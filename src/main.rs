@@ -7,6 +7,7 @@ mod cli;
 mod commands;
 mod config;
 mod run;
+mod services_cmd;
 mod signals;
 mod tasks_cmd;
 mod telemetry;

@@ -3,8 +3,8 @@
 //! answer from the first moment; the webhook route refuses messages until
 //! the intake gate opens.
 //!
-//! Admin endpoints (`/v1/sessions*`, `/v1/tasks*`, and every admin route
-//! added later) are mounted with [`admin_scope`], which checks the request
+//! Admin endpoints (`/v1/sessions*`, `/v1/tasks*`, `/v1/services*`, and every
+//! admin route added later) are mounted with [`admin_scope`], which checks the request
 //! against the access rule of `vault::decide` before the handler runs:
 //! `Authorization: Bearer <token>` with the permission the route needs
 //! (GET = `read`, other methods = the scope's write permission), loopback
@@ -26,6 +26,8 @@ use serde_json::json;
 
 use crate::adapter::ChannelRoutes;
 use crate::clock::Clock;
+use crate::containers::spec::ServiceSpec;
+use crate::containers::{ContainerReaper, DeployService, KillService, ListServices, ServiceError};
 use crate::error::StoreError;
 use crate::health::Health;
 use crate::ids::MAX_ID_BYTES;
@@ -53,6 +55,8 @@ struct AdminState {
     /// Told after `POST /v1/sessions/{session}/messages` stored a reply.
     outbox: Option<Recipient<OutboxKick>>,
     auth_failures: prometheus::IntCounterVec,
+    /// The container reaper (`/v1/services`), when containers are enabled.
+    services: Option<Addr<ContainerReaper>>,
 }
 
 /// Who may call admin endpoints; from `[admin]`.
@@ -202,10 +206,20 @@ async fn healthz() -> HttpResponse {
 
 async fn readyz(state: web::Data<AdminState>) -> HttpResponse {
     let r = state.health.readiness();
-    if r.ready {
-        HttpResponse::Ok().json(json!({"status": r.status}))
+    let mut body = if r.ready {
+        json!({"status": r.status})
     } else {
-        HttpResponse::ServiceUnavailable().json(json!({"status": r.status, "reason": r.reason}))
+        json!({"status": r.status, "reason": r.reason})
+    };
+    // The container engine never makes keel unready (R27); its state is
+    // in the body.
+    if let Some((status, reason)) = state.health.containers() {
+        body["containers"] = json!({"status": status, "reason": reason});
+    }
+    if r.ready {
+        HttpResponse::Ok().json(body)
+    } else {
+        HttpResponse::ServiceUnavailable().json(body)
     }
 }
 
@@ -554,18 +568,115 @@ async fn say(
     }
 }
 
+fn service_error(e: &ServiceError) -> HttpResponse {
+    let status = actix_web::http::StatusCode::from_u16(e.http_status())
+        .unwrap_or(actix_web::http::StatusCode::INTERNAL_SERVER_ERROR);
+    if status.is_server_error() {
+        tracing::warn!(error = %e, "service request failed");
+    }
+    HttpResponse::build(status).json(json!({"error": e.to_string()}))
+}
+
+fn no_services() -> HttpResponse {
+    service_error(&ServiceError::Disabled)
+}
+
+/// `POST /v1/services` body: the name and the spec's fields side by side.
+#[derive(Deserialize)]
+struct DeployBody {
+    name: String,
+    #[serde(flatten)]
+    spec: serde_json::Map<String, serde_json::Value>,
+}
+
+/// `GET /v1/services` → `{"services": [{"name", "state", "container_id", "spec_hash"}]}`.
+async fn services_list(state: web::Data<AdminState>) -> HttpResponse {
+    let Some(services) = &state.services else {
+        return no_services();
+    };
+    match services.send(ListServices).await {
+        Ok(v) => HttpResponse::Ok().json(v),
+        Err(_) => {
+            HttpResponse::ServiceUnavailable().json(json!({"error": "keel is shutting down"}))
+        }
+    }
+}
+
+/// `POST /v1/services {"name", "image", "command", "env", "labels", "memory", …}`.
+async fn services_deploy(state: web::Data<AdminState>, body: web::Bytes) -> HttpResponse {
+    let Some(services) = &state.services else {
+        return no_services();
+    };
+    let req: DeployBody = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return HttpResponse::BadRequest()
+                .json(json!({"error": format!("bad request body: {e}")}))
+        }
+    };
+    // The spec's own parser names an unknown or mistyped field.
+    let spec: ServiceSpec = match serde_json::from_value(serde_json::Value::Object(req.spec)) {
+        Ok(s) => s,
+        Err(e) => {
+            return HttpResponse::BadRequest()
+                .json(json!({"error": format!("bad service spec: {e}")}))
+        }
+    };
+    match services
+        .send(DeployService {
+            name: req.name,
+            spec,
+        })
+        .await
+    {
+        Ok(Ok(v)) if v["state"] == "pending" => HttpResponse::Accepted().json(v),
+        Ok(Ok(v)) => HttpResponse::Ok().json(v),
+        Ok(Err(e)) => service_error(&e),
+        Err(_) => {
+            HttpResponse::ServiceUnavailable().json(json!({"error": "keel is shutting down"}))
+        }
+    }
+}
+
+/// `DELETE /v1/services/{name}`.
+async fn services_kill(state: web::Data<AdminState>, path: web::Path<String>) -> HttpResponse {
+    let Some(services) = &state.services else {
+        return no_services();
+    };
+    match services
+        .send(KillService {
+            name: path.into_inner(),
+        })
+        .await
+    {
+        Ok(Ok(v)) => HttpResponse::Ok().json(v),
+        Ok(Err(e)) => service_error(&e),
+        Err(_) => {
+            HttpResponse::ServiceUnavailable().json(json!({"error": "keel is shutting down"}))
+        }
+    }
+}
+
 async fn not_found() -> HttpResponse {
     HttpResponse::NotFound().json(json!({"error": "no such endpoint"}))
 }
 
-/// Bind the listener and start serving. Returns the bound address (useful
-/// with port 0) and a handle to stop it.
+/// The actors behind the admin routes of `/v1/tasks` and `/v1/services`.
+#[derive(Default)]
+pub struct Backends {
+    pub tasks: Option<Addr<TaskActor>>,
+    pub services: Option<Addr<ContainerReaper>>,
+}
+
 /// What the admin routes check tokens with and tell about new replies.
 pub struct AdminDeps {
     pub tokens: TokenTable,
     pub clock: Arc<dyn Clock>,
     pub outbox: Option<Recipient<OutboxKick>>,
 }
+
+/// Bind the listener and start serving. Returns the bound address (useful
+/// with port 0) and a handle to stop it.
 
 #[allow(clippy::too_many_arguments)]
 pub fn serve(
@@ -574,7 +685,7 @@ pub fn serve(
     metrics: Metrics,
     persistence: Addr<PersistenceActor>,
     access: Arc<RwLock<AdminAccess>>,
-    tasks: Option<Addr<TaskActor>>,
+    backends: Backends,
     deps: AdminDeps,
     channels: Vec<ChannelRoutes>,
 ) -> std::io::Result<(SocketAddr, ServerHandle)> {
@@ -592,7 +703,8 @@ pub fn serve(
         metrics,
         persistence,
         access,
-        tasks,
+        tasks: backends.tasks,
+        services: backends.services,
         tokens: deps.tokens,
         clock: deps.clock,
         outbox: deps.outbox,
@@ -646,6 +758,19 @@ pub fn serve(
                 .route("/{id}", web::get().to(task_show))
                 .route("/{id}/logs", web::get().to(task_logs))
                 .route("/{id}/cancel", web::post().to(task_cancel)),
+            )
+            .service(
+                admin_scope(
+                    "/v1/services",
+                    RouteAccess {
+                        write: Perm::Deploy,
+                        sessions: false,
+                    },
+                )
+                .app_data(web::PayloadConfig::new(1 << 20))
+                .route("", web::get().to(services_list))
+                .route("", web::post().to(services_deploy))
+                .route("/{name}", web::delete().to(services_kill)),
             );
         for routes in &channels {
             let routes = routes.clone();

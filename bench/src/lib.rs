@@ -10,6 +10,8 @@
 //!   timers against a full-scan peer, fire lateness, a due burst.
 //! - [`tasks`] — `keel bench tasks`: 1 GiB of task output captured against
 //!   `cat` into a file with the same fsync cadence, RSS, `/task run` latency.
+//! - [`services`] — `keel bench services`: ready time with N services
+//!   adopted against a start with none (needs a Docker engine).
 //! - `seed` — the benchmarks' own SQL (seeding, peer reads, receipts).
 //!
 //! This crate is a workspace member of its own so the production library
@@ -22,6 +24,7 @@
 pub mod messages;
 mod reference;
 mod seed;
+pub mod services;
 pub mod tasks;
 pub mod timers;
 

@@ -64,6 +64,8 @@ pub enum BenchWhich {
     Timers(TimerBenchArgs),
     /// Supervised tasks: 1 GiB output capture vs `cat` into a file, RSS, start latency.
     Tasks(crate::tasks::TaskBenchArgs),
+    /// Services: ready time with N running containers adopted vs none (needs Docker; by hand).
+    Services(crate::services::ServiceBenchArgs),
 }
 
 /// Flags of `keel bench timers`.
@@ -103,6 +105,7 @@ pub fn dispatch(cli: BenchCli) -> Result<ExitCode> {
             None => bench_timers(args),
         },
         Some(BenchWhich::Tasks(args)) => crate::tasks::bench_tasks(args),
+        Some(BenchWhich::Services(args)) => crate::services::bench_services(args),
     }
 }
 

@@ -3,7 +3,8 @@
 //! `Shutdown` cascades (R33): `/readyz` → 503, the intake gate closes and
 //! in-flight messages drain (returning as soon as drained, bounded by the
 //! deadline), the CLI adapter stops, timers stop, running tasks are stopped
-//! and recorded (INTERRUPTED), in-flight reply sends are recorded, the
+//! and recorded (INTERRUPTED), ephemeral containers are removed (services
+//! keep running unless `stop_services_on_shutdown`), in-flight reply sends are recorded, the
 //! store finishes its queue, checkpoints the WAL (TRUNCATE) and closes, the
 //! HTTP listener stops. Only then is `done` resolved; the binary exits 0.
 //!
@@ -78,6 +79,8 @@ pub struct Lifecycle {
     pub(crate) outbox: Addr<OutboxActor>,
     pub(crate) timers: Addr<TimerActor>,
     pub(crate) tasks: Addr<TaskActor>,
+    /// The container reaper, when `[containers] enabled`.
+    pub(crate) containers: Option<Addr<crate::containers::ContainerReaper>>,
     /// PATH/LANG for task children (kept for the settings rebuilt on reload).
     pub(crate) task_env: Vec<(String, String)>,
     pub(crate) cli: Option<Addr<CliAdapter>>,
@@ -144,6 +147,7 @@ impl Handler<Shutdown> for Lifecycle {
         let outbox = self.outbox.clone();
         let timers = self.timers.clone();
         let tasks = self.tasks.clone();
+        let containers = self.containers.clone();
         let persistence = self.persistence.clone();
         let http = self.http.clone();
         let adapters = self.adapters.clone();
@@ -186,6 +190,16 @@ impl Handler<Shutdown> for Lifecycle {
                 if left > 0 {
                     tracing::warn!(running = left, "tasks not stopped by the deadline");
                 }
+            }
+            // 3c. Containers: ephemeral ones are stopped and removed;
+            //     services keep running unless stop_services_on_shutdown.
+            if let Some(containers) = containers {
+                let budget = deadline
+                    .saturating_duration_since(tokio::time::Instant::now())
+                    .max(Duration::from_millis(500));
+                let _ = containers
+                    .send(crate::containers::StopContainers { deadline: budget })
+                    .await;
             }
             // 4. Reply sends under way get recorded (bounded by the deadline).
             let remaining = deadline
@@ -277,6 +291,12 @@ impl Handler<Reload> for Lifecycle {
             )));
         if let Some(adapters) = &self.adapters {
             adapters.do_send(SetSupervision(new.adapters.clone()));
+        }
+        if let Some(containers) = &self.containers {
+            containers.do_send(crate::containers::SetReaperSettings {
+                reconcile_interval: Duration::from_secs(new.containers.reconcile_interval_s),
+                stop_services_on_shutdown: new.containers.stop_services_on_shutdown,
+            });
         }
         // `keel status` shows what waits for a restart.
         self.persistence.do_send(PutAdapterState {

@@ -12,11 +12,13 @@ use std::time::Duration;
 use serde::Deserialize;
 
 mod channels;
+mod containers;
 mod ids;
 mod tasks;
 mod whatsapp;
 
 pub use channels::{GroupReplies, SlackConfig, TelegramConfig, TelegramMode};
+pub use containers::{check_instance, ContainersConfig, DEFAULT_DOCKER_HOST};
 pub use ids::{check_external_id, MAX_ID_BYTES};
 pub use tasks::{validate_task, TaskConfig, TaskKind, TasksConfig, MAX_TASK_NAME};
 pub use whatsapp::WhatsAppConfig;
@@ -77,6 +79,8 @@ pub struct Config {
     /// People and their identities on the channels (`[principals.NAME]`):
     /// working memory belongs to the person across channels.
     pub principals: BTreeMap<String, PrincipalConfig>,
+    /// The container engine (R23–R27).
+    pub containers: ContainersConfig,
     /// `[vault]`: where the master key comes from (R28).
     pub vault: VaultConfig,
 }
@@ -170,6 +174,7 @@ impl Default for Config {
             task: BTreeMap::new(),
             principals: BTreeMap::new(),
             vault: VaultConfig::default(),
+            containers: ContainersConfig::default(),
         }
     }
 }
@@ -460,6 +465,9 @@ impl Config {
                 "must be between 1 and 36500".into(),
             ));
         }
+        self.containers
+            .validate()
+            .map_err(|(key, detail)| invalid(key, detail))?;
         if self.storage.probe_interval_ms == 0 {
             return Err(invalid("storage.probe_interval_ms", "must be > 0".into()));
         }
@@ -552,6 +560,12 @@ impl Config {
         self.tasks.validate().map_err(|(k, e)| invalid(k, e))?;
         for (name, t) in &self.task {
             validate_task(name, t).map_err(|e| invalid("task", e))?;
+            if t.kind == TaskKind::Container && !self.containers.enabled {
+                return Err(invalid(
+                    "task",
+                    format!("task.{name}.kind: container tasks need [containers] enabled = true"),
+                ));
+            }
         }
         Ok(())
     }
@@ -719,6 +733,14 @@ mod tests {
             (
                 "[task.x]\ncommand = [\"a\"]\nkind = \"container\"",
                 "task.x.kind",
+            ),
+            (
+                "[task.x]\ncommand = [\"a\"]\nkind = \"container\"\nimage = \"busybox\"",
+                "container tasks need [containers] enabled",
+            ),
+            (
+                "[task.x]\ncommand = [\"a\"]\nimage = \"busybox\"",
+                "task.x.image",
             ),
             (
                 "[task.x]\ncommand = [\"a\"]\ntimeout_s = 0",

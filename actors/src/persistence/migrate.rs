@@ -55,6 +55,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "vault",
         sql: include_str!("../../../migrations/0007_vault.sql"),
     },
+    Migration {
+        version: 8,
+        name: "services",
+        sql: include_str!("../../../migrations/0008_services.sql"),
+    },
 ];
 
 /// The schema version this binary writes.

@@ -21,6 +21,7 @@ pub mod meta;
 pub mod migrate;
 mod open;
 pub mod outbox;
+pub mod services;
 pub mod sessions;
 pub mod tasks;
 pub mod timers;

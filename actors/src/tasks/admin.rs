@@ -11,6 +11,10 @@
 //! `{"id": 12, "name": "backup"}`; `{"op": "cancel", "id": 12}` →
 //! `{"id": 12, "outcome": "requested" | "cancelled" | "finished" | "not_found",
 //! "state": …}`; any failure → `{"error": "<one line>"}`.
+//! Services (`keel services`, `keel verify`), when containers are enabled:
+//! `{"op": "deploy", "name", "spec": {…}}`, `{"op": "kill", "name"}`,
+//! `{"op": "services"}`, `{"op": "verify"}`; failures add `"code"`
+//! (`invalid`, `not_found`, `damaged`, `unavailable`, `store`).
 
 use std::path::{Path, PathBuf};
 
@@ -22,6 +26,10 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
 use super::{CancelTask, SubmitTask, TaskActor};
+use crate::containers::spec::ServiceSpec;
+use crate::containers::{
+    ContainerReaper, DeployService, KillService, ListServices, ServiceError, VerifyServices,
+};
 use crate::persistence::tasks::{CancelOutcome, Origin};
 use crate::vault::admin::VaultAdmin;
 
@@ -52,6 +60,15 @@ enum Request {
     Cancel {
         id: i64,
     },
+    Deploy {
+        name: String,
+        spec: serde_json::Value,
+    },
+    Kill {
+        name: String,
+    },
+    Services,
+    Verify,
 }
 
 /// Bind `path` (a stale file from an earlier run is replaced: keel holds
@@ -60,6 +77,7 @@ pub fn serve(
     path: &Path,
     tasks: Addr<TaskActor>,
     vault: Option<VaultAdmin>,
+    services: Option<Addr<ContainerReaper>>,
 ) -> std::io::Result<AdminSocket> {
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path)?;
@@ -76,7 +94,8 @@ pub fn serve(
                     Ok((stream, _)) => {
                         let tasks = tasks.clone();
                         let vault = vault.clone();
-                        actix_rt::spawn(async move { serve_conn(stream, tasks, vault).await });
+                        let services = services.clone();
+                        actix_rt::spawn(async move { serve_conn(stream, tasks, vault, services).await });
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "admin socket accept failed");
@@ -93,7 +112,12 @@ pub fn serve(
     })
 }
 
-async fn serve_conn(stream: UnixStream, tasks: Addr<TaskActor>, vault: Option<VaultAdmin>) {
+async fn serve_conn(
+    stream: UnixStream,
+    tasks: Addr<TaskActor>,
+    vault: Option<VaultAdmin>,
+    services: Option<Addr<ContainerReaper>>,
+) {
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read.take(MAX_LINE as u64 + 1));
     let mut line = String::new();
@@ -106,7 +130,7 @@ async fn serve_conn(stream: UnixStream, tasks: Addr<TaskActor>, vault: Option<Va
         let answer = if line.len() > MAX_LINE {
             json!({"error": format!("request longer than {MAX_LINE} bytes")})
         } else {
-            handle(line.trim_end(), &tasks, vault.as_ref()).await
+            handle(line.trim_end(), &tasks, vault.as_ref(), services.as_ref()).await
         };
         let mut out = answer.to_string();
         out.push('\n');
@@ -116,7 +140,12 @@ async fn serve_conn(stream: UnixStream, tasks: Addr<TaskActor>, vault: Option<Va
     }
 }
 
-async fn handle(line: &str, tasks: &Addr<TaskActor>, vault: Option<&VaultAdmin>) -> Value {
+async fn handle(
+    line: &str,
+    tasks: &Addr<TaskActor>,
+    vault: Option<&VaultAdmin>,
+    services: Option<&Addr<ContainerReaper>>,
+) -> Value {
     // The vault's operations (secrets, tokens, backup) have their own module.
     let op = serde_json::from_str::<Value>(line)
         .ok()
@@ -151,7 +180,56 @@ async fn handle(line: &str, tasks: &Addr<TaskActor>, vault: Option<&VaultAdmin>)
             Ok(Err(e)) => json!({"error": e.to_string()}),
             Err(_) => json!({"error": "keel is shutting down"}),
         },
+        Request::Deploy { name, spec } => {
+            let Some(services) = services else {
+                return service_error(&ServiceError::Disabled);
+            };
+            let spec: ServiceSpec = match serde_json::from_value(spec) {
+                Ok(s) => s,
+                Err(e) => {
+                    return json!({"error": format!("bad service spec: {e}"), "code": "invalid"})
+                }
+            };
+            match services.send(DeployService { name, spec }).await {
+                Ok(Ok(v)) => v,
+                Ok(Err(e)) => service_error(&e),
+                Err(_) => json!({"error": "keel is shutting down", "code": "unavailable"}),
+            }
+        }
+        Request::Kill { name } => {
+            let Some(services) = services else {
+                return service_error(&ServiceError::Disabled);
+            };
+            match services.send(KillService { name }).await {
+                Ok(Ok(v)) => v,
+                Ok(Err(e)) => service_error(&e),
+                Err(_) => json!({"error": "keel is shutting down", "code": "unavailable"}),
+            }
+        }
+        Request::Services => {
+            let Some(services) = services else {
+                return service_error(&ServiceError::Disabled);
+            };
+            match services.send(ListServices).await {
+                Ok(v) => v,
+                Err(_) => json!({"error": "keel is shutting down", "code": "unavailable"}),
+            }
+        }
+        Request::Verify => {
+            let Some(services) = services else {
+                return service_error(&ServiceError::Disabled);
+            };
+            match services.send(VerifyServices).await {
+                Ok(Ok(v)) => v,
+                Ok(Err(e)) => json!({"error": e.to_string(), "code": "store"}),
+                Err(_) => json!({"error": "keel is shutting down", "code": "unavailable"}),
+            }
+        }
     }
+}
+
+fn service_error(e: &ServiceError) -> Value {
+    json!({"error": e.to_string(), "code": e.code()})
 }
 
 /// `{"id", "outcome", "state"?}` for a cancel (shared with HTTP).
