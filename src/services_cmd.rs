@@ -189,7 +189,7 @@ pub fn verify(dir: &DataDirArg, as_json: bool) -> Result<ExitCode> {
 /// The comparison without a running keel: the store read-only, the engine
 /// of the config, this instance's containers only.
 fn offline(config: &keel_actors::config::Config) -> Result<Value> {
-    let conn = keel_actors::persistence::open_read_only(&config.data_dir.join("keel.db"))?;
+    let conn = crate::commands::open_ro(config)?;
     let links = services::load(&conn).map_err(crate::commands::no_table("service_events"))?;
     let replay = keel_actors::containers::replay(&links);
     let instance = match &config.containers.instance {

@@ -489,7 +489,7 @@ async fn a_damaged_event_log_is_reported_and_never_replayed_past_the_damage() {
 
     // Edit record 2 (the deploy of b) behind keel's back.
     {
-        let c = rusqlite::Connection::open(d.db_path()).unwrap();
+        let c = common::open_db(&d.db_path());
         c.execute_batch(
             "DROP TRIGGER service_events_no_update;
              UPDATE service_events SET payload = replace(payload, 'sleep', 'sleeq') WHERE seq = 2;",

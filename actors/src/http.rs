@@ -677,7 +677,6 @@ pub struct AdminDeps {
 
 /// Bind the listener and start serving. Returns the bound address (useful
 /// with port 0) and a handle to stop it.
-
 #[allow(clippy::too_many_arguments)]
 pub fn serve(
     addr: SocketAddr,

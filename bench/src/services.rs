@@ -57,7 +57,7 @@ fn section(host: &str, instance: &str) -> String {
 /// Start keel on `dir` (its data dir `dir/keel`), replacing its config.
 fn start(binary: &Path, dir: &Path, extra: &str) -> Result<Keel> {
     let _ = std::fs::remove_file(dir.join("keel.toml"));
-    Keel::start_with(binary, dir, extra)
+    Keel::start_with(binary, dir, true, extra)
 }
 
 /// Milliseconds from start to `/readyz` 200.

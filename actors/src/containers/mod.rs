@@ -1307,7 +1307,7 @@ mod tests {
             crate::persistence::StoreOptions::from_config(&crate::config::Config {
                 ephemeral: true,
                 ..Default::default()
-            }),
+            }, None),
             health.clone(),
             metrics.clone(),
             Arc::new(crate::clock::WallClock),
