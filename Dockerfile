@@ -9,6 +9,10 @@
 # 5 s drain deadline (shutdown_timeout_ms); raise both together.
 
 FROM rust:1-bookworm AS build
+# SQLCipher (bundled) links the system libcrypto.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libssl-dev pkg-config \
+ && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 # Cache dependencies: build once with stub sources.
 COPY Cargo.toml Cargo.lock ./
@@ -26,7 +30,7 @@ RUN touch src/main.rs actors/src/lib.rs bench/src/lib.rs \
 
 FROM debian:bookworm-slim
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates \
+ && apt-get install -y --no-install-recommends ca-certificates libssl3 \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --home /var/lib/keel keel \
  && mkdir -p /var/lib/keel && chown keel:keel /var/lib/keel && chmod 0700 /var/lib/keel

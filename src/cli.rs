@@ -57,8 +57,73 @@ pub enum Command {
         #[command(subcommand)]
         cmd: TasksCmd,
     },
+    /// Services in containers (through the running keel): deploy, kill, list.
+    Services {
+        #[command(subcommand)]
+        cmd: ServicesCmd,
+    },
+    /// Compare the services event log with the container engine and check
+    /// the log's hash chain; exit 0 when consistent, 1 otherwise. Asks the
+    /// running keel when there is one, else reads the store and the engine.
+    Verify {
+        #[command(flatten)]
+        dir: DataDirArg,
+        #[arg(long)]
+        json: bool,
+    },
     /// Create or upgrade the database schema, then exit.
     Migrate {
+        #[command(flatten)]
+        dir: DataDirArg,
+        /// Encrypt a plain keel.db with the master key (temp file, fsync,
+        /// atomic rename; the plain file is kept as keel.db.plain-<time>).
+        #[arg(long)]
+        encrypt: bool,
+    },
+    /// Secrets in the encrypted vault (secrets.db); values come from stdin only.
+    Secrets {
+        #[command(subcommand)]
+        cmd: SecretsCmd,
+    },
+    /// Capability tokens for the admin HTTP endpoints.
+    Tokens {
+        #[command(subcommand)]
+        cmd: TokensCmd,
+    },
+    /// The hash-chained audit log.
+    Audit {
+        /// Only records at or after this instant (RFC 3339).
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long)]
+        json: bool,
+        /// Check the chain; exit 1 naming the first bad record.
+        #[arg(long)]
+        verify: bool,
+        #[command(flatten)]
+        dir: DataDirArg,
+    },
+    /// Copy the stores to FILE (and FILE.secrets) with the online backup API;
+    /// works while keel runs.
+    Backup {
+        file: PathBuf,
+        #[command(flatten)]
+        dir: DataDirArg,
+    },
+    /// Put a backup in place (keel stopped); the replaced files are kept.
+    Restore {
+        file: PathBuf,
+        /// Replace a store holding newer commits than the backup.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        dir: DataDirArg,
+    },
+    /// Rotate the master key (keel stopped): new key from stdin (64 hex
+    /// characters) or --new-key-file.
+    Rekey {
+        #[arg(long)]
+        new_key_file: Option<PathBuf>,
         #[command(flatten)]
         dir: DataDirArg,
     },
@@ -189,6 +254,104 @@ pub struct PreviewArgs {
     /// Print `{"next": ["2026-11-01T05:30:00Z", …]}`.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServicesCmd {
+    /// Deploy (or redeploy) a service: `keel services deploy NAME --image IMG -- CMD…`.
+    Deploy {
+        name: String,
+        #[arg(long)]
+        image: String,
+        /// K=V, repeatable.
+        #[arg(long = "env", value_name = "K=V")]
+        env: Vec<String>,
+        /// k=v, repeatable (not starting with keel.).
+        #[arg(long = "label", value_name = "k=v")]
+        label: Vec<String>,
+        /// Memory limit, e.g. 64m.
+        #[arg(long)]
+        memory: Option<String>,
+        /// CPU limit in cores, e.g. 0.5.
+        #[arg(long)]
+        cpus: Option<f64>,
+        /// A user-defined network (default: no network).
+        #[arg(long)]
+        network: Option<String>,
+        #[arg(last = true)]
+        command: Vec<String>,
+        #[command(flatten)]
+        dir: DataDirArg,
+    },
+    /// Kill a service: its container is removed and it stays dead.
+    Kill {
+        name: String,
+        #[command(flatten)]
+        dir: DataDirArg,
+    },
+    /// List services with their state and container.
+    List {
+        #[command(flatten)]
+        dir: DataDirArg,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SecretsCmd {
+    /// Store a secret; the value is read from stdin (no echo on a terminal).
+    Set {
+        name: String,
+        #[command(flatten)]
+        dir: DataDirArg,
+    },
+    /// Names and times (never values).
+    List {
+        #[command(flatten)]
+        dir: DataDirArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a secret.
+    Rm {
+        name: String,
+        #[command(flatten)]
+        dir: DataDirArg,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokensCmd {
+    /// Grant a token; it is printed once, as the last line of stdout.
+    Grant {
+        /// read, send, tasks, deploy, admin (comma-separated).
+        #[arg(long)]
+        perm: String,
+        /// Limit the token to sessions whose id starts with this.
+        #[arg(long)]
+        scope: Option<String>,
+        /// Lifetime, e.g. 30m, 12h, 7d (default: no expiry).
+        #[arg(long)]
+        ttl: Option<String>,
+        #[arg(long)]
+        note: Option<String>,
+        #[command(flatten)]
+        dir: DataDirArg,
+    },
+    /// Every token (id, permissions, scope, times; never the secret).
+    List {
+        #[command(flatten)]
+        dir: DataDirArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token at once (also in a running keel).
+    Revoke {
+        id: String,
+        #[command(flatten)]
+        dir: DataDirArg,
+    },
 }
 
 #[derive(Debug, Subcommand)]

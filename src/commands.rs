@@ -20,7 +20,28 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Sessions { cmd } => sessions(cmd),
         Command::Timers { cmd } => crate::timers_cmd::timers_cmd(cmd),
         Command::Tasks { cmd } => crate::tasks_cmd::tasks_cmd(cmd),
-        Command::Migrate { dir } => migrate_cmd(&dir),
+        Command::Migrate { dir, encrypt } => {
+            if encrypt {
+                crate::vault_cmd::migrate_encrypt(&dir)
+            } else {
+                migrate_cmd(&dir)
+            }
+        }
+        Command::Secrets { cmd } => crate::vault_cmd::secrets(cmd),
+        Command::Tokens { cmd } => crate::vault_cmd::tokens(cmd),
+        Command::Audit {
+            since,
+            json,
+            verify,
+            dir,
+        } => crate::vault_cmd::audit(&dir, since.as_deref(), json, verify),
+        Command::Backup { file, dir } => crate::vault_cmd::backup(&dir, &file),
+        Command::Restore { file, force, dir } => crate::vault_cmd::restore(&dir, &file, force),
+        Command::Rekey { new_key_file, dir } => {
+            crate::vault_cmd::rekey(&dir, new_key_file.as_deref())
+        }
+        Command::Services { cmd } => crate::services_cmd::services_cmd(cmd),
+        Command::Verify { dir, json } => crate::services_cmd::verify(&dir, json),
         Command::Bench(args) => keel_bench::dispatch(args),
         Command::Torture(args) => keel_bench::torture::torture(args),
     }
@@ -30,9 +51,16 @@ fn config_for(dir: &DataDirArg) -> Result<Config> {
     crate::config::load(dir, None)
 }
 
-fn open_ro(config: &Config) -> Result<persistence::Connection> {
+/// The store read-only, unlocked with the key found the one way every
+/// command finds it (`crate::vault`).
+pub(crate) fn open_ro(config: &Config) -> Result<persistence::Connection> {
     let path = config.data_dir.join("keel.db");
-    Ok(persistence::open_read_only(&path)?)
+    let key = if path.exists() {
+        crate::vault::store_key(config, crate::vault::Create::Never)?
+    } else {
+        None
+    };
+    Ok(persistence::open_read_only(&path, key.as_ref())?)
 }
 
 fn status(dir: &DataDirArg, as_json: bool) -> Result<ExitCode> {
@@ -51,6 +79,12 @@ fn status(dir: &DataDirArg, as_json: bool) -> Result<ExitCode> {
             .and_then(|k| serde_json::from_value(k).ok())
             .unwrap_or_default(),
     };
+    // The container reaper's last report (engine state, reaped at start,
+    // event log check); none when containers never ran here.
+    let containers: serde_json::Value =
+        persistence::adapter_state::load(&conn, persistence::services::STATUS_KEY)?
+            .and_then(|j| serde_json::from_str(&j).ok())
+            .unwrap_or(serde_json::Value::Null);
     let timers: serde_json::Map<String, serde_json::Value> =
         persistence::timers::count_by_state(&conn)?
             .into_iter()
@@ -88,6 +122,7 @@ fn status(dir: &DataDirArg, as_json: bool) -> Result<ExitCode> {
                 "timers": timers,
                 "tasks": { "by_state": tasks, "log_bytes": task_log_bytes },
                 "config": { "restart_needed": restart_needed },
+                "containers": containers,
             })
         );
     } else {
@@ -140,6 +175,20 @@ fn status(dir: &DataDirArg, as_json: bool) -> Result<ExitCode> {
             println!(
                 "config:          reloaded; waiting for a restart: {}",
                 restart_needed.join(", ")
+            );
+        }
+        if !containers.is_null() {
+            println!(
+                "containers:      {}{} (instance {}, reaped at start {}, services {}, repairs {})",
+                containers["state"].as_str().unwrap_or("?"),
+                containers["reason"]
+                    .as_str()
+                    .map(|r| format!(": {r}"))
+                    .unwrap_or_default(),
+                containers["instance"].as_str().unwrap_or("?"),
+                containers["reaped_at_start"],
+                containers["services"],
+                containers["repairs"],
             );
         }
         for (name, s) in adapters.as_object().into_iter().flatten() {
@@ -247,7 +296,8 @@ fn migrate_cmd(dir: &DataDirArg) -> Result<ExitCode> {
     let _lock = crate::run::lock_data_dir(&config.data_dir)?;
     // SAFETY: umask only changes this process's file-creation mask.
     unsafe { libc::umask(0o077) };
-    let (conn, report) = persistence::open_store(&StoreOptions::from_config(&config))
+    let key = crate::vault::store_key(&config, crate::vault::Create::IfFresh)?;
+    let (conn, report) = persistence::open_store(&StoreOptions::from_config(&config, key.as_ref()))
         .with_context(|| format!("migrating {}", config.data_dir.display()))?;
     // An operator command can afford the full check a large store skips at start.
     if let Some(db) = &report.deferred_check {
@@ -259,6 +309,16 @@ fn migrate_cmd(dir: &DataDirArg) -> Result<ExitCode> {
                 problems.join("; ")
             );
         }
+    }
+    if report.migrated_from != report.schema_version {
+        let tx = conn.unchecked_transaction()?;
+        keel_actors::persistence::audit::append(
+            &tx,
+            &keel_actors::clock::Clock::stamp(&keel_actors::clock::WallClock),
+            "migrated",
+            &json!({"from": report.migrated_from, "to": report.schema_version}),
+        )?;
+        tx.commit()?;
     }
     println!(
         "schema version {} (was {})",

@@ -123,8 +123,88 @@ pub fn load(dir: &DataDirArg, run: Option<&RunArgs>) -> Result<Config> {
     if config.slack.bot_token.is_none() {
         config.slack.bot_token = env_token("KEEL_SLACK_BOT_TOKEN");
     }
+    if run.is_some() {
+        resolve_vault(&mut config)?;
+    }
+    if config.containers.docker_host.is_none() {
+        // The engine's usual variable; keel speaks to Unix sockets only.
+        config.containers.docker_host =
+            env_token("DOCKER_HOST").filter(|h| h.starts_with("unix://"));
+    }
     config.validate(&origin)?;
     Ok(config)
+}
+
+/// `"vault:NAME"` values are looked up in `secrets.db`; a channel secret
+/// absent from the config file and the environment is taken from the vault
+/// entry named after its key (`telegram.token`, `slack.app_token`, …) when
+/// there is one. Only `keel run` (start and reload) resolves them.
+fn resolve_vault(config: &mut Config) -> Result<()> {
+    let secrets = config.data_dir.join("secrets.db");
+    let slots: [(&'static str, &mut Option<String>); 7] = [
+        ("telegram.token", &mut config.telegram.token),
+        ("slack.app_token", &mut config.slack.app_token),
+        ("slack.bot_token", &mut config.slack.bot_token),
+        ("whatsapp.access_token", &mut config.whatsapp.access_token),
+        ("whatsapp.app_secret", &mut config.whatsapp.app_secret),
+        ("whatsapp.verify_token", &mut config.whatsapp.verify_token),
+        ("webhook.secret", &mut config.webhook.secret),
+    ];
+    let wants_vault = slots
+        .iter()
+        .any(|(_, v)| v.as_deref().is_some_and(|s| s.starts_with("vault:")));
+    if config.ephemeral || (!wants_vault && !secrets.exists()) {
+        if wants_vault {
+            bail!("a config value names the vault (vault:NAME) but this keel has no secrets.db (keel secrets set NAME)");
+        }
+        return Ok(());
+    }
+    let _ = slots;
+    let key = crate::vault::master_key(config, crate::vault::Create::Never)?;
+    let conn = if secrets.exists() {
+        Some(keel_actors::persistence::vault::open_secrets(
+            Some(&secrets),
+            &key,
+            true,
+        )?)
+    } else {
+        None
+    };
+    let lookup = |name: &str| -> Result<Option<String>> {
+        let Some(c) = &conn else { return Ok(None) };
+        match keel_actors::persistence::vault::get_secret(c, name)? {
+            Some(v) => {
+                Ok(Some(String::from_utf8(v.to_vec()).map_err(|_| {
+                    anyhow::anyhow!("secret {name} is not UTF-8")
+                })?))
+            }
+            None => Ok(None),
+        }
+    };
+    let slots: [(&'static str, &mut Option<String>); 7] = [
+        ("telegram.token", &mut config.telegram.token),
+        ("slack.app_token", &mut config.slack.app_token),
+        ("slack.bot_token", &mut config.slack.bot_token),
+        ("whatsapp.access_token", &mut config.whatsapp.access_token),
+        ("whatsapp.app_secret", &mut config.whatsapp.app_secret),
+        ("whatsapp.verify_token", &mut config.whatsapp.verify_token),
+        ("webhook.secret", &mut config.webhook.secret),
+    ];
+    for (key_name, slot) in slots {
+        match slot.as_deref().and_then(keel_actors::vault::vault_ref) {
+            Some(name) => {
+                let name = name.to_string();
+                *slot = Some(lookup(&name)?.ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "{key_name} = \"vault:{name}\": no such secret (keel secrets set {name})"
+                    )
+                })?);
+            }
+            None if slot.is_none() => *slot = lookup(key_name)?,
+            None => {}
+        }
+    }
+    Ok(())
 }
 
 /// PATH and LANG of keel: the only part of its environment task children

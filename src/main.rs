@@ -7,11 +7,14 @@ mod cli;
 mod commands;
 mod config;
 mod run;
+mod services_cmd;
 mod signals;
 mod tasks_cmd;
 mod telemetry;
 mod timers_cmd;
 mod timers_preview;
+mod vault;
+mod vault_cmd;
 
 use std::process::ExitCode;
 

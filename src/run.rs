@@ -85,6 +85,11 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     } else {
         Some(lock_data_dir(&config.data_dir)?)
     };
+    let key = crate::vault::master_key(&config, crate::vault::Create::IfFresh)?;
+    if !config.ephemeral {
+        // A rekey killed halfway is finished or undone before any store opens.
+        crate::vault_cmd::recover_rekey(&config, &key)?;
+    }
     let reload_args = args.clone();
     let system = actix_rt::System::new();
     let result = system.block_on(async move {
@@ -97,6 +102,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
                 log_level: Some(log_hook),
                 task_env: crate::config::task_env(),
                 accept_data_loss: args.accept_data_loss,
+                key: Some(key),
             },
         )
         .await

@@ -194,7 +194,7 @@ fn logs(conn: &Connection, id: i64, stream: Option<&str>, follow: bool) -> Resul
 }
 
 /// One request to the running keel's admin socket.
-fn ask(dir: &DataDirArg, request: &Value) -> Result<Value> {
+pub(crate) fn ask(dir: &DataDirArg, request: &Value) -> Result<Value> {
     let config = crate::config::load(dir, None)?;
     let path = config.admin_socket();
     if crate::run::running_pid(&config.data_dir).is_none() {

@@ -58,8 +58,10 @@ pub fn timers_cmd(cmd: TimersCmd) -> Result<ExitCode> {
                 bail!("keel is running (pid {pid}); cancel in the chat with /cancel {id}, or stop keel first");
             }
             let _lock = crate::run::lock_data_dir(&config.data_dir)?;
-            let (mut conn, _) = persistence::open_store(&StoreOptions::from_config(&config))
-                .with_context(|| format!("opening {}", config.data_dir.display()))?;
+            let key = crate::vault::store_key(&config, crate::vault::Create::Never)?;
+            let (mut conn, _) =
+                persistence::open_store(&StoreOptions::from_config(&config, key.as_ref()))
+                    .with_context(|| format!("opening {}", config.data_dir.display()))?;
             let tx = conn.transaction()?;
             let cancelled = timers::cancel_timer(&tx, &WallClock.stamp(), id)?;
             tx.commit()?;

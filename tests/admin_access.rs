@@ -1,6 +1,7 @@
 //! No open admin port (R30, R43):
-//! - a peer that is not on loopback gets 403 with a one-line reason from every
-//!   admin route (with or without a token, none being valid yet), while
+//! - a peer that is not on loopback gets 401 with a one-line reason from every
+//!   admin route and `/metrics` without a valid capability token, 403 with a
+//!   token lacking the permission, 200 with the right one, while
 //!   `/healthz`, `/readyz` and the signed webhook keep working for it. The
 //!   peer is real: keel runs in a network namespace the test creates and the
 //!   test connects over a veth pair, so no traffic leaves the machine;
@@ -150,9 +151,43 @@ fn assert_forbidden(what: &str, r: &common::Resp) {
     assert!(r.error_problem().is_none(), "{what}: {}", r.body);
 }
 
+fn assert_unauthorized(what: &str, r: &common::Resp) {
+    assert_eq!(r.status, 401, "{what}: {} {}", r.status, r.body);
+    assert!(r.error_problem().is_none(), "{what}: {}", r.body);
+}
+
+/// `keel tokens grant --perm PERM` on `data`; the token (last line of stdout).
+async fn grant(data: &Path, config: &Path, perm: &str) -> String {
+    let out = common::run_keel(
+        &[
+            "tokens",
+            "grant",
+            "--perm",
+            perm,
+            "--data-dir",
+            &data.display().to_string(),
+            "--config",
+            &config.display().to_string(),
+        ],
+        None,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "grant: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .expect("token line")
+        .to_string()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_peer_off_loopback_gets_403_from_admin_routes_only() {
-    if !root_or_skip("a_peer_off_loopback_gets_403_from_admin_routes_only") {
+async fn a_peer_off_loopback_needs_a_token_with_the_right_permission() {
+    if !root_or_skip("a_peer_off_loopback_needs_a_token_with_the_right_permission") {
         return;
     }
     let ns = Netns::create();
@@ -206,10 +241,52 @@ async fn a_peer_off_loopback_gets_403_from_admin_routes_only() {
     .await
     .expect("POST");
     assert_eq!(r.status, 200, "{}", r.body);
-    for path in ["/healthz", "/readyz", "/metrics"] {
+    for path in ["/healthz", "/readyz"] {
         let r = send(client.get(format!("{base}{path}"))).await.expect(path);
         assert_eq!(r.status, 200, "{path}: {}", r.body);
     }
+    let r = send(client.get(format!("{base}/metrics")))
+        .await
+        .expect("metrics");
+    assert_unauthorized("/metrics", &r);
+    let read = grant(&data, &config, "read").await;
+    let send_only = grant(&data, &config, "send").await;
+    let bearer = |t: &str| format!("Bearer {t}");
+    let r = send(
+        client
+            .get(format!("{base}/metrics"))
+            .header("authorization", bearer(&read)),
+    )
+    .await
+    .expect("metrics");
+    assert_eq!(r.status, 200, "/metrics with a read token: {}", r.body);
+    let r = send(
+        client
+            .get(format!("{base}/v1/sessions"))
+            .header("authorization", bearer(&read)),
+    )
+    .await
+    .expect("sessions");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.body.contains("webhook:ns"), "{}", r.body);
+    let r = send(
+        client
+            .get(format!("{base}/v1/sessions"))
+            .header("authorization", bearer(&send_only)),
+    )
+    .await
+    .expect("sessions");
+    assert_forbidden("/v1/sessions with a send token", &r);
+    let r = send(
+        client
+            .post(format!("{base}/v1/tasks"))
+            .header("authorization", bearer(&read))
+            .header("content-type", "application/json")
+            .body(r#"{"name":"x"}"#),
+    )
+    .await
+    .expect("tasks");
+    assert_forbidden("POST /v1/tasks with a read token", &r);
     for path in [
         "/v1/sessions",
         "/v1/sessions/webhook:ns/turns",
@@ -218,9 +295,15 @@ async fn a_peer_off_loopback_gets_403_from_admin_routes_only() {
         "/v1/sessions/",
     ] {
         let r = send(client.get(format!("{base}{path}"))).await.expect(path);
-        assert_forbidden(path, &r);
+        assert_unauthorized(path, &r);
         assert!(!r.body.contains("hi\""), "{path} leaked a turn: {}", r.body);
-        for token in ["Bearer keel_abc_def", "Bearer ", "Basic YTpi"] {
+        let stored_hash_style = format!("Bearer keel_{}_{}", "a".repeat(12), "b".repeat(64));
+        for token in [
+            "Bearer keel_abc_def",
+            "Bearer ",
+            "Basic YTpi",
+            &stored_hash_style,
+        ] {
             let r = send(
                 client
                     .get(format!("{base}{path}"))
@@ -228,7 +311,7 @@ async fn a_peer_off_loopback_gets_403_from_admin_routes_only() {
             )
             .await
             .expect(path);
-            assert_forbidden(&format!("{path} with {token:?}"), &r);
+            assert_unauthorized(&format!("{path} with {token:?}"), &r);
         }
     }
 }
@@ -241,7 +324,7 @@ async fn loopback_open_false_closes_admin_routes_to_loopback_too() {
     d.post_ok("c1", "closed", "hello").await;
     for path in ["/v1/sessions", "/v1/sessions/webhook:closed/turns"] {
         let r = d.get(path).await.expect(path);
-        assert_forbidden(path, &r);
+        assert_unauthorized(path, &r);
     }
     assert_eq!(d.get("/metrics").await.expect("metrics").status, 200);
     d.assert_no_panics();

@@ -153,7 +153,7 @@ async fn migrate_on_fresh_dir_prints_the_schema_version() {
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-    let conn = rusqlite::Connection::open(data.join("keel.db")).expect("open db");
+    let conn = common::open_db(&data.join("keel.db"));
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .expect("user_version");

@@ -96,6 +96,24 @@ async fn a_deleted_wal_is_detected_and_keel_refuses_until_accepted() {
     );
     d.post_ok("after", "c1", "hello again").await;
     d.sigterm(DEADLINE).await;
+    // … and in the audit log, with the counts.
+    let data_dir = d.data_dir.to_string_lossy().into_owned();
+    let config = d.config_path.to_string_lossy().into_owned();
+    let audit = d
+        .cli(&[
+            "audit",
+            "--json",
+            "--data-dir",
+            &data_dir,
+            "--config",
+            &config,
+        ])
+        .await;
+    let audit = String::from_utf8_lossy(&audit.stdout);
+    assert!(
+        audit.contains("data_loss_accepted") && audit.contains("missing"),
+        "no data_loss_accepted audit record: {audit}"
+    );
     d.args.clear();
     d.restart().await;
     let keys = d.user_key_counts().await;

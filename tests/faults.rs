@@ -456,7 +456,7 @@ async fn schema_newer_than_binary_is_refused() {
     let d = stopped_store(1, 10).await;
     let db = d.db_path();
     {
-        let conn = rusqlite::Connection::open(&db).expect("open db");
+        let conn = common::open_db(&db);
         conn.pragma_update(None, "user_version", 9999)
             .expect("set user_version");
     }
@@ -472,7 +472,7 @@ async fn schema_newer_than_binary_is_refused() {
         before,
         "keel changed a database it refused"
     );
-    let conn = rusqlite::Connection::open(&db).expect("reopen db");
+    let conn = common::open_db(&db);
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .expect("user_version");

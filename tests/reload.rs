@@ -351,8 +351,8 @@ async fn live_keys_take_effect_and_status_lists_the_pending_ones() {
         "{applied:?}"
     );
     assert_eq!(restart, vec!["storage.max_batch".to_string()]);
-    // admin applies live: loopback is refused now.
-    assert_eq!(d.get("/v1/sessions").await.expect("GET").status, 403);
+    // admin applies live: loopback needs a token now (401).
+    assert_eq!(d.get("/v1/sessions").await.expect("GET").status, 401);
     // The body limit applies live.
     let big = serde_json::to_vec(
         &json!({"id": "big", "chat": "c", "from": "u", "text": "x".repeat(300)}),

@@ -550,6 +550,25 @@ async fn cancel_timeout_concurrency_timers_and_shutdown_stop_process_groups() {
         "{t}"
     );
     assert_eq!(logs(&d, last, None).await, b"up\n");
+    // Every start and cancel is in the audit log (R31).
+    let mut a: Vec<String> = vec!["audit".into(), "--json".into()];
+    a.extend(args(&d));
+    let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+    let out = d.cli(&refs).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let audit: Value = serde_json::from_slice(&out.stdout).expect("audit json");
+    let kinds: Vec<&str> = audit["records"]
+        .as_array()
+        .expect("records")
+        .iter()
+        .filter_map(|r| r["kind"].as_str())
+        .collect();
+    assert!(kinds.contains(&"task_started"), "{kinds:?}");
+    assert!(kinds.contains(&"task_cancelled"), "{kinds:?}");
     d.assert_no_panics();
 }
 
@@ -735,7 +754,7 @@ async fn finished_tasks_past_retention_are_pruned_with_their_logs() {
     assert!(d.sigterm(DEADLINE).await.success());
     {
         // Age one of them past the retention period, as if 30 days passed.
-        let conn = rusqlite::Connection::open(d.db_path()).expect("open db");
+        let conn = common::open_db(&d.db_path());
         let n = conn
             .execute(
                 "UPDATE tasks SET finished_at = '2000-01-01T00:00:00.000Z' WHERE id = ?1",
@@ -754,7 +773,7 @@ async fn finished_tasks_past_retention_are_pruned_with_their_logs() {
         .filter_map(|t| t["id"].as_i64())
         .collect();
     assert_eq!(ids, vec![young], "{v}");
-    let conn = rusqlite::Connection::open(d.db_path()).expect("open db");
+    let conn = common::open_db(&d.db_path());
     let left = |table: &str| -> i64 {
         conn.query_row(
             &format!("SELECT COUNT(*) FROM {table} WHERE task_id = ?1"),

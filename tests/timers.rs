@@ -21,11 +21,7 @@ const DEADLINE: Duration = Duration::from_secs(60);
 
 /// A read-only look at the daemon's database (safe while it runs: WAL).
 fn db(d: &Daemon) -> Connection {
-    let c = Connection::open_with_flags(d.db_path(), OpenFlags::SQLITE_OPEN_READ_ONLY)
-        .expect("open db read-only");
-    c.busy_timeout(Duration::from_secs(5))
-        .expect("busy timeout");
-    c
+    common::open_db_with(&d.db_path(), OpenFlags::SQLITE_OPEN_READ_ONLY)
 }
 
 fn count(d: &Daemon, sql: &str) -> i64 {

@@ -93,7 +93,7 @@ async fn a_schema_2_store_is_migrated_and_old_keys_stay_deduplicated() {
     let d0 = Daemon::new(Config::default(), None);
     {
         // A store as schema 2 left it: one webhook turn from alice with key "7".
-        let conn = rusqlite::Connection::open(d0.db_path()).expect("create db");
+        let conn = common::open_db(&d0.db_path());
         conn.execute_batch(&old_schema()).expect("old schema");
         conn.execute_batch(
             "PRAGMA user_version = 2;
@@ -131,8 +131,7 @@ async fn a_schema_2_store_is_migrated_and_old_keys_stay_deduplicated() {
             (Some("bob".into()), "bob's own 7".into()),
         ]
     );
-    let version: i64 = rusqlite::Connection::open(d.db_path())
-        .expect("open")
+    let version: i64 = common::open_db(&d.db_path())
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .expect("user_version");
     assert!(version >= 3, "schema {version}");

@@ -517,7 +517,7 @@ async fn whatsapp_reply_outside_the_24_hour_window_is_failed_without_a_call() {
     // keel is down for a day: the user's message is now 25 hours old.
     d.sigkill();
     {
-        let db = rusqlite::Connection::open(d.db_path()).expect("open db");
+        let db = common::open_db(&d.db_path());
         let day_ago = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()

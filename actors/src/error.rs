@@ -22,6 +22,10 @@ pub enum StoreError {
         found: i64,
         supported: i64,
     },
+    /// The database cannot be read with the key given (or needs one, or is
+    /// plain while encryption is on). The file is left untouched.
+    #[error("database {path} {detail}")]
+    Key { path: PathBuf, detail: String },
     /// The database could not be opened at all.
     #[error("cannot open database {path}: {detail}")]
     Open { path: PathBuf, detail: String },

@@ -29,6 +29,9 @@ struct State {
     /// R39: acknowledged commits are missing and the operator did not
     /// accept it: not ready, and the writer commits nothing.
     data_loss: Option<String>,
+    /// The container engine's state while `[containers]` is enabled: `None`
+    /// = ok, `Some(why)` = degraded. Never makes keel unready (R27).
+    containers: Option<Option<String>>,
 }
 
 /// Shared readiness. Cheap to clone.
@@ -54,6 +57,7 @@ impl Health {
                 storage_degraded: None,
                 corrupt: None,
                 data_loss: None,
+                containers: None,
             })),
             metrics,
         }
@@ -116,6 +120,22 @@ impl Health {
             self.metrics.ready.set(i64::from(ready));
         }
         was
+    }
+
+    /// Set by the container reaper: `None` = engine ok, `Some(why)` =
+    /// degraded (engine unreachable, event log damaged). `/readyz` stays
+    /// 200 and shows it in its body.
+    pub fn set_containers(&self, degraded: Option<String>) {
+        self.lock().containers = Some(degraded);
+    }
+
+    /// `(status, reason)` of the containers part, when it is enabled.
+    pub fn containers(&self) -> Option<(&'static str, String)> {
+        match &self.lock().containers {
+            None => None,
+            Some(None) => Some(("ok", String::new())),
+            Some(Some(why)) => Some(("degraded", why.clone())),
+        }
     }
 
     pub fn readiness(&self) -> Readiness {

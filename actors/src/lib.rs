@@ -20,19 +20,29 @@
 //! - [`timer`] — `TimerActor` (durable timers, bounded window), schedules, `/remind`.
 //! - [`tasks`] — `TaskActor` (configured commands under supervision, logs,
 //!   recovery by boot epoch), the process runner, `/task`, the admin socket.
+//! - [`masterkey`] — the master key of the SQLCipher stores (sources, checks).
+//! - [`vault`] — capability tokens, the access rule of admin routes, secret
+//!   names, the vault's admin-socket operations.
+//! - [`containers`] — `ContainerReaper`, the only code that talks to the
+//!   container engine (bollard behind the `Engine` trait): orphan reaping,
+//!   services from the event log, reconcile, the spec allow-list.
+//! - [`chain`] — the hash chain of append-only logs (services events).
 
 pub mod adapter;
 pub mod agent;
 pub mod app;
 pub mod backoff;
 pub mod brain;
+pub mod chain;
 pub mod clock;
 pub mod config;
+pub mod containers;
 pub mod error;
 pub mod export;
 pub mod health;
 pub mod http;
 pub mod ids;
+pub mod masterkey;
 pub mod metrics;
 pub mod outbox;
 pub mod persistence;
@@ -42,3 +52,4 @@ pub mod session;
 pub mod tasks;
 pub mod text;
 pub mod timer;
+pub mod vault;

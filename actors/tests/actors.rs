@@ -30,6 +30,7 @@ fn options(path: Option<std::path::PathBuf>) -> StoreOptions {
         busy_timeout: Duration::from_secs(5),
         max_batch: 1024,
         probe_interval: Duration::from_millis(100),
+        key: None,
     }
 }
 

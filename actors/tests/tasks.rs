@@ -38,6 +38,7 @@ fn def(command: &[&str], exclusive: bool, retry: bool) -> TaskConfig {
         exclusive,
         allowed_chats: Vec::new(),
         kind: Default::default(),
+        image: None,
     }
 }
 

@@ -218,6 +218,7 @@ async fn a_burst_larger_than_the_window_fires_each_instant_once_while_commits_ov
             busy_timeout: Duration::from_secs(5),
             max_batch: 1024,
             probe_interval: Duration::from_millis(100),
+            key: None,
         })
         .unwrap();
         // Seeded in one statement, as an operator's import would.

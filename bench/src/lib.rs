@@ -12,6 +12,8 @@
 //!   `cat` into a file with the same fsync cadence, RSS, `/task run` latency.
 //! - [`torture`] — `keel torture`: the durability battery (SIGKILL cycles,
 //!   restart storms, a ledger outside the data dir).
+//! - [`services`] — `keel bench services`: ready time with N services
+//!   adopted against a start with none (needs a Docker engine).
 //! - `seed` — the benchmarks' own SQL (seeding, peer reads, receipts).
 //!
 //! This crate is a workspace member of its own so the production library
@@ -24,6 +26,7 @@
 pub mod messages;
 mod reference;
 mod seed;
+pub mod services;
 pub mod tasks;
 pub mod timers;
 pub mod torture;

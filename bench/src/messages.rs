@@ -28,6 +28,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use keel_actors::brain::{Brain, BrainInput, CommandBrain, Decision};
 use keel_actors::config::Synchronous;
+use keel_actors::masterkey::{KeyHandle, MasterKey};
 use keel_actors::persistence::{self, Exchange, ReplyPlan, SessionKey, StoreOptions};
 
 use crate::reference;
@@ -95,7 +96,6 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode> {
     if !(args.warmup_seconds.is_finite() && args.warmup_seconds >= 0.0) {
         bail!("--warmup-seconds must be zero or more");
     }
-    let load_threads = args.load_threads.clamp(1, args.clients);
     let binary = match &args.keel_binary {
         Some(b) => b.clone(),
         None => std::env::current_exe().context("cannot find the keel executable")?,
@@ -104,32 +104,107 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode> {
     let scratch = Scratch::create(args.keep)?;
     let rows = RowMaker::new(args.clients);
 
+    // The message path with encryption on and off in the same run; each
+    // keel is compared with references on the same storage settings.
+    let encrypted = measure(&args, &binary, &scratch.path.join("encrypted"), &rows, true)?;
+    let plain = measure(&args, &binary, &scratch.path.join("plain"), &rows, false)?;
+    let ratio = Report::ratio(encrypted.keel.per_second, plain.keel.per_second);
+    if args.json {
+        println!("{}", {
+            // The top-level keys stay the default (encrypted) run's, as
+            // before encryption existed; outside checks read them.
+            let mut out = encrypted.to_json();
+            out["plain"] = plain.to_json();
+            out["encrypted_vs_plain"] = json!(ratio.map(|r| round(r, 3)));
+            out["encrypted_vs_plain_min"] = json!(TARGET_ENCRYPTED_OF_PLAIN);
+            out
+        });
+    } else {
+        println!("== encrypted store (SQLCipher, [storage] encrypt = true) ==");
+        encrypted.print();
+        println!();
+        println!("== plain store ([storage] encrypt = false) ==");
+        plain.print();
+        println!();
+        println!(
+            "encrypted / plain = {} (target >= {TARGET_ENCRYPTED_OF_PLAIN})",
+            ratio.map_or_else(|| "-".into(), |r| format!("{r:.2}"))
+        );
+    }
+    if args.keep {
+        eprintln!("keel bench: scratch kept in {}", scratch.path.display());
+    }
+    let mut failed = false;
+    for report in [&encrypted, &plain] {
+        if report.load.non_200 > 0 || report.load.errors > 0 {
+            eprintln!(
+                "keel bench: {} non-200 responses and {} failed requests (must be 0){}",
+                report.load.non_200,
+                report.load.errors,
+                report
+                    .load
+                    .first_failure
+                    .as_deref()
+                    .map(|f| format!("; first: {f}"))
+                    .unwrap_or_default()
+            );
+            failed = true;
+        }
+    }
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// Target: encrypted throughput as a fraction of plain.
+const TARGET_ENCRYPTED_OF_PLAIN: f64 = 0.85;
+
+/// One keel (encrypted or plain) and its two references, in `dir`.
+fn measure(
+    args: &BenchArgs,
+    binary: &Path,
+    dir: &Path,
+    rows: &RowMaker,
+    encrypt: bool,
+) -> Result<Report> {
+    DirBuilder::new()
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    let what = if encrypt { "encrypted" } else { "plain" };
+    // The references write stores keyed like keel's (a raw key: no
+    // per-connection derivation, as in keel).
+    let key = encrypt.then(|| KeyHandle::new(MasterKey::generate(), "bench"));
     progress(format!(
-        "reference (a): one transaction per message, {} s",
+        "{what} reference (a): one transaction per message, {} s",
         args.reference_seconds
     ));
     let one = run_reference(
-        &scratch.path.join("ref-a"),
-        &rows,
+        &dir.join("ref-a"),
+        rows,
         None,
         args.reference_seconds,
+        key.clone(),
     )
     .context("reference (a): one transaction per message")?;
     progress(format!(
-        "reference (b): {} messages per transaction, {} s",
+        "{what} reference (b): {} messages per transaction, {} s",
         args.batch, args.reference_seconds
     ));
     let batched = run_reference(
-        &scratch.path.join("ref-b"),
-        &rows,
+        &dir.join("ref-b"),
+        rows,
         Some(args.batch),
         args.reference_seconds,
+        key,
     )
     .context("reference (b): batched transactions")?;
 
-    progress(format!("starting {}", binary.display()));
+    progress(format!("starting {} ({what} store)", binary.display()));
     let rt = runtime()?;
-    let mut keel = Keel::start(&binary, &scratch.path)?;
+    let mut keel = Keel::start_with(binary, dir, encrypt, "")?;
     let base = format!("http://{}", keel.addr);
     rt.block_on(keel.wait_ready(&base))?;
     progress(format!(
@@ -142,6 +217,7 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode> {
         from: start + Duration::from_secs_f64(args.warmup_seconds),
         until: start + Duration::from_secs_f64(args.warmup_seconds + args.seconds),
     };
+    let load_threads = args.load_threads.clamp(1, args.clients);
     let url = format!("{base}/v1/messages");
     let (loads, probe) = std::thread::scope(|s| {
         let handles: Vec<_> = (0..load_threads)
@@ -173,31 +249,9 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode> {
             log_tail(&keel.log)
         );
     }
-
-    let report = Report::new(&args, load, probe, one, batched);
-    if args.json {
-        println!("{}", report.to_json());
-    } else {
-        report.print();
-    }
-    if args.keep {
-        eprintln!("keel bench: scratch kept in {}", scratch.path.display());
-    }
-    if report.load.non_200 > 0 || report.load.errors > 0 {
-        eprintln!(
-            "keel bench: {} non-200 responses and {} failed requests (must be 0){}",
-            report.load.non_200,
-            report.load.errors,
-            report
-                .load
-                .first_failure
-                .as_deref()
-                .map(|f| format!("; first: {f}"))
-                .unwrap_or_default()
-        );
-        return Ok(ExitCode::from(1));
-    }
-    Ok(ExitCode::SUCCESS)
+    let mut report = Report::new(args, load, probe, one, batched);
+    report.encrypted = encrypt;
+    Ok(report)
 }
 
 /// A progress line on stderr (stdout carries only the result).
@@ -322,6 +376,7 @@ fn run_reference(
     rows: &RowMaker,
     batch: Option<usize>,
     seconds: f64,
+    key: Option<KeyHandle>,
 ) -> Result<RefStats> {
     let opts = StoreOptions {
         path: Some(dir.join("keel.db")),
@@ -329,6 +384,7 @@ fn run_reference(
         busy_timeout: Duration::from_secs(5),
         max_batch: 1024,
         probe_interval: Duration::from_millis(500),
+        key,
     };
     let (conn, _) =
         persistence::open_store(&opts).with_context(|| format!("opening {}", dir.display()))?;
@@ -377,13 +433,14 @@ pub(crate) struct Keel {
 }
 
 impl Keel {
-    /// Start `binary run` on a fresh data dir under `scratch` and a free port.
-    pub(crate) fn start(binary: &Path, scratch: &Path) -> Result<Keel> {
-        Keel::start_with(binary, scratch, "")
-    }
-
-    /// Like [`Keel::start`], with `extra` appended to the config file.
-    pub(crate) fn start_with(binary: &Path, scratch: &Path, extra: &str) -> Result<Keel> {
+    /// Start `binary run` on a fresh data dir under `scratch` and a free
+    /// port, with `[storage] encrypt` set and `extra` appended to the config.
+    pub(crate) fn start_with(
+        binary: &Path,
+        scratch: &Path,
+        encrypt: bool,
+        extra: &str,
+    ) -> Result<Keel> {
         let addr = {
             let l = TcpListener::bind("127.0.0.1:0").context("cannot find a free port")?;
             l.local_addr()
@@ -397,7 +454,12 @@ impl Keel {
             .mode(0o600)
             .open(&config)
             .and_then(|mut f| {
-                f.write_all(b"[storage]\nsynchronous = \"full\"\n\n[webhook]\nenabled = true\n")?;
+                f.write_all(
+                    format!(
+                        "[storage]\nsynchronous = \"full\"\nencrypt = {encrypt}\n\n[webhook]\nenabled = true\n"
+                    )
+                    .as_bytes(),
+                )?;
                 f.write_all(extra.as_bytes())
             })
             .with_context(|| format!("cannot write {}", config.display()))?;
@@ -820,6 +882,8 @@ fn round(v: f64, digits: i32) -> f64 {
 
 /// Everything measured in one run.
 struct Report {
+    /// The store was SQLCipher-encrypted (keel and its references).
+    encrypted: bool,
     clients: usize,
     seconds: f64,
     batch: usize,
@@ -848,6 +912,7 @@ impl Report {
         };
         let keel = Line::from_latencies(load.acked as f64 / args.seconds, &mut load.latencies);
         Report {
+            encrypted: false,
             clients: args.clients,
             seconds: args.seconds,
             batch: args.batch,
@@ -974,6 +1039,7 @@ impl Report {
             "clients": self.clients,
             "seconds": self.seconds,
             "synchronous": "full",
+            "encrypted": self.encrypted,
             "keel": self.keel.to_json(),
             "one_txn_per_message": self.one.to_json(),
             "batched": {

@@ -154,7 +154,7 @@ pub fn bench_tasks(args: TaskBenchArgs) -> Result<ExitCode> {
         args.bytes + 1,
         args.bytes
     );
-    let mut keel = Keel::start_with(&binary, &scratch.path, &extra)?;
+    let mut keel = Keel::start_with(&binary, &scratch.path, true, &extra)?;
     let base = format!("http://{}", keel.addr);
     let rt = runtime()?;
     let result = rt.block_on(async {

@@ -64,6 +64,8 @@ pub enum BenchWhich {
     Timers(TimerBenchArgs),
     /// Supervised tasks: 1 GiB output capture vs `cat` into a file, RSS, start latency.
     Tasks(crate::tasks::TaskBenchArgs),
+    /// Services: ready time with N running containers adopted vs none (needs Docker; by hand).
+    Services(crate::services::ServiceBenchArgs),
 }
 
 /// Flags of `keel bench timers`.
@@ -103,6 +105,7 @@ pub fn dispatch(cli: BenchCli) -> Result<ExitCode> {
             None => bench_timers(args),
         },
         Some(BenchWhich::Tasks(args)) => crate::tasks::bench_tasks(args),
+        Some(BenchWhich::Services(args)) => crate::services::bench_services(args),
     }
 }
 
@@ -120,6 +123,7 @@ fn store_opts(db: &Path) -> StoreOptions {
         busy_timeout: Duration::from_secs(10),
         max_batch: 1024,
         probe_interval: Duration::from_millis(500),
+        key: None,
     }
 }
 
@@ -147,8 +151,8 @@ fn mib(kib: u64) -> f64 {
 /// min-heap by next run, as peers do at start.
 fn scan_only(db: &Path) -> Result<ExitCode> {
     let t = Instant::now();
-    let conn =
-        persistence::open_read_only(db).with_context(|| format!("opening {}", db.display()))?;
+    let conn = persistence::open_read_only(db, None)
+        .with_context(|| format!("opening {}", db.display()))?;
     let all = seed::load_all_timers(&conn)?;
     let heap: BinaryHeap<std::cmp::Reverse<(i64, i64)>> = all
         .iter()
@@ -192,7 +196,8 @@ struct FireLine {
 /// A keel on `dir`, timed from spawn to `/readyz` 200 (polled every 2 ms).
 fn start_timed(binary: &Path, dir: &Path) -> Result<(Keel, f64)> {
     let t = Instant::now();
-    let mut keel = Keel::start(binary, dir)?;
+    // The seeded store is plain SQLite (written by the bench itself).
+    let mut keel = Keel::start_with(binary, dir, false, "")?;
     let rt = runtime()?;
     let base = format!("http://{}", keel.addr);
     rt.block_on(keel.wait_ready_polling(&base, Duration::from_secs(60), Duration::from_millis(2)))?;
@@ -220,7 +225,7 @@ fn baseline(binary: &Path, db: &Path) -> Result<(f64, u64)> {
 /// Wait until `want` receipts exist, polling every `poll`; returns when
 /// the last became visible and the `(unix ms, receipts)` samples.
 fn wait_receipts(db: &Path, want: i64, poll: Duration) -> Result<(Instant, Vec<(i64, i64)>)> {
-    let conn = persistence::open_read_only(db)?;
+    let conn = persistence::open_read_only(db, None)?;
     let deadline = Instant::now() + FIRE_DEADLINE;
     let mut samples = Vec::new();
     loop {
@@ -262,7 +267,7 @@ fn pick_ms(sorted: &[i64], q: f64) -> f64 {
 }
 
 fn lateness(db: &Path) -> Result<FireLine> {
-    let conn = persistence::open_read_only(db)?;
+    let conn = persistence::open_read_only(db, None)?;
     let mut late: Vec<i64> = seed::receipts(&conn)?.into_iter().map(|(_, l)| l).collect();
     late.sort_unstable();
     let pick = |q: f64| pick_ms(&late, q);

@@ -139,6 +139,8 @@ pub struct Config {
     pub owner_chat: Option<String>,
     /// `[owner] min_interval_s` (keel's default coalesces notices for 300 s).
     pub owner_interval_s: Option<u64>,
+    /// TOML appended verbatim (whole sections, e.g. `[storage]\nencrypt = false\n`).
+    pub extra: String,
 }
 
 impl Config {
@@ -172,6 +174,10 @@ impl Config {
             if let Some(secs) = self.owner_interval_s {
                 s.push_str(&format!("min_interval_s = {secs}\n"));
             }
+        }
+        if !self.extra.is_empty() {
+            s.push('\n');
+            s.push_str(&self.extra);
         }
         s
     }
@@ -379,6 +385,7 @@ impl Daemon {
             .env_remove("KEEL_DATA_DIR")
             .env_remove("KEEL_LISTEN")
             .env_remove("KEEL_CONFIG")
+            .env_remove("KEEL_MASTER_KEY")
             .env("NO_COLOR", "1")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .args(&self.args);
@@ -747,12 +754,24 @@ impl Drop for Daemon {
 
 /// Runs `keel ARGS...` with optional stdin input; kills it past the deadline and panics.
 pub async fn run_keel(args: &[&str], stdin: Option<&[u8]>, deadline: Duration) -> Output {
+    run_keel_env(args, &[], stdin, deadline).await
+}
+
+/// [`run_keel`] with extra environment (e.g. `KEEL_MASTER_KEY`).
+pub async fn run_keel_env(
+    args: &[&str],
+    env: &[(&str, &str)],
+    stdin: Option<&[u8]>,
+    deadline: Duration,
+) -> Output {
     use tokio::io::AsyncWriteExt;
     let mut cmd = tokio::process::Command::new(keel_bin());
     cmd.args(args)
         .env_remove("KEEL_DATA_DIR")
         .env_remove("KEEL_LISTEN")
         .env_remove("KEEL_CONFIG")
+        .env_remove("KEEL_MASTER_KEY")
+        .envs(env.iter().copied())
         .env("NO_COLOR", "1")
         .stdin(if stdin.is_some() {
             Stdio::piped()
@@ -1392,9 +1411,59 @@ impl Load {
     }
 }
 
+/// The master key keel keeps in `dir/master.key`, as 64 hex characters.
+pub fn master_key_hex(dir: &Path) -> Option<String> {
+    std::fs::read_to_string(dir.join("master.key"))
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// Open a database of a data dir the way keel does: unlocked with the
+/// dir's `master.key` when there is one. A database that does not exist
+/// yet is created encrypted with a fresh 0600 key file (as keel's first
+/// start would), so tests can prepare stores keel then opens.
+pub fn open_db(db: &Path) -> rusqlite::Connection {
+    open_db_with(db, rusqlite::OpenFlags::default())
+}
+
+/// [`open_db`] with explicit open flags (e.g. read-only).
+pub fn open_db_with(db: &Path, flags: rusqlite::OpenFlags) -> rusqlite::Connection {
+    let dir = db.parent().expect("db has a parent dir");
+    let mut key = master_key_hex(dir);
+    if key.is_none() && !db.exists() {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let hex: String = (0..32)
+            .map(|_| format!("{:02x}", rand::random::<u8>()))
+            .collect();
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(dir.join("master.key"))
+            .expect("create master.key");
+        writeln!(f, "{hex}").expect("write master.key");
+        key = Some(hex);
+    }
+    // A plain store (`[storage] encrypt = false`) is opened without the key.
+    let plain = std::fs::read(db)
+        .map(|b| b.starts_with(b"SQLite format 3\0"))
+        .unwrap_or(false);
+    let conn = rusqlite::Connection::open_with_flags(db, flags).expect("open db");
+    if let Some(k) = key.filter(|_| !plain) {
+        conn.execute_batch(&format!(
+            "PRAGMA cipher_log_level = NONE; PRAGMA key = \"x'{k}'\";"
+        ))
+        .expect("apply key");
+    }
+    conn.busy_timeout(Duration::from_secs(5))
+        .expect("busy timeout");
+    conn
+}
+
 /// `PRAGMA integrity_check` on a stopped daemon's database.
 pub fn integrity_check(db: &Path) -> String {
-    let conn = rusqlite::Connection::open(db).expect("open db for integrity check");
+    let conn = open_db(db);
     conn.query_row("PRAGMA integrity_check", [], |r| r.get::<_, String>(0))
         .expect("integrity_check")
 }

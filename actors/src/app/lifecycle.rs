@@ -3,7 +3,8 @@
 //! `Shutdown` cascades (R33): `/readyz` → 503, the intake gate closes and
 //! in-flight messages drain (returning as soon as drained, bounded by the
 //! deadline), the CLI adapter stops, timers stop, running tasks are stopped
-//! and recorded (INTERRUPTED), in-flight reply sends are recorded, the
+//! and recorded (INTERRUPTED), ephemeral containers are removed (services
+//! keep running unless `stop_services_on_shutdown`), in-flight reply sends are recorded, the
 //! store finishes its queue, checkpoints the WAL (TRUNCATE) and closes, the
 //! HTTP listener stops. Only then is `done` resolved; the binary exits 0.
 //!
@@ -35,6 +36,7 @@ use crate::health::{Gate, Health, Phase};
 use crate::http::AdminAccess;
 use crate::metrics::Metrics;
 use crate::outbox::{DrainOutbox, OutboxActor, SetOutboxPolicy, SetSinks};
+use crate::persistence::audit::AppendAudit;
 use crate::persistence::{CloseStore, PersistenceActor, PutAdapterState};
 use crate::session::{Reconfigure, SessionRegistry};
 use crate::tasks::{SetTaskSettings, StopTasks, TaskActor};
@@ -77,6 +79,8 @@ pub struct Lifecycle {
     pub(crate) outbox: Addr<OutboxActor>,
     pub(crate) timers: Addr<TimerActor>,
     pub(crate) tasks: Addr<TaskActor>,
+    /// The container reaper, when `[containers] enabled`.
+    pub(crate) containers: Option<Addr<crate::containers::ContainerReaper>>,
     /// PATH/LANG for task children (kept for the settings rebuilt on reload).
     pub(crate) task_env: Vec<(String, String)>,
     pub(crate) cli: Option<Addr<CliAdapter>>,
@@ -97,6 +101,29 @@ pub struct Lifecycle {
     pub(crate) log_level: Option<LogLevelHook>,
     pub(crate) shutting_down: bool,
     pub(crate) done: Option<oneshot::Sender<ExitReport>>,
+    /// Capability tokens (failed attempts are summarised in the audit log).
+    pub(crate) tokens: crate::vault::TokenTable,
+}
+
+/// Append the `auth_failed` summary (count since the last one), if any
+/// attempt failed. Called every minute and in the shutdown cascade.
+pub async fn flush_auth_failures(
+    tokens: &crate::vault::TokenTable,
+    persistence: &Addr<PersistenceActor>,
+) {
+    let n = tokens.take_failures();
+    if n == 0 {
+        return;
+    }
+    let sent = persistence
+        .send(AppendAudit {
+            kind: "auth_failed",
+            detail: serde_json::json!({ "count": n }),
+        })
+        .await;
+    if !matches!(sent, Ok(Ok(_))) {
+        tracing::warn!(count = n, "auth_failed audit record not written");
+    }
 }
 
 impl Actor for Lifecycle {
@@ -120,9 +147,12 @@ impl Handler<Shutdown> for Lifecycle {
         let outbox = self.outbox.clone();
         let timers = self.timers.clone();
         let tasks = self.tasks.clone();
+        let containers = self.containers.clone();
         let persistence = self.persistence.clone();
         let http = self.http.clone();
         let adapters = self.adapters.clone();
+        let tokens = self.tokens.clone();
+        let reason = msg.reason.clone();
         let cascade = async move {
             // 0. Pollers stop first: a long poll in flight is abandoned and
             //    its offset not advanced, so Telegram sends it again later.
@@ -161,12 +191,31 @@ impl Handler<Shutdown> for Lifecycle {
                     tracing::warn!(running = left, "tasks not stopped by the deadline");
                 }
             }
+            // 3c. Containers: ephemeral ones are stopped and removed;
+            //     services keep running unless stop_services_on_shutdown.
+            if let Some(containers) = containers {
+                let budget = deadline
+                    .saturating_duration_since(tokio::time::Instant::now())
+                    .max(Duration::from_millis(500));
+                let _ = containers
+                    .send(crate::containers::StopContainers { deadline: budget })
+                    .await;
+            }
             // 4. Reply sends under way get recorded (bounded by the deadline).
             let remaining = deadline
                 .saturating_duration_since(tokio::time::Instant::now())
                 .max(Duration::from_millis(100));
             let _ = tokio::time::timeout(remaining, outbox.send(DrainOutbox)).await;
-            // 5. Flush, checkpoint, close.
+            // 5. The audit log's last records, then flush, checkpoint, close
+            //    (keel.db; secrets.db is closed with a TRUNCATE checkpoint
+            //    after every write, so nothing of it is open here).
+            flush_auth_failures(&tokens, &persistence).await;
+            let _ = persistence
+                .send(AppendAudit {
+                    kind: "stopped",
+                    detail: serde_json::json!({ "reason": reason }),
+                })
+                .await;
             let store_closed = match persistence.send(CloseStore).await {
                 Ok(Ok((busy, log, done))) => {
                     tracing::info!(busy, wal_frames = log, checkpointed = done, "store closed");
@@ -243,10 +292,24 @@ impl Handler<Reload> for Lifecycle {
         if let Some(adapters) = &self.adapters {
             adapters.do_send(SetSupervision(new.adapters.clone()));
         }
+        if let Some(containers) = &self.containers {
+            containers.do_send(crate::containers::SetReaperSettings {
+                reconcile_interval: Duration::from_secs(new.containers.reconcile_interval_s),
+                stop_services_on_shutdown: new.containers.stop_services_on_shutdown,
+            });
+        }
         // `keel status` shows what waits for a restart.
         self.persistence.do_send(PutAdapterState {
             adapter: PENDING_KEY.into(),
             state_json: pending_json(&report.restart_needed),
+        });
+        // Key names only: some keys hold secrets.
+        self.persistence.do_send(AppendAudit {
+            kind: "reloaded",
+            detail: serde_json::json!({
+                "applied": report.applied,
+                "restart_needed": report.restart_needed,
+            }),
         });
         self.metrics
             .config_reloads

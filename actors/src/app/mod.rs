@@ -1,6 +1,7 @@
 //! Build the actor graph from a `Config`, in the start order of R32:
 //! config → store (open, integrity check, migrate) → recovery (boot epoch,
-//! unsent replies, awaiting turns, interrupted tasks, overdue timers) →
+//! unsent replies, awaiting turns, interrupted tasks, orphan containers
+//! reaped and services rebuilt, overdue timers) →
 //! adapters by priority → owner notice → ready. The `settings_*` functions are the one path that turns a `Config`
 //! into running settings; startup and SIGHUP reload both go through them.
 
@@ -23,6 +24,7 @@ pub mod lifecycle;
 pub mod reload;
 
 use crate::clock::{Clock, WallClock};
+use crate::containers::{ContainerReaper, ReaperSettings, RecoverContainers, RecoverReport};
 use crate::metrics::Metrics;
 use crate::outbox::{OutboxActor, OutboxKick, ReplySink};
 use crate::persistence::meta::{CommitOwnerNotice, NoticeCoverage, NoticeOutcome};
@@ -58,6 +60,9 @@ pub struct RunOptions {
     pub task_env: Vec<(String, String)>,
     /// R39: serve a store that lost acknowledged commits (`--accept-data-loss`).
     pub accept_data_loss: bool,
+    /// The master key (found by the binary): unlocks `secrets.db` and, while
+    /// `[storage] encrypt`, `keel.db`. `None` only in library tests.
+    pub key: Option<crate::masterkey::KeyHandle>,
 }
 
 /// A started keel.
@@ -136,6 +141,51 @@ pub fn settings_tasks(config: &Config, base_env: &[(String, String)]) -> TaskSet
         default_cwd,
         base_env: base_env.to_vec(),
     }
+}
+
+/// The reaper's settings: the instance id (configured, or the one kept in
+/// the store, created at first start) and the paths no container may mount.
+async fn settings_reaper(
+    config: &Config,
+    persistence: &Addr<PersistenceActor>,
+) -> Result<ReaperSettings, StartError> {
+    let instance = match &config.containers.instance {
+        Some(id) => id.clone(),
+        None => {
+            use rand::Rng;
+            let proposed: String = (0..12)
+                .map(|_| {
+                    let n = rand::thread_rng().gen_range(0..36u32);
+                    char::from_digit(n, 36).unwrap_or('0')
+                })
+                .collect();
+            persistence
+                .send(crate::persistence::services::GetOrCreateInstance { proposed })
+                .await
+                .unwrap_or(Err(StoreError::Closed))?
+        }
+    };
+    let mut paths = vec![std::path::PathBuf::from(
+        config
+            .containers
+            .host()
+            .strip_prefix("unix://")
+            .unwrap_or("/var/run/docker.sock"),
+    )];
+    paths.push("/var/run/docker.sock".into());
+    paths.push("/run/docker.sock".into());
+    if !config.ephemeral {
+        paths.push(config.data_dir.clone());
+        if let Ok(real) = config.data_dir.canonicalize() {
+            paths.push(real);
+        }
+    }
+    Ok(ReaperSettings {
+        instance,
+        reconcile_interval: Duration::from_secs(config.containers.reconcile_interval_s),
+        stop_services_on_shutdown: config.containers.stop_services_on_shutdown,
+        forbidden: crate::containers::spec::Forbidden { paths },
+    })
 }
 
 pub fn settings_admin(config: &Config) -> crate::http::AdminAccess {
@@ -248,6 +298,7 @@ fn restart_detail(
     awaiting: usize,
     timers: &TimerStats,
     tasks: &TaskRecovery,
+    containers: Option<&RecoverReport>,
 ) -> String {
     let mut text = format!(
         " Timers recovered: {} fired late, {} skipped.",
@@ -257,6 +308,20 @@ fn restart_detail(
         " Tasks interrupted: {}, queued again: {}.",
         tasks.interrupted, tasks.requeued
     ));
+    if let Some(c) = containers {
+        text.push_str(&format!(
+            " Containers reaped: {}; services: {} ({} adopted).",
+            c.reaped, c.services, c.adopted
+        ));
+        if let Some(e) = &c.engine_error {
+            text.push_str(&format!(" Container engine degraded: {e}."));
+        }
+        if let Some(d) = &c.log_damage {
+            text.push_str(&format!(
+                " Services event log damaged: {d}; run keel verify."
+            ));
+        }
+    }
     if pending_replies > 0 {
         text.push_str(&format!(
             " {pending_replies} unsent replies are being delivered now."
@@ -293,7 +358,7 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
     let gate = Gate::closed();
 
     // Stores: open, integrity check, migrate (blocking, before anything else).
-    let store_opts = StoreOptions::from_config(&config);
+    let store_opts = StoreOptions::from_config(&config, opts.key.as_ref());
     let open_opts = store_opts.clone();
     let (conn, report) = tokio::task::spawn_blocking(move || persistence::open_store(&open_opts))
         .await
@@ -304,12 +369,16 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         migrated_from = report.migrated_from,
         "store open"
     );
+    let migrated = (report.migrated_from != report.schema_version)
+        .then(|| serde_json::json!({"from": report.migrated_from, "to": report.schema_version}));
     if let Some(db) = report.deferred_check.clone() {
-        persistence::check_in_background(db, health.clone());
+        persistence::check_in_background(db, store_opts.key.clone(), health.clone());
     }
     // R39: acknowledged commits missing (a damaged or deleted WAL).
+    let mut accepted_loss = None;
     if let (Some(loss), Some(db)) = (report.data_loss, &store_opts.path) {
         if opts.accept_data_loss {
+            accepted_loss = Some(loss);
             tracing::warn!(
                 audit = "data_loss_accepted",
                 path = %db.display(),
@@ -338,6 +407,7 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
             health.data_loss(&reason);
         }
     }
+    let store_key = store_opts.key.clone();
     let persistence = PersistenceActor::new(
         conn,
         store_opts,
@@ -384,6 +454,10 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
     // Likewise the task runner's (sessions, timers and HTTP queue tasks).
     let task_ctx: Context<TaskActor> = Context::new();
     let tasks = task_ctx.address();
+    // The container reaper's (HTTP and the admin socket send it service
+    // requests); it starts, and recovers, after the tasks below.
+    let reaper_ctx: Option<Context<ContainerReaper>> = config.containers.enabled.then(Context::new);
+    let reaper = reaper_ctx.as_ref().map(|c| c.address());
     let registry = SessionRegistry::new(
         persistence.clone(),
         outbox.clone().recipient(),
@@ -441,6 +515,14 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         metrics: metrics.clone(),
     });
     let admin_access = Arc::new(RwLock::new(settings_admin(&config)));
+    // Capability tokens: every row, kept in memory so a request never waits
+    // for the store and a revocation applies at once.
+    let tokens = crate::vault::TokenTable::load(
+        persistence
+            .send(crate::persistence::vault::GetTokens)
+            .await
+            .unwrap_or(Err(StoreError::Closed))?,
+    );
     let addr = config
         .listen_addr()
         .map_err(|e| StartError::Config(format!("listen: {e}")))?;
@@ -450,7 +532,15 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         metrics.clone(),
         persistence.clone(),
         admin_access.clone(),
-        Some(tasks.clone()),
+        crate::http::Backends {
+            tasks: Some(tasks.clone()),
+            services: reaper.clone(),
+        },
+        crate::http::AdminDeps {
+            tokens: tokens.clone(),
+            clock: clock.clone(),
+            outbox: Some(outbox.clone().recipient()),
+        },
         webhook
             .iter()
             .map(|s| s.routes())
@@ -480,6 +570,8 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
             cli: None,
             webhook: webhook_adapter,
             adapters: None,
+            containers: None,
+            tokens: tokens.clone(),
             http: server,
             http_client: http,
             cli_clients,
@@ -521,7 +613,21 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         None
     } else {
         Some(
-            crate::tasks::admin::serve(&config.admin_socket(), tasks.clone()).map_err(|e| {
+            crate::tasks::admin::serve(
+                &config.admin_socket(),
+                tasks.clone(),
+                opts.key.clone().map(|key| crate::vault::admin::VaultAdmin {
+                    persistence: persistence.clone(),
+                    tokens: tokens.clone(),
+                    secrets_path: config.secrets_path(),
+                    key,
+                    clock: clock.clone(),
+                    db_path: config.db_path(),
+                    db_key: store_key.clone(),
+                }),
+                reaper.clone(),
+            )
+            .map_err(|e| {
                 StartError::Config(format!(
                     "cannot bind the admin socket {}: {e}",
                     config.admin_socket().display()
@@ -529,6 +635,26 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
             })?,
         )
     };
+    // The engine and the instance id, shared by the reaper and the runner
+    // of container tasks.
+    let containers: Option<(Arc<dyn crate::containers::engine::Engine>, ReaperSettings)> =
+        if config.containers.enabled {
+            let settings = settings_reaper(&config, &persistence).await?;
+            let engine = crate::containers::docker::DockerEngine::new(
+                config.containers.host(),
+                Duration::from_millis(config.containers.request_timeout_ms),
+            );
+            Some((Arc::new(engine), settings))
+        } else {
+            None
+        };
+    let container_runner = containers.as_ref().map(|(engine, settings)| {
+        Arc::new(crate::tasks::container::ContainerRunner::new(
+            engine.clone(),
+            &settings.instance,
+            Duration::from_millis(config.tasks.grace_ms),
+        )) as Arc<dyn crate::tasks::process::Runner>
+    });
     let runner = crate::tasks::process::ProcessRunner::start()
         .map_err(|e| StartError::Config(format!("cannot start the task spawner thread: {e}")))?;
     task_ctx.run(
@@ -541,12 +667,33 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
             stats.boot_epoch,
         )
         .with_metrics(crate::tasks::TaskMetrics::new(&metrics))
+        .with_container_runner(container_runner)
         .with_admin(admin_socket),
     );
     let task_stats = tasks
         .send(Recover)
         .await
         .unwrap_or(Err(StoreError::Closed))?;
+    // Containers (R24, R25): reap this instance's orphans, rebuild services
+    // from the event log (adopt / replace / create). An engine that fails
+    // leaves containers degraded, never keel down (R27).
+    let container_report = match (reaper_ctx, &reaper, containers) {
+        (Some(ctx), Some(addr), Some((engine, settings))) => {
+            ctx.run(ContainerReaper::new(
+                engine,
+                persistence.clone(),
+                health.clone(),
+                &metrics,
+                settings,
+            ));
+            Some(
+                addr.send(RecoverContainers)
+                    .await
+                    .unwrap_or(Err(StoreError::Closed))?,
+            )
+        }
+        _ => None,
+    };
     // Timers: fire what came due while keel was down, per misfire policy (R10).
     timer_ctx.run(
         TimerActor::new(
@@ -589,7 +736,13 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
             session: SessionKey::new(&owner.channel, &owner.chat),
             deliver: routed_channels(&config).contains(&owner.channel),
             min_interval_ms: owner.min_interval_s.saturating_mul(1_000) as i64,
-            detail: restart_detail(stats.outbox_pending, awaiting, &timer_stats, &task_stats),
+            detail: restart_detail(
+                stats.outbox_pending,
+                awaiting,
+                &timer_stats,
+                &task_stats,
+                container_report.as_ref(),
+            ),
         };
         let outcome = persistence
             .send(notice.message(Some(stats.boot_epoch)))
@@ -629,6 +782,47 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         clients.first_bind(Duration::from_secs(5)).await;
     }
     health.set_phase(Phase::Ready);
+    if let Some(detail) = migrated {
+        let _ = persistence
+            .send(crate::persistence::audit::AppendAudit {
+                kind: "migrated",
+                detail,
+            })
+            .await;
+    }
+    if let Some(loss) = accepted_loss {
+        let _ = persistence
+            .send(crate::persistence::audit::AppendAudit {
+                kind: "data_loss_accepted",
+                detail: serde_json::json!({
+                    "missing": loss.missing(),
+                    "recorded": loss.recorded,
+                    "found": loss.found,
+                }),
+            })
+            .await;
+    }
+    let _ = persistence
+        .send(crate::persistence::audit::AppendAudit {
+            kind: "started",
+            detail: serde_json::json!({
+                "boot_epoch": stats.boot_epoch,
+                "encrypted": config.storage.encrypt && !config.ephemeral,
+            }),
+        })
+        .await;
+    {
+        // Failed token attempts are summarised once a minute.
+        let (tokens, persistence) = (tokens.clone(), persistence.clone());
+        actix_rt::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(60));
+            every.tick().await;
+            loop {
+                every.tick().await;
+                lifecycle::flush_auth_failures(&tokens, &persistence).await;
+            }
+        });
+    }
     tracing::info!(
         boot_epoch = stats.boot_epoch,
         sessions = stats.sessions,
@@ -648,6 +842,7 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         outbox,
         timers,
         tasks,
+        containers: reaper.clone(),
         task_env: opts.task_env.clone(),
         cli: cli.clone(),
         webhook: webhook_adapter,
@@ -663,6 +858,7 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         log_level: opts.log_level,
         shutting_down: false,
         done: Some(done_tx),
+        tokens,
     }
     .start();
     Ok(Running {

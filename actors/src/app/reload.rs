@@ -8,8 +8,9 @@
 //! The lifecycle controller then pushes the live settings to the actors.
 
 use crate::config::{
-    AdminConfig, AgentConfig, CliConfig, Config, OutboxConfig, SlackConfig, StorageConfig,
-    SupervisionConfig, TasksConfig, TelegramConfig, TimersConfig, WebhookConfig,
+    AdminConfig, AgentConfig, CliConfig, Config, ContainersConfig, OutboxConfig, SlackConfig,
+    StorageConfig, SupervisionConfig, TasksConfig, TelegramConfig, TimersConfig, VaultConfig,
+    WebhookConfig,
 };
 
 /// The outcome of comparing a new config with the running one.
@@ -79,6 +80,8 @@ pub fn plan(running: &Config, new: &Config) -> (ReloadReport, Config) {
         tasks,
         task,
         principals,
+        vault,
+        containers,
     } = new;
     let storage = {
         let StorageConfig {
@@ -86,6 +89,7 @@ pub fn plan(running: &Config, new: &Config) -> (ReloadReport, Config) {
             busy_timeout_ms,
             max_batch,
             probe_interval_ms,
+            encrypt,
         } = storage;
         let o = &old.storage;
         StorageConfig {
@@ -101,6 +105,18 @@ pub fn plan(running: &Config, new: &Config) -> (ReloadReport, Config) {
                 probe_interval_ms,
                 &o.probe_interval_ms,
             ),
+            encrypt: r.restart("storage.encrypt", encrypt, &o.encrypt),
+        }
+    };
+    let vault = {
+        let VaultConfig {
+            key_source,
+            key_file,
+        } = vault;
+        VaultConfig {
+            // The key unlocks the stores at start only.
+            key_source: r.restart("vault.key_source", key_source, &old.vault.key_source),
+            key_file: r.restart("vault.key_file", key_file, &old.vault.key_file),
         }
     };
     let webhook = {
@@ -287,6 +303,40 @@ pub fn plan(running: &Config, new: &Config) -> (ReloadReport, Config) {
             retention_days: r.live("tasks.retention_days", retention_days, &o.retention_days),
         }
     };
+    // The engine connection and the instance id are fixed for a run (the
+    // reaper connects and names containers with them at start); the loop's
+    // interval and the shutdown policy are pushed to the reaper.
+    let containers = {
+        let ContainersConfig {
+            enabled,
+            docker_host,
+            instance,
+            reconcile_interval_s,
+            stop_services_on_shutdown,
+            request_timeout_ms,
+        } = containers;
+        let o = &old.containers;
+        ContainersConfig {
+            enabled: r.restart("containers.enabled", enabled, &o.enabled),
+            docker_host: r.restart("containers.docker_host", docker_host, &o.docker_host),
+            instance: r.restart("containers.instance", instance, &o.instance),
+            reconcile_interval_s: r.live(
+                "containers.reconcile_interval_s",
+                reconcile_interval_s,
+                &o.reconcile_interval_s,
+            ),
+            stop_services_on_shutdown: r.live(
+                "containers.stop_services_on_shutdown",
+                stop_services_on_shutdown,
+                &o.stop_services_on_shutdown,
+            ),
+            request_timeout_ms: r.restart(
+                "containers.request_timeout_ms",
+                request_timeout_ms,
+                &o.request_timeout_ms,
+            ),
+        }
+    };
     let effective = Config {
         data_dir: r.restart("data_dir", data_dir, &old.data_dir),
         listen: r.restart("listen", listen, &old.listen),
@@ -319,6 +369,8 @@ pub fn plan(running: &Config, new: &Config) -> (ReloadReport, Config) {
         task: r.live("task", task, &old.task),
         // Sessions look people up per message (settings replaced on reload).
         principals: r.live("principals", principals, &old.principals),
+        vault,
+        containers,
     };
     (r, effective)
 }
@@ -362,6 +414,33 @@ mod tests {
             "applied: outbox.concurrency, timers.retention_days, adapters.attempts, log_level; \
              restart needed: storage.max_batch, telegram.limit, adapters.seed"
         );
+    }
+
+    #[test]
+    fn containers_interval_and_shutdown_policy_are_live_the_engine_is_not() {
+        let old = cfg("[containers]\nenabled = true");
+        let new = cfg(
+            "[containers]\nenabled = true\nreconcile_interval_s = 5\nstop_services_on_shutdown = true\n\
+             instance = \"abc\"\ndocker_host = \"unix:///x.sock\"\nrequest_timeout_ms = 500",
+        );
+        let (r, eff) = plan(&old, &new);
+        assert_eq!(
+            r.applied,
+            vec![
+                "containers.reconcile_interval_s",
+                "containers.stop_services_on_shutdown"
+            ]
+        );
+        assert_eq!(
+            r.restart_needed,
+            vec![
+                "containers.docker_host",
+                "containers.instance",
+                "containers.request_timeout_ms"
+            ]
+        );
+        assert_eq!(eff.containers.reconcile_interval_s, 5);
+        assert_eq!(eff.containers.instance, None);
     }
 
     #[test]

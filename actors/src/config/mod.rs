@@ -12,11 +12,13 @@ use std::time::Duration;
 use serde::Deserialize;
 
 mod channels;
+mod containers;
 mod ids;
 mod tasks;
 mod whatsapp;
 
 pub use channels::{GroupReplies, SlackConfig, TelegramConfig, TelegramMode};
+pub use containers::{check_instance, ContainersConfig, DEFAULT_DOCKER_HOST};
 pub use ids::{check_external_id, MAX_ID_BYTES};
 pub use tasks::{validate_task, TaskConfig, TaskKind, TasksConfig, MAX_TASK_NAME};
 pub use whatsapp::WhatsAppConfig;
@@ -77,6 +79,37 @@ pub struct Config {
     /// People and their identities on the channels (`[principals.NAME]`):
     /// working memory belongs to the person across channels.
     pub principals: BTreeMap<String, PrincipalConfig>,
+    /// The container engine (R23–R27).
+    pub containers: ContainersConfig,
+    /// `[vault]`: where the master key comes from (R28).
+    pub vault: VaultConfig,
+}
+
+/// Where the master key of the encrypted stores comes from (first match
+/// wins: `KEEL_MASTER_KEY`, then this).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct VaultConfig {
+    /// `file` (default) or `keychain` (the kernel keyutils store, Linux).
+    pub key_source: KeySource,
+    /// The key file; default `<data_dir>/master.key`, created 0600 at first start.
+    pub key_file: Option<PathBuf>,
+}
+
+impl Default for VaultConfig {
+    fn default() -> Self {
+        VaultConfig {
+            key_source: KeySource::File,
+            key_file: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum KeySource {
+    File,
+    Keychain,
 }
 
 /// `[principals.NAME]`: one person's identities, one per channel.
@@ -140,6 +173,8 @@ impl Default for Config {
             tasks: TasksConfig::default(),
             task: BTreeMap::new(),
             principals: BTreeMap::new(),
+            vault: VaultConfig::default(),
+            containers: ContainersConfig::default(),
         }
     }
 }
@@ -219,6 +254,8 @@ pub struct StorageConfig {
     pub max_batch: usize,
     /// How often a degraded store retries a write to see if the cause is gone.
     pub probe_interval_ms: u64,
+    /// Encrypt `keel.db` with SQLCipher (R28); `secrets.db` is always encrypted.
+    pub encrypt: bool,
 }
 
 impl Default for StorageConfig {
@@ -228,6 +265,7 @@ impl Default for StorageConfig {
             busy_timeout_ms: 5_000,
             max_batch: 1_024,
             probe_interval_ms: 500,
+            encrypt: true,
         }
     }
 }
@@ -427,6 +465,9 @@ impl Config {
                 "must be between 1 and 36500".into(),
             ));
         }
+        self.containers
+            .validate()
+            .map_err(|(key, detail)| invalid(key, detail))?;
         if self.storage.probe_interval_ms == 0 {
             return Err(invalid("storage.probe_interval_ms", "must be > 0".into()));
         }
@@ -519,6 +560,12 @@ impl Config {
         self.tasks.validate().map_err(|(k, e)| invalid(k, e))?;
         for (name, t) in &self.task {
             validate_task(name, t).map_err(|e| invalid("task", e))?;
+            if t.kind == TaskKind::Container && !self.containers.enabled {
+                return Err(invalid(
+                    "task",
+                    format!("task.{name}.kind: container tasks need [containers] enabled = true"),
+                ));
+            }
         }
         Ok(())
     }
@@ -534,6 +581,20 @@ impl Config {
     /// The database file, or `None` when running ephemeral.
     pub fn db_path(&self) -> Option<PathBuf> {
         (!self.ephemeral).then(|| self.data_dir.join("keel.db"))
+    }
+
+    /// The master key file (`[vault] key_file`, default `<data_dir>/master.key`).
+    pub fn key_file(&self) -> PathBuf {
+        match &self.vault.key_file {
+            Some(p) if p.is_absolute() => p.clone(),
+            Some(p) => self.data_dir.join(p),
+            None => self.data_dir.join("master.key"),
+        }
+    }
+
+    /// The vault database, or `None` when running ephemeral.
+    pub fn secrets_path(&self) -> Option<PathBuf> {
+        (!self.ephemeral).then(|| self.data_dir.join("secrets.db"))
     }
 
     /// The admin socket of `keel tasks run|cancel` (always in the data dir,
@@ -672,6 +733,14 @@ mod tests {
             (
                 "[task.x]\ncommand = [\"a\"]\nkind = \"container\"",
                 "task.x.kind",
+            ),
+            (
+                "[task.x]\ncommand = [\"a\"]\nkind = \"container\"\nimage = \"busybox\"",
+                "container tasks need [containers] enabled",
+            ),
+            (
+                "[task.x]\ncommand = [\"a\"]\nimage = \"busybox\"",
+                "task.x.image",
             ),
             (
                 "[task.x]\ncommand = [\"a\"]\ntimeout_s = 0",

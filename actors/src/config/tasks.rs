@@ -42,8 +42,8 @@ impl Default for TasksConfig {
     }
 }
 
-/// What runs a task. Only child processes exist today; containers come
-/// with the containers issue, behind the same runner trait.
+/// What runs a task: a child process, or a container on the engine of
+/// `[containers]` (re-attached after a keel crash).
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum TaskKind {
@@ -87,6 +87,10 @@ pub struct TaskConfig {
     pub allowed_chats: Vec<String>,
     #[serde(default)]
     pub kind: TaskKind,
+    /// `kind = "container"`: the image the task runs in (`command` is its
+    /// argv); needs `[containers] enabled`.
+    #[serde(default)]
+    pub image: Option<String>,
 }
 
 fn default_max_attempts() -> u32 {
@@ -135,10 +139,23 @@ pub fn validate_task(name: &str, t: &TaskConfig) -> Result<(), String> {
             "task name {name:?} must be 1 to {MAX_TASK_NAME} characters of a-z, A-Z, 0-9, '-', '_', '.'"
         ));
     }
-    if t.kind == TaskKind::Container {
-        return Err(format!(
-            "task.{name}.kind: \"container\" is not available yet (only \"process\")"
-        ));
+    match (t.kind, &t.image) {
+        (TaskKind::Container, None) => {
+            return Err(format!(
+                "task.{name}.kind: \"container\" needs task.{name}.image"
+            ))
+        }
+        (TaskKind::Container, Some(i))
+            if i.is_empty()
+                || i.len() > 255
+                || i.chars().any(|c| c.is_whitespace() || c.is_control()) =>
+        {
+            return Err(format!("task.{name}.image: not an image reference: {i:?}"))
+        }
+        (TaskKind::Process, Some(_)) => {
+            return Err(format!("task.{name}.image: only for kind = \"container\""))
+        }
+        _ => {}
     }
     match t.command.first() {
         None => return Err(format!("task.{name}.command: must name a program")),

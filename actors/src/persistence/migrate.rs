@@ -50,6 +50,16 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "chat_state",
         sql: include_str!("../../../migrations/0006_chat_state.sql"),
     },
+    Migration {
+        version: 7,
+        name: "vault",
+        sql: include_str!("../../../migrations/0007_vault.sql"),
+    },
+    Migration {
+        version: 8,
+        name: "services",
+        sql: include_str!("../../../migrations/0008_services.sql"),
+    },
 ];
 
 /// The schema version this binary writes.

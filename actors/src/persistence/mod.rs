@@ -16,13 +16,17 @@
 
 pub mod acked;
 pub mod adapter_state;
+pub mod audit;
+pub mod backup;
 pub mod meta;
 pub mod migrate;
 mod open;
 pub mod outbox;
+pub mod services;
 pub mod sessions;
 pub mod tasks;
 pub mod timers;
+pub mod vault;
 mod writer;
 
 /// Shared helpers of the store's unit tests.
@@ -48,6 +52,7 @@ pub(crate) mod testing {
 use std::sync::{mpsc, Arc};
 
 use actix::prelude::*;
+pub use rusqlite::backup::Progress as BackupProgress;
 pub use rusqlite::Connection;
 use tokio::sync::oneshot;
 
@@ -58,8 +63,8 @@ use crate::metrics::Metrics;
 pub use adapter_state::{GetAdapterState, PutAdapterState};
 pub use meta::{GetStats, RecordBoot, StoreStats};
 pub use open::{
-    check_in_background, open_connection, open_read_only, open_store, write_atomic, OpenReport,
-    StoreOptions, SYNC_CHECK_MAX_BYTES,
+    check_in_background, is_plain_sqlite, open_connection, open_read_only, open_store,
+    write_atomic, OpenReport, StoreOptions, SYNC_CHECK_MAX_BYTES,
 };
 pub use outbox::{GetPendingOutbox, OutboxRow, RecordDeliveryStatuses, RecordSend, SendOutcome};
 pub use sessions::{

@@ -16,6 +16,7 @@ use super::{meta, migrate};
 use crate::config::{Config, Synchronous};
 use crate::error::StoreError;
 use crate::health::Health;
+use crate::masterkey::KeyHandle;
 
 /// How the store is opened.
 #[derive(Debug, Clone)]
@@ -26,16 +27,20 @@ pub struct StoreOptions {
     pub busy_timeout: Duration,
     pub max_batch: usize,
     pub probe_interval: Duration,
+    /// The SQLCipher key; `None` = plain SQLite (`[storage] encrypt = false`).
+    pub key: Option<KeyHandle>,
 }
 
 impl StoreOptions {
-    pub fn from_config(config: &Config) -> StoreOptions {
+    /// Options for `keel.db`: `key` is used only while `[storage] encrypt`.
+    pub fn from_config(config: &Config, key: Option<&KeyHandle>) -> StoreOptions {
         StoreOptions {
             path: config.db_path(),
             synchronous: config.storage.synchronous,
             busy_timeout: Duration::from_millis(config.storage.busy_timeout_ms),
             max_batch: config.storage.max_batch,
             probe_interval: Duration::from_millis(config.storage.probe_interval_ms),
+            key: key.filter(|_| config.storage.encrypt).cloned(),
         }
     }
 
@@ -76,11 +81,12 @@ pub fn open_connection(opts: &StoreOptions) -> Result<Connection, StoreError> {
             | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )
     .map_err(|e| classify_open_error(path, e))?;
+    apply_key(&conn, path, opts.key.as_ref())?;
     conn.busy_timeout(opts.busy_timeout)
         .map_err(|e| classify_open_error(path, e))?;
     let mode: String = conn
         .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
-        .map_err(|e| classify_open_error(path, e))?;
+        .map_err(|e| classify_key_error(path, opts.key.as_ref(), e))?;
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(StoreError::Open {
             path: path.clone(),
@@ -96,6 +102,62 @@ pub fn open_connection(opts: &StoreOptions) -> Result<Connection, StoreError> {
     ))
     .map_err(|e| classify_open_error(path, e))?;
     Ok(conn)
+}
+
+/// Unlock `conn` with `key` (raw key: no derivation) and silence
+/// SQLCipher's own logging. Without a key the connection stays plain.
+pub(crate) fn apply_key(
+    conn: &Connection,
+    path: &Path,
+    key: Option<&KeyHandle>,
+) -> Result<(), StoreError> {
+    let Some(key) = key else {
+        return Ok(());
+    };
+    conn.execute_batch("PRAGMA cipher_log_level = NONE;")
+        .map_err(|e| classify_open_error(path, e))?;
+    conn.execute_batch(&key.key.pragma("key"))
+        .map_err(|e| classify_open_error(path, e))?;
+    Ok(())
+}
+
+/// The first 16 bytes of every plain SQLite file.
+const PLAIN_HEADER: &[u8; 16] = b"SQLite format 3\0";
+
+/// Whether `path` starts like a plain (unencrypted) SQLite database;
+/// `None` when it is empty or unreadable.
+pub fn is_plain_sqlite(path: &Path) -> Option<bool> {
+    use std::io::Read;
+    let mut head = [0u8; 16];
+    let mut f = File::open(path).ok()?;
+    match f.read_exact(&mut head) {
+        Ok(()) => Some(&head == PLAIN_HEADER),
+        Err(_) => None,
+    }
+}
+
+/// "not a database" on first read: with a key, a wrong key, a plain file
+/// or damage; without one, an encrypted file. Said in one line naming the
+/// key's source and the file.
+pub(crate) fn classify_key_error(
+    path: &Path,
+    key: Option<&KeyHandle>,
+    e: rusqlite::Error,
+) -> StoreError {
+    if e.sqlite_error_code() != Some(rusqlite::ErrorCode::NotADatabase) {
+        return classify_open_error(path, e);
+    }
+    let plain = is_plain_sqlite(path);
+    let detail = match (key, plain) {
+        (Some(_), Some(true)) => "is a plain SQLite database but [storage] encrypt = true; encrypt it with `keel migrate --encrypt` (or set [storage] encrypt = false)".to_string(),
+        (Some(k), _) => format!("cannot be decrypted with the master key from {}: wrong key, or the file is corrupt (left as it is)", k.source),
+        (None, Some(false)) => "is not a plain SQLite database: encrypted (set [storage] encrypt = true and provide its master key) or damaged".to_string(),
+        (None, _) => return classify_open_error(path, e),
+    };
+    StoreError::Key {
+        path: path.to_path_buf(),
+        detail,
+    }
 }
 
 fn classify_open_error(path: &Path, e: rusqlite::Error) -> StoreError {
@@ -173,11 +235,11 @@ pub const SYNC_CHECK_MAX_BYTES: u64 = 8 << 20;
 /// start. Damage is logged as an error naming the file and makes `/readyz`
 /// report `degraded` for good (`Health::storage_corrupt`): the operator must
 /// see it, and it does not clear on the next successful write.
-pub fn check_in_background(db: PathBuf, health: Health) {
+pub fn check_in_background(db: PathBuf, key: Option<KeyHandle>, health: Health) {
     let spawned = std::thread::Builder::new()
         .name("keel-quick-check".into())
         .spawn(move || {
-            let result = open_read_only(&db).and_then(|c| Ok(meta::quick_check(&c)?));
+            let result = open_read_only(&db, key.as_ref()).and_then(|c| Ok(meta::quick_check(&c)?));
             match result {
                 Ok(p) if p == ["ok"] => tracing::debug!(path = %db.display(), "quick_check ok"),
                 Ok(p) => {
@@ -219,7 +281,8 @@ pub fn open_store(opts: &StoreOptions) -> Result<(Connection, OpenReport), Store
         // page of a large file is still refused by SQLite when touched.
         let size = fs::metadata(db).map(|m| m.len()).unwrap_or(0);
         if size <= SYNC_CHECK_MAX_BYTES {
-            let problems = meta::quick_check(&conn).map_err(|e| classify_open_error(&path, e))?;
+            let problems = meta::quick_check(&conn)
+                .map_err(|e| classify_key_error(&path, opts.key.as_ref(), e))?;
             if problems != ["ok"] {
                 return Err(StoreError::Corrupt {
                     path,
@@ -231,7 +294,7 @@ pub fn open_store(opts: &StoreOptions) -> Result<(Connection, OpenReport), Store
             conn.query_row("SELECT COUNT(*) FROM sqlite_master", [], |r| {
                 r.get::<_, i64>(0)
             })
-            .map_err(|e| classify_open_error(&path, e))?;
+            .map_err(|e| classify_key_error(&path, opts.key.as_ref(), e))?;
             deferred_check = Some(db.clone());
         }
     }
@@ -263,7 +326,7 @@ pub fn open_store(opts: &StoreOptions) -> Result<(Connection, OpenReport), Store
 
 /// Open an existing database read-only for operator commands (`keel status`,
 /// `keel sessions`): safe while the daemon runs, never creates a file.
-pub fn open_read_only(path: &Path) -> Result<Connection, StoreError> {
+pub fn open_read_only(path: &Path, key: Option<&KeyHandle>) -> Result<Connection, StoreError> {
     if !path.exists() {
         return Err(StoreError::Open {
             path: path.to_path_buf(),
@@ -275,7 +338,13 @@ pub fn open_read_only(path: &Path) -> Result<Connection, StoreError> {
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )
     .map_err(|e| classify_open_error(path, e))?;
+    apply_key(&conn, path, key)?;
     conn.busy_timeout(Duration::from_secs(5))?;
+    if let Err(e) = conn.query_row("SELECT COUNT(*) FROM sqlite_master", [], |r| {
+        r.get::<_, i64>(0)
+    }) {
+        return Err(classify_key_error(path, key, e));
+    }
     migrate::check_not_newer(&conn, path).map_err(|e| match e {
         StoreError::Unavailable(d) | StoreError::Sqlite(d) => StoreError::Corrupt {
             path: path.to_path_buf(),

@@ -370,11 +370,23 @@ pub fn request_cancel(
                 attempt,
                 Some("cancelled before it started"),
             )?;
+            super::audit::append_at(
+                conn,
+                at,
+                "task_cancelled",
+                &serde_json::json!({"id": id, "was": "QUEUED", "session": session}),
+            )?;
             Ok(CancelOutcome::Cancelled)
         }
         "RUNNING" => {
             conn.prepare_cached("UPDATE tasks SET cancel_requested = 1 WHERE id = ?1")?
                 .execute([id])?;
+            super::audit::append_at(
+                conn,
+                at,
+                "task_cancelled",
+                &serde_json::json!({"id": id, "was": "RUNNING", "session": session}),
+            )?;
             Ok(CancelOutcome::Requested)
         }
         _ => Ok(CancelOutcome::Finished(state)),
@@ -421,6 +433,12 @@ pub fn start_task(
     )?
     .execute(params![id, epoch])?;
     record_state(conn, at, id, TaskState::Running, epoch, attempt, None)?;
+    super::audit::append_at(
+        conn,
+        at,
+        "task_started",
+        &serde_json::json!({"id": id, "name": name, "attempt": attempt, "session": session_id}),
+    )?;
     let next_seq: i64 = conn
         .prepare_cached("SELECT COALESCE(MAX(seq), 0) + 1 FROM log_fragments WHERE task_id = ?1")?
         .query_row([id], |r| r.get(0))?;
@@ -622,6 +640,23 @@ pub struct Recovery {
     pub requeued: i64,
     /// Recorded processes of interrupted tasks, to stop if still alive.
     pub orphans: Vec<Orphan>,
+    /// Container tasks left RUNNING and taken over by this start.
+    pub reattach: Vec<Reattach>,
+}
+
+/// A container task an earlier start left running: re-attached, not
+/// interrupted (its container survives keel).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reattach {
+    pub id: i64,
+    pub name: String,
+    pub args: Vec<String>,
+    pub session_id: Option<String>,
+    pub attempt: i64,
+    pub next_seq: i64,
+    /// Output bytes stored so far (kept and dropped): skipped on re-attach.
+    pub stored: i64,
+    pub log_bytes: i64,
 }
 
 /// At start: every task RUNNING under an older boot epoch is INTERRUPTED
@@ -632,6 +667,7 @@ pub fn recover(
     at: &str,
     epoch: i64,
     retry: &HashMap<String, u32>,
+    reattach: &std::collections::HashSet<String>,
 ) -> Result<Recovery, StoreError> {
     type Left = (i64, String, i64, Option<i64>, Option<i64>, Option<i64>);
     let rows: Vec<Left> = conn
@@ -653,6 +689,44 @@ pub fn recover(
     let mut out = Recovery::default();
     for (id, name, attempt, pid, pid_start, ran_in) in rows {
         if ran_in.is_some_and(|e| e >= epoch) {
+            continue;
+        }
+        if reattach.contains(&name) {
+            let detail = format!(
+                "re-attached by start #{epoch} (it ran in start #{})",
+                ran_in.unwrap_or(0)
+            );
+            conn.prepare_cached("UPDATE tasks SET boot_epoch = ?2 WHERE id = ?1")?
+                .execute(params![id, epoch])?;
+            record_state(
+                conn,
+                at,
+                id,
+                TaskState::Running,
+                epoch,
+                attempt,
+                Some(&detail),
+            )?;
+            let (args, session_id, log_bytes, log_dropped): (String, Option<String>, i64, i64) =
+                conn.prepare_cached(
+                    "SELECT args_json, session_id, log_bytes, log_dropped FROM tasks WHERE id = ?1",
+                )?
+                .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+            let next_seq: i64 = conn
+                .prepare_cached(
+                    "SELECT COALESCE(MAX(seq), 0) + 1 FROM log_fragments WHERE task_id = ?1",
+                )?
+                .query_row([id], |r| r.get(0))?;
+            out.reattach.push(Reattach {
+                id,
+                name,
+                args: serde_json::from_str(&args).unwrap_or_default(),
+                session_id,
+                attempt,
+                next_seq,
+                stored: log_bytes + log_dropped,
+                log_bytes,
+            });
             continue;
         }
         let detail = format!(
@@ -942,12 +1016,14 @@ impl Handler<GetTaskWork> for PersistenceActor {
 pub struct RecoverTasks {
     pub epoch: i64,
     pub retry: HashMap<String, u32>,
+    /// Names of container tasks (re-attached instead of interrupted).
+    pub reattach: std::collections::HashSet<String>,
 }
 
 impl Handler<RecoverTasks> for PersistenceActor {
     type Result = ResponseFuture<Result<Recovery, StoreError>>;
     fn handle(&mut self, msg: RecoverTasks, _: &mut Context<Self>) -> Self::Result {
-        self.call(move |c, at| recover(c, &at.text, msg.epoch, &msg.retry))
+        self.call(move |c, at| recover(c, &at.text, msg.epoch, &msg.retry, &msg.reattach))
     }
 }
 
@@ -1127,8 +1203,13 @@ mod tests {
         record_pid(&c, a, 4242, 99).unwrap();
         let retry = HashMap::from([("retry".to_string(), 2u32)]);
         // The same epoch: nothing is an orphan.
-        assert_eq!(recover(&c, &at().text, 1, &retry).unwrap().interrupted, 0);
-        let r = recover(&c, &at().text, 2, &retry).unwrap();
+        assert_eq!(
+            recover(&c, &at().text, 1, &retry, &Default::default())
+                .unwrap()
+                .interrupted,
+            0
+        );
+        let r = recover(&c, &at().text, 2, &retry, &Default::default()).unwrap();
         assert_eq!((r.interrupted, r.requeued), (2, 1));
         assert_eq!(
             r.orphans,
@@ -1142,7 +1223,7 @@ mod tests {
         assert_eq!(get_task(&c, b).unwrap().unwrap().state, "INTERRUPTED");
         // Attempt 2 of 2 interrupted again: not requeued.
         start_task(&c, &at().text, a, 2).unwrap();
-        let r = recover(&c, &at().text, 3, &retry).unwrap();
+        let r = recover(&c, &at().text, 3, &retry, &Default::default()).unwrap();
         assert_eq!((r.interrupted, r.requeued), (1, 0));
         assert_eq!(
             states(&c, a),

@@ -3,11 +3,18 @@
 //! socket. Only the local user who runs keel can connect (file mode; the
 //! data dir is 0700 too).
 //!
+//! The vault's operations (secrets, tokens, backup) share the socket; they
+//! are answered by `vault::admin`.
+//!
 //! Protocol: one JSON line per request, one JSON line back.
 //! `{"op": "run", "name": "backup", "args": ["--full"]}` →
 //! `{"id": 12, "name": "backup"}`; `{"op": "cancel", "id": 12}` →
 //! `{"id": 12, "outcome": "requested" | "cancelled" | "finished" | "not_found",
 //! "state": …}`; any failure → `{"error": "<one line>"}`.
+//! Services (`keel services`, `keel verify`), when containers are enabled:
+//! `{"op": "deploy", "name", "spec": {…}}`, `{"op": "kill", "name"}`,
+//! `{"op": "services"}`, `{"op": "verify"}`; failures add `"code"`
+//! (`invalid`, `not_found`, `damaged`, `unavailable`, `store`).
 
 use std::path::{Path, PathBuf};
 
@@ -19,7 +26,12 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
 use super::{CancelTask, SubmitTask, TaskActor};
+use crate::containers::spec::ServiceSpec;
+use crate::containers::{
+    ContainerReaper, DeployService, KillService, ListServices, ServiceError, VerifyServices,
+};
 use crate::persistence::tasks::{CancelOutcome, Origin};
+use crate::vault::admin::VaultAdmin;
 
 /// Longest request line.
 const MAX_LINE: usize = 2 * 1024 * 1024;
@@ -48,11 +60,25 @@ enum Request {
     Cancel {
         id: i64,
     },
+    Deploy {
+        name: String,
+        spec: serde_json::Value,
+    },
+    Kill {
+        name: String,
+    },
+    Services,
+    Verify,
 }
 
 /// Bind `path` (a stale file from an earlier run is replaced: keel holds
 /// the data-dir lock) and serve it on the current runtime.
-pub fn serve(path: &Path, tasks: Addr<TaskActor>) -> std::io::Result<AdminSocket> {
+pub fn serve(
+    path: &Path,
+    tasks: Addr<TaskActor>,
+    vault: Option<VaultAdmin>,
+    services: Option<Addr<ContainerReaper>>,
+) -> std::io::Result<AdminSocket> {
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path)?;
     {
@@ -67,7 +93,9 @@ pub fn serve(path: &Path, tasks: Addr<TaskActor>) -> std::io::Result<AdminSocket
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => {
                         let tasks = tasks.clone();
-                        actix_rt::spawn(async move { serve_conn(stream, tasks).await });
+                        let vault = vault.clone();
+                        let services = services.clone();
+                        actix_rt::spawn(async move { serve_conn(stream, tasks, vault, services).await });
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "admin socket accept failed");
@@ -84,7 +112,12 @@ pub fn serve(path: &Path, tasks: Addr<TaskActor>) -> std::io::Result<AdminSocket
     })
 }
 
-async fn serve_conn(stream: UnixStream, tasks: Addr<TaskActor>) {
+async fn serve_conn(
+    stream: UnixStream,
+    tasks: Addr<TaskActor>,
+    vault: Option<VaultAdmin>,
+    services: Option<Addr<ContainerReaper>>,
+) {
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read.take(MAX_LINE as u64 + 1));
     let mut line = String::new();
@@ -97,7 +130,7 @@ async fn serve_conn(stream: UnixStream, tasks: Addr<TaskActor>) {
         let answer = if line.len() > MAX_LINE {
             json!({"error": format!("request longer than {MAX_LINE} bytes")})
         } else {
-            handle(line.trim_end(), &tasks).await
+            handle(line.trim_end(), &tasks, vault.as_ref(), services.as_ref()).await
         };
         let mut out = answer.to_string();
         out.push('\n');
@@ -107,7 +140,22 @@ async fn serve_conn(stream: UnixStream, tasks: Addr<TaskActor>) {
     }
 }
 
-async fn handle(line: &str, tasks: &Addr<TaskActor>) -> Value {
+async fn handle(
+    line: &str,
+    tasks: &Addr<TaskActor>,
+    vault: Option<&VaultAdmin>,
+    services: Option<&Addr<ContainerReaper>>,
+) -> Value {
+    // The vault's operations (secrets, tokens, backup) have their own module.
+    let op = serde_json::from_str::<Value>(line)
+        .ok()
+        .and_then(|v| v.get("op").and_then(|o| o.as_str()).map(str::to_string));
+    if let Some(op) = op.filter(|o| crate::vault::admin::OPS.contains(&o.as_str())) {
+        return match vault {
+            Some(v) => crate::vault::admin::handle(line, v).await,
+            None => json!({"error": format!("{op} is not available in this keel")}),
+        };
+    }
     let req: Request = match serde_json::from_str(line) {
         Ok(r) => r,
         Err(e) => return json!({"error": format!("bad request: {e}")}),
@@ -132,7 +180,56 @@ async fn handle(line: &str, tasks: &Addr<TaskActor>) -> Value {
             Ok(Err(e)) => json!({"error": e.to_string()}),
             Err(_) => json!({"error": "keel is shutting down"}),
         },
+        Request::Deploy { name, spec } => {
+            let Some(services) = services else {
+                return service_error(&ServiceError::Disabled);
+            };
+            let spec: ServiceSpec = match serde_json::from_value(spec) {
+                Ok(s) => s,
+                Err(e) => {
+                    return json!({"error": format!("bad service spec: {e}"), "code": "invalid"})
+                }
+            };
+            match services.send(DeployService { name, spec }).await {
+                Ok(Ok(v)) => v,
+                Ok(Err(e)) => service_error(&e),
+                Err(_) => json!({"error": "keel is shutting down", "code": "unavailable"}),
+            }
+        }
+        Request::Kill { name } => {
+            let Some(services) = services else {
+                return service_error(&ServiceError::Disabled);
+            };
+            match services.send(KillService { name }).await {
+                Ok(Ok(v)) => v,
+                Ok(Err(e)) => service_error(&e),
+                Err(_) => json!({"error": "keel is shutting down", "code": "unavailable"}),
+            }
+        }
+        Request::Services => {
+            let Some(services) = services else {
+                return service_error(&ServiceError::Disabled);
+            };
+            match services.send(ListServices).await {
+                Ok(v) => v,
+                Err(_) => json!({"error": "keel is shutting down", "code": "unavailable"}),
+            }
+        }
+        Request::Verify => {
+            let Some(services) = services else {
+                return service_error(&ServiceError::Disabled);
+            };
+            match services.send(VerifyServices).await {
+                Ok(Ok(v)) => v,
+                Ok(Err(e)) => json!({"error": e.to_string(), "code": "store"}),
+                Err(_) => json!({"error": "keel is shutting down", "code": "unavailable"}),
+            }
+        }
     }
+}
+
+fn service_error(e: &ServiceError) -> Value {
+    json!({"error": e.to_string(), "code": e.code()})
 }
 
 /// `{"id", "outcome", "state"?}` for a cancel (shared with HTTP).

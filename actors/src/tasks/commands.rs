@@ -137,6 +137,7 @@ mod tests {
             exclusive: false,
             allowed_chats: allowed.iter().map(|s| s.to_string()).collect(),
             kind: Default::default(),
+            image: None,
         };
         defs.insert("echo".to_string(), def(true, &["webhook:friends"]));
         defs.insert("fixed".to_string(), def(false, &[]));

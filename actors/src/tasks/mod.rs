@@ -18,6 +18,7 @@
 
 pub mod admin;
 pub mod commands;
+pub mod container;
 pub mod process;
 pub mod supervise;
 
@@ -31,7 +32,7 @@ use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts};
 use tokio::sync::{oneshot, watch};
 
 use crate::clock::Clock;
-use crate::config::{TaskConfig, TasksConfig};
+use crate::config::{TaskConfig, TaskKind, TasksConfig};
 use crate::error::StoreError;
 use crate::metrics::Metrics;
 use crate::outbox::OutboxKick;
@@ -40,7 +41,7 @@ use crate::persistence::tasks::{
     PruneTasks, Queued, RecordTaskPid, RequestCancel, StartTask, TaskState,
 };
 use crate::persistence::PersistenceActor;
-use process::{Runner, SpawnSpec};
+use process::{ContainerSpawn, Runner, SpawnSpec};
 use supervise::{Attempt, Ended, Stop};
 
 /// Most extra arguments a caller may pass.
@@ -167,6 +168,8 @@ pub struct TaskActor {
     store: Addr<PersistenceActor>,
     outbox: Recipient<OutboxKick>,
     runner: Arc<dyn Runner>,
+    /// Runs `kind = "container"` tasks (none: containers are off).
+    container_runner: Option<Arc<dyn Runner>>,
     clock: Arc<dyn Clock>,
     settings: TaskSettings,
     epoch: i64,
@@ -195,6 +198,7 @@ impl TaskActor {
             store,
             outbox,
             runner,
+            container_runner: None,
             clock,
             settings,
             epoch,
@@ -218,6 +222,12 @@ impl TaskActor {
     /// Report starts and ends on `events` (tests).
     pub fn with_events(mut self, e: tokio::sync::mpsc::UnboundedSender<TaskEvent>) -> TaskActor {
         self.events = Some(e);
+        self
+    }
+
+    /// The runner of container tasks (`[containers] enabled`).
+    pub fn with_container_runner(mut self, r: Option<Arc<dyn Runner>>) -> TaskActor {
+        self.container_runner = r;
         self
     }
 
@@ -292,12 +302,50 @@ impl TaskActor {
             q,
             self.settings.clone(),
             self.store.clone(),
-            self.runner.clone(),
+            Runners {
+                process: self.runner.clone(),
+                container: self.container_runner.clone(),
+            },
             self.epoch,
             stop_rx,
             self.metrics.clone(),
             self.events.clone(),
         );
+        self.track(id, Box::pin(run), ctx);
+    }
+
+    /// Re-attach a container task an earlier start left running.
+    fn launch_reattach(&mut self, r: store::Reattach, ctx: &mut Context<Self>) {
+        let (stop, stop_rx) = watch::channel(None);
+        self.running.insert(
+            r.id,
+            Entry {
+                name: r.name.clone(),
+                stop,
+            },
+        );
+        if let Some(m) = &self.metrics {
+            m.running.set(self.running.len() as i64);
+        }
+        let id = r.id;
+        let run = reattach_attempt(
+            r,
+            self.settings.clone(),
+            self.store.clone(),
+            self.container_runner.clone(),
+            self.epoch,
+            stop_rx,
+        );
+        self.track(id, Box::pin(run), ctx);
+    }
+
+    /// Await one attempt and account for its end.
+    fn track(
+        &mut self,
+        id: i64,
+        run: std::pin::Pin<Box<dyn std::future::Future<Output = Option<Ended>>>>,
+        ctx: &mut Context<Self>,
+    ) {
         ctx.spawn(run.into_actor(self).map(move |ended, this, ctx| {
             this.running.remove(&id);
             if let Some(m) = &this.metrics {
@@ -380,7 +428,7 @@ async fn run_attempt(
     q: Queued,
     settings: TaskSettings,
     store_addr: Addr<PersistenceActor>,
-    runner: Arc<dyn Runner>,
+    runners: Runners,
     epoch: i64,
     stop: watch::Receiver<Option<Stop>>,
     metrics: Option<TaskMetrics>,
@@ -453,6 +501,31 @@ async fn run_attempt(
             .collect(),
         cwd: cwd.clone(),
         env,
+        container: (def.kind == TaskKind::Container).then(|| ContainerSpawn {
+            task_id: q.id,
+            task_name: q.name.clone(),
+            image: def.image.clone().unwrap_or_default(),
+        }),
+    };
+    let runner = match (def.kind, &runners.container) {
+        (TaskKind::Process, _) => runners.process.clone(),
+        (TaskKind::Container, Some(r)) => r.clone(),
+        (TaskKind::Container, None) => {
+            supervise::record_finish(
+                &store_addr,
+                fail(
+                    "container tasks need [containers] enabled = true".into(),
+                    info.attempt,
+                    None,
+                ),
+            )
+            .await;
+            return Some(Ended {
+                id: q.id,
+                state: TaskState::Failed,
+                exit_code: None,
+            });
+        }
     };
     let failed_start = |detail: String| async {
         supervise::record_finish(&store_addr, fail(detail, info.attempt, None)).await;
@@ -462,7 +535,7 @@ async fn run_attempt(
             exit_code: None,
         })
     };
-    if !cwd.is_dir() {
+    if def.kind == TaskKind::Process && !cwd.is_dir() {
         return failed_start(format!(
             "cwd {} does not exist or is not a directory",
             cwd.display()
@@ -476,16 +549,20 @@ async fn run_attempt(
         }
     };
     let (pid, pid_start) = child.control.identity();
-    if let Err(e) = store_addr
-        .send(RecordTaskPid {
-            id: q.id,
-            pid,
-            pid_start,
-        })
-        .await
-        .unwrap_or(Err(StoreError::Closed))
-    {
-        tracing::warn!(task = q.id, error = %e, "cannot record the task's pid");
+    // A container has no process of keel's to record (nothing for
+    // recovery to signal): pid 0.
+    if pid != 0 {
+        if let Err(e) = store_addr
+            .send(RecordTaskPid {
+                id: q.id,
+                pid,
+                pid_start,
+            })
+            .await
+            .unwrap_or(Err(StoreError::Closed))
+        {
+            tracing::warn!(task = q.id, error = %e, "cannot record the task's pid");
+        }
     }
     tracing::info!(task = q.id, name = %q.name, attempt = info.attempt, pid, "task running");
     if let Some(ev) = &events {
@@ -507,6 +584,106 @@ async fn run_attempt(
         retry,
         notice: deliver,
         captured: metrics.as_ref().map(|m| m.log_bytes.clone()),
+    };
+    let ended = supervise::supervise(child, attempt, store_addr, stop).await;
+    tracing::info!(task = ended.id, state = ended.state.as_str(), exit_code = ?ended.exit_code, "task ended");
+    Some(ended)
+}
+
+/// The runners an attempt may use.
+struct Runners {
+    process: Arc<dyn Runner>,
+    container: Option<Arc<dyn Runner>>,
+}
+
+/// Re-attach and supervise a container task left RUNNING by an earlier
+/// start; a container that is gone makes it INTERRUPTED.
+async fn reattach_attempt(
+    r: store::Reattach,
+    settings: TaskSettings,
+    store_addr: Addr<PersistenceActor>,
+    runner: Option<Arc<dyn Runner>>,
+    epoch: i64,
+    stop: watch::Receiver<Option<Stop>>,
+) -> Option<Ended> {
+    let deliver = r.session_id.as_ref().map(|s| {
+        s.split_once(':')
+            .is_some_and(|(channel, _)| settings.routed.contains(channel))
+    });
+    let def = settings.defs.get(&r.name).cloned();
+    let spec = def.as_ref().map(|def| SpawnSpec {
+        program: def.command.first().cloned().unwrap_or_default(),
+        args: def
+            .command
+            .iter()
+            .skip(1)
+            .cloned()
+            .chain(r.args.iter().cloned())
+            .collect(),
+        cwd: settings.default_cwd.clone(),
+        env: Vec::new(),
+        container: Some(ContainerSpawn {
+            task_id: r.id,
+            task_name: r.name.clone(),
+            image: def.image.clone().unwrap_or_default(),
+        }),
+    });
+    let child = match (&runner, spec) {
+        (Some(runner), Some(spec)) => runner.attach(spec, r.stored.max(0) as u64).await,
+        _ => Ok(None),
+    };
+    let child = match child {
+        Ok(Some(c)) => c,
+        Ok(None) | Err(_) => {
+            let detail = match child {
+                Err(e) => format!("keel restarted and could not re-attach its container: {e}"),
+                _ => "keel restarted and its container is gone".to_string(),
+            };
+            supervise::record_finish(
+                &store_addr,
+                store::Finish {
+                    id: r.id,
+                    state: TaskState::Interrupted,
+                    exit_code: None,
+                    detail: Some(detail.clone()),
+                    attempt: r.attempt,
+                    epoch,
+                    dropped: 0,
+                    fragments: Vec::new(),
+                    requeue: false,
+                    notice: deliver.map(|d| {
+                        (
+                            format!("task {} ({}) INTERRUPTED ({detail})", r.id, r.name),
+                            d,
+                        )
+                    }),
+                },
+            )
+            .await;
+            return Some(Ended {
+                id: r.id,
+                state: TaskState::Interrupted,
+                exit_code: None,
+            });
+        }
+    };
+    tracing::info!(task = r.id, name = %r.name, skipped = r.stored, "container task re-attached");
+    let def = def?;
+    let attempt = Attempt {
+        id: r.id,
+        name: r.name.clone(),
+        attempt: r.attempt,
+        epoch,
+        next_seq: r.next_seq,
+        stored: r.log_bytes.max(0) as u64,
+        timeout: def.timeout_s.map(Duration::from_secs),
+        grace: Duration::from_millis(settings.limits.grace_ms),
+        flush_every: Duration::from_millis(settings.limits.log_flush_ms),
+        batch_bytes: settings.limits.log_batch_bytes,
+        max_log_bytes: settings.limits.max_log_bytes,
+        retry: false,
+        notice: deliver,
+        captured: None,
     };
     let ended = supervise::supervise(child, attempt, store_addr, stop).await;
     tracing::info!(task = ended.id, state = ended.state.as_str(), exit_code = ?ended.exit_code, "task ended");
@@ -563,9 +740,21 @@ impl Handler<Recover> for TaskActor {
             .filter(|(_, d)| d.retry_on_restart)
             .map(|(n, d)| (n.clone(), d.max_attempts))
             .collect();
+        // Container tasks survive keel: re-attached, not interrupted.
+        let reattach: std::collections::HashSet<String> = if self.container_runner.is_some() {
+            self.settings
+                .defs
+                .iter()
+                .filter(|(_, d)| d.kind == TaskKind::Container)
+                .map(|(n, _)| n.clone())
+                .collect()
+        } else {
+            Default::default()
+        };
         let req = self.store.send(store::RecoverTasks {
             epoch: self.epoch,
             retry,
+            reattach,
         });
         Box::pin(req.into_actor(self).map(|res, this, ctx| {
             let rec = res.unwrap_or(Err(StoreError::Closed))?;
@@ -595,6 +784,13 @@ impl Handler<Recover> for TaskActor {
                 killed,
                 "tasks recovered"
             );
+            let reattached = rec.reattach.len();
+            for r in rec.reattach {
+                this.launch_reattach(r, ctx);
+            }
+            if reattached > 0 {
+                tracing::info!(reattached, "container tasks re-attached");
+            }
             this.recovered = true;
             this.refresh_gauges();
             this.prune();

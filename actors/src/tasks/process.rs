@@ -37,6 +37,16 @@ pub struct SpawnSpec {
     pub cwd: PathBuf,
     /// The whole environment of the child.
     pub env: Vec<(String, String)>,
+    /// Set for `kind = "container"`: run `program args…` in this image.
+    pub container: Option<ContainerSpawn>,
+}
+
+/// What a container task needs besides argv and env.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerSpawn {
+    pub task_id: i64,
+    pub task_name: String,
+    pub image: String,
 }
 
 /// How the main process ended.
@@ -74,9 +84,20 @@ pub struct Child {
     pub reap: oneshot::Sender<()>,
 }
 
-/// Starts tasks. Processes today; containers come later behind the same trait.
+/// Starts tasks: processes here, containers in `tasks/container.rs`.
 pub trait Runner: Send + Sync + 'static {
     fn spawn(&self, spec: SpawnSpec) -> BoxFuture<'static, io::Result<Child>>;
+
+    /// Take over a task an earlier keel started, skipping the first `skip`
+    /// bytes of output (already stored). `None`: it cannot be re-attached
+    /// (processes die with keel; a container that is gone).
+    fn attach(
+        &self,
+        _spec: SpawnSpec,
+        _skip: u64,
+    ) -> BoxFuture<'static, io::Result<Option<Child>>> {
+        Box::pin(async { Ok(None) })
+    }
 }
 
 /// What the spawner thread hands back (converted to async pipes by the caller,

@@ -24,6 +24,7 @@ pub fn start_store(path: std::path::PathBuf) -> Addr<PersistenceActor> {
         busy_timeout: Duration::from_secs(5),
         max_batch: 1024,
         probe_interval: Duration::from_millis(100),
+        key: None,
     };
     let metrics = Metrics::new();
     let (conn, _) = persistence::open_store(&opts).expect("open store");

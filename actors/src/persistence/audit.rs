@@ -1,0 +1,216 @@
+//! The audit log (R31): append-only (SQLite triggers refuse UPDATE and
+//! DELETE, `migrations/0007_vault.sql`), hash-chained. Each record's hash is
+//! `sha256(prev_hash | seq | at | kind | detail)` in hex; the first record's
+//! `prev_hash` is 64 zeros. `verify` recomputes the chain and names the
+//! first record that does not match.
+//!
+//! Every event goes through [`append`] (inside the caller's transaction, so
+//! the record commits with what it records) or the [`AppendAudit`] message
+//! (its own group-commit job). Details hold names, never secret values.
+
+use actix::prelude::*;
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use super::PersistenceActor;
+use crate::clock::Stamp;
+use crate::error::StoreError;
+
+/// The record kinds (one per event).
+pub const KINDS: &[&str] = &[
+    "started",
+    "stopped",
+    "reloaded",
+    "token_granted",
+    "token_revoked",
+    "auth_failed",
+    "secret_set",
+    "secret_removed",
+    "task_started",
+    "task_cancelled",
+    "service_deployed",
+    "service_killed",
+    "migrated",
+    "rekeyed",
+    "restored",
+    "data_loss_accepted",
+];
+
+const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// One audit record.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AuditRecord {
+    pub seq: i64,
+    pub at: String,
+    pub kind: String,
+    pub detail: Value,
+    pub prev_hash: String,
+    pub hash: String,
+}
+
+fn chain_hash(prev: &str, seq: i64, at: &str, kind: &str, detail: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(prev.as_bytes());
+    h.update(b"|");
+    h.update(seq.to_string().as_bytes());
+    h.update(b"|");
+    h.update(at.as_bytes());
+    h.update(b"|");
+    h.update(kind.as_bytes());
+    h.update(b"|");
+    h.update(detail.as_bytes());
+    hex::encode(h.finalize())
+}
+
+/// Append one record (in the caller's transaction). `kind` must be one of
+/// [`KINDS`]. Returns its sequence number.
+pub fn append(
+    conn: &Connection,
+    at: &Stamp,
+    kind: &str,
+    detail: &Value,
+) -> Result<i64, StoreError> {
+    append_at(conn, &at.text, kind, detail)
+}
+
+/// [`append`] with the write time as RFC 3339 text (for SQL functions that
+/// take the time that way).
+pub fn append_at(
+    conn: &Connection,
+    at: &str,
+    kind: &str,
+    detail: &Value,
+) -> Result<i64, StoreError> {
+    if !KINDS.contains(&kind) {
+        return Err(StoreError::Invalid(format!("unknown audit kind {kind:?}")));
+    }
+    let last: Option<(i64, String)> = conn
+        .prepare_cached("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let (seq, prev) = match last {
+        Some((s, h)) => (s + 1, h),
+        None => (1, GENESIS.to_string()),
+    };
+    let detail = detail.to_string();
+    let hash = chain_hash(&prev, seq, at, kind, &detail);
+    conn.prepare_cached(
+        "INSERT INTO audit (seq, at, kind, detail, prev_hash, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![seq, at, kind, detail, prev, hash])?;
+    Ok(seq)
+}
+
+/// Records at or after `since` (RFC 3339, compared as text: keel writes
+/// UTC with millisecond precision), in order.
+pub fn list(conn: &Connection, since: Option<&str>) -> Result<Vec<AuditRecord>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT seq, at, kind, detail, prev_hash, hash FROM audit
+         WHERE ?1 IS NULL OR at >= ?1 ORDER BY seq",
+    )?;
+    let rows = stmt
+        .query_map(params![since], |r| {
+            let detail: String = r.get(3)?;
+            Ok(AuditRecord {
+                seq: r.get(0)?,
+                at: r.get(1)?,
+                kind: r.get(2)?,
+                detail: serde_json::from_str(&detail).unwrap_or(Value::String(detail)),
+                prev_hash: r.get(4)?,
+                hash: r.get(5)?,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+/// Check the whole chain. `Ok(n)` = n records, all linked; `Err((seq,
+/// reason))` names the first bad record.
+pub fn verify(conn: &Connection) -> Result<Result<u64, (i64, String)>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached("SELECT seq, at, kind, detail, prev_hash, hash FROM audit ORDER BY seq")?;
+    let mut rows = stmt.query([])?;
+    let mut prev = GENESIS.to_string();
+    let mut expect_seq = 1;
+    let mut n = 0;
+    while let Some(r) = rows.next()? {
+        let seq: i64 = r.get(0)?;
+        let at: String = r.get(1)?;
+        let kind: String = r.get(2)?;
+        let detail: String = r.get(3)?;
+        let prev_hash: String = r.get(4)?;
+        let hash: String = r.get(5)?;
+        if seq != expect_seq {
+            return Ok(Err((seq, format!("sequence gap: expected {expect_seq}"))));
+        }
+        if prev_hash != prev {
+            return Ok(Err((
+                seq,
+                "prev_hash does not match the record before".into(),
+            )));
+        }
+        if chain_hash(&prev, seq, &at, &kind, &detail) != hash {
+            return Ok(Err((
+                seq,
+                "hash does not match the record's content".into(),
+            )));
+        }
+        prev = hash;
+        expect_seq += 1;
+        n += 1;
+    }
+    Ok(Ok(n))
+}
+
+/// Append one record as its own job; resolves after COMMIT. Sent by the
+/// lifecycle (started, stopped, reloaded), the admin socket (secrets,
+/// tokens), the HTTP auth summary (auth_failed) and, for services, by the
+/// containers work (`service_deployed`, `service_killed`).
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<i64, StoreError>")]
+pub struct AppendAudit {
+    pub kind: &'static str,
+    pub detail: Value,
+}
+
+impl Handler<AppendAudit> for PersistenceActor {
+    type Result = ResponseFuture<Result<i64, StoreError>>;
+    fn handle(&mut self, msg: AppendAudit, _: &mut Context<Self>) -> Self::Result {
+        self.call(move |c, at| append(c, at, msg.kind, &msg.detail))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::persistence::testing::{at, db};
+    use serde_json::json;
+
+    #[test]
+    fn chain_verifies_and_triggers_refuse_changes() {
+        let c = db();
+        for i in 0..3 {
+            append(&c, &at(), "token_granted", &json!({"id": format!("t{i}")})).unwrap();
+        }
+        assert_eq!(verify(&c).unwrap(), Ok(3));
+        assert!(append(&c, &at(), "nonsense", &json!({})).is_err());
+        let e = c
+            .execute("UPDATE audit SET detail = '{}' WHERE seq = 2", [])
+            .unwrap_err();
+        assert!(e.to_string().contains("append-only"), "{e}");
+        assert!(c.execute("DELETE FROM audit", []).is_err());
+        // Tamper under the triggers: the chain names the record.
+        c.execute_batch("DROP TRIGGER audit_no_update").unwrap();
+        c.execute(
+            "UPDATE audit SET detail = '{\"id\":\"x\"}' WHERE seq = 2",
+            [],
+        )
+        .unwrap();
+        let bad = verify(&c).unwrap().unwrap_err();
+        assert_eq!(bad.0, 2);
+        assert_eq!(list(&c, None).unwrap().len(), 3);
+    }
+}

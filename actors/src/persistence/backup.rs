@@ -1,0 +1,306 @@
+//! Online backup and restore of the stores (R47). `backup_db` copies a
+//! live database with SQLite's online backup API from its own read-only
+//! connection (the writer goes on), into a new file keyed like the source
+//! (an encrypted store gives an encrypted backup), fsyncs and checks it
+//! (`integrity_check`). `restore_db` puts a checked backup in place of a
+//! store with keel stopped, keeping the replaced files.
+
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+
+use rusqlite::backup::{Backup, Progress, StepResult};
+use rusqlite::{Connection, OpenFlags};
+use serde::Serialize;
+
+use super::open::{apply_key, classify_key_error, open_read_only};
+use crate::error::StoreError;
+use crate::masterkey::KeyHandle;
+
+/// Pages copied per backup step when progress is shown (keel stopped).
+const PAGES_PER_STEP: std::os::raw::c_int = 1024;
+
+/// What a backup wrote.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackupReport {
+    pub path: PathBuf,
+    pub pages: i64,
+    pub bytes: u64,
+    /// The copy of `secrets.db` (`FILE.secrets`), when there is one.
+    pub secrets: Option<PathBuf>,
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> StoreError + '_ {
+    move |e| StoreError::Open {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    }
+}
+
+/// The companion file holding the copy of `secrets.db`.
+pub fn secrets_companion(dest: &Path) -> PathBuf {
+    let mut s = dest.as_os_str().to_os_string();
+    s.push(".secrets");
+    PathBuf::from(s)
+}
+
+/// Copy `src` (keyed with `key`) to the new file `dest` with the same key;
+/// then fsync and `quick_check` it. With `progress` the copy runs in steps
+/// of [`PAGES_PER_STEP`] (keel stopped: nothing restarts it); without, in
+/// one step — one WAL read snapshot, so a running writer neither blocks it
+/// nor makes it start over.
+pub fn backup_db(
+    src: &Path,
+    key: Option<&KeyHandle>,
+    dest: &Path,
+    progress: Option<fn(Progress)>,
+) -> Result<i64, StoreError> {
+    if dest.exists() {
+        return Err(StoreError::Invalid(format!(
+            "{} exists already; choose a new file",
+            dest.display()
+        )));
+    }
+    let from = open_read_only(src, key)?;
+    let mut to = Connection::open_with_flags(
+        dest,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
+    )
+    .map_err(|e| StoreError::Open {
+        path: dest.to_path_buf(),
+        detail: e.to_string(),
+    })?;
+    apply_key(&to, dest, key)?;
+    let pages = {
+        let b = Backup::new(&from, &mut to)?;
+        let step = if progress.is_some() {
+            PAGES_PER_STEP
+        } else {
+            -1
+        };
+        loop {
+            match b.step(step)? {
+                StepResult::Done => break,
+                StepResult::More => {
+                    if let Some(p) = progress {
+                        p(b.progress());
+                    }
+                }
+                // Busy/locked: another connection holds a lock; try again.
+                _ => std::thread::sleep(std::time::Duration::from_millis(5)),
+            }
+        }
+        b.progress().pagecount as i64
+    };
+    let problems = super::meta::quick_check(&to).map_err(|e| classify_key_error(dest, key, e))?;
+    drop(to);
+    if problems != ["ok"] {
+        return Err(StoreError::Corrupt {
+            path: dest.to_path_buf(),
+            detail: format!("the backup failed its check: {}", problems.join("; ")),
+        });
+    }
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(dest, fs::Permissions::from_mode(0o600)).map_err(io(dest))?;
+    }
+    File::open(dest)
+        .and_then(|f| f.sync_all())
+        .map_err(io(dest))?;
+    if let Some(dir) = dest.parent() {
+        let _ = File::open(dir).and_then(|f| f.sync_all());
+    }
+    Ok(pages)
+}
+
+/// Back up `keel.db` to `dest` and, when present, `secrets.db` to
+/// `dest.secrets`.
+pub fn backup_files(
+    db: &Path,
+    db_key: Option<&KeyHandle>,
+    secrets: Option<&Path>,
+    secrets_key: &KeyHandle,
+    dest: &Path,
+) -> Result<BackupReport, StoreError> {
+    let pages = backup_db(db, db_key, dest, None)?;
+    let secrets = match secrets {
+        Some(s) => {
+            let to = secrets_companion(dest);
+            backup_db(s, Some(secrets_key), &to, None)?;
+            Some(to)
+        }
+        None => None,
+    };
+    Ok(BackupReport {
+        path: dest.to_path_buf(),
+        pages,
+        bytes: fs::metadata(dest).map(|m| m.len()).unwrap_or(0),
+        secrets,
+    })
+}
+
+/// The newest commit time recorded in a store (turns and audit records),
+/// to refuse replacing newer data with an older backup.
+pub fn newest_commit(conn: &Connection) -> Result<Option<String>, StoreError> {
+    let newest: Option<String> = conn.query_row(
+        "SELECT MAX(t) FROM (SELECT MAX(created_at) AS t FROM turns
+                             UNION ALL SELECT MAX(at) FROM audit)",
+        [],
+        |r| r.get(0),
+    )?;
+    Ok(newest)
+}
+
+/// Move `path` (and its `-wal`/`-shm`) aside as `<name>.replaced-<tag>`;
+/// returns the moved files.
+pub fn keep_replaced(path: &Path, tag: &str) -> Result<Vec<PathBuf>, StoreError> {
+    let mut moved = Vec::new();
+    for suffix in ["", "-wal", "-shm"] {
+        let mut from = path.as_os_str().to_os_string();
+        from.push(suffix);
+        let from = PathBuf::from(from);
+        if !from.exists() {
+            continue;
+        }
+        let mut to = path.as_os_str().to_os_string();
+        to.push(format!(".replaced-{tag}{suffix}"));
+        let to = PathBuf::from(to);
+        fs::rename(&from, &to).map_err(io(&from))?;
+        moved.push(to);
+    }
+    Ok(moved)
+}
+
+/// Copy the checked backup `src` to `dest` (temp file, fsync, rename, dir
+/// fsync). `dest` must not exist (moved aside by the caller).
+pub fn install_copy(src: &Path, dest: &Path) -> Result<(), StoreError> {
+    let dir = dest.parent().unwrap_or(Path::new("."));
+    let tmp = dest.with_extension("db.restore-tmp");
+    fs::copy(src, &tmp).map_err(io(&tmp))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600)).map_err(io(&tmp))?;
+    }
+    File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(io(&tmp))?;
+    fs::rename(&tmp, dest).map_err(io(dest))?;
+    File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(io(dir))?;
+    Ok(())
+}
+
+/// Write a copy of the open database `conn` to the new file `dest`, keyed
+/// with `key` (`None` = plain), with `sqlcipher_export` (schema, rows and
+/// `user_version`); then fsync and check it. Used by `keel rekey` and
+/// `keel migrate --encrypt`.
+pub fn export_keyed(
+    conn: &Connection,
+    dest: &Path,
+    key: Option<&crate::masterkey::MasterKey>,
+) -> Result<(), StoreError> {
+    if dest.exists() {
+        fs::remove_file(dest).map_err(io(dest))?;
+    }
+    let version = super::migrate::current_version(conn)?;
+    let literal = key.map(|k| k.attach_literal());
+    let key_sql = literal.as_ref().map_or("''", |l| l.as_str());
+    // ATTACH takes the file name as a bound parameter; the key literal is
+    // our own hex, never outside input.
+    conn.execute(
+        &format!("ATTACH DATABASE ?1 AS rekeyed KEY {key_sql}"),
+        [dest.to_string_lossy().as_ref()],
+    )?;
+    let result = (|| {
+        conn.query_row("SELECT sqlcipher_export('rekeyed')", [], |_| Ok(()))?;
+        conn.execute_batch(&format!("PRAGMA rekeyed.user_version = {version};"))?;
+        Ok::<_, StoreError>(())
+    })();
+    let detached = conn.execute_batch("DETACH DATABASE rekeyed;");
+    result?;
+    detached?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(dest, fs::Permissions::from_mode(0o600)).map_err(io(dest))?;
+    }
+    File::open(dest)
+        .and_then(|f| f.sync_all())
+        .map_err(io(dest))?;
+    // The copy's directory entry is durable before anyone relies on it.
+    if let Some(dir) = dest.parent() {
+        File::open(dir)
+            .and_then(|f| f.sync_all())
+            .map_err(io(dir))?;
+    }
+    Ok(())
+}
+
+/// Check that `path` opens with `key`, holds a schema and passes
+/// `quick_check`. An empty file would open with any key (SQLite sees a new
+/// database): it never passes, so a copy cut short before its first page
+/// is never taken for a finished one.
+pub fn verify_keyed(path: &Path, key: Option<&KeyHandle>) -> Result<(), StoreError> {
+    let empty = fs::metadata(path).map(|m| m.len() == 0).unwrap_or(true);
+    if empty {
+        return Err(StoreError::Corrupt {
+            path: path.to_path_buf(),
+            detail: "the file is empty".into(),
+        });
+    }
+    let c = open_read_only(path, key)?;
+    let tables: i64 = c
+        .query_row("SELECT COUNT(*) FROM sqlite_master", [], |r| r.get(0))
+        .map_err(|e| classify_key_error(path, key, e))?;
+    if tables == 0 {
+        return Err(StoreError::Corrupt {
+            path: path.to_path_buf(),
+            detail: "the file holds no schema".into(),
+        });
+    }
+    let problems = super::meta::quick_check(&c).map_err(|e| classify_key_error(path, key, e))?;
+    if problems != ["ok"] {
+        return Err(StoreError::Corrupt {
+            path: path.to_path_buf(),
+            detail: problems.join("; "),
+        });
+    }
+    Ok(())
+}
+
+/// The file a rekey prepares beside `db` before the switch.
+pub fn rekey_file(db: &Path) -> PathBuf {
+    let mut s = db.as_os_str().to_os_string();
+    s.push(".rekey");
+    PathBuf::from(s)
+}
+
+/// Finish or undo a rekey that was interrupted (kill -9): a `<db>.rekey`
+/// that the current key opens is the new store (the key switch happened):
+/// it replaces `<db>`; one it does not open is a leftover of a rekey that
+/// never switched: removed. Returns what was done, for the log.
+pub fn recover_rekey(dbs: &[&Path], key: &KeyHandle) -> Result<Vec<String>, StoreError> {
+    let mut done = Vec::new();
+    for db in dbs {
+        let next = rekey_file(db);
+        if !next.exists() {
+            continue;
+        }
+        if verify_keyed(&next, Some(key)).is_ok() {
+            fs::rename(&next, db).map_err(io(db))?;
+            done.push(format!(
+                "finished the interrupted rekey of {}",
+                db.display()
+            ));
+        } else {
+            fs::remove_file(&next).map_err(io(&next))?;
+            done.push(format!(
+                "removed {} (a rekey interrupted before the key changed)",
+                next.display()
+            ));
+        }
+        if let Some(dir) = db.parent() {
+            let _ = File::open(dir).and_then(|f| f.sync_all());
+        }
+    }
+    Ok(done)
+}

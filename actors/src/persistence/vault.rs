@@ -1,0 +1,275 @@
+//! The vault's SQL: capability tokens (table `tokens` of `keel.db`,
+//! `migrations/0007_vault.sql`) and the secrets database (`secrets.db`, a
+//! separate SQLCipher file that is always encrypted, with its own one-table
+//! schema created here). Token grants and revocations append their audit
+//! record in the same transaction.
+
+use std::path::Path;
+use std::time::Duration;
+
+use actix::prelude::*;
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use serde::Serialize;
+use serde_json::json;
+use zeroize::Zeroizing;
+
+use super::open::{apply_key, classify_key_error};
+use super::{audit, PersistenceActor};
+use crate::clock::Stamp;
+use crate::error::StoreError;
+use crate::masterkey::KeyHandle;
+
+// ---------------------------------------------------------------------------
+// Tokens.
+
+/// One stored capability token (never the secret itself).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TokenRow {
+    pub id: String,
+    #[serde(skip)]
+    pub secret_sha256: String,
+    pub perms: Vec<String>,
+    pub scope: Option<String>,
+    pub note: Option<String>,
+    pub created_at: String,
+    pub expires_ms: Option<i64>,
+    pub last_used_at: Option<String>,
+    pub revoked_at: Option<String>,
+}
+
+/// Insert a new token and its `token_granted` record.
+pub fn insert_token(conn: &Connection, at: &Stamp, row: &TokenRow) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO tokens (id, secret_sha256, perms, scope, note, created_at, expires_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(params![
+        row.id,
+        row.secret_sha256,
+        row.perms.join(","),
+        row.scope,
+        row.note,
+        at.text,
+        row.expires_ms
+    ])?;
+    audit::append(
+        conn,
+        at,
+        "token_granted",
+        &json!({"id": row.id, "perms": row.perms, "scope": row.scope, "expires_ms": row.expires_ms}),
+    )?;
+    Ok(())
+}
+
+/// Every token, oldest first.
+pub fn list_tokens(conn: &Connection) -> Result<Vec<TokenRow>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, secret_sha256, perms, scope, note, created_at, expires_ms, last_used_at, revoked_at
+         FROM tokens ORDER BY created_at, id",
+    )?;
+    let rows = stmt
+        .query_map([], |r| {
+            let perms: String = r.get(2)?;
+            Ok(TokenRow {
+                id: r.get(0)?,
+                secret_sha256: r.get(1)?,
+                perms: perms
+                    .split(',')
+                    .filter(|p| !p.is_empty())
+                    .map(str::to_string)
+                    .collect(),
+                scope: r.get(3)?,
+                note: r.get(4)?,
+                created_at: r.get(5)?,
+                expires_ms: r.get(6)?,
+                last_used_at: r.get(7)?,
+                revoked_at: r.get(8)?,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+/// Revoke `id`; true when it existed and was not revoked yet (then a
+/// `token_revoked` record is appended).
+pub fn revoke_token(conn: &Connection, at: &Stamp, id: &str) -> Result<bool, StoreError> {
+    let n = conn
+        .prepare_cached("UPDATE tokens SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL")?
+        .execute(params![id, at.text])?;
+    if n > 0 {
+        audit::append(conn, at, "token_revoked", &json!({"id": id}))?;
+    }
+    Ok(n > 0)
+}
+
+/// Record that `id` was used.
+pub fn touch_token(conn: &Connection, at: &Stamp, id: &str) -> Result<(), StoreError> {
+    conn.prepare_cached("UPDATE tokens SET last_used_at = ?2 WHERE id = ?1")?
+        .execute(params![id, at.text])?;
+    Ok(())
+}
+
+/// Store a granted token (and its audit record); resolves after COMMIT.
+/// Sent by the admin socket's `tokens grant`.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<TokenRow, StoreError>")]
+pub struct GrantToken(pub TokenRow);
+
+impl Handler<GrantToken> for PersistenceActor {
+    type Result = ResponseFuture<Result<TokenRow, StoreError>>;
+    fn handle(&mut self, msg: GrantToken, _: &mut Context<Self>) -> Self::Result {
+        self.call(move |c, at| {
+            insert_token(c, at, &msg.0)?;
+            let mut row = msg.0;
+            row.created_at = at.text.clone();
+            Ok(row)
+        })
+    }
+}
+
+/// Revoke a token; resolves after COMMIT with whether it was active.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<bool, StoreError>")]
+pub struct RevokeToken(pub String);
+
+impl Handler<RevokeToken> for PersistenceActor {
+    type Result = ResponseFuture<Result<bool, StoreError>>;
+    fn handle(&mut self, msg: RevokeToken, _: &mut Context<Self>) -> Self::Result {
+        self.call(move |c, at| revoke_token(c, at, &msg.0))
+    }
+}
+
+/// Every token (start-up load of the HTTP token table, `tokens list`).
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<Vec<TokenRow>, StoreError>")]
+pub struct GetTokens;
+
+impl Handler<GetTokens> for PersistenceActor {
+    type Result = ResponseFuture<Result<Vec<TokenRow>, StoreError>>;
+    fn handle(&mut self, _: GetTokens, _: &mut Context<Self>) -> Self::Result {
+        self.call(|c, _| list_tokens(c))
+    }
+}
+
+/// Record a token's last use (sent at most once a minute per token).
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<(), StoreError>")]
+pub struct TouchToken(pub String);
+
+impl Handler<TouchToken> for PersistenceActor {
+    type Result = ResponseFuture<Result<(), StoreError>>;
+    fn handle(&mut self, msg: TouchToken, _: &mut Context<Self>) -> Self::Result {
+        self.call(move |c, at| touch_token(c, at, &msg.0))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// secrets.db.
+
+const SECRETS_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS secrets (
+    name       TEXT PRIMARY KEY,
+    value      BLOB NOT NULL,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);";
+
+/// A secret's name and times (never its value).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SecretInfo {
+    pub name: String,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+/// Open `secrets.db` (always encrypted with `key`); created 0600 with its
+/// schema when missing unless `read_only`. `None` path = in memory.
+pub fn open_secrets(
+    path: Option<&Path>,
+    key: &KeyHandle,
+    read_only: bool,
+) -> Result<Connection, StoreError> {
+    let Some(path) = path else {
+        let c = Connection::open_in_memory()?;
+        c.execute_batch(SECRETS_SCHEMA)?;
+        return Ok(c);
+    };
+    let flags = if read_only {
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    } else {
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    };
+    let conn = Connection::open_with_flags(path, flags).map_err(|e| StoreError::Open {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    })?;
+    apply_key(&conn, path, Some(key))?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    conn.query_row("SELECT COUNT(*) FROM sqlite_master", [], |r| {
+        r.get::<_, i64>(0)
+    })
+    .map_err(|e| classify_key_error(path, Some(key), e))?;
+    if !read_only {
+        let _: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+        conn.execute_batch("PRAGMA synchronous = FULL;")?;
+        conn.execute_batch(SECRETS_SCHEMA)?;
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+    }
+    Ok(conn)
+}
+
+/// Checkpoint (TRUNCATE: no `-wal` content left) and close.
+pub fn close_secrets(conn: Connection) -> Result<(), StoreError> {
+    let _ = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);");
+    conn.close().map_err(|(_, e)| StoreError::from(e))
+}
+
+/// Insert or replace a secret.
+pub fn put_secret(
+    conn: &Connection,
+    at: &Stamp,
+    name: &str,
+    value: &[u8],
+) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO secrets (name, value, created_at, updated_at) VALUES (?1, ?2, ?3, ?3)
+         ON CONFLICT(name) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+    )?
+    .execute(params![name, value, at.text])?;
+    Ok(())
+}
+
+/// Names and times, by name.
+pub fn list_secrets(conn: &Connection) -> Result<Vec<SecretInfo>, StoreError> {
+    let mut stmt =
+        conn.prepare_cached("SELECT name, created_at, updated_at FROM secrets ORDER BY name")?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok(SecretInfo {
+                name: r.get(0)?,
+                created_at: r.get(1)?,
+                updated_at: r.get(2)?,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+/// Remove a secret; true when it existed.
+pub fn remove_secret(conn: &Connection, name: &str) -> Result<bool, StoreError> {
+    Ok(conn
+        .prepare_cached("DELETE FROM secrets WHERE name = ?1")?
+        .execute(params![name])?
+        > 0)
+}
+
+/// A secret's value (zeroed when dropped).
+pub fn get_secret(conn: &Connection, name: &str) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError> {
+    Ok(conn
+        .prepare_cached("SELECT value FROM secrets WHERE name = ?1")?
+        .query_row(params![name], |r| r.get::<_, Vec<u8>>(0))
+        .optional()?
+        .map(Zeroizing::new))
+}

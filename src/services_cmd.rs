@@ -1,0 +1,259 @@
+//! `keel services deploy|kill|list` and `keel verify`. Services change
+//! desired state, and keel has one writer, so they go through the running
+//! keel's admin socket (`<data dir>/keel-admin.sock`). `verify` asks the
+//! running keel when there is one; otherwise it reads the store (read-only)
+//! and the engine itself, covering this instance's managed containers only.
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use keel_actors::containers::docker::DockerEngine;
+use keel_actors::containers::engine::Engine;
+use keel_actors::persistence::services;
+use serde_json::{json, Value};
+
+use crate::cli::{DataDirArg, ServicesCmd};
+
+pub fn services_cmd(cmd: ServicesCmd) -> Result<ExitCode> {
+    match cmd {
+        ServicesCmd::Deploy {
+            name,
+            image,
+            env,
+            label,
+            memory,
+            cpus,
+            network,
+            command,
+            dir,
+        } => {
+            let env = match pairs("--env", &env) {
+                Ok(m) => m,
+                Err(e) => return Ok(usage(&e)),
+            };
+            let labels = match pairs("--label", &label) {
+                Ok(m) => m,
+                Err(e) => return Ok(usage(&e)),
+            };
+            let mut spec =
+                json!({"image": image, "command": command, "env": env, "labels": labels});
+            if let Some(m) = memory {
+                spec["memory"] = json!(m);
+            }
+            if let Some(c) = cpus {
+                spec["cpus"] = json!(c);
+            }
+            if let Some(n) = network {
+                spec["network"] = json!(n);
+            }
+            let answer =
+                crate::tasks_cmd::ask(&dir, &json!({"op": "deploy", "name": name, "spec": spec}))?;
+            if let Some(code) = failed(&answer) {
+                return Ok(code);
+            }
+            match answer["state"].as_str() {
+                Some("pending") => {
+                    println!(
+                        "service {} recorded (spec {}); container not running yet: {}",
+                        name,
+                        short(&answer["spec_hash"]),
+                        answer["error"].as_str().unwrap_or("?")
+                    );
+                    eprintln!("keel: the reconcile loop creates it when the engine answers");
+                }
+                _ => println!(
+                    "service {} {} ({}, spec {})",
+                    name,
+                    if answer["unchanged"] == true {
+                        "unchanged"
+                    } else {
+                        "deployed"
+                    },
+                    answer["container"].as_str().unwrap_or("?"),
+                    short(&answer["spec_hash"])
+                ),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ServicesCmd::Kill { name, dir } => {
+            let answer = crate::tasks_cmd::ask(&dir, &json!({"op": "kill", "name": name}))?;
+            if let Some(code) = failed(&answer) {
+                return Ok(code);
+            }
+            println!("service {name} killed");
+            if let Some(e) = answer["error"].as_str() {
+                eprintln!("keel: {e} (the reconcile loop removes it)");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ServicesCmd::List { dir, json } => {
+            let answer = crate::tasks_cmd::ask(&dir, &json!({"op": "services"}))?;
+            if let Some(code) = failed(&answer) {
+                return Ok(code);
+            }
+            if json {
+                println!("{answer}");
+                return Ok(ExitCode::SUCCESS);
+            }
+            let list = answer["services"].as_array().cloned().unwrap_or_default();
+            if list.is_empty() {
+                println!("no services");
+            }
+            for s in list {
+                println!(
+                    "{:<24} {:<8} {}  spec {}",
+                    s["name"].as_str().unwrap_or("?"),
+                    s["state"].as_str().unwrap_or("?"),
+                    s["container"].as_str().unwrap_or("-"),
+                    short(&s["spec_hash"])
+                );
+            }
+            if let Some(e) = answer["engine"].as_str().filter(|e| *e != "ok") {
+                println!("engine: {e}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// `keel verify [--json]`.
+pub fn verify(dir: &DataDirArg, as_json: bool) -> Result<ExitCode> {
+    let config = crate::config::load(dir, None)?;
+    let report = if crate::run::running_pid(&config.data_dir).is_some() {
+        let answer = crate::tasks_cmd::ask(dir, &json!({"op": "verify"}))?;
+        if let Some(code) = failed(&answer) {
+            return Ok(code);
+        }
+        answer
+    } else {
+        offline(&config)?
+    };
+    if as_json {
+        println!(
+            "{}",
+            json!({
+                "consistent": report["consistent"],
+                "chain_ok": report["chain_ok"],
+                "missing": report["missing"],
+                "unexpected": report["unexpected"],
+                "drifted": report["drifted"],
+                "instance": report["instance"],
+                "engine_error": report["engine_error"],
+                "log": report["log"],
+            })
+        );
+    } else {
+        let log = &report["log"];
+        match log["damage"].as_str() {
+            None => println!("event log: ok ({} records)", log["records"]),
+            Some(d) => println!(
+                "event log: DAMAGED: {d}; the first {} of {} records are used",
+                log["valid"], log["records"]
+            ),
+        }
+        if let Some(e) = report["engine_error"].as_str() {
+            println!("engine: {e}");
+        }
+        for key in ["missing", "unexpected", "drifted"] {
+            let items: Vec<&str> = report[key]
+                .as_array()
+                .map(|a| a.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            println!(
+                "{key:<11} {}",
+                if items.is_empty() {
+                    "none".to_string()
+                } else {
+                    items.join(", ")
+                }
+            );
+        }
+        println!(
+            "{}",
+            if report["consistent"] == true {
+                "consistent"
+            } else {
+                "NOT consistent"
+            }
+        );
+    }
+    Ok(if report["consistent"] == true {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// The comparison without a running keel: the store read-only, the engine
+/// of the config, this instance's containers only.
+fn offline(config: &keel_actors::config::Config) -> Result<Value> {
+    let conn = crate::commands::open_ro(config)?;
+    let links = services::load(&conn).map_err(crate::commands::no_table("service_events"))?;
+    let replay = keel_actors::containers::replay(&links);
+    let instance = match &config.containers.instance {
+        Some(i) => i.clone(),
+        None => services::stored_instance(&conn)?.unwrap_or_default(),
+    };
+    let engine = DockerEngine::new(
+        config.containers.host(),
+        Duration::from_millis(config.containers.request_timeout_ms),
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start a runtime for the engine client")?;
+    let actual = if instance.is_empty() {
+        // Containers never ran on this data dir: nothing can be ours.
+        Ok(Vec::new())
+    } else {
+        rt.block_on(engine.list(&instance))
+    };
+    let actual_ref = match &actual {
+        Ok(list) => Ok(list.as_slice()),
+        Err(e) => Err(e),
+    };
+    Ok(keel_actors::containers::verify_json(
+        &replay, actual_ref, &instance,
+    ))
+}
+
+fn pairs(flag: &str, items: &[String]) -> Result<BTreeMap<String, String>, String> {
+    let mut out = BTreeMap::new();
+    for item in items {
+        match item.split_once('=') {
+            Some((k, v)) if !k.is_empty() => {
+                out.insert(k.to_string(), v.to_string());
+            }
+            _ => return Err(format!("{flag} takes K=V, got {item:?}")),
+        }
+    }
+    Ok(out)
+}
+
+fn usage(e: &str) -> ExitCode {
+    eprintln!("keel: error: {e}");
+    ExitCode::from(2)
+}
+
+/// An error answer → its one line on stderr and the exit code (2 for a
+/// refused request, 1 otherwise).
+fn failed(answer: &Value) -> Option<ExitCode> {
+    let e = answer["error"].as_str()?;
+    if answer.get("state").is_some() {
+        // A result with a warning, not a failure.
+        return None;
+    }
+    eprintln!("keel: error: {e}");
+    Some(match answer["code"].as_str() {
+        Some("invalid") | Some("not_found") => ExitCode::from(2),
+        _ => ExitCode::from(1),
+    })
+}
+
+fn short(hash: &Value) -> String {
+    hash.as_str()
+        .map(|h| h.chars().take(12).collect())
+        .unwrap_or_else(|| "-".into())
+}

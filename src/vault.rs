@@ -1,0 +1,113 @@
+//! Finding the master key at the process boundary: `KEEL_MASTER_KEY` (read
+//! here, the binary edge), else the key file (`[vault] key_file`, default
+//! `<data_dir>/master.key`), created 0600 on a fresh data dir only. Every
+//! command that opens a store calls [`master_key`] or [`store_key`], so
+//! `run`, `status`, `sessions`, `timers`, `tasks`, `secrets`, `tokens`,
+//! `audit` find the key the same way.
+
+// The binary edge: the one place that reads KEEL_MASTER_KEY.
+#![allow(clippy::disallowed_methods)]
+
+use anyhow::{bail, Result};
+use keel_actors::config::{Config, KeySource};
+use keel_actors::masterkey::{self, Found, KeyHandle, MasterKey};
+use zeroize::Zeroizing;
+
+/// When a missing key file may be created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Create {
+    /// Never: read-only commands (a wrong `--data-dir` leaves nothing behind).
+    Never,
+    /// Only when the data dir holds no store yet (first start, `secrets set`
+    /// before the first start). A store without its key is an error: a new
+    /// key would not open it.
+    IfFresh,
+    /// `keel migrate --encrypt`: also over a plain store, as long as no
+    /// `secrets.db` exists (which the missing key would have encrypted).
+    ForEncrypt,
+}
+
+/// The master key for `config` (also used for `secrets.db` when the main
+/// store is plain). `--ephemeral`: a random key kept in memory only.
+pub fn master_key(config: &Config, create: Create) -> Result<KeyHandle> {
+    if config.ephemeral {
+        return Ok(KeyHandle::new(
+            MasterKey::generate(),
+            "memory (--ephemeral)",
+        ));
+    }
+    let env = std::env::var("KEEL_MASTER_KEY")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .map(Zeroizing::new);
+    let file = config.key_file();
+    let fresh = {
+        let has =
+            |name: &str| std::fs::metadata(config.data_dir.join(name)).is_ok_and(|m| m.len() > 0);
+        !has("keel.db") && !has("secrets.db")
+    };
+    let create = match create {
+        Create::Never => false,
+        Create::IfFresh => fresh,
+        Create::ForEncrypt => !config.data_dir.join("secrets.db").exists(),
+    };
+    if env.is_none() && config.vault.key_source == KeySource::Keychain {
+        return keychain_key(config, create);
+    }
+    let (handle, found) = masterkey::resolve(env.as_deref().map(|s| s.as_str()), &file, create)?;
+    if found == (Found::File { created: true }) {
+        eprintln!(
+            "keel: created the master key {} (0600); back it up: without it keel.db and secrets.db cannot be read",
+            file.display()
+        );
+    }
+    Ok(handle)
+}
+
+/// The master key from the OS keychain: the kernel keyutils user keyring
+/// (Linux; headless, no D-Bus), key `keel:<data dir>`. Kernel keys live in
+/// memory while the user has a session or process: they do not survive a
+/// reboot, so back the key up.
+fn keychain_key(config: &Config, create: bool) -> Result<KeyHandle> {
+    use linux_keyutils::{KeyError, KeyRing, KeyRingIdentifier};
+    let dir = std::path::absolute(&config.data_dir)
+        .unwrap_or_else(|_| config.data_dir.clone())
+        .display()
+        .to_string();
+    let description = format!("keel:{dir}");
+    let source = format!("keychain (kernel keyutils user keyring, key {description})");
+    let ring = KeyRing::from_special_id(KeyRingIdentifier::User, false)
+        .map_err(|e| anyhow::anyhow!("{source}: cannot open: {e:?}"))?;
+    match ring.search(&description) {
+        Ok(key) => {
+            let bytes = Zeroizing::new(
+                key.read_to_vec()
+                    .map_err(|e| anyhow::anyhow!("{source}: cannot read: {e:?}"))?,
+            );
+            let hex = std::str::from_utf8(&bytes)
+                .map_err(|_| anyhow::anyhow!("{source}: the stored key is not hex"))?;
+            Ok(KeyHandle::new(MasterKey::from_hex(hex, &source)?, source))
+        }
+        Err(KeyError::KeyDoesNotExist) if create => {
+            let key = MasterKey::generate();
+            ring.add_key(&description, key.to_hex().as_bytes())
+                .map_err(|e| anyhow::anyhow!("{source}: cannot store the key: {e:?}"))?;
+            eprintln!(
+                "keel: created the master key in the {source}; kernel keys do not survive a reboot: back it up (keyctl print) or use a key file"
+            );
+            Ok(KeyHandle::new(key, source))
+        }
+        Err(KeyError::KeyDoesNotExist) => {
+            bail!("{source}: no master key stored there; restore it from your backup or set KEEL_MASTER_KEY")
+        }
+        Err(e) => bail!("{source}: {e:?}"),
+    }
+}
+
+/// The key for `keel.db` only: `None` while `[storage] encrypt = false`.
+pub fn store_key(config: &Config, create: Create) -> Result<Option<KeyHandle>> {
+    if !config.storage.encrypt || config.ephemeral {
+        return Ok(None);
+    }
+    master_key(config, create).map(Some)
+}

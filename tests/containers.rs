@@ -1,0 +1,737 @@
+//! Containers on a real Docker engine (R23–R27, R46): orphans reaped at
+//! start and on SIGTERM (other instances untouched), services deployed,
+//! adopted after a crash, killed for good, reconciled when the engine
+//! drifts, verified (`keel verify`), refused specs, and a damaged event log.
+//! The engine comes from `tests/common/docker.rs` (a private dockerd, or
+//! the one `.ci/run` started).
+
+#![allow(clippy::disallowed_methods)]
+
+mod common;
+#[path = "common/docker.rs"]
+mod docker;
+
+use std::process::Output;
+use std::time::Duration;
+
+use common::{poll_until, Config, Daemon};
+use docker::{docker_or_skip, Instance, IMAGE};
+use serde_json::{json, Value};
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// A daemon whose config adds `[containers]` for `inst` (not started).
+fn daemon(inst: &Instance, config: Config, interval_s: u64, extra: &str) -> Daemon {
+    let d = Daemon::new(config, None);
+    d.write_config_text(&format!(
+        "{}{}{extra}",
+        d.config.to_toml(),
+        inst.toml(interval_s)
+    ));
+    d
+}
+
+/// `keel ARGS… --data-dir D --config C [-- TAIL…]`.
+async fn keel(d: &Daemon, args: &[&str], tail: &[&str]) -> Output {
+    let data_dir = d.data_dir.to_string_lossy().into_owned();
+    let config = d.config_path.to_string_lossy().into_owned();
+    let mut all: Vec<&str> = args.to_vec();
+    all.extend(["--data-dir", &data_dir, "--config", &config]);
+    if !tail.is_empty() {
+        all.push("--");
+        all.extend(tail);
+    }
+    d.cli(&all).await
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+async fn list(d: &Daemon) -> Value {
+    let o = keel(d, &["services", "list", "--json"], &[]).await;
+    assert!(o.status.success(), "services list: {}", stderr(&o));
+    serde_json::from_slice(&o.stdout).expect("services list json")
+}
+
+async fn verify(d: &Daemon) -> (i32, Value) {
+    let o = keel(d, &["verify", "--json"], &[]).await;
+    let v: Value = serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|_| panic!("verify json: {} / {}", stdout(&o), stderr(&o)));
+    (o.status.code().unwrap_or(-1), v)
+}
+
+async fn status_containers(d: &Daemon) -> Value {
+    let o = d.status_json().await;
+    assert!(o.status.success(), "status: {}", stderr(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).expect("status json");
+    v["containers"].clone()
+}
+
+fn service_names(engine: &docker::Engine, inst: &Instance, service: &str) -> Vec<(String, String)> {
+    engine
+        .containers(&inst.id)
+        .iter()
+        .filter(|c| c["Labels"]["keel.service"] == service)
+        .map(|c| {
+            (
+                c["Names"][0]
+                    .as_str()
+                    .unwrap_or("")
+                    .trim_start_matches('/')
+                    .to_string(),
+                c["State"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orphans_are_reaped_at_start_and_on_sigterm_and_other_instances_are_never_touched() {
+    let Some(engine) = docker_or_skip("orphans_are_reaped") else {
+        return;
+    };
+    let inst = Instance::new(engine, "reap");
+    let other = Instance::new(engine, "other");
+    // Left from an earlier run of this instance: two ephemeral containers
+    // (one running, one stopped) and two task containers whose tasks are not
+    // RUNNING (no such task rows): all reaped. Another instance's ephemeral
+    // container must stay. (A RUNNING task's container is re-attached, not
+    // reaped: tests/container_tasks.rs.)
+    let orphan = format!("keel-{}-ephemeral-job-1", inst.id);
+    let stopped = format!("keel-{}-ephemeral-job-2", inst.id);
+    let foreign = format!("keel-{}-ephemeral-job-1", other.id);
+    let task = format!("keel-{}-task-backup-7", inst.id);
+    // A task container whose task does not exist (ended, pruned): reaped.
+    let done_task = format!("keel-{}-task-backup-8", inst.id);
+    engine.plant(&orphan, inst.labels("ephemeral", &[]), true);
+    engine.plant(&stopped, inst.labels("ephemeral", &[]), false);
+    engine.plant(&foreign, other.labels("ephemeral", &[]), true);
+    engine.plant(&task, inst.labels("task", &[("keel.task", "7")]), true);
+    engine.plant(&done_task, inst.labels("task", &[("keel.task", "8")]), true);
+
+    let mut d = daemon(
+        &inst,
+        Config {
+            owner_chat: Some("owner".into()),
+            ..Default::default()
+        },
+        30,
+        "",
+    );
+    d.boot().await;
+    assert!(
+        engine.names(&inst.id).is_empty(),
+        "{:?}",
+        engine.names(&inst.id)
+    );
+    assert_eq!(
+        engine.names(&other.id).len(),
+        1,
+        "the other instance's container stays"
+    );
+    let c = status_containers(&d).await;
+    assert_eq!(c["reaped_at_start"], 4, "{c}");
+    assert_eq!(c["state"], "ok", "{c}");
+    let notice = poll_until(DEADLINE, || async {
+        d.turns("webhook:owner")
+            .await
+            .into_iter()
+            .find(|t| t.text.contains("keel restarted"))
+    })
+    .await
+    .expect("owner notice");
+    assert!(
+        notice.text.contains("Containers reaped: 4"),
+        "{}",
+        notice.text
+    );
+    let ready = d.readyz().await.unwrap();
+    assert_eq!(ready.status, 200);
+    assert_eq!(ready.json()["containers"]["status"], "ok", "{}", ready.body);
+
+    // While keel runs, another ephemeral container appears (as one keel
+    // made would); SIGTERM stops and removes it.
+    let later = format!("keel-{}-ephemeral-job-3", inst.id);
+    engine.plant(&later, inst.labels("ephemeral", &[]), true);
+    let status = d.sigterm(DEADLINE).await;
+    assert!(status.success(), "exit {status:?}");
+    assert!(engine.names(&inst.id).is_empty());
+    assert_eq!(engine.names(&other.id).len(), 1);
+    d.assert_no_panics();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_are_deployed_adopted_after_a_crash_replaced_killed_for_good_and_verified() {
+    let Some(engine) = docker_or_skip("services") else {
+        return;
+    };
+    let inst = Instance::new(engine, "svc");
+    let mut d = daemon(&inst, Config::default(), 30, "");
+    d.boot().await;
+
+    let o = keel(
+        &d,
+        &[
+            "services", "deploy", "web", "--image", IMAGE, "--env", "A=1", "--label", "team=x",
+            "--memory", "64m",
+        ],
+        &["sleep", "3600"],
+    )
+    .await;
+    assert!(o.status.success(), "deploy: {}", stderr(&o));
+    assert!(
+        stdout(&o).contains("service web deployed"),
+        "{}",
+        stdout(&o)
+    );
+    let l = list(&d).await;
+    let web = &l["services"][0];
+    assert_eq!(web["name"], "web");
+    assert_eq!(web["state"], "running", "{l}");
+    let id = web["container_id"].as_str().unwrap().to_string();
+    let c = engine.inspect(&id).expect("container exists");
+    assert_eq!(c["Config"]["Labels"]["keel.kind"], "service");
+    assert_eq!(c["Config"]["Labels"]["keel.service"], "web");
+    assert_eq!(c["Config"]["Labels"]["keel.spec"], web["spec_hash"]);
+    assert_eq!(c["Config"]["Labels"]["team"], "x");
+    assert_eq!(c["HostConfig"]["NetworkMode"], "none");
+    assert_eq!(c["HostConfig"]["Memory"], 64 << 20);
+    assert!(c["Config"]["Env"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("A=1")));
+    assert_eq!(c["Name"], format!("/keel-{}-service-web-1", inst.id));
+
+    // The same over HTTP.
+    let r = common::send(d.client.post(d.url("/v1/services")).json(&json!({
+        "name": "db", "image": IMAGE, "command": ["sleep", "3600"],
+    })))
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = common::send(d.client.get(d.url("/v1/services")))
+        .await
+        .unwrap();
+    assert_eq!(
+        r.json()["services"].as_array().unwrap().len(),
+        2,
+        "{}",
+        r.body
+    );
+
+    // Crash: the containers keep running and are adopted, not recreated.
+    d.sigkill();
+    d.restart().await;
+    let l = list(&d).await;
+    assert_eq!(l["services"][1]["name"], "web", "{l}");
+    assert_eq!(l["services"][1]["container_id"], json!(id), "adopted: {l}");
+    assert_eq!(service_names(engine, &inst, "web").len(), 1);
+    let (code, v) = verify(&d).await;
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(v["chain_ok"], true);
+
+    // A new spec replaces the container (new name, old one gone).
+    let o = keel(
+        &d,
+        &["services", "deploy", "web", "--image", IMAGE],
+        &["sleep", "1234"],
+    )
+    .await;
+    assert!(o.status.success(), "redeploy: {}", stderr(&o));
+    let names = service_names(engine, &inst, "web");
+    assert_eq!(names.len(), 1, "{names:?}");
+    assert_ne!(names[0].0, format!("keel-{}-service-web-1", inst.id));
+    assert_eq!(names[0].1, "running");
+    // An identical redeploy changes nothing.
+    let o = keel(
+        &d,
+        &["services", "deploy", "web", "--image", IMAGE],
+        &["sleep", "1234"],
+    )
+    .await;
+    assert!(stdout(&o).contains("unchanged"), "{}", stdout(&o));
+
+    // Kill: removed, and it stays dead across a restart and a reconcile.
+    let o = keel(&d, &["services", "kill", "web"], &[]).await;
+    assert!(o.status.success(), "kill: {}", stderr(&o));
+    assert!(service_names(engine, &inst, "web").is_empty());
+    let r = common::send(d.client.delete(d.url("/v1/services/db")))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = common::send(d.client.delete(d.url("/v1/services/nope")))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 404, "{}", r.body);
+    d.sigkill();
+    d.restart().await;
+    assert!(
+        engine.names(&inst.id).is_empty(),
+        "killed services stay dead"
+    );
+    let l = list(&d).await;
+    assert!(
+        l["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["state"] == "killed"),
+        "{l}"
+    );
+    let (code, v) = verify(&d).await;
+    assert_eq!(code, 0, "{v}");
+
+    // Offline verify (keel stopped) reads the store and the engine.
+    assert!(d.sigterm(DEADLINE).await.success());
+    let (code, v) = verify(&d).await;
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(v["consistent"], true);
+    d.assert_no_panics();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_specs_name_the_field_and_store_nothing() {
+    let Some(engine) = docker_or_skip("refused_specs") else {
+        return;
+    };
+    let inst = Instance::new(engine, "spec");
+    let mut d = daemon(&inst, Config::default(), 30, "");
+    d.boot().await;
+    let socket = engine.socket.display().to_string();
+    for (body, field) in [
+        (
+            json!({"name": "x", "image": IMAGE, "privileged": true}),
+            "privileged",
+        ),
+        (
+            json!({"name": "x", "image": IMAGE, "network_mode": "host"}),
+            "network_mode",
+        ),
+        (
+            json!({"name": "x", "image": IMAGE, "pid_mode": "host"}),
+            "pid_mode",
+        ),
+        (
+            json!({"name": "x", "image": IMAGE, "cap_add": ["SYS_ADMIN"]}),
+            "cap_add",
+        ),
+        (
+            json!({"name": "x", "image": IMAGE, "devices": ["/dev/sda"]}),
+            "devices",
+        ),
+        (
+            json!({"name": "x", "image": IMAGE, "mounts": ["/:/host"]}),
+            "mounts",
+        ),
+        (
+            json!({"name": "x", "image": IMAGE, "mounts": [format!("{socket}:/s")]}),
+            "mounts",
+        ),
+        (
+            json!({"name": "x", "image": IMAGE, "mounts": [format!("{}:/d", d.data_dir.display())]}),
+            "mounts",
+        ),
+        (json!({"name": "x", "image": "Not An Image"}), "image"),
+        (
+            json!({"name": "x", "image": IMAGE, "memory": "-1m"}),
+            "memory",
+        ),
+        (
+            json!({"name": "x", "image": IMAGE, "env": {"A": "x\ny"}}),
+            "env.A",
+        ),
+        (
+            json!({"name": "x", "image": IMAGE, "labels": {"keel.managed": "no"}}),
+            "labels.keel.managed",
+        ),
+        (json!({"name": "../x", "image": IMAGE}), "name"),
+    ] {
+        let r = common::send(d.client.post(d.url("/v1/services")).json(&body))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 400, "{body}: {}", r.body);
+        let e = r.json()["error"].as_str().unwrap_or("").to_string();
+        assert!(e.starts_with(&format!("{field}:")), "{body}: {e}");
+    }
+    let r = common::send(d.client.post(d.url("/v1/services")).json(&json!({
+        "name": "x", "image": "localhost/does-not-exist:1"
+    })))
+    .await
+    .unwrap();
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(
+        r.body.contains("not found on the container engine"),
+        "{}",
+        r.body
+    );
+    // The CLI: exit 2 and the field named.
+    let o = keel(
+        &d,
+        &[
+            "services",
+            "deploy",
+            "x",
+            "--image",
+            IMAGE,
+            "--label",
+            "keel.kind=task",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("labels.keel.kind"), "{}", stderr(&o));
+    let o = keel(&d, &["services", "kill", "ghost"], &[]).await;
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let l = list(&d).await;
+    assert_eq!(l["services"], json!([]), "nothing stored: {l}");
+    assert!(engine.names(&inst.id).is_empty());
+    d.assert_no_panics();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reconcile_loop_repairs_drift_and_a_409_is_resolved_by_inspect() {
+    let Some(engine) = docker_or_skip("reconcile") else {
+        return;
+    };
+    let inst = Instance::new(engine, "drift");
+    // A container with the name keel will give the first deploy (a create
+    // from a run that crashed before recording it elsewhere): the deploy
+    // meets 409, inspects it and takes it instead of making a duplicate.
+    let mut d = daemon(&inst, Config::default(), 2, "");
+    d.boot().await;
+    let spec_hash = {
+        // Ask keel for the hash by deploying a throwaway name first.
+        let r = common::send(d.client.post(d.url("/v1/services")).json(&json!({
+            "name": "probe", "image": IMAGE, "command": ["sleep", "3600"],
+        })))
+        .await
+        .unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()["spec_hash"].as_str().unwrap().to_string()
+    };
+    let planted = format!("keel-{}-service-web-2", inst.id);
+    engine.plant(
+        &planted,
+        inst.labels(
+            "service",
+            &[("keel.service", "web"), ("keel.spec", &spec_hash)],
+        ),
+        false,
+    );
+    let r = common::send(d.client.post(d.url("/v1/services")).json(&json!({
+        "name": "web", "image": IMAGE, "command": ["sleep", "3600"],
+    })))
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let names = service_names(engine, &inst, "web");
+    assert_eq!(
+        names,
+        vec![(planted.clone(), "running".to_string())],
+        "no duplicate"
+    );
+
+    // Drift behind keel's back: the container removed → recreated; an
+    // extra managed service container → removed.
+    engine.remove(&planted);
+    let extra = format!("keel-{}-service-ghost-9", inst.id);
+    engine.plant(
+        &extra,
+        inst.labels("service", &[("keel.service", "ghost"), ("keel.spec", "x")]),
+        true,
+    );
+    let repaired = poll_until(DEADLINE, || async {
+        let web = service_names(engine, &inst, "web");
+        let ghost = service_names(engine, &inst, "ghost");
+        (web.len() == 1 && web[0].1 == "running" && ghost.is_empty()).then_some(())
+    })
+    .await;
+    assert!(
+        repaired.is_some(),
+        "not repaired: {:?}",
+        engine.names(&inst.id)
+    );
+    let (code, v) = verify(&d).await;
+    assert_eq!(code, 0, "{v}");
+    let c = status_containers(&d).await;
+    assert!(c["repairs"].as_u64().unwrap() >= 2, "{c}");
+    let m = d.get("/metrics").await.unwrap().body;
+    assert!(m.contains("keel_container_repairs_total"), "{m}");
+    d.assert_no_panics();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_event_log_is_reported_and_never_replayed_past_the_damage() {
+    let Some(engine) = docker_or_skip("damaged_log") else {
+        return;
+    };
+    let inst = Instance::new(engine, "dmg");
+    let mut d = daemon(&inst, Config::default(), 30, "");
+    d.boot().await;
+    for name in ["a", "b"] {
+        let o = keel(
+            &d,
+            &["services", "deploy", name, "--image", IMAGE],
+            &["sleep", "3600"],
+        )
+        .await;
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let o = keel(&d, &["services", "kill", "a"], &[]).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(d.sigterm(DEADLINE).await.success());
+
+    // Edit record 2 (the deploy of b) behind keel's back.
+    {
+        let c = common::open_db(&d.db_path());
+        c.execute_batch(
+            "DROP TRIGGER service_events_no_update;
+             UPDATE service_events SET payload = replace(payload, 'sleep', 'sleeq') WHERE seq = 2;",
+        )
+        .unwrap();
+    }
+    let (code, v) = verify(&d).await;
+    assert_eq!(code, 1, "{v}");
+    assert_eq!(v["chain_ok"], false);
+    assert_eq!(v["log"]["valid"], 1, "{v}");
+    assert!(
+        v["log"]["damage"].as_str().unwrap().contains("record 2"),
+        "{v}"
+    );
+
+    // keel starts (ready), says so, replays record 1 only: the kill of a
+    // (record 3) lies past the damage and is not applied, nor is anything
+    // new recorded on top of the damage.
+    d.restart().await;
+    let ready = d.readyz().await.unwrap();
+    assert_eq!(ready.status, 200);
+    assert_eq!(
+        ready.json()["containers"]["status"],
+        "degraded",
+        "{}",
+        ready.body
+    );
+    assert!(ready.body.contains("event log damaged"), "{}", ready.body);
+    let c = status_containers(&d).await;
+    assert_eq!(c["log"]["valid"], 1, "{c}");
+    let o = keel(&d, &["services", "deploy", "c", "--image", IMAGE], &[]).await;
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("event log is damaged"),
+        "{}",
+        stderr(&o)
+    );
+    let (code, v) = verify(&d).await;
+    assert_eq!(code, 1);
+    assert_eq!(v["chain_ok"], false);
+    assert!(d.stderr_all().contains("services event log damaged"));
+    d.assert_no_panics();
+}
+
+/// kill -9 during deploys, kills and reconciles, 10 cycles: no duplicate
+/// containers, no orphan ephemeral ones, acknowledged deploys running,
+/// acknowledged kills dead, and `keel verify` consistent at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_deploy_kill_and_reconcile_leaves_no_duplicates_or_orphans() {
+    use rand::Rng;
+    let Some(engine) = docker_or_skip("kill_9_cycles") else {
+        return;
+    };
+    let seed = common::Seed::from_env("kill_9_cycles");
+    let mut rng = seed.rng();
+    let inst = Instance::new(engine, "k9");
+    let mut d = daemon(&inst, Config::default(), 1, "");
+    // name → Some(true) deployed and acknowledged, Some(false) killed and
+    // acknowledged; absent or unknown outcomes are not checked.
+    let mut acked: std::collections::BTreeMap<String, bool> = Default::default();
+    let mut kill_tried: std::collections::BTreeSet<String> = Default::default();
+    for cycle in 0..10 {
+        d.boot().await;
+        // Right after every start: no duplicates, no ephemeral orphans.
+        let names = engine.names(&inst.id);
+        assert!(
+            names.iter().all(|(n, _)| !n.contains("-ephemeral-")),
+            "cycle {cycle}: orphans {names:?}"
+        );
+        let mut per_service: std::collections::HashMap<String, usize> = Default::default();
+        for c in engine.containers(&inst.id) {
+            if let Some(s) = c["Labels"]["keel.service"].as_str() {
+                *per_service.entry(s.to_string()).or_default() += 1;
+            }
+        }
+        assert!(
+            per_service.values().all(|n| *n <= 1),
+            "cycle {cycle}: duplicates {per_service:?}"
+        );
+        // Plant an ephemeral container and some drift, then race a deploy
+        // and a kill against SIGKILL.
+        engine.plant(
+            &format!("keel-{}-ephemeral-e-{cycle}", inst.id),
+            inst.labels("ephemeral", &[]),
+            true,
+        );
+        if let Some(victim) = engine
+            .containers(&inst.id)
+            .iter()
+            .find(|c| c["Labels"]["keel.kind"] == "service")
+        {
+            engine.remove(victim["Id"].as_str().unwrap());
+        }
+        let name = format!("s{cycle}");
+        let data_dir = d.data_dir.to_string_lossy().into_owned();
+        let config = d.config_path.to_string_lossy().into_owned();
+        let deploy = tokio::spawn({
+            let (data_dir, config) = (data_dir.clone(), config.clone());
+            let name = name.clone();
+            async move {
+                common::run_keel(
+                    &[
+                        "services",
+                        "deploy",
+                        &name,
+                        "--image",
+                        IMAGE,
+                        "--data-dir",
+                        &data_dir,
+                        "--config",
+                        &config,
+                        "--",
+                        "sleep",
+                        "3600",
+                    ],
+                    None,
+                    DEADLINE,
+                )
+                .await
+            }
+        });
+        let kill = (cycle >= 2).then(|| {
+            let victim = format!("s{}", cycle - 2);
+            tokio::spawn(async move {
+                let out = common::run_keel(
+                    &[
+                        "services",
+                        "kill",
+                        &victim,
+                        "--data-dir",
+                        &data_dir,
+                        "--config",
+                        &config,
+                    ],
+                    None,
+                    DEADLINE,
+                )
+                .await;
+                (victim, out)
+            })
+        });
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(0..400))).await;
+        d.sigkill();
+        let out = deploy.await.unwrap();
+        if out.status.success() && stdout(&out).contains("deployed") {
+            acked.insert(name, true);
+        }
+        if let Some(k) = kill {
+            let (victim, out) = k.await.unwrap();
+            kill_tried.insert(victim.clone());
+            if out.status.success() {
+                acked.insert(victim, false);
+            }
+        }
+    }
+    d.boot().await;
+    let consistent = poll_until(DEADLINE, || async {
+        let (code, v) = verify(&d).await;
+        (code == 0).then_some(v)
+    })
+    .await;
+    assert!(
+        consistent.is_some(),
+        "not consistent: {:?}",
+        verify(&d).await
+    );
+    let l = list(&d).await;
+    for (name, alive) in &acked {
+        let s = l["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == json!(name))
+            .unwrap_or_else(|| panic!("{name} lost: {l}"));
+        if *alive && !kill_tried.contains(name) {
+            assert_eq!(s["state"], "running", "{name}: {l}");
+        }
+        if !*alive {
+            assert_eq!(s["state"], "killed", "{name}: {l}");
+            assert!(
+                service_names(engine, &inst, name).is_empty(),
+                "{name} revived"
+            );
+        }
+    }
+    for (name, n) in l["services"].as_array().unwrap().iter().map(|s| {
+        let name = s["name"].as_str().unwrap().to_string();
+        let n = service_names(engine, &inst, &name).len();
+        (name, n)
+    }) {
+        assert!(n <= 1, "{name}: {n} containers");
+    }
+    assert!(engine
+        .names(&inst.id)
+        .iter()
+        .all(|(n, _)| !n.contains("-ephemeral-")));
+    eprintln!(
+        "kill_9 cycles: {} acknowledged operations, figures: {}",
+        acked.len(),
+        json!({"services": l["services"].as_array().unwrap().len()})
+    );
+    d.assert_no_panics();
+}
+
+/// SIGTERM keeps services running by default (adopted at the next start);
+/// with `stop_services_on_shutdown = true` they are stopped and removed,
+/// and the next start creates them again (they are still desired).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_survive_sigterm_unless_stop_services_on_shutdown() {
+    let Some(engine) = docker_or_skip("stop_services_on_shutdown") else {
+        return;
+    };
+    let inst = Instance::new(engine, "stop");
+    let mut d = daemon(&inst, Config::default(), 30, "");
+    d.boot().await;
+    let o = keel(
+        &d,
+        &["services", "deploy", "web", "--image", IMAGE],
+        &["sleep", "3600"],
+    )
+    .await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let id = list(&d).await["services"][0]["container_id"].clone();
+    assert!(d.sigterm(DEADLINE).await.success());
+    assert_eq!(service_names(engine, &inst, "web").len(), 1, "kept running");
+    d.restart().await;
+    assert_eq!(list(&d).await["services"][0]["container_id"], id, "adopted");
+    assert!(d.sigterm(DEADLINE).await.success());
+
+    d.write_config_text(&format!(
+        "{}{}stop_services_on_shutdown = true\n",
+        d.config.to_toml(),
+        inst.toml(30)
+    ));
+    d.restart().await;
+    assert!(d.sigterm(DEADLINE).await.success());
+    assert!(
+        service_names(engine, &inst, "web").is_empty(),
+        "stopped and removed"
+    );
+    d.restart().await;
+    let l = list(&d).await;
+    assert_eq!(l["services"][0]["state"], "running", "created again: {l}");
+    d.assert_no_panics();
+}
