@@ -290,7 +290,6 @@ pub enum ServicesCmd {
     },
 }
 
-
 #[derive(Debug, Subcommand)]
 pub enum SecretsCmd {
     /// Store a secret; the value is read from stdin (no echo on a terminal).

@@ -110,18 +110,15 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode> {
     let plain = measure(&args, &binary, &scratch.path.join("plain"), &rows, false)?;
     let ratio = Report::ratio(encrypted.keel.per_second, plain.keel.per_second);
     if args.json {
-        println!(
-            "{}",
-            {
-                // The top-level keys stay the default (encrypted) run's, as
-                // before encryption existed; outside checks read them.
-                let mut out = encrypted.to_json();
-                out["plain"] = plain.to_json();
-                out["encrypted_vs_plain"] = json!(ratio.map(|r| round(r, 3)));
-                out["encrypted_vs_plain_min"] = json!(TARGET_ENCRYPTED_OF_PLAIN);
-                out
-            }
-        );
+        println!("{}", {
+            // The top-level keys stay the default (encrypted) run's, as
+            // before encryption existed; outside checks read them.
+            let mut out = encrypted.to_json();
+            out["plain"] = plain.to_json();
+            out["encrypted_vs_plain"] = json!(ratio.map(|r| round(r, 3)));
+            out["encrypted_vs_plain_min"] = json!(TARGET_ENCRYPTED_OF_PLAIN);
+            out
+        });
     } else {
         println!("== encrypted store (SQLCipher, [storage] encrypt = true) ==");
         encrypted.print();

@@ -1304,10 +1304,13 @@ mod tests {
         };
         let persistence = PersistenceActor::new(
             conn,
-            crate::persistence::StoreOptions::from_config(&crate::config::Config {
-                ephemeral: true,
-                ..Default::default()
-            }, None),
+            crate::persistence::StoreOptions::from_config(
+                &crate::config::Config {
+                    ephemeral: true,
+                    ..Default::default()
+                },
+                None,
+            ),
             health.clone(),
             metrics.clone(),
             Arc::new(crate::clock::WallClock),
