@@ -141,16 +141,7 @@ pub fn load(dir: &DataDirArg, run: Option<&RunArgs>) -> Result<Config> {
 /// there is one. Only `keel run` (start and reload) resolves them.
 fn resolve_vault(config: &mut Config) -> Result<()> {
     let secrets = config.data_dir.join("secrets.db");
-    let slots: [(&'static str, &mut Option<String>); 7] = [
-        ("telegram.token", &mut config.telegram.token),
-        ("slack.app_token", &mut config.slack.app_token),
-        ("slack.bot_token", &mut config.slack.bot_token),
-        ("whatsapp.access_token", &mut config.whatsapp.access_token),
-        ("whatsapp.app_secret", &mut config.whatsapp.app_secret),
-        ("whatsapp.verify_token", &mut config.whatsapp.verify_token),
-        ("webhook.secret", &mut config.webhook.secret),
-    ];
-    let wants_vault = slots
+    let wants_vault = secret_slots(config)
         .iter()
         .any(|(_, v)| v.as_deref().is_some_and(|s| s.starts_with("vault:")));
     if config.ephemeral || (!wants_vault && !secrets.exists()) {
@@ -159,7 +150,6 @@ fn resolve_vault(config: &mut Config) -> Result<()> {
         }
         return Ok(());
     }
-    let _ = slots;
     let key = crate::vault::master_key(config, crate::vault::Create::Never)?;
     let conn = if secrets.exists() {
         Some(keel_actors::persistence::vault::open_secrets(
@@ -181,16 +171,7 @@ fn resolve_vault(config: &mut Config) -> Result<()> {
             None => Ok(None),
         }
     };
-    let slots: [(&'static str, &mut Option<String>); 7] = [
-        ("telegram.token", &mut config.telegram.token),
-        ("slack.app_token", &mut config.slack.app_token),
-        ("slack.bot_token", &mut config.slack.bot_token),
-        ("whatsapp.access_token", &mut config.whatsapp.access_token),
-        ("whatsapp.app_secret", &mut config.whatsapp.app_secret),
-        ("whatsapp.verify_token", &mut config.whatsapp.verify_token),
-        ("webhook.secret", &mut config.webhook.secret),
-    ];
-    for (key_name, slot) in slots {
+    for (key_name, slot) in secret_slots(config) {
         match slot.as_deref().and_then(keel_actors::vault::vault_ref) {
             Some(name) => {
                 let name = name.to_string();
@@ -219,4 +200,22 @@ pub fn task_env() -> Vec<(String, String)> {
         env.push(("LANG".to_string(), lang));
     }
     env
+}
+
+/// The config values that may name the vault (`vault:NAME`) or fall back to
+/// the vault entry named after their key.
+fn secret_slots(config: &mut Config) -> [(&'static str, &mut Option<String>); 8] {
+    [
+        ("telegram.token", &mut config.telegram.token),
+        (
+            "telegram.webhook_secret",
+            &mut config.telegram.webhook_secret,
+        ),
+        ("slack.app_token", &mut config.slack.app_token),
+        ("slack.bot_token", &mut config.slack.bot_token),
+        ("whatsapp.access_token", &mut config.whatsapp.access_token),
+        ("whatsapp.app_secret", &mut config.whatsapp.app_secret),
+        ("whatsapp.verify_token", &mut config.whatsapp.verify_token),
+        ("webhook.secret", &mut config.webhook.secret),
+    ]
 }

@@ -291,6 +291,34 @@ async fn services_are_deployed_adopted_after_a_crash_replaced_killed_for_good_an
     let (code, v) = verify(&d).await;
     assert_eq!(code, 0, "{v}");
     assert_eq!(v["consistent"], true);
+
+    // Each decision is in the audit log too (R31): names, never the spec.
+    let o = keel(&d, &["audit", "--json"], &[]).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let audit: Value = serde_json::from_slice(&o.stdout).expect("audit json");
+    let of = |kind: &str| -> Vec<Value> {
+        audit["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["kind"] == kind)
+            .map(|r| r["detail"]["name"].clone())
+            .collect()
+    };
+    assert!(
+        of("service_deployed").contains(&Value::from("web")),
+        "{audit}"
+    );
+    assert!(
+        of("service_killed").contains(&Value::from("web")),
+        "{audit}"
+    );
+    assert!(
+        !audit.to_string().contains("sleep"),
+        "spec leaked into the audit log"
+    );
+    let o = keel(&d, &["audit", "--verify"], &[]).await;
+    assert!(o.status.success(), "{}", stderr(&o));
     d.assert_no_panics();
 }
 

@@ -1242,7 +1242,14 @@ async fn telegram_webhook_deliveries_survive_two_sigkills_none_lost_none_duplica
         );
     }
     assert_eq!(counts.len(), ids.len(), "nothing invented");
-    // Replies are at-least-once: only a reply in flight at a kill may go twice.
+    // keel answers every update exactly once (one reply turn each)...
+    for (session, turns) in d.all_turns().await {
+        let users = turns.iter().filter(|t| t.role == "user").count();
+        let replies = turns.iter().filter(|t| t.role == "assistant").count();
+        assert_eq!(users, replies, "{session}: one reply per update");
+    }
+    // ...and the transport is at-least-once: only a reply in flight at a
+    // kill (sent, not yet marked sent) may reach Telegram twice.
     let twice = answered_ids(&tg.sent())
         .values()
         .filter(|n| **n > 1)

@@ -212,6 +212,17 @@ async fn secrets_tokens_and_audit_work_stopped_and_running_and_leave_no_canary()
         403
     );
     assert_eq!(http.get("/v1/tasks", Some(&scoped)).await.status, 403);
+    // /v1/services: reading needs `read`, deploying needs `deploy` (the
+    // request then reaches the handler: containers are off in this keel).
+    let deploy = grant(&d, &["--perm", "deploy"], &mut outputs).await;
+    let spec = json!({"name": "web", "image": "busybox"});
+    let r = http.post("/v1/services", Some(&read), spec.clone()).await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    let r = http.post("/v1/services", Some(&deploy), spec).await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.body.contains("containers"), "{}", r.body);
+    let r = http.get("/v1/services", Some(&read)).await;
+    assert_eq!(r.status, 503, "{}", r.body);
     // send: keel says something in chat a.
     let r = http
         .post(

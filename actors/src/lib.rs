@@ -39,6 +39,7 @@ pub mod config;
 pub mod containers;
 pub mod error;
 pub mod export;
+pub mod fsutil;
 pub mod health;
 pub mod http;
 pub mod ids;

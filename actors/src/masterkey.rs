@@ -10,9 +10,8 @@
 //! A leaf module: the binary reads the environment and hands the value in;
 //! `persistence` applies the key.
 
-use std::fs::{self, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -185,26 +184,9 @@ pub fn write_key_file(path: &Path, key: &MasterKey) -> Result<(), KeyError> {
     };
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(io)?;
-    let tmp = path.with_extension("key.tmp");
-    let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        let mut line = key.to_hex();
-        line.push('\n');
-        f.write_all(line.as_bytes())?;
-        f.sync_all()?;
-        drop(f);
-        fs::rename(&tmp, path)?;
-        fs::File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result.map_err(io)
+    let mut line = key.to_hex();
+    line.push('\n');
+    crate::fsutil::write_atomic(path, line.as_bytes()).map_err(io)
 }
 
 #[cfg(test)]

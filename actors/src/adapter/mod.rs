@@ -254,6 +254,42 @@ pub fn priority(name: &str) -> usize {
 
 pub use crate::text::split_message;
 
+/// Parts of split replies already accepted by a channel, by outbox id: a
+/// resend after a partial failure starts at the first part not accepted
+/// yet. In memory only, so after a restart every part goes again (replies
+/// are at-least-once).
+#[derive(Clone, Default)]
+pub struct PartProgress(std::sync::Arc<std::sync::Mutex<std::collections::HashMap<i64, usize>>>);
+
+impl PartProgress {
+    /// The first part of reply `id` still to send.
+    pub fn resume_at(&self, id: i64) -> usize {
+        self.0
+            .lock()
+            .map(|p| p.get(&id).copied().unwrap_or(0))
+            .unwrap_or(0)
+    }
+
+    /// Part `n` of `total` was accepted.
+    pub fn accepted(&self, id: i64, n: usize, total: usize) {
+        if total > 1 {
+            if let Ok(mut p) = self.0.lock() {
+                if p.len() > 10_000 {
+                    p.clear();
+                }
+                p.insert(id, n + 1);
+            }
+        }
+    }
+
+    /// Every part of reply `id` was accepted.
+    pub fn finished(&self, id: i64) {
+        if let Ok(mut p) = self.0.lock() {
+            p.remove(&id);
+        }
+    }
+}
+
 /// The outcome label of one delivery, the same for every channel:
 /// `accepted`, `duplicate`, `conflict`, `rejected` (the store refused the
 /// message itself) or `unavailable` (storage or shutdown: retry later).

@@ -723,7 +723,7 @@ pub struct SlackSink {
     pub bot_token: String,
     pub timeout: Duration,
     /// Parts of a split reply already accepted, by outbox id.
-    pub progress: Arc<std::sync::Mutex<std::collections::HashMap<i64, usize>>>,
+    pub progress: super::PartProgress,
 }
 
 /// Longest part of a reply, in UTF-16 units (at most as many characters):
@@ -744,24 +744,12 @@ impl ReplySink for SlackSink {
             // first part not accepted yet (in memory: after a restart every
             // part goes again, at-least-once).
             let parts = super::split_message(&reply.text, MAX_MESSAGE_UNITS);
-            let done = progress
-                .lock()
-                .map(|p| p.get(&reply.id).copied().unwrap_or(0))
-                .unwrap_or(0);
+            let done = progress.resume_at(reply.id);
             for (n, part) in parts.iter().enumerate().skip(done) {
                 post_part(&client, &url, &token, timeout, &reply, part).await?;
-                if parts.len() > 1 {
-                    if let Ok(mut p) = progress.lock() {
-                        if p.len() > 10_000 {
-                            p.clear();
-                        }
-                        p.insert(reply.id, n + 1);
-                    }
-                }
+                progress.accepted(reply.id, n, parts.len());
             }
-            if let Ok(mut p) = progress.lock() {
-                p.remove(&reply.id);
-            }
+            progress.finished(reply.id);
             Ok(())
         })
     }

@@ -1186,7 +1186,7 @@ pub struct TelegramSink {
     /// a partial failure starts at the first part not yet accepted. Kept in
     /// memory only, so after a restart every part is sent again (under the
     /// same outbox id: replies are at-least-once).
-    pub progress: Arc<std::sync::Mutex<std::collections::HashMap<i64, usize>>>,
+    pub progress: super::PartProgress,
     /// Told when a reply finds its group became a supergroup: the session
     /// moves as if the migration update had come.
     pub events: super::ChatEvents,
@@ -1258,10 +1258,7 @@ impl ReplySink for TelegramSink {
             .unwrap_or_else(|_| Value::from(reply.chat.clone()));
         Box::pin(async move {
             let parts = split_message(&reply.text, MAX_MESSAGE_UNITS);
-            let done = progress
-                .lock()
-                .map(|p| p.get(&reply.id).copied().unwrap_or(0))
-                .unwrap_or(0);
+            let done = progress.resume_at(reply.id);
             // Parts go out one after another, in order; the row is reported
             // sent only after the last one was accepted.
             for (n, part) in parts.iter().enumerate().skip(done) {
@@ -1290,18 +1287,9 @@ impl ReplySink for TelegramSink {
                     }
                     Err(e) => return Err(send_error(e)),
                 }
-                if parts.len() > 1 {
-                    if let Ok(mut p) = progress.lock() {
-                        if p.len() > 10_000 {
-                            p.clear();
-                        }
-                        p.insert(reply.id, n + 1);
-                    }
-                }
+                progress.accepted(reply.id, n, parts.len());
             }
-            if let Ok(mut p) = progress.lock() {
-                p.remove(&reply.id);
-            }
+            progress.finished(reply.id);
             Ok(())
         })
     }

@@ -1,7 +1,8 @@
 //! The audit log (R31): append-only (SQLite triggers refuse UPDATE and
-//! DELETE, `migrations/0007_vault.sql`), hash-chained. Each record's hash is
-//! `sha256(prev_hash | seq | at | kind | detail)` in hex; the first record's
-//! `prev_hash` is 64 zeros. `verify` recomputes the chain and names the
+//! DELETE, `migrations/0007_vault.sql`), hash-chained with the same scheme as the services event log
+//! ([`crate::chain`]: `sha256(seq ‖ kind ‖ payload ‖ prev_hash)` over
+//! length-prefixed fields, the payload being `[at, detail]` as JSON; the
+//! first record's `prev_hash` is 64 zeros). `verify` recomputes the chain and names the
 //! first record that does not match.
 //!
 //! Every event goes through [`append`] (inside the caller's transaction, so
@@ -12,9 +13,9 @@ use actix::prelude::*;
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 
 use super::PersistenceActor;
+use crate::chain;
 use crate::clock::Stamp;
 use crate::error::StoreError;
 
@@ -38,8 +39,6 @@ pub const KINDS: &[&str] = &[
     "data_loss_accepted",
 ];
 
-const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
-
 /// One audit record.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AuditRecord {
@@ -51,18 +50,11 @@ pub struct AuditRecord {
     pub hash: String,
 }
 
-fn chain_hash(prev: &str, seq: i64, at: &str, kind: &str, detail: &str) -> String {
-    let mut h = Sha256::new();
-    h.update(prev.as_bytes());
-    h.update(b"|");
-    h.update(seq.to_string().as_bytes());
-    h.update(b"|");
-    h.update(at.as_bytes());
-    h.update(b"|");
-    h.update(kind.as_bytes());
-    h.update(b"|");
-    h.update(detail.as_bytes());
-    hex::encode(h.finalize())
+/// The chained payload of a record: its time and detail as a JSON array
+/// (unambiguous), hashed with the services event log's scheme
+/// ([`crate::chain::link_hash`]).
+fn payload(at: &str, detail: &str) -> String {
+    serde_json::to_string(&(at, detail)).expect("strings serialize")
 }
 
 /// Append one record (in the caller's transaction). `kind` must be one of
@@ -93,10 +85,10 @@ pub fn append_at(
         .optional()?;
     let (seq, prev) = match last {
         Some((s, h)) => (s + 1, h),
-        None => (1, GENESIS.to_string()),
+        None => (1, chain::GENESIS.to_string()),
     };
     let detail = detail.to_string();
-    let hash = chain_hash(&prev, seq, at, kind, &detail);
+    let hash = chain::link_hash(seq, kind, &payload(at, &detail), &prev);
     conn.prepare_cached(
         "INSERT INTO audit (seq, at, kind, detail, prev_hash, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )?
@@ -132,37 +124,27 @@ pub fn list(conn: &Connection, since: Option<&str>) -> Result<Vec<AuditRecord>, 
 pub fn verify(conn: &Connection) -> Result<Result<u64, (i64, String)>, StoreError> {
     let mut stmt = conn
         .prepare_cached("SELECT seq, at, kind, detail, prev_hash, hash FROM audit ORDER BY seq")?;
-    let mut rows = stmt.query([])?;
-    let mut prev = GENESIS.to_string();
-    let mut expect_seq = 1;
-    let mut n = 0;
-    while let Some(r) = rows.next()? {
-        let seq: i64 = r.get(0)?;
-        let at: String = r.get(1)?;
-        let kind: String = r.get(2)?;
-        let detail: String = r.get(3)?;
-        let prev_hash: String = r.get(4)?;
-        let hash: String = r.get(5)?;
-        if seq != expect_seq {
-            return Ok(Err((seq, format!("sequence gap: expected {expect_seq}"))));
+    let links = stmt
+        .query_map([], |r| {
+            let at: String = r.get(1)?;
+            let detail: String = r.get(3)?;
+            Ok(chain::Link {
+                seq: r.get(0)?,
+                kind: r.get(2)?,
+                payload: payload(&at, &detail),
+                prev_hash: r.get(4)?,
+                hash: r.get(5)?,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    let check = chain::verify(&links);
+    Ok(match check.damage {
+        None => Ok(check.records as u64),
+        Some(damage) => {
+            let seq = links.get(check.valid).map_or(0, |l| l.seq);
+            Err((seq, damage.to_string()))
         }
-        if prev_hash != prev {
-            return Ok(Err((
-                seq,
-                "prev_hash does not match the record before".into(),
-            )));
-        }
-        if chain_hash(&prev, seq, &at, &kind, &detail) != hash {
-            return Ok(Err((
-                seq,
-                "hash does not match the record's content".into(),
-            )));
-        }
-        prev = hash;
-        expect_seq += 1;
-        n += 1;
-    }
-    Ok(Ok(n))
+    })
 }
 
 /// Append one record as its own job; resolves after COMMIT. Sent by the

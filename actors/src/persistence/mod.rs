@@ -58,13 +58,14 @@ use tokio::sync::oneshot;
 
 use crate::clock::{Clock, Stamp};
 use crate::error::StoreError;
+pub use crate::fsutil::write_atomic;
 use crate::health::Health;
 use crate::metrics::Metrics;
 pub use adapter_state::{GetAdapterState, PutAdapterState};
 pub use meta::{GetStats, RecordBoot, StoreStats};
 pub use open::{
-    check_in_background, is_plain_sqlite, open_connection, open_read_only, open_store,
-    write_atomic, OpenReport, StoreOptions, SYNC_CHECK_MAX_BYTES,
+    check_in_background, is_plain_sqlite, open_connection, open_read_only, open_store, OpenReport,
+    StoreOptions, SYNC_CHECK_MAX_BYTES,
 };
 pub use outbox::{GetPendingOutbox, OutboxRow, RecordDeliveryStatuses, RecordSend, SendOutcome};
 pub use sessions::{

@@ -4,9 +4,8 @@
 //! connections for operator commands, and `write_atomic` for files next to
 //! the database.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::fs::{self, File};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -199,34 +198,6 @@ fn check_not_vanished(db: &Path) -> Result<(), StoreError> {
     }
 }
 
-/// Write `bytes` to `path` atomically: temp file, fsync, rename, fsync dir.
-/// Files are created 0600 (they hold state).
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        drop(f);
-        fs::rename(&tmp, path)?;
-        File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
-}
-
 /// Largest database file `open_store` checks with `quick_check` before
 /// start (about 50 ms of reading); larger ones are checked in background.
 pub const SYNC_CHECK_MAX_BYTES: u64 = 8 << 20;
@@ -307,9 +278,11 @@ pub fn open_store(opts: &StoreOptions) -> Result<(Connection, OpenReport), Store
         let _ = fs::set_permissions(db, fs::Permissions::from_mode(0o600));
         let marker = db.with_file_name(MARKER);
         if !marker.exists() {
-            write_atomic(&marker, b"keel data dir\n").map_err(|e| StoreError::Open {
-                path: marker.clone(),
-                detail: e.to_string(),
+            crate::fsutil::write_atomic(&marker, b"keel data dir\n").map_err(|e| {
+                StoreError::Open {
+                    path: marker.clone(),
+                    detail: e.to_string(),
+                }
             })?;
         }
     }

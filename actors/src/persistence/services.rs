@@ -102,7 +102,21 @@ pub struct AppendServiceEvent {
 impl Handler<AppendServiceEvent> for PersistenceActor {
     type Result = ResponseFuture<Result<Link, StoreError>>;
     fn handle(&mut self, msg: AppendServiceEvent, _: &mut Context<Self>) -> Self::Result {
-        self.call(move |c, at| append(c, at, &msg.kind, &msg.payload))
+        self.call(move |c, at| {
+            let link = append(c, at, &msg.kind, &msg.payload)?;
+            // The audit record commits with the decision (R31): the
+            // service's name and the event's seq, never the spec's env.
+            let name = serde_json::from_str::<serde_json::Value>(&msg.payload)
+                .ok()
+                .and_then(|v| v.get("name").cloned());
+            super::audit::append(
+                c,
+                at,
+                &msg.kind,
+                &serde_json::json!({"name": name, "event_seq": link.seq}),
+            )?;
+            Ok(link)
+        })
     }
 }
 
