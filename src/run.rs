@@ -71,8 +71,6 @@ pub fn running_pid(dir: &Path) -> Option<u32> {
 }
 
 pub fn run(args: RunArgs) -> Result<ExitCode> {
-    let config = crate::config::load(&args.dir, Some(&args))?;
-    let log_hook = crate::telemetry::init(&config.log_level)?;
     // Every file keel creates holds state: owner-only (0600 / 0700).
     // SAFETY: umask only changes this process's file-creation mask.
     unsafe { libc::umask(0o077) };
@@ -80,16 +78,28 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     // not kill the process with SIGXFSZ.
     // SAFETY: setting a signal's disposition to SIG_IGN is async-signal-safe.
     unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
-    let _lock = if config.ephemeral {
-        None
-    } else {
-        Some(lock_data_dir(&config.data_dir)?)
+    // The data dir is locked, and a rekey killed halfway finished or undone,
+    // before any store opens: loading the config opens secrets.db for its
+    // `vault:` values, and after the key switch only the new copies open.
+    let early = {
+        let base = crate::config::load(&args.dir, None)?;
+        if base.ephemeral || args.ephemeral {
+            None
+        } else {
+            let lock = lock_data_dir(&base.data_dir)?;
+            let key = crate::vault::master_key(&base, crate::vault::Create::IfFresh)?;
+            crate::vault_cmd::recover_rekey(&base, &key)?;
+            Some(lock)
+        }
+    };
+    let config = crate::config::load(&args.dir, Some(&args))?;
+    let log_hook = crate::telemetry::init(&config.log_level)?;
+    let _lock = match early {
+        Some(lock) => Some(lock),
+        None if config.ephemeral => None,
+        None => Some(lock_data_dir(&config.data_dir)?),
     };
     let key = crate::vault::master_key(&config, crate::vault::Create::IfFresh)?;
-    if !config.ephemeral {
-        // A rekey killed halfway is finished or undone before any store opens.
-        crate::vault_cmd::recover_rekey(&config, &key)?;
-    }
     let reload_args = args.clone();
     let system = actix_rt::System::new();
     let result = system.block_on(async move {

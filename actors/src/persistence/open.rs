@@ -149,6 +149,7 @@ pub(crate) fn classify_key_error(
     let plain = is_plain_sqlite(path);
     let detail = match (key, plain) {
         (Some(_), Some(true)) => "is a plain SQLite database but [storage] encrypt = true; encrypt it with `keel migrate --encrypt` (or set [storage] encrypt = false)".to_string(),
+        (Some(k), _) if super::backup::rekey_file(path).exists() => format!("cannot be decrypted with the master key from {}: a keel rekey was interrupted after the key switch; start keel (keel run) or run keel rekey again to finish it (files left as they are)", k.source),
         (Some(k), _) => format!("cannot be decrypted with the master key from {}: wrong key, or the file is corrupt (left as it is)", k.source),
         (None, Some(false)) => "is not a plain SQLite database: encrypted (set [storage] encrypt = true and provide its master key) or damaged".to_string(),
         (None, _) => return classify_open_error(path, e),
