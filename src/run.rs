@@ -83,11 +83,11 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     // `vault:` values, and after the key switch only the new copies open.
     let early = {
         let base = crate::config::load(&args.dir, None)?;
-        if base.ephemeral || args.ephemeral {
+        if base.ephemeral || args.ephemeral || !crate::vault_cmd::rekey_pending(&base) {
             None
         } else {
             let lock = lock_data_dir(&base.data_dir)?;
-            let key = crate::vault::master_key(&base, crate::vault::Create::IfFresh)?;
+            let key = crate::vault::master_key(&base, crate::vault::Create::Never)?;
             crate::vault_cmd::recover_rekey(&base, &key)?;
             Some(lock)
         }
@@ -100,6 +100,10 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         None => Some(lock_data_dir(&config.data_dir)?),
     };
     let key = crate::vault::master_key(&config, crate::vault::Create::IfFresh)?;
+    if !config.ephemeral {
+        // A rekey killed halfway is finished or undone before any store opens.
+        crate::vault_cmd::recover_rekey(&config, &key)?;
+    }
     let reload_args = args.clone();
     let system = actix_rt::System::new();
     let result = system.block_on(async move {

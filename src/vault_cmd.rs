@@ -518,6 +518,13 @@ fn keyed_stores(config: &Config) -> Vec<PathBuf> {
 
 /// Finish or undo a rekey a crash interrupted (called by `keel run` and
 /// `keel rekey` with the data-dir lock held, before any store is opened).
+/// Whether a rekey left its copies beside the stores (killed halfway).
+pub fn rekey_pending(config: &Config) -> bool {
+    keyed_stores(config)
+        .iter()
+        .any(|db| backup::rekey_file(db).exists())
+}
+
 pub fn recover_rekey(config: &Config, key: &KeyHandle) -> Result<()> {
     let stores = keyed_stores(config);
     let refs: Vec<&Path> = stores.iter().map(PathBuf::as_path).collect();
