@@ -147,15 +147,7 @@ fn config_text(d: &Daemon, socket: &Path, instance: &str, timeout_ms: u64) -> St
 }
 
 async fn keel(d: &Daemon, args: &[&str], tail: &[&str]) -> Output {
-    let data_dir = d.data_dir.to_string_lossy().into_owned();
-    let config = d.config_path.to_string_lossy().into_owned();
-    let mut all: Vec<&str> = args.to_vec();
-    all.extend(["--data-dir", &data_dir, "--config", &config]);
-    if !tail.is_empty() {
-        all.push("--");
-        all.extend(tail);
-    }
-    d.cli(&all).await
+    d.cli_here(args, tail).await
 }
 
 async fn containers_health(d: &Daemon) -> (u16, Value) {

@@ -34,11 +34,7 @@ fn daemon(inst: &Instance) -> Daemon {
 }
 
 async fn keel(d: &Daemon, args: &[&str]) -> Output {
-    let data_dir = d.data_dir.to_string_lossy().into_owned();
-    let config = d.config_path.to_string_lossy().into_owned();
-    let mut all: Vec<&str> = args.to_vec();
-    all.extend(["--data-dir", &data_dir, "--config", &config]);
-    d.cli(&all).await
+    d.cli_here(args, &[]).await
 }
 
 async fn run_task(d: &Daemon, name: &str) -> i64 {

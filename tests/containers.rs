@@ -33,15 +33,7 @@ fn daemon(inst: &Instance, config: Config, interval_s: u64, extra: &str) -> Daem
 
 /// `keel ARGS… --data-dir D --config C [-- TAIL…]`.
 async fn keel(d: &Daemon, args: &[&str], tail: &[&str]) -> Output {
-    let data_dir = d.data_dir.to_string_lossy().into_owned();
-    let config = d.config_path.to_string_lossy().into_owned();
-    let mut all: Vec<&str> = args.to_vec();
-    all.extend(["--data-dir", &data_dir, "--config", &config]);
-    if !tail.is_empty() {
-        all.push("--");
-        all.extend(tail);
-    }
-    d.cli(&all).await
+    d.cli_here(args, tail).await
 }
 
 fn stdout(o: &Output) -> String {

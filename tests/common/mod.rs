@@ -726,6 +726,19 @@ impl Daemon {
     }
 
     /// Runs a CLI subcommand (`keel ARGS...`) to completion with a deadline.
+    /// `keel ARGS… --data-dir D --config C [-- TAIL…]` against this daemon.
+    pub async fn cli_here(&self, args: &[&str], tail: &[&str]) -> Output {
+        let data_dir = self.data_dir.to_string_lossy().into_owned();
+        let config = self.config_path.to_string_lossy().into_owned();
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--data-dir", &data_dir, "--config", &config]);
+        if !tail.is_empty() {
+            all.push("--");
+            all.extend(tail);
+        }
+        self.cli(&all).await
+    }
+
     pub async fn cli(&self, args: &[&str]) -> Output {
         run_keel(args, None, Duration::from_secs(60)).await
     }
