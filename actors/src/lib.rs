@@ -27,6 +27,7 @@
 //!   container engine (bollard behind the `Engine` trait): orphan reaping,
 //!   services from the event log, reconcile, the spec allow-list.
 //! - [`chain`] — the hash chain of append-only logs (services events).
+//! - [`failpoint`] — named kill points for `keel torture` (cargo feature `failpoints` only).
 
 pub mod adapter;
 pub mod agent;
@@ -39,6 +40,7 @@ pub mod config;
 pub mod containers;
 pub mod error;
 pub mod export;
+pub mod failpoint;
 pub mod fsutil;
 pub mod health;
 pub mod http;

@@ -379,6 +379,9 @@ impl OutboxActor {
                 Err(ref e) => (SendOutcome::Failed(e.to_string()), None),
             };
             let result = result.map(|_| ());
+            if result.is_ok() {
+                crate::failpoint::hit("reply_before_poll");
+            }
             let recorded = persistence
                 .send(RecordSend {
                     id: row.id,

@@ -27,6 +27,7 @@ use std::net::TcpListener;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
@@ -100,6 +101,17 @@ pub struct TortureArgs {
     /// The keel binary to torture (default: this executable).
     #[arg(long, hide = true)]
     pub keel_binary: Option<PathBuf>,
+    /// Test builds (`--features failpoints`) only: make keel deliberately
+    /// wrong, so the battery must report losses.
+    #[arg(long = "break", value_enum, hide = true)]
+    pub break_: Option<Break>,
+}
+
+/// A deliberately broken behaviour of a failpoints build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Break {
+    /// The webhook answers 200 before the message is committed.
+    AckBeforeCommit,
 }
 
 // ---------------------------------------------------------------------------
@@ -300,10 +312,17 @@ struct Launcher {
     starts: u64,
     /// Start keel with SIGXFSZ ignored (the RLIMIT_FSIZE case).
     ignore_sigxfsz: bool,
+    /// `KEEL_FAILPOINTS` switches every start gets (`--break`).
+    switches: Option<String>,
 }
 
 impl Launcher {
     fn spawn(&mut self) -> Result<Child_> {
+        self.spawn_armed(None)
+    }
+
+    /// A start with the named kill point `arm` (`NAME=N[@MS]`) armed.
+    fn spawn_armed(&mut self, arm: Option<&str>) -> Result<Child_> {
         let addr = {
             let l = TcpListener::bind("127.0.0.1:0").context("cannot find a free port")?;
             l.local_addr().context("cannot find a free port")?
@@ -329,10 +348,15 @@ impl Launcher {
             .env_remove("KEEL_CONFIG")
             .env_remove("KEEL_DATA_DIR")
             .env_remove("KEEL_LISTEN")
+            .env_remove("KEEL_FAILPOINTS")
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
             .process_group(0);
+        let spec: Vec<&str> = self.switches.as_deref().into_iter().chain(arm).collect();
+        if !spec.is_empty() {
+            cmd.env("KEEL_FAILPOINTS", spec.join(","));
+        }
         // SAFETY: prctl(2) is async-signal-safe; nothing else runs between
         // fork and exec. The child gets SIGKILL when this thread exits.
         let ignore_sigxfsz = self.ignore_sigxfsz;
@@ -371,6 +395,36 @@ impl Child_ {
         unsafe { libc::kill(-self.pid, libc::SIGKILL) };
         self.child.wait().context("reaping keel")?;
         Ok(())
+    }
+
+    /// Whether keel has exited, killed by SIGKILL (its own kill point).
+    fn died_of_sigkill(&mut self) -> bool {
+        use std::os::unix::process::ExitStatusExt;
+        matches!(self.child.try_wait(), Ok(Some(s)) if s.signal() == Some(libc::SIGKILL))
+    }
+
+    /// SIGTERM and wait for the exit: clean, or SIGKILLed by an armed
+    /// kill point. Anything else is a failure.
+    async fn stop(&mut self, log: &Path) -> Result<()> {
+        // SAFETY: kill(2) on the child we spawned and have not reaped.
+        unsafe { libc::kill(self.pid, libc::SIGTERM) };
+        let deadline = Instant::now() + STOP_DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait().context("waiting for keel")? {
+                if status.success() || self.died_of_sigkill() {
+                    return Ok(());
+                }
+                bail!(
+                    "keel's SIGTERM stop exited with {status}; its log:\n{}",
+                    log_tail(log)
+                );
+            }
+            if Instant::now() >= deadline {
+                self.kill()?;
+                bail!("keel did not stop within {STOP_DEADLINE:?} of SIGTERM");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// Peak RSS of keel so far, KiB (VmHWM), if readable.
@@ -535,9 +589,53 @@ struct CyclePlan {
     kill_after_ms: u64,
     /// Starts killed while they recover (restart storm), ms after spawn.
     storm_ms: Vec<u64>,
+    /// A named kill point armed in this cycle's start (failpoints builds).
+    arm: Option<ArmPlan>,
 }
 
-fn plan(rng: &mut StdRng) -> CyclePlan {
+/// A named kill point armed for one start (TESTING.md C2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ArmPlan {
+    point: &'static str,
+    /// Killed at the `at`-th hit …
+    at: u64,
+    /// … by a thread of its own `delay_ms` later (0: at once).
+    delay_ms: u64,
+}
+
+impl ArmPlan {
+    /// The `KEEL_FAILPOINTS` entry.
+    fn spec(&self) -> String {
+        format!("{}={}@{}", self.point, self.at, self.delay_ms)
+    }
+
+    /// The checkpoint point is reached by the SIGTERM stop (and a large
+    /// WAL): the cycle ends with SIGTERM instead of SIGKILL.
+    fn stops_with_sigterm(&self) -> bool {
+        self.point == "mid_checkpoint"
+    }
+}
+
+/// Half the cycles of a failpoints build arm one named point.
+fn draw_arm(rng: &mut StdRng) -> Option<ArmPlan> {
+    if !rng.gen_bool(0.5) {
+        return None;
+    }
+    let (point, at, delay_ms) = match rng.gen_range(0..5) {
+        0 => ("commit_before_reply", rng.gen_range(1..=400), 0),
+        1 => ("reply_before_poll", rng.gen_range(1..=12), 0),
+        2 => ("timer_fire", rng.gen_range(1..=8), 0),
+        3 => ("startup_recovery", 1, 0),
+        _ => ("mid_checkpoint", 1, rng.gen_range(0..=3)),
+    };
+    Some(ArmPlan {
+        point,
+        at,
+        delay_ms,
+    })
+}
+
+fn plan(rng: &mut StdRng, failpoints: bool) -> CyclePlan {
     let kill_after_ms = rng.gen_range(100..=1200);
     let storm_ms = if rng.gen_ratio(1, 4) {
         // Half the kills land inside recovery (keel is ready in tens of
@@ -554,9 +652,11 @@ fn plan(rng: &mut StdRng) -> CyclePlan {
     } else {
         Vec::new()
     };
+    let arm = if failpoints { draw_arm(rng) } else { None };
     CyclePlan {
         kill_after_ms,
         storm_ms,
+        arm,
     }
 }
 
@@ -579,6 +679,10 @@ pub fn torture(args: TortureArgs) -> Result<ExitCode> {
         (None, Some(_)) => u64::MAX,
         (None, None) => args.profile.cycles(),
     };
+    let failpoints = keel_actors::failpoint::ENABLED;
+    if args.break_.is_some() && !failpoints {
+        bail!("--break needs a keel built with --features failpoints");
+    }
     let budget = args.seconds.map(Duration::from_secs_f64);
     let seed = args.seed.unwrap_or_else(rand::random);
     let binary = match &args.keel_binary {
@@ -612,6 +716,12 @@ pub fn torture(args: TortureArgs) -> Result<ExitCode> {
     let _data_guard = RemoveOnDrop {
         path: (args.data_dir.is_some() && !args.keep).then(|| data_dir.clone()),
     };
+    // The fake reply endpoint (webhook.reply_url): replies and reminder
+    // notices go out through the outbox, so its kill point is under test.
+    let sink = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .context("cannot bind the fake reply endpoint")?;
+    let sink_addr = sink.local_addr().context("cannot bind the fake reply endpoint")?;
     // A canary secret: keel must never write it to its log.
     let canary = format!("keel-torture-canary-{seed:016x}");
     let config = scratch.path.join("keel.toml");
@@ -624,7 +734,8 @@ pub fn torture(args: TortureArgs) -> Result<ExitCode> {
             write!(
                 f,
                 "log_level = \"info\"\n\n[storage]\nsynchronous = \"full\"\n\n\
-                 [webhook]\nenabled = true\nsecret = \"{canary}\"\n"
+                 [webhook]\nenabled = true\nsecret = \"{canary}\"\n\
+                 reply_url = \"http://{sink_addr}/replies\"\n"
             )
         })
         .with_context(|| format!("cannot write {}", config.display()))?;
@@ -642,6 +753,9 @@ pub fn torture(args: TortureArgs) -> Result<ExitCode> {
         log: scratch.path.join("keel.log"),
         starts: 0,
         ignore_sigxfsz: false,
+        switches: args
+            .break_
+            .map(|Break::AckBeforeCommit| format!("{}=on", keel_actors::failpoint::ACK_BEFORE_COMMIT)),
     };
 
     println!("keel torture: seed {seed} (replay with --seed {seed})");
@@ -659,12 +773,17 @@ pub fn torture(args: TortureArgs) -> Result<ExitCode> {
         .collect();
     let mut recovery: Vec<u64> = Vec::new();
     let mut storm_kills = 0u64;
+    let mut sigterm_stops = 0u64;
     let mut storm_ready = 0u64;
     let mut peak_rss = 0u64;
     let began = Instant::now();
     let mut done_cycles = 0u64;
 
+    let replies = Arc::new(Mutex::new(Replies::default()));
     let result: Result<(Verdict, Finals)> = rt.block_on(async {
+        let sink = tokio::net::TcpListener::from_std(sink)
+            .context("cannot serve the fake reply endpoint")?;
+        tokio::spawn(reply_sink(sink, replies.clone()));
         let probe = reqwest::Client::builder()
             .timeout(Duration::from_secs(1))
             .build()
@@ -673,7 +792,7 @@ pub fn torture(args: TortureArgs) -> Result<ExitCode> {
             if budget.is_some_and(|b| began.elapsed() >= b) && done_cycles > 0 {
                 break;
             }
-            let plan = plan(&mut rng);
+            let plan = plan(&mut rng, failpoints);
             // Restart storm: starts killed while they recover.
             for &ms in &plan.storm_ms {
                 let mut k = launcher.spawn()?;
@@ -695,8 +814,18 @@ pub fn torture(args: TortureArgs) -> Result<ExitCode> {
                 k.kill()?;
                 storm_kills += 1;
             }
-            let mut k = launcher.spawn()?;
-            let took = k.wait_ready(&probe, &launcher.log).await?;
+            let arm = plan.arm.as_ref().map(ArmPlan::spec);
+            let mut k = launcher.spawn_armed(arm.as_deref())?;
+            let took = match k.wait_ready(&probe, &launcher.log).await {
+                Ok(took) => took,
+                // A start armed during recovery dies by its kill point
+                // before it is ready: the next (unarmed) start recovers.
+                Err(_) if arm.is_some() && k.died_of_sigkill() => {
+                    k = launcher.spawn()?;
+                    k.wait_ready(&probe, &launcher.log).await?
+                }
+                Err(e) => return Err(e),
+            };
             recovery.push(took.as_millis() as u64);
             let http = reqwest::Client::builder()
                 .timeout(Duration::from_secs(10))
@@ -715,10 +844,19 @@ pub fn torture(args: TortureArgs) -> Result<ExitCode> {
                 stop: &stop,
             };
             let load = futures::future::join_all(clients.iter_mut().map(|c| client_loop(c, &cx)));
+            let sigterm = plan.arm.as_ref().is_some_and(ArmPlan::stops_with_sigterm);
             let killer = async {
                 tokio::time::sleep(Duration::from_millis(plan.kill_after_ms)).await;
                 let rss = k.peak_rss_kib();
-                let killed = k.kill();
+                let killed = if sigterm {
+                    // The stop checkpoints the WAL: the armed point kills
+                    // keel at (or while) that checkpoint.
+                    stop.set(true);
+                    sigterm_stops += 1;
+                    k.stop(&launcher.log).await
+                } else {
+                    k.kill()
+                };
                 stop.set(true);
                 (rss, killed)
             };
@@ -757,7 +895,9 @@ pub fn torture(args: TortureArgs) -> Result<ExitCode> {
         let verdict = loop {
             let (keys, fires) = observe(&http, &k.base).await?;
             let v = ledger.borrow().check(&keys, &fires);
-            if v.timers_missed.is_empty() || Instant::now() >= deadline {
+            // A reminder whose message is lost can never fire: no need to wait for it.
+            let waiting = v.timers_missed.iter().any(|id| !v.lost.contains(id));
+            if !waiting || Instant::now() >= deadline {
                 break v;
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
@@ -790,12 +930,20 @@ pub fn torture(args: TortureArgs) -> Result<ExitCode> {
             let outcome = fault_case(fault, &launcher, &scratch.path, &canary, &probe).await?;
             faults.push((fault, outcome));
         }
+        // C2 mid-migration, on fresh stores (a failpoints build only).
+        let migrations = if failpoints {
+            progress("mid-migration kills".to_string());
+            Some(migration_cases(&launcher, &scratch.path, &canary, &probe).await?)
+        } else {
+            None
+        };
         Ok((
             verdict,
             Finals {
                 clean_exit,
                 damage,
                 faults,
+                migrations,
             },
         ))
     });
@@ -803,6 +951,16 @@ pub fn torture(args: TortureArgs) -> Result<ExitCode> {
 
     let log = fs::read_to_string(&launcher.log).unwrap_or_default();
     let panics = log.matches("panicked at").count() as u64;
+    let hits = failpoint_hits(&log);
+    let (replies_received, replies_resent) = replies
+        .lock()
+        .map(|r| (r.received, r.resent))
+        .unwrap_or((0, 0));
+    let (migration_cases, migration_unrecovered) = finals.migrations.unwrap_or((0, 0));
+    let mut not_run = vec!["power_loss (C4)", "io_errors (F2)"];
+    if !failpoints {
+        not_run.push("failpoints (C2): needs a keel built with --features failpoints");
+    }
     let canary_hits = log.matches(canary.as_str()).count() as u64
         + fs::read_to_string(&ledger_path)
             .unwrap_or_default()
@@ -877,12 +1035,25 @@ pub fn torture(args: TortureArgs) -> Result<ExitCode> {
         "damage": damage_json,
         "faults": faults_json,
         "fault_losses": fault_losses,
-        // Not built yet.
-        "not_run": ["power_loss (C4)", "io_errors (F2)", "failpoints (C2)"],
+        "not_run": not_run,
         "seconds": began.elapsed().as_secs(),
-        // No named kill points are compiled into keel yet (C2).
-        "failpoints": false,
     });
+    // Named kill points (C2) are compiled in only with --features failpoints.
+    let more = json!({
+        "failpoints": failpoints,
+        "failpoint_hits": hits,
+        "failpoint_kills": hits.values().sum::<u64>(),
+        "sigterm_stops": sigterm_stops,
+        "migration_cases": migration_cases,
+        "migration_unrecovered": migration_unrecovered,
+        "replies": replies_received,
+        "replies_resent": replies_resent,
+        "broken": args.break_.map(|_| "ack_before_commit"),
+    });
+    let mut figures = figures;
+    if let (Some(f), Value::Object(m)) = (figures.as_object_mut(), more) {
+        f.extend(m);
+    }
     print_figures(&figures);
     let sample = |what: &str, v: &[String]| {
         if !v.is_empty() {
@@ -905,7 +1076,12 @@ pub fn torture(args: TortureArgs) -> Result<ExitCode> {
         println!("  fault  {:<22} {o}", f.name());
     }
     let silent = count_damage(|o| matches!(o, DamageOutcome::Silent(_))) + fault_losses;
-    let ok = verdict.clean() && panics == 0 && canary_hits == 0 && finals.clean_exit && silent == 0;
+    let ok = verdict.clean()
+        && panics == 0
+        && canary_hits == 0
+        && finals.clean_exit
+        && silent == 0
+        && migration_unrecovered == 0;
     println!(
         "keel torture: {} (seed {seed}; ledger {})",
         if ok { "PASS" } else { "FAIL" },
@@ -932,6 +1108,151 @@ struct Finals {
     clean_exit: bool,
     damage: Vec<(Damage, DamageOutcome)>,
     faults: Vec<(Fault, FaultOutcome)>,
+    /// (cases, starts that did not recover) of the mid-migration kills.
+    migrations: Option<(u64, u64)>,
+}
+
+/// Hits of every named kill point in keel's log (the line each kill
+/// writes before it fires).
+pub fn failpoint_hits(log: &str) -> BTreeMap<&'static str, u64> {
+    keel_actors::failpoint::POINTS
+        .iter()
+        .map(|(name, _)| {
+            let line = format!("keel failpoint {name}: hit");
+            (*name, log.matches(line.as_str()).count() as u64)
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------
+// The fake reply endpoint.
+
+/// What `webhook.reply_url` received.
+#[derive(Default)]
+struct Replies {
+    received: u64,
+    /// A reply whose outbox id came before: sent, killed before it was
+    /// marked sent, sent again (at-least-once; the id lets receivers dedupe).
+    resent: u64,
+    ids: std::collections::HashSet<String>,
+}
+
+/// A real HTTP/1.1 server on loopback answering every request 200.
+async fn reply_sink(listener: tokio::net::TcpListener, replies: Arc<Mutex<Replies>>) {
+    loop {
+        let Ok((sock, _)) = listener.accept().await else {
+            continue;
+        };
+        let replies = replies.clone();
+        tokio::spawn(async move {
+            let _ = serve_replies(sock, &replies).await;
+        });
+    }
+}
+
+async fn serve_replies(
+    mut sock: tokio::net::TcpStream,
+    replies: &Mutex<Replies>,
+) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 16 * 1024];
+    loop {
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let n = sock.read(&mut chunk).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+        let len = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .unwrap_or(0);
+        while buf.len() < head_end + len {
+            let n = sock.read(&mut chunk).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        let id = serde_json::from_slice::<Value>(&buf[head_end..head_end + len])
+            .ok()
+            .and_then(|v| v.get("id")?.as_str().map(str::to_string));
+        buf.drain(..head_end + len);
+        if let Ok(mut r) = replies.lock() {
+            r.received += 1;
+            if let Some(id) = id {
+                if !r.ids.insert(id) {
+                    r.resent += 1;
+                }
+            }
+        }
+        sock.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+            .await?;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Mid-migration kills (TESTING.md C2).
+
+/// For each migration K: a fresh store's first start is SIGKILLed inside
+/// K's transaction (`mid_migration=K`); the next start must migrate, be
+/// ready and acknowledge a message. Returns (cases, unrecovered).
+async fn migration_cases(
+    main: &Launcher,
+    scratch: &Path,
+    secret: &str,
+    probe: &reqwest::Client,
+) -> Result<(u64, u64)> {
+    let n = keel_actors::persistence::migrate::MIGRATIONS.len() as u64;
+    let mut unrecovered = 0;
+    for k in 1..=n {
+        let dir = scratch.join(format!("migration-{k}"));
+        DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        let mut l = Launcher {
+            binary: main.binary.clone(),
+            data_dir: dir.join("data"),
+            config: main.config.clone(),
+            log: main.log.clone(),
+            starts: 0,
+            ignore_sigxfsz: false,
+            switches: None,
+        };
+        let mut c = l.spawn_armed(Some(&format!("mid_migration={k}")))?;
+        let deadline = Instant::now() + READY_DEADLINE;
+        while c.child.try_wait().context("waiting for keel")?.is_none() {
+            if Instant::now() >= deadline {
+                bail!("mid-migration {k}: keel was not killed by its kill point within {READY_DEADLINE:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if !c.died_of_sigkill() {
+            bail!(
+                "mid-migration {k}: keel exited before its kill point; its log:\n{}",
+                log_tail(&l.log)
+            );
+        }
+        drop(c);
+        let mut c = l.spawn()?;
+        let ok = c.wait_ready(probe, &l.log).await.is_ok()
+            && post_signed(probe, &c.base, secret, &format!("mig-{k}"), "after")
+                .await
+                .is_ok_and(|code| code == 200);
+        if !ok {
+            unrecovered += 1;
+        }
+        c.kill()?;
+    }
+    Ok((n, unrecovered))
 }
 
 /// Removes a directory on drop (the data dir made under the user's `--data-dir`).
@@ -994,6 +1315,20 @@ fn print_figures(f: &Value) {
         g("peak_rss_kib"),
         g("canary_hits"),
         g("failpoints")
+    );
+    if f["failpoints"] == true {
+        println!(
+            "failpoint hits {}  sigterm stops {}  mid-migration cases {} (unrecovered {})",
+            g("failpoint_hits"),
+            g("sigterm_stops"),
+            g("migration_cases"),
+            g("migration_unrecovered")
+        );
+    }
+    println!(
+        "replies received {}  resent {}",
+        g("replies"),
+        g("replies_resent")
     );
 }
 
@@ -1246,6 +1581,7 @@ async fn damage_case(
         log: main.log.clone(),
         starts: 0,
         ignore_sigxfsz: false,
+        switches: None,
     };
     let mut k = l.spawn()?;
     k.wait_ready(probe, &l.log).await?;
@@ -1490,6 +1826,7 @@ async fn fault_case(
         log: main.log.clone(),
         starts: 0,
         ignore_sigxfsz: fault == Fault::FileSizeLimit,
+        switches: None,
     };
     let mut k = l.spawn()?;
     k.wait_ready(probe, &l.log).await?;
@@ -1660,14 +1997,23 @@ mod tests {
     fn the_schedule_is_a_function_of_the_seed() {
         let a: Vec<_> = {
             let mut r = StdRng::seed_from_u64(7);
-            (0..50).map(|_| plan(&mut r)).collect()
+            (0..50).map(|_| plan(&mut r, true)).collect()
         };
         let b: Vec<_> = {
             let mut r = StdRng::seed_from_u64(7);
-            (0..50).map(|_| plan(&mut r)).collect()
+            (0..50).map(|_| plan(&mut r, true)).collect()
         };
         assert_eq!(a, b);
         assert!(a.iter().any(|p| !p.storm_ms.is_empty()));
+        // Every kill point the cycles arm is one keel knows.
+        for p in a.iter().filter_map(|p| p.arm.as_ref()) {
+            assert!(
+                keel_actors::failpoint::parse(&p.spec()).is_ok(),
+                "{}",
+                p.spec()
+            );
+        }
+        assert!(a.iter().any(|p| p.arm.is_some()));
         assert!(a.iter().all(|p| (100..=1200).contains(&p.kill_after_ms)));
     }
 

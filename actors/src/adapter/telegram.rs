@@ -1052,6 +1052,8 @@ async fn poll_loop(
                 .await
                 .unwrap_or(Err(StoreError::Closed))?;
         }
+        // The batch is durable and answered; the next getUpdates is next.
+        crate::failpoint::hit("reply_before_poll");
     }
 }
 

@@ -378,6 +378,20 @@ async fn handle(
         ));
     };
     let id = msg.id.clone();
+    // The deliberately broken test build (`keel torture --break
+    // ack-before-commit`): 200 before the message is committed, so the
+    // battery must count losses. Never compiled into a release build.
+    #[cfg(feature = "failpoints")]
+    if crate::failpoint::armed(crate::failpoint::ACK_BEFORE_COMMIT) {
+        let intake = state.intake.clone();
+        actix::spawn(async move {
+            let _ = intake.send(Intake(msg)).await;
+        });
+        return Ok(Delivered::Accepted {
+            session: String::new(),
+            seq: 0,
+        });
+    }
     let delivered = state
         .intake
         .send(Intake(msg))

@@ -715,6 +715,7 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         skipped = timer_stats.missed,
         "timers recovered"
     );
+    crate::failpoint::hit("startup_recovery");
 
     // Adapters in priority order (R15): cli, then webhook (its route is
     // bound already; its intake opens with the gate below).

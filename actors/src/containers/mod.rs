@@ -530,6 +530,7 @@ impl Inner {
                 let cname = req.name.clone();
                 match self.engine.create(req).await {
                     Ok(id) => {
+                        crate::failpoint::hit("container_create");
                         tracing::info!(service = name, container = %cname, "container created");
                         self.metrics.repairs.with_label_values(&["created"]).inc();
                         st.repairs += 1;

@@ -76,6 +76,7 @@ pub fn quick_check(conn: &Connection) -> Result<Vec<String>, rusqlite::Error> {
 /// Fold the WAL back into the database file and truncate it to zero bytes.
 /// Returns (busy, wal frames, frames checkpointed).
 pub fn checkpoint_truncate(conn: &Connection) -> Result<(i64, i64, i64), StoreError> {
+    crate::failpoint::hit("mid_checkpoint");
     Ok(conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
         Ok((r.get(0)?, r.get(1)?, r.get(2)?))
     })?)

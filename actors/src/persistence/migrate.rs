@@ -110,6 +110,7 @@ pub fn migrate(conn: &mut Connection, path: &Path) -> Result<MigrateReport, Stor
         )?;
         // PRAGMA does not take bound parameters; the value is our own integer.
         tx.execute_batch(&format!("PRAGMA user_version = {}", m.version))?;
+        crate::failpoint::hit("mid_migration");
         tx.commit()?;
         tracing::info!(version = m.version, name = m.name, "applied migration");
     }

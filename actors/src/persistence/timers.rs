@@ -706,6 +706,7 @@ pub fn fire_timers(
         conn.prepare_cached("SAVEPOINT fire")?.execute([])?;
         match fire_timer(conn, id, due, now_ms, routed) {
             Ok(o) => {
+                crate::failpoint::hit("timer_fire");
                 conn.prepare_cached("RELEASE fire")?.execute([])?;
                 out.push(Ok(o));
             }

@@ -49,6 +49,7 @@ impl Checkpointer {
                         conn = open_connection(&opts).ok();
                     }
                     let Some(c) = &conn else { continue };
+                    crate::failpoint::hit("mid_checkpoint");
                     if let Err(e) =
                         c.wal_checkpoint_v2(None::<&str>, rusqlite::wal::CheckpointMode::PASSIVE)
                     {
@@ -294,6 +295,7 @@ impl Writer {
             )),
             (r, _) => r.map(|_| ()),
         };
+        crate::failpoint::hit("commit_before_reply");
         match &result {
             Ok(()) => {
                 self.metrics.commit_batch_size.observe(n as f64);
