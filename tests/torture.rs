@@ -134,3 +134,113 @@ async fn bad_torture_flags_get_one_line_errors() {
         assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
     }
 }
+
+/// A default build has no kill points: it says so, and refuses to be broken.
+#[cfg(not(feature = "failpoints"))]
+#[tokio::test]
+async fn a_default_build_refuses_failpoints_with_one_line_errors() {
+    let out = common::run_keel(
+        &["torture", "--break", "ack-before-commit"],
+        None,
+        Duration::from_secs(30),
+    )
+    .await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("--features failpoints"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
+
+/// The battery of a `--features failpoints` build (CI: `cargo test
+/// --features failpoints --test torture failpoints::`).
+#[cfg(feature = "failpoints")]
+mod failpoints {
+    use super::*;
+
+    /// One battery at a time: each picks free ports by binding port 0, and
+    /// two at once can hand the same port to both keels.
+    static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_battery_kills_keel_at_every_named_point_and_loses_nothing() {
+        let _serial = ONE_AT_A_TIME.lock().await;
+        // Ten cycles arm each cycle point once (bench/src/torture.rs CYCLE_POINTS).
+        let out = common::run_keel(
+            &["torture", "--cycles", "10", "--seed", "42", "--json"],
+            None,
+            DEADLINE,
+        )
+        .await;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "keel torture failed ({}):\n{stdout}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let f = figures(&out.stdout);
+        assert_eq!(f["failpoints"], true, "{f}");
+        for zero in [
+            "lost",
+            "dup",
+            "unexpected",
+            "timers_double",
+            "timers_missed",
+        ] {
+            assert_eq!(f[zero], 0, "{zero} in {f}");
+        }
+        assert_eq!(f["migration_unrecovered"], 0, "{f}");
+        let migrations = f["migration_cases"].as_u64().unwrap_or(0);
+        assert!(migrations >= 8, "{f}");
+        let hits = &f["failpoint_hits"];
+        assert_eq!(hits["mid_migration"].as_u64(), Some(migrations), "{f}");
+        for point in [
+            "commit_before_reply",
+            "reply_before_poll",
+            "timer_fire",
+            "startup_recovery",
+            "mid_checkpoint",
+        ] {
+            assert!(hits[point].as_u64() > Some(0), "{point} never hit: {f}");
+        }
+        // No engine is configured: the container point is there, never reached.
+        assert_eq!(hits["container_create"], 0, "{f}");
+        assert!(
+            !f["not_run"].to_string().contains("failpoints"),
+            "not_run still lists failpoints: {f}"
+        );
+    }
+
+    /// The counters can fail: a keel that acknowledges before it commits
+    /// (the `ack_before_commit` switch of this test build) loses messages
+    /// at every kill, and the battery says so and exits 1.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_keel_acknowledging_before_commit_fails_the_battery() {
+        let _serial = ONE_AT_A_TIME.lock().await;
+        let out = common::run_keel(
+            &[
+                "torture",
+                "--cycles",
+                "3",
+                "--seed",
+                "7",
+                "--break",
+                "ack-before-commit",
+                "--json",
+            ],
+            None,
+            DEADLINE,
+        )
+        .await;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(1), "{stdout}");
+        assert!(stdout.contains("keel torture: FAIL"), "{stdout}");
+        let f = figures(&out.stdout);
+        assert_eq!(f["broken"], "ack_before_commit", "{f}");
+        assert!(f["lost"].as_u64() > Some(0), "no loss counted: {f}");
+        assert!(
+            stdout.contains("  lost: "),
+            "no sample of the lost: {stdout}"
+        );
+    }
+}

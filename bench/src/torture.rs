@@ -27,8 +27,8 @@ use std::net::TcpListener;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -616,17 +616,29 @@ impl ArmPlan {
     }
 }
 
-/// Half the cycles of a failpoints build arm one named point.
-fn draw_arm(rng: &mut StdRng) -> Option<ArmPlan> {
-    if !rng.gen_bool(0.5) {
+/// The kill points the cycles arm, in turn (`container_create` needs an
+/// engine; `mid_migration` has cases of its own on fresh stores).
+const CYCLE_POINTS: [&str; 5] = [
+    "commit_before_reply",
+    "reply_before_poll",
+    "timer_fire",
+    "startup_recovery",
+    "mid_checkpoint",
+];
+
+/// Every second cycle of a failpoints build arms the next point of
+/// [`CYCLE_POINTS`], at a drawn hit.
+fn draw_arm(rng: &mut StdRng, cycle: u64) -> Option<ArmPlan> {
+    if cycle.is_multiple_of(2) {
         return None;
     }
-    let (point, at, delay_ms) = match rng.gen_range(0..5) {
-        0 => ("commit_before_reply", rng.gen_range(1..=400), 0),
-        1 => ("reply_before_poll", rng.gen_range(1..=12), 0),
-        2 => ("timer_fire", rng.gen_range(1..=8), 0),
-        3 => ("startup_recovery", 1, 0),
-        _ => ("mid_checkpoint", 1, rng.gen_range(0..=3)),
+    let point = CYCLE_POINTS[((cycle / 2) % CYCLE_POINTS.len() as u64) as usize];
+    let (at, delay_ms) = match point {
+        "commit_before_reply" => (rng.gen_range(1..=100), 0),
+        "reply_before_poll" => (rng.gen_range(1..=12), 0),
+        "timer_fire" => (rng.gen_range(1..=4), 0),
+        "mid_checkpoint" => (1, rng.gen_range(0..=3)),
+        _ => (1, 0),
     };
     Some(ArmPlan {
         point,
@@ -635,8 +647,9 @@ fn draw_arm(rng: &mut StdRng) -> Option<ArmPlan> {
     })
 }
 
-fn plan(rng: &mut StdRng, failpoints: bool) -> CyclePlan {
-    let kill_after_ms = rng.gen_range(100..=1200);
+/// Cycle `cycle`'s plan; `failpoints`: keel has named kill points to arm.
+fn plan(rng: &mut StdRng, cycle: u64, failpoints: bool) -> CyclePlan {
+    let mut kill_after_ms = rng.gen_range(100..=1200);
     let storm_ms = if rng.gen_ratio(1, 4) {
         // Half the kills land inside recovery (keel is ready in tens of
         // ms), half 150–400 ms after the spawn.
@@ -652,7 +665,16 @@ fn plan(rng: &mut StdRng, failpoints: bool) -> CyclePlan {
     } else {
         Vec::new()
     };
-    let arm = if failpoints { draw_arm(rng) } else { None };
+    let arm = if failpoints {
+        draw_arm(rng, cycle)
+    } else {
+        None
+    };
+    if arm.is_some() {
+        // Time for the armed point to be reached (a reminder fires 1 s
+        // after it is set) before the plain SIGKILL.
+        kill_after_ms += 1000;
+    }
     CyclePlan {
         kill_after_ms,
         storm_ms,
@@ -721,7 +743,9 @@ pub fn torture(args: TortureArgs) -> Result<ExitCode> {
     let sink = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.set_nonblocking(true).map(|()| l))
         .context("cannot bind the fake reply endpoint")?;
-    let sink_addr = sink.local_addr().context("cannot bind the fake reply endpoint")?;
+    let sink_addr = sink
+        .local_addr()
+        .context("cannot bind the fake reply endpoint")?;
     // A canary secret: keel must never write it to its log.
     let canary = format!("keel-torture-canary-{seed:016x}");
     let config = scratch.path.join("keel.toml");
@@ -753,9 +777,9 @@ pub fn torture(args: TortureArgs) -> Result<ExitCode> {
         log: scratch.path.join("keel.log"),
         starts: 0,
         ignore_sigxfsz: false,
-        switches: args
-            .break_
-            .map(|Break::AckBeforeCommit| format!("{}=on", keel_actors::failpoint::ACK_BEFORE_COMMIT)),
+        switches: args.break_.map(|Break::AckBeforeCommit| {
+            format!("{}=on", keel_actors::failpoint::ACK_BEFORE_COMMIT)
+        }),
     };
 
     println!("keel torture: seed {seed} (replay with --seed {seed})");
@@ -792,7 +816,7 @@ pub fn torture(args: TortureArgs) -> Result<ExitCode> {
             if budget.is_some_and(|b| began.elapsed() >= b) && done_cycles > 0 {
                 break;
             }
-            let plan = plan(&mut rng, failpoints);
+            let plan = plan(&mut rng, cycle, failpoints);
             // Restart storm: starts killed while they recover.
             for &ms in &plan.storm_ms {
                 let mut k = launcher.spawn()?;
@@ -950,7 +974,8 @@ pub fn torture(args: TortureArgs) -> Result<ExitCode> {
     let (verdict, finals) = result?;
 
     let log = fs::read_to_string(&launcher.log).unwrap_or_default();
-    let panics = log.matches("panicked at").count() as u64;
+    let ledger_text = fs::read_to_string(&ledger_path).unwrap_or_default();
+    let (panics, canary_hits) = log_findings(&log, &ledger_text, &canary);
     let hits = failpoint_hits(&log);
     let (replies_received, replies_resent) = replies
         .lock()
@@ -961,11 +986,6 @@ pub fn torture(args: TortureArgs) -> Result<ExitCode> {
     if !failpoints {
         not_run.push("failpoints (C2): needs a keel built with --features failpoints");
     }
-    let canary_hits = log.matches(canary.as_str()).count() as u64
-        + fs::read_to_string(&ledger_path)
-            .unwrap_or_default()
-            .matches(canary.as_str())
-            .count() as u64;
     recovery.sort_unstable();
     let pct = |q: f64| nearest_rank(recovery.len(), q).map_or(0, |i| recovery[i]);
     let seen = seen.into_inner();
@@ -1075,13 +1095,16 @@ pub fn torture(args: TortureArgs) -> Result<ExitCode> {
     for (f, o) in &finals.faults {
         println!("  fault  {:<22} {o}", f.name());
     }
-    let silent = count_damage(|o| matches!(o, DamageOutcome::Silent(_))) + fault_losses;
-    let ok = verdict.clean()
-        && panics == 0
-        && canary_hits == 0
-        && finals.clean_exit
-        && silent == 0
-        && migration_unrecovered == 0;
+    let ok = Losses {
+        ledger: !verdict.clean(),
+        panics,
+        canary_hits,
+        unclean_final_exit: !finals.clean_exit,
+        damage_silent: count_damage(|o| matches!(o, DamageOutcome::Silent(_))),
+        fault_losses,
+        migration_unrecovered,
+    }
+    .none();
     println!(
         "keel torture: {} (seed {seed}; ledger {})",
         if ok { "PASS" } else { "FAIL" },
@@ -1102,6 +1125,35 @@ pub fn torture(args: TortureArgs) -> Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+/// Everything that fails a run besides the ledger's own counters.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Losses {
+    /// The ledger found lost, dup, unexpected, failed_present,
+    /// timers_double or timers_missed entries ([`Verdict::clean`]).
+    pub ledger: bool,
+    pub panics: u64,
+    pub canary_hits: u64,
+    pub unclean_final_exit: bool,
+    pub damage_silent: u64,
+    pub fault_losses: u64,
+    pub migration_unrecovered: u64,
+}
+
+impl Losses {
+    /// The run passes (exit 0) only when this holds.
+    pub fn none(&self) -> bool {
+        *self == Losses::default()
+    }
+}
+
+/// Panics in keel's log, and hits of the canary secret in the log and
+/// the ledger.
+pub fn log_findings(log: &str, ledger: &str, canary: &str) -> (u64, u64) {
+    let panics = log.matches("panicked at").count() as u64;
+    let canary_hits = (log.matches(canary).count() + ledger.matches(canary).count()) as u64;
+    (panics, canary_hits)
 }
 
 struct Finals {
@@ -1983,6 +2035,67 @@ mod tests {
     }
 
     #[test]
+    fn every_other_loss_fails_the_run() {
+        assert!(Losses::default().none());
+        let each = [
+            Losses {
+                ledger: true,
+                ..Losses::default()
+            },
+            Losses {
+                panics: 1,
+                ..Losses::default()
+            },
+            Losses {
+                canary_hits: 1,
+                ..Losses::default()
+            },
+            Losses {
+                unclean_final_exit: true,
+                ..Losses::default()
+            },
+            Losses {
+                damage_silent: 1,
+                ..Losses::default()
+            },
+            Losses {
+                fault_losses: 1,
+                ..Losses::default()
+            },
+            Losses {
+                migration_unrecovered: 1,
+                ..Losses::default()
+            },
+        ];
+        for l in each {
+            assert!(!l.none(), "{l:?} passed");
+        }
+    }
+
+    #[test]
+    fn panics_and_canaries_are_found_in_the_log_and_the_ledger() {
+        let log = "INFO ok\nthread 'keel-writer' panicked at src/x.rs:1:2\nsecret=canary-1\n";
+        assert_eq!(log_findings(log, "ok a\n", "canary-1"), (1, 1));
+        assert_eq!(
+            log_findings("INFO ok\n", "invoke canary-1\n", "canary-1"),
+            (0, 1)
+        );
+        assert_eq!(log_findings("INFO ok\n", "ok a\n", "canary-1"), (0, 0));
+    }
+
+    #[test]
+    fn failpoint_hits_are_counted_per_point() {
+        let log = "keel failpoint timer_fire: hit 3, SIGKILL\nINFO x\n\
+                   keel failpoint mid_migration: hit 1, SIGKILL\n\
+                   keel failpoint timer_fire: hit 1, SIGKILL\n";
+        let hits = failpoint_hits(log);
+        assert_eq!(hits["timer_fire"], 2);
+        assert_eq!(hits["mid_migration"], 1);
+        assert_eq!(hits["commit_before_reply"], 0);
+        assert_eq!(hits.len(), keel_actors::failpoint::POINTS.len());
+    }
+
+    #[test]
     fn an_acknowledgement_is_never_taken_back() {
         let mut l = ledger(&[("a", Kind::Message, Outcome::Ok)]);
         // A retry of the same id that times out does not unacknowledge it.
@@ -1997,11 +2110,11 @@ mod tests {
     fn the_schedule_is_a_function_of_the_seed() {
         let a: Vec<_> = {
             let mut r = StdRng::seed_from_u64(7);
-            (0..50).map(|_| plan(&mut r, true)).collect()
+            (0..50).map(|c| plan(&mut r, c, true)).collect()
         };
         let b: Vec<_> = {
             let mut r = StdRng::seed_from_u64(7);
-            (0..50).map(|_| plan(&mut r, true)).collect()
+            (0..50).map(|c| plan(&mut r, c, true)).collect()
         };
         assert_eq!(a, b);
         assert!(a.iter().any(|p| !p.storm_ms.is_empty()));
@@ -2013,8 +2126,19 @@ mod tests {
                 p.spec()
             );
         }
-        assert!(a.iter().any(|p| p.arm.is_some()));
-        assert!(a.iter().all(|p| (100..=1200).contains(&p.kill_after_ms)));
+        // Ten cycles arm every cycle point once.
+        let armed: std::collections::BTreeSet<_> = a[..10]
+            .iter()
+            .filter_map(|p| Some(p.arm.as_ref()?.point))
+            .collect();
+        assert_eq!(armed.len(), CYCLE_POINTS.len(), "{armed:?}");
+        // Without failpoints nothing is armed.
+        let mut r = StdRng::seed_from_u64(7);
+        assert!((0..50).all(|c| plan(&mut r, c, false).arm.is_none()));
+        assert!(a
+            .iter()
+            .all(|p| (100..=1200)
+                .contains(&(p.kill_after_ms - if p.arm.is_some() { 1000 } else { 0 }))));
     }
 
     #[test]
