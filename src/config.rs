@@ -219,3 +219,9 @@ fn secret_slots(config: &mut Config) -> [(&'static str, &mut Option<String>); 8]
         ("webhook.secret", &mut config.webhook.secret),
     ]
 }
+
+/// `KEEL_FAILPOINTS`: the named kill points `keel torture` arms in a
+/// `--features failpoints` build (actors/src/failpoint.rs).
+pub fn failpoints_spec() -> Option<String> {
+    std::env::var_os("KEEL_FAILPOINTS").map(|v| v.to_string_lossy().into_owned())
+}

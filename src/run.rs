@@ -73,8 +73,8 @@ pub fn running_pid(dir: &Path) -> Option<u32> {
 pub fn run(args: RunArgs) -> Result<ExitCode> {
     // Named kill points of a `--features failpoints` build, armed by `keel
     // torture` (a build without them refuses a non-empty value).
-    if let Some(spec) = std::env::var_os("KEEL_FAILPOINTS") {
-        keel_actors::failpoint::arm(&spec.to_string_lossy())?;
+    if let Some(spec) = crate::config::failpoints_spec() {
+        keel_actors::failpoint::arm(&spec)?;
     }
     // Every file keel creates holds state: owner-only (0600 / 0700).
     // SAFETY: umask only changes this process's file-creation mask.
