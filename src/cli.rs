@@ -62,6 +62,11 @@ pub enum Command {
         #[command(subcommand)]
         cmd: ServicesCmd,
     },
+    /// One-off sandboxed runs in ephemeral containers (through the running keel).
+    Containers {
+        #[command(subcommand)]
+        cmd: ContainersCmd,
+    },
     /// Compare the services event log with the container engine and check
     /// the log's hash chain; exit 0 when consistent, 1 otherwise. Asks the
     /// running keel when there is one, else reads the store and the engine.
@@ -295,6 +300,45 @@ pub enum ServicesCmd {
         dir: DataDirArg,
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ContainersCmd {
+    /// Run a command in an ephemeral container and print its output; exits
+    /// with the command's exit code (124 when the timeout killed it). The
+    /// container is removed afterwards: `keel containers run --image IMG -- CMD…`.
+    Run {
+        #[arg(long)]
+        image: String,
+        /// K=V, repeatable.
+        #[arg(long = "env", value_name = "K=V")]
+        env: Vec<String>,
+        /// k=v, repeatable (not starting with keel.).
+        #[arg(long = "label", value_name = "k=v")]
+        label: Vec<String>,
+        /// Memory limit, e.g. 64m.
+        #[arg(long)]
+        memory: Option<String>,
+        /// CPU limit in cores, e.g. 0.5.
+        #[arg(long)]
+        cpus: Option<f64>,
+        /// A user-defined network (default: no network).
+        #[arg(long)]
+        network: Option<String>,
+        /// Kill the container after this long (1s to 1h; default 30s).
+        #[arg(long, default_value = "30s")]
+        timeout: String,
+        /// Part of the container's name (default run).
+        #[arg(long)]
+        name: Option<String>,
+        /// Print the whole result as JSON instead of the output.
+        #[arg(long)]
+        json: bool,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+        #[command(flatten)]
+        dir: DataDirArg,
     },
 }
 

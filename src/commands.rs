@@ -41,6 +41,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
             crate::vault_cmd::rekey(&dir, new_key_file.as_deref())
         }
         Command::Services { cmd } => crate::services_cmd::services_cmd(cmd),
+        Command::Containers { cmd } => crate::services_cmd::containers_cmd(cmd),
         Command::Verify { dir, json } => crate::services_cmd::verify(&dir, json),
         Command::Bench(args) => keel_bench::dispatch(args),
         Command::Torture(args) => keel_bench::torture::torture(args),

@@ -14,7 +14,7 @@ use keel_actors::containers::engine::Engine;
 use keel_actors::persistence::services;
 use serde_json::{json, Value};
 
-use crate::cli::{DataDirArg, ServicesCmd};
+use crate::cli::{ContainersCmd, DataDirArg, ServicesCmd};
 
 pub fn services_cmd(cmd: ServicesCmd) -> Result<ExitCode> {
     match cmd {
@@ -116,6 +116,85 @@ pub fn services_cmd(cmd: ServicesCmd) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `keel containers run`: the output goes to stdout/stderr, the exit code
+/// is the command's (124 when the timeout killed it).
+pub fn containers_cmd(cmd: ContainersCmd) -> Result<ExitCode> {
+    let ContainersCmd::Run {
+        image,
+        env,
+        label,
+        memory,
+        cpus,
+        network,
+        timeout,
+        name,
+        json,
+        command,
+        dir,
+    } = cmd;
+    let env = match pairs("--env", &env) {
+        Ok(m) => m,
+        Err(e) => return Ok(usage(&e)),
+    };
+    let labels = match pairs("--label", &label) {
+        Ok(m) => m,
+        Err(e) => return Ok(usage(&e)),
+    };
+    let timeout_ms = match keel_actors::schedule::parse_duration(&timeout) {
+        Ok(ms) => ms.max(0) as u64,
+        Err(e) => return Ok(usage(&format!("--timeout: {e}"))),
+    };
+    let mut spec = json!({"image": image, "command": command, "env": env, "labels": labels});
+    if let Some(m) = memory {
+        spec["memory"] = json!(m);
+    }
+    if let Some(c) = cpus {
+        spec["cpus"] = json!(c);
+    }
+    if let Some(n) = network {
+        spec["network"] = json!(n);
+    }
+    let answer = crate::tasks_cmd::ask_waiting(
+        &dir,
+        &json!({"op": "container_run", "name": name, "spec": spec, "timeout_ms": timeout_ms}),
+        Duration::from_millis(timeout_ms) + Duration::from_secs(60),
+    )
+    .context(
+        "the ephemeral run got no answer (did keel stop? its next start removes the container)",
+    )?;
+    if let Some(code) = failed(&answer) {
+        return Ok(code);
+    }
+    if json {
+        println!("{answer}");
+    } else {
+        use std::io::Write;
+        let _ = std::io::stdout().write_all(answer["stdout"].as_str().unwrap_or("").as_bytes());
+        let _ = std::io::stderr().write_all(answer["stderr"].as_str().unwrap_or("").as_bytes());
+        let _ = std::io::stdout().flush();
+        if answer["truncated"] == true {
+            eprintln!("keel: output cut at 1 MiB per stream");
+        }
+    }
+    let container = answer["container"].as_str().unwrap_or("?");
+    if answer["stopped"] == true {
+        eprintln!("keel: {container} was stopped: keel is shutting down");
+        return Ok(ExitCode::from(1));
+    }
+    if answer["timed_out"] == true {
+        eprintln!("keel: {container} timed out after {timeout} and was killed");
+        return Ok(ExitCode::from(124));
+    }
+    Ok(match answer["exit_code"].as_i64() {
+        Some(c) if (0..=255).contains(&c) => ExitCode::from(c as u8),
+        Some(_) => ExitCode::from(1),
+        None => {
+            eprintln!("keel: the exit of {container} was not observed");
+            ExitCode::from(1)
+        }
+    })
 }
 
 /// `keel verify [--json]`.

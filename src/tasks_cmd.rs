@@ -195,6 +195,11 @@ fn logs(conn: &Connection, id: i64, stream: Option<&str>, follow: bool) -> Resul
 
 /// One request to the running keel's admin socket.
 pub(crate) fn ask(dir: &DataDirArg, request: &Value) -> Result<Value> {
+    ask_waiting(dir, request, Duration::from_secs(60))
+}
+
+/// [`ask`], waiting up to `wait` for the answer (a long ephemeral run).
+pub(crate) fn ask_waiting(dir: &DataDirArg, request: &Value, wait: Duration) -> Result<Value> {
     let config = crate::config::load(dir, None)?;
     let path = config.admin_socket();
     if crate::run::running_pid(&config.data_dir).is_none() {
@@ -205,7 +210,7 @@ pub(crate) fn ask(dir: &DataDirArg, request: &Value) -> Result<Value> {
     }
     let mut stream = UnixStream::connect(&path)
         .with_context(|| format!("cannot connect to keel's admin socket {}", path.display()))?;
-    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    stream.set_read_timeout(Some(wait))?;
     let mut line = request.to_string();
     line.push('\n');
     stream.write_all(line.as_bytes())?;

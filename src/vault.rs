@@ -64,18 +64,38 @@ pub fn master_key(config: &Config, create: Create) -> Result<KeyHandle> {
     Ok(handle)
 }
 
-/// The master key from the OS keychain: the kernel keyutils user keyring
-/// (Linux; headless, no D-Bus), key `keel:<data dir>`. Kernel keys live in
-/// memory while the user has a session or process: they do not survive a
-/// reboot, so back the key up.
-fn keychain_key(config: &Config, create: bool) -> Result<KeyHandle> {
-    use linux_keyutils::{KeyError, KeyRing, KeyRingIdentifier};
+/// The keychain entry of `config`'s data dir: its description and the
+/// source text errors name.
+fn keychain_entry(config: &Config) -> (String, String) {
     let dir = std::path::absolute(&config.data_dir)
         .unwrap_or_else(|_| config.data_dir.clone())
         .display()
         .to_string();
     let description = format!("keel:{dir}");
     let source = format!("keychain (kernel keyutils user keyring, key {description})");
+    (description, source)
+}
+
+/// Replace the keychain entry's key (`keel rekey`): keyutils swaps the
+/// payload of the existing key in one call, so a reader sees the old key or
+/// the new one, never a mix.
+pub fn store_keychain_key(config: &Config, key: &MasterKey) -> Result<String> {
+    use linux_keyutils::{KeyRing, KeyRingIdentifier};
+    let (description, source) = keychain_entry(config);
+    let ring = KeyRing::from_special_id(KeyRingIdentifier::User, false)
+        .map_err(|e| anyhow::anyhow!("{source}: cannot open: {e:?}"))?;
+    ring.add_key(&description, key.to_hex().as_bytes())
+        .map_err(|e| anyhow::anyhow!("{source}: cannot store the new key: {e:?}"))?;
+    Ok(source)
+}
+
+/// The master key from the OS keychain: the kernel keyutils user keyring
+/// (Linux; headless, no D-Bus), key `keel:<data dir>`. Kernel keys live in
+/// memory while the user has a session or process: they do not survive a
+/// reboot, so back the key up.
+fn keychain_key(config: &Config, create: bool) -> Result<KeyHandle> {
+    use linux_keyutils::{KeyError, KeyRing, KeyRingIdentifier};
+    let (description, source) = keychain_entry(config);
     let ring = KeyRing::from_special_id(KeyRingIdentifier::User, false)
         .map_err(|e| anyhow::anyhow!("{source}: cannot open: {e:?}"))?;
     match ring.search(&description) {

@@ -544,9 +544,7 @@ pub fn rekey(dir: &DataDirArg, new_key_file: Option<&Path>) -> Result<ExitCode> 
     if std::env::var_os("KEEL_MASTER_KEY").is_some() {
         bail!("the key comes from KEEL_MASTER_KEY; keel rekey rotates the key file (unset KEEL_MASTER_KEY, put the key in the file, then rekey)");
     }
-    if config.vault.key_source == keel_actors::config::KeySource::Keychain {
-        bail!("[vault] key_source = \"keychain\": keel rekey rotates the key file only");
-    }
+    let keychain = config.vault.key_source == keel_actors::config::KeySource::Keychain;
     let old = master_key(&config, Create::Never)?;
     recover_rekey(&config, &old)?;
     let new = match new_key_file {
@@ -583,10 +581,16 @@ pub fn rekey(dir: &DataDirArg, new_key_file: Option<&Path>) -> Result<ExitCode> 
         drop(conn);
         backup::verify_keyed(&next, Some(&new_handle))?;
     }
-    // 2. The switch: the key file names the new key (atomic rename). A
-    //    crash before it leaves the old key and stores (the copies are
-    //    removed at the next start); after it, the next start finishes.
-    masterkey::write_key_file(&config.key_file(), &new_handle.key)?;
+    // 2. The switch: the key file (atomic rename) or the keychain entry
+    //    (one keyutils update) names the new key. A crash before it leaves
+    //    the old key and stores (the copies are removed at the next
+    //    start); after it, the next start finishes.
+    let holder = if keychain {
+        crate::vault::store_keychain_key(&config, &new_handle.key)?
+    } else {
+        masterkey::write_key_file(&config.key_file(), &new_handle.key)?;
+        config.key_file().display().to_string()
+    };
     // 3. The copies replace the stores.
     recover_rekey(&config, &new_handle)?;
     append_audit(
@@ -595,9 +599,8 @@ pub fn rekey(dir: &DataDirArg, new_key_file: Option<&Path>) -> Result<ExitCode> 
         json!({"stores": stores.iter().map(|p| p.display().to_string()).collect::<Vec<_>>()}),
     )?;
     println!(
-        "master key rotated ({} stores); the new key is in {}: back it up",
+        "master key rotated ({} stores); the new key is in {holder}: back it up",
         stores.len(),
-        config.key_file().display()
     );
     Ok(ExitCode::SUCCESS)
 }

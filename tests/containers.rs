@@ -755,3 +755,262 @@ async fn services_survive_sigterm_unless_stop_services_on_shutdown() {
     assert_eq!(l["services"][0]["state"], "running", "created again: {l}");
     d.assert_no_panics();
 }
+
+/// `keel containers run ARGS… -- CMD…` in the background (its own deadline).
+fn run_in_background(d: &Daemon, args: &[&str], tail: &[&str]) -> tokio::task::JoinHandle<Output> {
+    let mut all: Vec<String> = vec![
+        "containers".into(),
+        "run".into(),
+        "--image".into(),
+        IMAGE.into(),
+    ];
+    all.extend(args.iter().map(|s| s.to_string()));
+    all.extend([
+        "--data-dir".into(),
+        d.data_dir.to_string_lossy().into_owned(),
+        "--config".into(),
+        d.config_path.to_string_lossy().into_owned(),
+        "--".into(),
+    ]);
+    all.extend(tail.iter().map(|s| s.to_string()));
+    tokio::spawn(async move {
+        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+        common::run_keel(&refs, None, DEADLINE).await
+    })
+}
+
+/// The ephemeral containers of `inst` as (name, state, labels).
+fn ephemerals(engine: &docker::Engine, inst: &Instance) -> Vec<(String, String, Value)> {
+    engine
+        .containers(&inst.id)
+        .iter()
+        .filter(|c| c["Labels"]["keel.kind"] == "ephemeral")
+        .map(|c| {
+            (
+                c["Names"][0]
+                    .as_str()
+                    .unwrap_or("")
+                    .trim_start_matches('/')
+                    .to_string(),
+                c["State"].as_str().unwrap_or("").to_string(),
+                c["Labels"].clone(),
+            )
+        })
+        .collect()
+}
+
+/// A one-off run: output and exit code come back, the container is gone
+/// afterwards; a timeout kills it (exit 124); a refused spec names the
+/// field; SIGTERM during a run stops and removes its container while a
+/// deployed service keeps running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ephemeral_runs_return_their_output_and_sigterm_removes_them_but_not_services() {
+    let Some(engine) = docker_or_skip("ephemeral_runs") else {
+        return;
+    };
+    let inst = Instance::new(engine, "eph");
+    let mut d = daemon(&inst, Config::default(), 30, "");
+    d.boot().await;
+    let o = keel(
+        &d,
+        &[
+            "containers",
+            "run",
+            "--image",
+            IMAGE,
+            "--env",
+            "GREETING=hello there",
+            "--memory",
+            "64m",
+        ],
+        &["sh", "-c", "echo \"$GREETING\"; echo oops >&2; exit 3"],
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "hello there\n");
+    assert!(stderr(&o).contains("oops"), "{}", stderr(&o));
+    assert!(
+        ephemerals(engine, &inst).is_empty(),
+        "removed after the run"
+    );
+
+    // Over HTTP (`deploy` permission; loopback is open): the JSON result.
+    let r = common::send(d.client.post(d.url("/v1/containers/run")).json(&json!({
+        "image": IMAGE, "command": ["echo", "via http"], "name": "web-job", "timeout_s": 20
+    })))
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    assert_eq!(v["exit_code"], 0, "{v}");
+    assert_eq!(v["stdout"], "via http\n", "{v}");
+    let cname = v["container"].as_str().unwrap();
+    assert!(
+        cname.starts_with(&format!("keel-{}-ephemeral-web-job-", inst.id)),
+        "{cname}"
+    );
+    for (body, field) in [
+        (json!({"image": IMAGE, "privileged": true}), "privileged"),
+        (json!({"image": IMAGE, "mounts": ["/:/host"]}), "mounts"),
+        (
+            json!({"image": IMAGE, "labels": {"keel.kind": "service"}}),
+            "labels.keel.kind",
+        ),
+        (json!({"image": IMAGE, "timeout_s": 7200}), "timeout"),
+    ] {
+        let r = common::send(d.client.post(d.url("/v1/containers/run")).json(&body))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 400, "{body}: {}", r.body);
+        let e = r.json()["error"].as_str().unwrap_or("").to_string();
+        assert!(e.starts_with(&format!("{field}:")), "{body}: {e}");
+    }
+    let o = keel(
+        &d,
+        &["containers", "run", "--image", "localhost/does-not-exist:1"],
+        &["true"],
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("not found on the container engine"),
+        "{}",
+        stderr(&o)
+    );
+
+    // The timeout kills it.
+    let o = keel(
+        &d,
+        &["containers", "run", "--image", IMAGE, "--timeout", "1s"],
+        &["sleep", "60"],
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(124), "{}", stderr(&o));
+    assert!(stderr(&o).contains("timed out"), "{}", stderr(&o));
+    assert!(ephemerals(engine, &inst).is_empty());
+
+    // A service and a long run; SIGTERM removes the run, keeps the service.
+    let o = keel(
+        &d,
+        &["services", "deploy", "web", "--image", IMAGE],
+        &["sleep", "3600"],
+    )
+    .await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let run = run_in_background(&d, &["--timeout", "10m"], &["sleep", "3600"]);
+    let running = poll_until(DEADLINE, || async {
+        ephemerals(engine, &inst)
+            .into_iter()
+            .find(|(_, state, _)| state == "running")
+    })
+    .await
+    .expect("the run's container runs");
+    assert_eq!(running.2["keel.managed"], "true");
+    assert_eq!(running.2["keel.instance"], inst.id.as_str());
+    assert!(running
+        .0
+        .starts_with(&format!("keel-{}-ephemeral-run-", inst.id)));
+    let status = d.sigterm(DEADLINE).await;
+    assert!(status.success(), "exit {status:?}");
+    assert!(ephemerals(engine, &inst).is_empty(), "removed on SIGTERM");
+    assert_eq!(
+        service_names(engine, &inst, "web").len(),
+        1,
+        "the service keeps running"
+    );
+    let out = run.await.unwrap();
+    assert!(
+        !out.status.success(),
+        "the interrupted run fails: {}",
+        stderr(&out)
+    );
+    d.assert_no_panics();
+}
+
+/// kill -9 while ephemeral runs are in flight (3 cycles): the container
+/// outlives keel, and the next start kills and removes it (counted in the
+/// owner notice and `keel status`); another instance's container is never
+/// touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_an_ephemeral_run_leaves_no_orphan_after_restart() {
+    let Some(engine) = docker_or_skip("ephemeral_kill_9") else {
+        return;
+    };
+    let inst = Instance::new(engine, "ek9");
+    let other = Instance::new(engine, "ek9o");
+    let foreign = format!("keel-{}-ephemeral-run-1", other.id);
+    engine.plant(&foreign, other.labels("ephemeral", &[]), true);
+    let mut d = daemon(
+        &inst,
+        Config {
+            owner_chat: Some("owner".into()),
+            owner_interval_s: Some(0),
+            ..Default::default()
+        },
+        30,
+        "",
+    );
+    d.boot().await;
+    for cycle in 1..=3 {
+        let run = run_in_background(&d, &["--timeout", "10m"], &["sleep", "3600"]);
+        let left = poll_until(DEADLINE, || async {
+            ephemerals(engine, &inst)
+                .into_iter()
+                .find(|(_, state, _)| state == "running")
+        })
+        .await
+        .unwrap_or_else(|| panic!("cycle {cycle}: the run's container runs"));
+        d.sigkill();
+        let out = run.await.unwrap();
+        assert!(!out.status.success(), "cycle {cycle}: {}", stderr(&out));
+        assert_eq!(
+            ephemerals(engine, &inst).len(),
+            1,
+            "cycle {cycle}: outlives keel ({})",
+            left.0
+        );
+        d.boot().await;
+        assert!(
+            ephemerals(engine, &inst).is_empty(),
+            "cycle {cycle}: reaped at start: {:?}",
+            ephemerals(engine, &inst)
+        );
+        let c = status_containers(&d).await;
+        assert_eq!(c["reaped_at_start"], 1, "cycle {cycle}: {c}");
+        assert!(
+            engine.inspect(&foreign).is_some(),
+            "the other instance's stays"
+        );
+    }
+    // The notice of the last start (#4; earlier ones may be coalesced).
+    let notice = poll_until(DEADLINE, || async {
+        d.turns("webhook:owner")
+            .await
+            .into_iter()
+            .find(|t| t.text.contains("keel restarted") && t.text.contains("#4)"))
+    })
+    .await;
+    let texts: Vec<String> = d
+        .turns("webhook:owner")
+        .await
+        .into_iter()
+        .map(|t| t.text)
+        .collect();
+    let notice = notice.unwrap_or_else(|| panic!("no owner notice of start #4: {texts:?}"));
+    assert!(
+        notice.text.contains("Containers reaped: 1"),
+        "{}",
+        notice.text
+    );
+    // A run after the restarts works and takes a fresh name.
+    let o = keel(
+        &d,
+        &["containers", "run", "--image", IMAGE],
+        &["echo", "ok"],
+    )
+    .await;
+    assert_eq!(stdout(&o), "ok\n", "{}", stderr(&o));
+    assert!(d.sigterm(DEADLINE).await.success());
+    engine.remove(&foreign);
+    d.assert_no_panics();
+}

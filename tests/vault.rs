@@ -331,12 +331,41 @@ async fn the_keychain_source_keeps_the_key_out_of_the_data_dir() {
     d.restart().await;
     assert_eq!(d.turns("webhook:chat").await.len(), 2);
     assert!(d.sigterm(DEADLINE).await.success());
-    // Gone from the keychain: a clear refusal, the store untouched.
     let ring =
         linux_keyutils::KeyRing::from_special_id(linux_keyutils::KeyRingIdentifier::User, false)
             .expect("user keyring");
+    let description = format!("keel:{}", d.data_dir.display());
+    let stored = |ring: &linux_keyutils::KeyRing| {
+        ring.search(&description)
+            .expect("the key is in the user keyring")
+            .read_to_vec()
+            .expect("read the key")
+    };
+    // keel rekey (a fresh key: empty stdin) updates the keychain entry;
+    // the stores open with the new key, still no key file.
+    let before_key = stored(&ring);
+    let mut all = vec!["rekey".to_string()];
+    all.extend(dir_args(&d));
+    let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+    let out = run_keel_env(&refs, &[], Some(b""), DEADLINE).await;
+    assert!(
+        out.status.success(),
+        "rekey: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("keychain"));
+    assert_ne!(
+        stored(&ring),
+        before_key,
+        "the keychain entry holds the new key"
+    );
+    assert!(!d.data_dir.join("master.key").exists());
+    d.restart().await;
+    assert_eq!(d.turns("webhook:chat").await.len(), 2);
+    assert!(d.sigterm(DEADLINE).await.success());
+    // Gone from the keychain: a clear refusal, the store untouched.
     let key = ring
-        .search(&format!("keel:{}", d.data_dir.display()))
+        .search(&description)
         .expect("the key is in the user keyring");
     key.invalidate().expect("remove the test's key");
     let before = sha256_file(&d.db_path());

@@ -15,6 +15,7 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use actix::{Addr, Recipient};
 use actix_web::body::BoxBody;
@@ -27,7 +28,9 @@ use serde_json::json;
 use crate::adapter::ChannelRoutes;
 use crate::clock::Clock;
 use crate::containers::spec::ServiceSpec;
-use crate::containers::{ContainerReaper, DeployService, KillService, ListServices, ServiceError};
+use crate::containers::{
+    ContainerReaper, DeployService, KillService, ListServices, RunEphemeral, ServiceError,
+};
 use crate::error::StoreError;
 use crate::health::Health;
 use crate::ids::MAX_ID_BYTES;
@@ -638,6 +641,64 @@ async fn services_deploy(state: web::Data<AdminState>, body: web::Bytes) -> Http
     }
 }
 
+/// `POST /v1/containers/run` body: an optional name and timeout beside the
+/// spec's fields.
+#[derive(Deserialize)]
+struct ContainerRunBody {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    timeout_s: Option<f64>,
+    #[serde(flatten)]
+    spec: serde_json::Map<String, serde_json::Value>,
+}
+
+/// `POST /v1/containers/run {"image", "command", "env", "memory", …,
+/// "timeout_s"?, "name"?}` → `{"container", "exit_code", "timed_out",
+/// "stopped", "stdout", "stderr", "truncated", "duration_ms"}` once the
+/// container is done (and removed).
+async fn containers_run(state: web::Data<AdminState>, body: web::Bytes) -> HttpResponse {
+    let Some(services) = &state.services else {
+        return no_services();
+    };
+    let req: ContainerRunBody = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return HttpResponse::BadRequest()
+                .json(json!({"error": format!("bad request body: {e}")}))
+        }
+    };
+    let spec: ServiceSpec = match serde_json::from_value(serde_json::Value::Object(req.spec)) {
+        Ok(s) => s,
+        Err(e) => {
+            return HttpResponse::BadRequest()
+                .json(json!({"error": format!("bad container spec: {e}")}))
+        }
+    };
+    let timeout = match req.timeout_s {
+        None => crate::containers::ephemeral::DEFAULT_TIMEOUT,
+        Some(s) if s.is_finite() && s > 0.0 && s <= 1e6 => Duration::from_secs_f64(s),
+        Some(_) => {
+            return HttpResponse::BadRequest()
+                .json(json!({"error": "timeout_s: must be a positive number of seconds"}))
+        }
+    };
+    match services
+        .send(RunEphemeral {
+            name: req.name,
+            spec,
+            timeout,
+        })
+        .await
+    {
+        Ok(Ok(out)) => HttpResponse::Ok().json(out),
+        Ok(Err(e)) => service_error(&e),
+        Err(_) => {
+            HttpResponse::ServiceUnavailable().json(json!({"error": "keel is shutting down"}))
+        }
+    }
+}
+
 /// `DELETE /v1/services/{name}`.
 async fn services_kill(state: web::Data<AdminState>, path: web::Path<String>) -> HttpResponse {
     let Some(services) = &state.services else {
@@ -770,6 +831,18 @@ pub fn serve(
                 .route("", web::get().to(services_list))
                 .route("", web::post().to(services_deploy))
                 .route("/{name}", web::delete().to(services_kill)),
+            )
+            .service(
+                // Ephemeral runs create containers like deploys do: `deploy`.
+                admin_scope(
+                    "/v1/containers",
+                    RouteAccess {
+                        write: Perm::Deploy,
+                        sessions: false,
+                    },
+                )
+                .app_data(web::PayloadConfig::new(1 << 20))
+                .route("/run", web::post().to(containers_run)),
             );
         for routes in &channels {
             let routes = routes.clone();

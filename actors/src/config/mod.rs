@@ -660,6 +660,28 @@ mod tests {
         assert!(!format!("{c:?}").contains("canary-5ecret"));
     }
 
+    /// Every channel token and webhook secret of the config, set to a
+    /// canary: `{:?}` and `{:#?}` of the whole config show none of them
+    /// (they reach logs that way, e.g. a reload's debug line).
+    #[test]
+    fn debug_output_never_shows_any_channel_token_or_secret() {
+        let text = "[webhook]\nsecret = \"canary-w1\"\n\
+            [telegram]\ntoken = \"canary-t1\"\nwebhook_secret = \"canary-t2\"\n\
+            [slack]\napp_token = \"canary-s1\"\nbot_token = \"canary-s2\"\n\
+            [whatsapp]\naccess_token = \"canary-a1\"\napp_secret = \"canary-a2\"\nverify_token = \"canary-a3\"\n";
+        let c = Config::from_toml(text, "t").unwrap();
+        assert_eq!(c.telegram.token.as_deref(), Some("canary-t1"), "parsed");
+        assert_eq!(
+            c.whatsapp.verify_token.as_deref(),
+            Some("canary-a3"),
+            "parsed"
+        );
+        for shown in [format!("{c:?}"), format!("{c:#?}")] {
+            assert!(!shown.contains("canary-"), "{shown}");
+            assert!(shown.contains("<redacted>"));
+        }
+    }
+
     #[test]
     fn a_public_webhook_needs_a_secret_or_the_opt_out() {
         let open = Config::from_toml("listen = \"0.0.0.0:7878\"", "t").unwrap_err();

@@ -26,9 +26,11 @@
 
 pub mod docker;
 pub mod engine;
+pub mod ephemeral;
 pub mod spec;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::AtomicI64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -45,6 +47,7 @@ use crate::metrics::Metrics;
 use crate::persistence::services::{AppendServiceEvent, GetServiceEvents, STATUS_KEY};
 use crate::persistence::{PersistenceActor, PutAdapterState};
 use engine::{ContainerInfo, CreateRequest, Engine, EngineError};
+pub use ephemeral::{RunEphemeral, RunOutput};
 use spec::{Forbidden, Kind, ServiceSpec, SpecError};
 
 pub const EVENT_DEPLOYED: &str = "service_deployed";
@@ -302,6 +305,7 @@ struct ReaperMetrics {
     reaped: IntCounterVec,
     engine_up: IntGauge,
     services: IntGauge,
+    runs: IntCounterVec,
 }
 
 impl ReaperMetrics {
@@ -326,6 +330,15 @@ impl ReaperMetrics {
             .expect("static metric definition");
         let services = IntGauge::new("keel_services_desired", "Services in the event log")
             .expect("static metric definition");
+        let runs = IntCounterVec::new(
+            Opts::new(
+                "keel_ephemeral_runs_total",
+                "Ephemeral container runs by outcome (exited, timed_out, stopped, failed)",
+            ),
+            &["outcome"],
+        )
+        .expect("static metric definition");
+        m.register(Box::new(runs.clone()));
         m.register(Box::new(repairs.clone()));
         m.register(Box::new(reaped.clone()));
         m.register(Box::new(engine_up.clone()));
@@ -335,6 +348,7 @@ impl ReaperMetrics {
             reaped,
             engine_up,
             services,
+            runs,
         }
     }
 }
@@ -358,6 +372,10 @@ struct Inner {
     metrics: ReaperMetrics,
     settings: Mutex<ReaperSettings>,
     state: tokio::sync::Mutex<State>,
+    /// Ephemeral runs in flight (outside `state`: a run lasts long).
+    runs: Mutex<ephemeral::Runs>,
+    /// The number in the next ephemeral container's name.
+    next_run: AtomicI64,
 }
 
 /// The container reaper actor.
@@ -391,6 +409,8 @@ impl ContainerReaper {
                     repairs: 0,
                     stopping: false,
                 }),
+                runs: Mutex::new(ephemeral::Runs::default()),
+                next_run: AtomicI64::new(1),
             }),
             queued: false,
             tick: None,
@@ -775,6 +795,7 @@ impl Handler<RecoverContainers> for ContainerReaper {
                 inner.engine.ping().await?;
                 // One list for the whole start: reaping and adoption.
                 let list = inner.engine.list(&inner.instance()).await?;
+                inner.seed_run_numbers(&list);
                 report.reaped = inner.remove_kinds_in(&[Kind::Ephemeral], &list, 0).await?;
                 report.reaped += inner.reap_finished_tasks(&list).await?;
                 let left: Vec<ContainerInfo> = list
@@ -1167,6 +1188,9 @@ impl Handler<StopContainers> for ContainerReaper {
         }
         let inner = self.inner.clone();
         let work = async move {
+            // No run starts from here on; those in flight are removed
+            // below with the rest (by name too: one may be mid-create).
+            let runs = inner.stop_runs();
             let mut st = inner.state.lock().await;
             st.stopping = true;
             let mut kinds = vec![Kind::Ephemeral];
@@ -1175,7 +1199,14 @@ impl Handler<StopContainers> for ContainerReaper {
             }
             // Half the budget at most for a service's own shutdown.
             let grace_s = ((msg.deadline.as_secs() / 2) as i64).min(STOP_GRACE_S);
-            match tokio::time::timeout(msg.deadline, inner.remove_kinds(&kinds, grace_s)).await {
+            let removal = async {
+                let n = inner.remove_kinds(&kinds, grace_s).await?;
+                for name in &runs {
+                    inner.engine.remove(name).await?;
+                }
+                Ok::<usize, EngineError>(n)
+            };
+            match tokio::time::timeout(msg.deadline, removal).await {
                 Ok(Ok(n)) => {
                     inner
                         .metrics

@@ -13,8 +13,10 @@
 //! "state": …}`; any failure → `{"error": "<one line>"}`.
 //! Services (`keel services`, `keel verify`), when containers are enabled:
 //! `{"op": "deploy", "name", "spec": {…}}`, `{"op": "kill", "name"}`,
-//! `{"op": "services"}`, `{"op": "verify"}`; failures add `"code"`
-//! (`invalid`, `not_found`, `damaged`, `unavailable`, `store`).
+//! `{"op": "services"}`, `{"op": "verify"}`; ephemeral runs (`keel
+//! containers run`): `{"op": "container_run", "name"?, "spec": {…},
+//! "timeout_ms"?}` → the run's output once it is done; failures add
+//! `"code"` (`invalid`, `not_found`, `damaged`, `unavailable`, `store`).
 
 use std::path::{Path, PathBuf};
 
@@ -28,7 +30,8 @@ use tokio::sync::watch;
 use super::{CancelTask, SubmitTask, TaskActor};
 use crate::containers::spec::ServiceSpec;
 use crate::containers::{
-    ContainerReaper, DeployService, KillService, ListServices, ServiceError, VerifyServices,
+    ContainerReaper, DeployService, KillService, ListServices, RunEphemeral, ServiceError,
+    VerifyServices,
 };
 use crate::persistence::tasks::{CancelOutcome, Origin};
 use crate::vault::admin::VaultAdmin;
@@ -69,6 +72,14 @@ enum Request {
     },
     Services,
     Verify,
+    #[serde(rename = "container_run")]
+    ContainerRun {
+        #[serde(default)]
+        name: Option<String>,
+        spec: serde_json::Value,
+        #[serde(default)]
+        timeout_ms: Option<u64>,
+    },
 }
 
 /// Bind `path` (a stale file from an earlier run is replaced: keel holds
@@ -215,6 +226,11 @@ async fn handle(
                 Err(_) => json!({"error": "keel is shutting down", "code": "unavailable"}),
             }
         }
+        Request::ContainerRun {
+            name,
+            spec,
+            timeout_ms,
+        } => container_run(services, name, spec, timeout_ms).await,
         Request::Verify => {
             let Some(services) = services else {
                 return service_error(&ServiceError::Disabled);
@@ -225,6 +241,39 @@ async fn handle(
                 Err(_) => json!({"error": "keel is shutting down", "code": "unavailable"}),
             }
         }
+    }
+}
+
+async fn container_run(
+    services: Option<&Addr<ContainerReaper>>,
+    name: Option<String>,
+    spec: Value,
+    timeout_ms: Option<u64>,
+) -> Value {
+    let Some(services) = services else {
+        return service_error(&ServiceError::Disabled);
+    };
+    let spec: ServiceSpec = match serde_json::from_value(spec) {
+        Ok(s) => s,
+        Err(e) => return json!({"error": format!("bad container spec: {e}"), "code": "invalid"}),
+    };
+    let timeout = timeout_ms.map_or(
+        crate::containers::ephemeral::DEFAULT_TIMEOUT,
+        std::time::Duration::from_millis,
+    );
+    match services
+        .send(RunEphemeral {
+            name,
+            spec,
+            timeout,
+        })
+        .await
+    {
+        Ok(Ok(out)) => {
+            serde_json::to_value(out).unwrap_or_else(|e| json!({"error": e.to_string()}))
+        }
+        Ok(Err(e)) => service_error(&e),
+        Err(_) => json!({"error": "keel is shutting down", "code": "unavailable"}),
     }
 }
 
