@@ -191,3 +191,64 @@ async fn sigterm_when_idle_exits_well_before_the_deadline() {
     d.restart().await;
     ledger.check(&d.user_key_counts().await).assert_clean();
 }
+
+/// Issue 14: a store too large for the check before start gets its
+/// `quick_check` in the background; SIGTERM interrupts that check instead
+/// of waiting for it (its read transaction would hold the closing TRUNCATE
+/// checkpoint), the WAL is still checkpointed, and the next start checks the
+/// file again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_interrupts_the_background_quick_check() {
+    let mut d = Daemon::start(Config::default()).await;
+    d.post_ok("qc-1", "qc", "hello").await;
+    let status = d.sigterm(Duration::from_secs(30)).await;
+    assert!(status.success(), "keel exited with {status}");
+    // Grow the store well past the size checked before start: many small
+    // indexed rows, so the check reads (and decrypts) every page of ~100 MB.
+    {
+        let conn = common::open_db(&d.db_path());
+        conn.execute_batch(
+            "CREATE TABLE filler(id INTEGER PRIMARY KEY, v BLOB);
+             CREATE INDEX filler_v ON filler(v);
+             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 600000)
+             INSERT INTO filler SELECT i, randomblob(60) FROM n;
+             PRAGMA wal_checkpoint(TRUNCATE);",
+        )
+        .expect("grow the store");
+    }
+    let size = std::fs::metadata(d.db_path()).expect("db size").len();
+    assert!(size > 64 << 20, "store only {size} bytes");
+
+    d.restart().await;
+    let sent = Instant::now();
+    let status = d.sigterm(Duration::from_secs(30)).await;
+    eprintln!(
+        "SIGTERM during the background check: exit after {:?}",
+        sent.elapsed()
+    );
+    assert!(status.success(), "keel exited with {status}");
+    let log = d.stderr_boot();
+    assert!(
+        log.contains("background quick_check interrupted by shutdown"),
+        "the background check was not interrupted:\n{}",
+        common::tail(&log, 30)
+    );
+    assert!(
+        !log.contains("corrupt"),
+        "an interrupted check reported damage:\n{log}"
+    );
+    let wal = d.db_path().with_extension("db-wal");
+    let wal_len = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+    assert_eq!(wal_len, 0, "the WAL was not checkpointed at shutdown");
+
+    // The next start runs the check again, to the end this time.
+    d.restart().await;
+    assert!(
+        d.wait_for_log("background quick_check ok", 1, Duration::from_secs(120))
+            .await,
+        "the check did not run to the end after the restart:\n{}",
+        common::tail(&d.stderr_boot(), 30)
+    );
+    d.post_ok("qc-2", "qc", "again").await;
+    d.assert_no_panics();
+}

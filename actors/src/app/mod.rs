@@ -371,9 +371,10 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
     );
     let migrated = (report.migrated_from != report.schema_version)
         .then(|| serde_json::json!({"from": report.migrated_from, "to": report.schema_version}));
-    if let Some(db) = report.deferred_check.clone() {
-        persistence::check_in_background(db, store_opts.key.clone(), health.clone());
-    }
+    let background_check = report
+        .deferred_check
+        .clone()
+        .map(|db| persistence::check_in_background(db, store_opts.key.clone(), health.clone()));
     // R39: acknowledged commits missing (a damaged or deleted WAL).
     let mut accepted_loss = None;
     if let (Some(loss), Some(db)) = (report.data_loss, &store_opts.path) {
@@ -415,6 +416,7 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         metrics.clone(),
         clock.clone(),
     )
+    .interrupt_on_close(background_check)
     .start();
 
     // The HTTP listener comes up before recovery so /healthz and /readyz

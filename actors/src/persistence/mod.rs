@@ -64,8 +64,8 @@ use crate::metrics::Metrics;
 pub use adapter_state::{GetAdapterState, PutAdapterState};
 pub use meta::{GetStats, RecordBoot, StoreStats};
 pub use open::{
-    check_in_background, is_plain_sqlite, open_connection, open_read_only, open_store, OpenReport,
-    StoreOptions, SYNC_CHECK_MAX_BYTES,
+    check_in_background, is_plain_sqlite, open_connection, open_read_only, open_store,
+    BackgroundCheck, OpenReport, StoreOptions, SYNC_CHECK_MAX_BYTES,
 };
 pub use outbox::{GetPendingOutbox, OutboxRow, RecordDeliveryStatuses, RecordSend, SendOutcome};
 pub use sessions::{
@@ -83,6 +83,8 @@ use writer::{Cmd, FnJob};
 pub struct PersistenceActor {
     tx: Option<mpsc::Sender<Cmd>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// The background `quick_check`, interrupted when the store closes.
+    check: Option<BackgroundCheck>,
 }
 
 impl PersistenceActor {
@@ -98,7 +100,15 @@ impl PersistenceActor {
         PersistenceActor {
             tx: Some(tx),
             thread: Some(thread),
+            check: None,
         }
+    }
+
+    /// Interrupt `check` when the store closes: its read transaction would
+    /// hold the closing TRUNCATE checkpoint until it finished (issue 14).
+    pub fn interrupt_on_close(mut self, check: Option<BackgroundCheck>) -> PersistenceActor {
+        self.check = check;
+        self
     }
 
     /// Queue `f` for the next group commit; resolves after it is durable.
@@ -140,6 +150,9 @@ impl Actor for PersistenceActor {
 
 impl Drop for PersistenceActor {
     fn drop(&mut self) {
+        if let Some(check) = self.check.take() {
+            check.interrupt();
+        }
         self.tx.take();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -157,6 +170,9 @@ pub struct CloseStore;
 impl Handler<CloseStore> for PersistenceActor {
     type Result = ResponseFuture<Result<(i64, i64, i64), StoreError>>;
     fn handle(&mut self, _: CloseStore, _: &mut Context<Self>) -> Self::Result {
+        if let Some(check) = self.check.take() {
+            check.interrupt();
+        }
         let (reply, rx) = oneshot::channel();
         let sent = self
             .tx

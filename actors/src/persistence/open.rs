@@ -207,14 +207,32 @@ pub const SYNC_CHECK_MAX_BYTES: u64 = 8 << 20;
 /// start. Damage is logged as an error naming the file and makes `/readyz`
 /// report `degraded` for good (`Health::storage_corrupt`): the operator must
 /// see it, and it does not clear on the next successful write.
-pub fn check_in_background(db: PathBuf, key: Option<KeyHandle>, health: Health) {
+///
+/// The returned handle interrupts the check (shutdown does, before its
+/// TRUNCATE checkpoint, which would otherwise wait for the check's read
+/// transaction: issue 14). An interrupted check is not a verdict; the next
+/// start checks the file again.
+pub fn check_in_background(db: PathBuf, key: Option<KeyHandle>, health: Health) -> BackgroundCheck {
+    let check = BackgroundCheck::default();
+    let shared = check.clone();
     let spawned = std::thread::Builder::new()
         .name("keel-quick-check".into())
         .spawn(move || {
-            let result = open_read_only(&db, key.as_ref()).and_then(|c| Ok(meta::quick_check(&c)?));
+            let result = open_read_only(&db, key.as_ref()).and_then(|c| {
+                if !shared.arm(&c) {
+                    return Ok(None);
+                }
+                let r = meta::quick_check(&c);
+                shared.disarm();
+                match r {
+                    Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::OperationInterrupted) => Ok(None),
+                    r => Ok(Some(r?)),
+                }
+            });
             match result {
-                Ok(p) if p == ["ok"] => tracing::debug!(path = %db.display(), "quick_check ok"),
-                Ok(p) => {
+                Ok(None) => tracing::info!(path = %db.display(), "background quick_check interrupted by shutdown; it runs again at the next start"),
+                Ok(Some(p)) if p == ["ok"] => tracing::info!(path = %db.display(), "background quick_check ok"),
+                Ok(Some(p)) => {
                     let problems = p.join("; ");
                     tracing::error!(
                         path = %db.display(),
@@ -228,6 +246,54 @@ pub fn check_in_background(db: PathBuf, key: Option<KeyHandle>, health: Health) 
         });
     if let Err(e) = spawned {
         tracing::warn!(error = %e, "cannot start the background quick_check");
+    }
+    check
+}
+
+/// A running (or finished) background `quick_check`; `interrupt` stops it.
+#[derive(Clone, Default)]
+pub struct BackgroundCheck {
+    state: std::sync::Arc<std::sync::Mutex<CheckState>>,
+}
+
+#[derive(Default)]
+struct CheckState {
+    stopped: bool,
+    handle: Option<rusqlite::InterruptHandle>,
+}
+
+impl std::fmt::Debug for BackgroundCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BackgroundCheck")
+    }
+}
+
+impl BackgroundCheck {
+    fn lock(&self) -> std::sync::MutexGuard<'_, CheckState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Register `conn` as the check's connection; false once interrupted.
+    fn arm(&self, conn: &Connection) -> bool {
+        let mut s = self.lock();
+        if s.stopped {
+            return false;
+        }
+        s.handle = Some(conn.get_interrupt_handle());
+        true
+    }
+
+    fn disarm(&self) {
+        self.lock().handle = None;
+    }
+
+    /// Stop the check now (or before it starts); returns at once.
+    pub fn interrupt(&self) {
+        let mut s = self.lock();
+        s.stopped = true;
+        if let Some(h) = s.handle.take() {
+            h.interrupt();
+        }
     }
 }
 
