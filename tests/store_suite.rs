@@ -553,3 +553,27 @@ fn a_shared_store_of_a_newer_keel_is_refused() {
         (pg_latest_version(), pg_latest_version())
     );
 }
+
+#[test]
+fn keel_run_on_postgres_is_refused_with_one_line_until_the_store_is_complete() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("keel.toml");
+    std::fs::write(
+        &config,
+        "[storage]\nbackend = \"postgres\"\nurl = \"postgresql://keel@/keel?host=/nonexistent\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args(["--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("storage.backend = \"postgres\""), "{err}");
+    // Nothing was created in the data dir's store.
+    assert!(!dir.path().join("data/keel.db").exists());
+}
