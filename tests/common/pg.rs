@@ -87,10 +87,11 @@ fn cluster() -> Option<&'static Cluster> {
                 let host = config
                     .get_hosts()
                     .iter()
-                    .find_map(|h| match h {
-                        postgres::config::Host::Unix(p) => Some(p.display().to_string()),
-                        postgres::config::Host::Tcp(t) => Some(t.clone()),
+                    .map(|h| match h {
+                        postgres::config::Host::Unix(p) => p.display().to_string(),
+                        postgres::config::Host::Tcp(t) => t.clone(),
                     })
+                    .next()
                     .expect("KEEL_TEST_PG_URL names a host");
                 let user = config.get_user().unwrap_or("postgres").to_string();
                 return Some(Cluster { host, user });
