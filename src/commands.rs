@@ -98,6 +98,11 @@ fn status(dir: &DataDirArg, as_json: bool) -> Result<ExitCode> {
         .into_iter()
         .map(|(state, n)| (state, n.into()))
         .collect();
+    // Instances sharing the store and the leases they hold (issue 13); a
+    // store older than schema 12 has neither table.
+    let mut ro = persistence::sql::SqliteSql(&conn);
+    let instances = persistence::portable::instances::list(&mut ro).unwrap_or_default();
+    let leases = persistence::portable::leases::list(&mut ro).unwrap_or_default();
     // R39: the store's highest commit against keel's record of the highest
     // acknowledged one (read-only: the record is not repaired here).
     let commit = persistence::acked::store_seq(&conn)?;
@@ -124,6 +129,8 @@ fn status(dir: &DataDirArg, as_json: bool) -> Result<ExitCode> {
                 "tasks": { "by_state": tasks, "log_bytes": task_log_bytes },
                 "config": { "restart_needed": restart_needed },
                 "containers": containers,
+                "instances": instances,
+                "leases": leases,
             })
         );
     } else {
@@ -190,6 +197,29 @@ fn status(dir: &DataDirArg, as_json: bool) -> Result<ExitCode> {
                 containers["reaped_at_start"],
                 containers["services"],
                 containers["repairs"],
+            );
+        }
+        let now = keel_actors::clock::Clock::now_ms(&keel_actors::clock::WallClock);
+        for i in &instances {
+            println!(
+                "instance {} epoch {}, heartbeat {} ms ago{}",
+                i.id,
+                i.epoch,
+                now - i.heartbeat_ms,
+                if i.expires_ms > now { "" } else { " (expired)" }
+            );
+        }
+        for l in &leases {
+            println!(
+                "lease {} held by {} (token {}){}",
+                l.name,
+                l.holder,
+                l.token,
+                if l.expires_ms > now {
+                    format!(", expires in {} ms", l.expires_ms - now)
+                } else {
+                    ", expired".to_string()
+                }
             );
         }
         for (name, s) in adapters.as_object().into_iter().flatten() {

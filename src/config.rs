@@ -88,6 +88,10 @@ pub fn load(dir: &DataDirArg, run: Option<&RunArgs>) -> Result<Config> {
             .filter(|t| !t.is_empty());
     }
     let env_token = |name: &str| std::env::var(name).ok().filter(|t| !t.is_empty());
+    if config.storage.url.is_none() {
+        // Like a token, the URL may carry a password: env, not argv.
+        config.storage.url = env_token("KEEL_DATABASE_URL");
+    }
     for (slot, name) in [
         (
             &mut config.whatsapp.access_token,

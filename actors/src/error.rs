@@ -38,12 +38,46 @@ pub enum StoreError {
     /// Any other SQLite error.
     #[error("sqlite: {0}")]
     Sqlite(String),
+    /// Any other PostgreSQL error (with its SQLSTATE).
+    #[error("postgres: {0}")]
+    Postgres(String),
+    /// PostgreSQL broke a deadlock or a serialisation conflict between
+    /// instances by aborting this unit of work; the writer runs it again in
+    /// its next transaction (callers see it only if that keeps failing).
+    #[error("conflict with a concurrent transaction: {0}")]
+    Contended(String),
 }
 
 impl StoreError {
     /// True when retrying later may succeed (the caller answers 503, not 4xx).
     pub fn is_transient(&self) -> bool {
-        matches!(self, StoreError::Unavailable(_) | StoreError::Closed)
+        matches!(
+            self,
+            StoreError::Unavailable(_) | StoreError::Closed | StoreError::Contended(_)
+        )
+    }
+
+    /// Classify a PostgreSQL error like [`StoreError::from_sqlite`]: a lost
+    /// connection or a failing server poisons the batch and the connection;
+    /// deadlocks and serialisation failures are `Contended` (run again);
+    /// everything else fails only its own job.
+    pub fn from_pg(err: postgres::Error) -> StoreError {
+        let Some(db) = err.as_db_error() else {
+            // No server answer: the connection broke, timed out or closed.
+            return StoreError::Unavailable(format!("postgres: {err}"));
+        };
+        let code = db.code().code();
+        let line = format!("{} ({code})", db.message());
+        match &code[..2] {
+            // 40001 serialization_failure, 40P01 deadlock_detected.
+            "40" if code == "40001" || code == "40P01" => StoreError::Contended(line),
+            // 08 connection, 53 insufficient resources (disk full), 57
+            // operator intervention (shutdown), 58 system/I-O error, XX internal.
+            "08" | "53" | "57" | "58" | "XX" => {
+                StoreError::Unavailable(format!("postgres: {line}"))
+            }
+            _ => StoreError::Postgres(line),
+        }
     }
 
     /// Classify a rusqlite error: storage-level failures poison the whole

@@ -90,6 +90,8 @@ pub fn plan(running: &Config, new: &Config) -> (ReloadReport, Config) {
             max_batch,
             probe_interval_ms,
             encrypt,
+            backend,
+            url,
         } = storage;
         let o = &old.storage;
         StorageConfig {
@@ -106,6 +108,8 @@ pub fn plan(running: &Config, new: &Config) -> (ReloadReport, Config) {
                 &o.probe_interval_ms,
             ),
             encrypt: r.restart("storage.encrypt", encrypt, &o.encrypt),
+            backend: r.restart("storage.backend", backend, &o.backend),
+            url: r.restart("storage.url", url, &o.url),
         }
     };
     let vault = {

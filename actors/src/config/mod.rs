@@ -245,7 +245,7 @@ pub enum Synchronous {
     Normal,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
     pub synchronous: Synchronous,
@@ -254,8 +254,39 @@ pub struct StorageConfig {
     pub max_batch: usize,
     /// How often a degraded store retries a write to see if the cause is gone.
     pub probe_interval_ms: u64,
-    /// Encrypt `keel.db` with SQLCipher (R28); `secrets.db` is always encrypted.
+    /// Encrypt `keel.db` with SQLCipher (R28); `secrets.db` is always
+    /// encrypted. SQLite files only: it does not concern PostgreSQL.
     pub encrypt: bool,
+    /// Where the main store lives: `sqlite` (`<data_dir>/keel.db`, the
+    /// default) or `postgres` (the shared store at `url`, R37).
+    pub backend: StorageBackend,
+    /// The PostgreSQL URL in libpq form (`postgresql://keel@/keel?host=/run/pg`);
+    /// `KEEL_DATABASE_URL` when unset. May carry a password: never logged.
+    pub url: Option<String>,
+}
+
+/// Written by hand so a password in `url` never reaches a log.
+impl std::fmt::Debug for StorageConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StorageConfig")
+            .field("synchronous", &self.synchronous)
+            .field("busy_timeout_ms", &self.busy_timeout_ms)
+            .field("max_batch", &self.max_batch)
+            .field("probe_interval_ms", &self.probe_interval_ms)
+            .field("encrypt", &self.encrypt)
+            .field("backend", &self.backend)
+            .field("url", &self.url.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// `[storage] backend`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageBackend {
+    #[default]
+    Sqlite,
+    Postgres,
 }
 
 impl Default for StorageConfig {
@@ -266,6 +297,8 @@ impl Default for StorageConfig {
             max_batch: 1_024,
             probe_interval_ms: 500,
             encrypt: true,
+            backend: StorageBackend::Sqlite,
+            url: None,
         }
     }
 }
@@ -470,6 +503,21 @@ impl Config {
             .map_err(|(key, detail)| invalid(key, detail))?;
         if self.storage.probe_interval_ms == 0 {
             return Err(invalid("storage.probe_interval_ms", "must be > 0".into()));
+        }
+        match (&self.storage.backend, &self.storage.url) {
+            (StorageBackend::Postgres, None) => {
+                return Err(invalid(
+                    "storage.url",
+                    "backend = \"postgres\" needs a URL (storage.url or KEEL_DATABASE_URL)".into(),
+                ))
+            }
+            (StorageBackend::Postgres, Some(url)) if url.parse::<postgres::Config>().is_err() => {
+                return Err(invalid(
+                    "storage.url",
+                    "is not a PostgreSQL URL (e.g. postgresql://keel@/keel?host=/run/pg)".into(),
+                ))
+            }
+            _ => {}
         }
         if let Some(secret) = &self.webhook.secret {
             if secret.is_empty() {
@@ -680,6 +728,34 @@ mod tests {
             assert!(!shown.contains("canary-"), "{shown}");
             assert!(shown.contains("<redacted>"));
         }
+    }
+
+    #[test]
+    fn the_postgres_backend_takes_a_libpq_url_and_never_prints_its_password() {
+        let c = Config::from_toml(
+            "[storage]\nbackend = \"postgres\"\nurl = \"postgresql://keel:canary-pw@/keel?host=/run/pg\"\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.storage.backend, StorageBackend::Postgres);
+        let config: postgres::Config = c.storage.url.as_deref().unwrap().parse().unwrap();
+        assert_eq!(config.get_dbname(), Some("keel"));
+        assert_eq!(
+            config.get_hosts(),
+            &[postgres::config::Host::Unix("/run/pg".into())]
+        );
+        assert!(!format!("{c:?}").contains("canary-pw"));
+        let none = Config::from_toml("[storage]\nbackend = \"postgres\"\n", "t").unwrap_err();
+        assert!(none.to_string().contains("KEEL_DATABASE_URL"), "{none}");
+        let bad = Config::from_toml(
+            "[storage]\nbackend = \"postgres\"\nurl = \"postgresql://x@/k?nope=1\"\n",
+            "t",
+        )
+        .unwrap_err();
+        assert!(bad.to_string().contains("storage.url"), "{bad}");
+        let typo = Config::from_toml("[storage]\nbackend = \"mysql\"\n", "t").unwrap_err();
+        assert!(typo.to_string().contains("backend"), "{typo}");
+        assert_eq!(Config::default().storage.backend, StorageBackend::Sqlite);
     }
 
     #[test]

@@ -75,6 +75,11 @@ pub struct GetAdapterState {
 impl Handler<GetAdapterState> for PersistenceActor {
     type Result = ResponseFuture<Result<Option<String>, StoreError>>;
     fn handle(&mut self, msg: GetAdapterState, _: &mut Context<Self>) -> Self::Result {
+        if self.backend() == super::sql::Backend::Postgres {
+            return self.call_sql(move |db, _| {
+                super::portable::sessions::load_adapter_state(db, &msg.adapter)
+            });
+        }
         self.call(move |c, _| load(c, &msg.adapter))
     }
 }
@@ -92,6 +97,11 @@ pub struct PutAdapterState {
 impl Handler<PutAdapterState> for PersistenceActor {
     type Result = ResponseFuture<Result<(), StoreError>>;
     fn handle(&mut self, msg: PutAdapterState, _: &mut Context<Self>) -> Self::Result {
+        if self.backend() == super::sql::Backend::Postgres {
+            return self.call_sql(move |db, at| {
+                super::portable::sessions::save_adapter_state(db, at, &msg.adapter, &msg.state_json)
+            });
+        }
         self.call(move |c, at| save(c, at, &msg.adapter, &msg.state_json))
     }
 }

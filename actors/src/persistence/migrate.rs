@@ -60,6 +60,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "services",
         sql: include_str!("../../../migrations/0008_services.sql"),
     },
+    Migration {
+        version: 9,
+        name: "instances",
+        sql: include_str!("../../../migrations/0009_instances.sql"),
+    },
 ];
 
 /// The schema version this binary writes.

@@ -18,12 +18,16 @@ pub mod acked;
 pub mod adapter_state;
 pub mod audit;
 pub mod backup;
+pub mod cluster;
 pub mod meta;
 pub mod migrate;
 mod open;
 pub mod outbox;
+pub mod pg;
+pub mod portable;
 pub mod services;
 pub mod sessions;
+pub mod sql;
 pub mod tasks;
 pub mod timers;
 pub mod vault;
@@ -85,6 +89,10 @@ pub struct PersistenceActor {
     thread: Option<std::thread::JoinHandle<()>>,
     /// The background `quick_check`, interrupted when the store closes.
     check: Option<BackgroundCheck>,
+    /// Set on `[storage] backend = "postgres"`: the PostgreSQL writer,
+    /// which runs portable jobs only (`call_sql`).
+    pg: Option<mpsc::Sender<pg::PgCmd>>,
+    pg_thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl PersistenceActor {
@@ -101,6 +109,8 @@ impl PersistenceActor {
             tx: Some(tx),
             thread: Some(thread),
             check: None,
+            pg: None,
+            pg_thread: None,
         }
     }
 
@@ -111,12 +121,72 @@ impl PersistenceActor {
         self
     }
 
+    /// Start the PostgreSQL writer thread over a connected, migrated client.
+    pub fn postgres(
+        client: postgres::Client,
+        opts: pg::PgOptions,
+        health: Health,
+        metrics: Metrics,
+        clock: Arc<dyn Clock>,
+    ) -> PersistenceActor {
+        let (tx, thread) = pg::spawn(client, opts, health, metrics, clock);
+        PersistenceActor {
+            tx: None,
+            thread: None,
+            check: None,
+            pg: Some(tx),
+            pg_thread: Some(thread),
+        }
+    }
+
+    /// Which backend this store runs on.
+    pub fn backend(&self) -> sql::Backend {
+        if self.pg_thread.is_some() {
+            sql::Backend::Postgres
+        } else {
+            sql::Backend::Sqlite
+        }
+    }
+
+    /// Queue a portable unit of work for the next group commit, on either
+    /// backend; resolves after it is durable. `FnMut`: on PostgreSQL a job
+    /// that lost a deadlock to another instance is run again.
+    pub(crate) fn call_sql<T, F>(&self, mut f: F) -> ResponseFuture<Result<T, StoreError>>
+    where
+        T: Send + 'static,
+        F: FnMut(&mut dyn sql::Sql, &Stamp) -> Result<T, StoreError> + Send + 'static,
+    {
+        let Some(pg) = &self.pg else {
+            return self.call(move |c, at| f(&mut sql::SqliteSql(c), at));
+        };
+        let (reply, rx) = oneshot::channel();
+        let sent = pg
+            .send(pg::PgCmd::Job(Box::new(pg::SqlFnJob::new(f, reply))))
+            .is_ok();
+        Box::pin(async move {
+            if !sent {
+                return Err(StoreError::Closed);
+            }
+            rx.await.unwrap_or(Err(StoreError::Closed))
+        })
+    }
+
     /// Queue `f` for the next group commit; resolves after it is durable.
+    /// SQLite only: on PostgreSQL the request fails with a one-line reason
+    /// (the store code behind it is not portable yet).
     pub(crate) fn call<T, F>(&self, f: F) -> ResponseFuture<Result<T, StoreError>>
     where
         T: Send + 'static,
         F: FnOnce(&Connection, &Stamp) -> Result<T, StoreError> + Send + 'static,
     {
+        if self.pg_thread.is_some() {
+            let what = std::any::type_name::<F>();
+            return Box::pin(async move {
+                Err(StoreError::Invalid(format!(
+                    "not available on the postgres backend yet ({what})"
+                )))
+            });
+        }
         let (reply, rx) = oneshot::channel();
         let job = Box::new(FnJob::new(f, reply));
         let sent = self
@@ -145,6 +215,7 @@ impl Actor for PersistenceActor {
     fn stopped(&mut self, _ctx: &mut Self::Context) {
         // Dropping the sender lets the writer finish its queue and close.
         self.tx.take();
+        self.pg.take();
     }
 }
 
@@ -154,7 +225,11 @@ impl Drop for PersistenceActor {
             check.interrupt();
         }
         self.tx.take();
-        if let Some(t) = self.thread.take() {
+        self.pg.take();
+        for t in [self.thread.take(), self.pg_thread.take()]
+            .into_iter()
+            .flatten()
+        {
             let _ = t.join();
         }
     }
@@ -174,12 +249,15 @@ impl Handler<CloseStore> for PersistenceActor {
             check.interrupt();
         }
         let (reply, rx) = oneshot::channel();
-        let sent = self
-            .tx
-            .take()
-            .map(|tx| tx.send(Cmd::Close(reply)).is_ok())
-            .unwrap_or(false);
-        let thread = self.thread.take();
+        let sent = match self.pg.take() {
+            Some(pg) => pg.send(pg::PgCmd::Close(reply)).is_ok(),
+            None => self
+                .tx
+                .take()
+                .map(|tx| tx.send(Cmd::Close(reply)).is_ok())
+                .unwrap_or(false),
+        };
+        let thread = self.thread.take().or(self.pg_thread.take());
         Box::pin(async move {
             if !sent {
                 return Err(StoreError::Closed);

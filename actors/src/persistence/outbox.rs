@@ -184,6 +184,11 @@ pub struct GetPendingOutbox {
 impl Handler<GetPendingOutbox> for PersistenceActor {
     type Result = ResponseFuture<Result<Vec<OutboxRow>, StoreError>>;
     fn handle(&mut self, msg: GetPendingOutbox, _: &mut Context<Self>) -> Self::Result {
+        if self.backend() == super::sql::Backend::Postgres {
+            return self.call_sql(move |db, _| {
+                super::portable::outbox::pending_outbox(db, msg.after, msg.limit, msg.with_unknown)
+            });
+        }
         self.call(move |c, _| {
             let mut rows = pending_outbox(c, msg.after, msg.limit)?;
             // Rows whose last send had an unknown outcome are resent too.
@@ -281,6 +286,17 @@ pub struct RecordSend {
 impl Handler<RecordSend> for PersistenceActor {
     type Result = ResponseFuture<Result<bool, StoreError>>;
     fn handle(&mut self, msg: RecordSend, _: &mut Context<Self>) -> Self::Result {
+        if self.backend() == super::sql::Backend::Postgres {
+            return self.call_sql(move |db, at| {
+                super::portable::outbox::record_send(
+                    db,
+                    at,
+                    msg.id,
+                    &msg.outcome,
+                    msg.channel_ref.as_deref(),
+                )
+            });
+        }
         self.call(move |c, at| {
             match &msg.outcome {
                 SendOutcome::Sent => {

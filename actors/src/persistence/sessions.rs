@@ -966,6 +966,11 @@ pub struct CommitExchange(pub Exchange);
 impl Handler<CommitExchange> for PersistenceActor {
     type Result = ResponseFuture<Result<ExchangeOutcome, StoreError>>;
     fn handle(&mut self, msg: CommitExchange, _: &mut Context<Self>) -> Self::Result {
+        if self.backend() == super::sql::Backend::Postgres {
+            return self.call_sql(move |db, at| {
+                super::portable::sessions::commit_exchange(db, at, &msg.0)
+            });
+        }
         self.call(move |c, at| commit_exchange(c, at, &msg.0))
     }
 }
@@ -982,6 +987,17 @@ pub struct CommitAgentReply {
 impl Handler<CommitAgentReply> for PersistenceActor {
     type Result = ResponseFuture<Result<Option<(i64, Option<i64>)>, StoreError>>;
     fn handle(&mut self, msg: CommitAgentReply, _: &mut Context<Self>) -> Self::Result {
+        if self.backend() == super::sql::Backend::Postgres {
+            return self.call_sql(move |db, at| {
+                super::portable::sessions::commit_agent_reply(
+                    db,
+                    at,
+                    &msg.session,
+                    msg.user_seq,
+                    &msg.reply,
+                )
+            });
+        }
         self.call(move |c, at| commit_agent_reply(c, at, &msg.session, msg.user_seq, &msg.reply))
     }
 }
@@ -998,6 +1014,17 @@ pub struct CommitNotice {
 impl Handler<CommitNotice> for PersistenceActor {
     type Result = ResponseFuture<Result<(i64, Option<i64>), StoreError>>;
     fn handle(&mut self, msg: CommitNotice, _: &mut Context<Self>) -> Self::Result {
+        if self.backend() == super::sql::Backend::Postgres {
+            return self.call_sql(move |db, at| {
+                super::portable::sessions::commit_notice(
+                    db,
+                    at,
+                    &msg.session,
+                    &msg.text,
+                    msg.deliver,
+                )
+            });
+        }
         self.call(move |c, at| commit_notice(c, at, &msg.session, &msg.text, msg.deliver))
     }
 }
@@ -1013,6 +1040,10 @@ pub struct GetMemory {
 impl Handler<GetMemory> for PersistenceActor {
     type Result = ResponseFuture<Result<Option<String>, StoreError>>;
     fn handle(&mut self, msg: GetMemory, _: &mut Context<Self>) -> Self::Result {
+        if self.backend() == super::sql::Backend::Postgres {
+            return self
+                .call_sql(move |db, _| super::portable::sessions::session_memory(db, &msg.id));
+        }
         self.call(move |c, _| session_memory(c, &msg.id))
     }
 }
@@ -1045,6 +1076,11 @@ pub struct GetSession {
 impl Handler<GetSession> for PersistenceActor {
     type Result = ResponseFuture<Result<Option<SessionSnapshot>, StoreError>>;
     fn handle(&mut self, msg: GetSession, _: &mut Context<Self>) -> Self::Result {
+        if self.backend() == super::sql::Backend::Postgres {
+            return self.call_sql(move |db, _| {
+                super::portable::sessions::load_session(db, &msg.id, msg.tail)
+            });
+        }
         self.call(move |c, _| load_session(c, &msg.id, msg.tail))
     }
 }
@@ -1061,6 +1097,11 @@ pub struct GetTurns {
 impl Handler<GetTurns> for PersistenceActor {
     type Result = ResponseFuture<Result<Option<Vec<TurnRow>>, StoreError>>;
     fn handle(&mut self, msg: GetTurns, _: &mut Context<Self>) -> Self::Result {
+        if self.backend() == super::sql::Backend::Postgres {
+            return self.call_sql(move |db, _| {
+                super::portable::sessions::session_turns(db, &msg.session, msg.after_seq, msg.limit)
+            });
+        }
         self.call(move |c, _| session_turns(c, &msg.session, msg.after_seq, msg.limit))
     }
 }
@@ -1073,6 +1114,9 @@ pub struct GetSessions;
 impl Handler<GetSessions> for PersistenceActor {
     type Result = ResponseFuture<Result<Vec<SessionSummary>, StoreError>>;
     fn handle(&mut self, _: GetSessions, _: &mut Context<Self>) -> Self::Result {
+        if self.backend() == super::sql::Backend::Postgres {
+            return self.call_sql(|db, _| super::portable::sessions::list_sessions(db));
+        }
         self.call(|c, _| list_sessions(c))
     }
 }
@@ -1087,6 +1131,10 @@ pub struct GetAwaiting {
 impl Handler<GetAwaiting> for PersistenceActor {
     type Result = ResponseFuture<Result<Vec<AwaitingTurn>, StoreError>>;
     fn handle(&mut self, msg: GetAwaiting, _: &mut Context<Self>) -> Self::Result {
+        if self.backend() == super::sql::Backend::Postgres {
+            return self
+                .call_sql(move |db, _| super::portable::sessions::awaiting_turns(db, msg.limit));
+        }
         self.call(move |c, _| awaiting_turns(c, msg.limit))
     }
 }
