@@ -18,6 +18,7 @@ pub mod acked;
 pub mod adapter_state;
 pub mod audit;
 pub mod backup;
+pub mod console;
 pub mod meta;
 pub mod migrate;
 mod open;
