@@ -6,7 +6,7 @@
 //! uptime) and a read-only snapshot of the store
 //! ([`crate::persistence::console`]) taken on a connection of its own, so a
 //! page left open never queues work on the writer. One snapshot serves every
-//! request for a second: ten open tabs cost what one does. [`render`] draws
+//! request for half a second: ten open tabs cost what one does. [`render`] draws
 //! the page from a `Stats` on the server (maud: every spliced value is
 //! HTML-escaped); `console.js`, served from the binary, polls `/v1/stats`
 //! every 2 s and updates the page with `textContent` only.
@@ -32,7 +32,7 @@ use crate::persistence::console::{snapshot, StoreSnapshot, CHART_MINUTES};
 use crate::persistence::{Connection, PersistenceActor};
 
 /// How long one store snapshot is reused.
-const SNAPSHOT_TTL: Duration = Duration::from_secs(1);
+const SNAPSHOT_TTL: Duration = Duration::from_millis(500);
 /// How long a request waits for the store before showing it as not answering.
 const STORE_DEADLINE: Duration = Duration::from_secs(2);
 /// Longest piece of outside text (errors, names, logs) the console shows.
