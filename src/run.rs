@@ -132,6 +132,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
             }
         };
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+        crate::notify::start_watchdog(running.lifecycle.clone());
         let lifecycle = running.lifecycle.clone();
         if args.stdin {
             if let Some(cli) = running.cli.clone() {

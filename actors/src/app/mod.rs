@@ -22,6 +22,7 @@ use crate::error::StoreError;
 use crate::health::{Gate, Health, Phase};
 pub mod lifecycle;
 pub mod reload;
+pub mod watchdog;
 
 use crate::clock::{Clock, WallClock};
 use crate::containers::{ContainerReaper, ReaperSettings, RecoverContainers, RecoverReport};
