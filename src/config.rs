@@ -81,6 +81,17 @@ pub fn load(dir: &DataDirArg, run: Option<&RunArgs>) -> Result<Config> {
             config.ephemeral = true;
         }
     }
+    if let Some(format) = std::env::var("KEEL_LOG_FORMAT")
+        .ok()
+        .filter(|v| !v.is_empty())
+    {
+        config.log_format = keel_actors::config::LogFormat::parse(&format).ok_or_else(|| {
+            anyhow::anyhow!(
+                "KEEL_LOG_FORMAT must be text or json, not {:?}",
+                format.chars().take(32).collect::<String>()
+            )
+        })?;
+    }
     if config.telegram.token.is_none() {
         // The token may live outside the config file (e.g. a systemd credential).
         config.telegram.token = std::env::var("KEEL_TELEGRAM_TOKEN")

@@ -6,6 +6,7 @@ mod chat;
 mod cli;
 mod commands;
 mod config;
+mod notify;
 mod run;
 mod services_cmd;
 mod signals;

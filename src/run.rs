@@ -98,7 +98,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         }
     };
     let config = crate::config::load(&args.dir, Some(&args))?;
-    let log_hook = crate::telemetry::init(&config.log_level)?;
+    let log_hook = crate::telemetry::init(&config.log_level, config.log_format)?;
     let _lock = match early {
         Some(lock) => Some(lock),
         None if config.ephemeral => None,
@@ -131,12 +131,13 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
                 // Exit from inside the runtime: actors started before the
                 // failure must not be dropped after it is gone. Nothing was
                 // acknowledged yet, so there is nothing to flush.
-                eprintln!("keel: error: {}", crate::one_line(&anyhow::Error::from(e)));
+                crate::telemetry::notice(true, &crate::one_line(&anyhow::Error::from(e)));
                 #[allow(clippy::disallowed_methods)] // the binary edge ends the process
                 std::process::exit(1);
             }
         };
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+        crate::notify::start_watchdog(running.lifecycle.clone());
         let lifecycle = running.lifecycle.clone();
         if args.stdin {
             if let Some(cli) = running.cli.clone() {
@@ -166,7 +167,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
                     SignalTo::Shutdown if stopping => {
                         // Nothing acknowledged depends on the rest of the
                         // cascade: every ack followed a durable commit.
-                        eprintln!("keel: second signal, exiting now");
+                        crate::telemetry::notice(false, "second signal, exiting now");
                         #[allow(clippy::disallowed_methods)] // R33: a second signal exits at once
                         std::process::exit(1);
                     }

@@ -56,10 +56,10 @@ pub fn master_key(config: &Config, create: Create) -> Result<KeyHandle> {
     }
     let (handle, found) = masterkey::resolve(env.as_deref().map(|s| s.as_str()), &file, create)?;
     if found == (Found::File { created: true }) {
-        eprintln!(
-            "keel: created the master key {} (0600); back it up: without it keel.db and secrets.db cannot be read",
+        crate::telemetry::notice(false, &format!(
+            "created the master key {} (0600); back it up: without it keel.db and secrets.db cannot be read",
             file.display()
-        );
+        ));
     }
     Ok(handle)
 }
@@ -112,9 +112,9 @@ fn keychain_key(config: &Config, create: bool) -> Result<KeyHandle> {
             let key = MasterKey::generate();
             ring.add_key(&description, key.to_hex().as_bytes())
                 .map_err(|e| anyhow::anyhow!("{source}: cannot store the key: {e:?}"))?;
-            eprintln!(
-                "keel: created the master key in the {source}; kernel keys do not survive a reboot: back it up (keyctl print) or use a key file"
-            );
+            crate::telemetry::notice(false, &format!(
+                "created the master key in the {source}; kernel keys do not survive a reboot: back it up (keyctl print) or use a key file"
+            ));
             Ok(KeyHandle::new(key, source))
         }
         Err(KeyError::KeyDoesNotExist) => {

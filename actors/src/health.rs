@@ -103,6 +103,11 @@ impl Health {
         self.metrics.ready.set(0);
     }
 
+    /// The damage the background integrity check found, if any.
+    pub fn integrity(&self) -> Option<String> {
+        self.lock().corrupt.clone()
+    }
+
     /// Why writes are refused (R39), if they are.
     pub fn refusing_writes(&self) -> Option<String> {
         self.lock().data_loss.clone()

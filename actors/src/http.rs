@@ -12,6 +12,8 @@
 //! token (one generic message), 403 = a valid token without the permission
 //! or outside its session scope. `/healthz` and `/readyz` are always open;
 //! `/metrics` is open to loopback peers and needs `read` from others.
+//! `/console` and `/v1/stats` (the operator console, `crate::console`) are
+//! admin routes too.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
@@ -727,6 +729,8 @@ async fn not_found() -> HttpResponse {
 pub struct Backends {
     pub tasks: Option<Addr<TaskActor>>,
     pub services: Option<Addr<ContainerReaper>>,
+    /// `/console` and `/v1/stats`.
+    pub console: Option<crate::console::Console>,
 }
 
 /// What the admin routes check tokens with and tell about new replies.
@@ -758,6 +762,7 @@ pub fn serve(
     )
     .expect("valid metric");
     metrics.register(Box::new(auth_failures.clone()));
+    let console = backends.console;
     let admin = AdminState {
         health,
         metrics,
@@ -844,6 +849,9 @@ pub fn serve(
                 .app_data(web::PayloadConfig::new(1 << 20))
                 .route("/run", web::post().to(containers_run)),
             );
+        if let Some(console) = &console {
+            app = app.configure(|cfg| console.configure(cfg));
+        }
         for routes in &channels {
             let routes = routes.clone();
             app = app.configure(move |cfg| routes(cfg));

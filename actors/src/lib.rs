@@ -13,6 +13,7 @@
 //!   `telegram` (Bot API long polling), `slack` (Socket Mode); `supervisor`
 //!   restarts them with backoff.
 //! - [`http`] — health, readiness, metrics and admin endpoints.
+//! - [`console`] — the operator console (`/console`) and `/v1/stats`.
 //! - [`health`] — readiness state and the intake gate; [`metrics`] — Prometheus.
 //! - [`ids`] — validation of outside ids, safe file names; [`export`] — session export;
 //!   [`text`] — channels' message length limits and how replies are split.
@@ -37,6 +38,7 @@ pub mod brain;
 pub mod chain;
 pub mod clock;
 pub mod config;
+pub mod console;
 pub mod containers;
 pub mod error;
 pub mod export;

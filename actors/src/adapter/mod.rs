@@ -111,6 +111,7 @@ impl ChannelHealth {
             state: "stopped".into(),
             attempts: 0,
             last_error: Some(reason.to_string()),
+            retry_in_ms: None,
         };
         let all = {
             let mut map = statuses.lock().unwrap_or_else(|p| p.into_inner());

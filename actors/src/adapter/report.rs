@@ -203,6 +203,7 @@ pub fn start_adapters(
             state: "running".into(),
             attempts: 0,
             last_error: None,
+            retry_in_ms: None,
         };
         report.status(name, &status);
         statuses
@@ -239,6 +240,7 @@ mod tests {
             state: "backoff".into(),
             attempts: 1,
             last_error: Some(e.into()),
+            retry_in_ms: None,
         };
         m.set("slack", &status("HTTP 502"));
         m.set("slack", &status("connection reset"));
@@ -266,6 +268,7 @@ mod tests {
                 state: "backoff".into(),
                 attempts: 2,
                 last_error: None,
+                retry_in_ms: None,
             },
         );
         let got = pick_owner(&owners, &routed, "slack", &statuses);

@@ -38,6 +38,10 @@ pub struct AdapterStatus {
     /// Failed attempts since the last healthy period.
     pub attempts: u32,
     pub last_error: Option<String>,
+    /// While backing off: how long until the next attempt, from when the
+    /// status was recorded (the console shows "backing off until …").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_in_ms: Option<u64>,
 }
 
 impl AdapterStatus {
@@ -46,6 +50,7 @@ impl AdapterStatus {
             state: state.to_string(),
             attempts,
             last_error,
+            retry_in_ms: None,
         }
     }
 }
@@ -146,7 +151,10 @@ pub async fn supervise(
             }
         };
         tracing::warn!(adapter = name, attempts, error = %reason, delay_ms = delay.as_millis() as u64, "adapter failed; restarting after backoff");
-        set(AdapterStatus::new("backoff", attempts, last_error.clone()));
+        set(AdapterStatus {
+            retry_in_ms: Some(delay.as_millis() as u64),
+            ..AdapterStatus::new("backoff", attempts, last_error.clone())
+        });
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = stop.changed() => break,

@@ -22,6 +22,7 @@ use crate::error::StoreError;
 use crate::health::{Gate, Health, Phase};
 pub mod lifecycle;
 pub mod reload;
+pub mod watchdog;
 
 use crate::clock::{Clock, WallClock};
 use crate::containers::{ContainerReaper, ReaperSettings, RecoverContainers, RecoverReport};
@@ -419,6 +420,7 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         }
     }
     let store_key = store_opts.key.clone();
+    let store_key_path = store_opts.path.clone();
     let persistence = PersistenceActor::new(
         conn,
         store_opts,
@@ -547,6 +549,23 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         crate::http::Backends {
             tasks: Some(tasks.clone()),
             services: reaper.clone(),
+            console: Some(crate::console::Console::new(
+                health.clone(),
+                clock.clone(),
+                match &store_key_path {
+                    Some(path) => crate::console::StoreSource::File {
+                        path: path.clone(),
+                        key: store_key.clone(),
+                    },
+                    None => crate::console::StoreSource::Writer(persistence.clone()),
+                },
+                reaper.clone(),
+                {
+                    let mut names: Vec<String> = routed_channels(&config).into_iter().collect();
+                    names.sort();
+                    names
+                },
+            )),
         },
         crate::http::AdminDeps {
             tokens: tokens.clone(),
@@ -606,6 +625,7 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         });
     }
 
+    let recovery_started = tokio::time::Instant::now();
     // Recovery: count this start (R38) and resume turns awaiting the agent;
     // the outbox is already sending what an earlier run left unsent (R3).
     let stats = persistence
@@ -821,6 +841,7 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
             detail: serde_json::json!({
                 "boot_epoch": stats.boot_epoch,
                 "encrypted": config.storage.encrypt && !config.ephemeral,
+                "recovery_ms": recovery_started.elapsed().as_millis() as u64,
             }),
         })
         .await;

@@ -63,6 +63,7 @@ pub fn plan(running: &Config, new: &Config) -> (ReloadReport, Config) {
         data_dir,
         listen,
         log_level,
+        log_format,
         shutdown_timeout_ms,
         ephemeral,
         storage,
@@ -345,6 +346,7 @@ pub fn plan(running: &Config, new: &Config) -> (ReloadReport, Config) {
         data_dir: r.restart("data_dir", data_dir, &old.data_dir),
         listen: r.restart("listen", listen, &old.listen),
         log_level: r.live("log_level", log_level, &old.log_level),
+        log_format: r.restart("log_format", log_format, &old.log_format),
         shutdown_timeout_ms: r.live(
             "shutdown_timeout_ms",
             shutdown_timeout_ms,

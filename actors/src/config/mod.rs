@@ -51,6 +51,9 @@ pub struct Config {
     pub listen: String,
     /// `tracing` filter directive, e.g. `info` or `keel_actors=debug`.
     pub log_level: String,
+    /// `text` (default) or `json`: one JSON object per line on stderr
+    /// (`KEEL_LOG_FORMAT` overrides). Applies at start.
+    pub log_format: LogFormat,
     /// Deadline for draining in-flight work on SIGTERM (R33).
     pub shutdown_timeout_ms: u64,
     /// Run fully in memory: no files at all (R5).
@@ -150,12 +153,35 @@ impl PrincipalConfig {
     }
 }
 
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line: timestamp, level, target, message, fields.
+    Json,
+}
+
+impl LogFormat {
+    /// Parse `text` / `json` (`KEEL_LOG_FORMAT`).
+    pub fn parse(s: &str) -> Option<LogFormat> {
+        match s.trim() {
+            "text" => Some(LogFormat::Text),
+            "json" => Some(LogFormat::Json),
+            _ => None,
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
             data_dir: PathBuf::from("./keel-data"),
             listen: "127.0.0.1:7878".to_string(),
             log_level: "info".to_string(),
+            log_format: LogFormat::Text,
             shutdown_timeout_ms: 5_000,
             ephemeral: false,
             storage: StorageConfig::default(),

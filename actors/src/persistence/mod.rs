@@ -19,6 +19,7 @@ pub mod adapter_state;
 pub mod audit;
 pub mod backup;
 pub mod cluster;
+pub mod console;
 pub mod meta;
 pub mod migrate;
 mod open;
