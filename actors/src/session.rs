@@ -11,7 +11,8 @@
 //! sender is acknowledged without waiting for the agent), then answered by a
 //! per-session queue; awaiting turns are resumed after a restart.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -141,13 +142,12 @@ pub struct Reconfigure(pub SessionSettings);
 #[rtype(result = "Result<usize, StoreError>")]
 pub struct ResumeAwaiting;
 
-/// Session work started (+1) or finished (-1); a session is evicted from
-/// memory only when idle and not busy. Sent by session actors.
+/// Session work started or finished: the session was used (its count of
+/// work is the shared `Entry::work`). Sent by session actors.
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "()")]
 struct Busy {
     id: String,
-    delta: i64,
 }
 
 /// Drop a session's cached snapshot: the store changed it behind the
@@ -161,8 +161,22 @@ struct Forget {
 
 struct Entry {
     addr: Addr<SessionActor>,
+    /// `Deliver`s sent to the actor and not yet answered.
     busy: i64,
+    /// Agent turns queued or running in the actor (and `Resume`s on their
+    /// way to it): shared, so the actor counts them before it answers.
+    work: Arc<AtomicI64>,
     last_used: tokio::time::Instant,
+    /// Position in `SessionRegistry::lru`.
+    tick: u64,
+}
+
+impl Entry {
+    /// Nothing is queued or running for the actor: dropping its `Addr`
+    /// stops it, and a later message starts a fresh one.
+    fn idle(&self) -> bool {
+        self.busy == 0 && self.work.load(Ordering::SeqCst) == 0
+    }
 }
 
 /// Spawns and finds session actors. Lives on the main arbiter.
@@ -182,6 +196,13 @@ pub struct SessionRegistry {
     sessions: HashMap<String, Entry>,
     /// Sessions idle this long (and not busy) leave memory.
     idle_ttl: Duration,
+    /// At most this many live sessions (`[sessions] max_live`); beyond it
+    /// the least recently used idle ones are evicted. Busy ones are never
+    /// evicted, so the bound is exceeded only while they are all busy.
+    max_live: usize,
+    /// Least recently used first: use tick → session id.
+    lru: BTreeMap<u64, String>,
+    next_tick: u64,
 }
 
 impl SessionRegistry {
@@ -204,7 +225,16 @@ impl SessionRegistry {
             http: reqwest::Client::new(),
             sessions: HashMap::new(),
             idle_ttl: Duration::from_secs(600),
+            max_live: crate::config::SessionsConfig::default().max_live,
+            lru: BTreeMap::new(),
+            next_tick: 0,
         }
+    }
+
+    /// Keep at most `max_live` sessions in memory (`[sessions] max_live`).
+    pub fn with_max_live(mut self, max_live: usize) -> SessionRegistry {
+        self.max_live = max_live.max(1);
+        self
     }
 
     /// Tell `timers` when a command creates or cancels a timer.
@@ -226,9 +256,17 @@ impl SessionRegistry {
     }
 
     fn session(&mut self, key: &SessionKey, me: Addr<SessionRegistry>) -> &mut Entry {
+        if !self.sessions.contains_key(&key.id) && self.sessions.len() >= self.max_live {
+            self.evict_lru(self.sessions.len() + 1 - self.max_live);
+        }
+        let tick = self.next_tick;
+        self.next_tick += 1;
         let metrics = &self.metrics;
+        let mut fresh = None;
         let entry = self.sessions.entry(key.id.clone()).or_insert_with(|| {
             metrics.sessions_active.inc();
+            let work = Arc::new(AtomicI64::new(0));
+            fresh = Some(work.clone());
             let actor = SessionActor {
                 key: key.clone(),
                 persistence: self.persistence.clone(),
@@ -243,15 +281,45 @@ impl SessionRegistry {
                 cache: None,
                 agent_queue: VecDeque::new(),
                 agent_running: false,
+                work: work.clone(),
             };
             Entry {
                 addr: actor.start(),
                 busy: 0,
+                work,
                 last_used: tokio::time::Instant::now(),
+                tick,
             }
         });
+        if fresh.is_none() {
+            self.lru.remove(&entry.tick);
+        }
+        entry.tick = tick;
         entry.last_used = tokio::time::Instant::now();
+        self.lru.insert(tick, key.id.clone());
         entry
+    }
+
+    /// Evict up to `n` idle sessions, least recently used first; busy ones
+    /// stay (their turn order lives in their actor until they finish).
+    fn evict_lru(&mut self, n: usize) {
+        let mut victims = Vec::new();
+        for (tick, id) in &self.lru {
+            if victims.len() == n {
+                break;
+            }
+            if self.sessions.get(id).is_some_and(Entry::idle) {
+                victims.push(*tick);
+            }
+        }
+        for tick in &victims {
+            if let Some(id) = self.lru.remove(tick) {
+                self.sessions.remove(&id);
+            }
+        }
+        if !victims.is_empty() {
+            self.metrics.sessions_active.sub(victims.len() as i64);
+        }
     }
 
     fn evict_idle(&mut self) {
@@ -260,8 +328,14 @@ impl SessionRegistry {
         let before = self.sessions.len();
         // Dropping the last Addr stops an actor once its mailbox is empty;
         // `busy == 0` means nothing is queued or running for it.
-        self.sessions
-            .retain(|_, e| e.busy > 0 || now.duration_since(e.last_used) < ttl);
+        let lru = &mut self.lru;
+        self.sessions.retain(|_, e| {
+            let keep = !e.idle() || now.duration_since(e.last_used) < ttl;
+            if !keep {
+                lru.remove(&e.tick);
+            }
+            keep
+        });
         let evicted = before - self.sessions.len();
         if evicted > 0 {
             self.metrics.sessions_active.sub(evicted as i64);
@@ -294,8 +368,24 @@ impl Handler<Deliver> for SessionRegistry {
             if let Some(e) = this.sessions.get_mut(&id) {
                 e.busy -= 1;
             }
+            if this.sessions.len() > this.max_live {
+                // Busy sessions were skipped while the bound was reached.
+                this.evict_lru(this.sessions.len() - this.max_live);
+            }
             res.unwrap_or(Err(StoreError::Closed))
         }))
+    }
+}
+
+/// The session ids in memory, least recently used first (tests, bench).
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Vec<String>")]
+pub struct LiveSessions;
+
+impl Handler<LiveSessions> for SessionRegistry {
+    type Result = Vec<String>;
+    fn handle(&mut self, _: LiveSessions, _: &mut Context<Self>) -> Vec<String> {
+        self.lru.values().cloned().collect()
     }
 }
 
@@ -303,7 +393,6 @@ impl Handler<Busy> for SessionRegistry {
     type Result = ();
     fn handle(&mut self, msg: Busy, _: &mut Context<Self>) {
         if let Some(e) = self.sessions.get_mut(&msg.id) {
-            e.busy += msg.delta;
             e.last_used = tokio::time::Instant::now();
         }
     }
@@ -386,6 +475,8 @@ impl Handler<ResumeAwaiting> for SessionRegistry {
             let n = turns.len();
             for turn in turns {
                 let entry = this.session(&turn.session, ctx.address());
+                // Counted until the actor has queued it (it is busy).
+                entry.work.fetch_add(1, Ordering::SeqCst);
                 entry.addr.do_send(Resume(turn));
             }
             Ok(n)
@@ -434,6 +525,9 @@ pub struct SessionActor {
     cache: Option<Cache>,
     agent_queue: VecDeque<AwaitingTurn>,
     agent_running: bool,
+    /// The registry's count of agent work in this actor (it is never
+    /// evicted while this is above 0).
+    work: Arc<AtomicI64>,
 }
 
 impl Actor for SessionActor {
@@ -460,6 +554,8 @@ impl Handler<Resume> for SessionActor {
     type Result = ();
     fn handle(&mut self, msg: Resume, ctx: &mut Context<Self>) {
         self.enqueue_agent(msg.0, ctx);
+        // The registry's count for the message in transit.
+        self.work.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -725,9 +821,11 @@ impl SessionActor {
     }
 
     fn enqueue_agent(&mut self, turn: AwaitingTurn, ctx: &mut Context<Self>) {
+        // Counted before the `Deliver` that queued it is answered, so the
+        // registry never sees this session idle in between.
+        self.work.fetch_add(1, Ordering::SeqCst);
         self.registry.do_send(Busy {
             id: self.key.id.clone(),
-            delta: 1,
         });
         self.agent_queue.push_back(turn);
         self.run_agent(ctx);
@@ -802,9 +900,9 @@ impl SessionActor {
                 tracing::debug!(session = %this.key.id, user_seq, "agent replied");
             }
             this.agent_running = false;
+            this.work.fetch_sub(1, Ordering::SeqCst);
             this.registry.do_send(Busy {
                 id: this.key.id.clone(),
-                delta: -1,
             });
             this.run_agent(ctx);
         }));

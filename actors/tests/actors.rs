@@ -387,3 +387,172 @@ async fn a_redelivered_message_is_stored_and_answered_once() {
     assert_eq!(reply.text, "k: v");
     assert_eq!(reply.in_reply_to.as_deref(), Some("m2"));
 }
+
+fn lru_registry(
+    store: &Addr<PersistenceActor>,
+    metrics: &Metrics,
+    agent: Option<keel_actors::agent::AgentSettings>,
+    max_live: usize,
+) -> Addr<SessionRegistry> {
+    let outbox = OutboxActor::new(
+        store.clone(),
+        HashMap::new(),
+        OutboxConfig::default(),
+        metrics.clone(),
+    )
+    .start();
+    let settings = SessionSettings {
+        brain: Arc::new(CommandBrain::new(agent.is_some())),
+        routed_channels: Default::default(),
+        agent,
+        principals: Arc::default(),
+    };
+    SessionRegistry::new(
+        store.clone(),
+        outbox.recipient(),
+        settings,
+        metrics.clone(),
+        Arc::new(WallClock),
+    )
+    .with_max_live(max_live)
+    .start()
+}
+
+/// A message only to store (no reply): its seq is the next of its chat.
+fn stored_only(chat: &str, key: &str) -> Deliver {
+    Deliver {
+        answer: false,
+        ..Deliver::text(
+            "webhook",
+            chat.into(),
+            "u".into(),
+            key.into(),
+            format!("{chat}/{key}"),
+        )
+    }
+}
+
+async fn accepted_seq(registry: &Addr<SessionRegistry>, msg: Deliver) -> i64 {
+    match registry.send(msg).await.unwrap().unwrap() {
+        Delivered::Accepted { seq, .. } => seq,
+        other => panic!("not accepted: {other:?}"),
+    }
+}
+
+#[actix_rt::test]
+async fn the_least_recently_used_idle_session_is_evicted_and_reloads() {
+    use keel_actors::session::LiveSessions;
+    let metrics = Metrics::new();
+    let store = start_store(None, &metrics);
+    let registry = lru_registry(&store, &metrics, None, 2);
+    accepted_seq(&registry, stored_only("a", "1")).await;
+    accepted_seq(&registry, stored_only("b", "1")).await;
+    accepted_seq(&registry, stored_only("a", "2")).await;
+    // `b` is the least recently used: a third chat evicts it, not `a`.
+    accepted_seq(&registry, stored_only("c", "1")).await;
+    let live = registry.send(LiveSessions).await.unwrap();
+    assert_eq!(live, vec!["webhook:a".to_string(), "webhook:c".into()]);
+    assert_eq!(metrics.sessions_active.get(), 2);
+    // `b` comes back from the store: its numbering continues.
+    assert_eq!(accepted_seq(&registry, stored_only("b", "2")).await, 2);
+    let live = registry.send(LiveSessions).await.unwrap();
+    assert_eq!(live, vec!["webhook:c".to_string(), "webhook:b".into()]);
+}
+
+#[actix_rt::test]
+async fn messages_around_evictions_are_stored_in_order_without_gaps() {
+    let metrics = Metrics::new();
+    let store = start_store(None, &metrics);
+    // One live session for three chats: nearly every wave evicts.
+    let registry = lru_registry(&store, &metrics, None, 1);
+    let mut next = HashMap::<&str, i64>::new();
+    for wave in 0..15 {
+        // Sent at once: two per chat in flight together, interleaved.
+        let mut sent = Vec::new();
+        for i in 0..2 {
+            for chat in ["a", "b", "c"] {
+                let key = format!("{wave}-{i}");
+                sent.push((chat, registry.send(stored_only(chat, &key))));
+            }
+        }
+        for (chat, req) in sent {
+            let seq = match req.await.unwrap().unwrap() {
+                Delivered::Accepted { seq, .. } => seq,
+                other => panic!("not accepted: {other:?}"),
+            };
+            let n = next.entry(chat).or_insert(1);
+            assert_eq!(seq, *n, "chat {chat}: seq out of order or with a gap");
+            *n += 1;
+        }
+    }
+    for chat in ["a", "b", "c"] {
+        let turns = turns_of(&store, &format!("webhook:{chat}")).await;
+        let texts: Vec<String> = turns.iter().map(|t| t.text.clone()).collect();
+        let want: Vec<String> = (0..15)
+            .flat_map(|w| (0..2).map(move |i| format!("{chat}/{w}-{i}")))
+            .collect();
+        assert_eq!(texts, want, "chat {chat}: stored out of order");
+        let seqs: Vec<i64> = turns.iter().map(|t| t.seq).collect();
+        assert_eq!(seqs, (1..=30).collect::<Vec<_>>());
+    }
+}
+
+#[actix_rt::test]
+async fn a_session_with_agent_work_in_flight_is_never_evicted() {
+    use keel_actors::session::LiveSessions;
+    let metrics = Metrics::new();
+    let store = start_store(None, &metrics);
+    // An agent that accepts the connection and never answers (until dropped).
+    let agent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/", agent.local_addr().unwrap());
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    let hold = tokio::spawn(async move {
+        let (conn, _) = agent.accept().await.unwrap();
+        let _ = released.await;
+        drop(conn);
+    });
+    let settings = keel_actors::agent::AgentSettings {
+        url,
+        timeout: Duration::from_secs(60),
+        attempts: 1,
+    };
+    let registry = lru_registry(&store, &metrics, Some(settings), 1);
+    let hello = Deliver::text(
+        "webhook",
+        "busy".into(),
+        "u".into(),
+        "m1".into(),
+        "hello".into(),
+    );
+    accepted_seq(&registry, hello).await;
+    // Free text went to the agent: the session is busy though its message
+    // is answered. Other chats exceed the bound rather than evict it.
+    for chat in ["x", "y"] {
+        accepted_seq(&registry, stored_only(chat, "1")).await;
+        let live = registry.send(LiveSessions).await.unwrap();
+        assert!(live.contains(&"webhook:busy".to_string()), "{live:?}");
+        assert!(live.len() <= 2, "idle sessions were kept: {live:?}");
+    }
+    release.send(()).unwrap();
+    hold.await.unwrap();
+    // The agent failed: the apology is stored, the work is done, and the
+    // session may now go.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut n = 0;
+    loop {
+        n += 1;
+        accepted_seq(&registry, stored_only(&format!("z{n}"), "1")).await;
+        let live = registry.send(LiveSessions).await.unwrap();
+        if !live.contains(&"webhook:busy".to_string()) {
+            assert_eq!(live.len(), 1, "{live:?}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "busy session never evicted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let turns = turns_of(&store, "webhook:busy").await;
+    assert_eq!(turns.len(), 2, "the agent's reply was not stored");
+}

@@ -14,6 +14,8 @@
 //!   restart storms, a ledger outside the data dir).
 //! - [`services`] — `keel bench services`: ready time with N services
 //!   adopted against a start with none (needs a Docker engine).
+//! - [`sessions`] — `keel bench sessions --chats N`: one message to each of
+//!   N distinct chats against 64 chats: RSS high-water mark, throughput.
 //! - `seed` — the benchmarks' own SQL (seeding, peer reads, receipts).
 //!
 //! This crate is a workspace member of its own so the production library
@@ -27,6 +29,7 @@ pub mod messages;
 mod reference;
 mod seed;
 pub mod services;
+pub mod sessions;
 pub mod tasks;
 pub mod timers;
 pub mod torture;

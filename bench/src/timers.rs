@@ -66,6 +66,8 @@ pub enum BenchWhich {
     Tasks(crate::tasks::TaskBenchArgs),
     /// Services: ready time with N running containers adopted vs none (needs Docker; by hand).
     Services(crate::services::ServiceBenchArgs),
+    /// Sessions: RSS high-water mark and msg/s with one message to each of N chats vs 64.
+    Sessions(crate::sessions::SessionBenchArgs),
 }
 
 /// Flags of `keel bench timers`.
@@ -106,6 +108,7 @@ pub fn dispatch(cli: BenchCli) -> Result<ExitCode> {
         },
         Some(BenchWhich::Tasks(args)) => crate::tasks::bench_tasks(args),
         Some(BenchWhich::Services(args)) => crate::services::bench_services(args),
+        Some(BenchWhich::Sessions(args)) => crate::sessions::bench_sessions(args),
     }
 }
 

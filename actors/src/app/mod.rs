@@ -482,6 +482,7 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
     .with_timers(timers.clone().recipient())
     .with_outbox_forget(outbox.clone().recipient())
     .with_tasks(tasks.clone().recipient())
+    .with_max_live(config.sessions.max_live)
     .start();
     chat_events.attach(registry.clone().recipient());
     let webhook_settings = Arc::new(RwLock::new(settings_webhook(&config)));

@@ -83,6 +83,7 @@ pub fn plan(running: &Config, new: &Config) -> (ReloadReport, Config) {
         principals,
         vault,
         containers,
+        sessions,
     } = new;
     let storage = {
         let StorageConfig {
@@ -343,6 +344,8 @@ pub fn plan(running: &Config, new: &Config) -> (ReloadReport, Config) {
         }
     };
     let effective = Config {
+        // The registry's bound is set when it starts.
+        sessions: r.restart("sessions", sessions, &old.sessions),
         data_dir: r.restart("data_dir", data_dir, &old.data_dir),
         listen: r.restart("listen", listen, &old.listen),
         log_level: r.live("log_level", log_level, &old.log_level),

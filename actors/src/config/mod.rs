@@ -86,6 +86,24 @@ pub struct Config {
     pub containers: ContainersConfig,
     /// `[vault]`: where the master key comes from (R28).
     pub vault: VaultConfig,
+    /// `[sessions]`: how many conversations stay live in memory.
+    pub sessions: SessionsConfig,
+}
+
+/// `[sessions]` in keel.toml.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionsConfig {
+    /// Live session actors (with their cached snapshots) kept in memory;
+    /// beyond this the least recently used idle one is evicted and reloads
+    /// from the store on its next message.
+    pub max_live: usize,
+}
+
+impl Default for SessionsConfig {
+    fn default() -> Self {
+        SessionsConfig { max_live: 10_000 }
+    }
 }
 
 /// Where the master key of the encrypted stores comes from (first match
@@ -201,6 +219,7 @@ impl Default for Config {
             principals: BTreeMap::new(),
             vault: VaultConfig::default(),
             containers: ContainersConfig::default(),
+            sessions: SessionsConfig::default(),
         }
     }
 }
@@ -510,6 +529,12 @@ impl Config {
             return Err(invalid(
                 "shutdown_timeout_ms",
                 "must be between 1 and 600000".into(),
+            ));
+        }
+        if self.sessions.max_live == 0 || self.sessions.max_live > 10_000_000 {
+            return Err(invalid(
+                "sessions.max_live",
+                "must be between 1 and 10000000".into(),
             ));
         }
         if self.storage.max_batch == 0 || self.storage.max_batch > 100_000 {
