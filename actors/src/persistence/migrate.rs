@@ -60,6 +60,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "services",
         sql: include_str!("../../../migrations/0008_services.sql"),
     },
+    Migration {
+        version: 11,
+        name: "log_resume",
+        sql: include_str!("../../../migrations/0011_log_resume.sql"),
+    },
 ];
 
 /// The schema version this binary writes.
