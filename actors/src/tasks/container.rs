@@ -298,13 +298,17 @@ fn attach_child(engine: Arc<dyn Engine>, id: String, from: From, grace: Duration
                 let start = written[stream];
                 written[stream] += bytes.len() as u64;
                 if let Some(ts) = ts {
-                    marks.lock().unwrap_or_else(|e| e.into_inner()).queue.push_back(Entry {
-                        stream,
-                        start,
-                        end: written[stream],
-                        pre,
-                        ts,
-                    });
+                    marks
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .queue
+                        .push_back(Entry {
+                            stream,
+                            start,
+                            end: written[stream],
+                            pre,
+                            ts,
+                        });
                 }
                 if bytes.is_empty() {
                     continue;

@@ -629,7 +629,11 @@ async fn reattach_attempt(
         }),
     });
     let child = match (&runner, spec) {
-        (Some(runner), Some(spec)) => runner.attach(spec, r.stored.max(0) as u64, r.resume.clone()).await,
+        (Some(runner), Some(spec)) => {
+            runner
+                .attach(spec, r.stored.max(0) as u64, r.resume.clone())
+                .await
+        }
         _ => Ok(None),
     };
     let child = match child {
