@@ -134,6 +134,22 @@ async fn a_container_task_survives_ten_kill_9s_and_is_re_attached_each_time() {
     let text = logs(&d, id).await;
     let want: String = (1..=40).map(|i| format!("line {i}\n")).collect();
     assert_eq!(text, want);
+    // Resumed by the engine's timestamps, not a byte count: the stored
+    // batches carry resume points "<RFC3339Nano> <n> <skip>".
+    let conn = common::open_db(&d.db_path());
+    let last: String = conn
+        .query_row(
+            "SELECT resume FROM log_fragments WHERE task_id = ?1 AND resume IS NOT NULL
+             ORDER BY seq DESC LIMIT 1",
+            [id],
+            |r| r.get(0),
+        )
+        .expect("a resume point stored");
+    let ts = last.split(' ').next().unwrap();
+    assert!(
+        ts.ends_with('Z') && ts.contains('T') && ts.contains('.'),
+        "{last}"
+    );
     let gone = poll_until(DEADLINE, || async {
         task_containers(engine, &inst, id).is_empty().then_some(())
     })

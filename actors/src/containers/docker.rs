@@ -91,6 +91,50 @@ impl DockerEngine {
             this.bounded(f(docker)).await
         })
     }
+
+    /// The log stream of `logs` / `logs_stamped`.
+    fn logs_with(
+        &self,
+        id: &str,
+        stamped: bool,
+        since_s: Option<i64>,
+    ) -> BoxStream<'static, EngineResult<(bool, Vec<u8>)>> {
+        let id = id.to_string();
+        let this = self.clone();
+        let timeout = self.timeout;
+        futures::stream::once(async move { this.client().await })
+            .flat_map(move |client| match client {
+                Ok(d) => {
+                    let opts = LogsOptionsBuilder::new()
+                        .follow(true)
+                        .stdout(true)
+                        .stderr(true)
+                        .timestamps(stamped);
+                    let opts = match since_s {
+                        Some(t) => opts.since(t.clamp(0, i32::MAX as i64) as i32),
+                        None => opts,
+                    }
+                    .build();
+                    d.logs(&id, Some(opts))
+                        .filter_map(move |item| async move {
+                            match item {
+                                Ok(LogOutput::StdOut { message })
+                                | Ok(LogOutput::Console { message }) => {
+                                    Some(Ok((false, message.to_vec())))
+                                }
+                                Ok(LogOutput::StdErr { message }) => {
+                                    Some(Ok((true, message.to_vec())))
+                                }
+                                Ok(LogOutput::StdIn { .. }) => None,
+                                Err(e) => Some(Err(map_err(e, timeout))),
+                            }
+                        })
+                        .boxed()
+                }
+                Err(e) => futures::stream::once(async move { Err(e) }).boxed(),
+            })
+            .boxed()
+    }
 }
 
 fn map_err(e: BollardError, timeout: Duration) -> EngineError {
@@ -265,36 +309,15 @@ impl Engine for DockerEngine {
     }
 
     fn logs(&self, id: &str) -> BoxStream<'static, EngineResult<(bool, Vec<u8>)>> {
-        let id = id.to_string();
-        let this = self.clone();
-        let timeout = self.timeout;
-        futures::stream::once(async move { this.client().await })
-            .flat_map(move |client| match client {
-                Ok(d) => {
-                    let opts = LogsOptionsBuilder::new()
-                        .follow(true)
-                        .stdout(true)
-                        .stderr(true)
-                        .build();
-                    d.logs(&id, Some(opts))
-                        .filter_map(move |item| async move {
-                            match item {
-                                Ok(LogOutput::StdOut { message })
-                                | Ok(LogOutput::Console { message }) => {
-                                    Some(Ok((false, message.to_vec())))
-                                }
-                                Ok(LogOutput::StdErr { message }) => {
-                                    Some(Ok((true, message.to_vec())))
-                                }
-                                Ok(LogOutput::StdIn { .. }) => None,
-                                Err(e) => Some(Err(map_err(e, timeout))),
-                            }
-                        })
-                        .boxed()
-                }
-                Err(e) => futures::stream::once(async move { Err(e) }).boxed(),
-            })
-            .boxed()
+        self.logs_with(id, false, None)
+    }
+
+    fn logs_stamped(
+        &self,
+        id: &str,
+        since_s: Option<i64>,
+    ) -> BoxStream<'static, EngineResult<(bool, Vec<u8>)>> {
+        self.logs_with(id, true, since_s)
     }
 
     fn wait(&self, id: &str) -> BoxFuture<'static, EngineResult<i64>> {

@@ -102,6 +102,15 @@ pub trait Engine: Send + Sync + 'static {
     /// The container's output from its start, `(is_stderr, bytes)`,
     /// following it until it exits.
     fn logs(&self, id: &str) -> BoxStream<'static, EngineResult<(bool, Vec<u8>)>>;
+    /// Like `logs`, from `since_s` (whole seconds of the Unix epoch) when
+    /// given, each entry prefixed by its RFC3339Nano timestamp and a space.
+    fn logs_stamped(
+        &self,
+        id: &str,
+        _since_s: Option<i64>,
+    ) -> BoxStream<'static, EngineResult<(bool, Vec<u8>)>> {
+        self.logs(id)
+    }
     /// Wait until the container exits; its exit code.
     fn wait(&self, id: &str) -> BoxFuture<'static, EngineResult<i64>>;
 }

@@ -65,6 +65,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "instances",
         sql: include_str!("../../../migrations/0009_instances.sql"),
     },
+    Migration {
+        version: 10,
+        name: "log_resume",
+        sql: include_str!("../../../migrations/0010_log_resume.sql"),
+    },
 ];
 
 /// The schema version this binary writes.

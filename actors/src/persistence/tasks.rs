@@ -465,6 +465,9 @@ pub struct Fragment {
     pub seq: i64,
     pub stream: &'static str,
     pub bytes: Vec<u8>,
+    /// A container task's place in the engine's log after this fragment
+    /// (see `tasks/container.rs`); `None` for processes.
+    pub resume: Option<String>,
 }
 
 /// Store captured output and count it on the task.
@@ -476,11 +479,11 @@ pub fn append_logs(
 ) -> Result<(), StoreError> {
     let mut total = 0i64;
     let mut stmt = conn.prepare_cached(
-        "INSERT OR IGNORE INTO log_fragments (task_id, stream, seq, bytes, at)
-         VALUES (?1, ?2, ?3, ?4, ?5)",
+        "INSERT OR IGNORE INTO log_fragments (task_id, stream, seq, bytes, at, resume)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )?;
     for f in fragments {
-        if stmt.execute(params![id, f.stream, f.seq, f.bytes, at])? == 1 {
+        if stmt.execute(params![id, f.stream, f.seq, f.bytes, at, f.resume])? == 1 {
             total += f.bytes.len() as i64;
         }
     }
@@ -657,6 +660,9 @@ pub struct Reattach {
     /// Output bytes stored so far (kept and dropped): skipped on re-attach.
     pub stored: i64,
     pub log_bytes: i64,
+    /// Where the stored output ends in the engine's log (timestamp form,
+    /// newest fragment that has one): re-attach resumes after it.
+    pub resume: Option<String>,
 }
 
 /// At start: every task RUNNING under an older boot epoch is INTERRUPTED
@@ -717,6 +723,13 @@ pub fn recover(
                     "SELECT COALESCE(MAX(seq), 0) + 1 FROM log_fragments WHERE task_id = ?1",
                 )?
                 .query_row([id], |r| r.get(0))?;
+            let resume: Option<String> = conn
+                .prepare_cached(
+                    "SELECT resume FROM log_fragments WHERE task_id = ?1 AND resume IS NOT NULL
+                     ORDER BY seq DESC LIMIT 1",
+                )?
+                .query_row([id], |r| r.get(0))
+                .optional()?;
             out.reattach.push(Reattach {
                 id,
                 name,
@@ -726,6 +739,7 @@ pub fn recover(
                 next_seq,
                 stored: log_bytes + log_dropped,
                 log_bytes,
+                resume,
             });
             continue;
         }
@@ -1152,6 +1166,7 @@ mod tests {
             seq,
             stream,
             bytes: b.to_vec(),
+            resume: None,
         };
         append_logs(
             &c,
@@ -1277,6 +1292,7 @@ mod tests {
                 seq,
                 stream: "stdout",
                 bytes: vec![b'x'; 10],
+                resume: None,
             })
             .collect();
         append_logs(&c, &at().text, id, &frags).unwrap();

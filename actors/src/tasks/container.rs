@@ -9,8 +9,18 @@
 //!   written into two in-memory pipes the supervisor reads like a child's;
 //!   the exit code comes from the engine's wait. No PDEATHSIG: when keel is
 //!   killed the container keeps running, and at the next start the task is
-//!   re-attached ([`Runner::attach`]) with the output already stored (its
-//!   byte count) skipped, instead of being marked INTERRUPTED.
+//!   re-attached ([`Runner::attach`]) instead of being marked INTERRUPTED.
+//! - Resuming by timestamp: logs are read with the engine's timestamps
+//!   (RFC3339Nano, one per entry). Each stored batch carries a resume point
+//!   `"<ts> <n> <skip>"`: every entry up to the `n`-th one stamped `ts` is
+//!   stored, plus `skip` bytes of the next (a read can end mid-entry).
+//!   Re-attach asks for logs `since` that second and drops entries before
+//!   `ts` (full nanosecond comparison), the first `n` at `ts`, and `skip`
+//!   bytes of the next. The point is the longest prefix of the log (in the
+//!   engine's order) read from both pipes; bytes of the other stream read
+//!   past it are replayed again (both pipes are read together, so that is
+//!   at most what was in flight at the kill). A task stored before this had
+//!   no resume point and falls back to skipping its stored byte count.
 //! - Cancel, timeout and shutdown stop the container (SIGTERM, SIGKILL
 //!   after the grace); once the supervisor is done it is removed.
 
@@ -23,6 +33,9 @@ use futures::future::BoxFuture;
 use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::oneshot;
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
 
 use super::process::{Child, Control, ExitInfo, Runner, SpawnSpec};
 use crate::containers::engine::{CreateRequest, Engine, EngineError};
@@ -105,11 +118,16 @@ impl Runner for ContainerRunner {
                 Err(e) => return Err(io_err(e)),
             };
             engine.start(&id).await.map_err(io_err)?;
-            Ok(attach_child(engine, id, 0, grace))
+            Ok(attach_child(engine, id, From::Start, grace))
         })
     }
 
-    fn attach(&self, s: SpawnSpec, skip: u64) -> BoxFuture<'static, io::Result<Option<Child>>> {
+    fn attach(
+        &self,
+        s: SpawnSpec,
+        skip: u64,
+        resume: Option<String>,
+    ) -> BoxFuture<'static, io::Result<Option<Child>>> {
         let engine = self.engine.clone();
         let instance = self.instance.clone();
         let grace = self.grace;
@@ -119,32 +137,178 @@ impl Runner for ContainerRunner {
             };
             let name = task_container(&instance, &c.task_name, c.task_id);
             match engine.inspect(&name).await.map_err(io_err)? {
-                Some(info) => Ok(Some(attach_child(engine, info.id, skip, grace))),
+                Some(info) => {
+                    let from = match resume.as_deref().and_then(Point::parse) {
+                        Some(p) => From::Point(p),
+                        None => From::Bytes(skip),
+                    };
+                    Ok(Some(attach_child(engine, info.id, from, grace)))
+                }
                 None => Ok(None),
             }
         })
     }
 }
 
+/// Where a container's log stands: every entry up to the `n`-th one stamped
+/// `ts` (nanoseconds of the Unix epoch) is stored, and `skip` bytes of the next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Point {
+    pub ts: i64,
+    pub n: u64,
+    pub skip: u64,
+}
+
+impl Point {
+    /// `"<RFC3339Nano> <n> <skip>"`.
+    pub fn parse(s: &str) -> Option<Point> {
+        let mut it = s.split(' ');
+        let ts = parse_ts(it.next()?.as_bytes())?;
+        let n = it.next()?.parse().ok()?;
+        let skip = it.next()?.parse().ok()?;
+        Some(Point { ts, n, skip })
+    }
+
+    pub fn render(&self) -> String {
+        let t = chrono::DateTime::from_timestamp_nanos(self.ts);
+        format!(
+            "{} {} {}",
+            t.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
+            self.n,
+            self.skip
+        )
+    }
+}
+
+/// An engine timestamp (RFC3339, any fraction) as nanoseconds.
+fn parse_ts(b: &[u8]) -> Option<i64> {
+    let s = std::str::from_utf8(b).ok()?;
+    chrono::DateTime::parse_from_rfc3339(s)
+        .ok()?
+        .timestamp_nanos_opt()
+}
+
+/// Where the log is read from.
+enum From {
+    Start,
+    /// Old rows: skip this many bytes of output.
+    Bytes(u64),
+    Point(Point),
+}
+
+/// One entry written to a pipe: `[start, end)` of its stream's bytes here,
+/// with `pre` bytes of it skipped before (so not in the pipe).
+struct Entry {
+    stream: usize,
+    start: u64,
+    end: u64,
+    pre: u64,
+    ts: i64,
+}
+
+/// Entries in the pipes not yet read whole, and the point before them.
+struct Marks {
+    queue: VecDeque<Entry>,
+    done_ts: Option<i64>,
+    done_n: u64,
+}
+
+impl Marks {
+    fn at(&mut self, read: [u64; 2]) -> Option<String> {
+        while let Some(e) = self.queue.front() {
+            if e.end > read[e.stream] {
+                break;
+            }
+            if self.done_ts == Some(e.ts) {
+                self.done_n += 1;
+            } else {
+                self.done_ts = Some(e.ts);
+                self.done_n = 1;
+            }
+            self.queue.pop_front();
+        }
+        let skip = match self.queue.front() {
+            Some(e) if read[e.stream] > e.start => e.pre + read[e.stream] - e.start,
+            Some(e) => e.pre,
+            None => 0,
+        };
+        let p = Point {
+            ts: self.done_ts?,
+            n: self.done_n,
+            skip,
+        };
+        Some(p.render())
+    }
+}
+
 /// The supervisor's view of a container: its output as two pipes, its exit.
-fn attach_child(engine: Arc<dyn Engine>, id: String, skip: u64, grace: Duration) -> Child {
+fn attach_child(engine: Arc<dyn Engine>, id: String, from: From, grace: Duration) -> Child {
     let (out_r, mut out_w) = tokio::io::duplex(PIPE_BYTES);
     let (err_r, mut err_w) = tokio::io::duplex(PIPE_BYTES);
     let (exit_tx, exited) = oneshot::channel();
     let (reap, reap_rx) = oneshot::channel::<()>();
     let (logs_done_tx, logs_done) = oneshot::channel::<()>();
+    let (mut left, mut point) = match from {
+        From::Start => (0, None),
+        From::Bytes(n) => (n, None),
+        From::Point(p) => (0, Some(p)),
+    };
+    let marks = Arc::new(Mutex::new(Marks {
+        queue: VecDeque::new(),
+        done_ts: point.as_ref().map(|p| p.ts),
+        done_n: point.as_ref().map_or(0, |p| p.n),
+    }));
     {
         let engine = engine.clone();
         let id = id.clone();
+        let marks = marks.clone();
         tokio::spawn(async move {
-            let mut left = skip;
-            let mut logs = engine.logs(&id);
+            let since = point.as_ref().map(|p| p.ts.div_euclid(1_000_000_000));
+            let mut logs = engine.logs_stamped(&id, since);
+            let mut seen_at_ts = 0u64;
+            let mut written = [0u64; 2];
             while let Some(item) = logs.next().await {
                 let Ok((is_err, mut bytes)) = item else { break };
+                let stream = usize::from(is_err);
+                let space = bytes.iter().position(|&b| b == b' ');
+                let ts = space.and_then(|i| parse_ts(&bytes[..i]));
+                if let (Some(i), Some(_)) = (space, ts) {
+                    bytes.drain(..=i);
+                }
+                let mut pre = 0u64;
+                if let (Some(p), Some(t)) = (&mut point, ts) {
+                    if t < p.ts {
+                        continue;
+                    }
+                    if t == p.ts && seen_at_ts < p.n {
+                        seen_at_ts += 1;
+                        continue;
+                    }
+                    // The first entry past the point: its stored start.
+                    let n = (p.skip as usize).min(bytes.len());
+                    bytes.drain(..n);
+                    pre = n as u64;
+                    point = None;
+                }
                 if left > 0 {
                     let n = (left as usize).min(bytes.len());
                     bytes.drain(..n);
                     left -= n as u64;
+                }
+                let start = written[stream];
+                written[stream] += bytes.len() as u64;
+                if let Some(ts) = ts {
+                    marks
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .queue
+                        .push_back(Entry {
+                            stream,
+                            start,
+                            end: written[stream],
+                            pre,
+                            ts,
+                        });
                 }
                 if bytes.is_empty() {
                     continue;
@@ -190,6 +354,9 @@ fn attach_child(engine: Arc<dyn Engine>, id: String, skip: u64, grace: Duration)
         exited,
         control: Box::new(ContainerControl { engine, id, grace }),
         reap,
+        resume_at: Some(Box::new(move |read| {
+            marks.lock().unwrap_or_else(|e| e.into_inner()).at(read)
+        })),
     }
 }
 

@@ -629,7 +629,11 @@ async fn reattach_attempt(
         }),
     });
     let child = match (&runner, spec) {
-        (Some(runner), Some(spec)) => runner.attach(spec, r.stored.max(0) as u64).await,
+        (Some(runner), Some(spec)) => {
+            runner
+                .attach(spec, r.stored.max(0) as u64, r.resume.clone())
+                .await
+        }
         _ => Ok(None),
     };
     let child = match child {
@@ -667,7 +671,7 @@ async fn reattach_attempt(
             });
         }
     };
-    tracing::info!(task = r.id, name = %r.name, skipped = r.stored, "container task re-attached");
+    tracing::info!(task = r.id, name = %r.name, resume = ?r.resume, skipped = r.stored, "container task re-attached");
     let def = def?;
     let attempt = Attempt {
         id: r.id,

@@ -73,6 +73,10 @@ pub trait Control: Send + Sync {
 /// Output of a child: a pipe read with back-pressure.
 pub type Output = Box<dyn AsyncRead + Send + Unpin>;
 
+/// Given the bytes of stdout and stderr read so far, where the output
+/// stands in its source (a container's log; see `tasks/container.rs`).
+pub type ResumeAt = Box<dyn Fn([u64; 2]) -> Option<String> + Send>;
+
 /// A started task.
 pub struct Child {
     pub stdout: Output,
@@ -82,19 +86,23 @@ pub struct Child {
     pub control: Box<dyn Control>,
     /// Dropping (or sending) lets the waiter reap the main process.
     pub reap: oneshot::Sender<()>,
+    /// Containers: the resume point stored with each batch of output.
+    pub resume_at: Option<ResumeAt>,
 }
 
 /// Starts tasks: processes here, containers in `tasks/container.rs`.
 pub trait Runner: Send + Sync + 'static {
     fn spawn(&self, spec: SpawnSpec) -> BoxFuture<'static, io::Result<Child>>;
 
-    /// Take over a task an earlier keel started, skipping the first `skip`
-    /// bytes of output (already stored). `None`: it cannot be re-attached
+    /// Take over a task an earlier keel started, skipping the output
+    /// already stored: after `resume` (the newest stored resume point) when
+    /// there is one, else the first `skip` bytes. `None`: it cannot be re-attached
     /// (processes die with keel; a container that is gone).
     fn attach(
         &self,
         _spec: SpawnSpec,
         _skip: u64,
+        _resume: Option<String>,
     ) -> BoxFuture<'static, io::Result<Option<Child>>> {
         Box::pin(async { Ok(None) })
     }
@@ -170,6 +178,7 @@ impl Runner for ProcessRunner {
                     exited: raw.exited,
                     control,
                     reap: raw.reap,
+                    resume_at: None,
                 }),
                 Err(e) => {
                     // Never leave a child nobody watches.

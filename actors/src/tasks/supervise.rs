@@ -23,7 +23,7 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 use tokio::time::{sleep_until, Instant};
 
-use super::process::{Child, ExitInfo, Output};
+use super::process::{Child, ExitInfo, Output, ResumeAt};
 use crate::error::StoreError;
 use crate::persistence::tasks::{AppendLogs, Finish, FinishTask, Fragment, TaskState};
 use crate::persistence::PersistenceActor;
@@ -88,12 +88,16 @@ struct Capture {
     dropped: [u64; 2],
     tail: Vec<u8>,
     captured: Option<prometheus::IntCounter>,
+    /// Bytes read per stream (kept or dropped) and where that stands.
+    read: [u64; 2],
+    resume_at: Option<ResumeAt>,
 }
 
 const STREAMS: [&str; 2] = ["stdout", "stderr"];
 
 impl Capture {
     fn take(&mut self, stream: usize, data: &[u8]) {
+        self.read[stream] += data.len() as u64;
         self.tail.extend_from_slice(data);
         if self.tail.len() > TAIL_BYTES * 2 {
             let cut = self.tail.len() - TAIL_BYTES;
@@ -117,6 +121,7 @@ impl Capture {
                     seq: self.next_seq,
                     stream: STREAMS[stream],
                     bytes: data[..keep].to_vec(),
+                    resume: None,
                 });
                 self.next_seq += 1;
             }
@@ -125,7 +130,11 @@ impl Capture {
 
     fn split(&mut self) -> Vec<Fragment> {
         self.batch_len = 0;
-        std::mem::take(&mut self.batch)
+        let mut out = std::mem::take(&mut self.batch);
+        if let (Some(f), Some(at)) = (out.last_mut(), &self.resume_at) {
+            f.resume = at(self.read);
+        }
+        out
     }
 
     /// The truncation markers, one per stream that lost bytes.
@@ -141,6 +150,7 @@ impl Capture {
                         self.max, STREAMS[i]
                     )
                     .into_bytes(),
+                    resume: None,
                 });
                 self.next_seq += 1;
             }
@@ -232,6 +242,7 @@ pub async fn supervise(
         mut exited,
         control,
         reap,
+        resume_at,
     } = child;
     let mut pipes = [Some(stdout), Some(stderr)];
     let mut bufs = [vec![0u8; CHUNK], vec![0u8; CHUNK]];
@@ -244,6 +255,8 @@ pub async fn supervise(
         dropped: [0, 0],
         tail: Vec::new(),
         captured: a.captured.clone(),
+        read: [0, 0],
+        resume_at,
     };
     let mut flight: Option<Flight> = None;
     let mut tick = tokio::time::interval(a.flush_every);
