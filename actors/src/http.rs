@@ -850,7 +850,24 @@ pub fn serve(
                 .route("/run", web::post().to(containers_run)),
             );
         if let Some(console) = &console {
-            app = app.configure(|cfg| console.configure(cfg));
+            // `/v1/stats` (JSON) and `/console` with its assets: `read`.
+            let access = RouteAccess {
+                write: Perm::Admin,
+                sessions: false,
+            };
+            app = app
+                .app_data(web::Data::new(console.clone()))
+                .service(
+                    admin_scope("/v1/stats", access)
+                        .route("", web::get().to(crate::console::stats_json)),
+                )
+                .service(
+                    admin_scope("/console", access)
+                        .route("", web::get().to(crate::console::page))
+                        .route("/console.js", web::get().to(crate::console::script))
+                        .route("/console.css", web::get().to(crate::console::style))
+                        .route("/icon.svg", web::get().to(crate::console::icon)),
+                );
         }
         for routes in &channels {
             let routes = routes.clone();

@@ -1,5 +1,5 @@
 //! The operator console: `GET /v1/stats` (JSON, `read`) and `GET /console`
-//! (HTML, `read`), both behind [`crate::http::admin_scope`] like every admin
+//! (HTML, `read`), both behind `http::admin_scope` like every admin
 //! route.
 //!
 //! [`Console::stats`] gathers one [`Stats`] from shared state (readiness,
@@ -566,25 +566,6 @@ impl Console {
         }
         read.map_err(|e| e.to_string())
     }
-
-    /// Mount `/v1/stats` and `/console` (with its assets), both admin routes.
-    pub fn configure(&self, cfg: &mut web::ServiceConfig) {
-        let access = crate::http::RouteAccess {
-            write: crate::vault::Perm::Admin,
-            sessions: false,
-        };
-        cfg.app_data(web::Data::new(self.clone()))
-            .service(
-                crate::http::admin_scope("/v1/stats", access).route("", web::get().to(stats_json)),
-            )
-            .service(
-                crate::http::admin_scope("/console", access)
-                    .route("", web::get().to(page))
-                    .route("/console.js", web::get().to(script))
-                    .route("/console.css", web::get().to(style))
-                    .route("/icon.svg", web::get().to(icon)),
-            );
-    }
 }
 
 /// The Content-Security-Policy of the console: nothing but its own script
@@ -600,31 +581,31 @@ fn hardened(mut b: actix_web::HttpResponseBuilder) -> actix_web::HttpResponseBui
     b
 }
 
-async fn stats_json(console: web::Data<Console>) -> HttpResponse {
+pub async fn stats_json(console: web::Data<Console>) -> HttpResponse {
     let stats = console.stats().await;
     hardened(HttpResponse::Ok()).json(&*stats)
 }
 
-async fn page(console: web::Data<Console>) -> HttpResponse {
+pub async fn page(console: web::Data<Console>) -> HttpResponse {
     let stats = console.stats().await;
     hardened(HttpResponse::Ok())
         .content_type("text/html; charset=utf-8")
         .body(render::page(&stats).into_string())
 }
 
-async fn script() -> HttpResponse {
+pub async fn script() -> HttpResponse {
     hardened(HttpResponse::Ok())
         .content_type("text/javascript; charset=utf-8")
         .body(include_str!("console.js"))
 }
 
-async fn style() -> HttpResponse {
+pub async fn style() -> HttpResponse {
     hardened(HttpResponse::Ok())
         .content_type("text/css; charset=utf-8")
         .body(include_str!("console.css"))
 }
 
-async fn icon() -> HttpResponse {
+pub async fn icon() -> HttpResponse {
     hardened(HttpResponse::Ok())
         .content_type("image/svg+xml")
         .body(include_str!("icon.svg"))
@@ -697,6 +678,7 @@ mod tests {
                     "L".repeat(10 * 1024)
                 )
                 .into_bytes(),
+                resume: None,
             }],
         )
         .unwrap();
