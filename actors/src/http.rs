@@ -607,25 +607,33 @@ async fn services_list(state: web::Data<AdminState>) -> HttpResponse {
     }
 }
 
+/// Parse a JSON admin body; the error is the one-line 400 text naming `what`.
+fn json_body<T: serde::de::DeserializeOwned>(body: &[u8], what: &str) -> Result<T, String> {
+    serde_json::from_slice(body).map_err(|e| format!("bad {what}: {e}"))
+}
+
+/// The container spec inside a body: the spec's own parser names an unknown
+/// or mistyped field.
+fn spec_of(
+    fields: serde_json::Map<String, serde_json::Value>,
+    what: &str,
+) -> Result<ServiceSpec, String> {
+    serde_json::from_value(serde_json::Value::Object(fields))
+        .map_err(|e| format!("bad {what}: {e}"))
+}
+
 /// `POST /v1/services {"name", "image", "command", "env", "labels", "memory", …}`.
 async fn services_deploy(state: web::Data<AdminState>, body: web::Bytes) -> HttpResponse {
     let Some(services) = &state.services else {
         return no_services();
     };
-    let req: DeployBody = match serde_json::from_slice(&body) {
+    let req: DeployBody = match json_body(&body, "request body") {
         Ok(r) => r,
-        Err(e) => {
-            return HttpResponse::BadRequest()
-                .json(json!({"error": format!("bad request body: {e}")}))
-        }
+        Err(e) => return HttpResponse::BadRequest().json(json!({"error": e})),
     };
-    // The spec's own parser names an unknown or mistyped field.
-    let spec: ServiceSpec = match serde_json::from_value(serde_json::Value::Object(req.spec)) {
+    let spec = match spec_of(req.spec, "service spec") {
         Ok(s) => s,
-        Err(e) => {
-            return HttpResponse::BadRequest()
-                .json(json!({"error": format!("bad service spec: {e}")}))
-        }
+        Err(e) => return HttpResponse::BadRequest().json(json!({"error": e})),
     };
     match services
         .send(DeployService {
@@ -663,19 +671,13 @@ async fn containers_run(state: web::Data<AdminState>, body: web::Bytes) -> HttpR
     let Some(services) = &state.services else {
         return no_services();
     };
-    let req: ContainerRunBody = match serde_json::from_slice(&body) {
+    let req: ContainerRunBody = match json_body(&body, "request body") {
         Ok(r) => r,
-        Err(e) => {
-            return HttpResponse::BadRequest()
-                .json(json!({"error": format!("bad request body: {e}")}))
-        }
+        Err(e) => return HttpResponse::BadRequest().json(json!({"error": e})),
     };
-    let spec: ServiceSpec = match serde_json::from_value(serde_json::Value::Object(req.spec)) {
+    let spec = match spec_of(req.spec, "container spec") {
         Ok(s) => s,
-        Err(e) => {
-            return HttpResponse::BadRequest()
-                .json(json!({"error": format!("bad container spec: {e}")}))
-        }
+        Err(e) => return HttpResponse::BadRequest().json(json!({"error": e})),
     };
     let timeout = match req.timeout_s {
         None => crate::containers::ephemeral::DEFAULT_TIMEOUT,
