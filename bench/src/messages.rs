@@ -40,6 +40,8 @@ const TARGET_VS_ONE_PER_TXN: f64 = 10.0;
 const TARGET_OF_BATCHED: f64 = 0.30;
 /// Target: p99 acknowledgement latency, milliseconds.
 const TARGET_P99_MS: f64 = 20.0;
+/// keel CPU µs per acknowledged message (issue 14).
+const TARGET_CPU_US_PER_ACK: f64 = 25.0;
 /// How long keel may take to answer `/readyz` with 200.
 const READY_DEADLINE: Duration = Duration::from_secs(30);
 /// How long keel may take to exit after SIGTERM before it is killed.
@@ -818,7 +820,7 @@ fn bucket_quantile(before: &str, after: &str, name: &str, q: f64) -> Option<f64>
 }
 
 /// User + system CPU seconds of `/proc/<pid>` (all threads), if readable.
-fn cpu_seconds(pid: &str) -> Option<f64> {
+pub(crate) fn cpu_seconds(pid: &str) -> Option<f64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which may contain spaces): state is
     // field 3, utime 14, stime 15.
@@ -948,6 +950,14 @@ impl Report {
         Self::ratio(self.probe.commit_seconds * 1000.0, self.probe.commits)
     }
 
+    /// keel's CPU (user + system, all threads, from /proc/<pid>/stat) per
+    /// acknowledged message, µs: keel's CPU rate over the window divided
+    /// by the ack rate over the same window (issue 14 target <= 25 µs).
+    fn cpu_us_per_ack(&self) -> Option<f64> {
+        let cpu_per_s = Self::ratio(self.probe.keel_cpu?, self.probe.elapsed)?;
+        Self::ratio(cpu_per_s * 1e6, self.keel.per_second)
+    }
+
     /// Share of one core, in percent.
     fn cpu_percent(&self, cpu: Option<f64>) -> Option<f64> {
         cpu.and_then(|c| Self::ratio(c * 100.0, self.probe.elapsed))
@@ -1028,6 +1038,11 @@ impl Report {
             ))
         );
         println!(
+            "cpu per acknowledged message: keel {} (target <= {TARGET_CPU_US_PER_ACK} µs); {} jobs per commit",
+            opt(self.cpu_us_per_ack(), &|v| format!("{v:.1} µs")),
+            opt(self.jobs_per_commit(), &|v| format!("{v:.1}"))
+        );
+        println!(
             "acked {} in window; non-200: {}; failed requests: {}",
             self.load.acked, self.load.non_200, self.load.errors
         );
@@ -1052,6 +1067,7 @@ impl Report {
                 "keel_vs_one_txn_min": TARGET_VS_ONE_PER_TXN,
                 "keel_of_batched_min": TARGET_OF_BATCHED,
                 "p99_ms_max": TARGET_P99_MS,
+                "keel_cpu_us_per_ack_max": TARGET_CPU_US_PER_ACK,
             },
             "acked": self.load.acked,
             "non_200": self.load.non_200,
@@ -1066,6 +1082,8 @@ impl Report {
             "jobs_per_commit_p99_at_most": self.probe.batch_p99.filter(|v| v.is_finite()),
             "keel_cpu_percent": r(self.cpu_percent(self.probe.keel_cpu), 1),
             "load_cpu_percent": r(self.cpu_percent(self.probe.load_cpu), 1),
+            "keel_cpu_us_per_ack": r(self.cpu_us_per_ack(), 2),
+            "jobs_per_commit": r(self.jobs_per_commit(), 2),
         })
     }
 }

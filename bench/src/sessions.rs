@@ -4,6 +4,11 @@
 //! /proc) for each and the throughput ratio (issue 14 target: HWM < 64 MiB
 //! whatever N, the bounded `[sessions] max_live` cache; throughput within
 //! 20 % of the 64-chat figure). Figures are printed, never asserted.
+//!
+//! The load generator runs its clients on several OS threads (one
+//! single-threaded runtime each, `--client-threads`, default: the number of
+//! cores), so it is not the bottleneck; the CPU it and keel used is printed
+//! with each run to show which side was saturated.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,7 +18,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::{json, Value};
 
-use crate::messages::{progress, runtime, Keel, Scratch};
+use crate::messages::{cpu_seconds, progress, runtime, Keel, Scratch};
 
 /// Flags of `keel bench sessions`.
 #[derive(Debug, Args)]
@@ -24,6 +29,12 @@ pub struct SessionBenchArgs {
     /// Concurrent webhook clients.
     #[arg(long, default_value_t = 64)]
     pub clients: usize,
+    /// OS threads the clients are spread over (default: available cores).
+    #[arg(long)]
+    pub client_threads: Option<usize>,
+    /// `[sessions] max_live` for keel (default: keel's own default).
+    #[arg(long)]
+    pub max_live: Option<usize>,
     /// The keel binary to start (default: this executable).
     #[arg(long)]
     pub keel_binary: Option<PathBuf>,
@@ -53,9 +64,17 @@ struct Run {
     chats: usize,
     seconds: f64,
     hwm_kib: u64,
+    /// CPU seconds (user + system) of keel and of this process over the load.
+    keel_cpu: Option<f64>,
+    load_cpu: Option<f64>,
 }
 
 impl Run {
+    /// Share of one core over the load, in percent.
+    fn cpu_percent(&self, cpu: Option<f64>) -> Option<f64> {
+        cpu.filter(|_| self.seconds > 0.0)
+            .map(|c| (c * 100.0 / self.seconds).round())
+    }
     fn rate(&self) -> f64 {
         self.messages as f64 / self.seconds
     }
@@ -67,21 +86,59 @@ impl Run {
             "msgs_per_s": self.rate().round(),
             "hwm_kib": self.hwm_kib,
             "hwm_mib": (self.hwm_kib as f64 / 1024.0 * 10.0).round() / 10.0,
+            "keel_cpu_percent": self.cpu_percent(self.keel_cpu),
+            "load_cpu_percent": self.cpu_percent(self.load_cpu),
         })
     }
 }
 
 /// Send `messages` messages, message `n` to chat `n % chats`, from
-/// `clients` concurrent keep-alive clients; every one must get 200.
-async fn load(base: &str, messages: usize, chats: usize, clients: usize, tag: &str) -> Result<f64> {
-    let http = reqwest::Client::new();
+/// `clients` concurrent keep-alive clients spread over `threads` OS
+/// threads; every one must get 200. Returns the seconds it took.
+fn load(
+    base: &str,
+    messages: usize,
+    chats: usize,
+    clients: usize,
+    threads: usize,
+    tag: &str,
+) -> Result<f64> {
     let url = format!("{base}/v1/messages");
     let started = Instant::now();
+    let workers: Vec<_> = (0..threads)
+        .map(|t| {
+            let url = url.clone();
+            let tag = tag.to_string();
+            // Clients t, t + threads, t + 2 × threads, … live on thread t.
+            let mine: Vec<usize> = (t..clients).step_by(threads).collect();
+            std::thread::spawn(move || -> Result<()> {
+                let rt = runtime()?;
+                let local = tokio::task::LocalSet::new();
+                local.block_on(&rt, clients_on_thread(url, tag, mine, messages, chats, clients))
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join()
+            .map_err(|_| anyhow::anyhow!("a client thread panicked"))??;
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
+async fn clients_on_thread(
+    url: String,
+    tag: String,
+    mine: Vec<usize>,
+    messages: usize,
+    chats: usize,
+    clients: usize,
+) -> Result<()> {
+    let http = reqwest::Client::new();
     let mut tasks = Vec::new();
-    for c in 0..clients {
+    for c in mine {
         let http = http.clone();
         let url = url.clone();
-        let tag = tag.to_string();
+        let tag = tag.clone();
         tasks.push(tokio::task::spawn_local(async move {
             let mut n = c;
             while n < messages {
@@ -105,7 +162,7 @@ async fn load(base: &str, messages: usize, chats: usize, clients: usize, tag: &s
     for t in tasks {
         t.await.context("a client task failed")??;
     }
-    Ok(started.elapsed().as_secs_f64())
+    Ok(())
 }
 
 fn measure(
@@ -115,15 +172,26 @@ fn measure(
     chats: usize,
 ) -> Result<Run> {
     std::fs::create_dir_all(dir)?;
-    let mut keel = Keel::start_with(binary, dir, true, "")?;
+    let extra = match args.max_live {
+        Some(n) => format!("\n[sessions]\nmax_live = {n}\n"),
+        None => String::new(),
+    };
+    let mut keel = Keel::start_with(binary, dir, true, &extra)?;
     let base = format!("http://{}", keel.addr);
     let rt = runtime()?;
-    let local = tokio::task::LocalSet::new();
-    let seconds = local.block_on(&rt, async {
-        keel.wait_ready_polling(&base, Duration::from_secs(60), Duration::from_millis(20))
-            .await?;
-        load(&base, args.chats, chats, args.clients, "s").await
-    })?;
+    rt.block_on(keel.wait_ready_polling(
+        &base,
+        Duration::from_secs(60),
+        Duration::from_millis(20),
+    ))?;
+    let threads = args
+        .client_threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+        .clamp(1, args.clients);
+    let pid = keel.pid.to_string();
+    let (keel0, self0) = (cpu_seconds(&pid), cpu_seconds("self"));
+    let seconds = load(&base, args.chats, chats, args.clients, threads, "s")?;
+    let (keel1, self1) = (cpu_seconds(&pid), cpu_seconds("self"));
     let hwm_kib = hwm_kib(keel.pid).context("cannot read keel's VmHWM")?;
     let status = keel.stop().context("stopping keel")?;
     if !status.success() {
@@ -134,6 +202,8 @@ fn measure(
         chats,
         seconds,
         hwm_kib,
+        keel_cpu: keel1.zip(keel0).map(|(b, a)| b - a),
+        load_cpu: self1.zip(self0).map(|(b, a)| b - a),
     })
 }
 
@@ -164,14 +234,17 @@ pub fn bench_sessions(args: SessionBenchArgs) -> Result<ExitCode> {
             json!({ "distinct": many.json(), "reference_64": few.json(), "throughput_ratio": ratio })
         );
     } else {
+        let pct = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.0}%"));
         for (name, r) in [("64 chats", &few), ("distinct chats", &many)] {
             println!(
-                "{name:>15}: {} messages to {} chats in {:.2} s = {:.0} msg/s, VmHWM {:.1} MiB",
+                "{name:>15}: {} messages to {} chats in {:.2} s = {:.0} msg/s, VmHWM {:.1} MiB, cpu keel {} / load {} (% of one core)",
                 r.messages,
                 r.chats,
                 r.seconds,
                 r.rate(),
-                r.hwm_kib as f64 / 1024.0
+                r.hwm_kib as f64 / 1024.0,
+                pct(r.cpu_percent(r.keel_cpu)),
+                pct(r.cpu_percent(r.load_cpu)),
             );
         }
         println!(
