@@ -114,7 +114,10 @@ fn load(
             std::thread::spawn(move || -> Result<()> {
                 let rt = runtime()?;
                 let local = tokio::task::LocalSet::new();
-                local.block_on(&rt, clients_on_thread(url, tag, mine, messages, chats, clients))
+                local.block_on(
+                    &rt,
+                    clients_on_thread(url, tag, mine, messages, chats, clients),
+                )
             })
         })
         .collect();
