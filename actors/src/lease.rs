@@ -252,6 +252,12 @@ impl LeaseKeeper {
         }
     }
 
+    /// Stop renewing and release nothing: what a killed instance leaves
+    /// behind (its leases run out at their expiry). For tests of takeover.
+    pub fn halt(&self) {
+        self.lock().stopped = true;
+    }
+
     /// Clean shutdown: stop renewing, release every held lease, mark this
     /// instance gone (expired now).
     pub async fn leave(&self) {
