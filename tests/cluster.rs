@@ -3,6 +3,8 @@
 //! `keel status --json` lists it under `instances`.
 
 mod common;
+#[path = "common/docker.rs"]
+mod docker;
 
 use std::time::Duration;
 
@@ -62,5 +64,51 @@ async fn run_registers_heartbeats_and_leaves_its_instance() {
     assert_eq!(v["instances"].as_array().map(|a| a.len()), Some(1), "{v}");
     assert_eq!(v["instances"][0]["epoch"], 2, "{v}");
     assert_eq!(v["instances"][0]["id"], i["id"], "{v}");
+    d.assert_no_panics();
+}
+
+/// With `[containers]` on, the reconciler runs under lease
+/// `reconciler:<containers instance id>`, held by `<instance>#<epoch>`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_lists_the_reconciler_lease_held_by_this_instance() {
+    let Some(engine) = docker::docker_or_skip("cluster_reconciler_lease") else {
+        return;
+    };
+    let inst = docker::Instance::new(engine, "lease");
+    let mut d = Daemon::new(Config::default(), None);
+    d.write_config_text(&format!("{}{}", d.config.to_toml(), inst.toml(1)));
+    d.boot().await;
+    let v = status(&d).await;
+    let i = &v["instances"][0];
+    let holder = format!(
+        "{}#{}",
+        i["id"].as_str().expect("id"),
+        i["epoch"].as_i64().expect("epoch")
+    );
+    let name = format!("reconciler:{}", inst.id);
+    let lease = v["leases"]
+        .as_array()
+        .expect("leases")
+        .iter()
+        .find(|l| l["name"] == name.as_str())
+        .cloned()
+        .unwrap_or_else(|| panic!("no lease {name}: {v}"));
+    assert_eq!(lease["holder"], holder.as_str(), "{v}");
+    assert_eq!(lease["token"], 1, "{v}");
+    let exit = d.sigterm(Duration::from_secs(30)).await;
+    assert!(exit.success(), "{exit}");
+    // Released on a clean stop: expired, token kept.
+    let v = status(&d).await;
+    let l = v["leases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == name.as_str())
+        .cloned()
+        .unwrap();
+    assert!(
+        l["expires_ms"].as_i64() <= l["renewed_ms"].as_i64().map(|r| r + 2_000),
+        "{v}"
+    );
     d.assert_no_panics();
 }

@@ -632,7 +632,11 @@ async fn two_lease_keepers_one_holder_takeover_within_10s_and_stale_token_refuse
                 state_json: format!("{{\"offset\":{offset}}}"),
             })
         };
-        let holder_store = if ta.is_some() { &s.instances[0] } else { &s.instances[1] };
+        let holder_store = if ta.is_some() {
+            &s.instances[0]
+        } else {
+            &s.instances[1]
+        };
         put(holder_store, token, 5).await.unwrap().unwrap();
         // The holder dies (stops renewing, releases nothing).
         let died = std::time::Instant::now();
@@ -657,7 +661,11 @@ async fn two_lease_keepers_one_holder_takeover_within_10s_and_stale_token_refuse
             "{}: {stale:?}",
             s.name
         );
-        let other_store = if ta.is_some() { &s.instances[1] } else { &s.instances[0] };
+        let other_store = if ta.is_some() {
+            &s.instances[1]
+        } else {
+            &s.instances[0]
+        };
         put(other_store, gained, 7).await.unwrap().unwrap();
         let (instances, leases) = other_store.send(GetCluster).await.unwrap().unwrap();
         assert_eq!(instances.len(), 2, "{}", s.name);

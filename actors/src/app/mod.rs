@@ -752,13 +752,19 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
     // leaves containers degraded, never keel down (R27).
     let container_report = match (reaper_ctx, &reaper, containers) {
         (Some(ctx), Some(addr), Some((engine, settings))) => {
-            ctx.run(ContainerReaper::new(
-                engine,
-                persistence.clone(),
-                health.clone(),
-                &metrics,
-                settings,
-            ));
+            let lease = leases
+                .want(&format!("reconciler:{}", settings.instance))
+                .await;
+            ctx.run(
+                ContainerReaper::new(
+                    engine,
+                    persistence.clone(),
+                    health.clone(),
+                    &metrics,
+                    settings,
+                )
+                .with_lease(lease),
+            );
             Some(
                 addr.send(RecoverContainers)
                     .await
