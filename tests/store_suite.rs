@@ -590,3 +590,86 @@ fn keel_run_on_postgres_is_refused_with_one_line_until_the_store_is_complete() {
     // Nothing was created in the data dir's store.
     assert!(!dir.path().join("data/keel.db").exists());
 }
+
+/// The lease keeper (issue 13) on both backends: two instances want the
+/// same lease; exactly one holds it; when the holder stops renewing (as a
+/// killed instance does) the other takes it over within 10 s, with a higher
+/// token, and the old holder's offset write is refused as stale.
+#[actix::test]
+async fn two_lease_keepers_one_holder_takeover_within_10s_and_stale_token_refused() {
+    use keel_actors::lease::{LeaseKeeper, LeaseTimes};
+    for s in backends("keeper", 2) {
+        let clock: Arc<dyn Clock> = Arc::new(WallClock);
+        let times = LeaseTimes::default();
+        let a = LeaseKeeper::start(s.instances[0].clone(), clock.clone(), "ia", "{}", times)
+            .await
+            .unwrap();
+        let b = LeaseKeeper::start(s.instances[1].clone(), clock.clone(), "ib", "{}", times)
+            .await
+            .unwrap();
+        let name = "telegram:bot1";
+        let mut ra = a.want(name).await;
+        let mut rb = b.want(name).await;
+        let (ta, tb) = (*ra.borrow_and_update(), *rb.borrow_and_update());
+        assert!(
+            ta.is_some() != tb.is_some(),
+            "{}: exactly one holder, got {ta:?} / {tb:?}",
+            s.name
+        );
+        let (holder, other, mut rother, token) = match ta {
+            Some(t) => (a.clone(), b.clone(), rb, t),
+            None => (b.clone(), a.clone(), ra, tb.unwrap()),
+        };
+        // Several renewal rounds later nothing moved.
+        tokio::time::sleep(times.renew * 2 + std::time::Duration::from_millis(200)).await;
+        assert_eq!(holder.token(name), Some(token), "{}", s.name);
+        assert_eq!(other.token(name), None, "{}", s.name);
+        let put = |who: &Addr<PersistenceActor>, token: i64, offset: i64| {
+            who.send(PutFencedAdapterState {
+                lease: name.into(),
+                token,
+                adapter: "telegram:bot1".into(),
+                state_json: format!("{{\"offset\":{offset}}}"),
+            })
+        };
+        let holder_store = if ta.is_some() {
+            &s.instances[0]
+        } else {
+            &s.instances[1]
+        };
+        put(holder_store, token, 5).await.unwrap().unwrap();
+        // The holder dies (stops renewing, releases nothing).
+        let died = std::time::Instant::now();
+        holder.halt();
+        let gained = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            loop {
+                rother.changed().await.unwrap();
+                if let Some(t) = *rother.borrow_and_update() {
+                    return t;
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{}: no takeover within 10 s", s.name));
+        assert!(gained > token, "{}: token {gained} after {token}", s.name);
+        eprintln!("{}: lease moved after {:?}", s.name, died.elapsed());
+        let stale = put(holder_store, token, 6).await.unwrap();
+        assert!(
+            stale
+                .as_ref()
+                .is_err_and(|e| e.to_string().contains("stale lease")),
+            "{}: {stale:?}",
+            s.name
+        );
+        let other_store = if ta.is_some() {
+            &s.instances[1]
+        } else {
+            &s.instances[0]
+        };
+        put(other_store, gained, 7).await.unwrap().unwrap();
+        let (instances, leases) = other_store.send(GetCluster).await.unwrap().unwrap();
+        assert_eq!(instances.len(), 2, "{}", s.name);
+        assert_eq!(leases[0].holder, other.holder(), "{}", s.name);
+        other.leave().await;
+    }
+}

@@ -47,6 +47,7 @@ pub mod fsutil;
 pub mod health;
 pub mod http;
 pub mod ids;
+pub mod lease;
 pub mod masterkey;
 pub mod metrics;
 pub mod outbox;

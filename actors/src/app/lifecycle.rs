@@ -103,6 +103,9 @@ pub struct Lifecycle {
     pub(crate) done: Option<oneshot::Sender<ExitReport>>,
     /// Capability tokens (failed attempts are summarised in the audit log).
     pub(crate) tokens: crate::vault::TokenTable,
+    /// This instance's heartbeat and leases (released, instance marked
+    /// gone, before the store closes).
+    pub(crate) leases: Option<crate::lease::LeaseKeeper>,
 }
 
 /// Append the `auth_failed` summary (count since the last one), if any
@@ -152,6 +155,7 @@ impl Handler<Shutdown> for Lifecycle {
         let http = self.http.clone();
         let adapters = self.adapters.clone();
         let tokens = self.tokens.clone();
+        let leases = self.leases.clone();
         let reason = msg.reason.clone();
         let cascade = async move {
             // 0. Pollers stop first: a long poll in flight is abandoned and
@@ -210,6 +214,9 @@ impl Handler<Shutdown> for Lifecycle {
             //    (keel.db; secrets.db is closed with a TRUNCATE checkpoint
             //    after every write, so nothing of it is open here).
             flush_auth_failures(&tokens, &persistence).await;
+            if let Some(leases) = leases {
+                leases.leave().await;
+            }
             let _ = persistence
                 .send(AppendAudit {
                     kind: "stopped",

@@ -144,6 +144,28 @@ pub fn settings_tasks(config: &Config, base_env: &[(String, String)]) -> TaskSet
     }
 }
 
+/// This instance's id: `[containers] instance` when set, else the one kept
+/// in the store (created at first start), the same the reaper uses.
+async fn instance_id(
+    config: &Config,
+    persistence: &Addr<PersistenceActor>,
+) -> Result<String, StartError> {
+    if let Some(id) = &config.containers.instance {
+        return Ok(id.clone());
+    }
+    use rand::Rng;
+    let proposed: String = (0..12)
+        .map(|_| {
+            let n = rand::thread_rng().gen_range(0..36u32);
+            char::from_digit(n, 36).unwrap_or('0')
+        })
+        .collect();
+    Ok(persistence
+        .send(crate::persistence::services::GetOrCreateInstance { proposed })
+        .await
+        .unwrap_or(Err(StoreError::Closed))?)
+}
+
 /// The reaper's settings: the instance id (configured, or the one kept in
 /// the store, created at first start) and the paths no container may mount.
 async fn settings_reaper(
@@ -604,6 +626,7 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
             adapters: None,
             containers: None,
             tokens: tokens.clone(),
+            leases: None,
             http: server,
             http_client: http,
             cli_clients,
@@ -634,6 +657,23 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         .await
         .unwrap_or(Err(StoreError::Closed))?;
     metrics.boot_epoch.set(stats.boot_epoch);
+    // R49: this instance's heartbeat row and the leases it runs under.
+    let leases = {
+        let id = instance_id(&config, &persistence).await?;
+        let info = serde_json::json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "http": http_addr.to_string(),
+        })
+        .to_string();
+        crate::lease::LeaseKeeper::start(
+            persistence.clone(),
+            clock.clone(),
+            &id,
+            &info,
+            crate::lease::LeaseTimes::default(),
+        )
+        .await?
+    };
     let awaiting = registry
         .send(ResumeAwaiting)
         .await
@@ -712,13 +752,19 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
     // leaves containers degraded, never keel down (R27).
     let container_report = match (reaper_ctx, &reaper, containers) {
         (Some(ctx), Some(addr), Some((engine, settings))) => {
-            ctx.run(ContainerReaper::new(
-                engine,
-                persistence.clone(),
-                health.clone(),
-                &metrics,
-                settings,
-            ));
+            let lease = leases
+                .want(&format!("reconciler:{}", settings.instance))
+                .await;
+            ctx.run(
+                ContainerReaper::new(
+                    engine,
+                    persistence.clone(),
+                    health.clone(),
+                    &metrics,
+                    settings,
+                )
+                .with_lease(lease),
+            );
             Some(
                 addr.send(RecoverContainers)
                     .await
@@ -894,6 +940,7 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         shutting_down: false,
         done: Some(done_tx),
         tokens,
+        leases: Some(leases),
     }
     .start();
     Ok(Running {

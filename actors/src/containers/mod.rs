@@ -384,6 +384,9 @@ pub struct ContainerReaper {
     /// A reconcile is queued (coalesces events and ticks).
     queued: bool,
     tick: Option<SpawnHandle>,
+    /// Issue 13: the token of lease `reconciler:<instance>`; the periodic
+    /// reconcile runs only while it is held (`None` here: always).
+    lease: Option<tokio::sync::watch::Receiver<Option<i64>>>,
 }
 
 impl ContainerReaper {
@@ -414,7 +417,14 @@ impl ContainerReaper {
             }),
             queued: false,
             tick: None,
+            lease: None,
         }
+    }
+
+    /// Reconcile only while this lease token is held (issue 13).
+    pub fn with_lease(mut self, lease: tokio::sync::watch::Receiver<Option<i64>>) -> Self {
+        self.lease = Some(lease);
+        self
     }
 }
 
@@ -929,10 +939,15 @@ impl Handler<Reconcile> for ContainerReaper {
 
     fn handle(&mut self, _: Reconcile, _: &mut Context<Self>) -> Self::Result {
         let inner = self.inner.clone();
+        let held = self.lease.as_ref().is_none_or(|l| l.borrow().is_some());
         let work = async move {
             let mut st = inner.state.lock().await;
             if st.stopping {
                 return false;
+            }
+            if !held {
+                tracing::debug!("reconcile skipped: lease held by another instance");
+                return true;
             }
             let r = inner.reconcile(&mut st).await;
             if let Err(e) = &r {

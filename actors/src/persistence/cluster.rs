@@ -50,6 +50,22 @@ impl Handler<Heartbeat> for PersistenceActor {
     }
 }
 
+/// A clean stop: this instance's life ends now.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<(), StoreError>")]
+pub struct LeaveInstance {
+    pub id: String,
+    pub epoch: i64,
+    pub now_ms: i64,
+}
+
+impl Handler<LeaveInstance> for PersistenceActor {
+    type Result = ResponseFuture<Result<(), StoreError>>;
+    fn handle(&mut self, m: LeaveInstance, _: &mut Context<Self>) -> Self::Result {
+        self.call_sql(move |db, _| instances::leave(db, &m.id, m.epoch, m.now_ms))
+    }
+}
+
 /// Take or renew a lease; `Some(token)` while held. Sent by whatever runs
 /// under a lease (a poller, the reconciler) every few seconds.
 #[derive(Debug, Clone, Message)]

@@ -77,3 +77,13 @@ pub fn list(db: &mut dyn Sql) -> Result<Vec<Instance>, StoreError> {
     })
     .collect()
 }
+
+/// A clean stop of `id` at `epoch`: its life ends now (its leases were
+/// released before).
+pub fn leave(db: &mut dyn Sql, id: &str, epoch: i64, now_ms: i64) -> Result<(), StoreError> {
+    db.exec(
+        "UPDATE instances SET expires_ms = $3 WHERE id = $1 AND epoch = $2",
+        vals![id, epoch, now_ms],
+    )?;
+    Ok(())
+}
