@@ -79,6 +79,11 @@ impl Default for CliClients {
 struct PendingReply {
     /// Connections it was written to; when all are gone, it failed.
     conns: HashSet<u64>,
+    /// Its chat and the line written, so a client subscribing while it
+    /// waits is sent it too (and the reply does not fail when the client
+    /// it was first written to leaves).
+    chat: String,
+    line: String,
     done: oneshot::Sender<Result<(), SendError>>,
 }
 
@@ -111,11 +116,22 @@ impl CliClients {
 
     /// Connection `conn` subscribed to `chat` (its first message or hello).
     fn subscribe(&self, chat: &str, conn: u64, tx: &mpsc::UnboundedSender<String>) {
-        self.lock()
-            .sockets
-            .entry(chat.to_string())
-            .or_default()
-            .push((conn, tx.clone()));
+        {
+            let mut inner = self.lock();
+            inner
+                .sockets
+                .entry(chat.to_string())
+                .or_default()
+                .push((conn, tx.clone()));
+            // Replies of this chat still waiting for a confirmation go to the
+            // new client as well (at-least-once), so they do not hang on a
+            // client that is leaving.
+            for p in inner.pending.values_mut() {
+                if p.chat == chat && !p.conns.contains(&conn) && tx.send(p.line.clone()).is_ok() {
+                    p.conns.insert(conn);
+                }
+            }
+        }
         if let Some(ready) = self
             .ready
             .lock()
@@ -212,6 +228,8 @@ impl ReplySink for CliSink {
                     reply.id,
                     PendingReply {
                         conns: sent_to,
+                        chat: reply.chat.clone(),
+                        line,
                         done,
                     },
                 );
