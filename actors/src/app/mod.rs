@@ -166,28 +166,9 @@ async fn instance_id(
         .unwrap_or(Err(StoreError::Closed))?)
 }
 
-/// The reaper's settings: the instance id (configured, or the one kept in
-/// the store, created at first start) and the paths no container may mount.
-async fn settings_reaper(
-    config: &Config,
-    persistence: &Addr<PersistenceActor>,
-) -> Result<ReaperSettings, StartError> {
-    let instance = match &config.containers.instance {
-        Some(id) => id.clone(),
-        None => {
-            use rand::Rng;
-            let proposed: String = (0..12)
-                .map(|_| {
-                    let n = rand::thread_rng().gen_range(0..36u32);
-                    char::from_digit(n, 36).unwrap_or('0')
-                })
-                .collect();
-            persistence
-                .send(crate::persistence::services::GetOrCreateInstance { proposed })
-                .await
-                .unwrap_or(Err(StoreError::Closed))?
-        }
-    };
+/// The reaper's settings: this instance's id and the paths no container
+/// may mount.
+fn settings_reaper(config: &Config, instance: &str) -> ReaperSettings {
     let mut paths = vec![std::path::PathBuf::from(
         config
             .containers
@@ -203,12 +184,12 @@ async fn settings_reaper(
             paths.push(real);
         }
     }
-    Ok(ReaperSettings {
-        instance,
+    ReaperSettings {
+        instance: instance.to_string(),
         reconcile_interval: Duration::from_secs(config.containers.reconcile_interval_s),
         stop_services_on_shutdown: config.containers.stop_services_on_shutdown,
         forbidden: crate::containers::spec::Forbidden { paths },
-    })
+    }
 }
 
 pub fn settings_admin(config: &Config) -> crate::http::AdminAccess {
@@ -658,8 +639,9 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         .unwrap_or(Err(StoreError::Closed))?;
     metrics.boot_epoch.set(stats.boot_epoch);
     // R49: this instance's heartbeat row and the leases it runs under.
+    let instance = instance_id(&config, &persistence).await?;
     let leases = {
-        let id = instance_id(&config, &persistence).await?;
+        let id = &instance;
         let info = serde_json::json!({
             "version": env!("CARGO_PKG_VERSION"),
             "http": http_addr.to_string(),
@@ -668,7 +650,7 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         crate::lease::LeaseKeeper::start(
             persistence.clone(),
             clock.clone(),
-            &id,
+            id,
             &info,
             crate::lease::LeaseTimes::default(),
         )
@@ -712,7 +694,7 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
     // of container tasks.
     let containers: Option<(Arc<dyn crate::containers::engine::Engine>, ReaperSettings)> =
         if config.containers.enabled {
-            let settings = settings_reaper(&config, &persistence).await?;
+            let settings = settings_reaper(&config, &instance);
             let engine = crate::containers::docker::DockerEngine::new(
                 config.containers.host(),
                 Duration::from_millis(config.containers.request_timeout_ms),
