@@ -293,6 +293,18 @@ pub fn recover_rekey(dbs: &[&Path], key: &KeyHandle) -> Result<Vec<String>, Stor
             ));
         } else {
             fs::remove_file(&next).map_err(io(&next))?;
+            // What SQLite kept beside the copy (a journal of the export
+            // a kill cut short) belongs to nothing now.
+            for suffix in ["-journal", "-wal", "-shm"] {
+                let mut side = next.as_os_str().to_os_string();
+                side.push(suffix);
+                match fs::remove_file(&side) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(io(Path::new(&side))(e))
+                    }
+                    _ => {}
+                }
+            }
             done.push(format!(
                 "removed {} (a rekey interrupted before the key changed)",
                 next.display()

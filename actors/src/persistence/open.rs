@@ -364,6 +364,47 @@ pub fn open_store(opts: &StoreOptions) -> Result<(Connection, OpenReport), Store
     ))
 }
 
+/// A read-only connection to the existing file `path`, unlocked with `key`
+/// and checked by one read of the schema.
+///
+/// A hot rollback journal beside the file (a writer killed in the middle
+/// of a rollback-mode transaction, such as the switch to WAL of a copy a
+/// rekey installed) cannot be rolled back by a read-only connection
+/// (`SQLITE_READONLY_ROLLBACK`). The next writer would roll it back; a
+/// reader does the same once, with a read-write connection that creates
+/// nothing, and then reads.
+pub(crate) fn connect_read_only(
+    path: &Path,
+    key: Option<&KeyHandle>,
+) -> Result<Connection, StoreError> {
+    let open = |flags: OpenFlags| -> Result<(Connection, rusqlite::Result<i64>), StoreError> {
+        let conn = Connection::open_with_flags(path, flags | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+            .map_err(|e| classify_open_error(path, e))?;
+        apply_key(&conn, path, key)?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        let probe = conn.query_row("SELECT COUNT(*) FROM sqlite_master", [], |r| r.get(0));
+        Ok((conn, probe))
+    };
+    let (conn, probe) = open(OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    match probe {
+        Ok(_) => return Ok(conn),
+        Err(e) if !is_hot_journal(&e) => return Err(classify_key_error(path, key, e)),
+        Err(_) => drop(conn),
+    }
+    let (writer, probe) = open(OpenFlags::SQLITE_OPEN_READ_WRITE)?;
+    probe.map_err(|e| classify_key_error(path, key, e))?;
+    drop(writer);
+    let (conn, probe) = open(OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    probe.map_err(|e| classify_key_error(path, key, e))?;
+    Ok(conn)
+}
+
+/// `SQLITE_READONLY_ROLLBACK`: a read-only connection met a hot journal.
+fn is_hot_journal(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _)
+        if f.extended_code == rusqlite::ffi::SQLITE_READONLY_ROLLBACK)
+}
+
 /// Open an existing database read-only for operator commands (`keel status`,
 /// `keel sessions`): safe while the daemon runs, never creates a file.
 pub fn open_read_only(path: &Path, key: Option<&KeyHandle>) -> Result<Connection, StoreError> {
@@ -373,18 +414,7 @@ pub fn open_read_only(path: &Path, key: Option<&KeyHandle>) -> Result<Connection
             detail: "no database here (has keel run with this --data-dir?)".into(),
         });
     }
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(|e| classify_open_error(path, e))?;
-    apply_key(&conn, path, key)?;
-    conn.busy_timeout(Duration::from_secs(5))?;
-    if let Err(e) = conn.query_row("SELECT COUNT(*) FROM sqlite_master", [], |r| {
-        r.get::<_, i64>(0)
-    }) {
-        return Err(classify_key_error(path, key, e));
-    }
+    let conn = connect_read_only(path, key)?;
     migrate::check_not_newer(&conn, path).map_err(|e| match e {
         StoreError::Unavailable(d) | StoreError::Sqlite(d) => StoreError::Corrupt {
             path: path.to_path_buf(),

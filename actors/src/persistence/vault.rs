@@ -13,7 +13,7 @@ use serde::Serialize;
 use serde_json::json;
 use zeroize::Zeroizing;
 
-use super::open::{apply_key, classify_key_error};
+use super::open::{apply_key, classify_key_error, connect_read_only};
 use super::{audit, PersistenceActor};
 use crate::clock::Stamp;
 use crate::error::StoreError;
@@ -193,13 +193,12 @@ pub fn open_secrets(
         c.execute_batch(SECRETS_SCHEMA)?;
         return Ok(c);
     };
-    let flags = if read_only {
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
-    } else {
-        OpenFlags::SQLITE_OPEN_READ_WRITE
-            | OpenFlags::SQLITE_OPEN_CREATE
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX
-    };
+    if read_only {
+        return connect_read_only(path, Some(key));
+    }
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_CREATE
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let conn = Connection::open_with_flags(path, flags).map_err(|e| StoreError::Open {
         path: path.to_path_buf(),
         detail: e.to_string(),
@@ -210,7 +209,7 @@ pub fn open_secrets(
         r.get::<_, i64>(0)
     })
     .map_err(|e| classify_key_error(path, Some(key), e))?;
-    if !read_only {
+    {
         let _: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
         conn.execute_batch("PRAGMA synchronous = FULL;")?;
         conn.execute_batch(SECRETS_SCHEMA)?;
@@ -272,4 +271,76 @@ pub fn get_secret(conn: &Connection, name: &str) -> Result<Option<Zeroizing<Vec<
         .query_row(params![name], |r| r.get::<_, Vec<u8>>(0))
         .optional()?
         .map(Zeroizing::new))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::masterkey::{KeyHandle, MasterKey};
+
+    /// The image a kill -9 leaves in the middle of a rollback-mode write:
+    /// the database with some pages already overwritten and the hot
+    /// journal holding their old content. Made by copying both files while
+    /// a transaction whose pages spilled to the file is still open.
+    fn hot_journal_image(dir: &Path, key: &KeyHandle) -> std::path::PathBuf {
+        let live = dir.join("live.db");
+        let c = Connection::open(&live).unwrap();
+        apply_key(&c, &live, Some(key)).unwrap();
+        c.execute_batch(SECRETS_SCHEMA).unwrap();
+        put_secret(&c, &Stamp::from_ms(1_700_000_000_000), "kept", b"v").unwrap();
+        c.execute_batch("PRAGMA cache_size = 1; BEGIN; DELETE FROM secrets;")
+            .unwrap();
+        // More pages than the cache holds: they spill to the file before
+        // the commit, so the image needs its journal to be consistent.
+        c.execute_batch(
+            "CREATE TABLE filler (b BLOB);
+             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 50)
+             INSERT INTO filler SELECT randomblob(3000) FROM n;",
+        )
+        .unwrap();
+        let image = dir.join("secrets.db");
+        std::fs::copy(&live, &image).unwrap();
+        let mut journal = image.clone().into_os_string();
+        journal.push("-journal");
+        std::fs::copy(dir.join("live.db-journal"), &journal).unwrap();
+        c.execute_batch("ROLLBACK;").unwrap();
+        image
+    }
+
+    #[test]
+    fn a_read_only_open_rolls_back_a_hot_journal_and_reads_the_committed_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = KeyHandle::new(MasterKey::generate(), "a test key");
+        let image = hot_journal_image(dir.path(), &key);
+        // Without the roll back, SQLite refuses the read-only connection.
+        let plain = Connection::open_with_flags(&image, OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+        apply_key(&plain, &image, Some(&key)).unwrap();
+        let err = plain
+            .query_row("SELECT COUNT(*) FROM secrets", [], |r| r.get::<_, i64>(0))
+            .unwrap_err();
+        assert!(
+            matches!(&err, rusqlite::Error::SqliteFailure(f, _)
+                if f.extended_code == rusqlite::ffi::SQLITE_READONLY_ROLLBACK),
+            "the image is not a hot journal: {err}"
+        );
+        drop(plain);
+        let c = open_secrets(Some(&image), &key, true).unwrap();
+        let names: Vec<String> = list_secrets(&c)
+            .unwrap()
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
+        assert_eq!(names, ["kept"]);
+        let filler: i64 = c
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE name = 'filler'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(filler, 0, "the uncommitted table survived");
+        let mut journal = image.clone().into_os_string();
+        journal.push("-journal");
+        assert!(!Path::new(&journal).exists(), "the hot journal is left");
+    }
 }
