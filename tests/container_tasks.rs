@@ -25,7 +25,7 @@ fn daemon(inst: &Instance) -> Daemon {
     let tasks = format!(
         "\n[tasks]\nlog_flush_ms = 50\ngrace_ms = 1000\n\
          \n[task.count]\nkind = \"container\"\nimage = {IMAGE:?}\n\
-         command = [\"sh\", \"-c\", \"i=1; while [ $i -le 40 ]; do echo line $i; i=$((i+1)); sleep 0.25; done; exit 3\"]\n\
+         command = [\"sh\", \"-c\", \"i=1; while [ $i -le 40 ]; do echo line $i; echo err $i >&2; echo more $i; i=$((i+1)); sleep 0.25; done; exit 3\"]\n\
          \n[task.forever]\nkind = \"container\"\nimage = {IMAGE:?}\ncommand = [\"sleep\", \"3600\"]\n\
          \n[task.slow]\nkind = \"container\"\nimage = {IMAGE:?}\ncommand = [\"sleep\", \"3600\"]\ntimeout_s = 1\n"
     );
@@ -52,8 +52,9 @@ async fn show(d: &Daemon, id: i64) -> Value {
     serde_json::from_slice(&o.stdout).unwrap()
 }
 
-async fn logs(d: &Daemon, id: i64) -> String {
-    let o = keel(d, &["tasks", "logs", &id.to_string()]).await;
+async fn logs_of(d: &Daemon, id: i64, stream: &str) -> String {
+    let o = keel(d, &["tasks", "logs", &id.to_string(), "--stream", stream]).await;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     String::from_utf8_lossy(&o.stdout).to_string()
 }
 
@@ -130,12 +131,17 @@ async fn a_container_task_survives_ten_kill_9s_and_is_re_attached_each_time() {
         .filter(|s| s["detail"].as_str().unwrap_or("").contains("re-attached"))
         .count();
     assert!(reattached >= 10, "re-attached {reattached} times: {t}");
-    // Every line exactly once, in order.
-    let text = logs(&d, id).await;
-    let want: String = (1..=40).map(|i| format!("line {i}\n")).collect();
-    assert_eq!(text, want);
+    // Every line of each stream exactly once, in order (the streams are
+    // read from two pipes: a kill can find one stored further than the
+    // other).
+    let out = logs_of(&d, id, "stdout").await;
+    let want: String = (1..=40).map(|i| format!("line {i}\nmore {i}\n")).collect();
+    assert_eq!(out, want);
+    let err = logs_of(&d, id, "stderr").await;
+    let want: String = (1..=40).map(|i| format!("err {i}\n")).collect();
+    assert_eq!(err, want);
     // Resumed by the engine's timestamps, not a byte count: the stored
-    // batches carry resume points "<RFC3339Nano> <n> <skip>".
+    // batches carry resume points "<RFC3339Nano> <n> <skip>" per stream.
     let conn = common::open_db(&d.db_path());
     let last: String = conn
         .query_row(
@@ -145,11 +151,14 @@ async fn a_container_task_survives_ten_kill_9s_and_is_re_attached_each_time() {
             |r| r.get(0),
         )
         .expect("a resume point stored");
-    let ts = last.split(' ').next().unwrap();
-    assert!(
-        ts.ends_with('Z') && ts.contains('T') && ts.contains('.'),
-        "{last}"
-    );
+    let fields: Vec<&str> = last.split(' ').collect();
+    assert_eq!(fields.len(), 6, "{last}");
+    for ts in [fields[0], fields[3]] {
+        assert!(
+            ts.ends_with('Z') && ts.contains('T') && ts.contains('.'),
+            "{last}"
+        );
+    }
     let gone = poll_until(DEADLINE, || async {
         task_containers(engine, &inst, id).is_empty().then_some(())
     })
