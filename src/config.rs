@@ -142,9 +142,16 @@ pub fn load(dir: &DataDirArg, run: Option<&RunArgs>) -> Result<Config> {
         resolve_vault(&mut config)?;
     }
     if config.containers.docker_host.is_none() {
-        // The engine's usual variable; keel speaks to Unix sockets only.
-        config.containers.docker_host =
-            env_token("DOCKER_HOST").filter(|h| h.starts_with("unix://"));
+        // The engine's usual variable; keel speaks to Unix sockets only, and
+        // says so rather than quietly using the standard socket instead.
+        match env_token("DOCKER_HOST") {
+            Some(h) if h.starts_with("unix://") => config.containers.docker_host = Some(h),
+            Some(h) if config.containers.enabled => {
+                let scheme = h.split("://").next().unwrap_or("");
+                bail!("DOCKER_HOST names a {scheme}:// engine, but keel talks to a local engine over a Unix socket only: set [containers] docker_host = \"unix:///path/to/docker.sock\" or unset DOCKER_HOST")
+            }
+            _ => {}
+        }
     }
     config.validate(&origin)?;
     Ok(config)

@@ -1014,3 +1014,109 @@ async fn kill_9_during_an_ephemeral_run_leaves_no_orphan_after_restart() {
     engine.remove(&foreign);
     d.assert_no_panics();
 }
+
+/// The engine named by `DOCKER_HOST` (no `docker_host` in the config), and
+/// a `DOCKER_HOST` keel cannot use refused in one line rather than quietly
+/// replaced by the standard socket. With a reconcile interval of an hour,
+/// only the engine's events can trigger the repair of a container removed
+/// behind keel's back. A container of the service's name running another
+/// spec (planted while keel is stopped) is reported as drifted by `keel
+/// verify` (exit 1) and replaced at the next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_host_events_trigger_repairs_and_a_wrong_spec_is_reported_and_replaced() {
+    let Some(engine) = docker_or_skip("docker_host_events_drift") else {
+        return;
+    };
+    let inst = Instance::new(engine, "events");
+    let mut d = Daemon::new(Config::default(), None);
+    let section = format!(
+        "\n[containers]\nenabled = true\ninstance = {:?}\nreconcile_interval_s = 3600\nrequest_timeout_ms = 5000\n",
+        inst.id
+    );
+    d.write_config_text(&format!("{}{section}", d.config.to_toml()));
+
+    let data_dir = d.data_dir.to_string_lossy().into_owned();
+    let config = d.config_path.to_string_lossy().into_owned();
+    let refused = common::run_keel_env(
+        &["run", "--data-dir", &data_dir, "--config", &config],
+        &[("DOCKER_HOST", "tcp://127.0.0.1:2375")],
+        None,
+        DEADLINE,
+    )
+    .await;
+    assert!(!refused.status.success());
+    let err = stderr(&refused);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("DOCKER_HOST names a tcp:// engine") && err.contains("Unix socket"),
+        "{err}"
+    );
+
+    d.env.push(("DOCKER_HOST".into(), engine.host().to_string()));
+    d.boot().await;
+    let r = common::send(d.client.post(d.url("/v1/services")).json(&json!({
+        "name": "web", "image": IMAGE, "command": ["sleep", "3600"],
+    })))
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let hash = r.json()["spec_hash"].as_str().unwrap().to_string();
+    let first = service_names(engine, &inst, "web");
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert_eq!(first[0].1, "running");
+
+    // Removed behind keel's back: the engine's `destroy` event brings the
+    // repair, an hour before the next periodic reconcile.
+    engine.remove(&first[0].0);
+    let repaired = poll_until(DEADLINE, || async {
+        let web = service_names(engine, &inst, "web");
+        (web.len() == 1 && web[0].1 == "running").then_some(web)
+    })
+    .await;
+    assert!(repaired.is_some(), "no repair: {:?}", engine.names(&inst.id));
+    let c = status_containers(&d).await;
+    assert!(c["repairs"].as_u64().unwrap() >= 1, "{c}");
+    assert!(d.sigterm(DEADLINE).await.success());
+
+    // Another spec under the service's name, planted while keel is stopped.
+    let current = service_names(engine, &inst, "web");
+    engine.remove(&current[0].0);
+    let wrong = "0".repeat(64);
+    engine.plant(
+        &current[0].0,
+        inst.labels("service", &[("keel.service", "web"), ("keel.spec", &wrong)]),
+        true,
+    );
+    let o = common::run_keel_env(
+        &["verify", "--json", "--data-dir", &data_dir, "--config", &config],
+        &[("DOCKER_HOST", &engine.host())],
+        None,
+        DEADLINE,
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).expect("verify json");
+    assert_eq!(v["consistent"], false, "{v}");
+    assert_eq!(v["drifted"], json!(["web"]), "{v}");
+    assert_eq!(v["missing"], json!([]), "{v}");
+
+    // The next start replaces it with a container of the logged spec.
+    d.boot().await;
+    let replaced = poll_until(DEADLINE, || async {
+        let ok = engine.containers(&inst.id).iter().any(|c| {
+            c["Labels"]["keel.service"] == "web"
+                && c["Labels"]["keel.spec"] == hash.as_str()
+                && c["State"] == "running"
+        });
+        let stale = engine
+            .containers(&inst.id)
+            .iter()
+            .any(|c| c["Labels"]["keel.spec"] == wrong.as_str());
+        (ok && !stale).then_some(())
+    })
+    .await;
+    assert!(replaced.is_some(), "not replaced: {:?}", engine.names(&inst.id));
+    let (code, v) = verify(&d).await;
+    assert_eq!(code, 0, "{v}");
+    d.assert_no_panics();
+}

@@ -353,23 +353,62 @@ fn check_mount(m: &str, forbidden: &Forbidden) -> Result<(), SpecError> {
         return Err(refuse("mounts", "source and target must be absolute paths"));
     }
     no_control("mounts", m)?;
-    let norm = normalize(Path::new(src));
-    if norm == Path::new("/") {
-        return Err(refuse("mounts", "mounting / is not allowed"));
-    }
-    for f in &forbidden.paths {
-        let f = normalize(f);
-        if norm.starts_with(&f) || f.starts_with(&norm) {
+    // Both the path as written and the one the engine (on this host) would
+    // mount once symlinks are followed: a link cannot bring in what is
+    // refused by name.
+    let written = normalize(Path::new(src));
+    for path in [written.clone(), resolved(&written)] {
+        if path == Path::new("/") {
+            return Err(refuse("mounts", "mounting / is not allowed"));
+        }
+        if KERNEL_FS.iter().any(|k| path.starts_with(k)) {
             return Err(refuse(
                 "mounts",
                 format!(
-                    "mounting {} is not allowed (the engine socket or keel's data dir)",
-                    norm.display()
+                    "mounting {} is not allowed (a kernel filesystem: it reaches the host, /proc/1/root is its /)",
+                    path.display()
                 ),
             ));
         }
+        for f in &forbidden.paths {
+            for f in [normalize(f), resolved(&normalize(f))] {
+                if path.starts_with(&f) || f.starts_with(&path) {
+                    return Err(refuse(
+                        "mounts",
+                        format!(
+                            "mounting {} is not allowed (the engine socket or keel's data dir)",
+                            written.display()
+                        ),
+                    ));
+                }
+            }
+        }
     }
     Ok(())
+}
+
+/// Host directories no container may mount: they reach the host's
+/// processes, devices and root.
+const KERNEL_FS: [&str; 3] = ["/proc", "/sys", "/dev"];
+
+/// `p` (already normalized) with the symlinks of its longest existing
+/// prefix followed; the part that does not exist is kept as written.
+fn resolved(p: &Path) -> PathBuf {
+    let mut existing = p.to_path_buf();
+    let mut rest = Vec::new();
+    loop {
+        if let Ok(mut out) = std::fs::canonicalize(&existing) {
+            out.extend(rest.iter().rev());
+            return normalize(&out);
+        }
+        match (existing.file_name().map(|n| n.to_os_string()), existing.parent()) {
+            (Some(name), Some(parent)) => {
+                rest.push(name);
+                existing = parent.to_path_buf();
+            }
+            _ => return p.to_path_buf(),
+        }
+    }
 }
 
 /// `..` and `.` resolved lexically (the path need not exist).
@@ -450,6 +489,12 @@ mod tests {
                 r#"{"image":"busybox","mounts":["/etc/../:/d"]}"#,
                 "mounts: mounting / ",
             ),
+            (
+                r#"{"image":"busybox","mounts":["/proc/1/root:/host"]}"#,
+                "mounts: mounting /proc/1/root is not allowed (a kernel",
+            ),
+            (r#"{"image":"busybox","mounts":["/sys:/s"]}"#, "mounts:"),
+            (r#"{"image":"busybox","mounts":["/dev/sda:/d"]}"#, "mounts:"),
             (r#"{"image":"Busy Box"}"#, "image:"),
             (r#"{"image":"UPPER/case"}"#, "image:"),
             (r#"{"image":""}"#, "image:"),
@@ -475,6 +520,45 @@ mod tests {
                 .to_string()
                 .starts_with("name:"));
         }
+    }
+
+    /// A symlink to a refused directory is refused like the directory:
+    /// the engine follows it.
+    #[test]
+    fn a_symlink_does_not_smuggle_in_a_refused_mount() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        let to_root = dir.path().join("to-root");
+        let to_data = dir.path().join("to-data");
+        let to_proc = dir.path().join("to-proc");
+        std::os::unix::fs::symlink("/", &to_root).unwrap();
+        std::os::unix::fs::symlink(&data, &to_data).unwrap();
+        std::os::unix::fs::symlink("/proc/self", &to_proc).unwrap();
+        let forbidden = Forbidden {
+            paths: vec![data.clone()],
+        };
+        let check = |src: String| {
+            spec(&format!(
+                r#"{{"image":"busybox","mounts":["{src}:/m"]}}"#
+            ))
+            .unwrap()
+            .validate(&forbidden)
+            .map_err(|e| e.to_string())
+        };
+        let root = check(to_root.display().to_string()).unwrap_err();
+        assert!(root.starts_with("mounts: mounting / is not allowed"), "{root}");
+        for src in [
+            to_data.display().to_string(),
+            format!("{}/keel.db", to_data.display()),
+            to_proc.display().to_string(),
+        ] {
+            let got = check(src.clone()).unwrap_err();
+            assert!(got.starts_with("mounts:"), "{src}: {got}");
+        }
+        // An ordinary directory (and one not created yet) still passes.
+        check(dir.path().join("files").display().to_string()).unwrap();
+        check(format!("{}/new/deeper", dir.path().display())).unwrap();
     }
 
     #[test]
