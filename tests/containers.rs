@@ -1052,7 +1052,8 @@ async fn docker_host_events_trigger_repairs_and_a_wrong_spec_is_reported_and_rep
         "{err}"
     );
 
-    d.env.push(("DOCKER_HOST".into(), engine.host().to_string()));
+    d.env
+        .push(("DOCKER_HOST".into(), engine.host().to_string()));
     d.boot().await;
     let r = common::send(d.client.post(d.url("/v1/services")).json(&json!({
         "name": "web", "image": IMAGE, "command": ["sleep", "3600"],
@@ -1073,7 +1074,11 @@ async fn docker_host_events_trigger_repairs_and_a_wrong_spec_is_reported_and_rep
         (web.len() == 1 && web[0].1 == "running").then_some(web)
     })
     .await;
-    assert!(repaired.is_some(), "no repair: {:?}", engine.names(&inst.id));
+    assert!(
+        repaired.is_some(),
+        "no repair: {:?}",
+        engine.names(&inst.id)
+    );
     let c = status_containers(&d).await;
     assert!(c["repairs"].as_u64().unwrap() >= 1, "{c}");
     assert!(d.sigterm(DEADLINE).await.success());
@@ -1088,7 +1093,14 @@ async fn docker_host_events_trigger_repairs_and_a_wrong_spec_is_reported_and_rep
         true,
     );
     let o = common::run_keel_env(
-        &["verify", "--json", "--data-dir", &data_dir, "--config", &config],
+        &[
+            "verify",
+            "--json",
+            "--data-dir",
+            &data_dir,
+            "--config",
+            &config,
+        ],
         &[("DOCKER_HOST", &engine.host())],
         None,
         DEADLINE,
@@ -1115,7 +1127,11 @@ async fn docker_host_events_trigger_repairs_and_a_wrong_spec_is_reported_and_rep
         (ok && !stale).then_some(())
     })
     .await;
-    assert!(replaced.is_some(), "not replaced: {:?}", engine.names(&inst.id));
+    assert!(
+        replaced.is_some(),
+        "not replaced: {:?}",
+        engine.names(&inst.id)
+    );
     let (code, v) = verify(&d).await;
     assert_eq!(code, 0, "{v}");
     d.assert_no_panics();

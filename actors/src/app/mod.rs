@@ -703,13 +703,18 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         } else {
             None
         };
-    let container_runner = containers.as_ref().map(|(engine, settings)| {
-        Arc::new(crate::tasks::container::ContainerRunner::new(
-            engine.clone(),
-            &settings.instance,
-            Duration::from_millis(config.tasks.grace_ms),
-        )) as Arc<dyn crate::tasks::process::Runner>
-    });
+    // Container tasks reach the engine through the reaper, the only code
+    // that talks to it.
+    let container_runner = containers
+        .as_ref()
+        .zip(reaper.clone())
+        .map(|((_, settings), addr)| {
+            Arc::new(crate::tasks::container::ContainerRunner::new(
+                Arc::new(crate::containers::through::ThroughReaper::new(addr)),
+                &settings.instance,
+                Duration::from_millis(config.tasks.grace_ms),
+            )) as Arc<dyn crate::tasks::process::Runner>
+        });
     let runner = crate::tasks::process::ProcessRunner::start()
         .map_err(|e| StartError::Config(format!("cannot start the task spawner thread: {e}")))?;
     task_ctx.run(

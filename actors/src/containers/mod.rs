@@ -28,6 +28,7 @@ pub mod docker;
 pub mod engine;
 pub mod ephemeral;
 pub mod spec;
+pub mod through;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::AtomicI64;
@@ -1472,5 +1473,20 @@ mod tests {
             .all(|c| c.label(spec::LABEL_SERVICE).is_none()));
         let v = reaper2.send(VerifyServices).await.unwrap().unwrap();
         assert_eq!(v["consistent"], true, "{v}");
+
+        // Task containers' engine: each call is made by the reaper with
+        // its engine, answers and errors as they come.
+        let through = through::ThroughReaper::new(reaper2.clone());
+        let before = engine.lock().calls.len();
+        let listed = through.list("me").await.unwrap();
+        assert_eq!(listed.len(), engine.lock().containers.len() - 1);
+        assert!(through.image_exists("busybox").await.unwrap());
+        assert!(through.inspect("nothing").await.unwrap().is_none());
+        assert_eq!(engine.lock().calls.len(), before + 3);
+        engine.lock().down = Some(EngineError::Unavailable("socket gone".into()));
+        assert!(matches!(
+            through.ping().await,
+            Err(EngineError::Unavailable(m)) if m == "socket gone"
+        ));
     }
 }

@@ -401,7 +401,10 @@ fn resolved(p: &Path) -> PathBuf {
             out.extend(rest.iter().rev());
             return normalize(&out);
         }
-        match (existing.file_name().map(|n| n.to_os_string()), existing.parent()) {
+        match (
+            existing.file_name().map(|n| n.to_os_string()),
+            existing.parent(),
+        ) {
             (Some(name), Some(parent)) => {
                 rest.push(name);
                 existing = parent.to_path_buf();
@@ -539,15 +542,16 @@ mod tests {
             paths: vec![data.clone()],
         };
         let check = |src: String| {
-            spec(&format!(
-                r#"{{"image":"busybox","mounts":["{src}:/m"]}}"#
-            ))
-            .unwrap()
-            .validate(&forbidden)
-            .map_err(|e| e.to_string())
+            spec(&format!(r#"{{"image":"busybox","mounts":["{src}:/m"]}}"#))
+                .unwrap()
+                .validate(&forbidden)
+                .map_err(|e| e.to_string())
         };
         let root = check(to_root.display().to_string()).unwrap_err();
-        assert!(root.starts_with("mounts: mounting / is not allowed"), "{root}");
+        assert!(
+            root.starts_with("mounts: mounting / is not allowed"),
+            "{root}"
+        );
         for src in [
             to_data.display().to_string(),
             format!("{}/keel.db", to_data.display()),
