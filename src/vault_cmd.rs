@@ -500,6 +500,15 @@ impl ProgressLine {
     }
 }
 
+/// A copy that failed midway ends the line, so the error is on its own.
+impl Drop for ProgressLine {
+    fn drop(&mut self) {
+        if self.last.is_some_and(|pct| pct < 100) {
+            eprintln!();
+        }
+    }
+}
+
 pub fn restore(dir: &DataDirArg, file: &Path, force: bool) -> Result<ExitCode> {
     let config = load(dir)?;
     if !file.is_file() {
