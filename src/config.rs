@@ -11,7 +11,7 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use keel_actors::config::Config;
+use keel_actors::config::{Config, Secret};
 
 use crate::cli::{DataDirArg, RunArgs};
 
@@ -92,16 +92,16 @@ pub fn load(dir: &DataDirArg, run: Option<&RunArgs>) -> Result<Config> {
             )
         })?;
     }
+    let env_token = |name: &str| std::env::var(name).ok().filter(|t| !t.is_empty());
+    // A secret from the environment goes straight into a `Secret`.
+    let env_secret = |name: &str| env_token(name).map(Secret::new);
     if config.telegram.token.is_none() {
         // The token may live outside the config file (e.g. a systemd credential).
-        config.telegram.token = std::env::var("KEEL_TELEGRAM_TOKEN")
-            .ok()
-            .filter(|t| !t.is_empty());
+        config.telegram.token = env_secret("KEEL_TELEGRAM_TOKEN");
     }
-    let env_token = |name: &str| std::env::var(name).ok().filter(|t| !t.is_empty());
     if config.storage.url.is_none() {
         // Like a token, the URL may carry a password: env, not argv.
-        config.storage.url = env_token("KEEL_DATABASE_URL");
+        config.storage.url = env_secret("KEEL_DATABASE_URL");
     }
     for (slot, name) in [
         (
@@ -119,11 +119,11 @@ pub fn load(dir: &DataDirArg, run: Option<&RunArgs>) -> Result<Config> {
         ),
     ] {
         if slot.is_none() {
-            *slot = env_token(name);
+            *slot = env_secret(name);
         }
     }
     if config.webhook.secret.is_none() {
-        config.webhook.secret = env_token("KEEL_WEBHOOK_SECRET");
+        config.webhook.secret = env_secret("KEEL_WEBHOOK_SECRET");
     }
     if let Some(v) = env_token("KEEL_WEBHOOK_ALLOW_UNSIGNED") {
         config.webhook.allow_unsigned = match v.as_str() {
@@ -133,10 +133,10 @@ pub fn load(dir: &DataDirArg, run: Option<&RunArgs>) -> Result<Config> {
         };
     }
     if config.slack.app_token.is_none() {
-        config.slack.app_token = env_token("KEEL_SLACK_APP_TOKEN");
+        config.slack.app_token = env_secret("KEEL_SLACK_APP_TOKEN");
     }
     if config.slack.bot_token.is_none() {
-        config.slack.bot_token = env_token("KEEL_SLACK_BOT_TOKEN");
+        config.slack.bot_token = env_secret("KEEL_SLACK_BOT_TOKEN");
     }
     if run.is_some() {
         resolve_vault(&mut config)?;
@@ -165,7 +165,7 @@ fn resolve_vault(config: &mut Config) -> Result<()> {
     let secrets = config.data_dir.join("secrets.db");
     let wants_vault = secret_slots(config)
         .iter()
-        .any(|(_, v)| v.as_deref().is_some_and(|s| s.starts_with("vault:")));
+        .any(|(_, v)| v.as_ref().is_some_and(|s| s.expose().starts_with("vault:")));
     if config.ephemeral || (!wants_vault && !secrets.exists()) {
         if wants_vault {
             bail!("a config value names the vault (vault:NAME) but this keel has no secrets.db (keel secrets set NAME)");
@@ -182,19 +182,21 @@ fn resolve_vault(config: &mut Config) -> Result<()> {
     } else {
         None
     };
-    let lookup = |name: &str| -> Result<Option<String>> {
+    let lookup = |name: &str| -> Result<Option<Secret>> {
         let Some(c) = &conn else { return Ok(None) };
         match keel_actors::persistence::vault::get_secret(c, name)? {
-            Some(v) => {
-                Ok(Some(String::from_utf8(v.to_vec()).map_err(|_| {
-                    anyhow::anyhow!("secret {name} is not UTF-8")
-                })?))
-            }
+            Some(v) => Ok(Some(Secret::new(
+                String::from_utf8(v.to_vec())
+                    .map_err(|_| anyhow::anyhow!("secret {name} is not UTF-8"))?,
+            ))),
             None => Ok(None),
         }
     };
     for (key_name, slot) in secret_slots(config) {
-        match slot.as_deref().and_then(keel_actors::vault::vault_ref) {
+        match slot
+            .as_ref()
+            .and_then(|s| keel_actors::vault::vault_ref(s.expose()))
+        {
             Some(name) => {
                 let name = name.to_string();
                 *slot = Some(lookup(&name)?.ok_or_else(|| {
@@ -226,7 +228,7 @@ pub fn task_env() -> Vec<(String, String)> {
 
 /// The config values that may name the vault (`vault:NAME`) or fall back to
 /// the vault entry named after their key.
-fn secret_slots(config: &mut Config) -> [(&'static str, &mut Option<String>); 8] {
+fn secret_slots(config: &mut Config) -> [(&'static str, &mut Option<Secret>); 8] {
     [
         ("telegram.token", &mut config.telegram.token),
         (

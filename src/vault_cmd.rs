@@ -8,7 +8,7 @@
 //! itself. Secret values come from stdin only (never argv) and are never
 //! printed. Restore, rekey and migrate --encrypt need keel stopped.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, IsTerminal, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -36,6 +36,16 @@ fn load(dir: &DataDirArg) -> Result<Config> {
 
 /// Ask the running keel (admin socket); `None` when it is not running.
 fn ask_running(config: &Config, request: &Value) -> Result<Option<Value>> {
+    ask_running_noted(config, request, &mut |_| {})
+}
+
+/// [`ask_running`], handing each `{"progress": …}` line keel sends before
+/// its answer to `note`.
+fn ask_running_noted(
+    config: &Config,
+    request: &Value,
+    note: &mut dyn FnMut(&Value),
+) -> Result<Option<Value>> {
     if crate::run::running_pid(&config.data_dir).is_none() {
         return Ok(None);
     }
@@ -46,11 +56,22 @@ fn ask_running(config: &Config, request: &Value) -> Result<Option<Value>> {
     let mut line = Zeroizing::new(request.to_string());
     line.push('\n');
     stream.write_all(line.as_bytes())?;
-    let mut answer = String::new();
-    BufReader::new(&stream)
-        .read_line(&mut answer)
-        .context("no answer from keel")?;
-    let v: Value = serde_json::from_str(&answer).context("bad answer from keel")?;
+    let mut reader = BufReader::new(&stream);
+    let v = loop {
+        let mut answer = String::new();
+        if reader
+            .read_line(&mut answer)
+            .context("no answer from keel")?
+            == 0
+        {
+            bail!("no answer from keel (the admin socket closed)");
+        }
+        let v: Value = serde_json::from_str(&answer).context("bad answer from keel")?;
+        match v.get("progress") {
+            Some(p) if v.as_object().is_some_and(|o| o.len() == 1) => note(p),
+            _ => break v,
+        }
+    };
     if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
         bail!("{e}");
     }
@@ -384,7 +405,16 @@ pub fn backup(dir: &DataDirArg, file: &Path) -> Result<ExitCode> {
     if dest.exists() {
         bail!("{} exists already; choose a new file", dest.display());
     }
-    let report = match ask_running(&config, &json!({"op": "backup", "path": dest}))? {
+    let mut shown = ProgressLine::new("keel.db", std::io::stderr().is_terminal());
+    // Progress is always asked for: each step's line also keeps the
+    // socket's read timeout per step rather than for the whole copy.
+    let request = json!({"op": "backup", "path": dest, "progress": true});
+    let answer = ask_running_noted(&config, &request, &mut |p| {
+        if let (Some(done), Some(total)) = (p["done"].as_u64(), p["total"].as_u64()) {
+            shown.show(done, total);
+        }
+    })?;
+    let report = match answer {
         Some(v) => v["backup"].clone(),
         None => {
             let db = config.data_dir.join("keel.db");
@@ -398,11 +428,13 @@ pub fn backup(dir: &DataDirArg, file: &Path) -> Result<ExitCode> {
             } else {
                 None
             };
-            let pages = backup::backup_db(&db, key.as_ref(), &dest, Some(progress))?;
+            let pages = backup::backup_db(&db, key.as_ref(), &dest, &mut |p| {
+                shown.show(p.done, p.total)
+            })?;
             let sdest = match &skey {
                 Some(k) => {
                     let to = backup::secrets_companion(&dest);
-                    backup::backup_db(&secrets, Some(k), &to, None)?;
+                    backup::backup_db(&secrets, Some(k), &to, &mut |_| {})?;
                     Some(to)
                 }
                 None => None,
@@ -422,17 +454,59 @@ pub fn backup(dir: &DataDirArg, file: &Path) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn progress(p: rusqlite_progress::Progress) {
-    // Large stores only: a line every step would drown small ones.
-    if p.pagecount > 100_000 {
-        let done = p.pagecount - p.remaining;
-        eprintln!("keel: backup {done}/{} pages", p.pagecount);
+/// Stores larger than this show a progress line while they are copied.
+const PROGRESS_FROM_BYTES: u64 = 8 * 1024 * 1024;
+
+/// `backing up keel.db: 41% (12.3 of 30.0 MiB)` on stderr, rewritten in
+/// place (`\r`) at each new percentage and ended with a newline at 100%;
+/// only on a terminal, and only for a large store.
+struct ProgressLine {
+    name: &'static str,
+    terminal: bool,
+    last: Option<u64>,
+}
+
+impl ProgressLine {
+    fn new(name: &'static str, terminal: bool) -> ProgressLine {
+        ProgressLine {
+            name,
+            terminal,
+            last: None,
+        }
+    }
+
+    fn show(&mut self, done: u64, total: u64) {
+        if !self.terminal || total <= PROGRESS_FROM_BYTES {
+            return;
+        }
+        let pct = (done.min(total) * 100) / total;
+        if self.last == Some(pct) {
+            return;
+        }
+        self.last = Some(pct);
+        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        let mut err = std::io::stderr().lock();
+        let _ = write!(
+            err,
+            "\rbacking up {}: {pct}% ({:.1} of {:.1} MiB)",
+            self.name,
+            mib(done),
+            mib(total)
+        );
+        if done >= total {
+            let _ = writeln!(err);
+        }
+        let _ = err.flush();
     }
 }
 
-/// The rusqlite backup progress type, re-exported by the library.
-mod rusqlite_progress {
-    pub use keel_actors::persistence::BackupProgress as Progress;
+/// A copy that failed midway ends the line, so the error is on its own.
+impl Drop for ProgressLine {
+    fn drop(&mut self) {
+        if self.last.is_some_and(|pct| pct < 100) {
+            eprintln!();
+        }
+    }
 }
 
 pub fn restore(dir: &DataDirArg, file: &Path, force: bool) -> Result<ExitCode> {

@@ -417,6 +417,113 @@ async fn secrets_tokens_and_audit_work_stopped_and_running_and_leave_no_canary()
     assert!(!signed.is_empty());
 }
 
+/// `keel backup FILE` under a pseudo-terminal (`script` from bsdutils), so
+/// its stderr is a terminal: stdout and stderr as the terminal showed them.
+async fn backup_on_a_terminal(d: &Daemon, file: &str) -> String {
+    let cmd = format!(
+        "{} backup {file} {}",
+        common::keel_bin(),
+        dir_args(d).join(" ")
+    );
+    let run = tokio::process::Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .env_remove("KEEL_DATA_DIR")
+        .env_remove("KEEL_CONFIG")
+        .env_remove("KEEL_MASTER_KEY")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(DEADLINE, run)
+        .await
+        .expect("keel backup under script timed out")
+        .expect("run script (bsdutils)");
+    let shown = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "keel backup on a terminal: {shown}");
+    shown
+}
+
+/// The percentages of every `backing up keel.db: N% (…)` the terminal
+/// showed, in order.
+fn percentages(shown: &str) -> Vec<u64> {
+    shown
+        .split(['\r', '\n'])
+        .filter_map(|l| l.strip_prefix("backing up keel.db: "))
+        .map(|l| {
+            let (pct, rest) = l.split_once("% (").unwrap_or_else(|| panic!("{l:?}"));
+            assert!(rest.ends_with(" MiB)"), "{l:?}");
+            pct.parse().unwrap_or_else(|_| panic!("{l:?}"))
+        })
+        .collect()
+}
+
+/// A store of > 8 MiB: `keel backup` on a terminal shows its progress on
+/// one line rewritten with `\r` (at least two percentages, ending at 100%
+/// and a newline), while keel runs (the daemon copies and sends progress
+/// over the admin socket) and while it is stopped (the CLI copies); without
+/// a terminal stderr has no progress. The backup restores and verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_of_a_large_store_shows_progress_on_a_terminal_only() {
+    let mut d = Daemon::start(Config::default()).await;
+    // 170 × 60 KB of text: ~10 MB of turns.
+    for i in 0..170 {
+        let text = format!("{i:04} {}", "large-store-".repeat(5_000));
+        d.post_ok(&format!("big{i}"), "big", &text).await;
+    }
+    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    let db = d.data_dir.join("keel.db");
+    let wal = d.data_dir.join("keel.db-wal");
+    assert!(
+        size(&db) + size(&wal) > 8 * 1024 * 1024,
+        "store too small: {} + {}",
+        size(&db),
+        size(&wal)
+    );
+
+    let running = d.root().join("running.db").display().to_string();
+    let shown = backup_on_a_terminal(&d, &running).await;
+    let seen = percentages(&shown);
+    let distinct: std::collections::BTreeSet<_> = seen.iter().collect();
+    assert!(distinct.len() >= 2, "one percentage only: {shown:?}");
+    assert_eq!(seen.last(), Some(&100), "{shown:?}");
+    assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+    assert!(shown.contains("\rbacking up keel.db: "), "{shown:?}");
+    assert!(
+        shown.contains(" MiB)\r\n"),
+        "no newline after 100%: {shown:?}"
+    );
+    assert!(shown.contains("integrity checked"), "{shown:?}");
+
+    // Not a terminal: no progress line at all.
+    let piped = d.root().join("piped.db").display().to_string();
+    let out = keel(&d, &["backup", &piped], None).await;
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("backing up") && !stderr.contains('\r'),
+        "{stderr:?}"
+    );
+
+    // keel stopped: the CLI copies, the same line.
+    assert!(d.sigterm(DEADLINE).await.success());
+    let stopped = d.root().join("stopped.db").display().to_string();
+    let shown = backup_on_a_terminal(&d, &stopped).await;
+    let seen = percentages(&shown);
+    assert!(seen.len() >= 2 && seen.last() == Some(&100), "{shown:?}");
+
+    // The backup made while keel ran restores, and keel starts on it.
+    keel_ok(&d, &["restore", &running, "--force"], None, &mut Vec::new()).await;
+    d.restart().await;
+    let turns = d.turns("webhook:big").await;
+    assert!(
+        turns
+            .iter()
+            .any(|t| t.text.starts_with("0169 large-store-")),
+        "{} turns",
+        turns.len()
+    );
+    assert!(d.sigterm(DEADLINE).await.success());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backup_while_running_restore_rekey_and_migrate_encrypt() {
     const TEXT: &str = "canary-backup-text-3b19";

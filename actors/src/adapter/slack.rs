@@ -46,7 +46,7 @@ use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
 
 use super::supervisor::Adapter;
-use crate::config::{GroupReplies, SlackConfig};
+use crate::config::{GroupReplies, Secret, SlackConfig};
 use crate::error::{AdapterError, SendError, StoreError};
 use crate::health::Gate;
 use crate::ids::check_external_id;
@@ -65,10 +65,11 @@ pub const MAX_QUICK_DISCONNECTS: u32 = 3;
 async fn web_api(
     client: &reqwest::Client,
     url: &str,
-    token: &str,
+    token: &Secret,
     body: &Value,
     timeout: Duration,
 ) -> Result<Value, (Option<u16>, String, Option<Duration>)> {
+    let token = token.expose();
     let resp = client
         .post(url)
         .bearer_auth(token)
@@ -561,7 +562,7 @@ async fn socket_loop(
     metrics: Metrics,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), AdapterError> {
-    let app_token = config.app_token.clone().unwrap_or_default();
+    let app_token = config.app_token.clone().unwrap_or_else(|| Secret::from(""));
     let silence = Duration::from_secs(config.silence_timeout_s);
     let open_url = format!(
         "{}/apps.connections.open",
@@ -720,7 +721,8 @@ async fn socket_loop(
 pub struct SlackSink {
     pub client: reqwest::Client,
     pub api_base: String,
-    pub bot_token: String,
+    /// Exposed only in the `Authorization` header of a request.
+    pub bot_token: Secret,
     pub timeout: Duration,
     /// Parts of a split reply already accepted, by outbox id.
     pub progress: super::PartProgress,
@@ -759,7 +761,7 @@ impl ReplySink for SlackSink {
 async fn post_part(
     client: &reqwest::Client,
     url: &str,
-    token: &str,
+    token: &Secret,
     timeout: Duration,
     reply: &OutboundReply,
     text: &str,

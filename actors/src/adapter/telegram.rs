@@ -35,7 +35,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use super::supervisor::Adapter;
-use crate::config::{GroupReplies, TelegramConfig, TelegramMode};
+use crate::config::{GroupReplies, Secret, TelegramConfig, TelegramMode};
 use crate::error::{AdapterError, SendError, StoreError};
 use crate::health::Gate;
 use crate::metrics::Metrics;
@@ -54,9 +54,11 @@ pub fn state_key(token: &str) -> String {
 #[derive(Clone)]
 pub struct BotApi {
     client: reqwest::Client,
-    /// `{api_base}/bot{token}`; never logged.
+    /// `api_base` without a trailing `/`.
     base: Arc<str>,
-    token: Arc<str>,
+    /// Exposed only to build a request URL (`{base}/bot{token}/{method}`)
+    /// and to redact it from error details.
+    token: Secret,
 }
 
 /// The answer to one Bot API call, classified.
@@ -142,11 +144,11 @@ pub fn classify(
 }
 
 impl BotApi {
-    pub fn new(client: reqwest::Client, api_base: &str, token: &str) -> BotApi {
+    pub fn new(client: reqwest::Client, api_base: &str, token: &Secret) -> BotApi {
         BotApi {
             client,
-            base: format!("{}/bot{}", api_base.trim_end_matches('/'), token).into(),
-            token: token.into(),
+            base: api_base.trim_end_matches('/').into(),
+            token: token.clone(),
         }
     }
 
@@ -157,7 +159,7 @@ impl BotApi {
         body: &Value,
         timeout: Duration,
     ) -> Result<Value, ApiError> {
-        let url = format!("{}/{method}", self.base);
+        let url = format!("{}/bot{}/{method}", self.base, self.token.expose());
         let sent = self
             .client
             .post(url)
@@ -168,7 +170,7 @@ impl BotApi {
         let resp = match sent {
             Ok(r) => r,
             Err(e) => {
-                let detail = redact(&crate::redact::without_url(&e), &self.token);
+                let detail = redact(&crate::redact::without_url(&e), self.token.expose());
                 return Err(if e.is_timeout() {
                     ApiError::Unknown(detail)
                 } else {
@@ -185,7 +187,7 @@ impl BotApi {
         let body = match resp.bytes().await {
             Ok(b) => b,
             Err(e) => {
-                let detail = redact(&crate::redact::without_url(&e), &self.token);
+                let detail = redact(&crate::redact::without_url(&e), self.token.expose());
                 return Err(if e.is_timeout() {
                     ApiError::Unknown(detail)
                 } else {
@@ -194,11 +196,11 @@ impl BotApi {
             }
         };
         classify(status, header, &body).map_err(|e| match e {
-            ApiError::Unauthorized(d) => ApiError::Unauthorized(redact(&d, &self.token)),
-            ApiError::Conflict(d) => ApiError::Conflict(redact(&d, &self.token)),
-            ApiError::Rejected(d) => ApiError::Rejected(redact(&d, &self.token)),
-            ApiError::Transient(d) => ApiError::Transient(redact(&d, &self.token)),
-            ApiError::Unknown(d) => ApiError::Unknown(redact(&d, &self.token)),
+            ApiError::Unauthorized(d) => ApiError::Unauthorized(redact(&d, self.token.expose())),
+            ApiError::Conflict(d) => ApiError::Conflict(redact(&d, self.token.expose())),
+            ApiError::Rejected(d) => ApiError::Rejected(redact(&d, self.token.expose())),
+            ApiError::Transient(d) => ApiError::Transient(redact(&d, self.token.expose())),
+            ApiError::Unknown(d) => ApiError::Unknown(redact(&d, self.token.expose())),
             other => other,
         })
     }
@@ -930,7 +932,7 @@ async fn poll_loop(
     metrics: Metrics,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), AdapterError> {
-    let key = state_key(&api.token);
+    let key = state_key(api.token.expose());
     let stored = persistence
         .send(GetAdapterState {
             adapter: key.clone(),
@@ -1339,8 +1341,8 @@ const MAX_WEBHOOK_BODY: usize = 1024 * 1024;
 #[derive(Clone)]
 pub struct TelegramWebhook {
     pub api: BotApi,
-    /// The `secret_token` given to `setWebhook`; never logged.
-    pub secret: Arc<str>,
+    /// The `secret_token` given to `setWebhook`; exposed only to compare.
+    pub secret: Secret,
     pub group_replies: GroupReplies,
     pub bot: BotCell,
     pub albums: Arc<std::sync::Mutex<Albums>>,
@@ -1380,7 +1382,7 @@ async fn webhook_post(
         .get("x-telegram-bot-api-secret-token")
         .map(|v| v.as_bytes())
         .unwrap_or(b"");
-    if !bool::from(given.ct_eq(state.secret.as_bytes())) || given.is_empty() {
+    if !bool::from(given.ct_eq(state.secret.expose().as_bytes())) || given.is_empty() {
         super::count_inbound(&state.metrics, "telegram", "rejected");
         tracing::info!("telegram webhook request with a missing or wrong secret token refused");
         return error_response(&reject(

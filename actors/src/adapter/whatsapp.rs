@@ -35,7 +35,7 @@ use subtle::ConstantTimeEq;
 
 use super::webhook::{error_response, read_limited, reject, Rejection};
 use super::{AdapterInfo, GetAdapterInfo, ReplySink, StopAdapter};
-use crate::config::{check_external_id, WhatsAppConfig};
+use crate::config::{check_external_id, Secret, WhatsAppConfig};
 use crate::error::{SendError, StoreError};
 use crate::health::Gate;
 use crate::metrics::Metrics;
@@ -380,7 +380,11 @@ struct Handshake {
 
 /// `GET /v1/whatsapp`: Meta's verification handshake.
 async fn verify(state: web::Data<WhatsAppState>, q: web::Query<Handshake>) -> HttpResponse {
-    let expected = state.config.verify_token.as_deref().unwrap_or("");
+    let expected = state
+        .config
+        .verify_token
+        .as_ref()
+        .map_or("", Secret::expose);
     let given = q.token.as_deref().unwrap_or("");
     let token_ok: bool =
         !expected.is_empty() && bool::from(given.as_bytes().ct_eq(expected.as_bytes()));
@@ -404,7 +408,7 @@ async fn post(
 ) -> HttpResponse {
     let checked = async {
         let body = read_limited(&req, payload, MAX_BODY).await?;
-        let secret = state.config.app_secret.as_deref().unwrap_or("");
+        let secret = state.config.app_secret.as_ref().map_or("", Secret::expose);
         let header = req
             .headers()
             .get("x-hub-signature-256")
@@ -469,7 +473,8 @@ async fn post(
 pub struct WhatsAppSink {
     pub client: reqwest::Client,
     pub url: String,
-    pub token: String,
+    /// Exposed only in the `Authorization` header of a request.
+    pub token: Secret,
     /// Told when the token is refused: the channel stops, the owner hears.
     pub health: super::ChannelHealth,
     /// The token was refused: later replies fail at once, without a call.
@@ -541,13 +546,13 @@ impl ReplySink for WhatsAppSink {
         let req = self
             .client
             .post(&self.url)
-            .bearer_auth(&self.token)
+            .bearer_auth(self.token.expose())
             .json(&body);
         let token = self.token.clone();
         let (health, revoked) = (self.health.clone(), self.revoked.clone());
         Box::pin(async move {
             let resp = req.send().await.map_err(|e| {
-                let detail = crate::redact::redact(&crate::redact::without_url(&e), &token);
+                let detail = crate::redact::redact(&crate::redact::without_url(&e), token.expose());
                 if e.is_timeout() {
                     SendError::Unknown(detail)
                 } else {

@@ -516,7 +516,7 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
             .as_ref()
             .map(|secret| crate::adapter::telegram::TelegramWebhook {
                 api: crate::adapter::telegram::BotApi::new(http.clone(), &t.api_base, token),
-                secret: secret.as_str().into(),
+                secret: secret.clone(),
                 group_replies: t.group_replies,
                 bot: telegram_bot.clone(),
                 albums: Default::default(),

@@ -5,6 +5,7 @@
 use serde::Deserialize;
 
 use super::ids::{check_external_id, string_or_int};
+use super::Secret;
 
 /// `[telegram] group_replies`: which group messages keel answers.
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -33,13 +34,14 @@ pub enum TelegramMode {
 /// `[telegram]` in keel.toml. The token may come from `KEEL_TELEGRAM_TOKEN`
 /// and the webhook secret from `KEEL_TELEGRAM_WEBHOOK_SECRET` instead (read
 /// by the binary).
-#[derive(Clone, Deserialize, PartialEq)]
+// Debug is derived: every secret is a `Secret`, printed `<redacted>`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TelegramConfig {
     pub enabled: bool,
     /// Bot API base URL, without the `/bot<token>` part.
     pub api_base: String,
-    pub token: Option<String>,
+    pub token: Option<Secret>,
     /// The owner's chat id (R17/R18 notices when the owner is on Telegram);
     /// written as an integer or a string.
     #[serde(deserialize_with = "string_or_int::option")]
@@ -58,7 +60,7 @@ pub struct TelegramConfig {
     pub mode: TelegramMode,
     /// The `secret_token` given to `setWebhook`: Telegram sends it in
     /// `X-Telegram-Bot-Api-Secret-Token` with every update (webhook mode).
-    pub webhook_secret: Option<String>,
+    pub webhook_secret: Option<Secret>,
 }
 
 impl Default for TelegramConfig {
@@ -78,33 +80,12 @@ impl Default for TelegramConfig {
     }
 }
 
-// Hand-written so a `{:?}` of the config never prints the token.
-impl std::fmt::Debug for TelegramConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TelegramConfig")
-            .field("enabled", &self.enabled)
-            .field("api_base", &self.api_base)
-            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
-            .field("owner_chat", &self.owner_chat)
-            .field("poll_timeout_s", &self.poll_timeout_s)
-            .field("limit", &self.limit)
-            .field("request_margin_s", &self.request_margin_s)
-            .field("group_replies", &self.group_replies)
-            .field("mode", &self.mode)
-            .field(
-                "webhook_secret",
-                &self.webhook_secret.as_ref().map(|_| "<redacted>"),
-            )
-            .finish()
-    }
-}
-
 impl TelegramConfig {
     pub fn validate(&self) -> Result<(), String> {
         if !(self.api_base.starts_with("http://") || self.api_base.starts_with("https://")) {
             return Err("api_base must be an http:// or https:// URL".into());
         }
-        if let Some(t) = &self.token {
+        if let Some(t) = self.token.as_ref().map(Secret::expose) {
             if t.is_empty()
                 || t.chars()
                     .any(|c| c.is_whitespace() || c == '/' || c.is_control())
@@ -118,7 +99,7 @@ impl TelegramConfig {
         if self.poll_timeout_s > 600 || !(1..=100).contains(&self.limit) {
             return Err("poll_timeout_s must be <= 600 and limit between 1 and 100".into());
         }
-        if let Some(s) = &self.webhook_secret {
+        if let Some(s) = self.webhook_secret.as_ref().map(Secret::expose) {
             // Telegram's own rule for `secret_token`.
             if s.is_empty()
                 || s.len() > 256
@@ -140,16 +121,17 @@ impl TelegramConfig {
 
 /// `[slack]` in keel.toml. Tokens may come from `KEEL_SLACK_APP_TOKEN` and
 /// `KEEL_SLACK_BOT_TOKEN` instead (read by the binary).
-#[derive(Clone, Deserialize, PartialEq)]
+// Debug is derived: every secret is a `Secret`, printed `<redacted>`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct SlackConfig {
     pub enabled: bool,
     /// Web API base URL (`apps.connections.open`, `chat.postMessage`).
     pub api_base: String,
     /// App-level token (`xapp-…`) for Socket Mode.
-    pub app_token: Option<String>,
+    pub app_token: Option<Secret>,
     /// Bot token (`xoxb-…`) for `chat.postMessage`.
-    pub bot_token: Option<String>,
+    pub bot_token: Option<Secret>,
     /// Bound on silence (no hello, no frame, no ping) before reconnecting.
     pub silence_timeout_s: u64,
     /// Which channel messages are answered (default: only those addressed
@@ -168,20 +150,6 @@ impl Default for SlackConfig {
             silence_timeout_s: 60,
             channel_replies: GroupReplies::Addressed,
         }
-    }
-}
-
-// Hand-written so a `{:?}` of the config never prints a token.
-impl std::fmt::Debug for SlackConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SlackConfig")
-            .field("enabled", &self.enabled)
-            .field("api_base", &self.api_base)
-            .field("app_token", &self.app_token.as_ref().map(|_| "<redacted>"))
-            .field("bot_token", &self.bot_token.as_ref().map(|_| "<redacted>"))
-            .field("silence_timeout_s", &self.silence_timeout_s)
-            .field("channel_replies", &self.channel_replies)
-            .finish()
     }
 }
 

@@ -14,12 +14,14 @@ use serde::Deserialize;
 mod channels;
 mod containers;
 mod ids;
+mod secret;
 mod tasks;
 mod whatsapp;
 
 pub use channels::{GroupReplies, SlackConfig, TelegramConfig, TelegramMode};
 pub use containers::{check_instance, ContainersConfig, DEFAULT_DOCKER_HOST};
 pub use ids::{check_external_id, MAX_ID_BYTES};
+pub use secret::Secret;
 pub use tasks::{validate_task, TaskConfig, TaskKind, TasksConfig, MAX_TASK_NAME};
 pub use whatsapp::WhatsAppConfig;
 
@@ -293,7 +295,8 @@ pub enum Synchronous {
     Normal,
 }
 
-#[derive(Clone, Deserialize, PartialEq)]
+// Debug is derived: `url` is a `Secret`, printed `<redacted>`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
     pub synchronous: Synchronous,
@@ -309,23 +312,8 @@ pub struct StorageConfig {
     /// default) or `postgres` (the shared store at `url`, R37).
     pub backend: StorageBackend,
     /// The PostgreSQL URL in libpq form (`postgresql://keel@/keel?host=/run/pg`);
-    /// `KEEL_DATABASE_URL` when unset. May carry a password: never logged.
-    pub url: Option<String>,
-}
-
-/// Written by hand so a password in `url` never reaches a log.
-impl std::fmt::Debug for StorageConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StorageConfig")
-            .field("synchronous", &self.synchronous)
-            .field("busy_timeout_ms", &self.busy_timeout_ms)
-            .field("max_batch", &self.max_batch)
-            .field("probe_interval_ms", &self.probe_interval_ms)
-            .field("encrypt", &self.encrypt)
-            .field("backend", &self.backend)
-            .field("url", &self.url.as_ref().map(|_| "<redacted>"))
-            .finish()
-    }
+    /// `KEEL_DATABASE_URL` when unset. May carry a password: a `Secret`.
+    pub url: Option<Secret>,
 }
 
 /// `[storage] backend`.
@@ -351,12 +339,13 @@ impl Default for StorageConfig {
     }
 }
 
-#[derive(Clone, Deserialize, PartialEq)]
+// Debug is derived: every secret is a `Secret`, printed `<redacted>`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct WebhookConfig {
     pub enabled: bool,
     /// When set, every POST must carry `X-Keel-Signature: sha256=<hex>`.
-    pub secret: Option<String>,
+    pub secret: Option<Secret>,
     /// Where replies to webhook chats are POSTed; none = replies are only stored.
     pub reply_url: Option<String>,
     pub max_body_bytes: usize,
@@ -364,19 +353,6 @@ pub struct WebhookConfig {
     /// it, such a start is refused: anyone who can reach the port could
     /// post as any sender.
     pub allow_unsigned: bool,
-}
-
-/// Written by hand so the secret never reaches a log through `{:?}`.
-impl std::fmt::Debug for WebhookConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WebhookConfig")
-            .field("enabled", &self.enabled)
-            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
-            .field("reply_url", &self.reply_url)
-            .field("max_body_bytes", &self.max_body_bytes)
-            .field("allow_unsigned", &self.allow_unsigned)
-            .finish()
-    }
 }
 
 impl Default for WebhookConfig {
@@ -565,7 +541,9 @@ impl Config {
                     "backend = \"postgres\" needs a URL (storage.url or KEEL_DATABASE_URL)".into(),
                 ))
             }
-            (StorageBackend::Postgres, Some(url)) if url.parse::<postgres::Config>().is_err() => {
+            (StorageBackend::Postgres, Some(url))
+                if url.expose().parse::<postgres::Config>().is_err() =>
+            {
                 return Err(invalid(
                     "storage.url",
                     "is not a PostgreSQL URL (e.g. postgresql://keel@/keel?host=/run/pg)".into(),
@@ -574,7 +552,7 @@ impl Config {
             _ => {}
         }
         if let Some(secret) = &self.webhook.secret {
-            if secret.is_empty() {
+            if secret.expose().is_empty() {
                 return Err(invalid(
                     "webhook.secret",
                     "must not be empty (remove the key to disable signatures)".into(),
@@ -762,19 +740,31 @@ mod tests {
         assert!(!format!("{c:?}").contains("canary-5ecret"));
     }
 
-    /// Every channel token and webhook secret of the config, set to a
-    /// canary: `{:?}` and `{:#?}` of the whole config show none of them
-    /// (they reach logs that way, e.g. a reload's debug line).
+    /// Every channel token and webhook secret of the config (and the
+    /// PostgreSQL URL, which may carry a password), set to a canary:
+    /// `{:?}` and `{:#?}` of the whole config show none of them (they reach
+    /// logs that way, e.g. a reload's debug line). Equality still sees
+    /// them, so a reload notices a changed secret.
     #[test]
     fn debug_output_never_shows_any_channel_token_or_secret() {
         let text = "[webhook]\nsecret = \"canary-w1\"\n\
+            [storage]\nurl = \"postgresql://keel:canary-p1@/keel?host=/run/pg\"\n\
             [telegram]\ntoken = \"canary-t1\"\nwebhook_secret = \"canary-t2\"\n\
             [slack]\napp_token = \"canary-s1\"\nbot_token = \"canary-s2\"\n\
             [whatsapp]\naccess_token = \"canary-a1\"\napp_secret = \"canary-a2\"\nverify_token = \"canary-a3\"\n";
         let c = Config::from_toml(text, "t").unwrap();
-        assert_eq!(c.telegram.token.as_deref(), Some("canary-t1"), "parsed");
+        assert_eq!(c, Config::from_toml(text, "t").unwrap());
+        for (from, to) in [("canary-a2", "canary-a9"), ("canary-p1", "canary-p9")] {
+            let changed = Config::from_toml(&text.replace(from, to), "t").unwrap();
+            assert_ne!(c, changed, "{from} changed");
+        }
         assert_eq!(
-            c.whatsapp.verify_token.as_deref(),
+            c.telegram.token.as_ref().map(Secret::expose),
+            Some("canary-t1"),
+            "parsed"
+        );
+        assert_eq!(
+            c.whatsapp.verify_token.as_ref().map(Secret::expose),
             Some("canary-a3"),
             "parsed"
         );
@@ -792,7 +782,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.storage.backend, StorageBackend::Postgres);
-        let config: postgres::Config = c.storage.url.as_deref().unwrap().parse().unwrap();
+        let config: postgres::Config = c.storage.url.as_ref().unwrap().expose().parse().unwrap();
         assert_eq!(config.get_dbname(), Some("keel"));
         assert_eq!(
             config.get_hosts(),

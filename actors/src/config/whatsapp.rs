@@ -4,8 +4,11 @@
 
 use serde::Deserialize;
 
+use super::Secret;
+
 /// `[whatsapp]` in keel.toml.
-#[derive(Clone, Deserialize, PartialEq)]
+// Debug is derived: every secret is a `Secret`, printed `<redacted>`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct WhatsAppConfig {
     pub enabled: bool,
@@ -14,11 +17,11 @@ pub struct WhatsAppConfig {
     /// The business phone number's id: replies go to `{api_base}/{id}/messages`.
     pub phone_number_id: Option<String>,
     /// Bearer token for the Graph API.
-    pub access_token: Option<String>,
+    pub access_token: Option<Secret>,
     /// Signs every webhook POST (`X-Hub-Signature-256`).
-    pub app_secret: Option<String>,
+    pub app_secret: Option<Secret>,
     /// Answers Meta's verification handshake (`hub.verify_token`).
-    pub verify_token: Option<String>,
+    pub verify_token: Option<Secret>,
 }
 
 impl Default for WhatsAppConfig {
@@ -31,20 +34,6 @@ impl Default for WhatsAppConfig {
             app_secret: None,
             verify_token: None,
         }
-    }
-}
-
-impl std::fmt::Debug for WhatsAppConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let hide = |v: &Option<String>| v.as_ref().map(|_| "<redacted>");
-        f.debug_struct("WhatsAppConfig")
-            .field("enabled", &self.enabled)
-            .field("api_base", &self.api_base)
-            .field("phone_number_id", &self.phone_number_id)
-            .field("access_token", &hide(&self.access_token))
-            .field("app_secret", &hide(&self.app_secret))
-            .field("verify_token", &hide(&self.verify_token))
-            .finish()
     }
 }
 
@@ -64,6 +53,7 @@ impl WhatsAppConfig {
             ("verify_token", &self.verify_token),
         ] {
             if v.as_ref()
+                .map(Secret::expose)
                 .is_some_and(|t| t.is_empty() || t.chars().any(char::is_control))
             {
                 return Err(format!(

@@ -16,8 +16,16 @@ use super::open::{apply_key, classify_key_error, open_read_only};
 use crate::error::StoreError;
 use crate::masterkey::KeyHandle;
 
-/// Pages copied per backup step when progress is shown (keel stopped).
-const PAGES_PER_STEP: std::os::raw::c_int = 1024;
+/// Pages copied per backup step (1 MiB with 4 KiB pages): the unit of
+/// progress. The copy reads one snapshot throughout (see [`backup_db`]).
+const PAGES_PER_STEP: std::os::raw::c_int = 256;
+
+/// How far a backup is, in bytes of the source store (pages × page size).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct BackupProgress {
+    pub done: u64,
+    pub total: u64,
+}
 
 /// What a backup wrote.
 #[derive(Debug, Clone, Serialize)]
@@ -43,16 +51,20 @@ pub fn secrets_companion(dest: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// Copy `src` (keyed with `key`) to the new file `dest` with the same key;
-/// then fsync and `quick_check` it. With `progress` the copy runs in steps
-/// of [`PAGES_PER_STEP`] (keel stopped: nothing restarts it); without, in
-/// one step — one WAL read snapshot, so a running writer neither blocks it
-/// nor makes it start over.
+/// Copy `src` (keyed with `key`) to the new file `dest` with the same key,
+/// in steps of [`PAGES_PER_STEP`] pages, telling `progress` after each
+/// step (the last call has `done == total`); then fsync and `quick_check`
+/// it. The source connection holds one read transaction for the whole
+/// copy, so every step reads the same WAL snapshot: a writer committing
+/// meanwhile neither blocks the copy nor restarts it (SQLite restarts an
+/// online backup whose source changed between steps only when each step
+/// opens a new read transaction), and the backup is the store as of the
+/// moment the copy began.
 pub fn backup_db(
     src: &Path,
     key: Option<&KeyHandle>,
     dest: &Path,
-    progress: Option<fn(Progress)>,
+    progress: &mut dyn FnMut(BackupProgress),
 ) -> Result<i64, StoreError> {
     if dest.exists() {
         return Err(StoreError::Invalid(format!(
@@ -61,6 +73,20 @@ pub fn backup_db(
         )));
     }
     let from = open_read_only(src, key)?;
+    // The snapshot: a deferred BEGIN takes its read lock at the first read.
+    from.execute_batch("BEGIN")?;
+    // SQLCipher answers `page_size` on a keyed database as text
+    // (`cipher_page_size`); plain SQLite as an integer.
+    let page_size: rusqlite::types::Value = from.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+    let page_size = match page_size {
+        rusqlite::types::Value::Integer(n) => u64::try_from(n).ok(),
+        rusqlite::types::Value::Text(t) => t.trim().parse().ok(),
+        _ => None,
+    }
+    .unwrap_or(4096);
+    from.query_row("SELECT COUNT(*) FROM sqlite_master", [], |r| {
+        r.get::<_, i64>(0)
+    })?;
     let mut to = Connection::open_with_flags(
         dest,
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
@@ -70,27 +96,31 @@ pub fn backup_db(
         detail: e.to_string(),
     })?;
     apply_key(&to, dest, key)?;
+    let bytes = |p: Progress| {
+        let total = u64::try_from(p.pagecount).unwrap_or(0);
+        let left = u64::try_from(p.remaining).unwrap_or(0);
+        BackupProgress {
+            done: total.saturating_sub(left) * page_size,
+            total: total * page_size,
+        }
+    };
     let pages = {
         let b = Backup::new(&from, &mut to)?;
-        let step = if progress.is_some() {
-            PAGES_PER_STEP
-        } else {
-            -1
-        };
         loop {
-            match b.step(step)? {
-                StepResult::Done => break,
-                StepResult::More => {
-                    if let Some(p) = progress {
-                        p(b.progress());
-                    }
+            match b.step(PAGES_PER_STEP)? {
+                StepResult::Done => {
+                    let p = b.progress();
+                    progress(bytes(p));
+                    break i64::from(p.pagecount);
                 }
+                StepResult::More => progress(bytes(b.progress())),
                 // Busy/locked: another connection holds a lock; try again.
                 _ => std::thread::sleep(std::time::Duration::from_millis(5)),
             }
         }
-        b.progress().pagecount as i64
     };
+    from.execute_batch("COMMIT")?;
+    drop(from);
     let problems = super::meta::quick_check(&to).map_err(|e| classify_key_error(dest, key, e))?;
     drop(to);
     if problems != ["ok"] {
@@ -113,19 +143,21 @@ pub fn backup_db(
 }
 
 /// Back up `keel.db` to `dest` and, when present, `secrets.db` to
-/// `dest.secrets`.
+/// `dest.secrets`; `progress` follows the copy of `keel.db`.
 pub fn backup_files(
     db: &Path,
     db_key: Option<&KeyHandle>,
     secrets: Option<&Path>,
     secrets_key: &KeyHandle,
     dest: &Path,
+    progress: &mut dyn FnMut(BackupProgress),
 ) -> Result<BackupReport, StoreError> {
-    let pages = backup_db(db, db_key, dest, None)?;
+    let pages = backup_db(db, db_key, dest, progress)?;
     let secrets = match secrets {
         Some(s) => {
             let to = secrets_companion(dest);
-            backup_db(s, Some(secrets_key), &to, None)?;
+            // Small (names and values): no progress of its own.
+            backup_db(s, Some(secrets_key), &to, &mut |_| {})?;
             Some(to)
         }
         None => None,
@@ -315,4 +347,68 @@ pub fn recover_rekey(dbs: &[&Path], key: &KeyHandle) -> Result<Vec<String>, Stor
         }
     }
     Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A plain WAL database of `rows` rows of 4 KiB each.
+    fn store(path: &Path, rows: i64) -> Connection {
+        let c = Connection::open(path).unwrap();
+        c.execute_batch(
+            "PRAGMA journal_mode = WAL; CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB);",
+        )
+        .unwrap();
+        let tx = c.unchecked_transaction().unwrap();
+        for i in 0..rows {
+            tx.execute("INSERT INTO t VALUES (?1, zeroblob(4096))", [i])
+                .unwrap();
+        }
+        tx.commit().unwrap();
+        c
+    }
+
+    /// A writer commits between the copy's steps (as keel does while
+    /// `keel backup` runs): the copy neither restarts (progress only goes
+    /// forward, one call per step) nor takes any of those commits in —
+    /// it is the store as of its first step, and it checks clean.
+    #[test]
+    fn a_stepped_backup_reads_one_snapshot_while_a_writer_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let (src, dest) = (dir.path().join("src.db"), dir.path().join("copy.db"));
+        let writer = store(&src, 2_000);
+        let mut seen: Vec<BackupProgress> = Vec::new();
+        let mut next = 10_000;
+        // Three commits (not one per step: a copy that restarted at each
+        // would never end).
+        let pages = backup_db(&src, None, &dest, &mut |p| {
+            seen.push(p);
+            if next < 10_003 {
+                writer
+                    .execute("INSERT INTO t VALUES (?1, zeroblob(4096))", [next])
+                    .unwrap();
+                next += 1;
+            }
+        })
+        .unwrap();
+        assert!(seen.len() >= 8, "stepped: {} calls", seen.len());
+        assert!(
+            seen.windows(2)
+                .all(|w| w[1].done > w[0].done && w[1].total == w[0].total),
+            "restarted or changed size: {seen:?}"
+        );
+        let last = seen.last().unwrap();
+        assert_eq!(last.done, last.total);
+        assert_eq!(last.total, u64::try_from(pages).unwrap() * 4096);
+        let copy = Connection::open(&dest).unwrap();
+        let n: i64 = copy
+            .query_row("SELECT COUNT(*) FROM t", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 2_000, "the copy holds commits made after it began");
+        let now: i64 = writer
+            .query_row("SELECT COUNT(*) FROM t", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(now, 2_003, "the writer went on");
+    }
 }

@@ -57,7 +57,7 @@ pub(crate) mod testing {
 use std::sync::{mpsc, Arc};
 
 use actix::prelude::*;
-pub use rusqlite::backup::Progress as BackupProgress;
+pub use backup::BackupProgress;
 pub use rusqlite::Connection;
 use tokio::sync::oneshot;
 

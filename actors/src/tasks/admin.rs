@@ -141,14 +141,46 @@ async fn serve_conn(
         let answer = if line.len() > MAX_LINE {
             json!({"error": format!("request longer than {MAX_LINE} bytes")})
         } else {
-            handle(line.trim_end(), &tasks, vault.as_ref(), services.as_ref()).await
+            // Notes (backup progress) are written while the answer is made.
+            let (notes, mut noted) = tokio::sync::mpsc::unbounded_channel::<Value>();
+            let answer = handle(
+                line.trim_end(),
+                &tasks,
+                vault.as_ref(),
+                services.as_ref(),
+                notes,
+            );
+            tokio::pin!(answer);
+            let answer = loop {
+                tokio::select! {
+                    a = &mut answer => break a,
+                    Some(note) = noted.recv() => {
+                        if write_line(&mut write, &note).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            };
+            while let Ok(note) = noted.try_recv() {
+                if write_line(&mut write, &note).await.is_err() {
+                    return;
+                }
+            }
+            answer
         };
-        let mut out = answer.to_string();
-        out.push('\n');
-        if write.write_all(out.as_bytes()).await.is_err() || line.len() > MAX_LINE {
+        if write_line(&mut write, &answer).await.is_err() || line.len() > MAX_LINE {
             return;
         }
     }
+}
+
+async fn write_line(
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    v: &Value,
+) -> std::io::Result<()> {
+    let mut out = v.to_string();
+    out.push('\n');
+    write.write_all(out.as_bytes()).await
 }
 
 async fn handle(
@@ -156,6 +188,7 @@ async fn handle(
     tasks: &Addr<TaskActor>,
     vault: Option<&VaultAdmin>,
     services: Option<&Addr<ContainerReaper>>,
+    notes: crate::vault::admin::Notes,
 ) -> Value {
     // The vault's operations (secrets, tokens, backup) have their own module.
     let op = serde_json::from_str::<Value>(line)
@@ -163,7 +196,7 @@ async fn handle(
         .and_then(|v| v.get("op").and_then(|o| o.as_str()).map(str::to_string));
     if let Some(op) = op.filter(|o| crate::vault::admin::OPS.contains(&o.as_str())) {
         return match vault {
-            Some(v) => crate::vault::admin::handle(line, v).await,
+            Some(v) => crate::vault::admin::handle(line, v, notes).await,
             None => json!({"error": format!("{op} is not available in this keel")}),
         };
     }

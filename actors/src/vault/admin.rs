@@ -6,7 +6,8 @@
 //!
 //! Requests (one JSON line each): `secret_set {name, value}`, `secret_list`,
 //! `secret_rm {name}`, `token_grant {perms, scope?, expires_ms?, note?}`,
-//! `token_list`, `token_revoke {id}`, `backup {path}`; answers are JSON
+//! `token_list`, `token_revoke {id}`, `backup {path, progress?}` (with
+//! `progress`, `{"progress": {done, total}}` lines come first); answers are JSON
 //! objects, `{"error": "<one line>"}` on failure. Values and tokens are
 //! never logged.
 
@@ -65,6 +66,10 @@ enum Request {
     },
     Backup {
         path: PathBuf,
+        /// Send `{"progress": {"done", "total"}}` lines (bytes) before the
+        /// answer, one per copy step.
+        #[serde(default)]
+        progress: bool,
     },
 }
 
@@ -83,8 +88,11 @@ fn err(e: impl std::fmt::Display) -> Value {
     json!({"error": e.to_string()})
 }
 
-/// Answer one request line.
-pub async fn handle(line: &str, v: &VaultAdmin) -> Value {
+/// Lines sent on the connection before the answer (backup progress).
+pub type Notes = tokio::sync::mpsc::UnboundedSender<Value>;
+
+/// Answer one request line; `notes` carries lines to send before it.
+pub async fn handle(line: &str, v: &VaultAdmin, notes: Notes) -> Value {
     let req: Request = match serde_json::from_str(line) {
         Ok(r) => r,
         // serde's message could quote the value: never echo it.
@@ -186,7 +194,7 @@ pub async fn handle(line: &str, v: &VaultAdmin) -> Value {
             Ok(Err(e)) => err(e),
             Err(_) => err("keel is shutting down"),
         },
-        Request::Backup { path } => {
+        Request::Backup { path, progress } => {
             let Some(db) = v.db_path.clone() else {
                 return err("an ephemeral keel has no store to back up");
             };
@@ -200,6 +208,12 @@ pub async fn handle(line: &str, v: &VaultAdmin) -> Value {
                     secrets.as_deref(),
                     &skey,
                     &path,
+                    &mut |p| {
+                        if progress {
+                            // The client may have gone: the backup goes on.
+                            let _ = notes.send(json!({ "progress": p }));
+                        }
+                    },
                 )
             })
             .await;
