@@ -916,13 +916,13 @@ pub fn torture(args: TortureArgs) -> Result<ExitCode> {
             .build()
             .context("cannot build an HTTP client")?;
         let deadline = Instant::now() + FIRE_DEADLINE;
-        let verdict = loop {
-            let (keys, fires) = observe(&http, &k.base).await?;
-            let v = ledger.borrow().check(&keys, &fires);
+        let (verdict, lateness) = loop {
+            let seen = observe(&http, &k.base).await?;
+            let v = ledger.borrow().check(&seen.keys, &seen.fires);
             // A reminder whose message is lost can never fire: no need to wait for it.
             let waiting = v.timers_missed.iter().any(|id| !v.lost.contains(id));
             if !waiting || Instant::now() >= deadline {
-                break v;
+                break (v, seen.lateness_ms);
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         };
@@ -968,6 +968,7 @@ pub fn torture(args: TortureArgs) -> Result<ExitCode> {
                 damage,
                 faults,
                 migrations,
+                lateness,
             },
         ))
     });
@@ -1039,6 +1040,8 @@ pub fn torture(args: TortureArgs) -> Result<ExitCode> {
         "timers_fired": verdict.timers_fired,
         "timers_double": verdict.timers_double.len(),
         "timers_missed": verdict.timers_missed.len(),
+        "timer_lateness_ms_p50": quantile(&finals.lateness, 0.50),
+        "timer_lateness_ms_p99": quantile(&finals.lateness, 0.99),
         "recovery_ms_p50": pct(0.50),
         "recovery_ms_p99": pct(0.99),
         "recovery_ms_max": recovery.last().copied().unwrap_or(0),
@@ -1162,6 +1165,8 @@ struct Finals {
     faults: Vec<(Fault, FaultOutcome)>,
     /// (cases, starts that did not recover) of the mid-migration kills.
     migrations: Option<(u64, u64)>,
+    /// Reminders' lateness, ms, sorted ([`Observed::lateness_ms`]).
+    lateness: Vec<i64>,
 }
 
 /// Hits of every named kill point in keel's log (the line each kill
@@ -1348,10 +1353,12 @@ fn print_figures(f: &Value) {
         g("failed_present")
     );
     println!(
-        "timers: fired {}  double {}  missed {}",
+        "timers: fired {}  double {}  missed {}  lateness (ms) p50 {}  p99 {}",
         g("timers_fired"),
         g("timers_double"),
-        g("timers_missed")
+        g("timers_missed"),
+        g("timer_lateness_ms_p50"),
+        g("timer_lateness_ms_p99")
     );
     println!(
         "recovery to ready (ms): p50 {}  p99 {}  max {}",
@@ -1384,19 +1391,35 @@ fn print_figures(f: &Value) {
     );
 }
 
-/// User turns per message id and reminder notices per note, over every
-/// session keel reports.
-async fn observe(
-    http: &reqwest::Client,
-    base: &str,
-) -> Result<(HashMap<String, u64>, HashMap<String, u64>)> {
+/// What keel's store shows after a run.
+#[derive(Debug, Default)]
+struct Observed {
+    /// User turns per message id.
+    keys: HashMap<String, u64>,
+    /// Reminder notices per note (the id of the `/remind` message).
+    fires: HashMap<String, u64>,
+    /// Per fired reminder, ms from its due time (its message's store time
+    /// + 1 s) to its first notice; downtime counts, as a user sees it.
+    lateness_ms: Vec<i64>,
+}
+
+/// User turns per message id, reminder notices per note and how late they
+/// came, over every session keel reports.
+async fn observe(http: &reqwest::Client, base: &str) -> Result<Observed> {
     let sessions: Value = get_json(http, &format!("{base}/v1/sessions?limit=100000")).await?;
-    let mut keys = HashMap::new();
-    let mut fires = HashMap::new();
+    let mut seen = Observed::default();
+    let mut reminded: HashMap<String, i64> = HashMap::new();
+    let mut first_fire: HashMap<String, i64> = HashMap::new();
     let ids = sessions
         .get("sessions")
         .and_then(Value::as_array)
         .context("GET /v1/sessions: no sessions array")?;
+    let at_ms = |t: &Value| {
+        t.get("created_at")
+            .and_then(Value::as_str)
+            .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
+            .map(|d| d.timestamp_millis())
+    };
     for s in ids {
         let Some(id) = s.get("id").and_then(Value::as_str) else {
             continue;
@@ -1418,10 +1441,17 @@ async fn observe(
                 let text = t.get("text").and_then(Value::as_str).unwrap_or("");
                 if role == "user" {
                     if let Some(k) = t.get("key").and_then(Value::as_str) {
-                        *keys.entry(k.to_string()).or_insert(0) += 1;
+                        *seen.keys.entry(k.to_string()).or_insert(0) += 1;
+                        if let (true, Some(at)) = (text.starts_with("/remind "), at_ms(t)) {
+                            reminded.entry(k.to_string()).or_insert(at);
+                        }
                     }
                 } else if let Some(note) = reminder_note(text) {
-                    *fires.entry(note.to_string()).or_insert(0) += 1;
+                    *seen.fires.entry(note.to_string()).or_insert(0) += 1;
+                    if let Some(at) = at_ms(t) {
+                        let first = first_fire.entry(note.to_string()).or_insert(at);
+                        *first = (*first).min(at);
+                    }
                 }
             }
             if turns.len() < 100_000 {
@@ -1429,7 +1459,21 @@ async fn observe(
             }
         }
     }
-    Ok((keys, fires))
+    seen.lateness_ms = first_fire
+        .iter()
+        .filter_map(|(note, fired)| reminded.get(note).map(|set| fired - (set + 1_000)))
+        .collect();
+    seen.lateness_ms.sort_unstable();
+    Ok(seen)
+}
+
+/// The `q` quantile of sorted `v` (0 when empty).
+fn quantile(v: &[i64], q: f64) -> i64 {
+    if v.is_empty() {
+        return 0;
+    }
+    let i = ((v.len() as f64 - 1.0) * q).round() as usize;
+    v[i.min(v.len() - 1)]
 }
 
 /// The note id of a reminder notice `⏰ Reminder #N: note-<id>[ (late …)]`.
@@ -1697,7 +1741,7 @@ async fn damage_case(
             let code = r.status();
             let body = r.text().await.unwrap_or_default();
             if code == reqwest::StatusCode::OK {
-                let (keys, _) = observe(probe, &k.base).await?;
+                let keys = observe(probe, &k.base).await?.keys;
                 let lost = ids.iter().filter(|id| !keys.contains_key(*id)).count() as u64;
                 break if lost == 0 {
                     DamageOutcome::Survived
@@ -1955,7 +1999,7 @@ async fn fault_case(
     drop(k);
     let mut k = l.spawn()?;
     k.wait_ready(probe, &l.log).await?;
-    let (keys, _) = observe(&http, &k.base).await?;
+    let keys = observe(&http, &k.base).await?.keys;
     drop(k);
     let lost = acked.iter().filter(|id| !keys.contains_key(*id)).count() as u64;
     Ok(if lost > 0 {
@@ -2139,6 +2183,15 @@ mod tests {
             .iter()
             .all(|p| (100..=1200)
                 .contains(&(p.kill_after_ms - if p.arm.is_some() { 1000 } else { 0 }))));
+    }
+
+    #[test]
+    fn lateness_quantiles_pick_from_the_sorted_figures() {
+        let v: Vec<i64> = (1..=100).collect();
+        assert_eq!(quantile(&v, 0.5), 51);
+        assert_eq!(quantile(&v, 0.99), 99);
+        assert_eq!(quantile(&[7], 0.99), 7);
+        assert_eq!(quantile(&[], 0.5), 0);
     }
 
     #[test]
