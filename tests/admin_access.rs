@@ -411,3 +411,67 @@ async fn a_public_unsigned_webhook_is_refused_unless_allowed() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("KEEL_WEBHOOK_ALLOW_UNSIGNED"));
 }
+
+/// The console and `/v1/stats` are admin routes like the rest: no token →
+/// 401, a token without `read` → 403, a `read` token → the page with its
+/// strict Content-Security-Policy. Neither the page, its script nor the
+/// stats carry the webhook secret or the token that fetched them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_needs_read_sends_its_csp_and_holds_no_secret() {
+    const SECRET: &str = "console-canary-webhook-secret-77";
+    let config = Config {
+        secret: Some(SECRET.into()),
+        ..Config::default()
+    };
+    let mut d = Daemon::new(config, None);
+    d.write_config_text(&format!(
+        "{}[admin]\nloopback_open = false\n",
+        d.config.to_toml()
+    ));
+    d.boot().await;
+    d.post_ok("c1", "console", "hello").await;
+    let routes = ["/console", "/v1/stats", "/console/console.js"];
+    for path in routes {
+        let r = d.get(path).await.expect(path);
+        assert_unauthorized(path, &r);
+    }
+    let send_only = grant(&d.data_dir, &d.config_path, "send").await;
+    let read = grant(&d.data_dir, &d.config_path, "read").await;
+    for path in routes {
+        let r = d
+            .client
+            .get(d.url(path))
+            .bearer_auth(&send_only)
+            .send()
+            .await
+            .expect(path);
+        assert_eq!(r.status().as_u16(), 403, "{path} with a send-only token");
+    }
+    for path in routes {
+        let r = d
+            .client
+            .get(d.url(path))
+            .bearer_auth(&read)
+            .send()
+            .await
+            .expect(path);
+        assert_eq!(r.status().as_u16(), 200, "{path} with a read token");
+        if path == "/console" {
+            let csp = r
+                .headers()
+                .get("content-security-policy")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string();
+            assert_eq!(csp, keel_actors::console::CSP, "{path}");
+            assert!(csp.contains("script-src 'self'") && !csp.contains("unsafe"));
+        }
+        let body = r.text().await.expect(path);
+        assert!(!body.contains(SECRET), "{path} shows the webhook secret");
+        assert!(!body.contains(&read), "{path} shows the token");
+        if path == "/console" {
+            assert!(body.contains("webhook"), "{path}: no channels shown");
+        }
+    }
+    d.assert_no_panics();
+}
