@@ -472,3 +472,43 @@ pub(super) fn spawn(
         .expect("spawn the writer thread");
     (tx, thread)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::clock::ManualClock;
+
+    /// The console's "last checkpoint": the checkpoint thread notes the
+    /// time and frames of each checkpoint it ran in `Health`.
+    #[test]
+    fn the_checkpointer_notes_each_checkpoint_it_ran() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = StoreOptions {
+            path: Some(dir.path().join("keel.db")),
+            synchronous: crate::config::Synchronous::Full,
+            busy_timeout: Duration::from_millis(1000),
+            max_batch: 16,
+            probe_interval: Duration::from_millis(100),
+            key: None,
+        };
+        let (conn, _) = super::super::open_store(&opts).unwrap();
+        conn.execute_batch("CREATE TABLE t (x); INSERT INTO t VALUES (randomblob(50000));")
+            .unwrap();
+        let health = Health::new(Metrics::new());
+        let log = CheckpointLog {
+            health: health.clone(),
+            clock: Arc::new(ManualClock::new(1_764_590_400_000)),
+        };
+        assert_eq!(health.last_checkpoint(), None);
+        let c = Checkpointer::start(&opts, log).unwrap();
+        c.nudge.send(()).unwrap();
+        // The nudge is taken before the closed channel ends the thread.
+        c.stop();
+        let done = health.last_checkpoint().expect("a checkpoint was noted");
+        assert_eq!((done.at_ms, done.mode), (1_764_590_400_000, "background"));
+        assert!(done.wal_frames > 10, "{done:?}");
+        assert_eq!(done.checkpointed_frames, done.wal_frames, "{done:?}");
+    }
+}
