@@ -570,22 +570,21 @@ async fn a_damaged_event_log_is_reported_and_never_replayed_past_the_damage() {
         .iter()
         .filter_map(Value::as_str)
         .collect();
-    assert!(
-        unexpected.iter().any(|c| c.contains("-service-b-")),
-        "{v}"
-    );
+    assert!(unexpected.iter().any(|c| c.contains("-service-b-")), "{v}");
     let stats = d.get("/v1/stats").await.unwrap().json();
     let rows = stats["services"].as_array().expect("services rows");
     for c in &unexpected {
         assert!(
-            rows.iter()
-                .any(|r| r["container"] == *c && r["drift"] == "unexpected" && r["spec_hash"].is_null()),
+            rows.iter().any(|r| r["container"] == *c
+                && r["drift"] == "unexpected"
+                && r["spec_hash"].is_null()),
             "{c} not shown unexpected: {stats}"
         );
     }
     for name in v["missing"].as_array().unwrap() {
         assert!(
-            rows.iter().any(|r| r["name"] == *name && r["drift"] == "missing"),
+            rows.iter()
+                .any(|r| r["name"] == *name && r["drift"] == "missing"),
             "{name} not shown missing: {stats}"
         );
     }
