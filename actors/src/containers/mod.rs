@@ -1233,7 +1233,11 @@ impl Handler<ServiceDrift> for ContainerReaper {
             let mut st = inner.state.lock().await;
             let instance = inner.instance();
             let actual = inner.engine.list(&instance).await;
-            inner.engine_result(&mut st, actual.as_ref().err());
+            // Only a change of the engine's state is recorded: publishing
+            // writes a status row, and a console left open polls every 2 s.
+            if st.engine_error.is_some() != actual.is_err() {
+                inner.engine_result(&mut st, actual.as_ref().err());
+            }
             let rows = drift_rows(&instance, &st.replay, actual.as_deref().ok());
             json!({
                 "services": rows,
