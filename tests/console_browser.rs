@@ -306,6 +306,25 @@ async fn the_console_shows_channels_and_an_upstream_outage_in_a_real_browser() {
         "3 s after the upstream went down the page still shows: {shown_after}"
     );
 
+    // The restart and store parts the issue asks for are on the page,
+    // kept up by the script: no owner configured, no checkpoint yet.
+    let health = cdp
+        .eval("document.querySelector('#health').innerText")
+        .await;
+    let store = cdp.eval("document.querySelector('#store').innerText").await;
+    assert!(
+        health
+            .as_str()
+            .is_some_and(|t| t.contains("owner was told")),
+        "{health}"
+    );
+    assert!(
+        store
+            .as_str()
+            .is_some_and(|t| t.contains("last checkpoint") && t.contains("none since start")),
+        "{store}"
+    );
+
     let shot = cdp
         .call("Page.captureScreenshot", json!({"format": "png"}))
         .await;

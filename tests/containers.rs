@@ -226,6 +226,16 @@ async fn services_are_deployed_adopted_after_a_crash_replaced_killed_for_good_an
     let (code, v) = verify(&d).await;
     assert_eq!(code, 0, "{v}");
     assert_eq!(v["chain_ok"], true);
+    // The console agrees: desired and actual spec match, no drift.
+    let stats = d.get("/v1/stats").await.unwrap().json();
+    assert_eq!(stats["services_engine"], "ok", "{stats}");
+    let rows = stats["services"].as_array().expect("services rows");
+    assert_eq!(rows.len(), 2, "{stats}");
+    for r in rows {
+        assert_eq!(r["drift"], "none", "{r}");
+        assert_eq!(r["state"], "running", "{r}");
+        assert_eq!(r["actual_spec_hash"], r["spec_hash"], "{r}");
+    }
 
     // A new spec replaces the container (new name, old one gone).
     let o = keel(
@@ -551,6 +561,38 @@ async fn a_damaged_event_log_is_reported_and_never_replayed_past_the_damage() {
     assert_eq!(code, 1);
     assert_eq!(v["chain_ok"], false);
     assert!(d.stderr_all().contains("services event log damaged"));
+    // Nothing is repaired on a damaged log, so the drift stays for the
+    // console to show, as `keel verify` finds it: b's container runs but
+    // nothing valid asks for it.
+    let unexpected: Vec<&str> = v["unexpected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(unexpected.iter().any(|c| c.contains("-service-b-")), "{v}");
+    let stats = d.get("/v1/stats").await.unwrap().json();
+    let rows = stats["services"].as_array().expect("services rows");
+    for c in &unexpected {
+        assert!(
+            rows.iter().any(|r| r["container"] == *c
+                && r["drift"] == "unexpected"
+                && r["spec_hash"].is_null()),
+            "{c} not shown unexpected: {stats}"
+        );
+    }
+    for name in v["missing"].as_array().unwrap() {
+        assert!(
+            rows.iter()
+                .any(|r| r["name"] == *name && r["drift"] == "missing"),
+            "{name} not shown missing: {stats}"
+        );
+    }
+    let a = rows
+        .iter()
+        .find(|r| r["name"] == "a" && !r["spec_hash"].is_null())
+        .unwrap_or_else(|| panic!("a (desired by record 1) not shown: {stats}"));
+    assert_ne!(a["drift"], "unexpected", "{stats}");
     d.assert_no_panics();
 }
 

@@ -86,5 +86,26 @@ async fn a_restart_storm_sends_one_coalesced_owner_notice() {
             .any(|t| t.contains(" times since the last notice (starts #")),
         "no notice covers several starts: {all:#?}"
     );
+    // The console shows, beside each of the last starts, the notice the
+    // owner received for it (issue 15).
+    let shown = poll_until(Duration::from_secs(10), || async {
+        let v = d.get("/v1/stats").await.ok()?.json();
+        let rows = v["restarts"].as_array()?.clone();
+        (rows.len() == 5 && rows.iter().all(|r| r["owner_told"].is_string())).then_some(rows)
+    })
+    .await
+    .expect("the console shows what the owner was told for the last five starts");
+    for r in &shown {
+        let epoch = r["boot_epoch"].as_i64().expect("epoch");
+        let received = all
+            .iter()
+            .find(|t| covered(t).contains(&epoch))
+            .expect("a notice covers it");
+        let told = r["owner_told"].as_str().unwrap();
+        assert!(
+            received.starts_with(told.trim_end_matches('…')),
+            "start #{epoch}: console says {told:?}, the owner got {received:?}"
+        );
+    }
     d.assert_no_panics();
 }

@@ -32,6 +32,21 @@ struct State {
     /// The container engine's state while `[containers]` is enabled: `None`
     /// = ok, `Some(why)` = degraded. Never makes keel unready (R27).
     containers: Option<Option<String>>,
+    /// The last WAL checkpoint keel ran since start (console).
+    checkpoint: Option<Checkpoint>,
+}
+
+/// One completed WAL checkpoint (`PRAGMA wal_checkpoint`), for the console.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Checkpoint {
+    /// Wall-clock time it returned.
+    pub at_ms: i64,
+    /// `background` (the checkpoint thread, PASSIVE) or `inline` (the
+    /// writer's WAL hook past the hard bound).
+    pub mode: &'static str,
+    /// Frames in the WAL, and how many of them were copied back.
+    pub wal_frames: i64,
+    pub checkpointed_frames: i64,
 }
 
 /// Shared readiness. Cheap to clone.
@@ -58,6 +73,7 @@ impl Health {
                 corrupt: None,
                 data_loss: None,
                 containers: None,
+                checkpoint: None,
             })),
             metrics,
         }
@@ -141,6 +157,16 @@ impl Health {
             Some(None) => Some(("ok", String::new())),
             Some(Some(why)) => Some(("degraded", why.clone())),
         }
+    }
+
+    /// Called by the store's checkpointer when a checkpoint returns.
+    pub fn checkpointed(&self, done: Checkpoint) {
+        self.lock().checkpoint = Some(done);
+    }
+
+    /// The last checkpoint since start, if any ran.
+    pub fn last_checkpoint(&self) -> Option<Checkpoint> {
+        self.lock().checkpoint
     }
 
     pub fn readiness(&self) -> Readiness {

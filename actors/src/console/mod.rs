@@ -24,7 +24,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::clock::{Clock, Stamp};
-use crate::containers::{ContainerReaper, ListServices};
+use crate::containers::{ContainerReaper, ServiceDrift};
 use crate::error::StoreError;
 use crate::health::Health;
 use crate::masterkey::KeyHandle;
@@ -80,8 +80,15 @@ pub struct Stats {
     pub store: StorePart,
     pub timers: TimersPart,
     pub tasks: TasksPart,
-    /// `null` while `[containers]` is off.
+    /// Desired against actual, one row per service (`null` while
+    /// `[containers]` is off): `name`, `spec_hash` (desired), `state`,
+    /// `container`, `container_id`, `actual_spec_hash` (the container's
+    /// spec label) and `drift` (`none`, `missing`, `drifted`,
+    /// `unexpected`, `unknown`), as the reconciler's `compare` finds it.
     pub services: Option<Vec<Value>>,
+    /// The engine as the reaper last found it (`ok` or why not); `null`
+    /// while `[containers]` is off.
+    pub services_engine: Option<String>,
     pub chart: Chart,
 }
 
@@ -108,6 +115,12 @@ pub struct Restart {
     pub recovery_ms: Option<i64>,
     /// "clean", "after a crash" or "first start on record".
     pub how: String,
+    /// What the owner was told about this start (the R18 notice that
+    /// covers it, from the `owner_notified` audit record); `None` while no
+    /// notice covers it (no `[owner]`, or the notice is still deferred).
+    pub owner_told: Option<String>,
+    /// When that notice was committed.
+    pub owner_told_at: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -144,6 +157,44 @@ pub struct StorePart {
     /// (`missing`/`damaged`), and how many of those the store lacks.
     pub acked_record: String,
     pub commit: Option<i64>,
+    /// The last WAL checkpoint keel ran since it started (`null`: none
+    /// yet, or the store is in memory).
+    pub last_checkpoint: Option<CheckpointView>,
+    /// `last_checkpoint` in words, or "none since start".
+    pub last_checkpoint_text: String,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct CheckpointView {
+    pub at: String,
+    pub ago_s: i64,
+    /// `background` or `inline`.
+    pub mode: String,
+    pub wal_frames: i64,
+    pub checkpointed_frames: i64,
+}
+
+/// A checkpoint (or none) in words, for the page.
+pub fn checkpoint_text(c: Option<&CheckpointView>) -> String {
+    match c {
+        None => "none since start".into(),
+        Some(c) => format!(
+            "{} ({} s ago, {}, {} of {} WAL frames copied back)",
+            c.at, c.ago_s, c.mode, c.checkpointed_frames, c.wal_frames
+        ),
+    }
+}
+
+impl CheckpointView {
+    pub fn new(c: crate::health::Checkpoint, now_ms: i64) -> CheckpointView {
+        CheckpointView {
+            at: Stamp::from_ms(c.at_ms).text,
+            ago_s: (now_ms - c.at_ms).max(0) / 1000,
+            mode: c.mode.to_string(),
+            wal_frames: c.wal_frames,
+            checkpointed_frames: c.checkpointed_frames,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Default)]
@@ -255,7 +306,7 @@ pub fn assemble(
     snap: Result<StoreSnapshot, String>,
     files: (Option<u64>, Option<u64>),
     acked: (String, Option<i64>),
-    services: Option<Vec<Value>>,
+    services: Option<Value>,
 ) -> Stats {
     let (snap, error) = match snap {
         Ok(s) => (s, None),
@@ -312,16 +363,44 @@ pub fn assemble(
         })
         .collect();
     // Newest first: a start is clean when the record before it is `stopped`.
+    // Owner notices name the starts they cover (`first_epoch..=last_epoch`).
+    let notices: Vec<(i64, i64, String, String)> = snap
+        .life
+        .iter()
+        .filter(|ev| ev.kind == "owner_notified")
+        .filter_map(|ev| {
+            let d: Value = serde_json::from_str(&ev.detail).ok()?;
+            Some((
+                d["first_epoch"].as_i64()?,
+                d["last_epoch"].as_i64()?,
+                d["text"].as_str()?.to_string(),
+                ev.at.clone(),
+            ))
+        })
+        .collect();
+    let life: Vec<_> = snap
+        .life
+        .iter()
+        .filter(|ev| ev.kind == "started" || ev.kind == "stopped")
+        .collect();
     let mut restarts = Vec::new();
-    for (i, ev) in snap.life.iter().enumerate() {
+    for (i, ev) in life.iter().enumerate() {
         if ev.kind != "started" {
             continue;
         }
         let detail: Value = serde_json::from_str(&ev.detail).unwrap_or(Value::Null);
-        let clean = snap.life.get(i + 1).map(|prev| prev.kind == "stopped");
+        let clean = life.get(i + 1).map(|prev| prev.kind == "stopped");
+        let epoch = detail["boot_epoch"].as_i64();
+        let told = epoch.and_then(|e| {
+            notices
+                .iter()
+                .find(|(first, last, _, _)| (*first..=*last).contains(&e))
+        });
         restarts.push(Restart {
+            owner_told: told.map(|t| inert(&t.2)),
+            owner_told_at: told.map(|t| inert(&t.3)),
             at: inert(&ev.at),
-            boot_epoch: detail["boot_epoch"].as_i64(),
+            boot_epoch: epoch,
             clean,
             recovery_ms: detail["recovery_ms"].as_i64(),
             how: match clean {
@@ -364,6 +443,8 @@ pub fn assemble(
             outbox: snap.outbox.clone(),
             acked_record: acked.0,
             commit: acked.1,
+            last_checkpoint: None,
+            last_checkpoint_text: checkpoint_text(None),
         },
         timers: TimersPart {
             active: snap.timers_active,
@@ -386,15 +467,25 @@ pub fn assemble(
             running: snap.tasks_running.iter().map(task).collect(),
             failed: snap.tasks_failed.iter().map(task).collect(),
         },
-        services: services.map(|list| {
-            list.into_iter()
+        services_engine: services
+            .as_ref()
+            .map(|v| v["engine"].as_str().map_or_else(|| "unknown".into(), inert)),
+        services: services.map(|v| {
+            v["services"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+                .iter()
                 .map(|v| {
                     let s = |k: &str| v[k].as_str().map(inert).map_or(Value::Null, Value::from);
                     serde_json::json!({
                         "name": s("name"),
-                        "state": s("state"),
-                        "container_id": s("container_id"),
                         "spec_hash": s("spec_hash"),
+                        "state": s("state"),
+                        "container": s("container"),
+                        "container_id": s("container_id"),
+                        "actual_spec_hash": s("actual_spec_hash"),
+                        "drift": s("drift"),
                     })
                 })
                 .collect()
@@ -513,9 +604,13 @@ impl Console {
         };
         let services = match &inner.reaper {
             None => None,
-            Some(r) => match tokio::time::timeout(STORE_DEADLINE, r.send(ListServices)).await {
-                Ok(Ok(v)) => Some(v["services"].as_array().cloned().unwrap_or_default()),
-                _ => Some(Vec::new()),
+            Some(r) => match tokio::time::timeout(STORE_DEADLINE, r.send(ServiceDrift)).await {
+                Ok(Ok(v)) => Some(v),
+                Ok(Err(_)) => Some(serde_json::json!({"engine": "the container reaper stopped"})),
+                Err(_) => Some(serde_json::json!({"engine": format!(
+                    "the container reaper did not answer within {} s",
+                    STORE_DEADLINE.as_secs()
+                )})),
             },
         };
         let mut stats = assemble(
@@ -527,6 +622,16 @@ impl Console {
             acked,
             services,
         );
+        if matches!(inner.source, StoreSource::File { .. }) {
+            stats.store.last_checkpoint = inner
+                .health
+                .last_checkpoint()
+                .map(|c| CheckpointView::new(c, now_ms));
+            stats.store.last_checkpoint_text =
+                checkpoint_text(stats.store.last_checkpoint.as_ref());
+        } else {
+            stats.store.last_checkpoint_text = "none (the store is in memory)".into();
+        }
         stats.store.integrity = match inner.health.integrity() {
             None => "ok".into(),
             Some(why) => format!("damaged: {}", inert(&why)),
@@ -690,6 +795,11 @@ mod tests {
             NOW - 900_000,
             serde_json::json!({"boot_epoch": 1}),
         );
+        audit(
+            "owner_notified",
+            NOW - 899_000,
+            serde_json::json!({"first_epoch": 1, "last_epoch": 1, "restarts": 1, "text": "keel restarted (start #1)."}),
+        );
         audit("stopped", NOW - 800_000, serde_json::json!({"reason": h}));
         audit(
             "started",
@@ -700,6 +810,13 @@ mod tests {
             "started",
             NOW - 600_000,
             serde_json::json!({"boot_epoch": 3, "recovery_ms": 42}),
+        );
+        // One notice covering starts 2 and 3, its text hostile (service
+        // names and errors end up in it).
+        audit(
+            "owner_notified",
+            NOW - 590_000,
+            serde_json::json!({"first_epoch": 2, "last_epoch": 3, "restarts": 2, "text": format!("keel restarted 2 times {h}")}),
         );
         conn
     }
@@ -716,17 +833,39 @@ mod tests {
             started_at: Stamp::from_ms(NOW - 3_725_000).text,
             boot_epoch: 0,
         };
-        assemble(
+        let h = hostile();
+        let mut s = assemble(
             NOW,
             health,
             &["telegram".to_string(), "webhook".to_string()],
             snap,
             (Some(4096), Some(0)),
             ("7".into(), Some(7)),
-            Some(vec![
-                serde_json::json!({"name": hostile(), "state": "running"}),
-            ]),
-        )
+            Some(serde_json::json!({
+                "engine": format!("engine down {h}"),
+                "services": [
+                    {"name": h, "spec_hash": "aaa111", "state": "running", "container": h,
+                     "container_id": "c1", "actual_spec_hash": "aaa111", "drift": "none"},
+                    {"name": "web", "spec_hash": "bbb222", "state": "running", "container": "keel-i-service-web-3",
+                     "container_id": "c2", "actual_spec_hash": "ccc333", "drift": "drifted"},
+                    {"name": "db", "spec_hash": "ddd444", "state": "missing", "container": null,
+                     "container_id": null, "actual_spec_hash": null, "drift": "missing"},
+                    {"name": "zombie", "spec_hash": null, "state": h, "container": "keel-i-service-zombie-9",
+                     "container_id": "c3", "actual_spec_hash": h, "drift": "unexpected"},
+                ],
+            })),
+        );
+        s.store.last_checkpoint = Some(CheckpointView::new(
+            crate::health::Checkpoint {
+                at_ms: NOW - 12_000,
+                mode: "background",
+                wal_frames: 4100,
+                checkpointed_frames: 4096,
+            },
+            NOW,
+        ));
+        s.store.last_checkpoint_text = checkpoint_text(s.store.last_checkpoint.as_ref());
+        s
     }
 
     /// The HTML of one `<section id=…>`.
@@ -777,6 +916,17 @@ mod tests {
             "{health}"
         );
         assert!(health.contains(">42<"), "recovery time shown");
+        // What the owner was told, per start: one notice covers 2 and 3.
+        assert!(
+            health.contains("keel restarted (start #1).")
+                && health
+                    .matches(
+                        "keel restarted 2 times &lt;script&gt;alert(1)&lt;/script&gt;\\u{202e}evil"
+                    )
+                    .count()
+                    == 2,
+            "{health}"
+        );
 
         let channels = section(&page, "channels");
         assert!(
@@ -788,6 +938,12 @@ mod tests {
 
         let store = section(&page, "store");
         assert!(store.contains(">4096<") && store.contains(">7<"), "{store}");
+        assert!(
+            store.contains(
+                ">2025-12-01T11:59:48.000Z (12 s ago, background, 4096 of 4100 WAL frames copied back)<"
+            ),
+            "{store}"
+        );
 
         let timers = section(&page, "timers");
         assert!(timers.contains(">90<"), "due in 90 s: {timers}");
@@ -802,6 +958,22 @@ mod tests {
 
         let services = section(&page, "services");
         assert!(services.contains("&lt;script&gt;") && services.contains("running"));
+        assert!(
+            services
+                .contains("engine: <span data-k=\"services_engine\">engine down &lt;script&gt;"),
+            "{services}"
+        );
+        for drift in ["none", "drifted", "missing", "unexpected"] {
+            assert!(
+                services.contains(&format!("<td class=\"drift\">{drift}</td>")),
+                "{drift}: {services}"
+            );
+        }
+        assert!(
+            services.contains("<td class=\"spec_hash\">bbb222</td>")
+                && services.contains("<td class=\"actual_spec_hash\">ccc333</td>"),
+            "desired and actual spec side by side: {services}"
+        );
 
         let traffic = section(&page, "traffic");
         assert!(traffic.contains("<svg id=\"chart\""));
@@ -811,6 +983,73 @@ mod tests {
             traffic.contains("data-i=\"59\" x=\"591\" y=\"0\" width=\"8\" height=\"100\""),
             "{traffic}"
         );
+    }
+
+    #[test]
+    fn the_json_carries_the_new_parts() {
+        let v = serde_json::to_value(stats()).unwrap();
+        let told: Vec<&str> = v["restarts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["owner_told"].as_str().unwrap_or(""))
+            .collect();
+        assert_eq!(told.len(), 3, "{told:?}");
+        assert!(
+            told[0].starts_with("keel restarted 2 times <script>"),
+            "{told:?}"
+        );
+        assert_eq!(told[0], told[1]);
+        assert_eq!(told[2], "keel restarted (start #1).");
+        assert_eq!(
+            v["restarts"][2]["owner_told_at"],
+            "2025-12-01T11:45:01.000Z"
+        );
+        assert_eq!(v["store"]["last_checkpoint"]["ago_s"], 12);
+        assert_eq!(v["store"]["last_checkpoint"]["wal_frames"], 4100);
+        assert_eq!(v["services"][1]["drift"], "drifted");
+        assert_eq!(v["services"][1]["actual_spec_hash"], "ccc333");
+        assert_eq!(v["services"][2]["container"], Value::Null);
+        assert!(v["services_engine"]
+            .as_str()
+            .unwrap()
+            .starts_with("engine down <script>"));
+    }
+
+    #[test]
+    fn a_start_no_notice_covers_says_so() {
+        let conn = crate::persistence::testing::db();
+        crate::persistence::audit::append(
+            &conn,
+            &Stamp::from_ms(NOW - 1_000),
+            "started",
+            &serde_json::json!({"boot_epoch": 9}),
+        )
+        .unwrap();
+        let health = HealthPart {
+            ready: true,
+            status: "ready".into(),
+            reason: String::new(),
+            uptime_s: 1,
+            uptime: "1s".into(),
+            started_at: String::new(),
+            boot_epoch: 9,
+        };
+        let snap = snapshot(&conn, NOW).map_err(|e| e.to_string());
+        let s = assemble(
+            NOW,
+            health,
+            &[],
+            snap,
+            (None, None),
+            ("1".into(), Some(1)),
+            None,
+        );
+        assert_eq!(s.restarts.len(), 1);
+        assert_eq!(s.restarts[0].owner_told, None);
+        assert_eq!(s.store.last_checkpoint_text, "none since start");
+        let page = render::page(&s).into_string();
+        assert!(section(&page, "store").contains(">none since start<"));
     }
 
     #[test]

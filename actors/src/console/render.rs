@@ -103,7 +103,7 @@ pub fn page(stats: &Stats) -> Markup {
                             dt { "boot epoch" } dd { (val(&v, "health.boot_epoch")) }
                         }
                         h3 { "Last starts" }
-                        (table(&v, "restarts", &[("at", "at"), ("boot_epoch", "epoch"), ("how", "how"), ("recovery_ms", "recovery ms")], "none recorded"))
+                        (table(&v, "restarts", &[("at", "at"), ("boot_epoch", "epoch"), ("how", "how"), ("recovery_ms", "recovery ms"), ("owner_told", "owner was told"), ("owner_told_at", "told at")], "none recorded"))
                     }
                     section id="channels" {
                         h2 { "Channels" }
@@ -127,6 +127,7 @@ pub fn page(stats: &Stats) -> Markup {
                         dl {
                             dt { "database bytes" } dd { (val(&v, "store.db_bytes")) }
                             dt { "WAL bytes" } dd { (val(&v, "store.wal_bytes")) }
+                            dt { "last checkpoint" } dd { (val(&v, "store.last_checkpoint_text")) }
                             dt { "integrity" } dd { (val(&v, "store.integrity")) }
                             dt { "schema" } dd { (val(&v, "store.schema_version")) }
                             dt { "sessions" } dd { (val(&v, "store.sessions")) }
@@ -152,7 +153,11 @@ pub fn page(stats: &Stats) -> Markup {
                     section id="services" {
                         h2 { "Services" }
                         @if stats.services.is_some() {
-                            (table(&v, "services", &[("name", "name"), ("state", "state"), ("container_id", "container"), ("spec_hash", "spec")], "no services deployed"))
+                            p { "engine: " (val(&v, "services_engine")) }
+                            (table(&v, "services", &[
+                                ("name", "name"), ("spec_hash", "desired spec"), ("state", "actual state"),
+                                ("container", "container"), ("actual_spec_hash", "actual spec"), ("drift", "drift"),
+                            ], "no services deployed"))
                         } @else {
                             p class="muted" { "containers are off ([containers] enabled = false)" }
                         }

@@ -209,6 +209,75 @@ pub fn compare(
     c
 }
 
+/// Desired against actual, one row per service, for the console: each
+/// desired service with its spec hash, its container's state and spec
+/// label, and the drift [`compare`] finds (`none`, `missing`, `drifted`);
+/// each killed service; each `unexpected` container. `actual = None`: the
+/// engine did not answer (state and drift `unknown`).
+pub fn drift_rows(instance: &str, replay: &Replay, actual: Option<&[ContainerInfo]>) -> Vec<Value> {
+    let row =
+        |name: &str, desired: Option<&str>, c: Option<&ContainerInfo>, state: &str, drift: &str| {
+            json!({
+                "name": name,
+                "spec_hash": desired,
+                "state": c.map_or(state, |c| c.state.as_str()),
+                "container_id": c.map(|c| c.id.clone()),
+                "container": c.map(|c| c.name.clone()),
+                "actual_spec_hash": c.and_then(|c| c.label(spec::LABEL_SPEC)),
+                "drift": drift,
+            })
+        };
+    let Some(actual) = actual else {
+        let mut rows: Vec<Value> = replay
+            .desired
+            .iter()
+            .map(|(name, d)| row(name, Some(&d.hash), None, "unknown", "unknown"))
+            .collect();
+        rows.extend(
+            replay
+                .killed
+                .iter()
+                .map(|n| row(n, None, None, "killed", "unknown")),
+        );
+        return rows;
+    };
+    let cmp = compare(instance, &replay.desired, actual);
+    fn service_of<'a>(
+        actual: &'a [ContainerInfo],
+        name: &'a str,
+    ) -> impl Iterator<Item = &'a ContainerInfo> + 'a {
+        actual.iter().filter(move |a| {
+            a.label(spec::LABEL_KIND) == Some(Kind::Service.as_str())
+                && a.label(spec::LABEL_SERVICE) == Some(name)
+        })
+    }
+    let mut rows = Vec::new();
+    for (name, d) in &replay.desired {
+        let want = service_container(instance, name, d);
+        let exact = service_of(actual, name)
+            .find(|a| a.name == want && a.label(spec::LABEL_SPEC) == Some(d.hash.as_str()));
+        let (c, drift) = if cmp.drifted.contains(name) {
+            (service_of(actual, name).next(), "drifted")
+        } else if cmp.missing.contains(name) {
+            (exact, "missing")
+        } else {
+            (exact, "none")
+        };
+        rows.push(row(name, Some(&d.hash), c, "missing", drift));
+    }
+    for name in &replay.killed {
+        rows.push(row(name, None, None, "killed", "none"));
+    }
+    for extra in &cmp.unexpected {
+        let c = actual.iter().find(|a| &a.name == extra);
+        let name = c
+            .and_then(|c| c.label(spec::LABEL_SERVICE))
+            .unwrap_or(extra.as_str());
+        rows.push(row(name, None, c, "unknown", "unexpected"));
+    }
+    rows
+}
+
 /// `keel verify`'s report (JSON shape of the interface contract, plus detail).
 pub fn verify_json(
     replay: &Replay,
@@ -1151,6 +1220,34 @@ impl Handler<ListServices> for ContainerReaper {
     }
 }
 
+/// The console's services part: [`drift_rows`] over the replayed log and
+/// one engine listing, `{"services": [...], "engine": "ok" | error}`.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Value")]
+pub struct ServiceDrift;
+
+impl Handler<ServiceDrift> for ContainerReaper {
+    type Result = ResponseFuture<Value>;
+    fn handle(&mut self, _: ServiceDrift, _: &mut Context<Self>) -> Self::Result {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let mut st = inner.state.lock().await;
+            let instance = inner.instance();
+            let actual = inner.engine.list(&instance).await;
+            // Only a change of the engine's state is recorded: publishing
+            // writes a status row, and a console left open polls every 2 s.
+            if st.engine_error.is_some() != actual.is_err() {
+                inner.engine_result(&mut st, actual.as_ref().err());
+            }
+            let rows = drift_rows(&instance, &st.replay, actual.as_deref().ok());
+            json!({
+                "services": rows,
+                "engine": st.engine_error.as_ref().map_or(json!("ok"), |e| json!(e)),
+            })
+        })
+    }
+}
+
 /// `keel verify` against the running daemon: the stored log is read and
 /// checked again (damage since start is found too), then compared.
 #[derive(Debug, Clone, Message)]
@@ -1339,6 +1436,36 @@ mod tests {
         assert_eq!(c.drifted, vec!["c"]);
         assert_eq!(c.unexpected, vec!["keel-i-service-zombie-9"]);
         assert!(!c.consistent());
+
+        // The console's rows say the same, per service.
+        let rows = drift_rows("i", &r, Some(&actual));
+        let by = |name: &str, drift: &str| {
+            rows.iter()
+                .find(|v| v["name"] == name && v["drift"] == drift)
+                .unwrap_or_else(|| panic!("no {name}/{drift} row: {rows:#?}"))
+                .clone()
+        };
+        let a = by("a", "none");
+        assert_eq!(
+            (a["state"].as_str(), a["spec_hash"].as_str()),
+            (Some("running"), Some(d["a"].hash.as_str()))
+        );
+        assert_eq!(a["actual_spec_hash"], a["spec_hash"]);
+        assert_eq!(by("b", "missing")["state"], "exited");
+        assert_eq!(by("d", "missing")["state"], "missing");
+        let c = by("c", "drifted");
+        assert_eq!(c["actual_spec_hash"], "other");
+        assert_eq!(c["spec_hash"].as_str(), Some(d["c"].hash.as_str()));
+        let z = by("zombie", "unexpected");
+        assert_eq!(z["container"], "keel-i-service-zombie-9");
+        assert!(z["spec_hash"].is_null());
+        assert_eq!(rows.len(), 5);
+        // No engine answer: every desired service unknown, nothing guessed.
+        let blind = drift_rows("i", &r, None);
+        assert_eq!(blind.len(), 4);
+        assert!(blind
+            .iter()
+            .all(|v| v["drift"] == "unknown" && v["state"] == "unknown"));
     }
 
     #[actix::test]

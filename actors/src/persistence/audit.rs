@@ -37,6 +37,7 @@ pub const KINDS: &[&str] = &[
     "rekeyed",
     "restored",
     "data_loss_accepted",
+    "owner_notified",
 ];
 
 /// One audit record.

@@ -65,7 +65,7 @@ pub struct TaskLine {
     pub log_tail: Option<String>,
 }
 
-/// A `started` or `stopped` audit record.
+/// A `started`, `stopped` or `owner_notified` audit record.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct LifeEvent {
     pub seq: i64,
@@ -185,8 +185,8 @@ pub fn snapshot(conn: &Connection, now_ms: i64) -> Result<StoreSnapshot, StoreEr
     )?;
     s.tasks_failed = stmt.query_map([], task)?.collect::<Result<_, _>>()?;
     let mut stmt = conn.prepare_cached(
-        "SELECT seq, at, kind, detail FROM audit WHERE kind IN ('started', 'stopped')
-         ORDER BY seq DESC LIMIT 20",
+        "SELECT seq, at, kind, detail FROM audit WHERE kind IN ('started', 'stopped', 'owner_notified')
+         ORDER BY seq DESC LIMIT 40",
     )?;
     s.life = stmt
         .query_map([], |r| {

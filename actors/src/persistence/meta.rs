@@ -217,6 +217,20 @@ impl Handler<CommitOwnerNotice> for PersistenceActor {
                 Ok(cover) => {
                     let text = (msg.render)(&cover);
                     super::sessions::commit_notice(c, at, &msg.session, &text, msg.deliver)?;
+                    // What the owner was told, and which starts it covers:
+                    // the console shows it beside each restart.
+                    super::audit::append(
+                        c,
+                        at,
+                        "owner_notified",
+                        &serde_json::json!({
+                            "first_epoch": cover.first_epoch,
+                            "last_epoch": cover.last_epoch,
+                            "restarts": cover.restarts,
+                            "delivered": msg.deliver,
+                            "text": text,
+                        }),
+                    )?;
                     Ok(NoticeOutcome::Sent(cover))
                 }
             }

@@ -35,8 +35,27 @@ pub(super) struct Checkpointer {
     thread: std::thread::JoinHandle<()>,
 }
 
+/// Notes each completed checkpoint in [`Health`] (time, frames) for the
+/// console: one uncontended lock after the checkpoint, never on a commit.
+#[derive(Clone)]
+pub(super) struct CheckpointLog {
+    health: Health,
+    clock: Arc<dyn Clock>,
+}
+
+impl CheckpointLog {
+    fn done(&self, mode: &'static str, (wal, copied): (std::ffi::c_int, std::ffi::c_int)) {
+        self.health.checkpointed(crate::health::Checkpoint {
+            at_ms: self.clock.now_ms(),
+            mode,
+            wal_frames: i64::from(wal),
+            checkpointed_frames: i64::from(copied),
+        });
+    }
+}
+
 impl Checkpointer {
-    fn start(opts: &StoreOptions) -> Option<Checkpointer> {
+    fn start(opts: &StoreOptions, log: CheckpointLog) -> Option<Checkpointer> {
         opts.path.as_ref()?;
         let (nudge, rx) = mpsc::sync_channel::<()>(1);
         let opts = opts.clone();
@@ -50,13 +69,15 @@ impl Checkpointer {
                     }
                     let Some(c) = &conn else { continue };
                     crate::failpoint::hit("mid_checkpoint");
-                    if let Err(e) =
-                        c.wal_checkpoint_v2(None::<&str>, rusqlite::wal::CheckpointMode::PASSIVE)
+                    match c.wal_checkpoint_v2(None::<&str>, rusqlite::wal::CheckpointMode::PASSIVE)
                     {
-                        // The writer sees storage trouble on its own writes;
-                        // here it is only worth a retry with a fresh handle.
-                        tracing::debug!(error = %e, "background checkpoint failed");
-                        conn = None;
+                        Ok(frames) => log.done("background", frames),
+                        Err(e) => {
+                            // The writer sees storage trouble on its own writes;
+                            // here it is only worth a retry with a fresh handle.
+                            tracing::debug!(error = %e, "background checkpoint failed");
+                            conn = None;
+                        }
                     }
                 }
             })
@@ -76,6 +97,7 @@ impl Checkpointer {
 pub(super) fn install_wal_hook(
     conn: &mut Connection,
     nudge: Option<mpsc::SyncSender<()>>,
+    log: CheckpointLog,
 ) -> Result<(), StoreError> {
     let Some(nudge) = nudge else {
         return Ok(());
@@ -87,8 +109,9 @@ pub(super) fn install_wal_hook(
                 // COMMIT although the transaction is already durable. BUSY here
                 // means the background checkpoint is running; the next commit
                 // tries again.
-                if let Err(e) = wal.checkpoint() {
-                    tracing::debug!(error = %e, pages, "inline checkpoint skipped");
+                match wal.checkpoint_v2(rusqlite::wal::CheckpointMode::PASSIVE) {
+                    Ok(frames) => log.done("inline", frames),
+                    Err(e) => tracing::debug!(error = %e, pages, "inline checkpoint skipped"),
                 }
             } else if pages >= CHECKPOINT_NUDGE_PAGES {
                 // Full channel = a nudge is already pending: nothing to add.
@@ -180,6 +203,13 @@ pub(super) struct Writer {
 }
 
 impl Writer {
+    fn checkpoint_log(&self) -> CheckpointLog {
+        CheckpointLog {
+            health: self.health.clone(),
+            clock: self.clock.clone(),
+        }
+    }
+
     fn run(mut self) {
         loop {
             let first = if self.degraded {
@@ -229,6 +259,7 @@ impl Writer {
             install_wal_hook(
                 &mut conn,
                 self.checkpointer.as_ref().map(|c| c.nudge.clone()),
+                self.checkpoint_log(),
             )?;
             let path = self.opts.display_path();
             let v = migrate::check_not_newer(&conn, &path)?;
@@ -404,8 +435,16 @@ pub(super) fn spawn(
     metrics: Metrics,
     clock: Arc<dyn Clock>,
 ) -> (mpsc::Sender<Cmd>, std::thread::JoinHandle<()>) {
-    let checkpointer = Checkpointer::start(&opts);
-    if let Err(e) = install_wal_hook(&mut conn, checkpointer.as_ref().map(|c| c.nudge.clone())) {
+    let log = CheckpointLog {
+        health: health.clone(),
+        clock: clock.clone(),
+    };
+    let checkpointer = Checkpointer::start(&opts, log.clone());
+    if let Err(e) = install_wal_hook(
+        &mut conn,
+        checkpointer.as_ref().map(|c| c.nudge.clone()),
+        log,
+    ) {
         tracing::warn!(error = %e, "cannot install the WAL hook; SQLite checkpoints inline");
     }
     let acked = opts.path.as_ref().and_then(|db| {
@@ -432,4 +471,44 @@ pub(super) fn spawn(
         .spawn(move || writer.run())
         .expect("spawn the writer thread");
     (tx, thread)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::clock::ManualClock;
+
+    /// The console's "last checkpoint": the checkpoint thread notes the
+    /// time and frames of each checkpoint it ran in `Health`.
+    #[test]
+    fn the_checkpointer_notes_each_checkpoint_it_ran() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = StoreOptions {
+            path: Some(dir.path().join("keel.db")),
+            synchronous: crate::config::Synchronous::Full,
+            busy_timeout: Duration::from_millis(1000),
+            max_batch: 16,
+            probe_interval: Duration::from_millis(100),
+            key: None,
+        };
+        let (conn, _) = super::super::open_store(&opts).unwrap();
+        conn.execute_batch("CREATE TABLE t (x); INSERT INTO t VALUES (randomblob(50000));")
+            .unwrap();
+        let health = Health::new(Metrics::new());
+        let log = CheckpointLog {
+            health: health.clone(),
+            clock: Arc::new(ManualClock::new(1_764_590_400_000)),
+        };
+        assert_eq!(health.last_checkpoint(), None);
+        let c = Checkpointer::start(&opts, log).unwrap();
+        c.nudge.send(()).unwrap();
+        // The nudge is taken before the closed channel ends the thread.
+        c.stop();
+        let done = health.last_checkpoint().expect("a checkpoint was noted");
+        assert_eq!((done.at_ms, done.mode), (1_764_590_400_000, "background"));
+        assert!(done.wal_frames > 10, "{done:?}");
+        assert_eq!(done.checkpointed_frames, done.wal_frames, "{done:?}");
+    }
 }
