@@ -40,6 +40,15 @@ pub fn without_url(e: &reqwest::Error) -> String {
 /// `token=…`, `/bot…` Bot API paths, `123456:ABC…` Telegram tokens) with
 /// `[redacted]`; whitespace is normalised to single spaces.
 pub fn mask_secret_words(text: &str) -> String {
+    mask_secret_words_keeping_space(text)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// [`mask_secret_words`] with the whitespace left as it is (log lines keep
+/// their indentation).
+pub fn mask_secret_words_keeping_space(text: &str) -> String {
     let looks_secret = |w: &str| {
         let w = w.trim_matches(|c: char| !c.is_ascii_alphanumeric());
         w.starts_with("xox")
@@ -50,10 +59,25 @@ pub fn mask_secret_words(text: &str) -> String {
                 !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()) && rest.len() >= 20
             })
     };
-    text.split_whitespace()
-        .map(|w| if looks_secret(w) { "[redacted]" } else { w })
-        .collect::<Vec<_>>()
-        .join(" ")
+    let mut out = String::with_capacity(text.len());
+    let mut word: Option<usize> = None;
+    let push = |out: &mut String, w: &str| {
+        out.push_str(if looks_secret(w) { "[redacted]" } else { w });
+    };
+    for (i, c) in text.char_indices() {
+        if c.is_whitespace() {
+            if let Some(start) = word.take() {
+                push(&mut out, &text[start..i]);
+            }
+            out.push(c);
+        } else if word.is_none() {
+            word = Some(i);
+        }
+    }
+    if let Some(start) = word {
+        push(&mut out, &text[start..]);
+    }
+    out
 }
 
 #[cfg(test)]

@@ -258,7 +258,17 @@ pub fn duration_words(secs: u64) -> String {
 /// and bidirectional-override characters shown as `\u{…}` escapes (an RTL
 /// override cannot reorder the page), bounded to [`MAX_TEXT_CHARS`].
 pub fn inert(text: &str) -> String {
-    let masked = crate::redact::mask_secret_words(text);
+    inert_line(text, false)
+}
+
+/// One line made inert: secret-looking words masked, controls and bidi
+/// overrides shown as escapes (tabs kept in log lines), length bounded.
+fn inert_line(text: &str, keep_tab: bool) -> String {
+    let masked = if keep_tab {
+        crate::redact::mask_secret_words_keeping_space(text)
+    } else {
+        crate::redact::mask_secret_words(text)
+    };
     let mut out = String::new();
     for (n, c) in masked.chars().enumerate() {
         if n >= MAX_TEXT_CHARS {
@@ -266,7 +276,7 @@ pub fn inert(text: &str) -> String {
             break;
         }
         let bidi = matches!(c, '\u{200e}' | '\u{200f}' | '\u{061c}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
-        if c.is_control() || bidi {
+        if (c.is_control() && !(keep_tab && c == '\t')) || bidi {
             out.push_str(&format!("\\u{{{:x}}}", c as u32));
         } else {
             out.push(c);
@@ -278,22 +288,7 @@ pub fn inert(text: &str) -> String {
 /// Like [`inert`] but keeps line breaks (task output); each line bounded.
 fn inert_lines(text: &str) -> String {
     text.split('\n')
-        .map(|l| {
-            let mut s = String::new();
-            for (n, c) in l.chars().enumerate() {
-                if n >= MAX_TEXT_CHARS {
-                    s.push('…');
-                    break;
-                }
-                let bidi = matches!(c, '\u{200e}' | '\u{200f}' | '\u{061c}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
-                if (c.is_control() && c != '\t') || bidi {
-                    s.push_str(&format!("\\u{{{:x}}}", c as u32));
-                } else {
-                    s.push(c);
-                }
-            }
-            s
-        })
+        .map(|l| inert_line(l, true))
         .collect::<Vec<_>>()
         .join("\n")
 }
@@ -1092,6 +1087,13 @@ mod tests {
     fn inert_escapes_controls_and_bounds_length() {
         assert_eq!(inert("a\u{202e}b\u{7}c"), "a\\u{202e}b\\u{7}c");
         assert_eq!(inert(&"x".repeat(400)).chars().count(), MAX_TEXT_CHARS + 1);
+        // Log tails too: a task that prints a token shows it masked.
+        let tail = inert_lines("start\ntoken 123456:ABCDEFGHIJKLMNOPQRSTUVWXYZ ok\n\tdone");
+        assert!(!tail.contains("ABCDEFGHIJKLMNOPQRSTUVWXYZ"), "{tail}");
+        assert!(
+            tail.starts_with("start\n") && tail.ends_with("\n\tdone"),
+            "{tail}"
+        );
         assert_eq!(duration_words(59), "59s");
         assert_eq!(duration_words(61), "1m 01s");
     }
