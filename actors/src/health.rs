@@ -26,6 +26,9 @@ struct State {
     storage_degraded: Option<String>,
     /// Damage found after start (background quick_check); never clears.
     corrupt: Option<String>,
+    /// What the background quick_check of a large store is doing, when
+    /// there is one ("running", "interrupted", "failed: …").
+    integrity_check: Option<String>,
     /// R39: acknowledged commits are missing and the operator did not
     /// accept it: not ready, and the writer commits nothing.
     data_loss: Option<String>,
@@ -71,6 +74,7 @@ impl Health {
                 phase: Phase::Starting,
                 storage_degraded: None,
                 corrupt: None,
+                integrity_check: None,
                 data_loss: None,
                 containers: None,
                 checkpoint: None,
@@ -122,6 +126,17 @@ impl Health {
     /// The damage the background integrity check found, if any.
     pub fn integrity(&self) -> Option<String> {
         self.lock().corrupt.clone()
+    }
+
+    /// The background quick_check's progress (`None` once it passed, or
+    /// when the store was small enough to be checked before start).
+    pub fn integrity_check(&self, state: Option<&str>) {
+        self.lock().integrity_check = state.map(str::to_string);
+    }
+
+    /// What [`Health::integrity_check`] last said.
+    pub fn integrity_checking(&self) -> Option<String> {
+        self.lock().integrity_check.clone()
     }
 
     /// Why writes are refused (R39), if they are.

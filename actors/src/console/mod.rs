@@ -261,6 +261,17 @@ pub fn inert(text: &str) -> String {
     inert_line(text, false)
 }
 
+/// The store's integrity as the page says it: damage found, else the
+/// background quick_check's state while it has not passed, else ok.
+fn integrity_text(damage: Option<&str>, checking: Option<&str>) -> String {
+    match (damage, checking) {
+        (Some(why), _) => format!("damaged: {}", inert(why)),
+        (None, Some("running")) => "checking (quick_check running in the background)".into(),
+        (None, Some(other)) => format!("not checked yet: quick_check {}", inert(other)),
+        (None, None) => "ok".into(),
+    }
+}
+
 /// One line made inert: secret-looking words masked, controls and bidi
 /// overrides shown as escapes (tabs kept in log lines), length bounded.
 fn inert_line(text: &str, keep_tab: bool) -> String {
@@ -627,10 +638,10 @@ impl Console {
         } else {
             stats.store.last_checkpoint_text = "none (the store is in memory)".into();
         }
-        stats.store.integrity = match inner.health.integrity() {
-            None => "ok".into(),
-            Some(why) => format!("damaged: {}", inert(&why)),
-        };
+        stats.store.integrity = integrity_text(
+            inner.health.integrity().as_deref(),
+            inner.health.integrity_checking().as_deref(),
+        );
         stats
     }
 
@@ -1087,6 +1098,10 @@ mod tests {
     fn inert_escapes_controls_and_bounds_length() {
         assert_eq!(inert("a\u{202e}b\u{7}c"), "a\\u{202e}b\\u{7}c");
         assert_eq!(inert(&"x".repeat(400)).chars().count(), MAX_TEXT_CHARS + 1);
+        assert_eq!(integrity_text(None, None), "ok");
+        assert!(integrity_text(None, Some("running")).starts_with("checking"));
+        assert!(integrity_text(None, Some("interrupted")).contains("interrupted"));
+        assert!(integrity_text(Some("x: <b>"), Some("running")).starts_with("damaged: x: <b>"));
         // Log tails too: a task that prints a token shows it masked.
         let tail = inert_lines("start\ntoken 123456:ABCDEFGHIJKLMNOPQRSTUVWXYZ ok\n\tdone");
         assert!(!tail.contains("ABCDEFGHIJKLMNOPQRSTUVWXYZ"), "{tail}");

@@ -215,6 +215,8 @@ pub const SYNC_CHECK_MAX_BYTES: u64 = 8 << 20;
 pub fn check_in_background(db: PathBuf, key: Option<KeyHandle>, health: Health) -> BackgroundCheck {
     let check = BackgroundCheck::default();
     let shared = check.clone();
+    health.integrity_check(Some("running"));
+    let on_spawn_error = health.clone();
     let spawned = std::thread::Builder::new()
         .name("keel-quick-check".into())
         .spawn(move || {
@@ -230,9 +232,16 @@ pub fn check_in_background(db: PathBuf, key: Option<KeyHandle>, health: Health) 
                 }
             });
             match result {
-                Ok(None) => tracing::info!(path = %db.display(), "background quick_check interrupted by shutdown; it runs again at the next start"),
-                Ok(Some(p)) if p == ["ok"] => tracing::info!(path = %db.display(), "background quick_check ok"),
+                Ok(None) => {
+                    health.integrity_check(Some("interrupted"));
+                    tracing::info!(path = %db.display(), "background quick_check interrupted by shutdown; it runs again at the next start")
+                }
+                Ok(Some(p)) if p == ["ok"] => {
+                    health.integrity_check(None);
+                    tracing::info!(path = %db.display(), "background quick_check ok")
+                }
                 Ok(Some(p)) => {
+                    health.integrity_check(None);
                     let problems = p.join("; ");
                     tracing::error!(
                         path = %db.display(),
@@ -241,10 +250,14 @@ pub fn check_in_background(db: PathBuf, key: Option<KeyHandle>, health: Health) 
                     );
                     health.storage_corrupt(&format!("{}: {problems}", db.display()));
                 }
-                Err(e) => tracing::warn!(path = %db.display(), error = %e, "background quick_check failed"),
+                Err(e) => {
+                    health.integrity_check(Some(&format!("failed: {e}")));
+                    tracing::warn!(path = %db.display(), error = %e, "background quick_check failed")
+                }
             }
         });
     if let Err(e) = spawned {
+        on_spawn_error.integrity_check(Some(&format!("failed: {e}")));
         tracing::warn!(error = %e, "cannot start the background quick_check");
     }
     check
