@@ -301,6 +301,8 @@ pub struct Daemon {
     pub env: Vec<(String, String)>,
     /// Extra flags for `keel run` (e.g. `--accept-data-loss`).
     pub args: Vec<String>,
+    /// A program (and its flags) that execs keel, e.g. `setpriv …`.
+    pub wrapper: Vec<String>,
 }
 
 impl Daemon {
@@ -343,6 +345,7 @@ impl Daemon {
             ignore_sigxfsz: false,
             env: Vec::new(),
             args: Vec::new(),
+            wrapper: Vec::new(),
         }
     }
 
@@ -374,7 +377,14 @@ impl Daemon {
 
     /// The command line of `keel run` for this daemon on the given port.
     pub fn run_command(&self, port: u16) -> Command {
-        let mut cmd = Command::new(keel_bin());
+        let mut cmd = match self.wrapper.split_first() {
+            Some((program, flags)) => {
+                let mut c = Command::new(program);
+                c.args(flags).arg(keel_bin());
+                c
+            }
+            None => Command::new(keel_bin()),
+        };
         cmd.arg("run")
             .arg("--data-dir")
             .arg(&self.data_dir)
