@@ -1468,6 +1468,85 @@ mod tests {
             .all(|v| v["drift"] == "unknown" && v["state"] == "unknown"));
     }
 
+    /// A store with migrations applied, in memory, and its writer.
+    fn memory_store(health: &Health, metrics: &Metrics) -> Addr<PersistenceActor> {
+        let mut c = rusqlite::Connection::open_in_memory().unwrap();
+        crate::persistence::migrate::migrate(&mut c, std::path::Path::new(":memory:")).unwrap();
+        PersistenceActor::new(
+            c,
+            crate::persistence::StoreOptions::from_config(
+                &crate::config::Config {
+                    ephemeral: true,
+                    ..Default::default()
+                },
+                None,
+            ),
+            health.clone(),
+            metrics.clone(),
+            Arc::new(crate::clock::WallClock),
+        )
+        .start()
+    }
+
+    /// On several processes the periodic reconcile runs only in the holder
+    /// of the reconciler's lease: without it drift stays (another instance
+    /// repairs it); once the lease is held, the next reconcile repairs.
+    #[actix::test]
+    async fn only_the_lease_holder_reconciles() {
+        let metrics = Metrics::new();
+        let health = Health::new(metrics.clone());
+        let persistence = memory_store(&health, &metrics);
+        let engine = engine::MemoryEngine::with_images(&["busybox"]);
+        let (lease_tx, lease) = tokio::sync::watch::channel(Some(1));
+        let settings = ReaperSettings {
+            instance: "me".into(),
+            reconcile_interval: Duration::from_secs(3600),
+            stop_services_on_shutdown: false,
+            forbidden: Forbidden::default(),
+        };
+        let reaper = ContainerReaper::new(
+            Arc::new(engine.clone()),
+            persistence,
+            health,
+            &metrics,
+            settings,
+        )
+        .with_lease(lease)
+        .start();
+        reaper.send(RecoverContainers).await.unwrap().unwrap();
+        reaper
+            .send(DeployService {
+                name: "web".into(),
+                spec: ServiceSpec {
+                    image: "busybox".into(),
+                    ..Default::default()
+                },
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        let creates = || {
+            engine
+                .lock()
+                .calls
+                .iter()
+                .filter(|c| *c == "create")
+                .count()
+        };
+        assert_eq!(creates(), 1);
+        // The lease moves to another instance; the container vanishes.
+        lease_tx.send(None).unwrap();
+        engine.lock().containers.clear();
+        reaper.send(Reconcile).await.unwrap();
+        assert_eq!(creates(), 1, "a reconcile without the lease repaired");
+        assert!(engine.lock().containers.is_empty());
+        // The lease comes back: the next reconcile repairs.
+        lease_tx.send(Some(2)).unwrap();
+        reaper.send(Reconcile).await.unwrap();
+        assert_eq!(creates(), 2, "the holder did not repair");
+        assert_eq!(engine.lock().containers.len(), 1);
+    }
+
     #[actix::test]
     async fn deploy_adopt_kill_and_reap_against_the_memory_engine() {
         let metrics = Metrics::new();
