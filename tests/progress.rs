@@ -259,3 +259,120 @@ async fn migrate_encrypt_shows_progress_on_a_terminal_only() {
     );
     assert!(d.sigterm(DEADLINE).await.success());
 }
+
+/// A container engine that accepts connections and never answers: every
+/// request keel makes waits for its `request_timeout_ms`.
+fn hung_engine(dir: &Path) -> (std::path::PathBuf, tokio::task::JoinHandle<()>) {
+    let socket = dir.join("hung-docker.sock");
+    let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            held.push(s);
+        }
+    });
+    (socket, task)
+}
+
+/// The seconds of every `keel: still recovering: STEP (N s)` line, with
+/// the step named.
+fn recovering_lines(shown: &str) -> Vec<(String, u64)> {
+    shown
+        .split(['\r', '\n'])
+        .filter_map(|l| l.strip_prefix("keel: still recovering: "))
+        .map(|l| {
+            let (step, secs) = l.rsplit_once(" (").unwrap_or_else(|| panic!("{l:?}"));
+            let secs = secs.strip_suffix(" s)").unwrap_or_else(|| panic!("{l:?}"));
+            (step.to_string(), secs.parse().unwrap_or_else(|_| panic!("{l:?}")))
+        })
+        .collect()
+}
+
+/// A start held up for seconds (the container engine never answers, so the
+/// container recovery waits for its request timeouts) says on a terminal,
+/// once a second after the first, which step it is in; started with
+/// stderr into a file (the harness's log) it writes no such line; both
+/// starts become ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_start_says_what_it_recovers_on_a_terminal_only() {
+    let mut d = Daemon::new(Config::default(), None);
+    let (socket, engine) = hung_engine(d.root());
+    d.write_config_text(&format!(
+        "{}\n[containers]\nenabled = true\ndocker_host = \"unix://{}\"\ninstance = \"slowstart\"\nreconcile_interval_s = 3600\nrequest_timeout_ms = 2500\n",
+        d.config.to_toml(),
+        socket.display()
+    ));
+
+    // stderr into a file: the log has no progress lines.
+    let began = std::time::Instant::now();
+    d.boot().await;
+    assert!(began.elapsed() >= Duration::from_secs(2), "the start was not slow");
+    assert!(d.sigterm(DEADLINE).await.success());
+    let log = d.stderr_all();
+    assert!(!log.contains("still recovering"), "{log}");
+
+    // On a terminal.
+    let port = common::free_port();
+    let cmd = d.run_command(port);
+    let line: Vec<String> = std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let run = tokio::process::Command::new("script")
+        .args(["-qec", &line.join(" "), "/dev/null"])
+        .env_remove("KEEL_DATA_DIR")
+        .env_remove("KEEL_CONFIG")
+        .env_remove("KEEL_LISTEN")
+        .env_remove("KEEL_MASTER_KEY")
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run script (bsdutils)");
+    let began = std::time::Instant::now();
+    let client = common::http_client();
+    let url = format!("http://127.0.0.1:{port}/readyz");
+    let ready = common::poll_until(DEADLINE, || {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            match client.get(&url).send().await {
+                Ok(r) if r.status().is_success() => Some(()),
+                _ => None,
+            }
+        }
+    })
+    .await;
+    let took = began.elapsed();
+    assert!(ready.is_some(), "keel on a terminal never became ready");
+    // The pid in the data dir's lock file is keel's (script is its parent).
+    let pid: i32 = std::fs::read_to_string(d.data_dir.join("keel.lock"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // Past the next whole second: a line after ready would show by now.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // SAFETY: kill(2) on the keel process this test started.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let out = tokio::time::timeout(DEADLINE, run.wait_with_output())
+        .await
+        .expect("keel under script did not stop")
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout).into_owned();
+    engine.abort();
+    let lines = recovering_lines(&shown);
+    assert!(lines.len() >= 2, "{shown}");
+    assert!(
+        lines.iter().any(|(step, _)| step == "recovering containers"),
+        "{lines:?}"
+    );
+    let secs: Vec<u64> = lines.iter().map(|(_, s)| *s).collect();
+    assert_eq!(secs, (1..=secs.len() as u64).collect::<Vec<_>>(), "{shown}");
+    // Nothing after ready: the last line is from before it.
+    assert!(
+        *secs.last().unwrap() <= took.as_secs() + 1,
+        "still recovering after ready ({took:?}): {shown}"
+    );
+    assert!(shown.contains("keel ready"), "{shown}");
+}
