@@ -77,7 +77,10 @@ fn percentages(shown: &str, label: &str, unit: &str) -> Vec<u64> {
     assert!(distinct.len() >= 2, "one percentage only: {shown:?}");
     assert_eq!(seen.last(), Some(&100), "{shown:?}");
     assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
-    assert!(shown.contains(&format!("\r{prefix}")), "not rewritten: {shown:?}");
+    assert!(
+        shown.contains(&format!("\r{prefix}")),
+        "not rewritten: {shown:?}"
+    );
     assert!(
         shown.contains("100% (") && shown.contains(&format!("{unit})\r\n")),
         "no newline after 100%: {shown:?}"
@@ -108,13 +111,11 @@ fn without_progress(shown: &str, label: &str) -> String {
 async fn fill(d: &Daemon, sessions: usize) {
     for i in 0..sessions {
         let text = format!("{i:04} {}", "large-store-".repeat(5_000));
-        d.post_ok(&format!("big{i}"), &format!("big{i}"), &text).await;
+        d.post_ok(&format!("big{i}"), &format!("big{i}"), &text)
+            .await;
     }
     let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
-    let (db, wal) = (
-        d.data_dir.join("keel.db"),
-        d.data_dir.join("keel.db-wal"),
-    );
+    let (db, wal) = (d.data_dir.join("keel.db"), d.data_dir.join("keel.db-wal"));
     assert!(
         size(&db) + size(&wal) > 8 * 1024 * 1024,
         "store too small: {} + {}",
@@ -124,7 +125,11 @@ async fn fill(d: &Daemon, sessions: usize) {
 }
 
 fn assert_quiet(out: &std::process::Output, what: &str) {
-    assert!(out.status.success(), "{what}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         !stderr.contains('%') && !stderr.contains('\r'),
@@ -171,7 +176,10 @@ async fn export_and_restore_show_progress_on_a_terminal_only() {
     // restore: the backup copied into place, in bytes.
     let file = d.root().join("full.db");
     let file_s = file.display().to_string();
-    assert!(piped(&dir, &config, &["backup", &file_s]).await.status.success());
+    assert!(piped(&dir, &config, &["backup", &file_s])
+        .await
+        .status
+        .success());
     d.post_ok("after", "after", "after the backup").await;
     assert!(d.sigterm(DEADLINE).await.success());
     let shown = on_terminal(&dir, &config, &["restore", &file_s, "--force"]).await;
@@ -190,7 +198,10 @@ async fn export_and_restore_show_progress_on_a_terminal_only() {
         tagless(&stdout),
         "stdout differs on a terminal"
     );
-    assert!(stdout.starts_with(&format!("restored {file_s} into ")), "{stdout}");
+    assert!(
+        stdout.starts_with(&format!("restored {file_s} into ")),
+        "{stdout}"
+    );
     // The restored store is the backup: keel starts on it, the message
     // posted after the backup is gone, the large ones are there.
     d.restart().await;
@@ -199,7 +210,9 @@ async fn export_and_restore_show_progress_on_a_terminal_only() {
     assert_eq!(ids.len(), 150, "{ids:?}");
     let turns = d.turns("webhook:big149").await;
     assert!(
-        turns.iter().any(|t| t.text.starts_with("0149 large-store-")),
+        turns
+            .iter()
+            .any(|t| t.text.starts_with("0149 large-store-")),
         "{} turns",
         turns.len()
     );
@@ -247,13 +260,19 @@ async fn migrate_encrypt_shows_progress_on_a_terminal_only() {
     // Both stores are encrypted now and open with the key.
     for dir in [&d.data_dir, &twin] {
         let db = std::fs::read(dir.join("keel.db")).unwrap();
-        assert!(!db.starts_with(b"SQLite format 3\0"), "{} still plain", dir.display());
+        assert!(
+            !db.starts_with(b"SQLite format 3\0"),
+            "{} still plain",
+            dir.display()
+        );
     }
     d.write_config_text(&Config::default().to_toml());
     d.restart().await;
     let turns = d.turns("webhook:big149").await;
     assert!(
-        turns.iter().any(|t| t.text.starts_with("0149 large-store-")),
+        turns
+            .iter()
+            .any(|t| t.text.starts_with("0149 large-store-")),
         "{} turns",
         turns.len()
     );
@@ -283,7 +302,10 @@ fn recovering_lines(shown: &str) -> Vec<(String, u64)> {
         .map(|l| {
             let (step, secs) = l.rsplit_once(" (").unwrap_or_else(|| panic!("{l:?}"));
             let secs = secs.strip_suffix(" s)").unwrap_or_else(|| panic!("{l:?}"));
-            (step.to_string(), secs.parse().unwrap_or_else(|_| panic!("{l:?}")))
+            (
+                step.to_string(),
+                secs.parse().unwrap_or_else(|_| panic!("{l:?}")),
+            )
         })
         .collect()
 }
@@ -306,7 +328,10 @@ async fn a_slow_start_says_what_it_recovers_on_a_terminal_only() {
     // stderr into a file: the log has no progress lines.
     let began = std::time::Instant::now();
     d.boot().await;
-    assert!(began.elapsed() >= Duration::from_secs(2), "the start was not slow");
+    assert!(
+        began.elapsed() >= Duration::from_secs(2),
+        "the start was not slow"
+    );
     assert!(d.sigterm(DEADLINE).await.success());
     let log = d.stderr_all();
     assert!(!log.contains("still recovering"), "{log}");
@@ -364,7 +389,9 @@ async fn a_slow_start_says_what_it_recovers_on_a_terminal_only() {
     let lines = recovering_lines(&shown);
     assert!(lines.len() >= 2, "{shown}");
     assert!(
-        lines.iter().any(|(step, _)| step == "recovering containers"),
+        lines
+            .iter()
+            .any(|(step, _)| step == "recovering containers"),
         "{lines:?}"
     );
     let secs: Vec<u64> = lines.iter().map(|(_, s)| *s).collect();
