@@ -2,6 +2,7 @@
 //! store directly (read-only where possible, so they are safe while keel
 //! runs); `run`, `chat` and `bench` live in their own modules.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
@@ -11,6 +12,11 @@ use keel_actors::persistence::{self, meta, migrate, sessions, StoreOptions};
 use serde_json::json;
 
 use crate::cli::{Cli, Command, DataDirArg, SessionsCmd};
+use crate::progress::{ProgressLine, Unit, LARGE_BYTES};
+
+/// Exports of more sessions than this show a progress line (each session
+/// is a file written and fsynced).
+const LARGE_EXPORT: u64 = 100;
 
 pub fn dispatch(cli: Cli) -> Result<ExitCode> {
     match cli.command {
@@ -44,8 +50,27 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Containers { cmd } => crate::services_cmd::containers_cmd(cmd),
         Command::Verify { dir, json } => crate::services_cmd::verify(&dir, json),
         Command::Bench(args) => keel_bench::dispatch(args),
-        Command::Torture(args) => keel_bench::torture::torture(args),
+        Command::Torture(args) => torture(args),
     }
+}
+
+/// `keel torture`: on a terminal the cycles are one rewritten line
+/// (`torture: 12% (3 of 24 cycles, 120 acked, recovery 85 ms)`); a run
+/// bounded by `--seconds` alone has no total, so each cycle is a line of
+/// its own as before. Off a terminal nothing is shown; stdout is the same.
+fn torture(args: keel_bench::torture::TortureArgs) -> Result<ExitCode> {
+    if !std::io::stderr().is_terminal() {
+        return keel_bench::torture::torture(args);
+    }
+    let mut shown = ProgressLine::new("torture", Unit::Cycles, 0);
+    keel_bench::torture::torture_noted(args, &mut |c| match c.total {
+        Some(total) => shown.show_with(
+            c.done,
+            total,
+            &format!(", {} acked, recovery {} ms", c.acked, c.recovery_ms),
+        ),
+        None => eprintln!("keel torture: {}", c.line),
+    })
 }
 
 fn config_for(dir: &DataDirArg) -> Result<Config> {
@@ -315,7 +340,11 @@ fn sessions(cmd: SessionsCmd) -> Result<ExitCode> {
         }
         SessionsCmd::Export { out, dir } => {
             let conn = open_ro(&config_for(&dir)?)?;
-            let files = keel_actors::export::export_sessions(&conn, &out)?;
+            let mut shown = ProgressLine::new("exporting sessions", Unit::Rows, LARGE_EXPORT);
+            let files = keel_actors::export::export_sessions_noted(&conn, &out, &mut |d, t| {
+                shown.show(d, t)
+            })?;
+            drop(shown);
             println!("exported {} sessions to {}", files.len(), out.display());
             Ok(ExitCode::SUCCESS)
         }
@@ -328,8 +357,21 @@ fn migrate_cmd(dir: &DataDirArg) -> Result<ExitCode> {
     // SAFETY: umask only changes this process's file-creation mask.
     unsafe { libc::umask(0o077) };
     let key = crate::vault::store_key(&config, crate::vault::Create::IfFresh)?;
-    let (conn, report) = persistence::open_store(&StoreOptions::from_config(&config, key.as_ref()))
-        .with_context(|| format!("migrating {}", config.data_dir.display()))?;
+    // Schema steps on a large store can rewrite tables: one line per step.
+    let db = config.data_dir.join("keel.db");
+    let large = std::fs::metadata(&db).is_ok_and(|m| m.len() > LARGE_BYTES);
+    let mut shown = ProgressLine::on(
+        format!("migrating {}", db.display()),
+        Unit::Migrations,
+        0,
+        large && std::io::stderr().is_terminal(),
+    );
+    let (conn, report) = persistence::open_store_noted(
+        &StoreOptions::from_config(&config, key.as_ref()),
+        &mut |d, t| shown.show(d, t),
+    )
+    .with_context(|| format!("migrating {}", config.data_dir.display()))?;
+    drop(shown);
     // An operator command can afford the full check a large store skips at start.
     if let Some(db) = &report.deferred_check {
         let problems = meta::quick_check(&conn)?;

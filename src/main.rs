@@ -7,6 +7,7 @@ mod cli;
 mod commands;
 mod config;
 mod notify;
+mod progress;
 mod run;
 mod services_cmd;
 mod signals;

@@ -109,12 +109,16 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         // A rekey killed halfway is finished or undone before any store opens.
         crate::vault_cmd::recover_rekey(&config, &key)?;
     }
+    let steps = keel_actors::app::StartSteps::default();
+    if config.log_format == keel_actors::config::LogFormat::Text {
+        show_slow_start(steps.clone());
+    }
     let reload_args = args.clone();
     let system = actix_rt::System::new();
     let result = system.block_on(async move {
         let mut signals = signals::stream().context("cannot install signal handlers")?;
         let drain_deadline = config.shutdown_timeout();
-        let running = match app::start(
+        let running = app::start(
             config,
             RunOptions {
                 stdin: args.stdin,
@@ -122,10 +126,12 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
                 task_env: crate::config::task_env(),
                 accept_data_loss: args.accept_data_loss,
                 key: Some(key),
+                steps: steps.clone(),
             },
         )
-        .await
-        {
+        .await;
+        steps.finish();
+        let running = match running {
             Ok(running) => running,
             Err(e) => {
                 // Exit from inside the runtime: actors started before the
@@ -187,6 +193,32 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         Ok(false) => Ok(ExitCode::from(1)),
         Err(e) => Err(e),
     }
+}
+
+/// A start that takes over a second says, on a terminal, what it is doing:
+/// `keel: still recovering: replaying timers (3 s)` once a second until
+/// it is ready. Only when stderr is a terminal (never into a log file or
+/// the journal) and the logs are text (a JSON log stays one object a line).
+fn show_slow_start(steps: keel_actors::app::StartSteps) {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("keel-start-progress".into())
+        .spawn(move || {
+            let mut seconds = 0u64;
+            loop {
+                std::thread::sleep(Duration::from_secs(1));
+                seconds += 1;
+                match steps.current() {
+                    Some(step) => eprintln!("keel: still recovering: {step} ({seconds} s)"),
+                    None => return,
+                }
+            }
+        });
+    // Without the thread the start is only quieter.
+    drop(spawned);
 }
 
 /// SIGHUP: load and validate through the same path as startup; apply or

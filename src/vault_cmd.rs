@@ -8,7 +8,7 @@
 //! itself. Secret values come from stdin only (never argv) and are never
 //! printed. Restore, rekey and migrate --encrypt need keel stopped.
 
-use std::io::{BufRead, BufReader, IsTerminal, Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -24,6 +24,7 @@ use serde_json::{json, Value};
 use zeroize::Zeroizing;
 
 use crate::cli::{DataDirArg, SecretsCmd, TokensCmd};
+use crate::progress::{ProgressLine, Unit, LARGE_BYTES};
 use crate::vault::{master_key, store_key, Create};
 
 fn load(dir: &DataDirArg) -> Result<Config> {
@@ -405,7 +406,7 @@ pub fn backup(dir: &DataDirArg, file: &Path) -> Result<ExitCode> {
     if dest.exists() {
         bail!("{} exists already; choose a new file", dest.display());
     }
-    let mut shown = ProgressLine::new("keel.db", std::io::stderr().is_terminal());
+    let mut shown = ProgressLine::new("backing up keel.db", Unit::Bytes, LARGE_BYTES);
     // Progress is always asked for: each step's line also keeps the
     // socket's read timeout per step rather than for the whole copy.
     let request = json!({"op": "backup", "path": dest, "progress": true});
@@ -454,61 +455,6 @@ pub fn backup(dir: &DataDirArg, file: &Path) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Stores larger than this show a progress line while they are copied.
-const PROGRESS_FROM_BYTES: u64 = 8 * 1024 * 1024;
-
-/// `backing up keel.db: 41% (12.3 of 30.0 MiB)` on stderr, rewritten in
-/// place (`\r`) at each new percentage and ended with a newline at 100%;
-/// only on a terminal, and only for a large store.
-struct ProgressLine {
-    name: &'static str,
-    terminal: bool,
-    last: Option<u64>,
-}
-
-impl ProgressLine {
-    fn new(name: &'static str, terminal: bool) -> ProgressLine {
-        ProgressLine {
-            name,
-            terminal,
-            last: None,
-        }
-    }
-
-    fn show(&mut self, done: u64, total: u64) {
-        if !self.terminal || total <= PROGRESS_FROM_BYTES {
-            return;
-        }
-        let pct = (done.min(total) * 100) / total;
-        if self.last == Some(pct) {
-            return;
-        }
-        self.last = Some(pct);
-        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
-        let mut err = std::io::stderr().lock();
-        let _ = write!(
-            err,
-            "\rbacking up {}: {pct}% ({:.1} of {:.1} MiB)",
-            self.name,
-            mib(done),
-            mib(total)
-        );
-        if done >= total {
-            let _ = writeln!(err);
-        }
-        let _ = err.flush();
-    }
-}
-
-/// A copy that failed midway ends the line, so the error is on its own.
-impl Drop for ProgressLine {
-    fn drop(&mut self) {
-        if self.last.is_some_and(|pct| pct < 100) {
-            eprintln!();
-        }
-    }
-}
-
 pub fn restore(dir: &DataDirArg, file: &Path, force: bool) -> Result<ExitCode> {
     let config = load(dir)?;
     if !file.is_file() {
@@ -540,7 +486,10 @@ pub fn restore(dir: &DataDirArg, file: &Path, force: bool) -> Result<ExitCode> {
         }
         kept.extend(backup::keep_replaced(&db, &tag)?);
     }
-    backup::install_copy(file, &db)?;
+    {
+        let mut shown = ProgressLine::new("restoring keel.db", Unit::Bytes, LARGE_BYTES);
+        backup::install_copy_noted(file, &db, &mut |p| shown.show(p.done, p.total))?;
+    }
     // R39: the record of acknowledged commits follows the restored store
     // (it is older than the one replaced, which is not a loss).
     {
@@ -702,7 +651,12 @@ pub fn migrate_encrypt(dir: &DataDirArg) -> Result<ExitCode> {
     conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")?;
     let turns: i64 = conn.query_row("SELECT COUNT(*) FROM turns", [], |r| r.get(0))?;
     let tmp = config.data_dir.join("keel.db.encrypt-tmp");
-    backup::export_keyed(&conn, &tmp, Some(&key.key))?;
+    {
+        let mut shown = ProgressLine::new("encrypting keel.db", Unit::Bytes, LARGE_BYTES);
+        backup::export_keyed_noted(&conn, &tmp, Some(&key.key), &mut |p| {
+            shown.show(p.done, p.total)
+        })?;
+    }
     drop(conn);
     backup::verify_keyed(&tmp, Some(&key))?;
     let check: i64 = persistence::open_read_only(&tmp, Some(&key))?.query_row(

@@ -13,10 +13,22 @@ use crate::persistence::{sessions, write_atomic};
 
 /// Export every session in `conn` into `dir`. Returns the files written.
 pub fn export_sessions(conn: &Connection, dir: &Path) -> Result<Vec<PathBuf>, StoreError> {
+    export_sessions_noted(conn, dir, &mut |_, _| {})
+}
+
+/// [`export_sessions`], telling `progress(done, total)` (sessions) after
+/// each file written.
+pub fn export_sessions_noted(
+    conn: &Connection,
+    dir: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Vec<PathBuf>, StoreError> {
     std::fs::create_dir_all(dir)
         .map_err(|e| StoreError::Invalid(format!("cannot create {}: {e}", dir.display())))?;
     let mut written = Vec::new();
-    for s in sessions::list_sessions(conn)? {
+    let list = sessions::list_sessions(conn)?;
+    let total = list.len() as u64;
+    for s in list {
         let turns = sessions::session_turns(conn, &s.id, 0, i64::MAX)?.unwrap_or_default();
         let memory: Value = sessions::session_memory(conn, &s.id)?
             .and_then(|m| serde_json::from_str(&m).ok())
@@ -36,6 +48,7 @@ pub fn export_sessions(conn: &Connection, dir: &Path) -> Result<Vec<PathBuf>, St
         write_atomic(&path, &bytes)
             .map_err(|e| StoreError::Invalid(format!("cannot write {}: {e}", path.display())))?;
         written.push(path);
+        progress(written.len() as u64, total);
     }
     Ok(written)
 }

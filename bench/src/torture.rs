@@ -685,8 +685,40 @@ fn plan(rng: &mut StdRng, cycle: u64, failpoints: bool) -> CyclePlan {
 // ---------------------------------------------------------------------------
 // The run.
 
-/// Run the battery; see the module documentation.
+/// How far the battery is, after each kill/restart cycle (for the
+/// binary's progress line on a terminal).
+#[derive(Debug, Clone)]
+pub struct CycleProgress {
+    /// Cycles done.
+    pub done: u64,
+    /// Cycles planned; `None` under `--seconds` alone (until time is up).
+    pub total: Option<u64>,
+    /// Operations acknowledged so far (the ledger's `ok` count).
+    pub acked: u64,
+    /// The last start's recovery time.
+    pub recovery_ms: u64,
+    /// The cycle as one line (`cycle 3/24: 120 acked, recovery 85 ms`).
+    pub line: String,
+}
+
+/// Run the battery; see the module documentation. On a terminal each
+/// cycle is a line on stderr.
 pub fn torture(args: TortureArgs) -> Result<ExitCode> {
+    let tty = std::io::stderr().is_terminal();
+    torture_noted(args, &mut |c| {
+        if tty {
+            eprintln!("keel torture: {}", c.line);
+        }
+    })
+}
+
+/// [`torture`], handing each finished cycle to `on_cycle` instead of
+/// printing it (the other stages still print their lines on a terminal).
+/// stdout (the figures, the JSON) is the same either way.
+pub fn torture_noted(
+    args: TortureArgs,
+    on_cycle: &mut dyn FnMut(&CycleProgress),
+) -> Result<ExitCode> {
     if args.clients == 0 {
         bail!("--clients must be at least 1");
     }
@@ -888,7 +920,7 @@ pub fn torture(args: TortureArgs) -> Result<ExitCode> {
             killed?;
             peak_rss = peak_rss.max(rss.unwrap_or(0));
             done_cycles += 1;
-            progress(format!(
+            let line = format!(
                 "cycle {}/{}: {} acked, recovery {} ms{}",
                 cycle + 1,
                 if cycles == u64::MAX {
@@ -903,7 +935,14 @@ pub fn torture(args: TortureArgs) -> Result<ExitCode> {
                 } else {
                     format!(", storm of {}", plan.storm_ms.len())
                 }
-            ));
+            );
+            on_cycle(&CycleProgress {
+                done: done_cycles,
+                total: (cycles != u64::MAX).then_some(cycles),
+                acked: ledger.borrow().count(Outcome::Ok),
+                recovery_ms: took.as_millis() as u64,
+                line,
+            });
         }
         ledger.borrow_mut().flush();
         // The final start: everything acknowledged must be there.

@@ -64,6 +64,46 @@ pub struct RunOptions {
     /// The master key (found by the binary): unlocks `secrets.db` and, while
     /// `[storage] encrypt`, `keel.db`. `None` only in library tests.
     pub key: Option<crate::masterkey::KeyHandle>,
+    /// Set to each recovery step as start reaches it (the binary shows the
+    /// one under way on a terminal when start takes over a second).
+    pub steps: StartSteps,
+}
+
+/// The start-up step under way, shared with the binary: `start` names each
+/// step as it begins; the binary reads it (and marks start finished).
+#[derive(Clone, Default)]
+pub struct StartSteps(Arc<std::sync::Mutex<StepState>>);
+
+#[derive(Default)]
+struct StepState {
+    step: &'static str,
+    finished: bool,
+}
+
+impl StartSteps {
+    /// `step` begins (`"checking keel.db"`).
+    pub fn set(&self, step: &'static str) {
+        if let Ok(mut s) = self.0.lock() {
+            s.step = step;
+        }
+    }
+
+    /// Start is over (ready, or failed).
+    pub fn finish(&self) {
+        if let Ok(mut s) = self.0.lock() {
+            s.finished = true;
+        }
+    }
+
+    /// The step under way; `None` once start is over.
+    pub fn current(&self) -> Option<&'static str> {
+        let s = self.0.lock().ok()?;
+        (!s.finished).then_some(if s.step.is_empty() {
+            "starting"
+        } else {
+            s.step
+        })
+    }
 }
 
 /// A started keel.
@@ -372,6 +412,7 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
     let gate = Gate::closed();
 
     // Stores: open, integrity check, migrate (blocking, before anything else).
+    opts.steps.set("opening and checking keel.db");
     let store_opts = StoreOptions::from_config(&config, opts.key.as_ref());
     let open_opts = store_opts.clone();
     let (conn, report) = tokio::task::spawn_blocking(move || persistence::open_store(&open_opts))
@@ -633,6 +674,7 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
     let recovery_started = tokio::time::Instant::now();
     // Recovery: count this start (R38) and resume turns awaiting the agent;
     // the outbox is already sending what an earlier run left unsent (R3).
+    opts.steps.set("recording this start");
     let stats = persistence
         .send(RecordBoot)
         .await
@@ -656,6 +698,7 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         )
         .await?
     };
+    opts.steps.set("resuming turns awaiting the agent");
     let awaiting = registry
         .send(ResumeAwaiting)
         .await
@@ -730,6 +773,7 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         .with_container_runner(container_runner)
         .with_admin(admin_socket),
     );
+    opts.steps.set("recovering tasks");
     let task_stats = tasks
         .send(Recover)
         .await
@@ -752,6 +796,7 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
                 )
                 .with_lease(lease),
             );
+            opts.steps.set("recovering containers");
             Some(
                 addr.send(RecoverContainers)
                     .await
@@ -771,6 +816,7 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         .with_metrics(crate::timer::TimerMetrics::new(&metrics))
         .with_tasks(tasks.clone().recipient()),
     );
+    opts.steps.set("replaying timers");
     let timer_stats = timers
         .send(RecoverTimers)
         .await

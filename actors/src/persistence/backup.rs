@@ -205,9 +205,47 @@ pub fn keep_replaced(path: &Path, tag: &str) -> Result<Vec<PathBuf>, StoreError>
 /// Copy the checked backup `src` to `dest` (temp file, fsync, rename, dir
 /// fsync). `dest` must not exist (moved aside by the caller).
 pub fn install_copy(src: &Path, dest: &Path) -> Result<(), StoreError> {
+    install_copy_noted(src, dest, &mut |_| {})
+}
+
+/// Bytes copied per step of [`install_copy_noted`]: the unit of progress.
+const COPY_CHUNK: usize = 1024 * 1024;
+
+/// [`install_copy`], telling `progress` after each MiB copied (the last
+/// call has `done == total`).
+pub fn install_copy_noted(
+    src: &Path,
+    dest: &Path,
+    progress: &mut dyn FnMut(BackupProgress),
+) -> Result<(), StoreError> {
+    use std::io::{Read, Write};
     let dir = dest.parent().unwrap_or(Path::new("."));
     let tmp = dest.with_extension("db.restore-tmp");
-    fs::copy(src, &tmp).map_err(io(&tmp))?;
+    {
+        let mut from = File::open(src).map_err(io(src))?;
+        let total = from.metadata().map_err(io(src))?.len();
+        let mut to = File::create(&tmp).map_err(io(&tmp))?;
+        let mut buf = vec![0u8; COPY_CHUNK];
+        let mut done = 0u64;
+        loop {
+            let n = from.read(&mut buf).map_err(io(src))?;
+            if n == 0 {
+                break;
+            }
+            to.write_all(&buf[..n]).map_err(io(&tmp))?;
+            done += n as u64;
+            progress(BackupProgress {
+                done: done.min(total),
+                total,
+            });
+        }
+        if done < total {
+            return Err(StoreError::Invalid(format!(
+                "{} shrank while it was copied ({done} of {total} bytes)",
+                src.display()
+            )));
+        }
+    }
     {
         use std::os::unix::fs::PermissionsExt;
         fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600)).map_err(io(&tmp))?;
@@ -227,6 +265,63 @@ pub fn install_copy(src: &Path, dest: &Path) -> Result<(), StoreError> {
 /// `user_version`); then fsync and check it. Used by `keel rekey` and
 /// `keel migrate --encrypt`.
 pub fn export_keyed(
+    conn: &Connection,
+    dest: &Path,
+    key: Option<&crate::masterkey::MasterKey>,
+) -> Result<(), StoreError> {
+    export_keyed_noted(conn, dest, key, &mut |_| {})
+}
+
+/// [`export_keyed`], telling `progress` how far the copy is: `total` is
+/// the source's size (pages × page size), `done` the copy's size on disk
+/// so far, read every 100 ms by a watcher thread while `sqlcipher_export`
+/// (one SQL call with no progress of its own) writes it; never more than
+/// `total - 1` until the copy is complete, then `done == total` once.
+pub fn export_keyed_noted(
+    conn: &Connection,
+    dest: &Path,
+    key: Option<&crate::masterkey::MasterKey>,
+    progress: &mut (dyn FnMut(BackupProgress) + Send),
+) -> Result<(), StoreError> {
+    let pages: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+    let page_size: rusqlite::types::Value = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+    let page_size = match page_size {
+        rusqlite::types::Value::Integer(n) => u64::try_from(n).ok(),
+        rusqlite::types::Value::Text(t) => t.trim().parse().ok(),
+        _ => None,
+    }
+    .unwrap_or(4096);
+    let total = u64::try_from(pages).unwrap_or(0) * page_size;
+    let flag = std::sync::atomic::AtomicBool::new(false);
+    let finished = &flag;
+    std::thread::scope(|scope| {
+        let watcher = scope.spawn(move || {
+            use std::sync::atomic::Ordering;
+            // A stop is seen within one period; the copy itself takes longer.
+            while !finished.load(Ordering::Acquire) {
+                let size = fs::metadata(dest).map(|m| m.len()).unwrap_or(0);
+                progress(BackupProgress {
+                    done: size.min(total.saturating_sub(1)),
+                    total,
+                });
+                std::thread::park_timeout(std::time::Duration::from_millis(100));
+            }
+            progress
+        });
+        let result = export_keyed_inner(conn, dest, key);
+        finished.store(true, std::sync::atomic::Ordering::Release);
+        watcher.thread().unpark();
+        let progress = watcher
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e));
+        if result.is_ok() {
+            progress(BackupProgress { done: total, total });
+        }
+        result
+    })
+}
+
+fn export_keyed_inner(
     conn: &Connection,
     dest: &Path,
     key: Option<&crate::masterkey::MasterKey>,

@@ -103,8 +103,20 @@ pub fn check_not_newer(conn: &Connection, path: &Path) -> Result<i64, StoreError
 
 /// Bring the schema up to `latest_version()`.
 pub fn migrate(conn: &mut Connection, path: &Path) -> Result<MigrateReport, StoreError> {
+    migrate_noted(conn, path, &mut |_, _| {})
+}
+
+/// [`migrate`], telling `step(done, total)` after each migration applied
+/// (`total` = the migrations this store needs).
+pub fn migrate_noted(
+    conn: &mut Connection,
+    path: &Path,
+    step: &mut dyn FnMut(u64, u64),
+) -> Result<MigrateReport, StoreError> {
     let from = check_not_newer(conn, path)?;
-    for m in MIGRATIONS.iter().filter(|m| m.version > from) {
+    let todo: Vec<_> = MIGRATIONS.iter().filter(|m| m.version > from).collect();
+    let total = todo.len() as u64;
+    for (i, m) in todo.into_iter().enumerate() {
         let tx = conn.transaction()?;
         tx.execute_batch(m.sql).map_err(|e| {
             StoreError::Invalid(format!(
@@ -123,6 +135,7 @@ pub fn migrate(conn: &mut Connection, path: &Path) -> Result<MigrateReport, Stor
         crate::failpoint::hit("mid_migration");
         tx.commit()?;
         tracing::info!(version = m.version, name = m.name, "applied migration");
+        step(i as u64 + 1, total);
     }
     Ok(MigrateReport {
         from,

@@ -313,6 +313,15 @@ impl BackgroundCheck {
 /// Open (creating if needed), check integrity, migrate. Runs before any actor
 /// starts (R32: stores come right after config).
 pub fn open_store(opts: &StoreOptions) -> Result<(Connection, OpenReport), StoreError> {
+    open_store_noted(opts, &mut |_, _| {})
+}
+
+/// [`open_store`], telling `step(done, total)` after each migration
+/// applied (`keel migrate` shows it).
+pub fn open_store_noted(
+    opts: &StoreOptions,
+    step: &mut dyn FnMut(u64, u64),
+) -> Result<(Connection, OpenReport), StoreError> {
     if let Some(path) = &opts.path {
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir).map_err(|e| StoreError::Open {
@@ -349,7 +358,7 @@ pub fn open_store(opts: &StoreOptions) -> Result<(Connection, OpenReport), Store
             deferred_check = Some(db.clone());
         }
     }
-    let report = migrate::migrate(&mut conn, &path)?;
+    let report = migrate::migrate_noted(&mut conn, &path, step)?;
     let data_loss = match &opts.path {
         Some(db) => super::acked::check(&conn, db)?,
         None => None,
