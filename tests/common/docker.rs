@@ -9,7 +9,8 @@
 //! - [`docker_or_skip`] skips a test when no engine can be had, and fails
 //!   it instead when `KEEL_TEST_REQUIRE_DOCKER` is set (CI).
 //! - The test image `localhost/keel-test:latest` is imported once from
-//!   `/bin/busybox` (no registry is reachable).
+//!   `/bin/busybox` (no registry is reachable) unless the engine has it
+//!   already (`.ci/run` imports the same image when it starts dockerd).
 //! - [`Engine::api`] speaks raw HTTP/1.0 to the socket (no docker CLI and
 //!   no client library needed); helpers list, plant and remove containers.
 //!   An [`Instance`] guard removes every container of its instance on drop.
