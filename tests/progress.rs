@@ -403,3 +403,57 @@ async fn a_slow_start_says_what_it_recovers_on_a_terminal_only() {
     );
     assert!(shown.contains("keel ready"), "{shown}");
 }
+
+/// A store of > 8 MiB: `keel backup` on a terminal shows its progress on
+/// one line rewritten with `\r` (at least two percentages, ending at 100%
+/// and a newline), while keel runs (the daemon copies and sends progress
+/// over the admin socket) and while it is stopped (the CLI copies); without
+/// a terminal stderr has no progress. The backup restores and verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_of_a_large_store_shows_progress_on_a_terminal_only() {
+    let mut d = Daemon::start(Config::default()).await;
+    fill(&d, 170).await;
+    let (data, config) = (d.data_dir.clone(), d.config_path.clone());
+
+    let running = d.root().join("running.db").display().to_string();
+    let shown = on_terminal(&data, &config, &["backup", &running]).await;
+    percentages(&shown, "backing up keel.db", "MiB");
+    assert!(shown.contains("integrity checked"), "{shown:?}");
+
+    // Not a terminal: no progress line at all.
+    let out = piped(
+        &data,
+        &config,
+        &["backup", &d.root().join("piped.db").display().to_string()],
+    )
+    .await;
+    assert_quiet(&out, "backup");
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("backing up"),
+        "{out:?}"
+    );
+
+    // keel stopped: the CLI copies, the same line.
+    assert!(d.sigterm(DEADLINE).await.success());
+    let stopped = d.root().join("stopped.db").display().to_string();
+    let shown = on_terminal(&data, &config, &["backup", &stopped]).await;
+    percentages(&shown, "backing up keel.db", "MiB");
+
+    // The backup made while keel ran restores, and keel starts on it.
+    let out = piped(&data, &config, &["restore", &running, "--force"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    d.restart().await;
+    let turns = d.turns("webhook:big169").await;
+    assert!(
+        turns
+            .iter()
+            .any(|t| t.text.starts_with("0169 large-store-")),
+        "{} turns",
+        turns.len()
+    );
+    assert!(d.sigterm(DEADLINE).await.success());
+}

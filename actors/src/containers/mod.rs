@@ -433,6 +433,8 @@ struct State {
     reaped_at_start: usize,
     repairs: u64,
     stopping: bool,
+    /// The status row last written (see `publish`).
+    published: String,
 }
 
 struct Inner {
@@ -481,6 +483,7 @@ impl ContainerReaper {
                     reaped_at_start: 0,
                     repairs: 0,
                     stopping: false,
+                    published: String::new(),
                 }),
                 runs: Mutex::new(ephemeral::Runs::default()),
                 next_run: AtomicI64::new(1),
@@ -515,21 +518,30 @@ impl Inner {
     }
 
     /// Record an engine failure (degraded) or success.
+    /// A reconcile's outcome: the backoff counts consecutive failures.
     fn engine_result(&self, st: &mut State, err: Option<&EngineError>) {
+        st.failures = match err {
+            Some(_) => st.failures.saturating_add(1),
+            None => 0,
+        };
+        self.engine_seen(st, err);
+    }
+
+    /// What any call (a reconcile, or a view such as `GET /v1/services` or
+    /// the console) learned of the engine: up or failing, published.
+    fn engine_seen(&self, st: &mut State, err: Option<&EngineError>) {
         match err {
             Some(e) => {
                 if st.engine_error.is_none() {
                     tracing::warn!(error = %e, "container engine failing; retrying with backoff");
                 }
                 st.engine_error = Some(e.to_string());
-                st.failures = st.failures.saturating_add(1);
                 self.metrics.engine_up.set(0);
             }
             None => {
                 if st.engine_error.take().is_some() {
                     tracing::info!("container engine answering again");
                 }
-                st.failures = 0;
                 self.metrics.engine_up.set(1);
             }
         }
@@ -537,7 +549,7 @@ impl Inner {
     }
 
     /// Health (`/readyz` body) and the `keel status` row.
-    fn publish(&self, st: &State) {
+    fn publish(&self, st: &mut State) {
         let reason = match (&st.engine_error, &st.replay.damage) {
             (Some(e), _) => Some(e.clone()),
             (None, Some(d)) => Some(format!("services event log damaged: {d}")),
@@ -558,10 +570,16 @@ impl Inner {
                 "damage": st.replay.damage,
             },
         });
-        self.persistence.do_send(PutAdapterState {
-            adapter: STATUS_KEY.into(),
-            state_json: row.to_string(),
-        });
+        // The row is written when it changes, not at every look (a console
+        // left open asks every 2 s).
+        let row = row.to_string();
+        if st.published != row {
+            st.published = row.clone();
+            self.persistence.do_send(PutAdapterState {
+                adapter: STATUS_KEY.into(),
+                state_json: row,
+            });
+        }
     }
 
     fn create_request(&self, name: &str, d: &Desired) -> CreateRequest {
@@ -785,16 +803,9 @@ impl Inner {
 
     async fn list_json(&self, st: &mut State) -> Value {
         let instance = self.instance();
-        let actual = match self.engine.list(&instance).await {
-            Ok(a) => {
-                self.engine_result(st, None);
-                Some(a)
-            }
-            Err(e) => {
-                self.engine_result(st, Some(&e));
-                None
-            }
-        };
+        let actual = self.engine.list(&instance).await;
+        self.engine_seen(st, actual.as_ref().err());
+        let actual = actual.ok();
         let mut services = Vec::new();
         for (name, d) in &st.replay.desired {
             let want = service_container(&instance, name, d);
@@ -1234,11 +1245,7 @@ impl Handler<ServiceDrift> for ContainerReaper {
             let mut st = inner.state.lock().await;
             let instance = inner.instance();
             let actual = inner.engine.list(&instance).await;
-            // Only a change of the engine's state is recorded: publishing
-            // writes a status row, and a console left open polls every 2 s.
-            if st.engine_error.is_some() != actual.is_err() {
-                inner.engine_result(&mut st, actual.as_ref().err());
-            }
+            inner.engine_seen(&mut st, actual.as_ref().err());
             let rows = drift_rows(&instance, &st.replay, actual.as_deref().ok());
             json!({
                 "services": rows,
@@ -1268,11 +1275,11 @@ impl Handler<VerifyServices> for ContainerReaper {
             let mut st = inner.state.lock().await;
             let instance = inner.instance();
             let actual = inner.engine.list(&instance).await;
-            inner.engine_result(&mut st, actual.as_ref().err());
+            inner.engine_seen(&mut st, actual.as_ref().err());
             if fresh.damage.is_some() && st.replay.damage.is_none() {
                 tracing::error!(damage = ?fresh.damage, "services event log damaged since start");
                 st.replay.damage = fresh.damage.clone();
-                inner.publish(&st);
+                inner.publish(&mut st);
             }
             let actual = match &actual {
                 Ok(list) => Ok(list.as_slice()),

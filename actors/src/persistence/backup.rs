@@ -75,15 +75,7 @@ pub fn backup_db(
     let from = open_read_only(src, key)?;
     // The snapshot: a deferred BEGIN takes its read lock at the first read.
     from.execute_batch("BEGIN")?;
-    // SQLCipher answers `page_size` on a keyed database as text
-    // (`cipher_page_size`); plain SQLite as an integer.
-    let page_size: rusqlite::types::Value = from.query_row("PRAGMA page_size", [], |r| r.get(0))?;
-    let page_size = match page_size {
-        rusqlite::types::Value::Integer(n) => u64::try_from(n).ok(),
-        rusqlite::types::Value::Text(t) => t.trim().parse().ok(),
-        _ => None,
-    }
-    .unwrap_or(4096);
+    let page_size = page_size(&from)?;
     from.query_row("SELECT COUNT(*) FROM sqlite_master", [], |r| {
         r.get::<_, i64>(0)
     })?;
@@ -272,6 +264,18 @@ pub fn export_keyed(
     export_keyed_noted(conn, dest, key, &mut |_| {})
 }
 
+/// The database's page size in bytes. SQLCipher answers `page_size` on a
+/// keyed database as text (`cipher_page_size`); plain SQLite as an integer.
+fn page_size(conn: &Connection) -> Result<u64, StoreError> {
+    let v: rusqlite::types::Value = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+    Ok(match v {
+        rusqlite::types::Value::Integer(n) => u64::try_from(n).ok(),
+        rusqlite::types::Value::Text(t) => t.trim().parse().ok(),
+        _ => None,
+    }
+    .unwrap_or(4096))
+}
+
 /// [`export_keyed`], telling `progress` how far the copy is: `total` is
 /// the source's size (pages × page size), `done` the copy's size on disk
 /// so far, read every 100 ms by a watcher thread while `sqlcipher_export`
@@ -284,13 +288,7 @@ pub fn export_keyed_noted(
     progress: &mut (dyn FnMut(BackupProgress) + Send),
 ) -> Result<(), StoreError> {
     let pages: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
-    let page_size: rusqlite::types::Value = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
-    let page_size = match page_size {
-        rusqlite::types::Value::Integer(n) => u64::try_from(n).ok(),
-        rusqlite::types::Value::Text(t) => t.trim().parse().ok(),
-        _ => None,
-    }
-    .unwrap_or(4096);
+    let page_size = page_size(conn)?;
     let total = u64::try_from(pages).unwrap_or(0) * page_size;
     let flag = std::sync::atomic::AtomicBool::new(false);
     let finished = &flag;
