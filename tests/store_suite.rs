@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 use keel_actors::clock::{Clock, WallClock};
+use keel_actors::error::StoreError;
 use keel_actors::health::Health;
 use keel_actors::metrics::Metrics;
 use keel_actors::persistence::cluster::{
@@ -22,6 +23,7 @@ use keel_actors::persistence::cluster::{
     ReleaseLease,
 };
 use keel_actors::persistence::pg::{connect, pg_latest_version, pg_migrate, PgOptions};
+use keel_actors::persistence::portable::leases::Fence;
 use keel_actors::persistence::{
     open_store, CommitExchange, Exchange, ExchangeOutcome, GetAdapterState, GetPendingOutbox,
     GetSessions, GetTurns, PersistenceActor, RecordSend, ReplyPlan, SendOutcome, SessionKey,
@@ -448,6 +450,82 @@ async fn a_lease_has_one_holder_its_token_fences_writes_and_it_is_taken_over_aft
         let (_, leases) = b.send(GetCluster).await.unwrap().unwrap();
         assert_eq!(leases.len(), 1);
         assert_eq!((leases[0].holder.as_str(), leases[0].token), ("a#2", 3));
+        // a is killed and starts again as a#3 while a#2's lease is still
+        // valid: a later epoch of the same instance takes it at once (token
+        // 4, fencing a#2); another instance, or an instance whose id merely
+        // starts the same way, still waits for the expiry.
+        assert_eq!(take(b, "b#9", now + 15_004).await.unwrap().unwrap(), None);
+        assert_eq!(take(b, "a#2#1", now + 15_004).await.unwrap().unwrap(), None);
+        assert_eq!(
+            take(a, "a#3", now + 15_005).await.unwrap().unwrap(),
+            Some(4),
+            "{}",
+            s.name
+        );
+        let stale = put(a, 3, 13).await.unwrap();
+        assert!(
+            matches!(stale, Err(StoreError::StaleLease(_))),
+            "{}: {stale:?}",
+            s.name
+        );
+        put(a, 4, 14).await.unwrap().unwrap();
+        // A poller's batch commits its last turn with the offset under the
+        // lease: with a stale token nothing of it is written.
+        let mut ex = msg("fenced", "u1", "f1", "hi", Some("ho"));
+        ex.adapter_state = Some(("telegram:bot1".into(), "{\"offset\":15}".into()));
+        ex.fence = Some(Fence {
+            lease: "poller:telegram:bot1".into(),
+            token: 3,
+        });
+        let stale = a.send(CommitExchange(ex.clone())).await.unwrap();
+        assert!(
+            matches!(stale, Err(StoreError::StaleLease(_))),
+            "{}: {stale:?}",
+            s.name
+        );
+        let turns = |who: &Addr<PersistenceActor>| {
+            who.send(GetTurns {
+                session: "webhook:fenced".into(),
+                after_seq: 0,
+                limit: 10,
+            })
+        };
+        assert_eq!(
+            turns(b).await.unwrap().unwrap().map_or(0, |t| t.len()),
+            0,
+            "{}",
+            s.name
+        );
+        let offset = |who: &Addr<PersistenceActor>| {
+            who.send(GetAdapterState {
+                adapter: "telegram:bot1".into(),
+            })
+        };
+        assert_eq!(
+            offset(b).await.unwrap().unwrap().as_deref(),
+            Some("{\"offset\":14}"),
+            "{}",
+            s.name
+        );
+        ex.fence = Some(Fence {
+            lease: "poller:telegram:bot1".into(),
+            token: 4,
+        });
+        a.send(CommitExchange(ex)).await.unwrap().unwrap();
+        assert_eq!(
+            turns(b).await.unwrap().unwrap().map_or(0, |t| t.len()),
+            2,
+            "{}",
+            s.name
+        );
+        assert_eq!(
+            offset(b).await.unwrap().unwrap().as_deref(),
+            Some("{\"offset\":15}"),
+            "{}",
+            s.name
+        );
+        // An older epoch never takes it back.
+        assert_eq!(take(b, "a#1", now + 15_006).await.unwrap().unwrap(), None);
     }
 }
 
@@ -672,4 +750,125 @@ async fn two_lease_keepers_one_holder_takeover_within_10s_and_stale_token_refuse
         assert_eq!(leases[0].holder, other.holder(), "{}", s.name);
         other.leave().await;
     }
+}
+
+/// R49 on PostgreSQL: a unit of work that numbers a session's turns waits
+/// for another instance's open transaction on that session, then numbers
+/// after what it committed. Another instance is stood in for by a raw
+/// connection holding the session row (`FOR UPDATE`, as the job does)
+/// before it adds a turn; the instance's message must be seen waiting on a
+/// lock, the other's turn must then go in without waiting for the message
+/// (so the message had numbered nothing yet), and the message must come out
+/// numbered right after it. Without the job's row lock the message would
+/// take the other's seq first and the other's insert would time out.
+#[actix::test]
+async fn a_message_waits_for_another_instances_open_transaction_on_its_session_and_numbers_after_it(
+) {
+    let Some(s) = postgres("txn_open", 1) else {
+        return;
+    };
+    let Fixture::Postgres(url) = &s.fixture else {
+        unreachable!("a postgres store");
+    };
+    let st = &s.instances[0];
+    st.send(CommitExchange(msg("held", "u1", "m1", "first", Some("ok"))))
+        .await
+        .unwrap()
+        .unwrap();
+    let (locked_tx, locked_rx) = std::sync::mpsc::channel::<()>();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let holder_url = url.clone();
+    let holder = std::thread::spawn(move || -> Result<i64, String> {
+        let mut c = connect(&holder_url).unwrap();
+        let mut t = c.transaction().unwrap();
+        // Locked, not yet written: the state another instance is in
+        // between numbering and adding its turn.
+        let next: i64 = t
+            .query_one(
+                "SELECT next_seq FROM sessions WHERE id = 'webhook:held' FOR UPDATE",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        locked_tx.send(()).unwrap();
+        go_rx.recv().unwrap();
+        // Had the message numbered without the lock, its uncommitted turn
+        // would hold this seq and this insert would wait for it: fail fast.
+        t.batch_execute("SET LOCAL lock_timeout = '500ms'").unwrap();
+        t.execute(
+            "INSERT INTO turns (session_id, seq, role, content, created_at)
+             VALUES ('webhook:held', $1, 'system', 'from the other instance', '2026-01-01T00:00:00Z')",
+            &[&next],
+        )
+        .map_err(|e| format!("the other instance could not add its turn {next}: {e}"))?;
+        t.execute(
+            "UPDATE sessions SET next_seq = $1 WHERE id = 'webhook:held'",
+            &[&(next + 1)],
+        )
+        .map_err(|e| e.to_string())?;
+        t.commit().map_err(|e| e.to_string())?;
+        Ok(next)
+    });
+    locked_rx.recv().unwrap();
+    let waiting = st.send(CommitExchange(msg(
+        "held",
+        "u2",
+        "m2",
+        "second",
+        Some("ok"),
+    )));
+    let waiting = actix::spawn(waiting);
+    // The instance's transaction is blocked on the held row lock.
+    let watch_url = url.clone();
+    let mut watch = pg::off_runtime(move || connect(&watch_url).unwrap());
+    // Polled with a deadline; the pauses let the actor deliver the job.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let blocked = loop {
+        let n: i64 = pg::off_runtime(|| {
+            watch
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                    &[],
+                )
+                .unwrap()
+                .get(0)
+        });
+        if n > 0 {
+            break true;
+        }
+        if std::time::Instant::now() >= deadline {
+            break false;
+        }
+        actix_rt::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    // The sync client must not be dropped on a runtime thread either.
+    pg::off_runtime(move || drop(watch));
+    assert!(
+        blocked,
+        "the message did not wait for the session's row lock"
+    );
+    go_tx.send(()).unwrap();
+    let other_seq = holder.join().unwrap().unwrap();
+    let out = waiting.await.unwrap().unwrap().unwrap();
+    let ExchangeOutcome::Accepted {
+        user_seq,
+        reply_seq,
+        ..
+    } = out
+    else {
+        panic!("{out:?}");
+    };
+    assert_eq!((other_seq, user_seq, reply_seq), (3, 4, Some(5)));
+    let turns = st
+        .send(GetTurns {
+            session: "webhook:held".into(),
+            after_seq: 0,
+            limit: 100,
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    let seqs: Vec<i64> = turns.expect("the session").iter().map(|t| t.seq).collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4, 5], "gapless, no duplicates");
 }

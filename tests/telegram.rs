@@ -1259,3 +1259,83 @@ async fn telegram_webhook_deliveries_survive_two_sigkills_none_lost_none_duplica
     assert!(tg.offsets().is_empty(), "webhook mode never polls");
     d.assert_no_panics();
 }
+
+/// The poller's lease row in a stopped or running daemon's store.
+fn poller_lease(d: &Daemon) -> (String, i64, i64) {
+    common::open_db(&d.db_path())
+        .query_row(
+            "SELECT holder, token, expires_ms FROM leases WHERE name LIKE 'poller:telegram:%'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .expect("the poller's lease row")
+}
+
+fn unix_ms() -> i64 {
+    use keel_actors::clock::Clock;
+    keel_actors::clock::WallClock.now_ms()
+}
+
+async fn wait_replies(tg: &FakeTelegram, n: usize) {
+    let got = poll_until(DEADLINE, || async { (tg.sent().len() >= n).then_some(()) }).await;
+    assert!(got.is_some(), "{} replies, waited for {n}", tg.sent().len());
+}
+
+/// R49: keel polls a bot only while it holds the bot's lease
+/// (`poller:telegram:<bot>`). A restart after SIGKILL takes its dead
+/// predecessor's lease back at once (same instance, newer epoch: token + 1,
+/// which fences any late write of the old start) instead of waiting out its
+/// expiry; a lease another instance holds is waited out, then taken over
+/// with the next token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn telegram_polls_only_under_the_bot_lease_and_a_restart_takes_it_back_at_once() {
+    let tg = FakeTelegram::start();
+    let mut d = daemon(Config::default(), &tg, "333:lease-test-token", FAST_BACKOFF);
+    d.boot().await;
+    tg.push_text(7100, "/recall first");
+    wait_replies(&tg, 1).await;
+    let (holder1, token1, _) = poller_lease(&d);
+
+    d.sigkill();
+    d.restart().await;
+    tg.push_text(7100, "/recall second");
+    wait_replies(&tg, 2).await;
+    let (holder2, token2, _) = poller_lease(&d);
+    assert_eq!(token2, token1 + 1, "{holder1} → {holder2}");
+    let instance = |h: &str| h.rsplit_once('#').map(|(i, _)| i.to_string());
+    assert_eq!(instance(&holder1), instance(&holder2));
+    assert_ne!(holder1, holder2, "a new start holds it under its new epoch");
+    assert!(
+        !d.stderr_all().contains("waits for the bot's lease"),
+        "the restart waited for its own predecessor's lease"
+    );
+
+    // Another instance holds the lease for 8 s more (planted while stopped).
+    d.sigterm(DEADLINE).await;
+    let until = unix_ms() + 8_000;
+    common::open_db(&d.db_path())
+        .execute(
+            "UPDATE leases SET holder = 'elsewhere#1', expires_ms = ?1
+             WHERE name LIKE 'poller:telegram:%'",
+            [until],
+        )
+        .expect("plant the other holder");
+    d.restart().await;
+    tg.push_text(7100, "/recall third");
+    assert!(
+        d.wait_for_log("waits for the bot's lease", 1, DEADLINE)
+            .await,
+        "the poller did not wait for the lease"
+    );
+    wait_replies(&tg, 3).await;
+    assert!(
+        unix_ms() >= until,
+        "answered while another instance held the bot's lease"
+    );
+    let (holder3, token3, _) = poller_lease(&d);
+    assert_eq!(token3, token2 + 1);
+    assert_eq!(instance(&holder3), instance(&holder2));
+    let offsets = tg.offsets();
+    assert_offsets_monotonic(&offsets);
+    d.assert_no_panics();
+}

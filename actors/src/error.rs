@@ -46,6 +46,11 @@ pub enum StoreError {
     /// its next transaction (callers see it only if that keeps failing).
     #[error("conflict with a concurrent transaction: {0}")]
     Contended(String),
+    /// A write made under a lease whose fencing token is no longer current
+    /// (another instance took the lease over): refused, nothing written.
+    /// The writer must stop acting as the holder.
+    #[error("{0}")]
+    StaleLease(String),
 }
 
 impl StoreError {

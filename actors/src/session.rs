@@ -59,6 +59,8 @@ pub struct Deliver {
     /// `(adapter, state_json)` to store in the same transaction as this turn
     /// (see `Exchange::adapter_state`); `None` for most messages.
     pub adapter_state: Option<(String, String)>,
+    /// The lease the adapter writes under (see `Exchange::fence`).
+    pub fence: Option<crate::persistence::portable::leases::Fence>,
     /// What the turn is: `text`, a media kind (`photo`, `document`, …),
     /// `edit`, `callback`, … (R40: nothing a user sends is dropped).
     pub kind: String,
@@ -90,6 +92,7 @@ impl Deliver {
             key,
             text,
             adapter_state: None,
+            fence: None,
             kind: "text".into(),
             meta: None,
             msg_ref: None,
@@ -701,6 +704,7 @@ impl SessionActor {
             memory: chat_memory,
             known: cache.stored && cache.senders.contains(&msg.from),
             adapter_state: msg.adapter_state.clone(),
+            fence: msg.fence.clone(),
             effect,
             kind: msg.kind.clone(),
             meta: msg.meta.as_ref().map(Value::to_string),

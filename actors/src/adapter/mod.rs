@@ -168,6 +168,9 @@ pub struct IntakeDeps {
     /// Telegram webhook mode: where the supervised `getMe` leaves the bot's
     /// identity for the `POST /v1/telegram` route.
     pub telegram_bot: telegram::BotCell,
+    /// The process's lease keeper: a poller polls only while it holds its
+    /// bot's lease (R49). `None` (tests of one adapter): no lease.
+    pub leases: Option<crate::lease::LeaseKeeper>,
 }
 
 /// One channel keel speaks. Plain function pointers, so the registry is a

@@ -38,8 +38,11 @@ use super::supervisor::Adapter;
 use crate::config::{GroupReplies, Secret, TelegramConfig, TelegramMode};
 use crate::error::{AdapterError, SendError, StoreError};
 use crate::health::Gate;
+use crate::lease::LeaseKeeper;
 use crate::metrics::Metrics;
 use crate::outbox::{OutboundReply, ReplySink};
+use crate::persistence::cluster::PutFencedAdapterState;
+use crate::persistence::portable::leases::Fence;
 use crate::persistence::{ChatEvent, GetAdapterState, PersistenceActor, PutAdapterState};
 use crate::redact::redact;
 use crate::session::{Deliver, SessionRegistry};
@@ -894,6 +897,9 @@ pub struct TelegramAdapter {
     pub persistence: Addr<PersistenceActor>,
     pub gate: Gate,
     pub metrics: Metrics,
+    /// Polls only while holding `poller:<state key>` (one poller per bot
+    /// across instances); `None`: always.
+    pub leases: Option<LeaseKeeper>,
 }
 
 /// What the adapter keeps in its `adapter_state` row.
@@ -917,145 +923,267 @@ impl Adapter for TelegramAdapter {
         let persistence = self.persistence.clone();
         let gate = self.gate.clone();
         let metrics = self.metrics.clone();
-        Box::pin(
-            async move { poll_loop(api, config, registry, persistence, gate, metrics, stop).await },
-        )
+        let leases = self.leases.clone();
+        Box::pin(async move {
+            let poller = Poller {
+                api,
+                config,
+                registry,
+                persistence,
+                gate,
+                metrics,
+            };
+            poller.run(leases, stop).await
+        })
     }
 }
 
-async fn poll_loop(
+/// One poller run's parts (the adapter's, cloned per run).
+struct Poller {
     api: BotApi,
     config: TelegramConfig,
     registry: Addr<SessionRegistry>,
     persistence: Addr<PersistenceActor>,
     gate: Gate,
     metrics: Metrics,
-    mut stop: watch::Receiver<bool>,
-) -> Result<(), AdapterError> {
-    let key = state_key(api.token.expose());
-    let stored = persistence
-        .send(GetAdapterState {
-            adapter: key.clone(),
-        })
-        .await
-        .unwrap_or(Err(StoreError::Closed))?;
-    let mut state: OffsetState = stored
-        .and_then(|s| serde_json::from_str(&s).ok())
-        .unwrap_or_default();
-    let total = Duration::from_secs(config.poll_timeout_s + config.request_margin_s);
-    // Every run starts by asking who the bot is: a revoked token fails here
-    // with 401 (the supervisor stops the adapter and tells the owner).
-    let bot = tokio::select! {
-        r = get_me(&api, total) => r?,
-        _ = stop.wait_for(|s| *s) => return Ok(()),
-    };
-    tracing::info!(username = %bot.username, "telegram bot identified");
-    let mut albums = Albums::default();
-    loop {
-        let mut body = json!({
-            "timeout": config.poll_timeout_s,
-            "limit": config.limit,
-            "allowed_updates": ALLOWED_UPDATES,
-        });
-        if let Some(last) = state.last_offset {
-            body["offset"] = json!(last + 1);
-        }
-        // Shutdown abandons a poll in flight: nothing was stored from it and
-        // the offset has not moved, so Telegram sends those updates again.
-        let result = tokio::select! {
-            r = api.call("getUpdates", &body, total) => r,
-            _ = stop.wait_for(|s| *s) => return Ok(()),
-        };
-        let updates = match result? {
-            Value::Array(u) => u,
-            _ => {
-                return Err(AdapterError::Transient(
-                    "getUpdates result is not a list".into(),
-                ))
-            }
-        };
-        if updates.is_empty() {
-            continue;
-        }
-        let Some(_guard) = gate.enter() else {
-            // Intake closed (shutting down): leave the batch unconfirmed.
+}
+
+/// Why a stretch of polling under one lease token ended.
+enum Polled {
+    /// Shutdown, or intake closed.
+    Stopped,
+    /// The lease moved on (renewal said so, or a fenced write was refused):
+    /// wait to hold it again, then resume from the offset in the store.
+    LeaseLost,
+}
+
+impl Poller {
+    /// Poll while this instance holds the bot's lease; while another holds
+    /// it, wait (R49: one poller per bot, however many instances run).
+    /// Without a keeper, poll unfenced.
+    async fn run(
+        self,
+        leases: Option<LeaseKeeper>,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<(), AdapterError> {
+        let key = state_key(self.api.token.expose());
+        let Some(keeper) = leases else {
+            self.polls(&key, None, &mut stop).await?;
             return Ok(());
         };
-        let mut max_id = state.last_offset;
-        let mut valid = Vec::new();
-        for update in &updates {
-            let Some(id) = update_id(update) else {
-                tracing::warn!("telegram update without update_id ignored");
-                continue;
+        let name = format!("poller:{key}");
+        let mut held = keeper.want(&name).await;
+        loop {
+            if held.borrow().is_none() {
+                tracing::info!(lease = %name, "telegram polling waits for the bot's lease");
+            }
+            let token = tokio::select! {
+                t = held.wait_for(Option::is_some) => match t {
+                    Ok(t) => (*t).unwrap_or_default(),
+                    Err(_) => return Ok(()),
+                },
+                _ = stop.wait_for(|s| *s) => return Ok(()),
             };
-            max_id = Some(max_id.map_or(id, |m| m.max(id)));
-            match intake(
-                update,
-                id,
-                &bot,
-                config.group_replies,
-                &mut albums,
-                &metrics,
-            ) {
-                Intake::Deliver(deliver, callback) => valid.push((id, *deliver, callback)),
-                Intake::Ignored => {}
-                Intake::Rejected(_) => state.rejected.push(id),
+            let fence = Fence {
+                lease: name.clone(),
+                token,
+            };
+            let lost = async {
+                let mut rx = held.clone();
+                let _ = rx.wait_for(|t| *t != Some(token)).await;
+            };
+            let run = self.polls(&key, Some(&fence), &mut stop);
+            let polled = tokio::select! {
+                r = run => r?,
+                () = lost => Polled::LeaseLost,
+            };
+            match polled {
+                Polled::Stopped => return Ok(()),
+                Polled::LeaseLost => {
+                    keeper.lost(&name);
+                    tracing::info!(lease = %name, token, "telegram polling stopped: lease lost");
+                }
             }
         }
-        // All updates but the last are stored first (concurrently, through
-        // their sessions); the last one carries the new offset, so the offset
-        // commits in the same transaction as the batch's final turn and never
-        // becomes durable ahead of any turn of its batch (R14).
-        let last = valid.pop();
-        let mut callbacks = Vec::new();
-        let (ids, requests): (Vec<(i64, Option<String>)>, Vec<_>) = valid
-            .into_iter()
-            .map(|(id, deliver, callback)| {
-                ((id, callback), super::deliver(&registry, &metrics, deliver))
+    }
+
+    /// Poll from the offset in the store until stopped or, under `fence`,
+    /// until a fenced write is refused. Abandoning a poll (or a batch
+    /// whose offset write did not commit) loses nothing: the offset has
+    /// not moved, so Telegram sends those updates again.
+    async fn polls(
+        &self,
+        key: &str,
+        fence: Option<&Fence>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<Polled, AdapterError> {
+        let (api, config) = (&self.api, &self.config);
+        let stored = self
+            .persistence
+            .send(GetAdapterState {
+                adapter: key.to_string(),
             })
-            .unzip();
-        for ((id, callback), result) in ids
-            .into_iter()
-            .zip(futures::future::join_all(requests).await)
-        {
-            if result.is_ok() {
-                callbacks.extend(callback);
+            .await
+            .unwrap_or(Err(StoreError::Closed))?;
+        let mut state: OffsetState = stored
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .unwrap_or_default();
+        let total = Duration::from_secs(config.poll_timeout_s + config.request_margin_s);
+        // Every run starts by asking who the bot is: a revoked token fails here
+        // with 401 (the supervisor stops the adapter and tells the owner).
+        let bot = tokio::select! {
+            r = get_me(api, total) => r?,
+            _ = stop.wait_for(|s| *s) => return Ok(Polled::Stopped),
+        };
+        tracing::info!(username = %bot.username, "telegram bot identified");
+        let mut albums = Albums::default();
+        loop {
+            let mut body = json!({
+                "timeout": config.poll_timeout_s,
+                "limit": config.limit,
+                "allowed_updates": ALLOWED_UPDATES,
+            });
+            if let Some(last) = state.last_offset {
+                body["offset"] = json!(last + 1);
             }
-            record_outcome(&mut state, id, result)?;
-        }
-        state.last_offset = max_id;
-        let keep = state.rejected.len().saturating_sub(20);
-        state.rejected.drain(..keep);
-        let json = serde_json::to_string(&state).unwrap_or_default();
-        let mut offset_stored = false;
-        if let Some((id, mut deliver, callback)) = last {
-            deliver.adapter_state = Some((key.clone(), json.clone()));
-            let result = super::deliver(&registry, &metrics, deliver).await;
-            offset_stored = result.is_ok();
-            if result.is_ok() {
-                callbacks.extend(callback);
+            // Shutdown abandons a poll in flight: nothing was stored from it and
+            // the offset has not moved, so Telegram sends those updates again.
+            let result = tokio::select! {
+                r = api.call("getUpdates", &body, total) => r,
+                _ = stop.wait_for(|s| *s) => return Ok(Polled::Stopped),
+            };
+            let updates = match result? {
+                Value::Array(u) => u,
+                _ => {
+                    return Err(AdapterError::Transient(
+                        "getUpdates result is not a list".into(),
+                    ))
+                }
+            };
+            if updates.is_empty() {
+                continue;
             }
-            record_outcome(&mut state, id, result)?;
-        }
-        // Buttons stop spinning only once the press is durable; a redelivered
-        // press (after a crash) is answered again, which Telegram tolerates.
-        for callback in callbacks {
-            actix::spawn(answer_callback(api.clone(), callback));
-        }
-        if !offset_stored {
-            // No valid update in the batch, or its last one was refused on
-            // its own: the offset is written by itself.
+            let Some(_guard) = self.gate.enter() else {
+                // Intake closed (shutting down): leave the batch unconfirmed.
+                return Ok(Polled::Stopped);
+            };
+            let mut max_id = state.last_offset;
+            let mut valid = Vec::new();
+            for update in &updates {
+                let Some(id) = update_id(update) else {
+                    tracing::warn!("telegram update without update_id ignored");
+                    continue;
+                };
+                max_id = Some(max_id.map_or(id, |m| m.max(id)));
+                match intake(
+                    update,
+                    id,
+                    &bot,
+                    config.group_replies,
+                    &mut albums,
+                    &self.metrics,
+                ) {
+                    Intake::Deliver(deliver, callback) => valid.push((id, *deliver, callback)),
+                    Intake::Ignored => {}
+                    Intake::Rejected(_) => state.rejected.push(id),
+                }
+            }
+            // All updates but the last are stored first (concurrently, through
+            // their sessions); the last one carries the new offset, so the offset
+            // commits in the same transaction as the batch's final turn and never
+            // becomes durable ahead of any turn of its batch (R14). Only that
+            // write is fenced: the others are stored once by key whoever
+            // stores them.
+            let last = valid.pop();
+            let mut callbacks = Vec::new();
+            let (ids, requests): (Vec<(i64, Option<String>)>, Vec<_>) = valid
+                .into_iter()
+                .map(|(id, deliver, callback)| {
+                    (
+                        (id, callback),
+                        super::deliver(&self.registry, &self.metrics, deliver),
+                    )
+                })
+                .unzip();
+            for ((id, callback), result) in ids
+                .into_iter()
+                .zip(futures::future::join_all(requests).await)
+            {
+                if result.is_ok() {
+                    callbacks.extend(callback);
+                }
+                record_outcome(&mut state, id, result)?;
+            }
+            state.last_offset = max_id;
+            let keep = state.rejected.len().saturating_sub(20);
+            state.rejected.drain(..keep);
             let json = serde_json::to_string(&state).unwrap_or_default();
-            persistence
-                .send(PutAdapterState {
-                    adapter: key.clone(),
-                    state_json: json,
+            let mut offset_stored = false;
+            if let Some((id, mut deliver, callback)) = last {
+                deliver.adapter_state = Some((key.to_string(), json.clone()));
+                deliver.fence = fence.cloned();
+                let result = super::deliver(&self.registry, &self.metrics, deliver).await;
+                if matches!(result, Err(StoreError::StaleLease(_))) {
+                    return Ok(Polled::LeaseLost);
+                }
+                offset_stored = result.is_ok();
+                if result.is_ok() {
+                    callbacks.extend(callback);
+                }
+                record_outcome(&mut state, id, result)?;
+            }
+            // Buttons stop spinning only once the press is durable; a redelivered
+            // press (after a crash) is answered again, which Telegram tolerates.
+            for callback in callbacks {
+                actix::spawn(answer_callback(api.clone(), callback));
+            }
+            if !offset_stored {
+                // No valid update in the batch, or its last one was refused on
+                // its own: the offset is written by itself.
+                let state_json = serde_json::to_string(&state).unwrap_or_default();
+                if !self.put_offset(key, state_json, fence).await? {
+                    return Ok(Polled::LeaseLost);
+                }
+            }
+            // The batch is durable and answered; the next getUpdates is next.
+            crate::failpoint::hit("reply_before_poll");
+        }
+    }
+
+    /// Write the offset on its own, under `fence` when there is one;
+    /// `false`: refused, the lease is lost.
+    async fn put_offset(
+        &self,
+        key: &str,
+        state_json: String,
+        fence: Option<&Fence>,
+    ) -> Result<bool, AdapterError> {
+        let adapter = key.to_string();
+        let written = match fence {
+            Some(f) => self
+                .persistence
+                .send(PutFencedAdapterState {
+                    lease: f.lease.clone(),
+                    token: f.token,
+                    adapter,
+                    state_json,
                 })
                 .await
-                .unwrap_or(Err(StoreError::Closed))?;
+                .unwrap_or(Err(StoreError::Closed)),
+            None => self
+                .persistence
+                .send(PutAdapterState {
+                    adapter,
+                    state_json,
+                })
+                .await
+                .unwrap_or(Err(StoreError::Closed)),
+        };
+        match written {
+            Ok(()) => Ok(true),
+            Err(StoreError::StaleLease(_)) => Ok(false),
+            Err(e) => Err(AdapterError::Store(e)),
         }
-        // The batch is durable and answered; the next getUpdates is next.
-        crate::failpoint::hit("reply_before_poll");
     }
 }
 
@@ -1488,6 +1616,7 @@ pub const CHANNEL: super::Channel = super::Channel {
             persistence: deps.persistence.clone(),
             gate: deps.gate.clone(),
             metrics: deps.metrics.clone(),
+            leases: deps.leases.clone(),
         }) as Arc<dyn Adapter>),
         _ => None,
     },

@@ -886,6 +886,7 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
             metrics: metrics.clone(),
             cli: cli_clients.clone(),
             telegram_bot,
+            leases: Some(leases.clone()),
         },
         outbox.clone(),
         &channel_health,

@@ -53,6 +53,11 @@ pub struct Exchange {
     /// same transaction as this turn — also when the turn is a duplicate —
     /// so the state never becomes durable without it (R14).
     pub adapter_state: Option<(String, String)>,
+    /// The lease this write is made under (a poller's): the whole exchange
+    /// is refused (`StaleLease`, nothing written) unless its token is still
+    /// current when it commits, so a poller that lost its lease can never
+    /// move the offset the new holder owns (R49).
+    pub fence: Option<super::portable::leases::Fence>,
     /// A command's effect (timers, timezone), applied in this transaction;
     /// when set, the text it renders replaces `reply.text`.
     pub effect: Option<super::timers::Effect>,
@@ -125,6 +130,7 @@ impl Exchange {
             memory: None,
             known: false,
             adapter_state: None,
+            fence: None,
             effect: None,
             kind: "text".into(),
             meta: None,
@@ -408,6 +414,14 @@ pub fn commit_exchange(
     ex: &Exchange,
 ) -> Result<ExchangeOutcome, StoreError> {
     let at = &stamp.text;
+    if let Some(f) = &ex.fence {
+        super::portable::leases::check(
+            &mut super::sql::SqliteSql(conn),
+            &f.lease,
+            f.token,
+            stamp.ms,
+        )?;
+    }
     if let Some((adapter, state_json)) = &ex.adapter_state {
         super::adapter_state::save(conn, stamp, adapter, state_json)?;
     }

@@ -8,7 +8,7 @@
 //! instances' clocks must agree to well under the lease's length.
 
 use crate::error::StoreError;
-use crate::persistence::sql::Sql;
+use crate::persistence::sql::{Sql, Value};
 use crate::vals;
 
 /// A lease as held: who, which token, until when.
@@ -21,10 +21,16 @@ pub struct Lease {
     pub renewed_ms: i64,
 }
 
-/// Take or renew `name` for `holder` until `now_ms + ttl_ms`. `Some(token)`
-/// while `holder` has it after the call; `None` while another holder's
-/// lease has not expired. One statement, so two instances racing for a
-/// free lease cannot both win (the row is the arbiter on both backends).
+/// Take or renew `name` for `holder` (`<instance>#<epoch>`) until
+/// `now_ms + ttl_ms`. `Some(token)` while `holder` has it after the call;
+/// `None` while another holder's lease has not expired. An earlier start of
+/// the same instance (`<instance>#<older epoch>`) counts as gone: every
+/// start registers a newer epoch, and that older start no longer renews
+/// (R49), so a restarted single instance takes its leases back at once
+/// instead of waiting out its own predecessor's expiry; the token still
+/// grows, which fences any late write of that predecessor. The upsert is
+/// one statement, so two instances racing for a free lease cannot both win
+/// (the row is the arbiter on both backends).
 pub fn acquire(
     db: &mut dyn Sql,
     name: &str,
@@ -32,6 +38,16 @@ pub fn acquire(
     now_ms: i64,
     ttl_ms: i64,
 ) -> Result<Option<i64>, StoreError> {
+    let current = db.row("SELECT holder FROM leases WHERE name = $1", vals![name])?;
+    let predecessor = match current {
+        Some(r) => {
+            let current = r.text(0)?;
+            earlier_start(&current, holder).then_some(current)
+        }
+        None => None,
+    };
+    // If the holder changed since that read, `holder = $5` no longer
+    // matches and the usual rules decide.
     let row = db.row(
         "INSERT INTO leases (name, holder, token, expires_ms, renewed_ms)
          VALUES ($1, $2, 1, $3, $4)
@@ -42,10 +58,35 @@ pub fn acquire(
              expires_ms = excluded.expires_ms,
              renewed_ms = excluded.renewed_ms
          WHERE leases.holder = excluded.holder OR leases.expires_ms <= $4
+            OR leases.holder = $5
          RETURNING token",
-        vals![name, holder, now_ms + ttl_ms, now_ms],
+        vals![
+            name,
+            holder,
+            now_ms + ttl_ms,
+            now_ms,
+            predecessor.map_or(Value::Null, Value::Text)
+        ],
     )?;
     row.map(|r| r.int(0)).transpose()
+}
+
+/// `current` is `<instance>#<e1>` and `holder` is `<instance>#<e2>` with
+/// e1 < e2: an earlier start of the same instance.
+fn earlier_start(current: &str, holder: &str) -> bool {
+    let split = |h: &str| {
+        h.rsplit_once('#')
+            .and_then(|(id, epoch)| Some((id.to_string(), epoch.parse::<i64>().ok()?)))
+    };
+    matches!((split(current), split(holder)), (Some((a, e1)), Some((b, e2))) if a == b && e1 < e2)
+}
+
+/// A write made under a lease: refused unless `token` is still the current
+/// token of `lease` when it commits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    pub lease: String,
+    pub token: i64,
 }
 
 /// Give the lease up at once (it expires now; the token stays, so the next
@@ -69,13 +110,13 @@ pub fn check(db: &mut dyn Sql, name: &str, token: i64, now_ms: i64) -> Result<()
     );
     match db.row(&sql, vals![name])? {
         Some(r) if r.int(0)? == token && r.int(1)? > now_ms => Ok(()),
-        Some(r) => Err(StoreError::Invalid(format!(
+        Some(r) => Err(StoreError::StaleLease(format!(
             "stale lease {name}: token {token} is not current (now {} held by {}{})",
             r.int(0)?,
             r.text(2)?,
             if r.int(1)? > now_ms { "" } else { ", expired" }
         ))),
-        None => Err(StoreError::Invalid(format!("no lease {name}"))),
+        None => Err(StoreError::StaleLease(format!("no lease {name}"))),
     }
 }
 
@@ -96,4 +137,21 @@ pub fn list(db: &mut dyn Sql) -> Result<Vec<Lease>, StoreError> {
         })
     })
     .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::earlier_start;
+
+    #[test]
+    fn only_an_older_epoch_of_the_same_instance_is_an_earlier_start() {
+        assert!(earlier_start("a#2", "a#3"));
+        assert!(earlier_start("x#y#9", "x#y#10"));
+        assert!(!earlier_start("a#3", "a#3"));
+        assert!(!earlier_start("a#4", "a#3"));
+        assert!(!earlier_start("b#1", "a#3"));
+        assert!(!earlier_start("a#2", "a#2#1"));
+        assert!(!earlier_start("a", "a#1"));
+        assert!(!earlier_start("a#x", "a#1"));
+    }
 }

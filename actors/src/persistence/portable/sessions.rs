@@ -174,6 +174,9 @@ pub fn commit_exchange(
         ));
     }
     let at = &stamp.text;
+    if let Some(f) = &ex.fence {
+        super::leases::check(db, &f.lease, f.token, stamp.ms)?;
+    }
     if let Some((adapter, state_json)) = &ex.adapter_state {
         save_adapter_state(db, stamp, adapter, state_json)?;
     }
