@@ -16,6 +16,8 @@
 //!   adopted against a start with none (needs a Docker engine).
 //! - [`sessions`] — `keel bench sessions --chats N`: one message to each of
 //!   N distinct chats against 64 chats: RSS high-water mark, throughput.
+//! - [`restart`] — `keel bench restart`: start → ready and SIGTERM → exit
+//!   with 1M messages and 1M timers against an empty store.
 //! - `seed` — the benchmarks' own SQL (seeding, peer reads, receipts).
 //!
 //! This crate is a workspace member of its own so the production library
@@ -27,6 +29,7 @@
 
 pub mod messages;
 mod reference;
+pub mod restart;
 mod seed;
 pub mod services;
 pub mod sessions;

@@ -310,13 +310,13 @@ impl Drop for Scratch {
 /// `n % clients` in chat `bench-<client>`, exactly as the webhook clients
 /// send them, with the reply keel's own brain gives to such a message (not
 /// delivered: the bench keel has no `reply_url`).
-struct RowMaker {
+pub(crate) struct RowMaker {
     clients: usize,
     reply: String,
 }
 
 impl RowMaker {
-    fn new(clients: usize) -> RowMaker {
+    pub(crate) fn new(clients: usize) -> RowMaker {
         let session = SessionKey::new("webhook", "bench-0");
         let memory = serde_json::Map::new();
         let decision = CommandBrain::new(false).decide(&BrainInput {
@@ -335,7 +335,7 @@ impl RowMaker {
     }
 
     /// Exchanges `first .. first + count`.
-    fn make(&self, first: u64, count: usize) -> Vec<Exchange> {
+    pub(crate) fn make(&self, first: u64, count: usize) -> Vec<Exchange> {
         (first..first + count as u64)
             .map(|n| {
                 let client = (n % self.clients as u64) as usize;

@@ -68,6 +68,8 @@ pub enum BenchWhich {
     Services(crate::services::ServiceBenchArgs),
     /// Sessions: RSS high-water mark and msg/s with one message to each of N chats vs 64.
     Sessions(crate::sessions::SessionBenchArgs),
+    /// Start and stop: ready and SIGTERM-to-exit with 1M messages and 1M timers vs an empty store.
+    Restart(crate::restart::RestartBenchArgs),
 }
 
 /// Flags of `keel bench timers`.
@@ -109,6 +111,7 @@ pub fn dispatch(cli: BenchCli) -> Result<ExitCode> {
         Some(BenchWhich::Tasks(args)) => crate::tasks::bench_tasks(args),
         Some(BenchWhich::Services(args)) => crate::services::bench_services(args),
         Some(BenchWhich::Sessions(args)) => crate::sessions::bench_sessions(args),
+        Some(BenchWhich::Restart(args)) => crate::restart::bench_restart(args),
     }
 }
 
