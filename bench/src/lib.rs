@@ -16,6 +16,9 @@
 //!   adopted against a start with none (needs a Docker engine).
 //! - [`sessions`] — `keel bench sessions --chats N`: one message to each of
 //!   N distinct chats against 64 chats: RSS high-water mark, throughput.
+//! - [`fake_telegram`], [`fake_slack`] — fake upstreams on loopback (Bot API
+//!   long polling; Slack Web API and Socket Mode) speaking the real wire
+//!   protocols, fed by `keel torture` (over [`fake_http`]'s small HTTP/1.1).
 //! - `seed` — the benchmarks' own SQL (seeding, peer reads, receipts).
 //!
 //! This crate is a workspace member of its own so the production library
@@ -25,6 +28,9 @@
 // Benchmarks measure real elapsed time and name scratch dirs by the clock.
 #![allow(clippy::disallowed_methods)]
 
+pub mod fake_http;
+pub mod fake_slack;
+pub mod fake_telegram;
 pub mod messages;
 mod reference;
 mod seed;
