@@ -127,8 +127,14 @@ async fn a_short_torture_passes_and_reports_every_figure() {
     ] {
         assert_eq!(f[zero], 0, "{zero} in {f}");
     }
-    assert!(f["telegram_acked"].as_u64() > Some(0), "no Telegram update confirmed: {f}");
-    assert!(f["slack_acked"].as_u64() > Some(0), "no Slack event acked: {f}");
+    assert!(
+        f["telegram_acked"].as_u64() > Some(0),
+        "no Telegram update confirmed: {f}"
+    );
+    assert!(
+        f["slack_acked"].as_u64() > Some(0),
+        "no Slack event acked: {f}"
+    );
     // The final start confirms everything the fakes fed.
     assert_eq!(f["telegram_acked"], f["telegram_updates"], "{f}");
     assert_eq!(f["slack_acked"], f["slack_events"], "{f}");

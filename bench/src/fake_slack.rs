@@ -155,7 +155,6 @@ impl SlackLedger {
         format!("1800000000.{:06}", self.posts)
     }
 
-
     /// The ledger for the final check.
     pub fn upstream(&self) -> Upstream {
         Upstream {
@@ -297,7 +296,11 @@ async fn feed(ledger: Arc<Mutex<SlackLedger>>, queued: Arc<Notify>, per_tick: us
     }
 }
 
-async fn serve_api(listener: tokio::net::TcpListener, ledger: Arc<Mutex<SlackLedger>>, tokens: Tokens) {
+async fn serve_api(
+    listener: tokio::net::TcpListener,
+    ledger: Arc<Mutex<SlackLedger>>,
+    tokens: Tokens,
+) {
     loop {
         let Ok((sock, _)) = listener.accept().await else {
             continue;

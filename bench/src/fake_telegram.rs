@@ -158,7 +158,6 @@ impl TgLedger {
             redelivered: 0,
         }
     }
-
 }
 
 /// The fake Bot API server and its feeder, running until dropped.
@@ -385,7 +384,10 @@ mod tests {
         l.poll(Some(a + 1));
         assert!(!l.upstream().settled());
         l.sent(CHATS[1], &format!("I have nothing under tg-{a}."));
-        assert!(!l.upstream().settled(), "a reply in another chat answers nothing");
+        assert!(
+            !l.upstream().settled(),
+            "a reply in another chat answers nothing"
+        );
         l.sent(CHATS[0], &format!("I have nothing under tg-{a}."));
         l.sent(CHATS[0], &format!("I have nothing under tg-{a}."));
         assert!(l.upstream().settled());
