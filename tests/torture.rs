@@ -232,6 +232,11 @@ mod failpoints {
             assert_eq!(f[zero], 0, "{zero} in {f}");
         }
         assert_eq!(f["migration_unrecovered"], 0, "{f}");
+        // Telegram and Slack went through the kill points too (their loss
+        // counters are in the exit code checked above).
+        for key in ["telegram_acked", "slack_acked"] {
+            assert!(f[key].as_u64() > Some(0), "{key} in {f}");
+        }
         let migrations = f["migration_cases"].as_u64().unwrap_or(0);
         assert!(migrations >= 8, "{f}");
         let hits = &f["failpoint_hits"];

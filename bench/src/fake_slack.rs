@@ -407,6 +407,88 @@ async fn socket(
 mod tests {
     use super::*;
 
+    /// The next text frame of a socket, as JSON.
+    async fn next_json<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>) -> Value
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        loop {
+            match ws.next().await.unwrap().unwrap() {
+                Message::Text(t) => return serde_json::from_str(t.as_str()).unwrap(),
+                _ => continue,
+            }
+        }
+    }
+
+    #[test]
+    fn the_fake_speaks_socket_mode_and_redelivers_on_the_next_socket() {
+        let fake = FakeSlack::start("xapp-a", "xoxb-b", 1).unwrap();
+        let http = reqwest::Client::new();
+        let api = |path: &str, token: &str, body: Value| {
+            let req = http
+                .post(format!("{}/{path}", fake.api_base))
+                .bearer_auth(token)
+                .json(&body);
+            async move { req.send().await.unwrap().json::<Value>().await.unwrap() }
+        };
+        crate::messages::runtime().unwrap().block_on(async {
+            let open = api("apps.connections.open", "xapp-a", json!({})).await;
+            let url = open["url"].as_str().unwrap().to_string();
+            let refused = api("apps.connections.open", "xoxb-b", json!({})).await;
+            assert_eq!(refused["error"], "invalid_auth");
+            let connect = || async {
+                let addr = url.trim_start_matches("ws://").trim_end_matches("/link");
+                let tcp = TcpStream::connect(addr).await.unwrap();
+                let (mut ws, _) = tokio_tungstenite::client_async(url.as_str(), tcp)
+                    .await
+                    .unwrap();
+                assert_eq!(next_json(&mut ws).await["type"], "hello");
+                ws
+            };
+            // The first socket gets an envelope and dies without its ack.
+            let mut ws = connect().await;
+            let first = next_json(&mut ws).await;
+            assert_eq!(first["retry_attempt"], 0, "{first}");
+            drop(ws);
+            // The next socket gets the same event again, retry_attempt 1.
+            let mut ws = connect().await;
+            let again = loop {
+                let e = next_json(&mut ws).await;
+                if e["payload"]["event_id"] == first["payload"]["event_id"] {
+                    break e;
+                }
+            };
+            assert_eq!(again["retry_attempt"], 1, "{again}");
+            let ack = json!({"envelope_id": again["envelope_id"]}).to_string();
+            ws.send(Message::text(ack)).await.unwrap();
+            let channel = first["payload"]["event"]["channel"].clone();
+            let tag = first["payload"]["event"]["text"]
+                .as_str()
+                .unwrap()
+                .trim_start_matches("/recall ")
+                .to_string();
+            let text = format!("I have nothing under {tag}.");
+            let posted = api(
+                "chat.postMessage",
+                "xoxb-b",
+                json!({"channel": channel, "text": text}),
+            )
+            .await;
+            assert_eq!(posted["ok"], true, "{posted}");
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while !fake.upstream().fed[0].acked {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the ack was not seen"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let up = fake.upstream();
+            assert_eq!(up.replies[&tag], 1, "{up:?}");
+            assert!(up.redelivered >= 1, "{up:?}");
+        });
+    }
+
     #[test]
     fn an_unacked_envelope_is_redelivered_with_the_next_retry_attempt() {
         let mut l = SlackLedger::default();

@@ -378,6 +378,63 @@ mod tests {
     }
 
     #[test]
+    fn the_fake_speaks_the_bot_api_over_http_and_sees_a_lost_offset() {
+        let fake = FakeTelegram::start("42:tok", 1).unwrap();
+        let http = reqwest::Client::new();
+        let call = |token: &str, method: &str, body: Value| {
+            let req = http
+                .post(format!("{}/bot{token}/{method}", fake.api_base))
+                .json(&body);
+            async move {
+                let r = req.send().await.unwrap();
+                (r.status().as_u16(), r.json::<Value>().await.unwrap())
+            }
+        };
+        crate::messages::runtime().unwrap().block_on(async {
+            // The long poll answers once the feeder queued something.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            let update = loop {
+                let (status, v) = call("42:tok", "getUpdates", json!({"timeout": 1})).await;
+                assert_eq!(status, 200, "{v}");
+                if let Some(u) = v["result"].get(0) {
+                    break u.clone();
+                }
+                assert!(tokio::time::Instant::now() < deadline, "no update fed");
+            };
+            let id = update["update_id"].as_i64().unwrap();
+            let chat = update["message"]["chat"]["id"].clone();
+            assert_eq!(update["message"]["text"], format!("/recall tg-{id}"));
+            let (_, v) = call(
+                "42:tok",
+                "getUpdates",
+                json!({"offset": id + 1, "timeout": 0}),
+            )
+            .await;
+            assert!(v["result"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|u| u["update_id"].as_i64() > Some(id)));
+            // keel forgetting its offset: the next poll has none.
+            call("42:tok", "getUpdates", json!({"timeout": 0})).await;
+            let text = format!("I have nothing under tg-{id}.");
+            let (_, sent) = call(
+                "42:tok",
+                "sendMessage",
+                json!({"chat_id": chat, "text": text}),
+            )
+            .await;
+            assert_eq!(sent["ok"], true, "{sent}");
+            let (status, _) = call("43:other", "getMe", json!({})).await;
+            assert_eq!(status, 401, "a wrong token is refused");
+        });
+        let up = fake.upstream();
+        assert_eq!(up.offset_regressions, 1, "{up:?}");
+        let first = up.fed.iter().find(|f| f.acked).unwrap();
+        assert_eq!(up.replies[&first.tag], 1, "{up:?}");
+    }
+
+    #[test]
     fn a_reply_counts_for_its_update_only_in_that_chat() {
         let mut l = TgLedger::default();
         let a = l.push(CHATS[0]);
