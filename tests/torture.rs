@@ -1,5 +1,6 @@
 //! `keel torture` through the real binary: a short battery passes with every
-//! figure of TESTING.md section F in its JSON line and exit code 0, its
+//! figure of TESTING.md section F in its JSON line (Telegram and Slack
+//! through the battery's fake upstreams included) and exit code 0, its
 //! damaged-file cases are all detected or harmless, and the same seed
 //! replays the same schedule. (The ledger accounting itself —
 //! that a lost, duplicated or invented message is counted — is unit-tested
@@ -96,6 +97,47 @@ async fn a_short_torture_passes_and_reports_every_figure() {
         f["timers_fired"].as_u64() > Some(0),
         "no reminder fired: {f}"
     );
+    // Telegram and Slack through the battery's fake upstreams: both got
+    // through, and nothing confirmed to them is lost, doubled or unanswered.
+    for key in [
+        "telegram_updates",
+        "telegram_acked",
+        "telegram_lost",
+        "telegram_dup",
+        "telegram_offset_regressions",
+        "telegram_unanswered",
+        "slack_events",
+        "slack_acked",
+        "slack_lost",
+        "slack_dup",
+        "slack_unanswered",
+    ] {
+        assert!(f[key].is_u64(), "{key} is not an integer in {f}");
+    }
+    for zero in [
+        "telegram_lost",
+        "telegram_dup",
+        "telegram_unexpected",
+        "telegram_offset_regressions",
+        "telegram_unanswered",
+        "slack_lost",
+        "slack_dup",
+        "slack_unexpected",
+        "slack_unanswered",
+    ] {
+        assert_eq!(f[zero], 0, "{zero} in {f}");
+    }
+    assert!(
+        f["telegram_acked"].as_u64() > Some(0),
+        "no Telegram update confirmed: {f}"
+    );
+    assert!(
+        f["slack_acked"].as_u64() > Some(0),
+        "no Slack event acked: {f}"
+    );
+    // The final start confirms everything the fakes fed.
+    assert_eq!(f["telegram_acked"], f["telegram_updates"], "{f}");
+    assert_eq!(f["slack_acked"], f["slack_events"], "{f}");
     assert!(
         f["starts"].as_u64() > Some(5),
         "every cycle is a start plus the final one: {f}"
@@ -190,6 +232,11 @@ mod failpoints {
             assert_eq!(f[zero], 0, "{zero} in {f}");
         }
         assert_eq!(f["migration_unrecovered"], 0, "{f}");
+        // Telegram and Slack went through the kill points too (their loss
+        // counters are in the exit code checked above).
+        for key in ["telegram_acked", "slack_acked"] {
+            assert!(f[key].as_u64() > Some(0), "{key} in {f}");
+        }
         let migrations = f["migration_cases"].as_u64().unwrap_or(0);
         assert!(migrations >= 8, "{f}");
         let hits = &f["failpoint_hits"];

@@ -18,6 +18,9 @@
 //!   N distinct chats against 64 chats: RSS high-water mark, throughput.
 //! - [`restart`] — `keel bench restart`: start → ready and SIGTERM → exit
 //!   with 1M messages and 1M timers against an empty store.
+//! - [`fake_telegram`], [`fake_slack`] — fake upstreams on loopback (Bot API
+//!   long polling; Slack Web API and Socket Mode) speaking the real wire
+//!   protocols, fed by `keel torture` (over [`fake_http`]'s small HTTP/1.1).
 //! - `seed` — the benchmarks' own SQL (seeding, peer reads, receipts).
 //!
 //! This crate is a workspace member of its own so the production library
@@ -27,6 +30,9 @@
 // Benchmarks measure real elapsed time and name scratch dirs by the clock.
 #![allow(clippy::disallowed_methods)]
 
+pub mod fake_http;
+pub mod fake_slack;
+pub mod fake_telegram;
 pub mod messages;
 mod reference;
 pub mod restart;

@@ -39,6 +39,9 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use sha2::Sha256;
 
+use crate::fake_http::Upstream;
+use crate::fake_slack::FakeSlack;
+use crate::fake_telegram::FakeTelegram;
 use crate::messages::{log_tail, nearest_rank, runtime, Scratch};
 
 /// How long a start may take to answer `/readyz` with 200.
@@ -289,6 +292,137 @@ impl Verdict {
             && self.failed_present.is_empty()
             && self.timers_double.is_empty()
             && self.timers_missed.is_empty()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Telegram and Slack through the fake upstreams.
+
+/// What the final check found for one channel fed by a fake upstream.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ChannelVerdict {
+    /// Messages the fake fed.
+    pub fed: u64,
+    /// Of those, confirmed by keel to the upstream.
+    pub acked: u64,
+    /// Confirmed but not stored.
+    pub lost: Vec<String>,
+    /// Stored more than once.
+    pub dup: Vec<String>,
+    /// Stored under a key the fake never fed.
+    pub unexpected: Vec<String>,
+    /// Stored but no reply reached its chat.
+    pub unanswered: Vec<String>,
+    /// Telegram offsets below one keel had already sent.
+    pub offset_regressions: u64,
+    /// Replies beyond the first for a message (at-least-once after a kill).
+    pub replies_resent: u64,
+    /// Slack envelopes sent again after their socket died unacked.
+    pub redelivered: u64,
+    /// Replies that named no message of their chat (not a loss).
+    pub stray_replies: u64,
+}
+
+impl ChannelVerdict {
+    /// Findings that fail the run: lost, dup, unexpected, unanswered and
+    /// offset regressions.
+    pub fn losses(&self) -> u64 {
+        (self.lost.len() + self.dup.len() + self.unexpected.len() + self.unanswered.len()) as u64
+            + self.offset_regressions
+    }
+}
+
+/// Compares a fake upstream's ledger with the user turns keel stored for
+/// that channel (per key).
+pub fn check_channel(up: &Upstream, stored: &HashMap<String, u64>) -> ChannelVerdict {
+    let mut v = ChannelVerdict {
+        fed: up.fed.len() as u64,
+        offset_regressions: up.offset_regressions,
+        redelivered: up.redelivered,
+        stray_replies: up.stray_replies,
+        ..ChannelVerdict::default()
+    };
+    for f in &up.fed {
+        let n = stored.get(&f.key).copied().unwrap_or(0);
+        let replies = up.replies.get(&f.tag).copied().unwrap_or(0);
+        if f.acked {
+            v.acked += 1;
+            if n == 0 {
+                v.lost.push(f.tag.clone());
+            }
+        }
+        if n > 1 {
+            v.dup.push(f.tag.clone());
+        }
+        if n > 0 && replies == 0 {
+            v.unanswered.push(f.tag.clone());
+        }
+        v.replies_resent += replies.saturating_sub(1);
+    }
+    let fed: std::collections::HashSet<&str> = up.fed.iter().map(|f| f.key.as_str()).collect();
+    for (key, n) in stored {
+        if !fed.contains(key.as_str()) {
+            v.unexpected.push(format!("{key} (x{n})"));
+        }
+    }
+    v
+}
+
+/// The fake Telegram and Slack the battery's keel talks to, for the whole run.
+struct Upstreams {
+    telegram: FakeTelegram,
+    slack: FakeSlack,
+}
+
+impl Upstreams {
+    /// Both fakes, each fed [`CHANNEL_FEED`] messages per 100 ms; the
+    /// tokens carry the canary (keel must never log them).
+    fn start(canary: &str) -> Result<Upstreams> {
+        let t = tokens(canary);
+        Ok(Upstreams {
+            telegram: FakeTelegram::start(&t.telegram, CHANNEL_FEED)?,
+            slack: FakeSlack::start(&t.slack_app, &t.slack_bot, CHANNEL_FEED)?,
+        })
+    }
+
+    /// The `[telegram]` and `[slack]` sections of the battery's keel.toml.
+    fn config(&self, canary: &str) -> String {
+        let t = tokens(canary);
+        format!(
+            "\n[telegram]\nenabled = true\napi_base = \"{}\"\ntoken = \"{}\"\n\
+             poll_timeout_s = 1\nrequest_margin_s = 1\n\n\
+             [slack]\nenabled = true\napi_base = \"{}\"\napp_token = \"{}\"\n\
+             bot_token = \"{}\"\nsilence_timeout_s = 10\n",
+            self.telegram.api_base, t.telegram, self.slack.api_base, t.slack_app, t.slack_bot
+        )
+    }
+
+    fn stop_feeding(&self) {
+        self.telegram.stop_feeding();
+        self.slack.stop_feeding();
+    }
+
+    fn freeze(&self) {
+        self.telegram.freeze();
+        self.slack.freeze();
+    }
+}
+
+/// Messages each fake upstream feeds per 100 ms.
+const CHANNEL_FEED: usize = 2;
+
+/// The channel tokens of a run, each carrying the canary.
+struct Tokens {
+    telegram: String,
+    slack_app: String,
+    slack_bot: String,
+}
+
+fn tokens(canary: &str) -> Tokens {
+    Tokens {
+        telegram: format!("4242:{canary}"),
+        slack_app: format!("xapp-{canary}"),
+        slack_bot: format!("xoxb-{canary}"),
     }
 }
 
@@ -780,6 +914,8 @@ pub fn torture_noted(
         .context("cannot bind the fake reply endpoint")?;
     // A canary secret: keel must never write it to its log.
     let canary = format!("keel-torture-canary-{seed:016x}");
+    // Telegram and Slack through fakes that outlive every keel restart.
+    let upstreams = Upstreams::start(&canary)?;
     let config = scratch.path.join("keel.toml");
     OpenOptions::new()
         .write(true)
@@ -791,7 +927,8 @@ pub fn torture_noted(
                 f,
                 "log_level = \"info\"\n\n[storage]\nsynchronous = \"full\"\n\n\
                  [webhook]\nenabled = true\nsecret = \"{canary}\"\n\
-                 reply_url = \"http://{sink_addr}/replies\"\n"
+                 reply_url = \"http://{sink_addr}/replies\"\n{}",
+                upstreams.config(&canary)
             )
         })
         .with_context(|| format!("cannot write {}", config.display()))?;
@@ -945,26 +1082,38 @@ pub fn torture_noted(
             });
         }
         ledger.borrow_mut().flush();
+        upstreams.stop_feeding();
         // The final start: everything acknowledged must be there.
         let mut k = launcher.spawn()?;
         let took = k.wait_ready(&probe, &launcher.log).await?;
         recovery.push(took.as_millis() as u64);
-        progress("final start ready; waiting for the reminders".to_string());
+        progress("final start ready; waiting for the reminders and the channels".to_string());
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
             .build()
             .context("cannot build an HTTP client")?;
         let deadline = Instant::now() + FIRE_DEADLINE;
-        let (verdict, lateness) = loop {
+        let (verdict, seen, (telegram, slack)) = loop {
+            // The fakes' ledgers before the store is read: whatever keel
+            // confirmed by then it had stored by then.
+            let (tg, sl) = (upstreams.telegram.upstream(), upstreams.slack.upstream());
             let seen = observe(&http, &k.base).await?;
             let v = ledger.borrow().check(&seen.keys, &seen.fires);
             // A reminder whose message is lost can never fire: no need to wait for it.
-            let waiting = v.timers_missed.iter().any(|id| !v.lost.contains(id));
+            let waiting = v.timers_missed.iter().any(|id| !v.lost.contains(id))
+                || !tg.settled()
+                || !sl.settled();
             if !waiting || Instant::now() >= deadline {
-                break (v, seen.lateness_ms);
+                let channels = (
+                    check_channel(&tg, &seen.telegram),
+                    check_channel(&sl, &seen.slack),
+                );
+                break (v, seen, channels);
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         };
+        // The cases below run other stores with the same config.
+        upstreams.freeze();
         peak_rss = peak_rss.max(k.peak_rss_kib().unwrap_or(0));
         // SAFETY: kill(2) on the child we spawned and have not reaped.
         unsafe { libc::kill(k.pid, libc::SIGTERM) };
@@ -1007,7 +1156,9 @@ pub fn torture_noted(
                 damage,
                 faults,
                 migrations,
-                lateness,
+                lateness: seen.lateness_ms,
+                telegram,
+                slack,
             },
         ))
     });
@@ -1113,8 +1264,10 @@ pub fn torture_noted(
         "broken": args.break_.map(|_| "ack_before_commit"),
     });
     let mut figures = figures;
-    if let (Some(f), Value::Object(m)) = (figures.as_object_mut(), more) {
-        f.extend(m);
+    for part in [more, channel_figures(&finals.telegram, &finals.slack)] {
+        if let (Some(f), Value::Object(m)) = (figures.as_object_mut(), part) {
+            f.extend(m);
+        }
     }
     print_figures(&figures);
     let sample = |what: &str, v: &[String]| {
@@ -1131,6 +1284,12 @@ pub fn torture_noted(
     sample("failed but present", &verdict.failed_present);
     sample("timers double", &verdict.timers_double);
     sample("timers missed", &verdict.timers_missed);
+    for (name, c) in [("telegram", &finals.telegram), ("slack", &finals.slack)] {
+        sample(&format!("{name} lost"), &c.lost);
+        sample(&format!("{name} dup"), &c.dup);
+        sample(&format!("{name} unexpected"), &c.unexpected);
+        sample(&format!("{name} unanswered"), &c.unanswered);
+    }
     for (c, o) in &finals.damage {
         println!("  damage {:<22} {o}", c.name());
     }
@@ -1145,6 +1304,7 @@ pub fn torture_noted(
         damage_silent: count_damage(|o| matches!(o, DamageOutcome::Silent(_))),
         fault_losses,
         migration_unrecovered,
+        channels: finals.telegram.losses() + finals.slack.losses(),
     }
     .none();
     println!(
@@ -1169,6 +1329,31 @@ pub fn torture_noted(
     })
 }
 
+/// The Telegram and Slack figures (`telegram_*`, `slack_*`).
+fn channel_figures(telegram: &ChannelVerdict, slack: &ChannelVerdict) -> Value {
+    let n = |v: &[String]| v.len() as u64;
+    json!({
+        "telegram_updates": telegram.fed,
+        "telegram_acked": telegram.acked,
+        "telegram_lost": n(&telegram.lost),
+        "telegram_dup": n(&telegram.dup),
+        "telegram_unexpected": n(&telegram.unexpected),
+        "telegram_offset_regressions": telegram.offset_regressions,
+        "telegram_unanswered": n(&telegram.unanswered),
+        "telegram_replies_resent": telegram.replies_resent,
+        "telegram_stray_replies": telegram.stray_replies,
+        "slack_events": slack.fed,
+        "slack_acked": slack.acked,
+        "slack_lost": n(&slack.lost),
+        "slack_dup": n(&slack.dup),
+        "slack_unexpected": n(&slack.unexpected),
+        "slack_unanswered": n(&slack.unanswered),
+        "slack_redelivered": slack.redelivered,
+        "slack_replies_resent": slack.replies_resent,
+        "slack_stray_replies": slack.stray_replies,
+    })
+}
+
 /// Everything that fails a run besides the ledger's own counters.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Losses {
@@ -1181,6 +1366,8 @@ pub struct Losses {
     pub damage_silent: u64,
     pub fault_losses: u64,
     pub migration_unrecovered: u64,
+    /// Telegram and Slack findings ([`ChannelVerdict::losses`]).
+    pub channels: u64,
 }
 
 impl Losses {
@@ -1206,6 +1393,8 @@ struct Finals {
     migrations: Option<(u64, u64)>,
     /// Reminders' lateness, ms, sorted ([`Observed::lateness_ms`]).
     lateness: Vec<i64>,
+    telegram: ChannelVerdict,
+    slack: ChannelVerdict,
 }
 
 /// Hits of every named kill point in keel's log (the line each kill
@@ -1428,13 +1617,39 @@ fn print_figures(f: &Value) {
         g("replies"),
         g("replies_resent")
     );
+    println!(
+        "telegram: updates {}  acked {}  lost {}  dup {}  unexpected {}  offset regressions {}  unanswered {}  replies resent {}",
+        g("telegram_updates"),
+        g("telegram_acked"),
+        g("telegram_lost"),
+        g("telegram_dup"),
+        g("telegram_unexpected"),
+        g("telegram_offset_regressions"),
+        g("telegram_unanswered"),
+        g("telegram_replies_resent")
+    );
+    println!(
+        "slack: events {}  acked {}  lost {}  dup {}  unexpected {}  unanswered {}  redelivered {}  replies resent {}",
+        g("slack_events"),
+        g("slack_acked"),
+        g("slack_lost"),
+        g("slack_dup"),
+        g("slack_unexpected"),
+        g("slack_unanswered"),
+        g("slack_redelivered"),
+        g("slack_replies_resent")
+    );
 }
 
 /// What keel's store shows after a run.
 #[derive(Debug, Default)]
 struct Observed {
-    /// User turns per message id.
+    /// User turns per message id (webhook sessions).
     keys: HashMap<String, u64>,
+    /// User turns per key in `telegram:` sessions (the update_id).
+    telegram: HashMap<String, u64>,
+    /// User turns per key in `slack:` sessions (the event_id).
+    slack: HashMap<String, u64>,
     /// Reminder notices per note (the id of the `/remind` message).
     fires: HashMap<String, u64>,
     /// Per fired reminder, ms from its due time (its message's store time
@@ -1442,8 +1657,8 @@ struct Observed {
     lateness_ms: Vec<i64>,
 }
 
-/// User turns per message id, reminder notices per note and how late they
-/// came, over every session keel reports.
+/// User turns per message id (per channel), reminder notices per note and
+/// how late they came, over every session keel reports.
 async fn observe(http: &reqwest::Client, base: &str) -> Result<Observed> {
     let sessions: Value = get_json(http, &format!("{base}/v1/sessions?limit=100000")).await?;
     let mut seen = Observed::default();
@@ -1464,6 +1679,7 @@ async fn observe(http: &reqwest::Client, base: &str) -> Result<Observed> {
             continue;
         };
         let mut after = 0i64;
+        let channel = id.split_once(':').map_or("", |(c, _)| c);
         loop {
             let url = format!(
                 "{base}/v1/sessions/{}/turns?after={after}&limit=100000",
@@ -1480,7 +1696,12 @@ async fn observe(http: &reqwest::Client, base: &str) -> Result<Observed> {
                 let text = t.get("text").and_then(Value::as_str).unwrap_or("");
                 if role == "user" {
                     if let Some(k) = t.get("key").and_then(Value::as_str) {
-                        *seen.keys.entry(k.to_string()).or_insert(0) += 1;
+                        let keys = match channel {
+                            "telegram" => &mut seen.telegram,
+                            "slack" => &mut seen.slack,
+                            _ => &mut seen.keys,
+                        };
+                        *keys.entry(k.to_string()).or_insert(0) += 1;
                         if let (true, Some(at)) = (text.starts_with("/remind "), at_ms(t)) {
                             reminded.entry(k.to_string()).or_insert(at);
                         }
@@ -2055,6 +2276,7 @@ async fn fault_case(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fake_http::Fed;
 
     fn ledger(ops: &[(&str, Kind, Outcome)]) -> Ledger {
         let mut l = Ledger::new(None);
@@ -2149,10 +2371,81 @@ mod tests {
                 migration_unrecovered: 1,
                 ..Losses::default()
             },
+            Losses {
+                channels: 1,
+                ..Losses::default()
+            },
         ];
         for l in each {
             assert!(!l.none(), "{l:?} passed");
         }
+    }
+
+    fn fed(key: &str, acked: bool) -> Fed {
+        Fed {
+            key: key.to_string(),
+            tag: format!("t-{key}"),
+            acked,
+        }
+    }
+
+    /// A fake's ledger with every message fed answered once.
+    fn upstream(fed_: Vec<Fed>) -> Upstream {
+        Upstream {
+            replies: fed_.iter().map(|f| (f.tag.clone(), 1)).collect(),
+            fed: fed_,
+            ..Upstream::default()
+        }
+    }
+
+    #[test]
+    fn a_clean_channel_passes() {
+        // b was fed but never confirmed (keel may or may not have it).
+        let up = upstream(vec![fed("a", true), fed("b", false), fed("c", false)]);
+        let v = check_channel(&up, &counts(&[("a", 1), ("b", 1)]));
+        assert_eq!(v.losses(), 0, "{v:?}");
+        assert_eq!((v.fed, v.acked, v.replies_resent), (3, 1, 0));
+    }
+
+    #[test]
+    fn every_kind_of_channel_loss_fails_the_run() {
+        let clean = || upstream(vec![fed("a", true), fed("b", true)]);
+        let stored = || counts(&[("a", 1), ("b", 1)]);
+        let mut lost = stored();
+        lost.remove("b");
+        let mut dup = stored();
+        dup.insert("a".into(), 2);
+        let mut unexpected = stored();
+        unexpected.insert("ghost".into(), 1);
+        let mut unanswered = clean();
+        unanswered.replies.remove("t-b");
+        let mut regressed = clean();
+        regressed.offset_regressions = 1;
+        let cases = [
+            (clean(), lost),
+            (clean(), dup),
+            (clean(), unexpected),
+            (unanswered, stored()),
+            (regressed, stored()),
+        ];
+        for (up, stored) in cases {
+            let v = check_channel(&up, &stored);
+            assert_eq!(v.losses(), 1, "{v:?}");
+            let l = Losses {
+                channels: v.losses(),
+                ..Losses::default()
+            };
+            assert!(!l.none(), "{v:?} passed");
+        }
+        assert_eq!(check_channel(&clean(), &counts(&[("a", 1)])).lost, ["t-b"]);
+    }
+
+    #[test]
+    fn a_resent_reply_is_counted_and_not_a_loss() {
+        let mut up = upstream(vec![fed("a", true)]);
+        up.replies.insert("t-a".into(), 3);
+        let v = check_channel(&up, &counts(&[("a", 1)]));
+        assert_eq!((v.losses(), v.replies_resent), (0, 2));
     }
 
     #[test]
