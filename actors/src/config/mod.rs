@@ -470,7 +470,7 @@ impl Config {
     pub fn parse_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
         toml::from_str(text).map_err(|e| ConfigError::Parse {
             origin: origin.to_string(),
-            detail: one_line(&e.to_string()),
+            detail: parse_detail(text, &e),
         })
     }
 
@@ -722,6 +722,57 @@ fn tracing_filter_ok(filter: &str) -> Result<(), &'static str> {
 }
 
 /// Keep config errors on one line: toml's messages span several.
+/// Where and what, never the text of the line: the line may hold a token
+/// (a config cut mid-write stops inside one), and the TOML crate's own
+/// message quotes it. Quoted values in the message are masked too (a
+/// string given where a number belongs is echoed by serde).
+fn parse_detail(text: &str, e: &toml::de::Error) -> String {
+    let message = mask_quoted(&one_line(e.message()));
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            // The key the line sets is safe to name; its value is not.
+            let start = before.rfind('\n').map_or(0, |i| i + 1);
+            let key = text[start..]
+                .split_once('=')
+                .map(|(k, _)| k.trim())
+                .filter(|k| {
+                    !k.is_empty()
+                        && k.chars()
+                            .all(|c| c.is_ascii_alphanumeric() || "_-.\"".contains(c))
+                })
+                .map(|k| format!(" (key {k})"))
+                .unwrap_or_default();
+            format!("TOML parse error at line {line}, column {column}{key}: {message}")
+        }
+        None => format!("TOML parse error: {message}"),
+    }
+}
+
+/// `"…"` for every double-quoted part of `s`.
+fn mask_quoted(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut inside = false;
+    for c in s.chars() {
+        if c == '"' {
+            if inside {
+                out.push_str("…\"");
+            } else {
+                out.push('"');
+            }
+            inside = !inside;
+        } else if !inside {
+            out.push(c);
+        }
+    }
+    if inside {
+        out.push('…');
+    }
+    out
+}
+
 fn one_line(s: &str) -> String {
     s.split('\n')
         .map(str::trim)
@@ -733,6 +784,24 @@ fn one_line(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_parse_error_names_line_and_column_but_never_the_line_or_a_value() {
+        let cut = "log_level = \"info\"\n[telegram]\ntoken = \"4242:canary-s3cret";
+        let e = Config::from_toml(cut, "keel.toml").unwrap_err().to_string();
+        assert!(
+            e.starts_with("keel.toml: TOML parse error at line 3, column "),
+            "{e}"
+        );
+        assert!(!e.contains("canary") && !e.contains("4242"), "{e}");
+        let typed = "[telegram]\npoll_timeout_s = \"canary-s3cret\"\n";
+        let e = Config::from_toml(typed, "keel.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 2"), "{e}");
+        assert!(!e.contains("canary"), "{e}");
+        assert!(e.contains("invalid type"), "{e}");
+    }
 
     #[test]
     fn debug_output_never_shows_the_webhook_secret() {
