@@ -94,6 +94,10 @@ pub struct PersistenceActor {
     /// which runs portable jobs only (`call_sql`).
     pg: Option<mpsc::Sender<pg::PgCmd>>,
     pg_thread: Option<std::thread::JoinHandle<()>>,
+    /// The database file and key, for reads that scan (counts for metrics)
+    /// on a read-only connection of their own instead of the writer, whose
+    /// commits would wait behind them. `None` in memory and on PostgreSQL.
+    reader: Option<(std::path::PathBuf, Option<crate::masterkey::KeyHandle>)>,
 }
 
 impl PersistenceActor {
@@ -105,6 +109,7 @@ impl PersistenceActor {
         metrics: Metrics,
         clock: Arc<dyn Clock>,
     ) -> PersistenceActor {
+        let reader = opts.path.clone().map(|p| (p, opts.key.clone()));
         let (tx, thread) = writer::spawn(conn, opts, health, metrics, clock);
         PersistenceActor {
             tx: Some(tx),
@@ -112,6 +117,7 @@ impl PersistenceActor {
             check: None,
             pg: None,
             pg_thread: None,
+            reader,
         }
     }
 
@@ -137,6 +143,7 @@ impl PersistenceActor {
             check: None,
             pg: Some(tx),
             pg_thread: Some(thread),
+            reader: None,
         }
     }
 
@@ -147,6 +154,28 @@ impl PersistenceActor {
         } else {
             sql::Backend::Sqlite
         }
+    }
+
+    /// Run the read-only `f` on a connection of its own (a blocking thread)
+    /// when the store is a file, else on the writer: a scan never holds
+    /// up the writer's commits.
+    pub(crate) fn read_beside<T, F>(&self, f: F) -> ResponseFuture<Result<T, StoreError>>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let Some((path, key)) = self.reader.clone() else {
+            let mut f = Some(f);
+            return self.call(move |c, _| match f.take() {
+                Some(f) => f(c),
+                None => Err(StoreError::Invalid("read ran twice".into())),
+            });
+        };
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || f(&open_read_only(&path, key.as_ref())?))
+                .await
+                .unwrap_or_else(|e| Err(StoreError::Invalid(format!("read thread failed: {e}"))))
+        })
     }
 
     /// Queue a portable unit of work for the next group commit, on either

@@ -535,6 +535,9 @@ impl TimerActor {
     }
 }
 
+/// How long after recovery the first pruning run (and active count) waits.
+const FIRST_PRUNE_AFTER: Duration = Duration::from_secs(10);
+
 impl Actor for TimerActor {
     type Context = Context<Self>;
 
@@ -589,7 +592,11 @@ impl Handler<RecoverTimers> for TimerActor {
                     this.loading = false;
                     res?;
                     this.running = true;
-                    this.prune(ctx);
+                    // Not at once: the count for the gauge reads every
+                    // active timer (a read transaction a stop's TRUNCATE
+                    // checkpoint would wait for), and a start has better
+                    // things to do in its first seconds (issue 14).
+                    ctx.run_later(FIRST_PRUNE_AFTER, |this, ctx| this.prune(ctx));
                     this.cycle(ctx);
                     Ok(this.stats.clone())
                 }),
