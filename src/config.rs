@@ -253,5 +253,6 @@ pub fn failpoints_spec() -> Option<String> {
 /// `KEEL_TORTURE_STORAGE`: the storage fault `keel torture` injects through
 /// the SQLite VFS shim (actors/src/persistence/faultfs.rs).
 pub fn torture_storage_spec() -> Option<String> {
-    std::env::var_os(keel_actors::persistence::faultfs::ENV).map(|v| v.to_string_lossy().into_owned())
+    std::env::var_os(keel_actors::persistence::faultfs::ENV)
+        .map(|v| v.to_string_lossy().into_owned())
 }

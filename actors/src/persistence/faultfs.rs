@@ -213,7 +213,8 @@ impl Shadow {
 }
 
 fn shim() -> &'static Shim {
-    SHIM.get().expect("the storage fault VFS is only registered by install")
+    SHIM.get()
+        .expect("the storage fault VFS is only registered by install")
 }
 
 fn lock(m: &Mutex<Shadows>) -> MutexGuard<'_, Shadows> {
@@ -325,7 +326,11 @@ unsafe extern "C" fn x_open(
     }
     let path = (!name.is_null()).then(|| {
         // SAFETY: SQLite passes a NUL-terminated file name.
-        PathBuf::from(unsafe { CStr::from_ptr(name) }.to_string_lossy().into_owned())
+        PathBuf::from(
+            unsafe { CStr::from_ptr(name) }
+                .to_string_lossy()
+                .into_owned(),
+        )
     });
     let file_name = path
         .as_deref()
@@ -347,9 +352,7 @@ unsafe extern "C" fn x_open(
         }
     }
     let header = FaultFile {
-        base: ffi::sqlite3_file {
-            pMethods: &METHODS,
-        },
+        base: ffi::sqlite3_file { pMethods: &METHODS },
         path: path.map_or(std::ptr::null_mut(), |p| Box::into_raw(Box::new(p))),
         shadowed,
         counted,
@@ -581,7 +584,10 @@ fn power_lost(dir: &Path, at: u64) -> ! {
     }
 }
 
-unsafe extern "C" fn x_file_size(f: *mut ffi::sqlite3_file, size: *mut ffi::sqlite3_int64) -> c_int {
+unsafe extern "C" fn x_file_size(
+    f: *mut ffi::sqlite3_file,
+    size: *mut ffi::sqlite3_int64,
+) -> c_int {
     forward!(f, xFileSize, size)
 }
 
@@ -597,7 +603,11 @@ unsafe extern "C" fn x_check_reserved_lock(f: *mut ffi::sqlite3_file, out: *mut 
     forward!(f, xCheckReservedLock, out)
 }
 
-unsafe extern "C" fn x_file_control(f: *mut ffi::sqlite3_file, op: c_int, arg: *mut c_void) -> c_int {
+unsafe extern "C" fn x_file_control(
+    f: *mut ffi::sqlite3_file,
+    op: c_int,
+    arg: *mut c_void,
+) -> c_int {
     forward!(f, xFileControl, op, arg)
 }
 
@@ -619,7 +629,12 @@ unsafe extern "C" fn x_shm_map(
     forward!(f, xShmMap, page, size, extend, out)
 }
 
-unsafe extern "C" fn x_shm_lock(f: *mut ffi::sqlite3_file, offset: c_int, n: c_int, flags: c_int) -> c_int {
+unsafe extern "C" fn x_shm_lock(
+    f: *mut ffi::sqlite3_file,
+    offset: c_int,
+    n: c_int,
+    flags: c_int,
+) -> c_int {
     forward!(f, xShmLock, offset, n, flags)
 }
 
@@ -676,7 +691,11 @@ fn real_ref() -> &'static ffi::sqlite3_vfs {
     unsafe { &*real_vfs() }
 }
 
-unsafe extern "C" fn x_delete(_vfs: *mut ffi::sqlite3_vfs, name: *const c_char, sync_dir: c_int) -> c_int {
+unsafe extern "C" fn x_delete(
+    _vfs: *mut ffi::sqlite3_vfs,
+    name: *const c_char,
+    sync_dir: c_int,
+) -> c_int {
     let shim = shim();
     let Some(dir) = shim.image_dir() else {
         // SAFETY: forwarded with the real VFS.
@@ -687,7 +706,11 @@ unsafe extern "C" fn x_delete(_vfs: *mut ffi::sqlite3_vfs, name: *const c_char, 
     let rc = unsafe { real_method!(xDelete)(real_vfs(), name, sync_dir) };
     if rc == ffi::SQLITE_OK && !name.is_null() {
         // SAFETY: SQLite passes a NUL-terminated file name.
-        let path = PathBuf::from(unsafe { CStr::from_ptr(name) }.to_string_lossy().into_owned());
+        let path = PathBuf::from(
+            unsafe { CStr::from_ptr(name) }
+                .to_string_lossy()
+                .into_owned(),
+        );
         if s.files.remove(&path).is_some() {
             let _ = std::fs::remove_file(image_path(dir, &path));
         }
@@ -741,7 +764,11 @@ unsafe extern "C" fn x_dl_close(_vfs: *mut ffi::sqlite3_vfs, handle: *mut c_void
     unsafe { real_method!(xDlClose)(real_vfs(), handle) }
 }
 
-unsafe extern "C" fn x_randomness(_vfs: *mut ffi::sqlite3_vfs, n: c_int, out: *mut c_char) -> c_int {
+unsafe extern "C" fn x_randomness(
+    _vfs: *mut ffi::sqlite3_vfs,
+    n: c_int,
+    out: *mut c_char,
+) -> c_int {
     // SAFETY: forwarded with the real VFS.
     unsafe { real_method!(xRandomness)(real_vfs(), n, out) }
 }
@@ -756,12 +783,19 @@ unsafe extern "C" fn x_current_time(_vfs: *mut ffi::sqlite3_vfs, out: *mut f64) 
     unsafe { real_method!(xCurrentTime)(real_vfs(), out) }
 }
 
-unsafe extern "C" fn x_get_last_error(_vfs: *mut ffi::sqlite3_vfs, n: c_int, out: *mut c_char) -> c_int {
+unsafe extern "C" fn x_get_last_error(
+    _vfs: *mut ffi::sqlite3_vfs,
+    n: c_int,
+    out: *mut c_char,
+) -> c_int {
     // SAFETY: forwarded with the real VFS.
     unsafe { real_method!(xGetLastError)(real_vfs(), n, out) }
 }
 
-unsafe extern "C" fn x_current_time_int64(_vfs: *mut ffi::sqlite3_vfs, out: *mut ffi::sqlite3_int64) -> c_int {
+unsafe extern "C" fn x_current_time_int64(
+    _vfs: *mut ffi::sqlite3_vfs,
+    out: *mut ffi::sqlite3_int64,
+) -> c_int {
     // SAFETY: forwarded with the real VFS.
     unsafe { real_method!(xCurrentTimeInt64)(real_vfs(), out) }
 }
