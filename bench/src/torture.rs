@@ -1159,6 +1159,9 @@ pub fn torture_noted(
     for (f, o) in &finals.faults {
         println!("  fault  {:<22} {o}", f.name());
     }
+    for line in &finals.storage.notes {
+        println!("{line}");
+    }
     let ok = Losses {
         ledger: !verdict.clean(),
         panics,
@@ -2456,6 +2459,13 @@ async fn io_error_case(
     let keys = observe(probe, &k.base).await?.keys;
     out.lost = acked.iter().filter(|id| !keys.contains_key(*id)).count() as u64;
     k.stop(&log).await?;
+    // Into the main log too, where panics and canary hits are counted.
+    let text = fs::read(&log).with_context(|| format!("cannot read {}", log.display()))?;
+    OpenOptions::new()
+        .append(true)
+        .open(&main.log)
+        .and_then(|mut f| f.write_all(&text))
+        .with_context(|| format!("cannot append to {}", main.log.display()))?;
     Ok(out)
 }
 
@@ -2476,6 +2486,9 @@ pub struct StorageFigures {
     pub io_error_ready_under_forever: u64,
     /// `once` cases where nothing was acknowledged after the fault.
     pub io_error_unrecovered: u64,
+    /// One line per I/O error case and per power-loss image with a loss,
+    /// printed with the other cases' lines.
+    pub notes: Vec<String>,
 }
 
 impl StorageFigures {
@@ -2545,19 +2558,21 @@ async fn storage_cases(
         progress(format!("power loss after sync {n}"));
         let o = power_loss_case(n, main, scratch, secret, probe).await?;
         if !o.lost.is_empty() || o.unready.is_some() {
-            println!(
+            figures.notes.push(format!(
                 "  power loss at sync {n}: lost {:?}, not a prefix for clients {:?}, {}",
                 o.lost.iter().take(10).collect::<Vec<_>>(),
                 o.not_prefix,
                 o.unready.as_deref().unwrap_or("ready")
-            );
+            ));
         }
         figures.add_power_loss(&o);
     }
     for &case in IoError::ALL {
         progress(format!("I/O error {}", case.spec()));
         let o = io_error_case(case, main, scratch, secret, probe).await?;
-        println!("  io     {:<22} {o}", case.name());
+        figures
+            .notes
+            .push(format!("  io     {:<22} {o}", case.name()));
         figures.add_io_error(case, &o);
     }
     Ok(figures)
