@@ -249,3 +249,10 @@ fn secret_slots(config: &mut Config) -> [(&'static str, &mut Option<Secret>); 8]
 pub fn failpoints_spec() -> Option<String> {
     std::env::var_os("KEEL_FAILPOINTS").map(|v| v.to_string_lossy().into_owned())
 }
+
+/// `KEEL_TORTURE_STORAGE`: the storage fault `keel torture` injects through
+/// the SQLite VFS shim (actors/src/persistence/faultfs.rs).
+pub fn torture_storage_spec() -> Option<String> {
+    std::env::var_os(keel_actors::persistence::faultfs::ENV)
+        .map(|v| v.to_string_lossy().into_owned())
+}

@@ -76,6 +76,12 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     if let Some(spec) = crate::config::failpoints_spec() {
         keel_actors::failpoint::arm(&spec)?;
     }
+    // Storage faults (power-loss images, I/O errors) for `keel torture`:
+    // the VFS shim becomes SQLite's default before any store opens.
+    let storage_faults = crate::config::torture_storage_spec();
+    if let Some(spec) = &storage_faults {
+        keel_actors::persistence::faultfs::install(spec)?;
+    }
     // Every file keel creates holds state: owner-only (0600 / 0700).
     // SAFETY: umask only changes this process's file-creation mask.
     unsafe { libc::umask(0o077) };
@@ -99,6 +105,9 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     };
     let config = crate::config::load(&args.dir, Some(&args))?;
     let log_hook = crate::telemetry::init(&config.log_level, config.log_format)?;
+    if let Some(spec) = &storage_faults {
+        tracing::warn!("storage faults injected: {spec}");
+    }
     let _lock = match early {
         Some(lock) => Some(lock),
         None if config.ephemeral => None,

@@ -85,6 +85,23 @@ async fn a_short_torture_passes_and_reports_every_figure() {
     // the WAL cases are caught by R39's record of acknowledged commits.
     assert_eq!(f["damage_cases"], 11, "{f}");
     assert_eq!(f["damage_silent"], 0, "{f}");
+    // Power loss (C4) and I/O errors (F2): images taken, faults fired,
+    // nothing acknowledged missing.
+    assert!(f["power_loss_images"].as_u64() >= Some(6), "{f}");
+    assert!(
+        f["power_loss_acked"].as_u64() > Some(0),
+        "no load before a power loss: {f}"
+    );
+    assert_eq!(f["io_error_cases"], f["io_error_fired"], "{f}");
+    for zero in [
+        "power_loss_lost",
+        "power_loss_not_prefix",
+        "power_loss_unready",
+        "io_error_lost",
+        "io_error_acked_after_forever",
+    ] {
+        assert_eq!(f[zero], 0, "{zero} in {f}");
+    }
     for case in [
         "wal_deleted",
         "wal_truncated",

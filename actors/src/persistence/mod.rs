@@ -20,6 +20,7 @@ pub mod audit;
 pub mod backup;
 pub mod cluster;
 pub mod console;
+pub mod faultfs;
 pub mod meta;
 pub mod migrate;
 mod open;
