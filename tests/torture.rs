@@ -307,4 +307,33 @@ mod failpoints {
             "no sample of the lost: {stdout}"
         );
     }
+
+    /// The dup counter can fail: a keel that stores every delivery under a
+    /// key of its own (the `forget_message_ids` switch) stores the messages
+    /// the clients retry after each kill twice, and the battery says so.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_keel_forgetting_message_ids_fails_the_battery_with_duplicates() {
+        let _serial = ONE_AT_A_TIME.lock().await;
+        let out = common::run_keel(
+            &[
+                "torture",
+                "--cycles",
+                "5",
+                "--seed",
+                "7",
+                "--break",
+                "forget-message-ids",
+                "--json",
+            ],
+            None,
+            DEADLINE,
+        )
+        .await;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(1), "{stdout}");
+        let f = figures(&out.stdout);
+        assert_eq!(f["broken"], "forget_message_ids", "{f}");
+        assert!(f["dup"].as_u64() > Some(0), "no duplicate counted: {f}");
+        assert_eq!(f["lost"], 0, "{f}");
+    }
 }

@@ -53,6 +53,14 @@ pub const POINTS: &[(&str, &str)] = &[
 /// answers 200 before the message is committed.
 pub const ACK_BEFORE_COMMIT: &str = "ack_before_commit";
 
+/// A behaviour switch of the deliberately broken test build: the webhook
+/// stores every delivery under a key of its own instead of the message's
+/// id, so a retried message is stored (and answered) twice.
+pub const FORGET_MESSAGE_IDS: &str = "forget_message_ids";
+
+/// Every behaviour switch (armed with `NAME=on`).
+const SWITCHES: [&str; 2] = [ACK_BEFORE_COMMIT, FORGET_MESSAGE_IDS];
+
 /// Why an arming spec was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("KEEL_FAILPOINTS: {0}")]
@@ -83,7 +91,7 @@ pub fn parse(spec: &str) -> Result<Vec<Arm>, ArmError> {
             .ok_or_else(|| ArmError(format!("{part:?} is not NAME=N, NAME=N@MS or NAME=on")))?;
         let known = POINTS.iter().any(|(p, _)| *p == name);
         let action = if action == "on" {
-            if name != ACK_BEFORE_COMMIT {
+            if !SWITCHES.contains(&name) {
                 return Err(ArmError(format!("{name:?} is not a switch")));
             }
             Action::On
@@ -254,5 +262,6 @@ mod tests {
         assert!(arm("").is_ok());
         hit("timer_fire");
         assert!(!armed(ACK_BEFORE_COMMIT));
+        assert!(!armed(FORGET_MESSAGE_IDS));
     }
 }

@@ -115,6 +115,19 @@ pub struct TortureArgs {
 pub enum Break {
     /// The webhook answers 200 before the message is committed.
     AckBeforeCommit,
+    /// The webhook stores every delivery under a key of its own (retries
+    /// are stored twice).
+    ForgetMessageIds,
+}
+
+impl Break {
+    /// The keel switch that breaks it (`KEEL_FAILPOINTS=<switch>=on`).
+    fn switch(self) -> &'static str {
+        match self {
+            Break::AckBeforeCommit => keel_actors::failpoint::ACK_BEFORE_COMMIT,
+            Break::ForgetMessageIds => keel_actors::failpoint::FORGET_MESSAGE_IDS,
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -952,9 +965,7 @@ pub fn torture_noted(
         log: scratch.path.join("keel.log"),
         starts: 0,
         ignore_sigxfsz: false,
-        switches: args.break_.map(|Break::AckBeforeCommit| {
-            format!("{}=on", keel_actors::failpoint::ACK_BEFORE_COMMIT)
-        }),
+        switches: args.break_.map(|b| format!("{}=on", b.switch())),
         storage: None,
     };
 
@@ -1280,7 +1291,7 @@ pub fn torture_noted(
         "migration_unrecovered": migration_unrecovered,
         "replies": replies_received,
         "replies_resent": replies_resent,
-        "broken": args.break_.map(|_| "ack_before_commit"),
+        "broken": args.break_.map(Break::switch),
     });
     let storage = finals.storage.json();
     let mut figures = figures;
@@ -1746,11 +1757,14 @@ async fn observe(http: &reqwest::Client, base: &str) -> Result<Observed> {
                 let role = t.get("role").and_then(Value::as_str).unwrap_or("");
                 let text = t.get("text").and_then(Value::as_str).unwrap_or("");
                 if role == "user" {
-                    if let Some(k) = t.get("key").and_then(Value::as_str) {
-                        let keys = match channel {
-                            "telegram" => &mut seen.telegram,
-                            "slack" => &mut seen.slack,
-                            _ => &mut seen.keys,
+                    if let Some(key) = t.get("key").and_then(Value::as_str) {
+                        let (keys, k) = match channel {
+                            "telegram" => (&mut seen.telegram, key),
+                            "slack" => (&mut seen.slack, key),
+                            // By the id the text carries, not the key keel
+                            // stored it under: a keel that mangled keys
+                            // would otherwise hide its duplicates.
+                            _ => (&mut seen.keys, sent_id(text).unwrap_or(key)),
                         };
                         *keys.entry(k.to_string()).or_insert(0) += 1;
                         if let (true, Some(at)) = (text.starts_with("/remind "), at_ms(t)) {
@@ -1788,6 +1802,14 @@ fn quantile(v: &[i64], q: f64) -> i64 {
 }
 
 /// The note id of a reminder notice `⏰ Reminder #N: note-<id>[ (late …)]`.
+/// The message id a battery client put in its text (`hello <id>`,
+/// `/remind in 1s note-<id>`).
+fn sent_id(text: &str) -> Option<&str> {
+    text.strip_prefix("hello ")
+        .or_else(|| text.split_once(" note-").map(|(_, id)| id))
+        .filter(|id| !id.is_empty() && !id.contains(char::is_whitespace))
+}
+
 fn reminder_note(text: &str) -> Option<&str> {
     let rest = text.strip_prefix("⏰ Reminder #")?;
     let (_, note) = rest.split_once(": note-")?;
@@ -3056,6 +3078,14 @@ mod tests {
         assert_eq!(quantile(&v, 0.99), 99);
         assert_eq!(quantile(&[7], 0.99), 7);
         assert_eq!(quantile(&[], 0.5), 0);
+    }
+
+    #[test]
+    fn a_stored_message_is_counted_by_the_id_its_text_carries() {
+        assert_eq!(sent_id("hello k1c2n8"), Some("k1c2n8"));
+        assert_eq!(sent_id("/remind in 1s note-k1c2n9"), Some("k1c2n9"));
+        assert_eq!(sent_id("something else"), None);
+        assert_eq!(sent_id("hello "), None);
     }
 
     #[test]

@@ -52,6 +52,17 @@ pub struct WebhookState {
     pub metrics: Metrics,
 }
 
+/// The deliberately broken test build (`keel torture --break
+/// forget-message-ids`): a key of its own per delivery, so a retry is
+/// stored twice and the battery must count duplicates.
+#[cfg(feature = "failpoints")]
+fn forget_message_id(mut msg: InboundMessage) -> InboundMessage {
+    if crate::failpoint::armed(crate::failpoint::FORGET_MESSAGE_IDS) {
+        msg.id = format!("{}~{:016x}", msg.id, rand::random::<u64>());
+    }
+    msg
+}
+
 /// The webhook channel's adapter actor: delivers validated messages to
 /// their sessions and answers once they are durable (R1). Concurrent: each
 /// `Intake` is its own future, so one slow commit holds up no other.
@@ -378,6 +389,8 @@ async fn handle(
             "not accepting messages right now (starting or shutting down)",
         ));
     };
+    #[cfg(feature = "failpoints")]
+    let msg = forget_message_id(msg);
     let id = msg.id.clone();
     // The deliberately broken test build (`keel torture --break
     // ack-before-commit`): 200 before the message is committed, so the
