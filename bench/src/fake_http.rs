@@ -6,10 +6,13 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
 
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 
 /// Largest request head or body the fakes accept (keel sends small JSON).
 const MAX_REQUEST: usize = 1 << 20;
@@ -163,6 +166,70 @@ pub fn tag_in<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
     let rest = &text[at + prefix.len()..];
     let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
     (digits > 0).then(|| &text[at..at + prefix.len() + digits])
+}
+
+/// What every fake upstream's ledger offers the battery.
+pub trait FakeLedger: Send + 'static {
+    /// `(feeding, frozen)`: still queueing messages; answering empty and
+    /// recording nothing.
+    fn flags(&mut self) -> (&mut bool, &mut bool);
+    /// The ledger for the final check.
+    fn upstream(&self) -> Upstream;
+}
+
+/// A fake upstream served by a thread of its own (it outlives every keel
+/// restart): its base URL and its ledger. Stopped and joined on drop.
+pub struct Fake<L> {
+    /// The `api_base` to configure.
+    pub api_base: String,
+    ledger: Arc<Mutex<L>>,
+    stop: Arc<Notify>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl<L: FakeLedger> Fake<L> {
+    pub(crate) fn new(
+        api_base: String,
+        ledger: Arc<Mutex<L>>,
+        stop: Arc<Notify>,
+        thread: JoinHandle<()>,
+    ) -> Fake<L> {
+        Fake {
+            api_base,
+            ledger,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub(crate) fn ledger(&self) -> MutexGuard<'_, L> {
+        self.ledger.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// No more messages are queued (the cycles are over).
+    pub fn stop_feeding(&self) {
+        *self.ledger().flags().0 = false;
+    }
+
+    /// From now on nothing goes out and nothing is recorded (the cases
+    /// after the final check run other stores with the same config).
+    pub fn freeze(&self) {
+        *self.ledger().flags().1 = true;
+    }
+
+    /// What it saw so far.
+    pub fn upstream(&self) -> Upstream {
+        self.ledger().upstream()
+    }
+}
+
+impl<L> Drop for Fake<L> {
+    fn drop(&mut self) {
+        self.stop.notify_one();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 #[cfg(test)]

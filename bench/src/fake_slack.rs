@@ -16,7 +16,6 @@
 use std::collections::{HashMap, HashSet};
 use std::net::TcpListener;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -26,7 +25,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::fake_http::{read_request, tag_in, write_json, Fed, Upstream};
+use crate::fake_http::{read_request, tag_in, write_json, Fake, FakeLedger, Fed, Upstream};
 
 /// How often the feeder queues events.
 const FEED_EVERY: Duration = Duration::from_millis(100);
@@ -177,13 +176,17 @@ impl SlackLedger {
 }
 
 /// The fake Slack (Web API and Socket Mode) and its feeder, running until dropped.
-pub struct FakeSlack {
-    /// The `[slack] api_base` to configure.
-    pub api_base: String,
-    ledger: Arc<Mutex<SlackLedger>>,
-    stop: Arc<Notify>,
-    thread: Option<JoinHandle<()>>,
+impl FakeLedger for SlackLedger {
+    fn flags(&mut self) -> (&mut bool, &mut bool) {
+        (&mut self.feeding, &mut self.frozen)
+    }
+
+    fn upstream(&self) -> Upstream {
+        SlackLedger::upstream(self)
+    }
 }
+
+pub type FakeSlack = Fake<SlackLedger>;
 
 /// The two tokens keel must present.
 #[derive(Clone)]
@@ -193,7 +196,7 @@ struct Tokens {
     ws_url: String,
 }
 
-impl FakeSlack {
+impl Fake<SlackLedger> {
     /// Serves Slack for `app_token` / `bot_token` on free loopback ports,
     /// queueing `per_tick` events every 100 ms until [`FakeSlack::stop_feeding`].
     pub fn start(app_token: &str, bot_token: &str, per_tick: usize) -> Result<FakeSlack> {
@@ -234,41 +237,7 @@ impl FakeSlack {
                 });
             })
             .context("cannot start the fake Slack")?;
-        Ok(FakeSlack {
-            api_base,
-            ledger,
-            stop,
-            thread: Some(thread),
-        })
-    }
-
-    fn ledger(&self) -> MutexGuard<'_, SlackLedger> {
-        self.ledger.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// No more events are queued (the cycles are over).
-    pub fn stop_feeding(&self) {
-        self.ledger().feeding = false;
-    }
-
-    /// From now on no envelopes go out and nothing is recorded (the cases
-    /// after the final check run other stores with the same config).
-    pub fn freeze(&self) {
-        self.ledger().frozen = true;
-    }
-
-    /// What it saw so far.
-    pub fn upstream(&self) -> Upstream {
-        self.ledger().upstream()
-    }
-}
-
-impl Drop for FakeSlack {
-    fn drop(&mut self) {
-        self.stop.notify_one();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        Ok(Fake::new(api_base, ledger, stop, thread))
     }
 }
 

@@ -15,8 +15,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::TcpListener;
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -24,7 +23,9 @@ use serde_json::{json, Value};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
-use crate::fake_http::{read_request, tag_in, write_json, Fed, Request, Upstream};
+use crate::fake_http::{
+    read_request, tag_in, write_json, Fake, FakeLedger, Fed, Request, Upstream,
+};
 
 /// The longest a getUpdates is held without updates, whatever `timeout` asks.
 const MAX_HOLD: Duration = Duration::from_secs(1);
@@ -161,15 +162,19 @@ impl TgLedger {
 }
 
 /// The fake Bot API server and its feeder, running until dropped.
-pub struct FakeTelegram {
-    /// The `[telegram] api_base` to configure.
-    pub api_base: String,
-    ledger: Arc<Mutex<TgLedger>>,
-    stop: Arc<Notify>,
-    thread: Option<JoinHandle<()>>,
+impl FakeLedger for TgLedger {
+    fn flags(&mut self) -> (&mut bool, &mut bool) {
+        (&mut self.feeding, &mut self.frozen)
+    }
+
+    fn upstream(&self) -> Upstream {
+        TgLedger::upstream(self)
+    }
 }
 
-impl FakeTelegram {
+pub type FakeTelegram = Fake<TgLedger>;
+
+impl Fake<TgLedger> {
     /// Serves bot `token` on a free loopback port, queueing `per_tick`
     /// updates every 100 ms until [`FakeTelegram::stop_feeding`].
     pub fn start(token: &str, per_tick: usize) -> Result<FakeTelegram> {
@@ -204,41 +209,7 @@ impl FakeTelegram {
                 });
             })
             .context("cannot start the fake Telegram API")?;
-        Ok(FakeTelegram {
-            api_base,
-            ledger,
-            stop,
-            thread: Some(thread),
-        })
-    }
-
-    fn ledger(&self) -> MutexGuard<'_, TgLedger> {
-        self.ledger.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// No more updates are queued (the cycles are over).
-    pub fn stop_feeding(&self) {
-        self.ledger().feeding = false;
-    }
-
-    /// From now on polls are answered empty and nothing is recorded (the
-    /// cases after the final check run other stores with the same config).
-    pub fn freeze(&self) {
-        self.ledger().frozen = true;
-    }
-
-    /// What it saw so far.
-    pub fn upstream(&self) -> Upstream {
-        self.ledger().upstream()
-    }
-}
-
-impl Drop for FakeTelegram {
-    fn drop(&mut self) {
-        self.stop.notify_one();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        Ok(Fake::new(api_base, ledger, stop, thread))
     }
 }
 
