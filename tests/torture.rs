@@ -275,31 +275,31 @@ mod failpoints {
         );
     }
 
+    /// `keel torture --break WHAT` for `cycles` cycles (seed 7): it must
+    /// exit 1; its stdout and figures.
+    async fn broken_run(what: &str, cycles: &str) -> (String, Value) {
+        let out = common::run_keel(
+            &[
+                "torture", "--cycles", cycles, "--seed", "7", "--break", what, "--json",
+            ],
+            None,
+            DEADLINE,
+        )
+        .await;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert_eq!(out.status.code(), Some(1), "{stdout}");
+        let f = figures(&out.stdout);
+        (stdout, f)
+    }
+
     /// The counters can fail: a keel that acknowledges before it commits
     /// (the `ack_before_commit` switch of this test build) loses messages
     /// at every kill, and the battery says so and exits 1.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_keel_acknowledging_before_commit_fails_the_battery() {
         let _serial = ONE_AT_A_TIME.lock().await;
-        let out = common::run_keel(
-            &[
-                "torture",
-                "--cycles",
-                "3",
-                "--seed",
-                "7",
-                "--break",
-                "ack-before-commit",
-                "--json",
-            ],
-            None,
-            DEADLINE,
-        )
-        .await;
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert_eq!(out.status.code(), Some(1), "{stdout}");
+        let (stdout, f) = broken_run("ack-before-commit", "3").await;
         assert!(stdout.contains("keel torture: FAIL"), "{stdout}");
-        let f = figures(&out.stdout);
         assert_eq!(f["broken"], "ack_before_commit", "{f}");
         assert!(f["lost"].as_u64() > Some(0), "no loss counted: {f}");
         assert!(
@@ -314,24 +314,7 @@ mod failpoints {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_keel_forgetting_message_ids_fails_the_battery_with_duplicates() {
         let _serial = ONE_AT_A_TIME.lock().await;
-        let out = common::run_keel(
-            &[
-                "torture",
-                "--cycles",
-                "5",
-                "--seed",
-                "7",
-                "--break",
-                "forget-message-ids",
-                "--json",
-            ],
-            None,
-            DEADLINE,
-        )
-        .await;
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert_eq!(out.status.code(), Some(1), "{stdout}");
-        let f = figures(&out.stdout);
+        let (_, f) = broken_run("forget-message-ids", "5").await;
         assert_eq!(f["broken"], "forget_message_ids", "{f}");
         assert!(f["dup"].as_u64() > Some(0), "no duplicate counted: {f}");
         assert_eq!(f["lost"], 0, "{f}");

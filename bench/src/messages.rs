@@ -425,6 +425,25 @@ fn micros(d: Duration) -> u32 {
 // ---------------------------------------------------------------------------
 // The keel under test.
 
+/// `binary run` on `data_dir` with `config`, listening on `addr`, warnings
+/// only, and none of the operator's `KEEL_*` overrides (stdio is the
+/// caller's).
+pub(crate) fn run_command(binary: &Path, data_dir: &Path, config: &Path, addr: &str) -> Command {
+    let mut c = Command::new(binary);
+    c.arg("run")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--config")
+        .arg(config)
+        .arg("--listen")
+        .arg(addr)
+        .env("RUST_LOG", "warn")
+        .env_remove("KEEL_CONFIG")
+        .env_remove("KEEL_DATA_DIR")
+        .env_remove("KEEL_LISTEN");
+    c
+}
+
 /// A keel daemon started for the benchmark; stopped (SIGTERM) on drop.
 pub(crate) struct Keel {
     pub(crate) child: Child,
@@ -471,18 +490,7 @@ impl Keel {
         let stdout = stderr
             .try_clone()
             .with_context(|| format!("cannot reopen {}", log.display()))?;
-        let child = Command::new(binary)
-            .arg("run")
-            .arg("--data-dir")
-            .arg(scratch.join("keel"))
-            .arg("--config")
-            .arg(&config)
-            .arg("--listen")
-            .arg(&addr)
-            .env("RUST_LOG", "warn")
-            .env_remove("KEEL_CONFIG")
-            .env_remove("KEEL_DATA_DIR")
-            .env_remove("KEEL_LISTEN")
+        let child = run_command(binary, &scratch.join("keel"), &config, &addr)
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)

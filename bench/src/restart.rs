@@ -18,7 +18,7 @@ use std::fs::{DirBuilder, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::{Child, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -29,7 +29,7 @@ use keel_actors::masterkey;
 use keel_actors::persistence::{self, StoreOptions};
 use serde_json::{json, Value};
 
-use crate::messages::{log_tail, progress, RowMaker, Scratch};
+use crate::messages::{log_tail, progress, run_command, RowMaker, Scratch};
 
 /// Messages per seeding transaction.
 const SEED_BATCH: usize = 5_000;
@@ -198,18 +198,8 @@ fn spawn(binary: &Path, s: &Store) -> Result<Child> {
         .open(&s.log)
         .with_context(|| format!("cannot open {}", s.log.display()))?;
     let err = log.try_clone().context("cannot reopen the log")?;
-    Command::new(binary)
-        .arg("run")
-        .arg("--data-dir")
-        .arg(&s.data)
-        .arg("--config")
-        .arg(&s.config)
-        .arg("--listen")
-        .arg(format!("127.0.0.1:{}", s.port))
-        .env("RUST_LOG", "warn")
-        .env_remove("KEEL_CONFIG")
-        .env_remove("KEEL_DATA_DIR")
-        .env_remove("KEEL_LISTEN")
+    run_command(binary, &s.data, &s.config, &format!("127.0.0.1:{}", s.port))
+        // The data dir holds the key file; an operator's key must not win.
         .env_remove("KEEL_MASTER_KEY")
         .stdin(Stdio::null())
         .stdout(log)

@@ -166,11 +166,7 @@ impl PersistenceActor {
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
         let Some((path, key)) = self.reader.clone() else {
-            let mut f = Some(f);
-            return self.call(move |c, _| match f.take() {
-                Some(f) => f(c),
-                None => Err(StoreError::Invalid("read ran twice".into())),
-            });
+            return self.call(move |c, _| f(c));
         };
         Box::pin(async move {
             tokio::task::spawn_blocking(move || f(&open_read_only(&path, key.as_ref())?))
