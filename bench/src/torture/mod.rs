@@ -44,6 +44,8 @@ use crate::fake_slack::FakeSlack;
 use crate::fake_telegram::FakeTelegram;
 use crate::messages::{log_tail, nearest_rank, runtime, Scratch};
 
+mod tasks;
+
 /// How long a start may take to answer `/readyz` with 200.
 const READY_DEADLINE: Duration = Duration::from_secs(60);
 /// How long the final start may take until every acknowledged reminder fired.
@@ -935,6 +937,8 @@ pub fn torture_noted(
     let canary = format!("keel-torture-canary-{seed:016x}");
     // Telegram and Slack through fakes that outlive every keel restart.
     let upstreams = Upstreams::start(&canary)?;
+    // Task runs report to a directory outside keel's data dir.
+    let runs_dir = tasks::runs_dir(&scratch.path)?;
     let config = scratch.path.join("keel.toml");
     OpenOptions::new()
         .write(true)
@@ -946,8 +950,9 @@ pub fn torture_noted(
                 f,
                 "log_level = \"info\"\n\n[storage]\nsynchronous = \"full\"\n\n\
                  [webhook]\nenabled = true\nsecret = \"{canary}\"\n\
-                 reply_url = \"http://{sink_addr}/replies\"\n{}",
-                upstreams.config(&canary)
+                 reply_url = \"http://{sink_addr}/replies\"\n{}{}",
+                upstreams.config(&canary),
+                tasks::config(&runs_dir)
             )
         })
         .with_context(|| format!("cannot write {}", config.display()))?;
@@ -974,6 +979,7 @@ pub fn torture_noted(
     let rt = runtime()?;
     let ledger = RefCell::new(Ledger::new(Some(ledger_file)));
     let seen = RefCell::new(Seen::default());
+    let task_ledger = RefCell::new(tasks::TaskLedger::default());
     let mut rng = StdRng::seed_from_u64(seed);
     let mut clients: Vec<Client> = (0..args.clients)
         .map(|index| Client {
@@ -1044,6 +1050,7 @@ pub fn torture_noted(
                 .build()
                 .context("cannot build an HTTP client")?;
             let url = format!("{}/v1/messages", k.base);
+            let base = k.base.clone();
             let stop = Cell::new(false);
             let cx = Cycle {
                 cycle,
@@ -1054,7 +1061,10 @@ pub fn torture_noted(
                 seen: &seen,
                 stop: &stop,
             };
-            let load = futures::future::join_all(clients.iter_mut().map(|c| client_loop(c, &cx)));
+            let load = futures::future::join(
+                futures::future::join_all(clients.iter_mut().map(|c| client_loop(c, &cx))),
+                tasks::task_loop(&task_ledger, &http, &base, cycle, &stop),
+            );
             let sigterm = plan.arm.as_ref().is_some_and(ArmPlan::stops_with_sigterm);
             let killer = async {
                 tokio::time::sleep(Duration::from_millis(plan.kill_after_ms)).await;
@@ -1111,22 +1121,26 @@ pub fn torture_noted(
             .build()
             .context("cannot build an HTTP client")?;
         let deadline = Instant::now() + FIRE_DEADLINE;
-        let (verdict, seen, (telegram, slack)) = loop {
+        let (verdict, seen, (telegram, slack), task_verdict) = loop {
             // The fakes' ledgers before the store is read: whatever keel
             // confirmed by then it had stored by then.
             let (tg, sl) = (upstreams.telegram.upstream(), upstreams.slack.upstream());
             let seen = observe(&http, &k.base).await?;
             let v = ledger.borrow().check(&seen.keys, &seen.fires);
+            let stored_tasks = tasks::stored(&http, &k.base).await?;
             // A reminder whose message is lost can never fire: no need to wait for it.
             let waiting = v.timers_missed.iter().any(|id| !v.lost.contains(id))
                 || !tg.settled()
-                || !sl.settled();
+                || !sl.settled()
+                || !tasks::TaskVerdict::settled(&stored_tasks);
             if !waiting || Instant::now() >= deadline {
                 let channels = (
                     check_channel(&tg, &seen.telegram),
                     check_channel(&sl, &seen.slack),
                 );
-                break (v, seen, channels);
+                let runs = tasks::Runs::read(&runs_dir);
+                let t = tasks::check(&task_ledger.borrow(), &stored_tasks, &runs);
+                break (v, seen, channels, t);
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         };
@@ -1189,6 +1203,7 @@ pub fn torture_noted(
                 lateness: seen.lateness_ms,
                 telegram,
                 slack,
+                tasks: task_verdict,
             },
         ))
     });
@@ -1298,6 +1313,7 @@ pub fn torture_noted(
     for part in [
         more,
         channel_figures(&finals.telegram, &finals.slack),
+        finals.tasks.json(),
         storage,
     ] {
         if let (Some(f), Value::Object(m)) = (figures.as_object_mut(), part) {
@@ -1325,6 +1341,11 @@ pub fn torture_noted(
         sample(&format!("{name} unexpected"), &c.unexpected);
         sample(&format!("{name} unanswered"), &c.unanswered);
     }
+    sample("tasks lost", &finals.tasks.lost);
+    sample("tasks unexpected", &finals.tasks.unexpected);
+    sample("tasks duplicated", &finals.tasks.duplicated);
+    sample("tasks false success", &finals.tasks.false_success);
+    sample("tasks unfinished", &finals.tasks.unfinished);
     for (c, o) in &finals.damage {
         println!("  damage {:<22} {o}", c.name());
     }
@@ -1344,6 +1365,7 @@ pub fn torture_noted(
         migration_unrecovered,
         channels: finals.telegram.losses() + finals.slack.losses(),
         storage_losses: finals.storage.losses(),
+        tasks: finals.tasks.losses(),
     }
     .none();
     println!(
@@ -1409,6 +1431,8 @@ pub struct Losses {
     pub channels: u64,
     /// Power-loss and I/O error losses ([`StorageFigures::losses`]).
     pub storage_losses: u64,
+    /// Task findings ([`tasks::TaskVerdict::losses`]).
+    pub tasks: u64,
 }
 
 impl Losses {
@@ -1438,6 +1462,7 @@ struct Finals {
     lateness: Vec<i64>,
     telegram: ChannelVerdict,
     slack: ChannelVerdict,
+    tasks: tasks::TaskVerdict,
 }
 
 /// Hits of every named kill point in keel's log (the line each kill
@@ -1700,6 +1725,21 @@ fn print_figures(f: &Value) {
         g("slack_unanswered"),
         g("slack_redelivered"),
         g("slack_replies_resent")
+    );
+    println!(
+        "tasks: invoked {}  acked {}  recovered {}  lost {}  unexpected {}  duplicated {}  false success {}  unfinished {}  succeeded {}  interrupted {}  requeued {}  runs {}",
+        g("tasks_invoked"),
+        g("tasks_acked"),
+        g("tasks_recovered"),
+        g("tasks_lost"),
+        g("tasks_unexpected"),
+        g("tasks_duplicated"),
+        g("tasks_false_success"),
+        g("tasks_unfinished"),
+        g("tasks_succeeded"),
+        g("tasks_interrupted"),
+        g("tasks_requeued"),
+        g("tasks_runs")
     );
 }
 
@@ -2927,6 +2967,10 @@ mod tests {
             },
             Losses {
                 storage_losses: 1,
+                ..Losses::default()
+            },
+            Losses {
+                tasks: 1,
                 ..Losses::default()
             },
         ];
