@@ -10,6 +10,9 @@
 #![allow(clippy::disallowed_methods)]
 
 mod common;
+#[allow(dead_code)]
+#[path = "common/docker.rs"]
+mod docker;
 
 use std::time::Duration;
 
@@ -159,6 +162,23 @@ async fn a_short_torture_passes_and_reports_every_figure() {
         f["starts"].as_u64() > Some(5),
         "every cycle is a start plus the final one: {f}"
     );
+    // Tasks in the load: submitted, interrupted by the kills, requeued,
+    // and nothing lost, doubled or left unfinished.
+    for zero in [
+        "tasks_lost",
+        "tasks_unexpected",
+        "tasks_duplicated",
+        "tasks_false_success",
+        "tasks_unfinished",
+    ] {
+        assert_eq!(f[zero], 0, "{zero} in {f}");
+    }
+    assert!(f["tasks_acked"].as_u64() > Some(0), "no task ran: {f}");
+    assert!(f["tasks_runs"].as_u64() > Some(0), "no task ran: {f}");
+    assert!(f["tasks_interrupted"].is_u64(), "{f}");
+    assert!(f["tasks_requeued"].is_u64(), "{f}");
+    // No engine named: the container figures say so.
+    assert_eq!(f["containers"], false, "{f}");
     // The same seed draws the same schedule (the storms are part of it).
     let again = common::run_keel(
         &["torture", "--cycles", "5", "--seed", "42", "--json"],
@@ -319,4 +339,59 @@ mod failpoints {
         assert!(f["dup"].as_u64() > Some(0), "no duplicate counted: {f}");
         assert_eq!(f["lost"], 0, "{f}");
     }
+}
+
+/// With an engine: services deployed and killed through the cycles
+/// converge with nothing orphaned or doubled, the container-create kill
+/// point is among the draws, every F8 event-log damage is detected, and the
+/// battery leaves no container behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torture_with_an_engine_converges_services_and_detects_event_log_damage() {
+    let Some(engine) = docker::docker_or_skip("torture_engine") else {
+        return;
+    };
+    let host = engine.host();
+    let out = common::run_keel(
+        &[
+            "torture",
+            "--cycles",
+            "6",
+            "--seed",
+            "43",
+            "--json",
+            "--docker-host",
+            &host,
+            "--image",
+            docker::IMAGE,
+        ],
+        None,
+        DEADLINE,
+    )
+    .await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "keel torture failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let f = figures(&out.stdout);
+    assert_eq!(f["containers"], true, "{f}");
+    assert!(f["services_acked"].as_u64() > Some(0), "no deploy: {f}");
+    for zero in [
+        "containers_orphaned",
+        "containers_duplicated",
+        "services_missing",
+    ] {
+        assert_eq!(f[zero], 0, "{zero} in {f}");
+    }
+    assert_eq!(f["event_log_cases"], 3, "{f}");
+    assert_eq!(f["event_log_detected"], 3, "{f}");
+    // The battery's instance is `torture` + the seed's low 32 bits in hex.
+    let instance = format!("torture{:08x}", 43u32);
+    assert!(
+        engine.containers(&instance).is_empty(),
+        "containers left behind: {:?}",
+        engine.names(&instance)
+    );
 }

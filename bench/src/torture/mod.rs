@@ -44,6 +44,7 @@ use crate::fake_slack::FakeSlack;
 use crate::fake_telegram::FakeTelegram;
 use crate::messages::{log_tail, nearest_rank, runtime, Scratch};
 
+mod services;
 mod tasks;
 
 /// How long a start may take to answer `/readyz` with 200.
@@ -100,6 +101,13 @@ pub struct TortureArgs {
     /// Keep the scratch directory (ledger, logs, data) and print its path.
     #[arg(long)]
     pub keep: bool,
+    /// Deploy services on this container engine during the load
+    /// (`unix:///path/docker.sock`; needs --image).
+    #[arg(long, value_name = "URL")]
+    pub docker_host: Option<String>,
+    /// A local image with `sleep` for those services (nothing is pulled).
+    #[arg(long, value_name = "IMAGE")]
+    pub image: Option<String>,
     /// Print the figures as one line of JSON, the last line of stdout.
     #[arg(long)]
     pub json: bool,
@@ -783,16 +791,22 @@ const CYCLE_POINTS: [&str; 5] = [
 
 /// Every second cycle of a failpoints build arms the next point of
 /// [`CYCLE_POINTS`], at a drawn hit.
-fn draw_arm(rng: &mut StdRng, cycle: u64) -> Option<ArmPlan> {
+fn draw_arm(rng: &mut StdRng, cycle: u64, engine: bool) -> Option<ArmPlan> {
     if cycle.is_multiple_of(2) {
         return None;
     }
-    let point = CYCLE_POINTS[((cycle / 2) % CYCLE_POINTS.len() as u64) as usize];
+    let points: Vec<&'static str> = CYCLE_POINTS
+        .iter()
+        .copied()
+        .chain(engine.then_some("container_create"))
+        .collect();
+    let point = points[((cycle / 2) % points.len() as u64) as usize];
     let (at, delay_ms) = match point {
         "commit_before_reply" => (rng.gen_range(1..=100), 0),
         "reply_before_poll" => (rng.gen_range(1..=12), 0),
         "timer_fire" => (rng.gen_range(1..=4), 0),
         "mid_checkpoint" => (1, rng.gen_range(0..=3)),
+        "container_create" => (rng.gen_range(1..=3), 0),
         _ => (1, 0),
     };
     Some(ArmPlan {
@@ -803,7 +817,7 @@ fn draw_arm(rng: &mut StdRng, cycle: u64) -> Option<ArmPlan> {
 }
 
 /// Cycle `cycle`'s plan; `failpoints`: keel has named kill points to arm.
-fn plan(rng: &mut StdRng, cycle: u64, failpoints: bool) -> CyclePlan {
+fn plan(rng: &mut StdRng, cycle: u64, failpoints: bool, engine: bool) -> CyclePlan {
     let mut kill_after_ms = rng.gen_range(100..=1200);
     let storm_ms = if rng.gen_ratio(1, 4) {
         // Half the kills land inside recovery (keel is ready in tens of
@@ -821,7 +835,7 @@ fn plan(rng: &mut StdRng, cycle: u64, failpoints: bool) -> CyclePlan {
         Vec::new()
     };
     let arm = if failpoints {
-        draw_arm(rng, cycle)
+        draw_arm(rng, cycle, engine)
     } else {
         None
     };
@@ -894,6 +908,8 @@ pub fn torture_noted(
     }
     let budget = args.seconds.map(Duration::from_secs_f64);
     let seed = args.seed.unwrap_or_else(rand::random);
+    let engine =
+        services::EngineLoad::from_flags(args.docker_host.as_deref(), args.image.as_deref(), seed)?;
     let binary = match &args.keel_binary {
         Some(b) => b.clone(),
         None => std::env::current_exe().context("cannot find the keel executable")?,
@@ -950,9 +966,12 @@ pub fn torture_noted(
                 f,
                 "log_level = \"info\"\n\n[storage]\nsynchronous = \"full\"\n\n\
                  [webhook]\nenabled = true\nsecret = \"{canary}\"\n\
-                 reply_url = \"http://{sink_addr}/replies\"\n{}{}",
+                 reply_url = \"http://{sink_addr}/replies\"\n{}{}{}",
                 upstreams.config(&canary),
-                tasks::config(&runs_dir)
+                tasks::config(&runs_dir),
+                engine
+                    .as_ref()
+                    .map_or_else(String::new, services::EngineLoad::config)
             )
         })
         .with_context(|| format!("cannot write {}", config.display()))?;
@@ -980,6 +999,7 @@ pub fn torture_noted(
     let ledger = RefCell::new(Ledger::new(Some(ledger_file)));
     let seen = RefCell::new(Seen::default());
     let task_ledger = RefCell::new(tasks::TaskLedger::default());
+    let service_ledger = RefCell::new(services::ServiceLedger::default());
     let mut rng = StdRng::seed_from_u64(seed);
     let mut clients: Vec<Client> = (0..args.clients)
         .map(|index| Client {
@@ -1005,11 +1025,14 @@ pub fn torture_noted(
             .timeout(Duration::from_secs(1))
             .build()
             .context("cannot build an HTTP client")?;
+        if let Some(e) = &engine {
+            e.preflight().await?;
+        }
         for cycle in 0..cycles {
             if budget.is_some_and(|b| began.elapsed() >= b) && done_cycles > 0 {
                 break;
             }
-            let plan = plan(&mut rng, cycle, failpoints);
+            let plan = plan(&mut rng, cycle, failpoints, engine.is_some());
             // Restart storm: starts killed while they recover.
             for &ms in &plan.storm_ms {
                 let mut k = launcher.spawn()?;
@@ -1063,7 +1086,15 @@ pub fn torture_noted(
             };
             let load = futures::future::join(
                 futures::future::join_all(clients.iter_mut().map(|c| client_loop(c, &cx))),
-                tasks::task_loop(&task_ledger, &http, &base, cycle, &stop),
+                futures::future::join(
+                    tasks::task_loop(&task_ledger, &http, &base, cycle, &stop),
+                    async {
+                        if let Some(e) = &engine {
+                            services::service_loop(e, &service_ledger, &http, &base, cycle, &stop)
+                                .await;
+                        }
+                    },
+                ),
             );
             let sigterm = plan.arm.as_ref().is_some_and(ArmPlan::stops_with_sigterm);
             let killer = async {
@@ -1144,6 +1175,10 @@ pub fn torture_noted(
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         };
+        let containers = match &engine {
+            Some(e) => services::converge(e, &service_ledger.borrow()).await?,
+            None => services::ContainerVerdict::default(),
+        };
         // The cases below run other stores with the same config.
         upstreams.freeze();
         peak_rss = peak_rss.max(k.peak_rss_kib().unwrap_or(0));
@@ -1160,6 +1195,20 @@ pub fn torture_noted(
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         };
+        // A damaged services event log (F8), on copies of the final store.
+        let mut event_damage = Vec::new();
+        if engine.is_some() && clean_exit {
+            for &case in services::EventDamage::ALL {
+                progress(format!("event log damage {}", case.name()));
+                let outcome =
+                    event_damage_case(case, &launcher, &scratch.path, &ledger.borrow(), &probe)
+                        .await?;
+                event_damage.push((case, outcome));
+            }
+        }
+        if let Some(e) = &engine {
+            e.remove_all().await?;
+        }
         // Damaged files (F5, F6, F7), each on a store of its own.
         let mut damage = Vec::new();
         for &case in Damage::ALL {
@@ -1204,6 +1253,8 @@ pub fn torture_noted(
                 telegram,
                 slack,
                 tasks: task_verdict,
+                containers,
+                event_damage,
             },
         ))
     });
@@ -1221,6 +1272,11 @@ pub fn torture_noted(
     let mut not_run = Vec::new();
     if !failpoints {
         not_run.push("failpoints (C2): needs a keel built with --features failpoints");
+    }
+    if engine.is_none() {
+        not_run.push(
+            "services, containers and event log damage (F8): needs --docker-host and --image",
+        );
     }
     recovery.sort_unstable();
     let pct = |q: f64| nearest_rank(recovery.len(), q).map_or(0, |i| recovery[i]);
@@ -1314,6 +1370,8 @@ pub fn torture_noted(
         more,
         channel_figures(&finals.telegram, &finals.slack),
         finals.tasks.json(),
+        finals.containers.json(),
+        event_damage_figures(&finals.event_damage),
         storage,
     ] {
         if let (Some(f), Value::Object(m)) = (figures.as_object_mut(), part) {
@@ -1346,6 +1404,12 @@ pub fn torture_noted(
     sample("tasks duplicated", &finals.tasks.duplicated);
     sample("tasks false success", &finals.tasks.false_success);
     sample("tasks unfinished", &finals.tasks.unfinished);
+    sample("containers orphaned", &finals.containers.orphaned);
+    sample("containers duplicated", &finals.containers.duplicated);
+    sample("services missing", &finals.containers.missing);
+    for (c, o) in &finals.event_damage {
+        println!("  damage {:<22} {o}", c.name());
+    }
     for (c, o) in &finals.damage {
         println!("  damage {:<22} {o}", c.name());
     }
@@ -1366,6 +1430,12 @@ pub fn torture_noted(
         channels: finals.telegram.losses() + finals.slack.losses(),
         storage_losses: finals.storage.losses(),
         tasks: finals.tasks.losses(),
+        containers: finals.containers.losses()
+            + finals
+                .event_damage
+                .iter()
+                .filter(|(_, o)| *o != services::EventOutcome::Detected)
+                .count() as u64,
     }
     .none();
     println!(
@@ -1433,6 +1503,9 @@ pub struct Losses {
     pub storage_losses: u64,
     /// Task findings ([`tasks::TaskVerdict::losses`]).
     pub tasks: u64,
+    /// Container findings ([`services::ContainerVerdict::losses`]) and
+    /// F8 cases not detected or losing messages.
+    pub containers: u64,
 }
 
 impl Losses {
@@ -1463,6 +1536,9 @@ struct Finals {
     telegram: ChannelVerdict,
     slack: ChannelVerdict,
     tasks: tasks::TaskVerdict,
+    containers: services::ContainerVerdict,
+    /// F8 cases (an engine configured).
+    event_damage: Vec<(services::EventDamage, services::EventOutcome)>,
 }
 
 /// Hits of every named kill point in keel's log (the line each kill
@@ -1741,6 +1817,87 @@ fn print_figures(f: &Value) {
         g("tasks_requeued"),
         g("tasks_runs")
     );
+    if f["containers"] == true {
+        println!(
+            "containers: service ops {}  acked {}  listed {}  orphaned {}  duplicated {}  services missing {}  converged in {} ms  event log damage {}",
+            g("services_ops"),
+            g("services_acked"),
+            g("containers_listed"),
+            g("containers_orphaned"),
+            g("containers_duplicated"),
+            g("services_missing"),
+            g("containers_converge_ms"),
+            g("event_log_damage")
+        );
+    }
+}
+
+/// The F8 figures: `event_log_cases`, `event_log_detected` and each case's outcome.
+fn event_damage_figures(cases: &[(services::EventDamage, services::EventOutcome)]) -> Value {
+    let outcomes: serde_json::Map<String, Value> = cases
+        .iter()
+        .map(|(c, o)| (c.name().to_string(), Value::String(o.short())))
+        .collect();
+    json!({
+        "event_log_cases": cases.len(),
+        "event_log_detected": cases
+            .iter()
+            .filter(|(_, o)| *o == services::EventOutcome::Detected)
+            .count(),
+        "event_log_damage": outcomes,
+    })
+}
+
+/// F8: a copy of the final store with its services event log damaged
+/// (keel stopped); keel must start, report the damage, refuse deploys and
+/// keep every acknowledged message.
+async fn event_damage_case(
+    case: services::EventDamage,
+    main: &Launcher,
+    scratch: &Path,
+    ledger: &Ledger,
+    probe: &reqwest::Client,
+) -> Result<services::EventOutcome> {
+    let dir = scratch.join(format!("damage-{}", case.name()));
+    let mut l = Launcher {
+        binary: main.binary.clone(),
+        data_dir: dir.join("data"),
+        config: main.config.clone(),
+        log: main.log.clone(),
+        starts: 0,
+        ignore_sigxfsz: false,
+        switches: None,
+        storage: None,
+    };
+    services::copy_store(&main.data_dir, &l.data_dir)?;
+    case.apply(&l.data_dir)?;
+    let mut k = l.spawn()?;
+    k.wait_ready(probe, &l.log).await?;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .context("cannot build an HTTP client")?;
+    let readyz: Value = http
+        .get(format!("{}/readyz", k.base))
+        .send()
+        .await
+        .context("GET /readyz")?
+        .json()
+        .await
+        .context("GET /readyz: reading JSON")?;
+    let deploy = http
+        .post(format!("{}/v1/services", k.base))
+        .json(&json!({"name": "afterdamage", "image": "none", "command": ["true"]}))
+        .send()
+        .await
+        .context("POST /v1/services")?
+        .status()
+        .as_u16();
+    let seen = observe(&http, &k.base).await?;
+    let lost = ledger.check(&seen.keys, &seen.fires).lost.len() as u64;
+    k.stop(&l.log).await?;
+    let _ = fs::remove_dir_all(&dir);
+    Ok(services::judge(&readyz, deploy, lost))
 }
 
 /// What keel's store shows after a run.
@@ -2973,6 +3130,10 @@ mod tests {
                 tasks: 1,
                 ..Losses::default()
             },
+            Losses {
+                containers: 1,
+                ..Losses::default()
+            },
         ];
         for l in each {
             assert!(!l.none(), "{l:?} passed");
@@ -3084,11 +3245,11 @@ mod tests {
     fn the_schedule_is_a_function_of_the_seed() {
         let a: Vec<_> = {
             let mut r = StdRng::seed_from_u64(7);
-            (0..50).map(|c| plan(&mut r, c, true)).collect()
+            (0..50).map(|c| plan(&mut r, c, true, true)).collect()
         };
         let b: Vec<_> = {
             let mut r = StdRng::seed_from_u64(7);
-            (0..50).map(|c| plan(&mut r, c, true)).collect()
+            (0..50).map(|c| plan(&mut r, c, true, true)).collect()
         };
         assert_eq!(a, b);
         assert!(a.iter().any(|p| !p.storm_ms.is_empty()));
@@ -3106,9 +3267,15 @@ mod tests {
             .filter_map(|p| Some(p.arm.as_ref()?.point))
             .collect();
         assert_eq!(armed.len(), CYCLE_POINTS.len(), "{armed:?}");
+        // With an engine the container create point is armed too.
+        let with_engine: std::collections::BTreeSet<_> = a[..12]
+            .iter()
+            .filter_map(|p| Some(p.arm.as_ref()?.point))
+            .collect();
+        assert!(with_engine.contains("container_create"), "{with_engine:?}");
         // Without failpoints nothing is armed.
         let mut r = StdRng::seed_from_u64(7);
-        assert!((0..50).all(|c| plan(&mut r, c, false).arm.is_none()));
+        assert!((0..50).all(|c| plan(&mut r, c, false, true).arm.is_none()));
         assert!(a
             .iter()
             .all(|p| (100..=1200)

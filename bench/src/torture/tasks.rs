@@ -30,7 +30,13 @@ pub const TASK: &str = "torture";
 /// A task submission every this often (paced load, not synchronisation).
 const SUBMIT_EVERY: Duration = Duration::from_millis(120);
 /// States after which a task never runs again.
-const FINAL: [&str; 5] = ["SUCCEEDED", "FAILED", "CANCELLED", "INTERRUPTED", "TIMED_OUT"];
+const FINAL: [&str; 5] = [
+    "SUCCEEDED",
+    "FAILED",
+    "CANCELLED",
+    "INTERRUPTED",
+    "TIMED_OUT",
+];
 
 /// The `[tasks]` and `[task.torture]` sections; `runs` is the directory of
 /// `runs.log` and the lock files.
@@ -295,7 +301,8 @@ pub fn check(ledger: &TaskLedger, stored: &[StoredTask], runs: &Runs) -> TaskVer
     }
     for (arg, found) in &by_arg {
         if !ledger.ops.contains_key(*arg) {
-            v.unexpected.push(format!("{arg} (x{}, never submitted)", found.len()));
+            v.unexpected
+                .push(format!("{arg} (x{}, never submitted)", found.len()));
         }
     }
     for arg in runs.starts.keys().chain(runs.overlaps.keys()) {
@@ -371,7 +378,10 @@ mod tests {
         let v = check(&l, &s, &r);
         assert_eq!(v.losses(), 0, "{v:?}");
         assert_eq!((v.invoked, v.acked, v.recovered), (5, 2, 1));
-        assert_eq!((v.succeeded, v.interrupted, v.requeued, v.runs), (3, 1, 1, 4));
+        assert_eq!(
+            (v.succeeded, v.interrupted, v.requeued, v.runs),
+            (3, 1, 1, 4)
+        );
         assert!(TaskVerdict::settled(&s));
     }
 
