@@ -4,7 +4,7 @@
 //! damaged-file cases are all detected or harmless, and the same seed
 //! replays the same schedule. (The ledger accounting itself —
 //! that a lost, duplicated or invented message is counted — is unit-tested
-//! in bench/src/torture.rs.)
+//! in bench/src/torture/.)
 
 // Tests drive real processes in real time: clippy.toml's clock and env rules are for keel itself.
 #![allow(clippy::disallowed_methods)]
@@ -243,7 +243,7 @@ mod failpoints {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_battery_kills_keel_at_every_named_point_and_loses_nothing() {
         let _serial = ONE_AT_A_TIME.lock().await;
-        // Ten cycles arm each cycle point once (bench/src/torture.rs CYCLE_POINTS).
+        // Ten cycles arm each cycle point once (bench/src/torture/mod.rs CYCLE_POINTS).
         let out = common::run_keel(
             &["torture", "--cycles", "10", "--seed", "42", "--json"],
             None,
