@@ -295,6 +295,54 @@ mod failpoints {
         );
     }
 
+    /// With an engine the container-create point joins the rotation (the
+    /// 12th cycle arms it): keel killed right after a create converges
+    /// with nothing orphaned or doubled.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_kill_after_a_container_create_leaves_nothing_orphaned() {
+        let Some(engine) = docker::docker_or_skip("torture_container_create") else {
+            return;
+        };
+        let _serial = ONE_AT_A_TIME.lock().await;
+        let host = engine.host();
+        let out = common::run_keel(
+            &[
+                "torture",
+                "--cycles",
+                "12",
+                "--seed",
+                "44",
+                "--json",
+                "--docker-host",
+                &host,
+                "--image",
+                docker::IMAGE,
+            ],
+            None,
+            DEADLINE,
+        )
+        .await;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "keel torture failed ({}):\n{stdout}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let f = figures(&out.stdout);
+        assert!(
+            f["failpoint_hits"]["container_create"].as_u64() > Some(0),
+            "container_create never hit: {f}"
+        );
+        for zero in [
+            "containers_orphaned",
+            "containers_duplicated",
+            "services_missing",
+        ] {
+            assert_eq!(f[zero], 0, "{zero} in {f}");
+        }
+    }
+
     /// `keel torture --break WHAT` for `cycles` cycles (seed 7): it must
     /// exit 1; its stdout and figures.
     async fn broken_run(what: &str, cycles: &str) -> (String, Value) {

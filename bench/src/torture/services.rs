@@ -372,21 +372,7 @@ impl EventDamage {
     /// Damage `data_dir/keel.db` (keel stopped), opened the way keel
     /// opens it (with the dir's master key unless it is plain SQLite).
     pub fn apply(self, data_dir: &Path) -> Result<()> {
-        let db = data_dir.join("keel.db");
-        let conn = rusqlite::Connection::open(&db)
-            .with_context(|| format!("cannot open {}", db.display()))?;
-        let plain = fs::read(&db)
-            .map(|b| b.starts_with(b"SQLite format 3\0"))
-            .unwrap_or(false);
-        if !plain {
-            let key = fs::read_to_string(data_dir.join("master.key"))
-                .context("the torture store has no master.key")?;
-            conn.execute_batch(&format!(
-                "PRAGMA cipher_log_level = NONE; PRAGMA key = \"x'{}'\";",
-                key.trim()
-            ))
-            .context("cannot unlock the torture store")?;
-        }
+        let conn = super::open_store(data_dir)?;
         let records: i64 = conn
             .query_row("SELECT count(*) FROM service_events", [], |r| r.get(0))
             .context("reading the services event log")?;
