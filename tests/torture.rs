@@ -10,7 +10,6 @@
 #![allow(clippy::disallowed_methods)]
 
 mod common;
-#[allow(dead_code)]
 #[path = "common/docker.rs"]
 mod docker;
 

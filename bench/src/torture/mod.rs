@@ -1176,7 +1176,7 @@ pub fn torture_noted(
             tokio::time::sleep(Duration::from_millis(250)).await;
         };
         let containers = match &engine {
-            Some(e) => services::converge(e, &service_ledger.borrow()).await?,
+            Some(e) => services::converge(e, &service_ledger).await?,
             None => services::ContainerVerdict::default(),
         };
         // The cases below run other stores with the same config.
@@ -1203,8 +1203,7 @@ pub fn torture_noted(
             for &case in services::EventDamage::ALL {
                 progress(format!("event log damage {}", case.name()));
                 let outcome =
-                    event_damage_case(case, &launcher, &scratch.path, &ledger.borrow(), &probe)
-                        .await?;
+                    event_damage_case(case, &launcher, &scratch.path, &ledger, &probe).await?;
                 event_damage.push((case, outcome));
             }
         }
@@ -1902,7 +1901,7 @@ async fn event_damage_case(
     case: services::EventDamage,
     main: &Launcher,
     scratch: &Path,
-    ledger: &Ledger,
+    ledger: &RefCell<Ledger>,
     probe: &reqwest::Client,
 ) -> Result<services::EventOutcome> {
     let dir = scratch.join(format!("damage-{}", case.name()));
@@ -1941,7 +1940,7 @@ async fn event_damage_case(
         .status()
         .as_u16();
     let seen = observe(&http, &k.base).await?;
-    let lost = ledger.check(&seen.keys, &seen.fires).lost.len() as u64;
+    let lost = ledger.borrow().check(&seen.keys, &seen.fires).lost.len() as u64;
     k.stop(&l.log).await?;
     let _ = fs::remove_dir_all(&dir);
     Ok(services::judge(&readyz, deploy, lost))

@@ -313,10 +313,14 @@ pub fn check(ledger: &ServiceLedger, containers: &[ContainerInfo]) -> ContainerV
 
 /// The final check: polls the engine until it matches the ledger or
 /// [`CONVERGE_DEADLINE`] passes.
-pub async fn converge(load: &EngineLoad, ledger: &ServiceLedger) -> Result<ContainerVerdict> {
+pub async fn converge(
+    load: &EngineLoad,
+    ledger: &std::cell::RefCell<ServiceLedger>,
+) -> Result<ContainerVerdict> {
     let began = Instant::now();
     loop {
-        let mut v = check(ledger, &load.containers().await?);
+        let listed = load.containers().await?;
+        let mut v = check(&ledger.borrow(), &listed);
         if v.losses() == 0 || began.elapsed() >= CONVERGE_DEADLINE {
             v.converge_ms = began.elapsed().as_millis() as u64;
             return Ok(v);
