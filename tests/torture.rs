@@ -303,43 +303,11 @@ mod failpoints {
             return;
         };
         let _serial = ONE_AT_A_TIME.lock().await;
-        let host = engine.host();
-        let out = common::run_keel(
-            &[
-                "torture",
-                "--cycles",
-                "12",
-                "--seed",
-                "44",
-                "--json",
-                "--docker-host",
-                &host,
-                "--image",
-                docker::IMAGE,
-            ],
-            None,
-            DEADLINE,
-        )
-        .await;
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "keel torture failed ({}):\n{stdout}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let f = figures(&out.stdout);
+        let f = run_with_engine(engine, "12", "44").await;
         assert!(
             f["failpoint_hits"]["container_create"].as_u64() > Some(0),
             "container_create never hit: {f}"
         );
-        for zero in [
-            "containers_orphaned",
-            "containers_duplicated",
-            "services_missing",
-        ] {
-            assert_eq!(f[zero], 0, "{zero} in {f}");
-        }
     }
 
     /// `keel torture --break WHAT` for `cycles` cycles (seed 7): it must
@@ -388,23 +356,17 @@ mod failpoints {
     }
 }
 
-/// With an engine: services deployed and killed through the cycles
-/// converge with nothing orphaned or doubled, the container-create kill
-/// point is among the draws, every F8 event-log damage is detected, and the
-/// battery leaves no container behind.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_torture_with_an_engine_converges_services_and_detects_event_log_damage() {
-    let Some(engine) = docker::docker_or_skip("torture_engine") else {
-        return;
-    };
+/// `keel torture` for `cycles` cycles with `seed` on the test engine; it
+/// must pass. Its figures.
+async fn run_with_engine(engine: &docker::Engine, cycles: &str, seed: &str) -> Value {
     let host = engine.host();
     let out = common::run_keel(
         &[
             "torture",
             "--cycles",
-            "6",
+            cycles,
             "--seed",
-            "43",
+            seed,
             "--json",
             "--docker-host",
             &host,
@@ -415,16 +377,14 @@ async fn a_torture_with_an_engine_converges_services_and_detects_event_log_damag
         DEADLINE,
     )
     .await;
-    let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
-        "keel torture failed ({}):\n{stdout}\n{}",
+        "keel torture failed ({}):\n{}\n{}",
         out.status,
+        String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
     let f = figures(&out.stdout);
-    assert_eq!(f["containers"], true, "{f}");
-    assert!(f["services_acked"].as_u64() > Some(0), "no deploy: {f}");
     for zero in [
         "containers_orphaned",
         "containers_duplicated",
@@ -432,6 +392,20 @@ async fn a_torture_with_an_engine_converges_services_and_detects_event_log_damag
     ] {
         assert_eq!(f[zero], 0, "{zero} in {f}");
     }
+    f
+}
+
+/// With an engine: services deployed and killed through the cycles
+/// converge with nothing orphaned or doubled, every F8 event-log damage is
+/// detected, and the battery leaves no container behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torture_with_an_engine_converges_services_and_detects_event_log_damage() {
+    let Some(engine) = docker::docker_or_skip("torture_engine") else {
+        return;
+    };
+    let f = run_with_engine(engine, "6", "43").await;
+    assert_eq!(f["containers"], true, "{f}");
+    assert!(f["services_acked"].as_u64() > Some(0), "no deploy: {f}");
     assert_eq!(f["event_log_cases"], 3, "{f}");
     assert_eq!(f["event_log_detected"], 3, "{f}");
     // The battery's instance is `torture` + the seed's low 32 bits in hex.
