@@ -2558,5 +2558,13 @@ mod tests {
         assert_eq!(a, power_loss_points(5, Profile::Quick));
         assert!(a[3..].iter().all(|n| (4..=160).contains(n)));
         assert!(power_loss_points(5, Profile::Soak).len() > a.len());
+        // Each point is an image directory of its own: never drawn twice
+        // (the soak of seed 20261202 drew one twice and stopped).
+        for seed in (0..200).chain([20261202]) {
+            let mut p = power_loss_points(seed, Profile::Soak);
+            let n = p.len();
+            p.dedup();
+            assert_eq!(p.len(), n, "seed {seed}");
+        }
     }
 }

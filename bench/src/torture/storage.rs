@@ -20,6 +20,9 @@ pub fn power_loss_points(seed: u64, profile: Profile) -> Vec<u64> {
     let mut rng = StdRng::seed_from_u64(seed ^ 0xC4C4_C4C4);
     let mut n: Vec<u64> = vec![1, 2, 3];
     n.extend((0..drawn).map(|_| rng.gen_range(4..=160)));
+    // Each N is one image directory: a value drawn twice is one case.
+    n.sort_unstable();
+    n.dedup();
     n
 }
 
