@@ -16,7 +16,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
@@ -55,6 +55,13 @@ pub struct TgLedger {
     /// sendMessage calls accepted (the message_id of the last one).
     sends: i64,
     feeding: bool,
+    /// Most updates one getUpdates gets (`keel bench telegram --batch`).
+    max_batch: usize,
+    /// When the first getUpdates arrived.
+    first_poll: Option<Instant>,
+    /// When an offset first confirmed every update queued (the bench's
+    /// durable instant: keel sends an offset only after its batch committed).
+    all_confirmed: Option<Instant>,
     /// After the final check: polls are answered empty and nothing is recorded.
     frozen: bool,
 }
@@ -71,6 +78,9 @@ impl Default for TgLedger {
             stray_replies: 0,
             sends: 0,
             feeding: true,
+            max_batch: 100,
+            first_poll: None,
+            all_confirmed: None,
             frozen: false,
         }
     }
@@ -103,6 +113,11 @@ impl TgLedger {
             self.regressions += 1;
         }
         self.max_offset = self.max_offset.max(offset);
+        let now = Instant::now();
+        self.first_poll.get_or_insert(now);
+        if self.all_confirmed.is_none() && self.next_id > FIRST_UPDATE && offset >= self.next_id {
+            self.all_confirmed = Some(now);
+        }
         while self
             .queue
             .front()
@@ -178,6 +193,31 @@ impl Fake<TgLedger> {
     /// Serves bot `token` on a free loopback port, queueing `per_tick`
     /// updates every 100 ms until [`FakeTelegram::stop_feeding`].
     pub fn start(token: &str, per_tick: usize) -> Result<FakeTelegram> {
+        FakeTelegram::serve_ledger(token, TgLedger::default(), per_tick)
+    }
+
+    /// Serves bot `token` with `updates` already queued (round-robin over
+    /// the fake's four chats) and nothing fed later, at most `batch` per
+    /// getUpdates: the workload of `keel bench telegram`.
+    pub fn start_queued(token: &str, updates: usize, batch: usize) -> Result<FakeTelegram> {
+        let mut ledger = TgLedger {
+            feeding: false,
+            max_batch: batch.max(1),
+            ..TgLedger::default()
+        };
+        for n in 0..updates {
+            ledger.push(CHATS[n % CHATS.len()]);
+        }
+        FakeTelegram::serve_ledger(token, ledger, 0)
+    }
+
+    /// `(first getUpdates, first offset confirming every queued update)`.
+    pub fn timing(&self) -> (Option<Instant>, Option<Instant>) {
+        let l = self.ledger();
+        (l.first_poll, l.all_confirmed)
+    }
+
+    fn serve_ledger(token: &str, ledger: TgLedger, per_tick: usize) -> Result<FakeTelegram> {
         let listener = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.set_nonblocking(true).map(|()| l))
             .context("cannot bind the fake Telegram API")?;
@@ -188,7 +228,7 @@ impl Fake<TgLedger> {
                 .context("cannot bind the fake Telegram API")?
         );
         let runtime = crate::messages::runtime()?;
-        let ledger = Arc::new(Mutex::new(TgLedger::default()));
+        let ledger = Arc::new(Mutex::new(ledger));
         let stop = Arc::new(Notify::new());
         let queued = Arc::new(Notify::new());
         let (l2, s2, prefix) = (ledger.clone(), stop.clone(), format!("/bot{token}/"));
@@ -278,15 +318,15 @@ async fn answer(method: &str, req: &Request, ledger: &Mutex<TgLedger>, queued: &
     match method {
         "getUpdates" => {
             let offset = req.int("offset");
-            let limit = req.int("limit").unwrap_or(100).clamp(1, 100) as usize;
+            let asked = req.int("limit").unwrap_or(100).clamp(1, 100) as usize;
             let hold = Duration::from_secs(req.int("timeout").unwrap_or(0).clamp(0, 60) as u64)
                 .min(MAX_HOLD);
-            let frozen = {
+            let (frozen, limit) = {
                 let mut l = lock();
                 if !l.frozen {
                     l.poll(offset);
                 }
-                l.frozen
+                (l.frozen, asked.min(l.max_batch))
             };
             let end = tokio::time::Instant::now() + hold;
             loop {

@@ -40,6 +40,7 @@ mod seed;
 pub mod services;
 pub mod sessions;
 pub mod tasks;
+pub mod telegram;
 pub mod timers;
 pub mod torture;
 

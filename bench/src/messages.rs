@@ -364,16 +364,16 @@ impl RowMaker {
 
 /// Throughput (and, for one message per transaction, latency) of a reference.
 #[derive(Debug, Clone)]
-struct RefStats {
-    messages: u64,
-    busy: Duration,
+pub(crate) struct RefStats {
+    pub(crate) messages: u64,
+    pub(crate) busy: Duration,
     /// Per-transaction latency in µs; empty for batched runs.
     latencies: Vec<u32>,
 }
 
 /// Write rows into a fresh store in `dir` for about `seconds` of transaction
 /// time: one per transaction (`batch = None`) or `batch` per transaction.
-fn run_reference(
+pub(crate) fn run_reference(
     dir: &Path,
     rows: &RowMaker,
     batch: Option<usize>,

@@ -70,6 +70,8 @@ pub enum BenchWhich {
     Sessions(crate::sessions::SessionBenchArgs),
     /// Start and stop: ready and SIGTERM-to-exit with 1M messages and 1M timers vs an empty store.
     Restart(crate::restart::RestartBenchArgs),
+    /// Telegram poller intake: durable updates/s from a fake Bot API vs raw batched SQLite.
+    Telegram(crate::telegram::TelegramBenchArgs),
 }
 
 /// Flags of `keel bench timers`.
@@ -112,6 +114,7 @@ pub fn dispatch(cli: BenchCli) -> Result<ExitCode> {
         Some(BenchWhich::Services(args)) => crate::services::bench_services(args),
         Some(BenchWhich::Sessions(args)) => crate::sessions::bench_sessions(args),
         Some(BenchWhich::Restart(args)) => crate::restart::bench_restart(args),
+        Some(BenchWhich::Telegram(args)) => crate::telegram::bench_telegram(args),
     }
 }
 

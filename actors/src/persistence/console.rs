@@ -126,7 +126,7 @@ pub fn snapshot(conn: &Connection, now_ms: i64) -> Result<StoreSnapshot, StoreEr
         })
         .collect();
     hour_counts(conn, now_ms, &mut s)?;
-    let mut stmt = conn.prepare_cached("SELECT state, COUNT(*) FROM outbox GROUP BY state")?;
+    let mut stmt = conn.prepare_cached("SELECT state, n FROM outbox_counts")?;
     s.outbox = stmt
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<Result<_, _>>()?;

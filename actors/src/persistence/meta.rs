@@ -59,9 +59,11 @@ pub fn stats(conn: &Connection) -> Result<StoreStats, StoreError> {
         boot_epoch: one("SELECT COALESCE((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'boot_epoch'), 0)")?,
         sessions: one("SELECT COUNT(*) FROM sessions")?,
         turns: one("SELECT COALESCE(SUM(next_seq - 1), 0) FROM sessions")?,
-        outbox_pending: one("SELECT COUNT(*) FROM outbox WHERE state = 'pending'")?,
-        outbox_unknown: one("SELECT COUNT(*) FROM outbox WHERE state = 'unknown'")?,
-        outbox_sent: one("SELECT COUNT(*) FROM outbox WHERE state = 'sent'")?,
+        // Trigger-kept counts (schema 11): reading them is flat, a
+        // `COUNT(*) ... WHERE state = 'sent'` scanned the whole outbox.
+        outbox_pending: one("SELECT n FROM outbox_counts WHERE state = 'pending'")?,
+        outbox_unknown: one("SELECT n FROM outbox_counts WHERE state = 'unknown'")?,
+        outbox_sent: one("SELECT n FROM outbox_counts WHERE state = 'sent'")?,
         awaiting_agent: one("SELECT COUNT(*) FROM turns WHERE status = 'awaiting'")?,
     })
 }

@@ -70,6 +70,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "log_resume",
         sql: include_str!("../../../migrations/0010_log_resume.sql"),
     },
+    Migration {
+        version: 11,
+        name: "outbox_counts",
+        sql: include_str!("../../../migrations/0011_outbox_counts.sql"),
+    },
 ];
 
 /// The schema version this binary writes.
@@ -160,6 +165,37 @@ mod tests {
         );
         let again = migrate(&mut conn, p).unwrap();
         assert_eq!(again.from, latest_version());
+    }
+
+    /// Schema 11's trigger-kept counts match a real COUNT after inserts,
+    /// state changes and deletes, including rows that existed before it.
+    #[test]
+    fn outbox_counts_follow_the_outbox() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate(&mut conn, Path::new(":memory:")).unwrap();
+        conn.execute_batch(
+            "PRAGMA foreign_keys = OFF;
+             INSERT INTO outbox (session_id, turn_seq, channel, chat, text, created_at)
+                 VALUES ('s', 1, 'c', 'x', 'a', 't'), ('s', 2, 'c', 'x', 'b', 't'),
+                        ('s', 3, 'c', 'x', 'c', 't');
+             UPDATE outbox SET state = 'sent' WHERE turn_seq <= 2;
+             UPDATE outbox SET state = 'sent' WHERE turn_seq = 1;
+             UPDATE outbox SET state = 'unknown' WHERE turn_seq = 2;
+             DELETE FROM outbox WHERE turn_seq = 3;",
+        )
+        .unwrap();
+        let kept = |st: &str| -> (i64, i64) {
+            let n = conn
+                .query_row("SELECT n FROM outbox_counts WHERE state = ?1", [st], |r| r.get(0))
+                .unwrap();
+            let real = conn
+                .query_row("SELECT COUNT(*) FROM outbox WHERE state = ?1", [st], |r| r.get(0))
+                .unwrap();
+            (n, real)
+        };
+        for (st, want) in [("pending", 0), ("sent", 1), ("unknown", 1), ("failed", 0)] {
+            assert_eq!(kept(st), (want, want), "state {st}");
+        }
     }
 
     #[test]

@@ -1955,11 +1955,11 @@ async fn event_damage_case(
 
 /// What keel's store shows after a run.
 #[derive(Debug, Default)]
-struct Observed {
+pub(crate) struct Observed {
     /// User turns per message id (webhook sessions).
     keys: HashMap<String, u64>,
     /// User turns per key in `telegram:` sessions (the update_id).
-    telegram: HashMap<String, u64>,
+    pub(crate) telegram: HashMap<String, u64>,
     /// User turns per key in `slack:` sessions (the event_id).
     slack: HashMap<String, u64>,
     /// Reminder notices per note (the id of the `/remind` message).
@@ -1971,7 +1971,7 @@ struct Observed {
 
 /// User turns per message id (per channel), reminder notices per note and
 /// how late they came, over every session keel reports.
-async fn observe(http: &reqwest::Client, base: &str) -> Result<Observed> {
+pub(crate) async fn observe(http: &reqwest::Client, base: &str) -> Result<Observed> {
     let sessions: Value = get_json(http, &format!("{base}/v1/sessions?limit=100000")).await?;
     let mut seen = Observed::default();
     let mut reminded: HashMap<String, i64> = HashMap::new();
