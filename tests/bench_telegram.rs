@@ -39,15 +39,22 @@ async fn a_small_telegram_bench_stores_every_update_once_and_reports_its_keys() 
         String::from_utf8_lossy(&out.stderr)
     );
     let last = stdout.lines().last().unwrap_or("");
-    let f: Value =
-        serde_json::from_str(last).unwrap_or_else(|e| panic!("last line is not JSON ({e}): {stdout}"));
+    let f: Value = serde_json::from_str(last)
+        .unwrap_or_else(|e| panic!("last line is not JSON ({e}): {stdout}"));
     assert_eq!(f["updates"], UPDATES, "{f}");
     assert_eq!(f["stored"], UPDATES, "{f}");
     assert_eq!(f["missing"], 0, "{f}");
     assert_eq!(f["dup"], 0, "{f}");
     assert_eq!(f["offset_regressions"], 0, "{f}");
-    for key in ["updates_per_s", "reference_per_s", "ratio", "cpu_us_per_update"] {
-        let v = f[key].as_f64().unwrap_or_else(|| panic!("{key} is not a number: {f}"));
+    for key in [
+        "updates_per_s",
+        "reference_per_s",
+        "ratio",
+        "cpu_us_per_update",
+    ] {
+        let v = f[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{key} is not a number: {f}"));
         assert!(v > 0.0, "{key} = {v}: {f}");
     }
 }

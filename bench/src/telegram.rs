@@ -104,7 +104,11 @@ pub fn bench_telegram(args: TelegramBenchArgs) -> Result<ExitCode> {
 }
 
 /// Reference (b), then keel against the fake; the figures and checks.
-fn run(args: &TelegramBenchArgs, binary: &std::path::Path, dir: &std::path::Path) -> Result<Outcome> {
+fn run(
+    args: &TelegramBenchArgs,
+    binary: &std::path::Path,
+    dir: &std::path::Path,
+) -> Result<Outcome> {
     progress(format!(
         "reference (b): {} rows per transaction, {} s",
         args.batch, args.reference_seconds
@@ -125,7 +129,10 @@ fn run(args: &TelegramBenchArgs, binary: &std::path::Path, dir: &std::path::Path
     .context("reference (b): batched transactions")?;
     let reference_per_s = reference.messages as f64 / reference.busy.as_secs_f64().max(1e-9);
 
-    progress(format!("queueing {} updates at the fake Bot API", args.updates));
+    progress(format!(
+        "queueing {} updates at the fake Bot API",
+        args.updates
+    ));
     let fake = FakeTelegram::start_queued(TOKEN, args.updates, args.batch)?;
     let extra = format!(
         "\n[telegram]\nenabled = true\napi_base = \"{}\"\ntoken = \"{TOKEN}\"\nlimit = {}\n",
@@ -135,7 +142,11 @@ fn run(args: &TelegramBenchArgs, binary: &std::path::Path, dir: &std::path::Path
     let mut keel = Keel::start_with(binary, dir, true, &extra)?;
     let rt = runtime()?;
     let base = format!("http://{}", keel.addr);
-    rt.block_on(keel.wait_ready_polling(&base, Duration::from_secs(60), Duration::from_millis(20)))?;
+    rt.block_on(keel.wait_ready_polling(
+        &base,
+        Duration::from_secs(60),
+        Duration::from_millis(20),
+    ))?;
     let pid = keel.pid.to_string();
     let cpu_before = cpu_seconds(&pid);
     let (first, done) = wait_confirmed(&fake, &mut keel, args.updates)?;
@@ -173,7 +184,11 @@ fn run(args: &TelegramBenchArgs, binary: &std::path::Path, dir: &std::path::Path
 
 /// Poll the fake until an offset confirmed every update (or keel exits, or
 /// a deadline generous for the machine passes): `(first poll, confirmed)`.
-fn wait_confirmed(fake: &FakeTelegram, keel: &mut Keel, updates: usize) -> Result<(Instant, Instant)> {
+fn wait_confirmed(
+    fake: &FakeTelegram,
+    keel: &mut Keel,
+    updates: usize,
+) -> Result<(Instant, Instant)> {
     let limit = Duration::from_secs(60) + Duration::from_millis(updates as u64);
     let deadline = Instant::now() + limit;
     loop {
@@ -215,9 +230,15 @@ fn print(args: &TelegramBenchArgs, o: &Outcome) {
         );
         return;
     }
-    println!("updates            {} ({} per getUpdates, {CHATS} chats)", args.updates, args.batch);
+    println!(
+        "updates            {} ({} per getUpdates, {CHATS} chats)",
+        args.updates, args.batch
+    );
     println!("keel durable       {:.0} updates/s", o.per_s);
-    println!("reference (b)      {:.0} rows/s ({} per transaction)", o.reference_per_s, args.batch);
+    println!(
+        "reference (b)      {:.0} rows/s ({} per transaction)",
+        o.reference_per_s, args.batch
+    );
     println!("ratio              {ratio:.2} (target >= {TARGET_RATIO})");
     match o.cpu_us_per_update {
         Some(v) => println!("keel CPU           {v:.1} µs per update"),

@@ -186,10 +186,14 @@ mod tests {
         .unwrap();
         let kept = |st: &str| -> (i64, i64) {
             let n = conn
-                .query_row("SELECT n FROM outbox_counts WHERE state = ?1", [st], |r| r.get(0))
+                .query_row("SELECT n FROM outbox_counts WHERE state = ?1", [st], |r| {
+                    r.get(0)
+                })
                 .unwrap();
             let real = conn
-                .query_row("SELECT COUNT(*) FROM outbox WHERE state = ?1", [st], |r| r.get(0))
+                .query_row("SELECT COUNT(*) FROM outbox WHERE state = ?1", [st], |r| {
+                    r.get(0)
+                })
                 .unwrap();
             (n, real)
         };
