@@ -872,3 +872,142 @@ async fn a_message_waits_for_another_instances_open_transaction_on_its_session_a
     let seqs: Vec<i64> = turns.expect("the session").iter().map(|t| t.seq).collect();
     assert_eq!(seqs, vec![1, 2, 3, 4, 5], "gapless, no duplicates");
 }
+
+#[actix::test]
+async fn audit_and_service_event_chains_stay_gapless_when_instances_append_at_once() {
+    use keel_actors::persistence::audit::{AppendAudit, GetAudit};
+    use keel_actors::persistence::services::{AppendServiceEvent, GetServiceEvents};
+    for s in backends("chains", 2) {
+        let mut pending = Vec::new();
+        for i in 0..40 {
+            let st = s.instances[i % 2].clone();
+            pending.push(async move {
+                let a = st.send(AppendAudit {
+                    kind: "token_granted",
+                    detail: serde_json::json!({"id": format!("t{i}")}),
+                });
+                let e = st.send(AppendServiceEvent {
+                    kind: "service_deployed".into(),
+                    payload: format!("{{\"name\":\"svc{i}\"}}"),
+                });
+                (a.await.unwrap().unwrap(), e.await.unwrap().unwrap().seq)
+            });
+        }
+        let done = futures::future::join_all(pending).await;
+        let events: BTreeSet<i64> = done.iter().map(|d| d.1).collect();
+        assert_eq!(events, (1..=40).collect(), "{}", s.name);
+        let (records, check) = s.instances[1]
+            .send(GetAudit { since: None })
+            .await
+            .unwrap()
+            .unwrap();
+        // 40 grants and one service_deployed per event (each append commits
+        // its audit record with it).
+        assert_eq!(records.len(), 80, "{}", s.name);
+        let seqs: Vec<i64> = records.iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, (1..=80).collect::<Vec<_>>(), "{}", s.name);
+        assert_eq!(check, Ok(80), "{}", s.name);
+        let links = s.instances[0]
+            .send(GetServiceEvents)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(links.len(), 40, "{}", s.name);
+        assert!(keel_actors::chain::verify(&links).ok(), "{}", s.name);
+        // Append-only on both backends.
+        let edit = match &s.fixture {
+            Fixture::Sqlite(p) => rusqlite::Connection::open(p)
+                .unwrap()
+                .execute("UPDATE audit SET detail = '{}' WHERE seq = 2", [])
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            Fixture::Postgres(url) => {
+                let url = url.clone();
+                pg::off_runtime(move || {
+                    connect(&url)
+                        .unwrap()
+                        .batch_execute("UPDATE audit SET detail = '{}' WHERE seq = 2")
+                        .map_err(|e| format!("{e:?}"))
+                })
+            }
+        };
+        let e = edit.unwrap_err();
+        assert!(e.contains("append-only"), "{}: {e}", s.name);
+    }
+}
+
+#[actix::test]
+async fn tokens_boot_epochs_and_the_instance_id_work_on_both_backends() {
+    use keel_actors::persistence::meta::{GetStats, RecordBoot};
+    use keel_actors::persistence::services::GetOrCreateInstance;
+    use keel_actors::persistence::vault::{GetTokens, GrantToken, RevokeToken, TokenRow};
+    for s in backends("tokens", 2) {
+        let row = TokenRow {
+            id: "abc123".into(),
+            secret_sha256: "00".repeat(32),
+            perms: vec!["read".into(), "send".into()],
+            scope: Some("telegram:".into()),
+            note: None,
+            created_at: String::new(),
+            expires_ms: Some(9_999_999_999_999),
+            last_used_at: None,
+            revoked_at: None,
+        };
+        let granted = s.instances[0]
+            .send(GrantToken(row.clone()))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!granted.created_at.is_empty(), "{}", s.name);
+        let seen = s.instances[1].send(GetTokens).await.unwrap().unwrap();
+        assert_eq!(seen.len(), 1, "{}", s.name);
+        assert_eq!(seen[0].perms, row.perms, "{}", s.name);
+        assert_eq!(seen[0].scope, row.scope, "{}", s.name);
+        assert_eq!(seen[0].expires_ms, row.expires_ms, "{}", s.name);
+        assert!(s.instances[1]
+            .send(RevokeToken("abc123".into()))
+            .await
+            .unwrap()
+            .unwrap());
+        assert!(!s.instances[0]
+            .send(RevokeToken("abc123".into()))
+            .await
+            .unwrap()
+            .unwrap());
+        let seen = s.instances[0].send(GetTokens).await.unwrap().unwrap();
+        assert!(seen[0].revoked_at.is_some(), "{}", s.name);
+
+        // Starts on both instances at once: every one a distinct epoch.
+        let boots =
+            futures::future::join_all((0..10).map(|i| s.instances[i % 2].send(RecordBoot))).await;
+        let epochs: BTreeSet<i64> = boots
+            .into_iter()
+            .map(|b| b.unwrap().unwrap().boot_epoch)
+            .collect();
+        assert_eq!(epochs.len(), 10, "{}: {epochs:?}", s.name);
+        let stats = s.instances[0].send(GetStats).await.unwrap().unwrap();
+        assert_eq!(stats.boot_epoch, 10, "{}", s.name);
+        assert!(stats.schema_version > 0, "{}", s.name);
+
+        let first = s.instances[0]
+            .send(GetOrCreateInstance {
+                proposed: "one".into(),
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        let second = s.instances[1]
+            .send(GetOrCreateInstance {
+                proposed: "two".into(),
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (first.as_str(), second.as_str()),
+            ("one", "one"),
+            "{}",
+            s.name
+        );
+    }
+}

@@ -200,10 +200,53 @@ async fn instance_id(
             char::from_digit(n, 36).unwrap_or('0')
         })
         .collect();
+    if config.storage.backend == crate::config::StorageBackend::Postgres {
+        // A shared store serves several instances: the id is this
+        // instance's, kept in its own data dir (a new one per start when
+        // ephemeral), never the store's.
+        if config.ephemeral {
+            return Ok(proposed);
+        }
+        return instance_file(&config.data_dir.join("instance.id"), &proposed);
+    }
     Ok(persistence
         .send(crate::persistence::services::GetOrCreateInstance { proposed })
         .await
         .unwrap_or(Err(StoreError::Closed))?)
+}
+
+/// The id kept in `path`, written from `proposed` (0600, fsync'd) at the
+/// first start.
+fn instance_file(path: &std::path::Path, proposed: &str) -> Result<String, StartError> {
+    let bad = |detail: String| {
+        StartError::Store(StoreError::Open {
+            path: path.to_path_buf(),
+            detail,
+        })
+    };
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let id = text.trim();
+            let valid = !id.is_empty()
+                && id.len() <= 64
+                && id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+            if !valid {
+                return Err(bad(
+                    "the instance id is empty or not [A-Za-z0-9_-]{1,64} (fix or remove the file)"
+                        .into(),
+                ));
+            }
+            Ok(id.to_string())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            crate::fsutil::write_atomic(path, format!("{proposed}\n").as_bytes())
+                .map_err(|e| bad(e.to_string()))?;
+            Ok(proposed.to_string())
+        }
+        Err(e) => Err(bad(e.to_string())),
+    }
 }
 
 /// The reaper's settings: this instance's id and the paths no container
@@ -380,40 +423,28 @@ fn restart_detail(
     text
 }
 
-/// Start keel. Must run inside an actix `System`.
-pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartError> {
-    if config.storage.backend == crate::config::StorageBackend::Postgres {
-        // The store answers sessions, turns, the outbox, instances, leases
-        // and timer claims on PostgreSQL (tests/store_suite.rs); timers'
-        // commands, tasks, services and boot records are SQLite-only so
-        // far, and a start that half works would acknowledge what it
-        // cannot keep. Refused until the rest is portable (issue 13).
-        return Err(StartError::Config(
-            "storage.backend = \"postgres\" is not supported by keel run yet (the shared store covers sessions, turns, outbox, leases and timer claims so far); use backend = \"sqlite\"".into(),
-        ));
-    }
-    if config.telegram.enabled && config.telegram.token.is_none() {
-        return Err(StartError::Config(
-            "telegram.enabled is set but there is no token (set telegram.token or KEEL_TELEGRAM_TOKEN)".into(),
-        ));
-    }
-    if config.slack.enabled
-        && (config.slack.app_token.is_none() || config.slack.bot_token.is_none())
-    {
-        return Err(StartError::Config(
-            "slack.enabled is set but a token is missing (set slack.app_token and slack.bot_token, or KEEL_SLACK_APP_TOKEN and KEEL_SLACK_BOT_TOKEN)".into(),
-        ));
-    }
-    let metrics = Metrics::new();
-    // The one wall clock of this process; every actor that reads the time
-    // gets this handle.
-    let clock: Arc<dyn Clock> = Arc::new(WallClock);
-    let health = Health::new(metrics.clone());
-    let gate = Gate::closed();
+/// The store `start` runs on, opened and migrated.
+struct OpenedStore {
+    persistence: Addr<PersistenceActor>,
+    /// `{"from", "to"}` when this start migrated the schema (audited once ready).
+    migrated: Option<serde_json::Value>,
+    /// Acknowledged commits found missing and accepted (`--accept-data-loss`).
+    accepted_loss: Option<persistence::acked::DataLoss>,
+    /// The SQLite file and its key; `None` in memory and on PostgreSQL.
+    file: Option<(std::path::PathBuf, Option<crate::masterkey::KeyHandle>)>,
+}
 
-    // Stores: open, integrity check, migrate (blocking, before anything else).
+/// Open `<data_dir>/keel.db` (or memory): integrity check, migrations, the
+/// acknowledged-commit check (R39), then the writer.
+async fn open_file_store(
+    config: &Config,
+    opts: &RunOptions,
+    health: &Health,
+    metrics: &Metrics,
+    clock: &Arc<dyn Clock>,
+) -> Result<OpenedStore, StartError> {
     opts.steps.set("opening and checking keel.db");
-    let store_opts = StoreOptions::from_config(&config, opts.key.as_ref());
+    let store_opts = StoreOptions::from_config(config, opts.key.as_ref());
     let open_opts = store_opts.clone();
     let (conn, report) = tokio::task::spawn_blocking(move || persistence::open_store(&open_opts))
         .await
@@ -463,8 +494,10 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
             health.data_loss(&reason);
         }
     }
-    let store_key = store_opts.key.clone();
-    let store_key_path = store_opts.path.clone();
+    let file = store_opts
+        .path
+        .clone()
+        .map(|path| (path, store_opts.key.clone()));
     let persistence = PersistenceActor::new(
         conn,
         store_opts,
@@ -474,6 +507,112 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
     )
     .interrupt_on_close(background_check)
     .start();
+    Ok(OpenedStore {
+        persistence,
+        migrated,
+        accepted_loss,
+        file,
+    })
+}
+
+/// Connect to the shared store (`[storage] backend = "postgres"`), apply
+/// its migrations (instances starting together apply each once) and start
+/// its writer. The connection is made off the async runtime: the sync
+/// client runs a small runtime of its own.
+async fn open_shared_store(
+    config: &Config,
+    opts: &RunOptions,
+    health: &Health,
+    metrics: &Metrics,
+    clock: &Arc<dyn Clock>,
+) -> Result<OpenedStore, StartError> {
+    opts.steps.set("connecting to the shared store");
+    let url = config
+        .storage
+        .url
+        .as_ref()
+        .map(|u| u.expose().to_string())
+        .ok_or_else(|| {
+            StartError::Config(
+                "backend = \"postgres\" needs a URL (storage.url or KEEL_DATABASE_URL)".into(),
+            )
+        })?;
+    let connect_url = url.clone();
+    let (client, (from, to)) = tokio::task::spawn_blocking(move || {
+        let mut client = persistence::pg::connect(&connect_url)?;
+        let versions = persistence::pg::pg_migrate(&mut client, &connect_url)?;
+        Ok::<_, StoreError>((client, versions))
+    })
+    .await
+    .map_err(|e| StartError::Config(format!("store connect task failed: {e}")))??;
+    tracing::info!(
+        url = %persistence::pg::redact_url(&url),
+        schema = to,
+        migrated_from = from,
+        "shared store open"
+    );
+    let persistence = PersistenceActor::postgres(
+        client,
+        persistence::pg::PgOptions {
+            url,
+            max_batch: config.storage.max_batch,
+            probe_interval: Duration::from_millis(config.storage.probe_interval_ms),
+        },
+        health.clone(),
+        metrics.clone(),
+        clock.clone(),
+    )
+    .start();
+    Ok(OpenedStore {
+        persistence,
+        migrated: (from != to).then(|| serde_json::json!({"from": from, "to": to})),
+        accepted_loss: None,
+        file: None,
+    })
+}
+
+/// Start keel. Must run inside an actix `System`.
+pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartError> {
+    if config.storage.backend == crate::config::StorageBackend::Postgres {
+        // The store answers sessions, turns, the outbox, instances, leases
+        // and timer claims on PostgreSQL (tests/store_suite.rs); timers'
+        // commands, tasks, services and boot records are SQLite-only so
+        // far, and a start that half works would acknowledge what it
+        // cannot keep. Refused until the rest is portable (issue 13).
+        return Err(StartError::Config(
+            "storage.backend = \"postgres\" is not supported by keel run yet (the shared store covers sessions, turns, outbox, leases and timer claims so far); use backend = \"sqlite\"".into(),
+        ));
+    }
+    if config.telegram.enabled && config.telegram.token.is_none() {
+        return Err(StartError::Config(
+            "telegram.enabled is set but there is no token (set telegram.token or KEEL_TELEGRAM_TOKEN)".into(),
+        ));
+    }
+    if config.slack.enabled
+        && (config.slack.app_token.is_none() || config.slack.bot_token.is_none())
+    {
+        return Err(StartError::Config(
+            "slack.enabled is set but a token is missing (set slack.app_token and slack.bot_token, or KEEL_SLACK_APP_TOKEN and KEEL_SLACK_BOT_TOKEN)".into(),
+        ));
+    }
+    let metrics = Metrics::new();
+    // The one wall clock of this process; every actor that reads the time
+    // gets this handle.
+    let clock: Arc<dyn Clock> = Arc::new(WallClock);
+    let health = Health::new(metrics.clone());
+    let gate = Gate::closed();
+
+    // Stores: open, integrity check, migrate (blocking, before anything else).
+    let OpenedStore {
+        persistence,
+        migrated,
+        accepted_loss,
+        file: store_file,
+    } = if config.storage.backend == crate::config::StorageBackend::Postgres {
+        open_shared_store(&config, &opts, &health, &metrics, &clock).await?
+    } else {
+        open_file_store(&config, &opts, &health, &metrics, &clock).await?
+    };
 
     // The HTTP listener comes up before recovery so /healthz and /readyz
     // answer throughout; the webhook route refuses messages (503) until the
@@ -597,10 +736,10 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
             console: Some(crate::console::Console::new(
                 health.clone(),
                 clock.clone(),
-                match &store_key_path {
-                    Some(path) => crate::console::StoreSource::File {
+                match &store_file {
+                    Some((path, key)) => crate::console::StoreSource::File {
                         path: path.clone(),
-                        key: store_key.clone(),
+                        key: key.clone(),
                     },
                     None => crate::console::StoreSource::Writer(persistence.clone()),
                 },
@@ -721,7 +860,7 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
                     key,
                     clock: clock.clone(),
                     db_path: config.db_path(),
-                    db_key: store_key.clone(),
+                    db_key: store_file.as_ref().and_then(|(_, key)| key.clone()),
                 }),
                 reaper.clone(),
             )

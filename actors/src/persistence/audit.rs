@@ -10,10 +10,11 @@
 //! (its own group-commit job). Details hold names, never secret values.
 
 use actix::prelude::*;
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::Connection;
 use serde::Serialize;
 use serde_json::Value;
 
+use super::sql::{self, Sql, SqliteSql};
 use super::PersistenceActor;
 use crate::chain;
 use crate::clock::Stamp;
@@ -66,7 +67,7 @@ pub fn append(
     kind: &str,
     detail: &Value,
 ) -> Result<i64, StoreError> {
-    append_at(conn, &at.text, kind, detail)
+    append_sql(&mut SqliteSql(conn), &at.text, kind, detail)
 }
 
 /// [`append`] with the write time as RFC 3339 text (for SQL functions that
@@ -77,67 +78,94 @@ pub fn append_at(
     kind: &str,
     detail: &Value,
 ) -> Result<i64, StoreError> {
+    append_sql(&mut SqliteSql(conn), at, kind, detail)
+}
+
+/// [`append`] on either backend. On PostgreSQL, appends by several
+/// instances serialise on the lock row `lock:audit` first, so each reads
+/// the head the one before it committed.
+pub fn append_sql(
+    db: &mut dyn Sql,
+    at: &str,
+    kind: &str,
+    detail: &Value,
+) -> Result<i64, StoreError> {
     if !KINDS.contains(&kind) {
         return Err(StoreError::Invalid(format!("unknown audit kind {kind:?}")));
     }
-    let last: Option<(i64, String)> = conn
-        .prepare_cached("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")?
-        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .optional()?;
+    sql::serialise_on(db, "lock:audit")?;
+    let last = db.row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", &[])?;
     let (seq, prev) = match last {
-        Some((s, h)) => (s + 1, h),
+        Some(r) => (r.int(0)? + 1, r.text(1)?),
         None => (1, chain::GENESIS.to_string()),
     };
     let detail = detail.to_string();
     let hash = chain::link_hash(seq, kind, &payload(at, &detail), &prev);
-    conn.prepare_cached(
-        "INSERT INTO audit (seq, at, kind, detail, prev_hash, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-    )?
-    .execute(params![seq, at, kind, detail, prev, hash])?;
+    db.exec(
+        "INSERT INTO audit (seq, at, kind, detail, prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6)",
+        crate::vals![seq, at, kind, detail, prev, hash],
+    )?;
     Ok(seq)
+}
+
+/// Every record (`since` = None) or those at or after `since`, in order.
+fn rows(db: &mut dyn Sql, since: Option<&str>) -> Result<Vec<sql::Row>, StoreError> {
+    match since {
+        None => db.rows(
+            "SELECT seq, at, kind, detail, prev_hash, hash FROM audit ORDER BY seq",
+            &[],
+        ),
+        Some(since) => db.rows(
+            "SELECT seq, at, kind, detail, prev_hash, hash FROM audit WHERE at >= $1 ORDER BY seq",
+            crate::vals![since],
+        ),
+    }
 }
 
 /// Records at or after `since` (RFC 3339, compared as text: keel writes
 /// UTC with millisecond precision), in order.
 pub fn list(conn: &Connection, since: Option<&str>) -> Result<Vec<AuditRecord>, StoreError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT seq, at, kind, detail, prev_hash, hash FROM audit
-         WHERE ?1 IS NULL OR at >= ?1 ORDER BY seq",
-    )?;
-    let rows = stmt
-        .query_map(params![since], |r| {
-            let detail: String = r.get(3)?;
+    list_sql(&mut SqliteSql(conn), since)
+}
+
+/// [`list`] on either backend.
+pub fn list_sql(db: &mut dyn Sql, since: Option<&str>) -> Result<Vec<AuditRecord>, StoreError> {
+    rows(db, since)?
+        .into_iter()
+        .map(|r| {
+            let detail = r.text(3)?;
             Ok(AuditRecord {
-                seq: r.get(0)?,
-                at: r.get(1)?,
-                kind: r.get(2)?,
+                seq: r.int(0)?,
+                at: r.text(1)?,
+                kind: r.text(2)?,
                 detail: serde_json::from_str(&detail).unwrap_or(Value::String(detail)),
-                prev_hash: r.get(4)?,
-                hash: r.get(5)?,
+                prev_hash: r.text(4)?,
+                hash: r.text(5)?,
             })
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(rows)
+        })
+        .collect()
 }
 
 /// Check the whole chain. `Ok(n)` = n records, all linked; `Err((seq,
 /// reason))` names the first bad record.
 pub fn verify(conn: &Connection) -> Result<Result<u64, (i64, String)>, StoreError> {
-    let mut stmt = conn
-        .prepare_cached("SELECT seq, at, kind, detail, prev_hash, hash FROM audit ORDER BY seq")?;
-    let links = stmt
-        .query_map([], |r| {
-            let at: String = r.get(1)?;
-            let detail: String = r.get(3)?;
+    verify_sql(&mut SqliteSql(conn))
+}
+
+/// [`verify`] on either backend.
+pub fn verify_sql(db: &mut dyn Sql) -> Result<Result<u64, (i64, String)>, StoreError> {
+    let links = rows(db, None)?
+        .into_iter()
+        .map(|r| {
             Ok(chain::Link {
-                seq: r.get(0)?,
-                kind: r.get(2)?,
-                payload: payload(&at, &detail),
-                prev_hash: r.get(4)?,
-                hash: r.get(5)?,
+                seq: r.int(0)?,
+                kind: r.text(2)?,
+                payload: payload(&r.text(1)?, &r.text(3)?),
+                prev_hash: r.text(4)?,
+                hash: r.text(5)?,
             })
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
     let check = chain::verify(&links);
     Ok(match check.damage {
         None => Ok(check.records as u64),
@@ -162,7 +190,23 @@ pub struct AppendAudit {
 impl Handler<AppendAudit> for PersistenceActor {
     type Result = ResponseFuture<Result<i64, StoreError>>;
     fn handle(&mut self, msg: AppendAudit, _: &mut Context<Self>) -> Self::Result {
-        self.call(move |c, at| append(c, at, msg.kind, &msg.detail))
+        self.call_sql(move |db, at| append_sql(db, &at.text, msg.kind, &msg.detail))
+    }
+}
+
+/// The records at or after `since` and the whole chain's check (`keel
+/// audit` on a shared store, which has no file to open).
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<(Vec<AuditRecord>, Result<u64, (i64, String)>), StoreError>")]
+pub struct GetAudit {
+    pub since: Option<String>,
+}
+
+impl Handler<GetAudit> for PersistenceActor {
+    type Result =
+        ResponseFuture<Result<(Vec<AuditRecord>, Result<u64, (i64, String)>), StoreError>>;
+    fn handle(&mut self, msg: GetAudit, _: &mut Context<Self>) -> Self::Result {
+        self.call_sql(move |db, _| Ok((list_sql(db, msg.since.as_deref())?, verify_sql(db)?)))
     }
 }
 

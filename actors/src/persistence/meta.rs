@@ -2,12 +2,14 @@
 //! the counts `keel status` shows, integrity checks and WAL checkpoints.
 
 use actix::prelude::*;
-use rusqlite::{Connection, OptionalExtension};
+use rusqlite::Connection;
 use serde::Serialize;
 
+use super::sql::{self, Sql, SqliteSql};
 use super::PersistenceActor;
 use crate::clock::Stamp;
 use crate::error::StoreError;
+use crate::vals;
 
 /// Counts for `keel status` and the startup notification.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
@@ -24,14 +26,22 @@ pub struct StoreStats {
 
 /// Count this start (R38) and return the new boot epoch.
 pub fn next_boot_epoch(conn: &Connection) -> Result<i64, StoreError> {
-    let current: Option<String> = conn
-        .prepare_cached("SELECT value FROM meta WHERE key = 'boot_epoch'")?
-        .query_row([], |r| r.get(0))
-        .optional()?;
-    let next = current.and_then(|v| v.parse::<i64>().ok()).unwrap_or(0) + 1;
-    conn.prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES ('boot_epoch', ?1)")?
-        .execute([next.to_string()])?;
-    Ok(next)
+    next_boot_epoch_sql(&mut SqliteSql(conn))
+}
+
+/// [`next_boot_epoch`] on either backend: one upsert, so instances
+/// starting together on one shared store each get their own epoch.
+pub fn next_boot_epoch_sql(db: &mut dyn Sql) -> Result<i64, StoreError> {
+    db.row(
+        "INSERT INTO meta (key, value) VALUES ('boot_epoch', '1')
+         ON CONFLICT (key) DO UPDATE SET value = CAST(CAST(meta.value AS BIGINT) + 1 AS TEXT)
+         RETURNING value",
+        &[],
+    )?
+    .map(|r| r.text(0))
+    .transpose()?
+    .and_then(|v| v.parse().ok())
+    .ok_or_else(|| StoreError::Invalid("the boot epoch is not a number".into()))
 }
 
 /// Bytes the storage probe writes: enough that "the probe succeeded" means
@@ -51,20 +61,47 @@ pub fn probe(conn: &Connection, at: &Stamp) -> Result<(), StoreError> {
 
 /// Counts for status output.
 pub fn stats(conn: &Connection) -> Result<StoreStats, StoreError> {
-    let one = |sql: &str| -> Result<i64, StoreError> {
-        Ok(conn.prepare_cached(sql)?.query_row([], |r| r.get(0))?)
+    let db = &mut SqliteSql(conn);
+    let version = schema_version(db)?;
+    stats_sql(db, version)
+}
+
+/// The schema version, read the backend's way.
+pub fn schema_version(db: &mut dyn Sql) -> Result<i64, StoreError> {
+    let sql = match db.backend() {
+        sql::Backend::Sqlite => "PRAGMA user_version",
+        sql::Backend::Postgres => "SELECT COALESCE(MAX(version), 0) FROM keel_schema_migrations",
+    };
+    db.row(sql, &[])?.map_or(Ok(0), |r| r.int(0))
+}
+
+/// [`stats`] on either backend, with the schema version read the
+/// backend's way (`PRAGMA user_version`, `keel_schema_migrations`).
+pub fn stats_sql(db: &mut dyn Sql, schema_version: i64) -> Result<StoreStats, StoreError> {
+    // Trigger-kept counts on SQLite (schema 11): reading them is flat, a
+    // `COUNT(*) ... WHERE state = 'sent'` scans the whole outbox.
+    let outbox = match db.backend() {
+        sql::Backend::Sqlite => "SELECT n FROM outbox_counts WHERE state = $1",
+        sql::Backend::Postgres => "SELECT COUNT(*) FROM outbox WHERE state = $1",
+    };
+    let mut one = |sql: &str, params: &[sql::Value]| -> Result<i64, StoreError> {
+        db.row(sql, params)?.map_or(Ok(0), |r| r.int(0))
     };
     Ok(StoreStats {
-        schema_version: one("PRAGMA user_version")?,
-        boot_epoch: one("SELECT COALESCE((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'boot_epoch'), 0)")?,
-        sessions: one("SELECT COUNT(*) FROM sessions")?,
-        turns: one("SELECT COALESCE(SUM(next_seq - 1), 0) FROM sessions")?,
-        // Trigger-kept counts (schema 11): reading them is flat, a
-        // `COUNT(*) ... WHERE state = 'sent'` scanned the whole outbox.
-        outbox_pending: one("SELECT n FROM outbox_counts WHERE state = 'pending'")?,
-        outbox_unknown: one("SELECT n FROM outbox_counts WHERE state = 'unknown'")?,
-        outbox_sent: one("SELECT n FROM outbox_counts WHERE state = 'sent'")?,
-        awaiting_agent: one("SELECT COUNT(*) FROM turns WHERE status = 'awaiting'")?,
+        schema_version,
+        boot_epoch: one(
+            "SELECT CAST(value AS BIGINT) FROM meta WHERE key = 'boot_epoch'",
+            &[],
+        )?,
+        sessions: one("SELECT COUNT(*) FROM sessions", &[])?,
+        turns: one(
+            "SELECT CAST(COALESCE(SUM(next_seq - 1), 0) AS BIGINT) FROM sessions",
+            &[],
+        )?,
+        outbox_pending: one(outbox, vals!["pending"])?,
+        outbox_unknown: one(outbox, vals!["unknown"])?,
+        outbox_sent: one(outbox, vals!["sent"])?,
+        awaiting_agent: one("SELECT COUNT(*) FROM turns WHERE status = 'awaiting'", &[])?,
     })
 }
 
@@ -94,9 +131,10 @@ pub struct RecordBoot;
 impl Handler<RecordBoot> for PersistenceActor {
     type Result = ResponseFuture<Result<StoreStats, StoreError>>;
     fn handle(&mut self, _: RecordBoot, _: &mut Context<Self>) -> Self::Result {
-        self.call(|c, _| {
-            next_boot_epoch(c)?;
-            stats(c)
+        self.call_sql(|db, _| {
+            next_boot_epoch_sql(db)?;
+            let version = schema_version(db)?;
+            stats_sql(db, version)
         })
     }
 }
@@ -109,7 +147,10 @@ pub struct GetStats;
 impl Handler<GetStats> for PersistenceActor {
     type Result = ResponseFuture<Result<StoreStats, StoreError>>;
     fn handle(&mut self, _: GetStats, _: &mut Context<Self>) -> Self::Result {
-        self.call(|c, _| stats(c))
+        self.call_sql(|db, _| {
+            let version = schema_version(db)?;
+            stats_sql(db, version)
+        })
     }
 }
 
@@ -133,17 +174,20 @@ pub enum NoticeOutcome {
     Nothing,
 }
 
-fn meta_i64(conn: &Connection, key: &str) -> Result<Option<i64>, StoreError> {
-    Ok(conn
-        .prepare_cached("SELECT value FROM meta WHERE key = ?1")?
-        .query_row([key], |r| r.get::<_, String>(0))
-        .optional()?
+fn meta_i64(db: &mut dyn Sql, key: &str) -> Result<Option<i64>, StoreError> {
+    Ok(db
+        .row("SELECT value FROM meta WHERE key = $1", vals![key])?
+        .map(|r| r.text(0))
+        .transpose()?
         .and_then(|v| v.parse().ok()))
 }
 
-fn set_meta(conn: &Connection, key: &str, value: i64) -> Result<(), StoreError> {
-    conn.prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)")?
-        .execute([key, &value.to_string()])?;
+fn set_meta(db: &mut dyn Sql, key: &str, value: i64) -> Result<(), StoreError> {
+    db.exec(
+        "INSERT INTO meta (key, value) VALUES ($1, $2)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        vals![key, value.to_string()],
+    )?;
     Ok(())
 }
 
@@ -152,26 +196,28 @@ fn set_meta(conn: &Connection, key: &str, value: i64) -> Result<(), StoreError> 
 /// every start since the last. Deciding and resetting happen in the
 /// caller's transaction, with the notice itself.
 pub fn owner_notice_due(
-    conn: &Connection,
+    db: &mut dyn Sql,
     at: &Stamp,
     boot_epoch: Option<i64>,
     min_interval_ms: i64,
 ) -> Result<Result<NoticeCoverage, NoticeOutcome>, StoreError> {
-    let mut pending = meta_i64(conn, "owner_restarts_pending")?.unwrap_or(0);
-    let mut first = meta_i64(conn, "owner_pending_first_epoch")?;
-    let mut last = meta_i64(conn, "owner_pending_last_epoch")?;
+    // Instances starting together on one shared store decide one at a time.
+    sql::serialise_on(db, "lock:owner_notice")?;
+    let mut pending = meta_i64(db, "owner_restarts_pending")?.unwrap_or(0);
+    let mut first = meta_i64(db, "owner_pending_first_epoch")?;
+    let mut last = meta_i64(db, "owner_pending_last_epoch")?;
     if let Some(epoch) = boot_epoch {
         pending += 1;
         first = first.or(Some(epoch));
         last = Some(epoch);
-        set_meta(conn, "owner_restarts_pending", pending)?;
-        set_meta(conn, "owner_pending_first_epoch", first.unwrap_or(epoch))?;
-        set_meta(conn, "owner_pending_last_epoch", epoch)?;
+        set_meta(db, "owner_restarts_pending", pending)?;
+        set_meta(db, "owner_pending_first_epoch", first.unwrap_or(epoch))?;
+        set_meta(db, "owner_pending_last_epoch", epoch)?;
     }
     if pending == 0 {
         return Ok(Err(NoticeOutcome::Nothing));
     }
-    if let Some(sent_ms) = meta_i64(conn, "owner_notice_last_ms")? {
+    if let Some(sent_ms) = meta_i64(db, "owner_notice_last_ms")? {
         let age = at.ms.saturating_sub(sent_ms);
         if (0..min_interval_ms).contains(&age) {
             return Ok(Err(NoticeOutcome::Deferred {
@@ -179,12 +225,12 @@ pub fn owner_notice_due(
             }));
         }
     }
-    set_meta(conn, "owner_restarts_pending", 0)?;
-    set_meta(conn, "owner_notice_last_ms", at.ms)?;
-    conn.prepare_cached(
+    set_meta(db, "owner_restarts_pending", 0)?;
+    set_meta(db, "owner_notice_last_ms", at.ms)?;
+    db.exec(
         "DELETE FROM meta WHERE key IN ('owner_pending_first_epoch', 'owner_pending_last_epoch')",
-    )?
-    .execute([])?;
+        &[],
+    )?;
     let last = last.unwrap_or(0);
     Ok(Ok(NoticeCoverage {
         restarts: pending,
@@ -194,7 +240,7 @@ pub fn owner_notice_due(
 }
 
 /// Renders the notice text for the starts it covers. Supplied by the app.
-pub type RenderNotice = Box<dyn FnOnce(&NoticeCoverage) -> String + Send>;
+pub type RenderNotice = Box<dyn Fn(&NoticeCoverage) -> String + Send>;
 
 /// Tell the owner about the starts since the last notice, if one is due
 /// (R18): decide, render, and commit the notice with its outbox row in one
@@ -213,17 +259,23 @@ pub struct CommitOwnerNotice {
 impl Handler<CommitOwnerNotice> for PersistenceActor {
     type Result = ResponseFuture<Result<NoticeOutcome, StoreError>>;
     fn handle(&mut self, msg: CommitOwnerNotice, _: &mut Context<Self>) -> Self::Result {
-        self.call(move |c, at| {
-            match owner_notice_due(c, at, msg.boot_epoch, msg.min_interval_ms)? {
+        self.call_sql(move |db, at| {
+            match owner_notice_due(db, at, msg.boot_epoch, msg.min_interval_ms)? {
                 Err(outcome) => Ok(outcome),
                 Ok(cover) => {
                     let text = (msg.render)(&cover);
-                    super::sessions::commit_notice(c, at, &msg.session, &text, msg.deliver)?;
+                    super::portable::sessions::commit_notice(
+                        db,
+                        at,
+                        &msg.session,
+                        &text,
+                        msg.deliver,
+                    )?;
                     // What the owner was told, and which starts it covers:
                     // the console shows it beside each restart.
-                    super::audit::append(
-                        c,
-                        at,
+                    super::audit::append_sql(
+                        db,
+                        &at.text,
                         "owner_notified",
                         &serde_json::json!({
                             "first_epoch": cover.first_epoch,
@@ -249,7 +301,7 @@ mod tests {
     fn owner_notices_are_coalesced_per_interval() {
         let c = db();
         let t = |ms| Stamp::from_ms(ms);
-        let first = owner_notice_due(&c, &t(1_000), Some(1), 300_000).unwrap();
+        let first = owner_notice_due(&mut SqliteSql(&c), &t(1_000), Some(1), 300_000).unwrap();
         assert_eq!(
             first,
             Ok(NoticeCoverage {
@@ -259,7 +311,7 @@ mod tests {
             })
         );
         for (epoch, ms) in [(2, 2_000), (3, 3_000), (4, 4_000)] {
-            let r = owner_notice_due(&c, &t(ms), Some(epoch), 300_000).unwrap();
+            let r = owner_notice_due(&mut SqliteSql(&c), &t(ms), Some(epoch), 300_000).unwrap();
             assert_eq!(
                 r,
                 Err(NoticeOutcome::Deferred {
@@ -268,10 +320,12 @@ mod tests {
             );
         }
         // Too early still, then due: one notice for starts 2–4.
-        assert!(owner_notice_due(&c, &t(200_000), None, 300_000)
-            .unwrap()
-            .is_err());
-        let late = owner_notice_due(&c, &t(301_000), None, 300_000).unwrap();
+        assert!(
+            owner_notice_due(&mut SqliteSql(&c), &t(200_000), None, 300_000)
+                .unwrap()
+                .is_err()
+        );
+        let late = owner_notice_due(&mut SqliteSql(&c), &t(301_000), None, 300_000).unwrap();
         assert_eq!(
             late,
             Ok(NoticeCoverage {
@@ -281,11 +335,11 @@ mod tests {
             })
         );
         assert_eq!(
-            owner_notice_due(&c, &t(302_000), None, 300_000).unwrap(),
+            owner_notice_due(&mut SqliteSql(&c), &t(302_000), None, 300_000).unwrap(),
             Err(NoticeOutcome::Nothing)
         );
         // A clock that went back is not "younger than the interval" forever.
-        let back = owner_notice_due(&c, &t(100), Some(5), 300_000).unwrap();
+        let back = owner_notice_due(&mut SqliteSql(&c), &t(100), Some(5), 300_000).unwrap();
         assert!(back.is_ok(), "{back:?}");
     }
 }

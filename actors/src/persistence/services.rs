@@ -5,35 +5,44 @@
 //! together.
 
 use actix::prelude::*;
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::Connection;
 
+use super::sql::{self, Sql, SqliteSql};
 use super::PersistenceActor;
 use crate::chain::{self, Link};
 use crate::clock::Stamp;
 use crate::error::StoreError;
+use crate::vals;
 
 /// `meta` key of the instance id.
 pub const INSTANCE_KEY: &str = "containers.instance";
 /// `adapter_state` row holding the reaper's status for `keel status`.
 pub const STATUS_KEY: &str = "containers:status";
 
+fn link(r: &sql::Row) -> Result<Link, StoreError> {
+    Ok(Link {
+        seq: r.int(0)?,
+        kind: r.text(1)?,
+        payload: r.text(2)?,
+        prev_hash: r.text(3)?,
+        hash: r.text(4)?,
+    })
+}
+
 /// Every record in seq order.
 pub fn load(conn: &Connection) -> Result<Vec<Link>, StoreError> {
-    let mut stmt = conn.prepare_cached(
+    load_sql(&mut SqliteSql(conn))
+}
+
+/// [`load`] on either backend.
+pub fn load_sql(db: &mut dyn Sql) -> Result<Vec<Link>, StoreError> {
+    db.rows(
         "SELECT seq, kind, payload, prev_hash, hash FROM service_events ORDER BY seq",
-    )?;
-    let rows = stmt
-        .query_map([], |r| {
-            Ok(Link {
-                seq: r.get(0)?,
-                kind: r.get(1)?,
-                payload: r.get(2)?,
-                prev_hash: r.get(3)?,
-                hash: r.get(4)?,
-            })
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(rows)
+        &[],
+    )?
+    .iter()
+    .map(link)
+    .collect()
 }
 
 /// Append one record after the last stored one.
@@ -43,52 +52,64 @@ pub fn append(
     kind: &str,
     payload: &str,
 ) -> Result<Link, StoreError> {
-    let last = conn
-        .prepare_cached(
+    append_sql(&mut SqliteSql(conn), at, kind, payload)
+}
+
+/// [`append`] on either backend (serialised across instances on
+/// PostgreSQL, like the audit log).
+pub fn append_sql(
+    db: &mut dyn Sql,
+    at: &Stamp,
+    kind: &str,
+    payload: &str,
+) -> Result<Link, StoreError> {
+    sql::serialise_on(db, "lock:service_events")?;
+    let last = db
+        .row(
             "SELECT seq, kind, payload, prev_hash, hash FROM service_events
              ORDER BY seq DESC LIMIT 1",
+            &[],
         )?
-        .query_row([], |r| {
-            Ok(Link {
-                seq: r.get(0)?,
-                kind: r.get(1)?,
-                payload: r.get(2)?,
-                prev_hash: r.get(3)?,
-                hash: r.get(4)?,
-            })
-        })
-        .optional()?;
+        .map(|r| link(&r))
+        .transpose()?;
     let link = chain::next_link(last.as_ref(), kind, payload);
-    conn.prepare_cached(
+    db.exec(
         "INSERT INTO service_events (seq, kind, payload, prev_hash, hash, created_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-    )?
-    .execute(params![
-        link.seq,
-        link.kind,
-        link.payload,
-        link.prev_hash,
-        link.hash,
-        at.text
-    ])?;
+         VALUES ($1, $2, $3, $4, $5, $6)",
+        vals![
+            link.seq,
+            &link.kind,
+            &link.payload,
+            &link.prev_hash,
+            &link.hash,
+            &at.text
+        ],
+    )?;
     Ok(link)
 }
 
 /// The stored instance id, storing `proposed` first if there is none.
 pub fn instance(conn: &Connection, proposed: &str) -> Result<String, StoreError> {
-    conn.prepare_cached("INSERT OR IGNORE INTO meta (key, value) VALUES (?1, ?2)")?
-        .execute(params![INSTANCE_KEY, proposed])?;
-    Ok(conn
-        .prepare_cached("SELECT value FROM meta WHERE key = ?1")?
-        .query_row(params![INSTANCE_KEY], |r| r.get(0))?)
+    instance_sql(&mut SqliteSql(conn), proposed)
+}
+
+/// [`instance`] on either backend.
+pub fn instance_sql(db: &mut dyn Sql, proposed: &str) -> Result<String, StoreError> {
+    db.exec(
+        "INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
+        vals![INSTANCE_KEY, proposed],
+    )?;
+    db.row("SELECT value FROM meta WHERE key = $1", vals![INSTANCE_KEY])?
+        .ok_or_else(|| StoreError::Invalid("the instance id vanished".into()))?
+        .text(0)
 }
 
 /// The stored instance id, if any (read-only callers).
 pub fn stored_instance(conn: &Connection) -> Result<Option<String>, StoreError> {
-    Ok(conn
-        .prepare_cached("SELECT value FROM meta WHERE key = ?1")?
-        .query_row(params![INSTANCE_KEY], |r| r.get(0))
-        .optional()?)
+    SqliteSql(conn)
+        .row("SELECT value FROM meta WHERE key = $1", vals![INSTANCE_KEY])?
+        .map(|r| r.text(0))
+        .transpose()
 }
 
 /// Append a service event; resolves after COMMIT. Sent by the reaper.
@@ -102,16 +123,16 @@ pub struct AppendServiceEvent {
 impl Handler<AppendServiceEvent> for PersistenceActor {
     type Result = ResponseFuture<Result<Link, StoreError>>;
     fn handle(&mut self, msg: AppendServiceEvent, _: &mut Context<Self>) -> Self::Result {
-        self.call(move |c, at| {
-            let link = append(c, at, &msg.kind, &msg.payload)?;
+        self.call_sql(move |db, at| {
+            let link = append_sql(db, at, &msg.kind, &msg.payload)?;
             // The audit record commits with the decision (R31): the
             // service's name and the event's seq, never the spec's env.
             let name = serde_json::from_str::<serde_json::Value>(&msg.payload)
                 .ok()
                 .and_then(|v| v.get("name").cloned());
-            super::audit::append(
-                c,
-                at,
+            super::audit::append_sql(
+                db,
+                &at.text,
                 &msg.kind,
                 &serde_json::json!({"name": name, "event_seq": link.seq}),
             )?;
@@ -128,7 +149,7 @@ pub struct GetServiceEvents;
 impl Handler<GetServiceEvents> for PersistenceActor {
     type Result = ResponseFuture<Result<Vec<Link>, StoreError>>;
     fn handle(&mut self, _: GetServiceEvents, _: &mut Context<Self>) -> Self::Result {
-        self.call(|c, _| load(c))
+        self.call_sql(|db, _| load_sql(db))
     }
 }
 
@@ -143,7 +164,7 @@ pub struct GetOrCreateInstance {
 impl Handler<GetOrCreateInstance> for PersistenceActor {
     type Result = ResponseFuture<Result<String, StoreError>>;
     fn handle(&mut self, msg: GetOrCreateInstance, _: &mut Context<Self>) -> Self::Result {
-        self.call(move |c, _| instance(c, &msg.proposed))
+        self.call_sql(move |db, _| instance_sql(db, &msg.proposed))
     }
 }
 

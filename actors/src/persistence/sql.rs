@@ -138,6 +138,22 @@ pub trait Sql {
     }
 }
 
+/// Serialise this transaction with every other one that names `lock`, on
+/// PostgreSQL: the `meta` row `lock` is locked until COMMIT (created when
+/// missing), so appends to a chained log by several instances read the
+/// head the previous one committed (READ COMMITTED takes a new snapshot
+/// per statement). Nothing on SQLite, whose writer is alone.
+pub fn serialise_on(db: &mut dyn Sql, lock: &str) -> Result<(), StoreError> {
+    if db.backend() == Backend::Postgres {
+        db.exec(
+            "INSERT INTO meta (key, value) VALUES ($1, '')
+             ON CONFLICT (key) DO UPDATE SET value = ''",
+            crate::vals![lock],
+        )?;
+    }
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------
 // SQLite
 

@@ -14,10 +14,12 @@ use serde_json::json;
 use zeroize::Zeroizing;
 
 use super::open::{apply_key, classify_key_error, connect_read_only};
+use super::sql::{Sql, SqliteSql};
 use super::{audit, PersistenceActor};
 use crate::clock::Stamp;
 use crate::error::StoreError;
 use crate::masterkey::KeyHandle;
+use crate::vals;
 
 // ---------------------------------------------------------------------------
 // Tokens.
@@ -39,22 +41,27 @@ pub struct TokenRow {
 
 /// Insert a new token and its `token_granted` record.
 pub fn insert_token(conn: &Connection, at: &Stamp, row: &TokenRow) -> Result<(), StoreError> {
-    conn.prepare_cached(
+    insert_token_sql(&mut SqliteSql(conn), at, row)
+}
+
+/// [`insert_token`] on either backend.
+pub fn insert_token_sql(db: &mut dyn Sql, at: &Stamp, row: &TokenRow) -> Result<(), StoreError> {
+    db.exec(
         "INSERT INTO tokens (id, secret_sha256, perms, scope, note, created_at, expires_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-    )?
-    .execute(params![
-        row.id,
-        row.secret_sha256,
-        row.perms.join(","),
-        row.scope,
-        row.note,
-        at.text,
-        row.expires_ms
-    ])?;
-    audit::append(
-        conn,
-        at,
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        vals![
+            &row.id,
+            &row.secret_sha256,
+            row.perms.join(","),
+            row.scope.as_ref(),
+            row.note.as_ref(),
+            &at.text,
+            row.expires_ms
+        ],
+    )?;
+    audit::append_sql(
+        db,
+        &at.text,
         "token_granted",
         &json!({"id": row.id, "perms": row.perms, "scope": row.scope, "expires_ms": row.expires_ms}),
     )?;
@@ -63,49 +70,62 @@ pub fn insert_token(conn: &Connection, at: &Stamp, row: &TokenRow) -> Result<(),
 
 /// Every token, oldest first.
 pub fn list_tokens(conn: &Connection) -> Result<Vec<TokenRow>, StoreError> {
-    let mut stmt = conn.prepare_cached(
+    list_tokens_sql(&mut SqliteSql(conn))
+}
+
+/// [`list_tokens`] on either backend.
+pub fn list_tokens_sql(db: &mut dyn Sql) -> Result<Vec<TokenRow>, StoreError> {
+    db.rows(
         "SELECT id, secret_sha256, perms, scope, note, created_at, expires_ms, last_used_at, revoked_at
          FROM tokens ORDER BY created_at, id",
-    )?;
-    let rows = stmt
-        .query_map([], |r| {
-            let perms: String = r.get(2)?;
-            Ok(TokenRow {
-                id: r.get(0)?,
-                secret_sha256: r.get(1)?,
-                perms: perms
-                    .split(',')
-                    .filter(|p| !p.is_empty())
-                    .map(str::to_string)
-                    .collect(),
-                scope: r.get(3)?,
-                note: r.get(4)?,
-                created_at: r.get(5)?,
-                expires_ms: r.get(6)?,
-                last_used_at: r.get(7)?,
-                revoked_at: r.get(8)?,
-            })
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(rows)
+        &[],
+    )?
+    .into_iter()
+    .map(|r| {
+        Ok(TokenRow {
+            id: r.text(0)?,
+            secret_sha256: r.text(1)?,
+            perms: r
+                .text(2)?
+                .split(',')
+                .filter(|p| !p.is_empty())
+                .map(str::to_string)
+                .collect(),
+            scope: r.opt_text(3)?,
+            note: r.opt_text(4)?,
+            created_at: r.text(5)?,
+            expires_ms: r.opt_int(6)?,
+            last_used_at: r.opt_text(7)?,
+            revoked_at: r.opt_text(8)?,
+        })
+    })
+    .collect()
 }
 
 /// Revoke `id`; true when it existed and was not revoked yet (then a
 /// `token_revoked` record is appended).
 pub fn revoke_token(conn: &Connection, at: &Stamp, id: &str) -> Result<bool, StoreError> {
-    let n = conn
-        .prepare_cached("UPDATE tokens SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL")?
-        .execute(params![id, at.text])?;
+    revoke_token_sql(&mut SqliteSql(conn), at, id)
+}
+
+/// [`revoke_token`] on either backend.
+pub fn revoke_token_sql(db: &mut dyn Sql, at: &Stamp, id: &str) -> Result<bool, StoreError> {
+    let n = db.exec(
+        "UPDATE tokens SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL",
+        vals![id, &at.text],
+    )?;
     if n > 0 {
-        audit::append(conn, at, "token_revoked", &json!({"id": id}))?;
+        audit::append_sql(db, &at.text, "token_revoked", &json!({"id": id}))?;
     }
     Ok(n > 0)
 }
 
 /// Record that `id` was used.
-pub fn touch_token(conn: &Connection, at: &Stamp, id: &str) -> Result<(), StoreError> {
-    conn.prepare_cached("UPDATE tokens SET last_used_at = ?2 WHERE id = ?1")?
-        .execute(params![id, at.text])?;
+pub fn touch_token_sql(db: &mut dyn Sql, at: &Stamp, id: &str) -> Result<(), StoreError> {
+    db.exec(
+        "UPDATE tokens SET last_used_at = $2 WHERE id = $1",
+        vals![id, &at.text],
+    )?;
     Ok(())
 }
 
@@ -118,9 +138,9 @@ pub struct GrantToken(pub TokenRow);
 impl Handler<GrantToken> for PersistenceActor {
     type Result = ResponseFuture<Result<TokenRow, StoreError>>;
     fn handle(&mut self, msg: GrantToken, _: &mut Context<Self>) -> Self::Result {
-        self.call(move |c, at| {
-            insert_token(c, at, &msg.0)?;
-            let mut row = msg.0;
+        self.call_sql(move |db, at| {
+            insert_token_sql(db, at, &msg.0)?;
+            let mut row = msg.0.clone();
             row.created_at = at.text.clone();
             Ok(row)
         })
@@ -135,7 +155,7 @@ pub struct RevokeToken(pub String);
 impl Handler<RevokeToken> for PersistenceActor {
     type Result = ResponseFuture<Result<bool, StoreError>>;
     fn handle(&mut self, msg: RevokeToken, _: &mut Context<Self>) -> Self::Result {
-        self.call(move |c, at| revoke_token(c, at, &msg.0))
+        self.call_sql(move |db, at| revoke_token_sql(db, at, &msg.0))
     }
 }
 
@@ -147,7 +167,7 @@ pub struct GetTokens;
 impl Handler<GetTokens> for PersistenceActor {
     type Result = ResponseFuture<Result<Vec<TokenRow>, StoreError>>;
     fn handle(&mut self, _: GetTokens, _: &mut Context<Self>) -> Self::Result {
-        self.call(|c, _| list_tokens(c))
+        self.call_sql(|db, _| list_tokens_sql(db))
     }
 }
 
@@ -159,7 +179,7 @@ pub struct TouchToken(pub String);
 impl Handler<TouchToken> for PersistenceActor {
     type Result = ResponseFuture<Result<(), StoreError>>;
     fn handle(&mut self, msg: TouchToken, _: &mut Context<Self>) -> Self::Result {
-        self.call(move |c, at| touch_token(c, at, &msg.0))
+        self.call_sql(move |db, at| touch_token_sql(db, at, &msg.0))
     }
 }
 
