@@ -1011,3 +1011,110 @@ async fn tokens_boot_epochs_and_the_instance_id_work_on_both_backends() {
         );
     }
 }
+
+/// A chat that moved (a Telegram group upgraded to a supergroup) and a
+/// chat keel was removed from, on both backends: the move merges turns in
+/// time order into the new session and readdresses unsent replies; an
+/// unreachable chat fails its unsent replies and a message from it clears
+/// the mark.
+#[actix::test]
+async fn a_moved_chat_merges_into_its_new_session_and_an_unreachable_one_fails_its_replies() {
+    use keel_actors::persistence::ChatEvent;
+    for s in backends("chats", 1) {
+        let st = &s.instances[0];
+        let send = |ex: Exchange| st.send(CommitExchange(ex));
+        send(msg("old", "u1", "a", "one", Some("r1")))
+            .await
+            .unwrap()
+            .unwrap();
+        send(msg("new", "u1", "b", "two", Some("r2")))
+            .await
+            .unwrap()
+            .unwrap();
+        // The channel's service message telling of the move (no reply).
+        let mut moved = msg("new", "u1", "c", "", None);
+        moved.kind = "service".into();
+        moved.answer = false;
+        moved.chat_event = Some(ChatEvent::Migrated {
+            from: "old".into(),
+            to: "new".into(),
+        });
+        send(moved.clone()).await.unwrap().unwrap();
+        // Redelivered: a duplicate, nothing applied twice.
+        let again = send(moved).await.unwrap().unwrap();
+        assert!(
+            matches!(again, ExchangeOutcome::Duplicate { .. }),
+            "{}: {again:?}",
+            s.name
+        );
+        let turns = st
+            .send(GetTurns {
+                session: "webhook:new".into(),
+                after_seq: 0,
+                limit: 100,
+            })
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let texts: Vec<(i64, &str)> = turns.iter().map(|t| (t.seq, t.text.as_str())).collect();
+        assert_eq!(
+            texts,
+            vec![(1, "one"), (2, "r1"), (3, "two"), (4, "r2"), (5, "")],
+            "{}",
+            s.name
+        );
+        let pending = st
+            .send(GetPendingOutbox {
+                after: 0,
+                limit: 100,
+                with_unknown: true,
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(pending.len(), 2, "{}", s.name);
+        assert!(
+            pending
+                .iter()
+                .all(|r| r.chat == "new" && r.session_id == "webhook:new"),
+            "{}: {pending:?}",
+            s.name
+        );
+
+        // Kicked: unsent replies fail, then a message clears the mark.
+        let mut kicked = msg("new", "u1", "d", "bye", None);
+        kicked.chat_event = Some(ChatEvent::Unreachable("chat unreachable: kicked".into()));
+        kicked.answer = false;
+        send(kicked).await.unwrap().unwrap();
+        let pending = st
+            .send(GetPendingOutbox {
+                after: 0,
+                limit: 100,
+                with_unknown: true,
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(pending.is_empty(), "{}: {pending:?}", s.name);
+        let unreachable = |sessions: Vec<keel_actors::persistence::SessionSummary>| {
+            sessions
+                .into_iter()
+                .find(|x| x.id == "webhook:new")
+                .and_then(|x| x.unreachable)
+        };
+        let list = st.send(GetSessions).await.unwrap().unwrap();
+        assert_eq!(
+            unreachable(list).as_deref(),
+            Some("chat unreachable: kicked"),
+            "{}",
+            s.name
+        );
+        send(msg("new", "u1", "e", "back", Some("hello again")))
+            .await
+            .unwrap()
+            .unwrap();
+        let list = st.send(GetSessions).await.unwrap().unwrap();
+        assert_eq!(unreachable(list), None, "{}", s.name);
+    }
+}

@@ -46,3 +46,9 @@ CREATE TRIGGER audit_append_only BEFORE UPDATE OR DELETE ON audit
     FOR EACH ROW EXECUTE FUNCTION keel_append_only();
 CREATE TRIGGER service_events_append_only BEFORE UPDATE OR DELETE ON service_events
     FOR EACH ROW EXECUTE FUNCTION keel_append_only();
+
+-- A chat move (persistence/portable/chats.rs) renumbers turns while outbox
+-- rows still point at the old numbers: the key is checked at the end of
+-- the move (SET CONSTRAINTS … DEFERRED, then IMMEDIATE), as SQLite's
+-- `defer_foreign_keys` does. Everywhere else it is checked per statement.
+ALTER TABLE outbox ALTER CONSTRAINT outbox_session_id_turn_seq_fkey DEFERRABLE INITIALLY IMMEDIATE;

@@ -540,176 +540,20 @@ pub fn commit_exchange(
     })
 }
 
-/// Seqs are moved out of the way by this much while a merge renumbers them
-/// (no session has this many turns).
-const SEQ_SHIFT: i64 = 1 << 40;
-
-/// Why timers of an unreachable chat are parked: resumed by `Reachable`.
-const PAUSED: &str = "paused: ";
-
-/// Apply what a channel said about the chat of `session` (see [`ChatEvent`]).
+/// Apply what a channel said about the chat of `session` (see [`ChatEvent`]):
+/// the portable code (`portable::chats`), on the writer's connection.
 pub fn apply_chat_event(
     conn: &Connection,
     stamp: &Stamp,
     session: &SessionKey,
     event: &ChatEvent,
 ) -> Result<(), StoreError> {
-    let at = &stamp.text;
-    match event {
-        ChatEvent::Migrated { from, to } => {
-            let old = SessionKey::new(&session.channel, from);
-            let new = SessionKey::new(&session.channel, to);
-            if old.id != new.id {
-                // Turn ids are renumbered while outbox rows still point at
-                // the old ones: foreign keys are checked at the end of the
-                // move instead (switched back at once, so the other jobs of
-                // the group commit keep failing on their own statements).
-                conn.execute_batch("PRAGMA defer_foreign_keys = ON")?;
-                let moved = move_session(conn, at, &old, &new);
-                conn.execute_batch("PRAGMA defer_foreign_keys = OFF")?;
-                moved?;
-            }
-        }
-        ChatEvent::Unreachable(reason) => {
-            conn.prepare_cached(
-                "UPDATE sessions SET unreachable = ?2, updated_at = ?3 WHERE id = ?1",
-            )?
-            .execute(params![session.id, reason, at])?;
-            conn.prepare_cached(
-                "UPDATE outbox SET state = 'failed', last_error = ?2
-                 WHERE session_id = ?1 AND state IN ('pending', 'unknown')",
-            )?
-            .execute(params![session.id, reason])?;
-            // Parked keeps next_run: resuming continues from there.
-            conn.prepare_cached(
-                "UPDATE timers SET state = 'parked', error = ?2, updated_at = ?3
-                 WHERE session_id = ?1 AND state = 'active'",
-            )?
-            .execute(params![session.id, format!("{PAUSED}{reason}"), at])?;
-        }
-        ChatEvent::Reachable => {
-            conn.prepare_cached(
-                "UPDATE sessions SET unreachable = NULL, updated_at = ?2 WHERE id = ?1",
-            )?
-            .execute(params![session.id, at])?;
-            conn.prepare_cached(
-                "UPDATE timers SET state = 'active', error = NULL, updated_at = ?3
-                 WHERE session_id = ?1 AND state = 'parked' AND next_run IS NOT NULL
-                   AND substr(error, 1, length(?2)) = ?2",
-            )?
-            .execute(params![session.id, PAUSED, at])?;
-        }
-    }
-    Ok(())
-}
-
-/// Move everything of session `old` into `new` (same channel): turns
-/// renumbered in time order together with `new`'s own (references between
-/// turns and from outbox rows follow), memory merged (`new`'s keys win),
-/// timers and tasks re-pointed, unsent replies addressed to `new`'s chat.
-fn move_session(
-    conn: &Connection,
-    at: &str,
-    old: &SessionKey,
-    new: &SessionKey,
-) -> Result<(), StoreError> {
-    let old_memory = session_memory(conn, &old.id)?;
-    let Some(old_memory) = old_memory else {
-        return Ok(());
-    };
-    ensure_session(conn, new, None, at)?;
-    type Row = (String, i64, String, Option<i64>, Option<i64>);
-    let mut turns: Vec<Row> = Vec::new();
-    for id in [&old.id, &new.id] {
-        let mut stmt = conn.prepare_cached(
-            "SELECT session_id, seq, created_at, in_reply_to, revises FROM turns
-             WHERE session_id = ?1",
-        )?;
-        let rows = stmt.query_map([id], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-        })?;
-        for row in rows {
-            turns.push(row?);
-        }
-    }
-    if turns.iter().all(|t| t.0 != old.id) && old_memory == "{}" {
-        return Ok(());
-    }
-    // Time order; within one instant the older chat first, then by seq.
-    turns.sort_by(|a, b| (&a.2, a.0 != old.id, a.1).cmp(&(&b.2, b.0 != old.id, b.1)));
-    let mut renumber = std::collections::HashMap::new();
-    for (n, t) in turns.iter().enumerate() {
-        renumber.insert((t.0.clone(), t.1), n as i64 + 1);
-    }
-    let map = |session: &str, seq: Option<i64>| {
-        seq.and_then(|s| renumber.get(&(session.to_string(), s)).copied())
-    };
-    for (session_id, seq, _, in_reply_to, revises) in &turns {
-        let to = renumber[&(session_id.clone(), *seq)];
-        conn.prepare_cached(
-            "UPDATE turns SET session_id = ?3, seq = ?4, in_reply_to = ?5, revises = ?6
-             WHERE session_id = ?1 AND seq = ?2",
-        )?
-        .execute(params![
-            session_id,
-            seq,
-            new.id,
-            to + SEQ_SHIFT,
-            map(session_id, *in_reply_to),
-            map(session_id, *revises)
-        ])?;
-    }
-    conn.prepare_cached("UPDATE turns SET seq = seq - ?2 WHERE session_id = ?1 AND seq >= ?2")?
-        .execute(params![new.id, SEQ_SHIFT])?;
-    let outbox: Vec<(i64, String, i64)> = {
-        let mut stmt = conn.prepare_cached(
-            "SELECT id, session_id, turn_seq FROM outbox WHERE session_id IN (?1, ?2)",
-        )?;
-        let rows = stmt.query_map(params![old.id, new.id], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-        })?;
-        rows.collect::<Result<_, _>>()?
-    };
-    for (id, session_id, turn_seq) in outbox {
-        let seq = renumber
-            .get(&(session_id.clone(), turn_seq))
-            .copied()
-            .unwrap_or(turn_seq);
-        conn.prepare_cached(
-            "UPDATE outbox SET session_id = ?2, turn_seq = ?3,
-                    chat = CASE WHEN state IN ('pending', 'unknown') THEN ?4 ELSE chat END
-             WHERE id = ?1",
-        )?
-        .execute(params![id, new.id, seq, new.chat])?;
-    }
-    for sql in [
-        "UPDATE timers SET session_id = ?2 WHERE session_id = ?1",
-        "UPDATE tasks SET session_id = ?2 WHERE session_id = ?1",
-    ] {
-        conn.prepare_cached(sql)?.execute(params![old.id, new.id])?;
-    }
-    use serde_json::{Map, Value};
-    let mut memory: Map<String, Value> = serde_json::from_str(&old_memory).unwrap_or_default();
-    let current = session_memory(conn, &new.id)?.unwrap_or_default();
-    let newer: Map<String, Value> = serde_json::from_str(&current).unwrap_or_default();
-    memory.extend(newer);
-    conn.prepare_cached(
-        "UPDATE sessions SET memory_json = ?2, next_seq = ?3, updated_at = ?4, unreachable = NULL
-         WHERE id = ?1",
-    )?
-    .execute(params![
-        new.id,
-        Value::Object(memory).to_string(),
-        turns.len() as i64 + 1,
-        at
-    ])?;
-    // The old id keeps its row (a session actor may still know it) with
-    // nothing in it; new turns there would start after the old numbers.
-    conn.prepare_cached(
-        "UPDATE sessions SET memory_json = '{}', unreachable = ?2, updated_at = ?3 WHERE id = ?1",
-    )?
-    .execute(params![old.id, format!("moved to {}", new.id), at])?;
-    Ok(())
+    super::portable::chats::apply_chat_event(
+        &mut super::sql::SqliteSql(conn),
+        stamp,
+        session,
+        event,
+    )
 }
 
 /// Apply `patch` (a JSON object; `null` removes a key) to the memory of
@@ -1075,7 +919,9 @@ pub struct ApplyChatEvent {
 impl Handler<ApplyChatEvent> for PersistenceActor {
     type Result = ResponseFuture<Result<(), StoreError>>;
     fn handle(&mut self, msg: ApplyChatEvent, _: &mut Context<Self>) -> Self::Result {
-        self.call(move |c, at| apply_chat_event(c, at, &msg.session, &msg.event))
+        self.call_sql(move |db, at| {
+            super::portable::chats::apply_chat_event(db, at, &msg.session, &msg.event)
+        })
     }
 }
 

@@ -6,6 +6,7 @@
 //! how the rest of the store becomes portable (ARCHITECTURE.md,
 //! "PostgreSQL").
 
+pub mod chats;
 pub mod instances;
 pub mod leases;
 pub mod outbox;

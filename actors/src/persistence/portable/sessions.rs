@@ -7,7 +7,8 @@ use super::outbox::insert_outbox;
 use crate::clock::Stamp;
 use crate::error::StoreError;
 use crate::persistence::sessions::{
-    Exchange, ExchangeOutcome, ReplyPlan, SessionKey, SessionSnapshot, SessionSummary, TurnRow,
+    ChatEvent, Exchange, ExchangeOutcome, ReplyPlan, SessionKey, SessionSnapshot, SessionSummary,
+    TurnRow,
 };
 use crate::persistence::sql::Sql;
 use crate::vals;
@@ -167,10 +168,9 @@ pub fn commit_exchange(
     stamp: &Stamp,
     ex: &Exchange,
 ) -> Result<ExchangeOutcome, StoreError> {
-    if ex.effect.is_some() || ex.chat_event.is_some() {
+    if ex.effect.is_some() {
         return Err(StoreError::Invalid(
-            "commands with timers and chat moves are not available on the postgres backend yet"
-                .into(),
+            "commands with timers are not available on the postgres backend yet".into(),
         ));
     }
     let at = &stamp.text;
@@ -181,7 +181,7 @@ pub fn commit_exchange(
         save_adapter_state(db, stamp, adapter, state_json)?;
     }
     ensure_session(db, &ex.session, Some(&ex.from), at)?;
-    let (first, _unreachable) = lock_session(db, &ex.session.id)?;
+    let (first, unreachable) = lock_session(db, &ex.session.id)?;
     let principal = format!("{}:{}", ex.session.channel, ex.from);
     let seen = db.row(
         "SELECT seq, content FROM turns
@@ -200,6 +200,12 @@ pub fn commit_exchange(
     let n = if reply.is_some() { 2 } else { 1 };
     take_seqs(db, &ex.session.id, n, ex.memory.as_deref(), at)?;
     let user_seq = first;
+    // A chat that writes to keel (a user message keel answers) can be
+    // written to again: a missed "member again" update does not leave it
+    // marked unreachable with its timers paused. A moved chat stays moved.
+    let back = ex.answer
+        && ex.chat_event.is_none()
+        && unreachable.is_some_and(|u| !u.starts_with("moved to "));
     let status = match (ex.answer, reply.is_some()) {
         (false, _) => None,
         (true, true) => Some("answered"),
@@ -236,6 +242,11 @@ pub fn commit_exchange(
     )?;
     if let Some((person, patch)) = &ex.person_memory {
         apply_memory_patch(db, person, patch, at)?;
+    }
+    if let Some(event) = &ex.chat_event {
+        super::chats::apply_chat_event(db, stamp, &ex.session, event)?;
+    } else if back {
+        super::chats::apply_chat_event(db, stamp, &ex.session, &ChatEvent::Reachable)?;
     }
     let (mut reply_seq, mut outbox_id) = (None, None);
     if let Some(reply) = reply {
