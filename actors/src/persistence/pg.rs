@@ -82,6 +82,28 @@ pub fn connect(url: &str) -> Result<postgres::Client, StoreError> {
     Ok(client)
 }
 
+/// Run the portable read `f` in one read-only transaction of its own (a
+/// command such as `keel status` reading the shared store): one snapshot
+/// for everything it reads. Call it off any tokio runtime thread.
+pub fn read_only<T>(
+    client: &mut postgres::Client,
+    f: impl FnOnce(&mut dyn super::sql::Sql) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    let mut tx = client
+        .build_transaction()
+        .read_only(true)
+        .isolation_level(postgres::IsolationLevel::RepeatableRead)
+        .start()
+        .map_err(StoreError::from_pg)?;
+    let mut cache = std::collections::HashMap::new();
+    let out = f(&mut super::sql::PgSql {
+        tx: &mut tx,
+        cache: &mut cache,
+    })?;
+    tx.commit().map_err(StoreError::from_pg)?;
+    Ok(out)
+}
+
 // ---------------------------------------------------------------------------
 // Migrations
 
