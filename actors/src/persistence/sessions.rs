@@ -544,9 +544,6 @@ pub fn commit_exchange(
 /// (no session has this many turns).
 const SEQ_SHIFT: i64 = 1 << 40;
 
-/// Why timers of an unreachable chat are parked: resumed by `Reachable`.
-const PAUSED: &str = "paused: ";
-
 /// Apply what a channel said about the chat of `session` (see [`ChatEvent`]).
 pub fn apply_chat_event(
     conn: &Connection,
@@ -570,34 +567,13 @@ pub fn apply_chat_event(
                 moved?;
             }
         }
-        ChatEvent::Unreachable(reason) => {
-            conn.prepare_cached(
-                "UPDATE sessions SET unreachable = ?2, updated_at = ?3 WHERE id = ?1",
-            )?
-            .execute(params![session.id, reason, at])?;
-            conn.prepare_cached(
-                "UPDATE outbox SET state = 'failed', last_error = ?2
-                 WHERE session_id = ?1 AND state IN ('pending', 'unknown')",
-            )?
-            .execute(params![session.id, reason])?;
-            // Parked keeps next_run: resuming continues from there.
-            conn.prepare_cached(
-                "UPDATE timers SET state = 'parked', error = ?2, updated_at = ?3
-                 WHERE session_id = ?1 AND state = 'active'",
-            )?
-            .execute(params![session.id, format!("{PAUSED}{reason}"), at])?;
-        }
-        ChatEvent::Reachable => {
-            conn.prepare_cached(
-                "UPDATE sessions SET unreachable = NULL, updated_at = ?2 WHERE id = ?1",
-            )?
-            .execute(params![session.id, at])?;
-            conn.prepare_cached(
-                "UPDATE timers SET state = 'active', error = NULL, updated_at = ?3
-                 WHERE session_id = ?1 AND state = 'parked' AND next_run IS NOT NULL
-                   AND substr(error, 1, length(?2)) = ?2",
-            )?
-            .execute(params![session.id, PAUSED, at])?;
+        ChatEvent::Unreachable(_) | ChatEvent::Reachable => {
+            super::portable::sessions::apply_chat_event(
+                &mut super::sql::SqliteSql(conn),
+                stamp,
+                session,
+                event,
+            )?;
         }
     }
     Ok(())
@@ -1075,6 +1051,11 @@ pub struct ApplyChatEvent {
 impl Handler<ApplyChatEvent> for PersistenceActor {
     type Result = ResponseFuture<Result<(), StoreError>>;
     fn handle(&mut self, msg: ApplyChatEvent, _: &mut Context<Self>) -> Self::Result {
+        if self.backend() == super::sql::Backend::Postgres {
+            return self.call_sql(move |db, at| {
+                super::portable::sessions::apply_chat_event(db, at, &msg.session, &msg.event)
+            });
+        }
         self.call(move |c, at| apply_chat_event(c, at, &msg.session, &msg.event))
     }
 }

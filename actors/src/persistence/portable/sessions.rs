@@ -7,7 +7,8 @@ use super::outbox::insert_outbox;
 use crate::clock::Stamp;
 use crate::error::StoreError;
 use crate::persistence::sessions::{
-    Exchange, ExchangeOutcome, ReplyPlan, SessionKey, SessionSnapshot, SessionSummary, TurnRow,
+    ChatEvent, Exchange, ExchangeOutcome, ReplyPlan, SessionKey, SessionSnapshot, SessionSummary,
+    TurnRow,
 };
 use crate::persistence::sql::Sql;
 use crate::vals;
@@ -160,18 +161,16 @@ pub fn load_adapter_state(db: &mut dyn Sql, adapter: &str) -> Result<Option<Stri
 }
 
 /// Store an inbound turn (once per sender and key) and its reply + outbox
-/// row; see `persistence::sessions::commit_exchange`. Not portable yet:
-/// command effects (timers) and chat events, refused with a clear reason.
+/// row, with a command's timer effect and what the channel said about the
+/// chat; see `persistence::sessions::commit_exchange`. Not portable yet:
+/// `/task` commands and chat moves, refused with a clear reason.
 pub fn commit_exchange(
     db: &mut dyn Sql,
     stamp: &Stamp,
     ex: &Exchange,
 ) -> Result<ExchangeOutcome, StoreError> {
-    if ex.effect.is_some() || ex.chat_event.is_some() {
-        return Err(StoreError::Invalid(
-            "commands with timers and chat moves are not available on the postgres backend yet"
-                .into(),
-        ));
+    if let Some(ChatEvent::Migrated { .. }) = &ex.chat_event {
+        return Err(StoreError::Invalid(NO_MOVES.into()));
     }
     let at = &stamp.text;
     if let Some(f) = &ex.fence {
@@ -181,7 +180,7 @@ pub fn commit_exchange(
         save_adapter_state(db, stamp, adapter, state_json)?;
     }
     ensure_session(db, &ex.session, Some(&ex.from), at)?;
-    let (first, _unreachable) = lock_session(db, &ex.session.id)?;
+    let (first, unreachable) = lock_session(db, &ex.session.id)?;
     let principal = format!("{}:{}", ex.session.channel, ex.from);
     let seen = db.row(
         "SELECT seq, content FROM turns
@@ -196,7 +195,26 @@ pub fn commit_exchange(
             ExchangeOutcome::Conflict { user_seq }
         });
     }
-    let reply: Option<&ReplyPlan> = ex.reply.as_ref().filter(|_| ex.answer);
+    let rendered;
+    let reply = match (&ex.reply, &ex.effect) {
+        (Some(plan), Some(effect)) => {
+            let text = super::timers::apply_effect(db, stamp, &ex.session, &principal, effect)?;
+            rendered = ReplyPlan {
+                text,
+                deliver: plan.deliver,
+            };
+            Some(&rendered)
+        }
+        (plan, _) => plan.as_ref(),
+    };
+    // A turn that is only stored gets no reply and waits for nobody.
+    let reply: Option<&ReplyPlan> = reply.filter(|_| ex.answer);
+    // A chat that writes to keel can be written to again: a missed "member
+    // again" update does not leave it marked unreachable with its timers
+    // paused. A moved chat stays moved.
+    let back = ex.answer
+        && ex.chat_event.is_none()
+        && unreachable.is_some_and(|u| !u.starts_with("moved to "));
     let n = if reply.is_some() { 2 } else { 1 };
     take_seqs(db, &ex.session.id, n, ex.memory.as_deref(), at)?;
     let user_seq = first;
@@ -237,6 +255,11 @@ pub fn commit_exchange(
     if let Some((person, patch)) = &ex.person_memory {
         apply_memory_patch(db, person, patch, at)?;
     }
+    if let Some(event) = &ex.chat_event {
+        apply_chat_event(db, stamp, &ex.session, event)?;
+    } else if back {
+        apply_chat_event(db, stamp, &ex.session, &ChatEvent::Reachable)?;
+    }
     let (mut reply_seq, mut outbox_id) = (None, None);
     if let Some(reply) = reply {
         let seq = user_seq + 1;
@@ -264,6 +287,45 @@ pub fn commit_exchange(
         reply_seq,
         outbox_id,
     })
+}
+
+/// Why a chat move is refused on PostgreSQL.
+const NO_MOVES: &str = "chat moves are not available on the postgres backend yet";
+
+/// Apply what a channel said about the chat of `session`: unreachable
+/// (unsent replies fail, active timers pause) or reachable again (paused
+/// timers resume). Chat moves (`Migrated`) are not portable yet: refused
+/// (SQLite runs them in `persistence::sessions::apply_chat_event`).
+pub fn apply_chat_event(
+    db: &mut dyn Sql,
+    stamp: &Stamp,
+    session: &SessionKey,
+    event: &ChatEvent,
+) -> Result<(), StoreError> {
+    let at = &stamp.text;
+    match event {
+        ChatEvent::Migrated { .. } => return Err(StoreError::Invalid(NO_MOVES.into())),
+        ChatEvent::Unreachable(reason) => {
+            db.exec(
+                "UPDATE sessions SET unreachable = $2, updated_at = $3 WHERE id = $1",
+                vals![&session.id, reason, at],
+            )?;
+            db.exec(
+                "UPDATE outbox SET state = 'failed', last_error = $2
+                 WHERE session_id = $1 AND state IN ('pending', 'unknown')",
+                vals![&session.id, reason],
+            )?;
+            super::timers::pause_session(db, &session.id, reason, at)?;
+        }
+        ChatEvent::Reachable => {
+            db.exec(
+                "UPDATE sessions SET unreachable = NULL, updated_at = $2 WHERE id = $1",
+                vals![&session.id, at],
+            )?;
+            super::timers::resume_session(db, &session.id, at)?;
+        }
+    }
+    Ok(())
 }
 
 /// Apply a memory patch (a JSON object; `null` removes a key) to `session`.
