@@ -614,7 +614,9 @@ async fn a_due_instant_fires_once_however_many_instances_claim_it() {
             .unwrap()
             .unwrap();
         assert_eq!(turns.len(), 10, "{}", s.name);
-        assert!(turns.iter().all(|t| t.role == "system" && t.text == "tick"));
+        assert!(turns
+            .iter()
+            .all(|t| t.role == "system" && t.text == "⏰ Reminder #1: tick"));
     }
 }
 

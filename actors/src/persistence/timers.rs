@@ -314,7 +314,15 @@ pub fn fire_timer(
     routed: &HashSet<String>,
 ) -> Result<FireOutcome, StoreError> {
     let mut queue = sqlite_queue_task(conn);
-    portable::timers::fire_timer(&mut sql(conn), id, due, now_ms, routed, Some(&mut queue))
+    portable::timers::fire_timer(
+        &mut sql(conn),
+        id,
+        due,
+        now_ms,
+        routed,
+        Some(&mut queue),
+        None,
+    )
 }
 
 /// Fire several due timers, each in its own savepoint
@@ -410,7 +418,15 @@ impl Handler<FireTimer> for PersistenceActor {
         if self.backend() == Backend::Postgres {
             // No task store there yet: a `task` timer parks.
             return self.call_sql(move |db, _| {
-                portable::timers::fire_timer(db, msg.id, msg.due, msg.now_ms, &msg.routed, None)
+                portable::timers::fire_timer(
+                    db,
+                    msg.id,
+                    msg.due,
+                    msg.now_ms,
+                    &msg.routed,
+                    None,
+                    None,
+                )
             });
         }
         self.call(move |c, _| fire_timer(c, msg.id, msg.due, msg.now_ms, &msg.routed))

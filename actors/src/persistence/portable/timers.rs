@@ -28,7 +28,7 @@ use crate::persistence::timers::{
     TimerRow, DEFAULT_CATCHUP_SECS, MAX_ACTIVE_PER_SESSION,
 };
 use crate::schedule::plan::{plan_fire, Misfire, LATE_AFTER_MS};
-use crate::schedule::{first_run, next_after, parse_tz, Schedule};
+use crate::schedule::{first_run, parse_tz, Schedule};
 use crate::vals;
 
 const TIMER_COLUMNS: &str = "SELECT id, session_id, kind, schedule, timezone, callback, params_json,
@@ -341,7 +341,7 @@ pub const NO_TASKS: &str = "task callbacks are not available on the postgres bac
 /// instant fired: nothing happens), the callback's effect (a reminder turn +
 /// outbox row, a state transition, a queued task) and the timer's next
 /// state. `routed`: channels with a delivery route. `queue_task`: see
-/// [`QueueTask`].
+/// [`QueueTask`]. `fired_by`: the instance, recorded in the receipt.
 pub fn fire_timer(
     db: &mut dyn Sql,
     id: i64,
@@ -349,6 +349,7 @@ pub fn fire_timer(
     now_ms: i64,
     routed: &HashSet<String>,
     mut queue_task: Option<&mut QueueTask<'_>>,
+    fired_by: Option<&str>,
 ) -> Result<FireOutcome, StoreError> {
     // `now_ms` comes from the timer actor's injected clock.
     let at = Stamp::from_ms(now_ms);
@@ -417,9 +418,9 @@ pub fn fire_timer(
     for &instant in &plan.fires {
         let late_ms = (now_ms - instant).max(0);
         let inserted = db.exec(
-            "INSERT INTO timer_fires (timer_id, due_at, fired_at, late_ms)
-             VALUES ($1, $2, $3, $4) ON CONFLICT (timer_id, due_at) DO NOTHING",
-            vals![id, instant, now_ms, late_ms],
+            "INSERT INTO timer_fires (timer_id, due_at, fired_at, late_ms, fired_by)
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (timer_id, due_at) DO NOTHING",
+            vals![id, instant, now_ms, late_ms, fired_by],
         )?;
         if inserted == 0 {
             continue;
@@ -519,7 +520,7 @@ pub fn fire_timers(
     let mut out = Vec::with_capacity(fires.len());
     for &(id, due) in fires {
         db.exec("SAVEPOINT fire", &[])?;
-        match fire_timer(db, id, due, now_ms, routed, queue_task.as_deref_mut()) {
+        match fire_timer(db, id, due, now_ms, routed, queue_task.as_deref_mut(), None) {
             Ok(o) => {
                 crate::failpoint::hit("timer_fire");
                 db.exec("RELEASE fire", &[])?;
@@ -585,18 +586,22 @@ pub fn count_active(db: &mut dyn Sql) -> Result<i64, StoreError> {
     .map(|n| n.unwrap_or(0))
 }
 
-/// One due instant this call fired.
+/// One timer this call fired.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fired {
     pub timer_id: i64,
+    /// The due instant it was claimed at.
     pub due_at: i64,
-    /// The reminder's system turn, when the callback is a reminder.
-    pub notice_seq: Option<i64>,
+    /// What [`fire_timer`] did (`fired` ≥ 1).
+    pub outcome: FireOutcome,
 }
 
-/// Fire up to `limit` timers due at `now_ms` as `instance`. Reminders
-/// become a system turn with an outbox row (`deliver`); other callbacks are
-/// not portable yet and park their timer with that reason.
+/// Fire up to `limit` timers due at `now_ms` as `instance` (recorded in
+/// each receipt's `fired_by`): the due rows are claimed with `FOR UPDATE OF
+/// t SKIP LOCKED` on PostgreSQL, so instances claiming together each take
+/// other timers, and each is fired by [`fire_timer`] — every callback it
+/// supports, reminders delivered when `deliver`. No task store here yet: a
+/// `task` timer parks. Answers the timers that fired.
 pub fn claim_and_fire(
     db: &mut dyn Sql,
     now_ms: i64,
@@ -609,70 +614,27 @@ pub fn claim_and_fire(
         Backend::Postgres => " FOR UPDATE OF t SKIP LOCKED",
     };
     let sql = format!(
-        "SELECT t.id, t.next_run, t.kind, t.schedule, t.timezone, t.callback, t.params_json,
-                s.id, s.channel, s.chat
+        "SELECT t.id, t.next_run, s.channel
          FROM timers t JOIN sessions s ON s.id = t.session_id
          WHERE t.state = 'active' AND t.next_run <= $1
          ORDER BY t.next_run, t.id LIMIT $2{lock}"
     );
     let due = db.rows(&sql, vals![now_ms, limit])?;
-    let stamp = Stamp::from_ms(now_ms);
+    let routed: HashSet<String> = match deliver {
+        true => due.iter().map(|r| r.text(2)).collect::<Result<_, _>>()?,
+        false => HashSet::new(),
+    };
     let mut fired = Vec::new();
     for r in due {
         let (id, due_at) = (r.int(0)?, r.int(1)?);
-        let receipt = db.exec(
-            "INSERT INTO timer_fires (timer_id, due_at, fired_at, late_ms, fired_by)
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (timer_id, due_at) DO NOTHING",
-            vals![id, due_at, now_ms, now_ms - due_at, instance],
-        )?;
-        let zone = r.text(4)?;
-        let next = Schedule::from_row(&r.text(2)?, &r.text(3)?)
-            .map_err(|e| e.to_string())
-            .and_then(|s| {
-                let tz = parse_tz(&zone).map_err(|e| e.to_string())?;
-                next_after(&s, tz, due_at, now_ms).map_err(|e| e.to_string())
+        let outcome = fire_timer(db, id, due_at, now_ms, &routed, None, Some(instance))?;
+        if outcome.fired > 0 {
+            fired.push(Fired {
+                timer_id: id,
+                due_at,
+                outcome,
             });
-        let next = match next {
-            Ok(n) => n,
-            Err(e) => {
-                db.exec(
-                    "UPDATE timers SET state = 'parked', error = $2, updated_at = $3 WHERE id = $1",
-                    vals![id, e, &stamp.text],
-                )?;
-                continue;
-            }
-        };
-        db.exec(
-            // CAST: PostgreSQL cannot infer the type of a parameter seen
-            // only under IS NULL.
-            "UPDATE timers SET next_run = CAST($2 AS BIGINT), last_fired = $3,
-                    fired_count = fired_count + $4,
-                    state = CASE WHEN CAST($2 AS BIGINT) IS NULL THEN 'done' ELSE state END,
-                    updated_at = $5
-             WHERE id = $1",
-            vals![id, next, due_at, (receipt == 1) as i64, &stamp.text],
-        )?;
-        if receipt == 0 {
-            continue; // fired before (by this or another instance)
         }
-        let mut notice_seq = None;
-        if r.text(5)? == "reminder" {
-            let text = serde_json::from_str::<serde_json::Value>(&r.text(6)?)
-                .ok()
-                .and_then(|v| v.get("text").and_then(|t| t.as_str()).map(str::to_string))
-                .unwrap_or_default();
-            let session = SessionKey {
-                id: r.text(7)?,
-                channel: r.text(8)?,
-                chat: r.text(9)?,
-            };
-            notice_seq = Some(commit_notice(db, &stamp, &session, &text, deliver)?.0);
-        }
-        fired.push(Fired {
-            timer_id: id,
-            due_at,
-            notice_seq,
-        });
     }
     Ok(fired)
 }
