@@ -1392,3 +1392,42 @@ async fn two_instances_firing_the_same_timers_at_once_fire_each_instant_once() {
         );
     }
 }
+
+#[actix::test]
+async fn the_senders_timezone_is_stored_and_used_by_new_timers_only() {
+    for s in backends("timer_tz", 1) {
+        let st = &s.instances[0];
+        command(
+            st,
+            "c1",
+            "m1",
+            remind(ScheduleSpec::Cron("0 9 * * *".into()), "old"),
+        )
+        .await;
+        let set = command(st, "c1", "m2", Effect::SetTimezone("Europe/Berlin".into()))
+            .await
+            .unwrap();
+        assert!(set.starts_with("Timezone set to Europe/Berlin."), "{set}");
+        let reply = command(
+            st,
+            "c1",
+            "m3",
+            remind(ScheduleSpec::Cron("0 9 * * *".into()), "new"),
+        )
+        .await
+        .unwrap();
+        assert!(reply.contains("(Europe/Berlin)"), "{}: {reply}", s.name);
+        let (old, new) = (timer(st, 1).await, timer(st, 2).await);
+        assert_eq!(
+            (old.timezone.as_str(), new.timezone.as_str()),
+            ("UTC", "Europe/Berlin"),
+            "{}",
+            s.name
+        );
+        let local = keel_actors::persistence::timers::show_instant(
+            new.next_run.unwrap(),
+            keel_actors::schedule::parse_tz("Europe/Berlin").unwrap(),
+        );
+        assert!(local.contains(" 09:00:00 "), "{}: {local}", s.name);
+    }
+}
