@@ -614,7 +614,9 @@ async fn a_due_instant_fires_once_however_many_instances_claim_it() {
             .unwrap()
             .unwrap();
         assert_eq!(turns.len(), 10, "{}", s.name);
-        assert!(turns.iter().all(|t| t.role == "system" && t.text == "tick"));
+        assert!(turns
+            .iter()
+            .all(|t| t.role == "system" && t.text == "⏰ Reminder #1: tick"));
     }
 }
 
@@ -871,6 +873,563 @@ async fn a_message_waits_for_another_instances_open_transaction_on_its_session_a
         .unwrap();
     let seqs: Vec<i64> = turns.expect("the session").iter().map(|t| t.seq).collect();
     assert_eq!(seqs, vec![1, 2, 3, 4, 5], "gapless, no duplicates");
+}
+
+// ---- timers (issue 13): the messages the timer actor and the chat
+// commands use, on both backends.
+
+use keel_actors::persistence::sessions::ChatEvent;
+use keel_actors::persistence::timers::{
+    CancelTimerById, CountActiveTimers, Effect, FireOutcome, FireTimer, FireTimers, GetDueWindow,
+    GetTimer, GetTimerCounts, GetTimers, PruneTimers, TimerRequest, TimerRow,
+};
+use keel_actors::schedule::plan::Misfire;
+use keel_actors::schedule::ScheduleSpec;
+
+/// A chat command `key` in `webhook:<chat>` from `u1` with `effect`; the
+/// reply text the store rendered for it (`None`: a duplicate).
+async fn command(
+    st: &Addr<PersistenceActor>,
+    chat: &str,
+    key: &str,
+    effect: Effect,
+) -> Option<String> {
+    let mut ex = msg(chat, "u1", key, &format!("command {key}"), Some(""));
+    ex.effect = Some(effect);
+    let out = st.send(CommitExchange(ex)).await.unwrap().unwrap();
+    let ExchangeOutcome::Accepted {
+        reply_seq: Some(seq),
+        ..
+    } = out
+    else {
+        return None;
+    };
+    let turns = st
+        .send(GetTurns {
+            session: format!("webhook:{chat}"),
+            after_seq: seq - 1,
+            limit: 1,
+        })
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    Some(turns[0].text.clone())
+}
+
+fn remind(spec: ScheduleSpec, text: &str) -> Effect {
+    Effect::CreateTimer(TimerRequest {
+        spec,
+        text: text.into(),
+        misfire: Misfire::FireOnce,
+        task: None,
+    })
+}
+
+fn routed() -> Arc<HashSet<String>> {
+    Arc::new(HashSet::from(["webhook".to_string()]))
+}
+
+async fn timer(st: &Addr<PersistenceActor>, id: i64) -> TimerRow {
+    st.send(GetTimer { id }).await.unwrap().unwrap().unwrap()
+}
+
+async fn fire(st: &Addr<PersistenceActor>, id: i64, due: i64, now_ms: i64) -> FireOutcome {
+    st.send(FireTimer {
+        id,
+        due,
+        now_ms,
+        routed: routed(),
+    })
+    .await
+    .unwrap()
+    .unwrap()
+}
+
+async fn texts(st: &Addr<PersistenceActor>, session: &str) -> Vec<String> {
+    st.send(GetTurns {
+        session: session.into(),
+        after_seq: 0,
+        limit: 1000,
+    })
+    .await
+    .unwrap()
+    .unwrap()
+    .unwrap()
+    .into_iter()
+    .map(|t| t.text)
+    .collect()
+}
+
+#[actix::test]
+async fn a_remind_command_creates_a_timer_that_is_listed_counted_and_fires_once_at_its_due_instant()
+{
+    for s in backends("timer_fire", 1) {
+        let st = &s.instances[0];
+        let reply = command(st, "c1", "m1", remind(ScheduleSpec::Delay(60_000), "tea"))
+            .await
+            .unwrap();
+        assert!(
+            reply.starts_with("Reminder #1 set for"),
+            "{}: {reply}",
+            s.name
+        );
+        // A redelivered command is a duplicate: no second timer.
+        let dup = command(st, "c1", "m1", remind(ScheduleSpec::Delay(60_000), "tea")).await;
+        assert_eq!(dup, None, "{}", s.name);
+        let all = st.send(GetTimers { limit: 100 }).await.unwrap().unwrap();
+        assert_eq!(all.len(), 1, "{}", s.name);
+        let t = &all[0];
+        assert_eq!(
+            (
+                t.id,
+                t.session_id.as_str(),
+                t.kind.as_str(),
+                t.callback.as_str()
+            ),
+            (1, "webhook:c1", "once", "reminder"),
+            "{}",
+            s.name
+        );
+        assert_eq!((t.state.as_str(), t.fired_count), ("active", 0));
+        let due = t.next_run.unwrap();
+        assert_eq!(
+            st.send(GetTimerCounts).await.unwrap().unwrap(),
+            vec![("active".to_string(), 1)],
+            "{}",
+            s.name
+        );
+        assert_eq!(st.send(CountActiveTimers).await.unwrap().unwrap(), 1);
+        let window = st
+            .send(GetDueWindow {
+                limit: 10,
+                after: None,
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(window, vec![(1, due)], "{}", s.name);
+        // Not due at another instant: stale, nothing fired.
+        assert!(fire(st, 1, due - 1, due).await.stale, "{}", s.name);
+        let first = fire(st, 1, due, due + 5).await;
+        assert_eq!(
+            (first.fired, first.outbox_rows, first.next_run, first.stale),
+            (1, 1, None, false),
+            "{}",
+            s.name
+        );
+        assert!(fire(st, 1, due, due + 10).await.stale, "{}", s.name);
+        let t = timer(st, 1).await;
+        assert_eq!(
+            (t.state.as_str(), t.fired_count, t.last_fired, t.next_run),
+            ("done", 1, Some(due), None),
+            "{}",
+            s.name
+        );
+        let reminders: Vec<String> = texts(st, "webhook:c1")
+            .await
+            .into_iter()
+            .filter(|t| t.starts_with("⏰ Reminder #1: tea"))
+            .collect();
+        assert_eq!(reminders.len(), 1, "{}: {reminders:?}", s.name);
+        let pending = st
+            .send(GetPendingOutbox {
+                after: 0,
+                limit: 10,
+                with_unknown: false,
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            pending
+                .iter()
+                .filter(|r| r.text.starts_with("⏰ Reminder #1: tea"))
+                .count(),
+            1,
+            "{}",
+            s.name
+        );
+        assert_eq!(st.send(CountActiveTimers).await.unwrap().unwrap(), 0);
+        assert!(st
+            .send(GetDueWindow {
+                limit: 10,
+                after: None
+            })
+            .await
+            .unwrap()
+            .unwrap()
+            .is_empty());
+    }
+}
+
+#[actix::test]
+async fn timers_are_listed_and_cancelled_from_their_own_chat_only_then_pruned() {
+    for s in backends("timer_cancel", 1) {
+        let st = &s.instances[0];
+        command(st, "c1", "m1", remind(ScheduleSpec::Every(60_000), "walk")).await;
+        command(st, "c1", "m2", remind(ScheduleSpec::Delay(30_000), "tea")).await;
+        let list = command(st, "c1", "m3", Effect::ListTimers).await.unwrap();
+        let lines: Vec<&str> = list.lines().collect();
+        assert_eq!(lines.len(), 2, "{}: {list}", s.name);
+        // Soonest first: the 30 s reminder, then the every-minute one.
+        assert!(lines[0].starts_with("#2 ") && lines[0].ends_with(": tea"));
+        assert!(
+            lines[1].starts_with("#1 ") && lines[1].contains("(every 60s): walk"),
+            "{}: {list}",
+            s.name
+        );
+        let other = command(st, "c2", "m1", Effect::CancelTimer(1))
+            .await
+            .unwrap();
+        assert!(
+            other.starts_with("No active timer #1"),
+            "{}: {other}",
+            s.name
+        );
+        assert_eq!(timer(st, 1).await.state, "active");
+        let own = command(st, "c1", "m4", Effect::CancelTimer(1))
+            .await
+            .unwrap();
+        assert_eq!(own, "Timer #1 cancelled.", "{}", s.name);
+        let t = timer(st, 1).await;
+        assert_eq!((t.state.as_str(), t.next_run), ("cancelled", None));
+        // The operator's cancel: once.
+        assert!(st.send(CancelTimerById { id: 2 }).await.unwrap().unwrap());
+        assert!(!st.send(CancelTimerById { id: 2 }).await.unwrap().unwrap());
+        let empty = command(st, "c1", "m5", Effect::ListTimers).await.unwrap();
+        assert!(
+            empty.starts_with("No active timers."),
+            "{}: {empty}",
+            s.name
+        );
+        assert_eq!(
+            st.send(GetTimerCounts).await.unwrap().unwrap(),
+            vec![("cancelled".to_string(), 2)],
+            "{}",
+            s.name
+        );
+        // A fired instant leaves a receipt; pruning takes finished timers
+        // and old receipts, never an active timer.
+        command(
+            st,
+            "c1",
+            "m6",
+            remind(ScheduleSpec::Every(60_000), "stretch"),
+        )
+        .await;
+        let due = timer(st, 3).await.next_run.unwrap();
+        assert_eq!(fire(st, 3, due, due).await.fired, 1);
+        let nothing = st
+            .send(PruneTimers {
+                before: "2000-01-01T00:00:00Z".into(),
+                before_ms: 0,
+                limit: 100,
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(nothing, (0, 0), "{}", s.name);
+        let pruned = st
+            .send(PruneTimers {
+                before: "9999-01-01T00:00:00Z".into(),
+                before_ms: i64::MAX,
+                limit: 100,
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(pruned, (2, 1), "{}", s.name);
+        let left = st.send(GetTimers { limit: 100 }).await.unwrap().unwrap();
+        assert_eq!(
+            left.iter()
+                .map(|t| (t.id, t.state.as_str()))
+                .collect::<Vec<_>>(),
+            vec![(3, "active")],
+            "{}",
+            s.name
+        );
+    }
+}
+
+#[actix::test]
+async fn state_transition_and_task_callbacks_fire_at_their_due_instant() {
+    for s in backends("timer_callbacks", 1) {
+        let st = &s.instances[0];
+        command(st, "c1", "m1", remind(ScheduleSpec::Every(60_000), "daily")).await;
+        command(st, "c1", "m2", remind(ScheduleSpec::Delay(30_000), "stop")).await;
+        command(st, "c1", "m3", remind(ScheduleSpec::Every(60_000), "job")).await;
+        s.fixture(
+            "UPDATE timers SET callback = 'state_transition',
+                 params_json = '{\"timer_id\":1,\"to\":\"cancelled\"}' WHERE id = 2;
+             UPDATE timers SET callback = 'task',
+                 params_json = '{\"name\":\"backup\",\"args\":[\"--full\"]}' WHERE id = 3;",
+        );
+        let due = timer(st, 2).await.next_run.unwrap();
+        let out = fire(st, 2, due, due).await;
+        assert_eq!(
+            (out.fired, out.outbox_rows, out.parked),
+            (1, 0, false),
+            "{}",
+            s.name
+        );
+        assert_eq!(timer(st, 1).await.state, "cancelled", "{}", s.name);
+        assert_eq!(timer(st, 2).await.state, "done", "{}", s.name);
+        assert!(texts(st, "webhook:c1")
+            .await
+            .contains(&"Timer #1 cancelled by timer #2.".to_string()));
+        // Its instant fired: firing it again changes nothing.
+        assert!(fire(st, 2, due, due).await.stale);
+        let due = timer(st, 3).await.next_run.unwrap();
+        let out = fire(st, 3, due, due).await;
+        let t = timer(st, 3).await;
+        match s.name {
+            // Queued in the fire's transaction, told to the chat.
+            "sqlite" => {
+                assert_eq!((out.fired, out.tasks_queued, out.parked), (1, 1, false));
+                assert_eq!(t.state, "active");
+                assert!(texts(st, "webhook:c1")
+                    .await
+                    .iter()
+                    .any(|t| t.starts_with("Timer #3 started task 1 (backup)")));
+            }
+            // No task store on PostgreSQL yet: parked with the reason,
+            // nothing fired (a receipt would lose the instant).
+            _ => {
+                assert_eq!((out.fired, out.tasks_queued, out.parked), (0, 0, true));
+                assert_eq!(t.state, "parked");
+                assert!(
+                    t.error
+                        .as_deref()
+                        .unwrap_or("")
+                        .contains("not available on the postgres"),
+                    "{:?}",
+                    t.error
+                );
+            }
+        }
+    }
+}
+
+#[actix::test]
+async fn the_due_window_refills_after_its_cursor_and_a_batch_fires_each_timer_in_its_own_savepoint()
+{
+    for s in backends("timer_window", 1) {
+        let st = &s.instances[0];
+        s.fixture(
+            "INSERT INTO sessions (id, channel, chat, created_at, updated_at)
+             VALUES ('webhook:w', 'webhook', 'w', 'x', 'x');
+             INSERT INTO timers (session_id, kind, schedule, timezone, callback, params_json,
+                                 next_run, created_at, updated_at)
+             VALUES ('webhook:w', 'once', '1000', 'UTC', 'reminder', '{\"text\":\"a\"}', 1000, 'x', 'x'),
+                    ('webhook:w', 'once', '1000', 'UTC', 'reminder', '{\"text\":\"b\"}', 1000, 'x', 'x'),
+                    ('webhook:w', 'interval', '1000', 'UTC', 'reminder', '{\"text\":\"c\"}', 1000, 'x', 'x'),
+                    ('webhook:w', 'once', '2000', 'UTC', 'launch_rockets', '{}', 2000, 'x', 'x'),
+                    ('webhook:w', 'once', '3000', 'UTC', 'reminder', '{\"text\":\"e\"}', 3000, 'x', 'x');",
+        );
+        let all = st
+            .send(GetDueWindow {
+                limit: 10,
+                after: None,
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            all,
+            vec![(1, 1000), (2, 1000), (3, 1000), (4, 2000), (5, 3000)],
+            "{}",
+            s.name
+        );
+        let rest = st
+            .send(GetDueWindow {
+                limit: 2,
+                after: Some((1000, 2)),
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(rest, vec![(3, 1000), (4, 2000)], "{}", s.name);
+        // One batch: two due reminders, an interval timer, an unknown
+        // callback (parks), and a wrong instant (stale).
+        let out = st
+            .send(FireTimers {
+                fires: vec![(1, 1000), (2, 1000), (3, 1000), (4, 2000), (5, 9999)],
+                now_ms: 2_500,
+                routed: routed(),
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        let out: Vec<FireOutcome> = out.into_iter().map(|r| r.unwrap()).collect();
+        assert_eq!(
+            out.iter()
+                .map(|o| (o.fired, o.next_run, o.parked, o.stale))
+                .collect::<Vec<_>>(),
+            vec![
+                (1, None, false, false),
+                (1, None, false, false),
+                // Due at 1000, now 2500: fire_once fires one, next 3000.
+                (1, Some(3000), false, false),
+                (0, None, true, false),
+                (0, None, false, true),
+            ],
+            "{}",
+            s.name
+        );
+        let t4 = timer(st, 4).await;
+        assert_eq!(t4.state, "parked");
+        assert!(t4.error.unwrap().contains("launch_rockets"));
+        let window = st
+            .send(GetDueWindow {
+                limit: 10,
+                after: None,
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(window, vec![(3, 3000), (5, 3000)], "{}", s.name);
+        assert_eq!(
+            texts(st, "webhook:w").await,
+            vec![
+                "⏰ Reminder #1: a",
+                "⏰ Reminder #2: b",
+                "⏰ Reminder #3: c"
+            ],
+            "{}",
+            s.name
+        );
+    }
+}
+
+#[actix::test]
+async fn an_unreachable_chat_pauses_its_timers_and_writing_again_resumes_them() {
+    for s in backends("timer_pause", 1) {
+        let st = &s.instances[0];
+        command(st, "c1", "m1", remind(ScheduleSpec::Every(60_000), "walk")).await;
+        let due = timer(st, 1).await.next_run.unwrap();
+        let mut kicked = msg("c1", "u1", "m2", "(kicked)", None);
+        kicked.answer = false;
+        kicked.chat_event = Some(ChatEvent::Unreachable("kicked".into()));
+        st.send(CommitExchange(kicked)).await.unwrap().unwrap();
+        let t = timer(st, 1).await;
+        assert_eq!(
+            (t.state.as_str(), t.error.as_deref(), t.next_run),
+            ("parked", Some("paused: kicked"), Some(due)),
+            "{}",
+            s.name
+        );
+        assert!(st
+            .send(GetDueWindow {
+                limit: 10,
+                after: None
+            })
+            .await
+            .unwrap()
+            .unwrap()
+            .is_empty());
+        // The chat writes to keel again: reachable, the timer resumes.
+        st.send(CommitExchange(msg("c1", "u1", "m3", "hi", Some("hello"))))
+            .await
+            .unwrap()
+            .unwrap();
+        let t = timer(st, 1).await;
+        assert_eq!(
+            (t.state.as_str(), t.error, t.next_run),
+            ("active", None, Some(due)),
+            "{}",
+            s.name
+        );
+        assert_eq!(fire(st, 1, due, due).await.fired, 1, "{}", s.name);
+    }
+}
+
+#[actix::test]
+async fn two_instances_firing_the_same_timers_at_once_fire_each_instant_once() {
+    for s in backends("timer_race", 2) {
+        let mut values = Vec::new();
+        for i in 0..20 {
+            values.push(format!(
+                "('webhook:r', 'interval', '60000', 'UTC', 'reminder', '{{\"text\":\"t{i}\"}}', 5000, 'x', 'x')"
+            ));
+        }
+        s.fixture(&format!(
+            "INSERT INTO sessions (id, channel, chat, created_at, updated_at)
+             VALUES ('webhook:r', 'webhook', 'r', 'x', 'x');
+             INSERT INTO timers (session_id, kind, schedule, timezone, callback, params_json,
+                                 next_run, created_at, updated_at) VALUES {};",
+            values.join(", ")
+        ));
+        let fires: Vec<(i64, i64)> = (1..=20).map(|id| (id, 5000)).collect();
+        let calls = s.instances.iter().map(|st| {
+            st.send(FireTimers {
+                fires: fires.clone(),
+                now_ms: 5_000,
+                routed: routed(),
+            })
+        });
+        let mut fired = 0;
+        for r in futures::future::join_all(calls).await {
+            for o in r.unwrap().unwrap() {
+                let o = o.unwrap();
+                assert!(o.fired == 1 || o.stale, "{}: {o:?}", s.name);
+                fired += o.fired;
+            }
+        }
+        assert_eq!(fired, 20, "{}: each timer once", s.name);
+        let turns = texts(&s.instances[0], "webhook:r").await;
+        assert_eq!(turns.len(), 20, "{}", s.name);
+        let all = s.instances[1]
+            .send(GetTimers { limit: 100 })
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            all.iter()
+                .all(|t| t.fired_count == 1 && t.next_run == Some(65_000)),
+            "{}",
+            s.name
+        );
+    }
+}
+
+#[actix::test]
+async fn the_senders_timezone_is_stored_and_used_by_new_timers_only() {
+    for s in backends("timer_tz", 1) {
+        let st = &s.instances[0];
+        command(
+            st,
+            "c1",
+            "m1",
+            remind(ScheduleSpec::Cron("0 9 * * *".into()), "old"),
+        )
+        .await;
+        let set = command(st, "c1", "m2", Effect::SetTimezone("Europe/Berlin".into()))
+            .await
+            .unwrap();
+        assert!(set.starts_with("Timezone set to Europe/Berlin."), "{set}");
+        let reply = command(
+            st,
+            "c1",
+            "m3",
+            remind(ScheduleSpec::Cron("0 9 * * *".into()), "new"),
+        )
+        .await
+        .unwrap();
+        assert!(reply.contains("(Europe/Berlin)"), "{}: {reply}", s.name);
+        let (old, new) = (timer(st, 1).await, timer(st, 2).await);
+        assert_eq!(
+            (old.timezone.as_str(), new.timezone.as_str()),
+            ("UTC", "Europe/Berlin"),
+            "{}",
+            s.name
+        );
+        let local = keel_actors::persistence::timers::show_instant(
+            new.next_run.unwrap(),
+            keel_actors::schedule::parse_tz("Europe/Berlin").unwrap(),
+        );
+        assert!(local.contains(" 09:00:00 "), "{}: {local}", s.name);
+    }
 }
 
 #[actix::test]

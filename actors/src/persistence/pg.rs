@@ -122,6 +122,11 @@ pub const PG_MIGRATIONS: &[PgMigration] = &[
         sql: include_str!("../../../migrations/postgres/0001_init.sql"),
     },
     PgMigration {
+        version: 2,
+        name: "timers",
+        sql: include_str!("../../../migrations/postgres/0002_timers.sql"),
+    },
+    PgMigration {
         version: 4,
         name: "audit_services_tokens",
         sql: include_str!("../../../migrations/postgres/0004_audit_services_tokens.sql"),

@@ -161,22 +161,40 @@ pub fn serialise_on(db: &mut dyn Sql, lock: &str) -> Result<(), StoreError> {
 pub struct SqliteSql<'a>(pub &'a rusqlite::Connection);
 
 impl SqliteSql<'_> {
+    /// Bind `params[k - 1]` to each `$k` of the statement: one pass over
+    /// its parameters, by their names (SQLite numbers named parameters in
+    /// order of appearance, so `$2` may come first), no allocation.
     fn bind<'s>(
         stmt: &mut rusqlite::CachedStatement<'s>,
         params: &[Value],
     ) -> Result<(), StoreError> {
-        for (i, v) in params.iter().enumerate() {
-            let name = format!("${}", i + 1);
-            let Some(idx) = stmt.parameter_index(&name)? else {
-                return Err(StoreError::Invalid(format!(
-                    "statement has no parameter {name}"
-                )));
-            };
-            match v {
+        let count = stmt.parameter_count();
+        for idx in 1..=count {
+            let k = stmt
+                .parameter_name(idx)
+                .and_then(|n| n.strip_prefix('$'))
+                .and_then(|n| n.parse::<usize>().ok())
+                .filter(|k| (1..=params.len()).contains(k))
+                .ok_or_else(|| {
+                    StoreError::Invalid(format!(
+                        "statement parameter {:?} is not one of $1..${}",
+                        stmt.parameter_name(idx),
+                        params.len()
+                    ))
+                })?;
+            match &params[k - 1] {
                 Value::Null => stmt.raw_bind_parameter(idx, rusqlite::types::Null)?,
                 Value::Int(n) => stmt.raw_bind_parameter(idx, n)?,
                 Value::Text(s) => stmt.raw_bind_parameter(idx, s.as_str())?,
             }
+        }
+        // Every parameter given must appear in the text (each `$k` once
+        // among the statement's parameters).
+        if count != params.len() {
+            return Err(StoreError::Invalid(format!(
+                "statement has {count} parameters, {} given",
+                params.len()
+            )));
         }
         Ok(())
     }
@@ -350,5 +368,17 @@ mod tests {
             .unwrap();
         let row = db.row("SELECT b FROM t WHERE a = 8", &[]).unwrap().unwrap();
         assert_eq!(row.opt_text(0).unwrap(), None);
+        // A parameter used twice is bound once; one given but unused, or
+        // used but not given, is an error.
+        db.exec("INSERT INTO t (a, b) VALUES ($1, $1)", vals![9i64])
+            .unwrap();
+        let row = db.row("SELECT b FROM t WHERE a = 9", &[]).unwrap().unwrap();
+        assert_eq!(row.text(0).unwrap(), "9");
+        assert!(db
+            .exec("INSERT INTO t (a) VALUES ($1)", vals![1i64, "x"])
+            .is_err());
+        assert!(db
+            .exec("INSERT INTO t (a, b) VALUES ($1, $2)", vals![1i64])
+            .is_err());
     }
 }

@@ -15,15 +15,17 @@ use std::sync::Arc;
 use actix::prelude::*;
 use chrono::{TimeZone, Utc};
 use chrono_tz::Tz;
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::Connection;
 use serde::{Deserialize, Serialize};
 
-use super::sessions::{self, SessionKey};
+use super::portable;
+use super::sessions::SessionKey;
+use super::sql::{Backend, SqliteSql};
 use super::PersistenceActor;
 use crate::clock::Stamp;
 use crate::error::StoreError;
-use crate::schedule::plan::{plan_fire, Misfire, LATE_AFTER_MS};
-use crate::schedule::{first_run, parse_tz, Schedule, ScheduleSpec};
+use crate::schedule::plan::Misfire;
+use crate::schedule::ScheduleSpec;
 
 /// A change a chat command asks the store to make, inside the transaction
 /// of the message that asked for it.
@@ -190,31 +192,6 @@ pub struct TimerRow {
     pub updated_at: String,
 }
 
-const TIMER_COLUMNS: &str = "SELECT id, session_id, kind, schedule, timezone, callback, params_json,
-        misfire, next_run, last_fired, fired_count, missed_count, state, error, created_at, updated_at
-     FROM timers";
-
-fn timer_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TimerRow> {
-    Ok(TimerRow {
-        id: r.get(0)?,
-        session_id: r.get(1)?,
-        kind: r.get(2)?,
-        schedule: r.get(3)?,
-        timezone: r.get(4)?,
-        callback: r.get(5)?,
-        params_json: r.get(6)?,
-        misfire: r.get(7)?,
-        next_run: r.get(8)?,
-        last_fired: r.get(9)?,
-        fired_count: r.get(10)?,
-        missed_count: r.get(11)?,
-        state: r.get(12)?,
-        error: r.get(13)?,
-        created_at: r.get(14)?,
-        updated_at: r.get(15)?,
-    })
-}
-
 /// A unix-ms instant shown in a zone, e.g. `2026-12-01 09:00 CET`.
 pub fn show_instant(ms: i64, tz: Tz) -> String {
     match Utc.timestamp_millis_opt(ms).single() {
@@ -226,16 +203,15 @@ pub fn show_instant(ms: i64, tz: Tz) -> String {
     }
 }
 
-fn principal_timezone(conn: &Connection, principal: &str) -> Result<Option<String>, StoreError> {
-    Ok(conn
-        .prepare_cached("SELECT timezone FROM principals WHERE id = ?1")?
-        .query_row([principal], |r| r.get::<_, Option<String>>(0))
-        .optional()?
-        .flatten())
+/// The SQLite connection seen through the portable seam.
+fn sql(conn: &Connection) -> SqliteSql<'_> {
+    SqliteSql(conn)
 }
 
 /// Run a command's effect; returns the reply text. Errors the participant
 /// can fix (past instant, never-firing schedule) are replies, not failures.
+/// Timer effects are [`portable::timers::apply_effect`]; `/task …` goes to
+/// the task store.
 pub fn apply_effect(
     conn: &Connection,
     stamp: &Stamp,
@@ -243,126 +219,9 @@ pub fn apply_effect(
     principal: &str,
     effect: &Effect,
 ) -> Result<String, StoreError> {
-    let (at, now_ms) = (&stamp.text, stamp.ms);
     match effect {
-        Effect::SetTimezone(name) => {
-            conn.prepare_cached("UPDATE principals SET timezone = ?2 WHERE id = ?1")?
-                .execute(params![principal, name])?;
-            Ok(format!(
-                "Timezone set to {name}. New reminders use it; existing ones keep theirs."
-            ))
-        }
-        Effect::CreateTimer(req) => {
-            let zone = principal_timezone(conn, principal)?.unwrap_or_else(|| "UTC".into());
-            let tz = parse_tz(&zone).unwrap_or(Tz::UTC);
-            let (schedule, next) = match first_run(&req.spec, tz, now_ms) {
-                Ok(v) => v,
-                Err(e) => return Ok(format!("Cannot set that reminder: {e}.")),
-            };
-            let active: i64 = conn
-                .prepare_cached(
-                    "SELECT COUNT(*) FROM timers WHERE session_id = ?1 AND state = 'active'",
-                )?
-                .query_row([&session.id], |r| r.get(0))?;
-            if active >= MAX_ACTIVE_PER_SESSION {
-                return Ok(format!(
-                    "Cannot set that reminder: this chat already has {MAX_ACTIVE_PER_SESSION} active timers."
-                ));
-            }
-            let schedule_text = match &schedule {
-                Schedule::Once => next.to_string(),
-                Schedule::Cron(e) => e.clone(),
-                Schedule::Interval(ms) => ms.to_string(),
-            };
-            let (callback, params_json) = match &req.task {
-                Some(task) => ("task", serde_json::to_string(task)),
-                None => (
-                    "reminder",
-                    serde_json::to_string(&ReminderParams {
-                        text: req.text.clone(),
-                    }),
-                ),
-            };
-            let params_json = params_json.map_err(|e| StoreError::Invalid(e.to_string()))?;
-            conn.prepare_cached(
-                "INSERT INTO timers (session_id, principal_id, kind, schedule, timezone, callback,
-                     params_json, misfire, catchup_secs, next_run, state, created_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?11, ?6, ?7, ?8, ?9, 'active', ?10, ?10)",
-            )?
-            .execute(params![
-                session.id,
-                principal,
-                schedule.kind(),
-                schedule_text,
-                zone,
-                params_json,
-                req.misfire.as_str(),
-                DEFAULT_CATCHUP_SECS,
-                next,
-                at,
-                callback
-            ])?;
-            let id = conn.last_insert_rowid();
-            let runs = req
-                .task
-                .as_ref()
-                .map(|t| format!(" It runs task {}.", t.name))
-                .unwrap_or_default();
-            Ok(format!(
-                "Reminder #{id} set for {} ({zone}).{runs} /cancel {id} to remove it.",
-                show_instant(next, tz)
-            ))
-        }
-        Effect::CancelTimer(id) => {
-            let n = conn
-                .prepare_cached(
-                    "UPDATE timers SET state = 'cancelled', next_run = NULL, updated_at = ?3
-                     WHERE id = ?1 AND session_id = ?2 AND state IN ('active', 'parked')",
-                )?
-                .execute(params![id, session.id, at])?;
-            Ok(if n == 1 {
-                format!("Timer #{id} cancelled.")
-            } else {
-                format!("No active timer #{id} in this chat. Send /timers for the list.")
-            })
-        }
-        Effect::ListTimers => {
-            let rows = session_timers(conn, &session.id, 50)?;
-            if rows.is_empty() {
-                return Ok("No active timers. Set one with /remind in 10m TEXT".into());
-            }
-            let lines: Vec<String> = rows
-                .iter()
-                .map(|t| {
-                    let tz = parse_tz(&t.timezone).unwrap_or(Tz::UTC);
-                    let text = Callback::parse(&t.callback, &t.params_json)
-                        .map(|c| c.describe())
-                        .unwrap_or_default();
-                    let when = t
-                        .next_run
-                        .map(|n| show_instant(n, tz))
-                        .unwrap_or_else(|| t.state.clone());
-                    let every = match t.kind.as_str() {
-                        "cron" => format!(" (cron {})", t.schedule),
-                        "interval" => format!(
-                            " (every {}s)",
-                            t.schedule.parse::<i64>().unwrap_or(0) / 1000
-                        ),
-                        _ => String::new(),
-                    };
-                    format!("#{} {when}{every}: {}", t.id, truncate(&text, 80))
-                })
-                .collect();
-            Ok(lines.join("\n"))
-        }
         Effect::Task(t) => super::tasks::apply_effect(conn, stamp, session, t),
-    }
-}
-
-fn truncate(s: &str, max_chars: usize) -> String {
-    match s.char_indices().nth(max_chars) {
-        Some((i, _)) => format!("{}…", &s[..i]),
-        None => s.to_string(),
+        other => portable::timers::apply_effect(&mut sql(conn), stamp, session, principal, other),
     }
 }
 
@@ -372,79 +231,37 @@ pub fn session_timers(
     session_id: &str,
     limit: i64,
 ) -> Result<Vec<TimerRow>, StoreError> {
-    let sql = format!(
-        "{TIMER_COLUMNS} WHERE session_id = ?1 AND state IN ('active', 'parked')
-         ORDER BY next_run IS NULL, next_run, id LIMIT ?2"
-    );
-    let mut stmt = conn.prepare_cached(&sql)?;
-    let rows = stmt
-        .query_map(params![session_id, limit], timer_row)?
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(rows)
+    portable::timers::session_timers(&mut sql(conn), session_id, limit)
 }
 
 /// Every timer, newest first (operator listing), at most `limit`.
 pub fn list_timers(conn: &Connection, limit: i64) -> Result<Vec<TimerRow>, StoreError> {
-    let sql = format!("{TIMER_COLUMNS} ORDER BY id DESC LIMIT ?1");
-    let mut stmt = conn.prepare_cached(&sql)?;
-    let rows = stmt
-        .query_map([limit], timer_row)?
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(rows)
+    portable::timers::list_timers(&mut sql(conn), limit)
 }
 
 /// One timer by id.
 pub fn get_timer(conn: &Connection, id: i64) -> Result<Option<TimerRow>, StoreError> {
-    let sql = format!("{TIMER_COLUMNS} WHERE id = ?1");
-    Ok(conn
-        .prepare_cached(&sql)?
-        .query_row([id], timer_row)
-        .optional()?)
+    portable::timers::get_timer(&mut sql(conn), id)
 }
 
 /// Cancel any timer (operator). Returns whether it was active or parked.
 pub fn cancel_timer(conn: &Connection, at: &Stamp, id: i64) -> Result<bool, StoreError> {
-    let n = conn
-        .prepare_cached(
-            "UPDATE timers SET state = 'cancelled', next_run = NULL, updated_at = ?2
-             WHERE id = ?1 AND state IN ('active', 'parked')",
-        )?
-        .execute(params![id, at.text])?;
-    Ok(n == 1)
+    portable::timers::cancel_timer(&mut sql(conn), at, id)
 }
 
 /// The earliest due active timers: `(id, next_run)`, at most `limit`, from
 /// the partial index. The timer actor's window.
 pub fn due_window(conn: &Connection, limit: i64) -> Result<Vec<(i64, i64)>, StoreError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT id, next_run FROM timers WHERE state = 'active' AND next_run IS NOT NULL
-         ORDER BY next_run, id LIMIT ?1",
-    )?;
-    let rows = stmt
-        .query_map([limit], |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(rows)
+    portable::timers::due_window(&mut sql(conn), limit)
 }
 
-/// Like [`due_window`], but only entries after `(next_run, id)` = `after`
-/// (keyset order on the same index): the timer actor refills its window
-/// this way while fires it already took are still being committed.
+/// Like [`due_window`], but only entries after `(next_run, id)` = `after`.
 pub fn due_window_after(
     conn: &Connection,
     after: (i64, i64),
     limit: i64,
 ) -> Result<Vec<(i64, i64)>, StoreError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT id, next_run FROM timers WHERE state = 'active' AND next_run IS NOT NULL
-             AND (next_run, id) > (?1, ?2)
-         ORDER BY next_run, id LIMIT ?3",
-    )?;
-    let rows = stmt
-        .query_map(params![after.0, after.1, limit], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(rows)
+    portable::timers::due_window_after(&mut sql(conn), after, limit)
 }
 
 /// What one fire did.
@@ -468,37 +285,27 @@ pub struct FireOutcome {
     pub tasks_queued: i64,
 }
 
-fn park(conn: &Connection, at: &str, id: i64, error: &str) -> Result<FireOutcome, StoreError> {
-    conn.prepare_cached(
-        "UPDATE timers SET state = 'parked', next_run = NULL, error = ?2, updated_at = ?3 WHERE id = ?1",
-    )?
-    .execute(params![id, error, at])?;
-    tracing::warn!(timer = id, %error, "timer parked");
-    Ok(FireOutcome {
-        parked: true,
-        ..FireOutcome::default()
-    })
+/// Queue a `task` callback's task in the SQLite task store.
+fn sqlite_queue_task(
+    conn: &Connection,
+) -> impl FnMut(&str, &TaskParams, Vec<String>, &str) -> Result<i64, StoreError> + '_ {
+    move |at, p, args, session_id| {
+        super::tasks::create_task(
+            conn,
+            at,
+            &super::tasks::NewTask {
+                name: p.name.clone(),
+                args,
+                session_id: Some(session_id.to_string()),
+                origin: super::tasks::Origin::Timer,
+            },
+        )
+    }
 }
 
-/// What `fire_timer` reads about one timer and its session.
-struct DueRow {
-    state: String,
-    kind: String,
-    schedule: String,
-    zone: String,
-    callback: String,
-    params_json: String,
-    misfire: String,
-    catchup_secs: i64,
-    next_run: Option<i64>,
-    session: SessionKey,
-}
-
-/// Fire timer `id`, expected due at `due`, at `now_ms` — ONE unit of work:
-/// the receipt `(id, due instant)` (a receipt that exists already means the
-/// instant fired: nothing happens), the callback's effect (a reminder turn +
-/// outbox row) and the timer's next state. `routed`: channels with a
-/// delivery route.
+/// Fire timer `id`, expected due at `due`, at `now_ms` — ONE unit of work
+/// ([`portable::timers::fire_timer`]), `task` callbacks queued in the
+/// SQLite task store.
 pub fn fire_timer(
     conn: &Connection,
     id: i64,
@@ -506,270 +313,57 @@ pub fn fire_timer(
     now_ms: i64,
     routed: &HashSet<String>,
 ) -> Result<FireOutcome, StoreError> {
-    // `now_ms` comes from the timer actor's injected clock.
-    let at = Stamp::from_ms(now_ms);
-    let row: Option<DueRow> = conn
-        .prepare_cached(
-            "SELECT t.state, t.kind, t.schedule, t.timezone, t.callback, t.params_json, t.misfire,
-                    t.catchup_secs, t.next_run, s.id, s.channel, s.chat
-             FROM timers t JOIN sessions s ON s.id = t.session_id WHERE t.id = ?1",
-        )?
-        .query_row([id], |r| {
-            Ok(DueRow {
-                state: r.get(0)?,
-                kind: r.get(1)?,
-                schedule: r.get(2)?,
-                zone: r.get(3)?,
-                callback: r.get(4)?,
-                params_json: r.get(5)?,
-                misfire: r.get(6)?,
-                catchup_secs: r.get(7)?,
-                next_run: r.get(8)?,
-                session: SessionKey {
-                    id: r.get(9)?,
-                    channel: r.get(10)?,
-                    chat: r.get(11)?,
-                },
-            })
-        })
-        .optional()?;
-    let stale = FireOutcome {
-        stale: true,
-        ..FireOutcome::default()
-    };
-    let Some(DueRow {
-        state,
-        kind,
-        schedule,
-        zone,
-        callback,
-        params_json,
-        misfire,
-        catchup_secs: catchup,
-        next_run: next,
-        session,
-    }) = row
-    else {
-        return Ok(stale);
-    };
-    if state != "active" || next != Some(due) {
-        return Ok(stale);
-    }
-    let tz = match parse_tz(&zone) {
-        Ok(tz) => tz,
-        Err(e) => return park(conn, &at.text, id, &e.to_string()),
-    };
-    let schedule = match Schedule::from_row(&kind, &schedule) {
-        Ok(s) => s,
-        Err(e) => return park(conn, &at.text, id, &e.to_string()),
-    };
-    let callback = match Callback::parse(&callback, &params_json) {
-        Ok(c) => c,
-        Err(e) => return park(conn, &at.text, id, &e),
-    };
-    let task_args = match &callback {
-        Callback::Task(p) => match p.argv() {
-            Ok(args) => args,
-            Err(e) => return park(conn, &at.text, id, &e),
-        },
-        _ => Vec::new(),
-    };
-    let policy = Misfire::parse(&misfire).unwrap_or(Misfire::FireOnce);
-    let plan = match plan_fire(
-        &schedule,
-        tz,
-        policy,
-        catchup.saturating_mul(1000),
+    let mut queue = sqlite_queue_task(conn);
+    portable::timers::fire_timer(
+        &mut sql(conn),
+        id,
         due,
         now_ms,
-    ) {
-        Ok(p) => p,
-        Err(e) => return park(conn, &at.text, id, &e.to_string()),
-    };
-    let mut out = FireOutcome {
-        missed: plan.missed,
-        next_run: plan.next,
-        ..FireOutcome::default()
-    };
-    for &instant in &plan.fires {
-        let late_ms = (now_ms - instant).max(0);
-        let inserted = conn
-            .prepare_cached(
-                "INSERT OR IGNORE INTO timer_fires (timer_id, due_at, fired_at, late_ms)
-                 VALUES (?1, ?2, ?3, ?4)",
-            )?
-            .execute(params![id, instant, now_ms, late_ms])?;
-        if inserted == 0 {
-            continue;
-        }
-        out.fired += 1;
-        if late_ms > LATE_AFTER_MS {
-            out.late += 1;
-        }
-        match &callback {
-            Callback::Reminder(p) => {
-                let mut text = format!("⏰ Reminder #{id}: {}", p.text);
-                if late_ms > LATE_AFTER_MS {
-                    text.push_str(&format!(
-                        " (late by {}s: keel was not running at {})",
-                        late_ms / 1000,
-                        show_instant(instant, tz)
-                    ));
-                }
-                let deliver = routed.contains(&session.channel);
-                let (_, outbox) = sessions::commit_notice(conn, &at, &session, &text, deliver)?;
-                out.outbox_rows += i64::from(outbox.is_some());
-            }
-            Callback::StateTransition(p) => {
-                let moved = transition_timer(conn, &at.text, &session.id, id, p)?;
-                let text = if moved {
-                    format!("Timer #{} {} by timer #{id}.", p.timer_id, p.to.as_str())
-                } else {
-                    format!(
-                        "Timer #{id} found no active timer #{} in this chat to set {}.",
-                        p.timer_id,
-                        p.to.as_str()
-                    )
-                };
-                sessions::commit_notice(conn, &at, &session, &text, false)?;
-            }
-            Callback::Task(p) => {
-                let task = super::tasks::create_task(
-                    conn,
-                    &at.text,
-                    &super::tasks::NewTask {
-                        name: p.name.clone(),
-                        args: task_args.clone(),
-                        session_id: Some(session.id.clone()),
-                        origin: super::tasks::Origin::Timer,
-                    },
-                )?;
-                out.tasks_queued += 1;
-                let text = format!("Timer #{id} started task {task} ({}).", p.name);
-                sessions::commit_notice(conn, &at, &session, &text, false)?;
-            }
-        }
-    }
-    let last = plan.fires.last().copied();
-    conn.prepare_cached(
-        "UPDATE timers SET next_run = ?2, state = ?3, last_fired = COALESCE(?4, last_fired),
-                fired_count = fired_count + ?5, missed_count = missed_count + ?6, updated_at = ?7
-         WHERE id = ?1",
-    )?
-    .execute(params![
-        id,
-        plan.next,
-        if plan.next.is_some() {
-            "active"
-        } else {
-            "done"
-        },
-        last,
-        out.fired,
-        out.missed,
-        at.text
-    ])?;
-    Ok(out)
+        routed,
+        Some(&mut queue),
+        None,
+    )
 }
 
-/// `state_transition`: move timer `p.timer_id` of session `session_id`
-/// (not `by` itself) from active/parked to `p.to`. Returns whether it moved.
-fn transition_timer(
-    conn: &Connection,
-    at: &str,
-    session_id: &str,
-    by: i64,
-    p: &StateTransitionParams,
-) -> Result<bool, StoreError> {
-    let note = format!("set {} by timer #{by}", p.to.as_str());
-    let n = conn
-        .prepare_cached(
-            "UPDATE timers SET state = ?3, next_run = NULL,
-                 error = CASE WHEN ?3 = 'parked' THEN ?4 ELSE error END, updated_at = ?5
-             WHERE id = ?1 AND session_id = ?2 AND id != ?6 AND state IN ('active', 'parked')",
-        )?
-        .execute(params![p.timer_id, session_id, p.to.as_str(), note, at, by])?;
-    Ok(n == 1)
-}
-
-/// Fire several due timers in the writer's transaction, each in its own
-/// savepoint: a timer whose fire fails is rolled back alone (it stays due),
-/// the others commit together. Storage failure (`Unavailable`) fails all.
+/// Fire several due timers, each in its own savepoint
+/// ([`portable::timers::fire_timers`]).
 pub fn fire_timers(
     conn: &Connection,
     fires: &[(i64, i64)],
     now_ms: i64,
     routed: &HashSet<String>,
 ) -> Result<Vec<Result<FireOutcome, StoreError>>, StoreError> {
-    let mut out = Vec::with_capacity(fires.len());
-    for &(id, due) in fires {
-        conn.prepare_cached("SAVEPOINT fire")?.execute([])?;
-        match fire_timer(conn, id, due, now_ms, routed) {
-            Ok(o) => {
-                crate::failpoint::hit("timer_fire");
-                conn.prepare_cached("RELEASE fire")?.execute([])?;
-                out.push(Ok(o));
-            }
-            Err(StoreError::Unavailable(reason)) => return Err(StoreError::Unavailable(reason)),
-            Err(e) => {
-                conn.prepare_cached("ROLLBACK TO fire")?.execute([])?;
-                conn.prepare_cached("RELEASE fire")?.execute([])?;
-                out.push(Err(e));
-            }
-        }
-    }
-    Ok(out)
+    let mut queue = sqlite_queue_task(conn);
+    portable::timers::fire_timers(&mut sql(conn), fires, now_ms, routed, Some(&mut queue))
 }
 
-/// Delete done/cancelled timers last changed before `before` (RFC 3339) and
-/// receipts fired before `before_ms`. Returns (timers, receipts) deleted.
-/// A receipt is consulted only while its timer's `next_run` is at or before
-/// the receipt's instant, which ends with the commit that wrote it; old
-/// receipts are kept for operators and the tests, then pruned.
+/// Delete old finished timers and receipts ([`portable::timers::prune`]).
 pub fn prune(
     conn: &Connection,
     before: &str,
     before_ms: i64,
     limit: i64,
 ) -> Result<(usize, usize), StoreError> {
-    let timers = conn
-        .prepare_cached(
-            "DELETE FROM timers WHERE id IN (
-                 SELECT id FROM timers WHERE state IN ('done', 'cancelled') AND updated_at < ?1
-                 LIMIT ?2)",
-        )?
-        .execute(params![before, limit])?;
-    let receipts = conn
-        .prepare_cached(
-            "DELETE FROM timer_fires WHERE (timer_id, due_at) IN (
-                 SELECT timer_id, due_at FROM timer_fires WHERE fired_at < ?1 LIMIT ?2)",
-        )?
-        .execute(params![before_ms, limit])?;
-    Ok((timers, receipts))
+    portable::timers::prune(&mut sql(conn), before, before_ms, limit)
 }
 
 /// Active, parked, done and cancelled timers: `(state, count)`, for
 /// `keel status`. A scan of the table: on demand only, never at start.
 pub fn count_by_state(conn: &Connection) -> Result<Vec<(String, i64)>, StoreError> {
-    let mut stmt =
-        conn.prepare_cached("SELECT state, COUNT(*) FROM timers GROUP BY state ORDER BY state")?;
-    let rows = stmt
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(rows)
+    portable::timers::count_by_state(&mut sql(conn))
 }
 
-/// Active timers, counted through the `timers_due` partial index (about
-/// 20 ms of CPU per million): `/metrics`, not the hot path.
+/// Active timers, counted through the `timers_due` partial index:
+/// `/metrics`, not the hot path.
 pub fn count_active(conn: &Connection) -> Result<i64, StoreError> {
-    Ok(conn
-        .prepare_cached(
-            "SELECT COUNT(*) FROM timers WHERE state = 'active' AND next_run IS NOT NULL",
-        )?
-        .query_row([], |r| r.get(0))?)
+    portable::timers::count_active(&mut sql(conn))
 }
 
 // ---- messages to the PersistenceActor ----
+//
+// Every handler runs the portable store code on PostgreSQL (`call_sql`);
+// on SQLite the same functions through the wrappers above, on the writer
+// (`call`, where `task` callbacks can reach the SQLite task store).
 
 /// Load the timer window. Sent by the timer actor.
 #[derive(Debug, Clone, Message)]
@@ -784,9 +378,9 @@ pub struct GetDueWindow {
 impl Handler<GetDueWindow> for PersistenceActor {
     type Result = ResponseFuture<Result<Vec<(i64, i64)>, StoreError>>;
     fn handle(&mut self, msg: GetDueWindow, _: &mut Context<Self>) -> Self::Result {
-        self.call(move |c, _| match msg.after {
-            None => due_window(c, msg.limit),
-            Some(after) => due_window_after(c, after, msg.limit),
+        self.call_sql(move |db, _| match msg.after {
+            None => portable::timers::due_window(db, msg.limit),
+            Some(after) => portable::timers::due_window_after(db, after, msg.limit),
         })
     }
 }
@@ -800,6 +394,9 @@ pub struct CountActiveTimers;
 impl Handler<CountActiveTimers> for PersistenceActor {
     type Result = ResponseFuture<Result<i64, StoreError>>;
     fn handle(&mut self, _: CountActiveTimers, _: &mut Context<Self>) -> Self::Result {
+        if self.backend() == Backend::Postgres {
+            return self.call_sql(|db, _| portable::timers::count_active(db));
+        }
         // About 100 ms per million active timers: beside the writer.
         self.read_beside(count_active)
     }
@@ -818,6 +415,20 @@ pub struct FireTimer {
 impl Handler<FireTimer> for PersistenceActor {
     type Result = ResponseFuture<Result<FireOutcome, StoreError>>;
     fn handle(&mut self, msg: FireTimer, _: &mut Context<Self>) -> Self::Result {
+        if self.backend() == Backend::Postgres {
+            // No task store there yet: a `task` timer parks.
+            return self.call_sql(move |db, _| {
+                portable::timers::fire_timer(
+                    db,
+                    msg.id,
+                    msg.due,
+                    msg.now_ms,
+                    &msg.routed,
+                    None,
+                    None,
+                )
+            });
+        }
         self.call(move |c, _| fire_timer(c, msg.id, msg.due, msg.now_ms, &msg.routed))
     }
 }
@@ -836,6 +447,11 @@ pub struct FireTimers {
 impl Handler<FireTimers> for PersistenceActor {
     type Result = ResponseFuture<Result<Vec<Result<FireOutcome, StoreError>>, StoreError>>;
     fn handle(&mut self, msg: FireTimers, _: &mut Context<Self>) -> Self::Result {
+        if self.backend() == Backend::Postgres {
+            return self.call_sql(move |db, _| {
+                portable::timers::fire_timers(db, &msg.fires, msg.now_ms, &msg.routed, None)
+            });
+        }
         self.call(move |c, _| fire_timers(c, &msg.fires, msg.now_ms, &msg.routed))
     }
 }
@@ -854,14 +470,73 @@ pub struct PruneTimers {
 impl Handler<PruneTimers> for PersistenceActor {
     type Result = ResponseFuture<Result<(usize, usize), StoreError>>;
     fn handle(&mut self, msg: PruneTimers, _: &mut Context<Self>) -> Self::Result {
-        self.call(move |c, _| prune(c, &msg.before, msg.before_ms, msg.limit))
+        self.call_sql(move |db, _| {
+            portable::timers::prune(db, &msg.before, msg.before_ms, msg.limit)
+        })
+    }
+}
+
+/// Every timer, newest first, at most `limit`: what `keel timers list`
+/// reads, through the actor (either backend).
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<Vec<TimerRow>, StoreError>")]
+pub struct GetTimers {
+    pub limit: i64,
+}
+
+impl Handler<GetTimers> for PersistenceActor {
+    type Result = ResponseFuture<Result<Vec<TimerRow>, StoreError>>;
+    fn handle(&mut self, msg: GetTimers, _: &mut Context<Self>) -> Self::Result {
+        self.call_sql(move |db, _| portable::timers::list_timers(db, msg.limit))
+    }
+}
+
+/// One timer by id (`keel timers show`).
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<Option<TimerRow>, StoreError>")]
+pub struct GetTimer {
+    pub id: i64,
+}
+
+impl Handler<GetTimer> for PersistenceActor {
+    type Result = ResponseFuture<Result<Option<TimerRow>, StoreError>>;
+    fn handle(&mut self, msg: GetTimer, _: &mut Context<Self>) -> Self::Result {
+        self.call_sql(move |db, _| portable::timers::get_timer(db, msg.id))
+    }
+}
+
+/// Cancel any timer (`keel timers cancel`); whether it was active or parked.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<bool, StoreError>")]
+pub struct CancelTimerById {
+    pub id: i64,
+}
+
+impl Handler<CancelTimerById> for PersistenceActor {
+    type Result = ResponseFuture<Result<bool, StoreError>>;
+    fn handle(&mut self, msg: CancelTimerById, _: &mut Context<Self>) -> Self::Result {
+        self.call_sql(move |db, at| portable::timers::cancel_timer(db, at, msg.id))
+    }
+}
+
+/// Timers per state (`keel status`).
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<Vec<(String, i64)>, StoreError>")]
+pub struct GetTimerCounts;
+
+impl Handler<GetTimerCounts> for PersistenceActor {
+    type Result = ResponseFuture<Result<Vec<(String, i64)>, StoreError>>;
+    fn handle(&mut self, _: GetTimerCounts, _: &mut Context<Self>) -> Self::Result {
+        self.call_sql(|db, _| portable::timers::count_by_state(db))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::persistence::sessions;
     use crate::persistence::testing::{at, db};
+    use rusqlite::params;
 
     use crate::persistence::sessions::{commit_exchange, Exchange, ExchangeOutcome, ReplyPlan};
 

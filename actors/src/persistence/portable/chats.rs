@@ -22,9 +22,6 @@ use crate::vals;
 /// (no session has this many turns).
 const SEQ_SHIFT: i64 = 1 << 40;
 
-/// Why timers of an unreachable chat are parked: resumed by `Reachable`.
-pub const PAUSED: &str = "paused: ";
-
 /// The outbox's foreign key to turns (PostgreSQL's default name).
 const OUTBOX_TURN_FK: &str = "outbox_session_id_turn_seq_fkey";
 
@@ -58,24 +55,14 @@ pub fn apply_chat_event(
                  WHERE session_id = $1 AND state IN ('pending', 'unknown')",
                 vals![&session.id, reason],
             )?;
-            // Parked keeps next_run: resuming continues from there.
-            db.exec(
-                "UPDATE timers SET state = 'parked', error = $2, updated_at = $3
-                 WHERE session_id = $1 AND state = 'active'",
-                vals![&session.id, format!("{PAUSED}{reason}"), at],
-            )?;
+            super::timers::pause_session(db, &session.id, reason, at)?;
         }
         ChatEvent::Reachable => {
             db.exec(
                 "UPDATE sessions SET unreachable = NULL, updated_at = $2 WHERE id = $1",
                 vals![&session.id, at],
             )?;
-            db.exec(
-                "UPDATE timers SET state = 'active', error = NULL, updated_at = $3
-                 WHERE session_id = $1 AND state = 'parked' AND next_run IS NOT NULL
-                   AND substr(error, 1, length($2)) = $2",
-                vals![&session.id, PAUSED, at],
-            )?;
+            super::timers::resume_session(db, &session.id, at)?;
         }
     }
     Ok(())

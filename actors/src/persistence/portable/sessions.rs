@@ -161,18 +161,13 @@ pub fn load_adapter_state(db: &mut dyn Sql, adapter: &str) -> Result<Option<Stri
 }
 
 /// Store an inbound turn (once per sender and key) and its reply + outbox
-/// row; see `persistence::sessions::commit_exchange`. Not portable yet:
-/// command effects (timers) and chat events, refused with a clear reason.
+/// row, with a command's timer effect and what the channel said about the
+/// chat; see `persistence::sessions::commit_exchange`.
 pub fn commit_exchange(
     db: &mut dyn Sql,
     stamp: &Stamp,
     ex: &Exchange,
 ) -> Result<ExchangeOutcome, StoreError> {
-    if ex.effect.is_some() {
-        return Err(StoreError::Invalid(
-            "commands with timers are not available on the postgres backend yet".into(),
-        ));
-    }
     let at = &stamp.text;
     if let Some(f) = &ex.fence {
         super::leases::check(db, &f.lease, f.token, stamp.ms)?;
@@ -196,16 +191,29 @@ pub fn commit_exchange(
             ExchangeOutcome::Conflict { user_seq }
         });
     }
-    let reply: Option<&ReplyPlan> = ex.reply.as_ref().filter(|_| ex.answer);
-    let n = if reply.is_some() { 2 } else { 1 };
-    take_seqs(db, &ex.session.id, n, ex.memory.as_deref(), at)?;
-    let user_seq = first;
-    // A chat that writes to keel (a user message keel answers) can be
-    // written to again: a missed "member again" update does not leave it
-    // marked unreachable with its timers paused. A moved chat stays moved.
+    let rendered;
+    let reply = match (&ex.reply, &ex.effect) {
+        (Some(plan), Some(effect)) => {
+            let text = super::timers::apply_effect(db, stamp, &ex.session, &principal, effect)?;
+            rendered = ReplyPlan {
+                text,
+                deliver: plan.deliver,
+            };
+            Some(&rendered)
+        }
+        (plan, _) => plan.as_ref(),
+    };
+    // A turn that is only stored gets no reply and waits for nobody.
+    let reply: Option<&ReplyPlan> = reply.filter(|_| ex.answer);
+    // A chat that writes to keel can be written to again: a missed "member
+    // again" update does not leave it marked unreachable with its timers
+    // paused. A moved chat stays moved.
     let back = ex.answer
         && ex.chat_event.is_none()
         && unreachable.is_some_and(|u| !u.starts_with("moved to "));
+    let n = if reply.is_some() { 2 } else { 1 };
+    take_seqs(db, &ex.session.id, n, ex.memory.as_deref(), at)?;
+    let user_seq = first;
     let status = match (ex.answer, reply.is_some()) {
         (false, _) => None,
         (true, true) => Some("answered"),
