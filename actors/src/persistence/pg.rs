@@ -93,11 +93,18 @@ pub struct PgMigration {
 }
 
 /// Every PostgreSQL migration this binary knows, in order. Append only.
-pub const PG_MIGRATIONS: &[PgMigration] = &[PgMigration {
-    version: 1,
-    name: "init",
-    sql: include_str!("../../../migrations/postgres/0001_init.sql"),
-}];
+pub const PG_MIGRATIONS: &[PgMigration] = &[
+    PgMigration {
+        version: 1,
+        name: "init",
+        sql: include_str!("../../../migrations/postgres/0001_init.sql"),
+    },
+    PgMigration {
+        version: 3,
+        name: "tasks",
+        sql: include_str!("../../../migrations/postgres/0003_tasks.sql"),
+    },
+];
 
 /// The PostgreSQL schema version this binary writes.
 pub fn pg_latest_version() -> i64 {

@@ -6,8 +6,10 @@
 //! how the rest of the store becomes portable (ARCHITECTURE.md,
 //! "PostgreSQL").
 
+pub mod audit;
 pub mod instances;
 pub mod leases;
 pub mod outbox;
 pub mod sessions;
+pub mod tasks;
 pub mod timers;
