@@ -317,6 +317,15 @@ pub fn get_task(conn: &Connection, id: i64) -> Result<Option<TaskRow>, StoreErro
     p::get_task(&mut SqliteSql(conn), id)
 }
 
+/// Every task with its transitions (oldest first), optionally in one state.
+pub fn list_details(
+    conn: &Connection,
+    state: Option<&str>,
+    limit: i64,
+) -> Result<Vec<TaskDetail>, StoreError> {
+    p::list_details(&mut SqliteSql(conn), state, limit)
+}
+
 /// One task with every transition, oldest first.
 pub fn task_detail(conn: &Connection, id: i64) -> Result<Option<TaskDetail>, StoreError> {
     p::task_detail(&mut SqliteSql(conn), id)
