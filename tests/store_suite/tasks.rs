@@ -420,6 +420,22 @@ async fn recovery_interrupts_only_its_own_older_starts_and_dead_instances_tasks(
         assert_eq!((r.interrupted, r.requeued), (1, 1), "{}", s.name);
         assert!(r.orphans.is_empty(), "{}: c's pid is c's host's", s.name);
         assert_eq!(state(a, dead).await, "QUEUED", "{}", s.name);
+        // c's late end of that attempt changes nothing.
+        assert!(
+            !b.send(FinishTask(finish(
+                dead,
+                TaskState::Succeeded,
+                1,
+                Vec::new()
+            )))
+            .await
+            .unwrap()
+            .unwrap(),
+            "{}",
+            s.name
+        );
+        assert_eq!(state(a, dead).await, "QUEUED", "{}", s.name);
+        assert_eq!(detail(a, dead).await.task.attempt, 2, "{}", s.name);
         // a restarts (epoch 2): its own RUNNING tasks of start 1 go.
         assert_eq!(reg(a, "a", now, 600_000).await.unwrap().unwrap(), 2);
         let r = recover(a, 2, Some("a")).await.unwrap().unwrap();

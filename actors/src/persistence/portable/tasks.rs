@@ -348,18 +348,20 @@ pub fn append_logs(
 }
 
 /// Record the end of an attempt (and its notice to the chat). A task that
-/// is not RUNNING (or QUEUED) any more is left alone (`false`).
+/// is not RUNNING (or QUEUED: refused before its start) in that attempt
+/// any more is left alone (`false`): e.g. the late end of an attempt that
+/// another instance's recovery interrupted and queued again meanwhile.
 pub fn finish_task(db: &mut dyn Sql, stamp: &Stamp, f: &Finish) -> Result<bool, StoreError> {
     let at = &stamp.text;
     let sql = format!(
-        "SELECT state, session_id FROM tasks WHERE id = $1{}",
+        "SELECT state, session_id, attempt FROM tasks WHERE id = $1{}",
         db.for_update()
     );
     let Some(r) = db.row(&sql, vals![f.id])? else {
         return Ok(false);
     };
-    let (state, session) = (r.text(0)?, r.opt_text(1)?);
-    if state != "RUNNING" && state != "QUEUED" {
+    let (state, session, attempt) = (r.text(0)?, r.opt_text(1)?, r.int(2)?);
+    if (state != "RUNNING" && state != "QUEUED") || attempt != f.attempt {
         return Ok(false);
     }
     append_logs(db, at, f.id, &f.fragments)?;
