@@ -369,4 +369,21 @@ mod tests {
         let row = db.row("SELECT b FROM t WHERE a = 8", &[]).unwrap().unwrap();
         assert_eq!(row.opt_text(0).unwrap(), None);
     }
+
+    #[test]
+    fn sqlite_binds_and_reads_bytes_as_a_blob() {
+        let c = rusqlite::Connection::open_in_memory().unwrap();
+        let mut db = SqliteSql(&c);
+        db.exec("CREATE TABLE b (k INTEGER, v BLOB)", &[]).unwrap();
+        let raw: &[u8] = b"a\xff\x00z";
+        db.exec("INSERT INTO b (k, v) VALUES ($1, $2)", vals![1i64, raw])
+            .unwrap();
+        let row = db
+            .row("SELECT v, typeof(v) FROM b WHERE k = 1", &[])
+            .unwrap()
+            .unwrap();
+        assert_eq!(row.bytes(0).unwrap(), raw);
+        assert_eq!(row.text(1).unwrap(), "blob");
+        assert!(row.text(0).is_err(), "bytes are not text");
+    }
 }
