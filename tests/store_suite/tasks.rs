@@ -551,3 +551,60 @@ async fn pruning_removes_old_finished_tasks_in_bounded_batches_and_counts_follow
         );
     }
 }
+
+#[actix::test]
+async fn a_container_task_of_an_older_start_is_re_attached_where_its_output_ends() {
+    for s in backends("task_reattach", 1) {
+        let st = &s.instances[0];
+        let id = create(st, "box").await;
+        assert!(start(st, id, 1, Some("a")).await);
+        let mut with_resume = frag(2, "stdout", b"yy");
+        with_resume.resume = Some("2026-12-03T00:00:01Z 1 0".into());
+        st.send(AppendLogs {
+            id,
+            fragments: Arc::new(vec![
+                frag(1, "stdout", b"x"),
+                with_resume,
+                frag(3, "stderr", b"z"),
+            ]),
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        let r = st
+            .send(RecoverTasks {
+                epoch: 2,
+                retry: HashMap::new(),
+                reattach: HashSet::from(["box".to_string()]),
+                instance: Some("a".into()),
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((r.interrupted, r.reattach.len()), (0, 1), "{}", s.name);
+        let t = &r.reattach[0];
+        assert_eq!(
+            (t.id, t.next_seq, t.stored, t.log_bytes, t.resume.as_deref()),
+            (id, 4, 4, 4, Some("2026-12-03T00:00:01Z 1 0")),
+            "{}",
+            s.name
+        );
+        assert_eq!(t.args, vec!["a b".to_string(), "c".to_string()]);
+        let d = detail(st, id).await;
+        let last = d.states.last().unwrap();
+        assert_eq!(
+            (d.task.state.as_str(), d.task.boot_epoch, last.boot_epoch),
+            ("RUNNING", Some(2), 2),
+            "{}",
+            s.name
+        );
+        assert!(
+            last.detail
+                .as_deref()
+                .unwrap_or("")
+                .starts_with("re-attached by start #2"),
+            "{}: {last:?}",
+            s.name
+        );
+    }
+}
