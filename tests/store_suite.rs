@@ -9,6 +9,8 @@
 
 #[path = "common/pg.rs"]
 mod pg;
+#[path = "store_suite/tasks.rs"]
+mod tasks;
 
 use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;

@@ -148,7 +148,11 @@ async fn an_older_epochs_running_task_is_interrupted_and_requeued_before_anythin
     // must not signal it (if it did, this test process would die).
     let left = queue(&store, "again").await;
     store
-        .send(StartTask { id: left, epoch: 1 })
+        .send(StartTask {
+            id: left,
+            epoch: 1,
+            instance: None,
+        })
         .await
         .unwrap()
         .unwrap();

@@ -55,7 +55,7 @@ pub struct AuditRecord {
 /// The chained payload of a record: its time and detail as a JSON array
 /// (unambiguous), hashed with the services event log's scheme
 /// ([`crate::chain::link_hash`]).
-fn payload(at: &str, detail: &str) -> String {
+pub(crate) fn payload(at: &str, detail: &str) -> String {
     serde_json::to_string(&(at, detail)).expect("strings serialize")
 }
 

@@ -75,6 +75,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "outbox_counts",
         sql: include_str!("../../../migrations/0011_outbox_counts.sql"),
     },
+    Migration {
+        version: 12,
+        name: "task_instances",
+        sql: include_str!("../../../migrations/0012_task_instances.sql"),
+    },
 ];
 
 /// The schema version this binary writes.

@@ -127,6 +127,11 @@ pub const PG_MIGRATIONS: &[PgMigration] = &[
         sql: include_str!("../../../migrations/postgres/0002_timers.sql"),
     },
     PgMigration {
+        version: 3,
+        name: "tasks",
+        sql: include_str!("../../../migrations/postgres/0003_tasks.sql"),
+    },
+    PgMigration {
         version: 4,
         name: "audit_services_tokens",
         sql: include_str!("../../../migrations/postgres/0004_audit_services_tokens.sql"),

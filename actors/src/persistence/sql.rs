@@ -29,6 +29,8 @@ pub enum Value {
     Null,
     Int(i64),
     Text(String),
+    /// Raw bytes (SQLite BLOB, PostgreSQL BYTEA): captured task output.
+    Bytes(Vec<u8>),
 }
 
 impl From<i64> for Value {
@@ -54,6 +56,21 @@ impl From<&String> for Value {
 impl From<String> for Value {
     fn from(v: String) -> Value {
         Value::Text(v)
+    }
+}
+impl From<&[u8]> for Value {
+    fn from(v: &[u8]) -> Value {
+        Value::Bytes(v.to_vec())
+    }
+}
+impl From<&Vec<u8>> for Value {
+    fn from(v: &Vec<u8>) -> Value {
+        Value::Bytes(v.clone())
+    }
+}
+impl From<Vec<u8>> for Value {
+    fn from(v: Vec<u8>) -> Value {
+        Value::Bytes(v)
     }
 }
 impl<T: Into<Value>> From<Option<T>> for Value {
@@ -101,6 +118,19 @@ impl Row {
             Value::Int(v) => Ok(v.to_string()),
             Value::Null => Err(StoreError::Invalid(format!(
                 "column {i}: expected text, found NULL"
+            ))),
+            Value::Bytes(_) => Err(StoreError::Invalid(format!(
+                "column {i}: expected text, found bytes"
+            ))),
+        }
+    }
+
+    pub fn bytes(&self, i: usize) -> Result<Vec<u8>, StoreError> {
+        match self.col(i)? {
+            Value::Bytes(v) => Ok(v.clone()),
+            Value::Text(v) => Ok(v.clone().into_bytes()),
+            other => Err(StoreError::Invalid(format!(
+                "column {i}: expected bytes, found {other:?}"
             ))),
         }
     }
@@ -186,6 +216,7 @@ impl SqliteSql<'_> {
                 Value::Null => stmt.raw_bind_parameter(idx, rusqlite::types::Null)?,
                 Value::Int(n) => stmt.raw_bind_parameter(idx, n)?,
                 Value::Text(s) => stmt.raw_bind_parameter(idx, s.as_str())?,
+                Value::Bytes(b) => stmt.raw_bind_parameter(idx, b.as_slice())?,
             }
         }
         // Every parameter given must appear in the text (each `$k` once
@@ -206,9 +237,10 @@ fn sqlite_value(v: rusqlite::types::ValueRef<'_>) -> Result<Value, StoreError> {
         ValueRef::Null => Value::Null,
         ValueRef::Integer(n) => Value::Int(n),
         ValueRef::Text(t) => Value::Text(String::from_utf8_lossy(t).into_owned()),
-        ValueRef::Real(_) | ValueRef::Blob(_) => {
+        ValueRef::Blob(b) => Value::Bytes(b.to_vec()),
+        ValueRef::Real(_) => {
             return Err(StoreError::Invalid(
-                "portable store code reads integers and text only".into(),
+                "portable store code reads integers, text and bytes only".into(),
             ))
         }
     })
@@ -263,6 +295,7 @@ impl postgres::types::ToSql for Value {
                 _ => n.to_sql(ty, out),
             },
             Value::Text(s) => s.as_str().to_sql(ty, out),
+            Value::Bytes(b) => b.as_slice().to_sql(ty, out),
         }
     }
 
@@ -313,6 +346,7 @@ fn pg_row(r: &postgres::Row) -> Result<Row, StoreError> {
                 .try_get::<_, Option<i16>>(i)
                 .map(|v| v.map(i64::from).into()),
             Type::BOOL => r.try_get::<_, Option<bool>>(i).map(|v| v.into()),
+            Type::BYTEA => r.try_get::<_, Option<Vec<u8>>>(i).map(|v| v.into()),
             _ => r.try_get::<_, Option<String>>(i).map(|v| v.into()),
         }
         .map_err(StoreError::from_pg)?;
@@ -380,5 +414,22 @@ mod tests {
         assert!(db
             .exec("INSERT INTO t (a, b) VALUES ($1, $2)", vals![1i64])
             .is_err());
+    }
+
+    #[test]
+    fn sqlite_binds_and_reads_bytes_as_a_blob() {
+        let c = rusqlite::Connection::open_in_memory().unwrap();
+        let mut db = SqliteSql(&c);
+        db.exec("CREATE TABLE b (k INTEGER, v BLOB)", &[]).unwrap();
+        let raw: &[u8] = b"a\xff\x00z";
+        db.exec("INSERT INTO b (k, v) VALUES ($1, $2)", vals![1i64, raw])
+            .unwrap();
+        let row = db
+            .row("SELECT v, typeof(v) FROM b WHERE k = 1", &[])
+            .unwrap()
+            .unwrap();
+        assert_eq!(row.bytes(0).unwrap(), raw);
+        assert_eq!(row.text(1).unwrap(), "blob");
+        assert!(row.text(0).is_err(), "bytes are not text");
     }
 }

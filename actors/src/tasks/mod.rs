@@ -173,6 +173,9 @@ pub struct TaskActor {
     clock: Arc<dyn Clock>,
     settings: TaskSettings,
     epoch: i64,
+    /// This instance's id when several share the store (recorded on the
+    /// tasks it starts; recovery takes over only its own and dead ones').
+    instance: Option<String>,
     running: HashMap<i64, Entry>,
     /// A queue read is in flight; `dirty`: another one was asked for.
     loading: bool,
@@ -202,6 +205,7 @@ impl TaskActor {
             clock,
             settings,
             epoch,
+            instance: None,
             running: HashMap::new(),
             loading: false,
             dirty: false,
@@ -231,6 +235,13 @@ impl TaskActor {
         self
     }
 
+    /// Run as instance `id` of several sharing the store (`epoch` is then
+    /// that instance's boot epoch).
+    pub fn with_instance(mut self, id: Option<String>) -> TaskActor {
+        self.instance = id;
+        self
+    }
+
     /// The admin socket to close at shutdown.
     pub fn with_admin(mut self, a: Option<admin::AdminSocket>) -> TaskActor {
         self.admin = a;
@@ -248,7 +259,10 @@ impl TaskActor {
         }
         self.loading = true;
         self.dirty = false;
-        let req = self.store.send(GetTaskWork { limit: 1_000 });
+        let req = self.store.send(GetTaskWork {
+            limit: 1_000,
+            instance: self.instance.clone(),
+        });
         ctx.spawn(req.into_actor(self).map(|res, this, ctx| {
             this.loading = false;
             match res.unwrap_or(Err(StoreError::Closed)) {
@@ -307,6 +321,7 @@ impl TaskActor {
                 container: self.container_runner.clone(),
             },
             self.epoch,
+            self.instance.clone(),
             stop_rx,
             self.metrics.clone(),
             self.events.clone(),
@@ -430,6 +445,7 @@ async fn run_attempt(
     store_addr: Addr<PersistenceActor>,
     runners: Runners,
     epoch: i64,
+    instance: Option<String>,
     stop: watch::Receiver<Option<Stop>>,
     metrics: Option<TaskMetrics>,
     events: Option<tokio::sync::mpsc::UnboundedSender<TaskEvent>>,
@@ -475,7 +491,11 @@ async fn run_attempt(
         }
     };
     let info = match store_addr
-        .send(StartTask { id: q.id, epoch })
+        .send(StartTask {
+            id: q.id,
+            epoch,
+            instance,
+        })
         .await
         .unwrap_or(Err(StoreError::Closed))
     {
@@ -759,6 +779,7 @@ impl Handler<Recover> for TaskActor {
             epoch: self.epoch,
             retry,
             reattach,
+            instance: self.instance.clone(),
         });
         Box::pin(req.into_actor(self).map(|res, this, ctx| {
             let rec = res.unwrap_or(Err(StoreError::Closed))?;

@@ -11,4 +11,5 @@ pub mod instances;
 pub mod leases;
 pub mod outbox;
 pub mod sessions;
+pub mod tasks;
 pub mod timers;
