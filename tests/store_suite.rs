@@ -1185,31 +1185,18 @@ async fn state_transition_and_task_callbacks_fire_at_their_due_instant() {
         let due = timer(st, 3).await.next_run.unwrap();
         let out = fire(st, 3, due, due).await;
         let t = timer(st, 3).await;
-        match s.name {
-            // Queued in the fire's transaction, told to the chat.
-            "sqlite" => {
-                assert_eq!((out.fired, out.tasks_queued, out.parked), (1, 1, false));
-                assert_eq!(t.state, "active");
-                assert!(texts(st, "webhook:c1")
-                    .await
-                    .iter()
-                    .any(|t| t.starts_with("Timer #3 started task 1 (backup)")));
-            }
-            // No task store on PostgreSQL yet: parked with the reason,
-            // nothing fired (a receipt would lose the instant).
-            _ => {
-                assert_eq!((out.fired, out.tasks_queued, out.parked), (0, 0, true));
-                assert_eq!(t.state, "parked");
-                assert!(
-                    t.error
-                        .as_deref()
-                        .unwrap_or("")
-                        .contains("not available on the postgres"),
-                    "{:?}",
-                    t.error
-                );
-            }
-        }
+        // Queued in the fire's transaction, told to the chat.
+        assert_eq!(
+            (out.fired, out.tasks_queued, out.parked),
+            (1, 1, false),
+            "{}",
+            s.name
+        );
+        assert_eq!(t.state, "active", "{}", s.name);
+        assert!(texts(st, "webhook:c1")
+            .await
+            .iter()
+            .any(|t| t.starts_with("Timer #3 started task 1 (backup)")));
     }
 }
 

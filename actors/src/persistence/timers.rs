@@ -220,7 +220,6 @@ pub fn apply_effect(
     effect: &Effect,
 ) -> Result<String, StoreError> {
     match effect {
-        Effect::Task(t) => super::tasks::apply_effect(conn, stamp, session, t),
         other => portable::timers::apply_effect(&mut sql(conn), stamp, session, principal, other),
     }
 }
@@ -285,27 +284,8 @@ pub struct FireOutcome {
     pub tasks_queued: i64,
 }
 
-/// Queue a `task` callback's task in the SQLite task store.
-fn sqlite_queue_task(
-    conn: &Connection,
-) -> impl FnMut(&str, &TaskParams, Vec<String>, &str) -> Result<i64, StoreError> + '_ {
-    move |at, p, args, session_id| {
-        super::tasks::create_task(
-            conn,
-            at,
-            &super::tasks::NewTask {
-                name: p.name.clone(),
-                args,
-                session_id: Some(session_id.to_string()),
-                origin: super::tasks::Origin::Timer,
-            },
-        )
-    }
-}
-
 /// Fire timer `id`, expected due at `due`, at `now_ms` — ONE unit of work
-/// ([`portable::timers::fire_timer`]), `task` callbacks queued in the
-/// SQLite task store.
+/// ([`portable::timers::fire_timer`]).
 pub fn fire_timer(
     conn: &Connection,
     id: i64,
@@ -313,16 +293,7 @@ pub fn fire_timer(
     now_ms: i64,
     routed: &HashSet<String>,
 ) -> Result<FireOutcome, StoreError> {
-    let mut queue = sqlite_queue_task(conn);
-    portable::timers::fire_timer(
-        &mut sql(conn),
-        id,
-        due,
-        now_ms,
-        routed,
-        Some(&mut queue),
-        None,
-    )
+    portable::timers::fire_timer(&mut sql(conn), id, due, now_ms, routed, None)
 }
 
 /// Fire several due timers, each in its own savepoint
@@ -333,8 +304,7 @@ pub fn fire_timers(
     now_ms: i64,
     routed: &HashSet<String>,
 ) -> Result<Vec<Result<FireOutcome, StoreError>>, StoreError> {
-    let mut queue = sqlite_queue_task(conn);
-    portable::timers::fire_timers(&mut sql(conn), fires, now_ms, routed, Some(&mut queue))
+    portable::timers::fire_timers(&mut sql(conn), fires, now_ms, routed)
 }
 
 /// Delete old finished timers and receipts ([`portable::timers::prune`]).
@@ -415,21 +385,9 @@ pub struct FireTimer {
 impl Handler<FireTimer> for PersistenceActor {
     type Result = ResponseFuture<Result<FireOutcome, StoreError>>;
     fn handle(&mut self, msg: FireTimer, _: &mut Context<Self>) -> Self::Result {
-        if self.backend() == Backend::Postgres {
-            // No task store there yet: a `task` timer parks.
-            return self.call_sql(move |db, _| {
-                portable::timers::fire_timer(
-                    db,
-                    msg.id,
-                    msg.due,
-                    msg.now_ms,
-                    &msg.routed,
-                    None,
-                    None,
-                )
-            });
-        }
-        self.call(move |c, _| fire_timer(c, msg.id, msg.due, msg.now_ms, &msg.routed))
+        self.call_sql(move |db, _| {
+            portable::timers::fire_timer(db, msg.id, msg.due, msg.now_ms, &msg.routed, None)
+        })
     }
 }
 
@@ -447,12 +405,9 @@ pub struct FireTimers {
 impl Handler<FireTimers> for PersistenceActor {
     type Result = ResponseFuture<Result<Vec<Result<FireOutcome, StoreError>>, StoreError>>;
     fn handle(&mut self, msg: FireTimers, _: &mut Context<Self>) -> Self::Result {
-        if self.backend() == Backend::Postgres {
-            return self.call_sql(move |db, _| {
-                portable::timers::fire_timers(db, &msg.fires, msg.now_ms, &msg.routed, None)
-            });
-        }
-        self.call(move |c, _| fire_timers(c, &msg.fires, msg.now_ms, &msg.routed))
+        self.call_sql(move |db, _| {
+            portable::timers::fire_timers(db, &msg.fires, msg.now_ms, &msg.routed)
+        })
     }
 }
 

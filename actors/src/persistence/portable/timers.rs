@@ -24,8 +24,8 @@ use crate::persistence::portable::sessions::commit_notice;
 use crate::persistence::sessions::SessionKey;
 use crate::persistence::sql::{Backend, Row, Sql};
 use crate::persistence::timers::{
-    show_instant, Callback, Effect, FireOutcome, ReminderParams, StateTransitionParams, TaskParams,
-    TimerRow, DEFAULT_CATCHUP_SECS, MAX_ACTIVE_PER_SESSION,
+    show_instant, Callback, Effect, FireOutcome, ReminderParams, StateTransitionParams, TimerRow,
+    DEFAULT_CATCHUP_SECS, MAX_ACTIVE_PER_SESSION,
 };
 use crate::schedule::plan::{plan_fire, Misfire, LATE_AFTER_MS};
 use crate::schedule::{first_run, parse_tz, Schedule};
@@ -202,9 +202,7 @@ pub fn apply_effect(
                 .collect();
             Ok(lines.join("\n"))
         }
-        Effect::Task(_) => Err(StoreError::Invalid(
-            "task commands are not available on the postgres backend yet".into(),
-        )),
+        Effect::Task(t) => super::tasks::apply_effect(db, stamp, session, t),
     }
 }
 
@@ -327,28 +325,18 @@ fn park(db: &mut dyn Sql, at: &str, id: i64, error: &str) -> Result<FireOutcome,
 }
 
 /// Queues a `task` callback's task inside the fire's transaction:
-/// `(at, params, argv, session id)` → the new task's id. The task store is
-/// SQLite-only for now; where there is none (PostgreSQL) a task timer parks
-/// with that reason instead of firing.
-pub type QueueTask<'a> =
-    dyn FnMut(&str, &TaskParams, Vec<String>, &str) -> Result<i64, StoreError> + 'a;
-
-/// Why a task timer parks where tasks cannot be queued.
-pub const NO_TASKS: &str = "task callbacks are not available on the postgres backend yet";
-
 /// Fire timer `id`, expected due at `due`, at `now_ms` — ONE unit of work:
 /// the receipt `(id, due instant)` (a receipt that exists already means the
 /// instant fired: nothing happens), the callback's effect (a reminder turn +
 /// outbox row, a state transition, a queued task) and the timer's next
-/// state. `routed`: channels with a delivery route. `queue_task`: see
-/// [`QueueTask`]. `fired_by`: the instance, recorded in the receipt.
+/// state. `routed`: channels with a delivery route. `fired_by`: the
+/// instance, recorded in the receipt.
 pub fn fire_timer(
     db: &mut dyn Sql,
     id: i64,
     due: i64,
     now_ms: i64,
     routed: &HashSet<String>,
-    mut queue_task: Option<&mut QueueTask<'_>>,
     fired_by: Option<&str>,
 ) -> Result<FireOutcome, StoreError> {
     // `now_ms` comes from the timer actor's injected clock.
@@ -391,7 +379,6 @@ pub fn fire_timer(
     };
     let task_args = match &callback {
         Callback::Task(p) => match p.argv() {
-            Ok(_) if queue_task.is_none() => return park(db, &at.text, id, NO_TASKS),
             Ok(args) => args,
             Err(e) => return park(db, &at.text, id, &e),
         },
@@ -457,11 +444,16 @@ pub fn fire_timer(
                 commit_notice(db, &at, &session, &text, false)?;
             }
             Callback::Task(p) => {
-                let Some(queue) = queue_task.as_mut() else {
-                    // Checked above: a timer without a task store parks.
-                    return Err(StoreError::Invalid(NO_TASKS.into()));
-                };
-                let task = queue(&at.text, p, task_args.clone(), &session.id)?;
+                let task = super::tasks::create_task(
+                    db,
+                    &at.text,
+                    &crate::persistence::tasks::NewTask {
+                        name: p.name.clone(),
+                        args: task_args.clone(),
+                        session_id: Some(session.id.clone()),
+                        origin: crate::persistence::tasks::Origin::Timer,
+                    },
+                )?;
                 out.tasks_queued += 1;
                 let text = format!("Timer #{id} started task {task} ({}).", p.name);
                 commit_notice(db, &at, &session, &text, false)?;
@@ -515,12 +507,11 @@ pub fn fire_timers(
     fires: &[(i64, i64)],
     now_ms: i64,
     routed: &HashSet<String>,
-    mut queue_task: Option<&mut QueueTask<'_>>,
 ) -> Result<Vec<Result<FireOutcome, StoreError>>, StoreError> {
     let mut out = Vec::with_capacity(fires.len());
     for &(id, due) in fires {
         db.exec("SAVEPOINT fire", &[])?;
-        match fire_timer(db, id, due, now_ms, routed, queue_task.as_deref_mut(), None) {
+        match fire_timer(db, id, due, now_ms, routed, None) {
             Ok(o) => {
                 crate::failpoint::hit("timer_fire");
                 db.exec("RELEASE fire", &[])?;
@@ -627,7 +618,7 @@ pub fn claim_and_fire(
     let mut fired = Vec::new();
     for r in due {
         let (id, due_at) = (r.int(0)?, r.int(1)?);
-        let outcome = fire_timer(db, id, due_at, now_ms, &routed, None, Some(instance))?;
+        let outcome = fire_timer(db, id, due_at, now_ms, &routed, Some(instance))?;
         if outcome.fired > 0 {
             fired.push(Fired {
                 timer_id: id,
