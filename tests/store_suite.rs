@@ -1333,6 +1333,11 @@ async fn an_unreachable_chat_pauses_its_timers_and_writing_again_resumes_them() 
     }
 }
 
+/// Both instances' timer actors fire the same 20 due timers at once. Each
+/// fires once; the one that comes second finds the timer moved on (stale)
+/// because `fire_timer` locks the row (`FOR UPDATE OF t`) and re-reads it
+/// after the other's COMMIT — without that lock this fails on PostgreSQL
+/// (a fire that inserted no receipt yet reported not stale).
 #[actix::test]
 async fn two_instances_firing_the_same_timers_at_once_fire_each_instant_once() {
     for s in backends("timer_race", 2) {

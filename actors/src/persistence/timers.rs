@@ -1,7 +1,9 @@
-//! Timer SQL (R7–R11): creating, cancelling, listing and firing timers, the
-//! timer actor's window query and the retention job. Like `store.rs`: one
-//! documented function per unit of work, bound parameters, cached statements,
-//! run inside the writer's transaction.
+//! Timers (R7–R11): the types (effects, callbacks, rows, fire outcomes), the
+//! PersistenceActor's timer messages, and `&Connection` wrappers for SQLite
+//! callers (the CLI, the bench, unit tests). The SQL itself — creating,
+//! cancelling, listing and firing timers, the timer actor's window query and
+//! the retention job — is written once in `portable::timers` and runs on
+//! both backends, inside the writer's transaction.
 //!
 //! Chat commands that touch timers reach the store as an [`Effect`] on the
 //! inbound `Exchange`: the effect runs in the same transaction as the inbound
