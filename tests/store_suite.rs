@@ -650,7 +650,7 @@ fn a_shared_store_of_a_newer_keel_is_refused() {
 }
 
 #[test]
-fn keel_run_on_postgres_is_refused_with_one_line_until_the_store_is_complete() {
+fn keel_run_on_an_unreachable_shared_store_fails_with_one_line_and_creates_no_store() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("keel.toml");
     std::fs::write(
@@ -668,7 +668,12 @@ fn keel_run_on_postgres_is_refused_with_one_line_until_the_store_is_complete() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("storage.backend = \"postgres\""), "{err}");
+    assert!(err.contains("cannot connect to postgres"), "{err}");
+    assert_eq!(
+        err.lines().filter(|l| l.contains("error")).count(),
+        1,
+        "{err}"
+    );
     // Nothing was created in the data dir's store.
     assert!(!dir.path().join("data/keel.db").exists());
 }

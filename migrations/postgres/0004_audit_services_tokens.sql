@@ -52,3 +52,6 @@ CREATE TRIGGER service_events_append_only BEFORE UPDATE OR DELETE ON service_eve
 -- the move (SET CONSTRAINTS … DEFERRED, then IMMEDIATE), as SQLite's
 -- `defer_foreign_keys` does. Everywhere else it is checked per statement.
 ALTER TABLE outbox ALTER CONSTRAINT outbox_session_id_turn_seq_fkey DEFERRABLE INITIALLY IMMEDIATE;
+
+-- WhatsApp delivery reports find their reply by the channel's message id.
+CREATE INDEX outbox_channel_ref ON outbox(channel, channel_ref) WHERE channel_ref IS NOT NULL;

@@ -573,16 +573,6 @@ async fn open_shared_store(
 
 /// Start keel. Must run inside an actix `System`.
 pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartError> {
-    if config.storage.backend == crate::config::StorageBackend::Postgres {
-        // The store answers sessions, turns, the outbox, instances, leases
-        // and timer claims on PostgreSQL (tests/store_suite.rs); timers'
-        // commands, tasks, services and boot records are SQLite-only so
-        // far, and a start that half works would acknowledge what it
-        // cannot keep. Refused until the rest is portable (issue 13).
-        return Err(StartError::Config(
-            "storage.backend = \"postgres\" is not supported by keel run yet (the shared store covers sessions, turns, outbox, leases and timer claims so far); use backend = \"sqlite\"".into(),
-        ));
-    }
     if config.telegram.enabled && config.telegram.token.is_none() {
         return Err(StartError::Config(
             "telegram.enabled is set but there is no token (set telegram.token or KEEL_TELEGRAM_TOKEN)".into(),
@@ -603,12 +593,13 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
     let gate = Gate::closed();
 
     // Stores: open, integrity check, migrate (blocking, before anything else).
+    let shared = config.storage.backend == crate::config::StorageBackend::Postgres;
     let OpenedStore {
         persistence,
         migrated,
         accepted_loss,
         file: store_file,
-    } = if config.storage.backend == crate::config::StorageBackend::Postgres {
+    } = if shared {
         open_shared_store(&config, &opts, &health, &metrics, &clock).await?
     } else {
         open_file_store(&config, &opts, &health, &metrics, &clock).await?
@@ -909,6 +900,9 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
             stats.boot_epoch,
         )
         .with_metrics(crate::tasks::TaskMetrics::new(&metrics))
+        // On a shared store each instance runs, recovers and cancels its
+        // own attempts (R49); one node keeps the rule it always had.
+        .with_instance(shared.then(|| instance.clone()))
         .with_container_runner(container_runner)
         .with_admin(admin_socket),
     );
@@ -945,12 +939,20 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         _ => None,
     };
     // Timers: fire what came due while keel was down, per misfire policy (R10).
+    let mut timer_settings =
+        TimerSettings::new(config.timers.retention_days, routed_channels(&config));
+    if shared {
+        // Other instances create timers too: reread the due window every
+        // second, so an instant fires within ~1 s on some live instance
+        // whichever created it (the receipt keeps it to once).
+        timer_settings.resync_every = Duration::from_secs(1);
+    }
     timer_ctx.run(
         TimerActor::new(
             persistence.clone(),
             outbox.clone().recipient(),
             clock.clone(),
-            TimerSettings::new(config.timers.retention_days, routed_channels(&config)),
+            timer_settings,
         )
         .with_metrics(crate::timer::TimerMetrics::new(&metrics))
         .with_tasks(tasks.clone().recipient()),

@@ -8,12 +8,14 @@
 use std::collections::BTreeMap;
 
 use actix::prelude::*;
-use rusqlite::{params, Connection};
+use rusqlite::Connection;
 use serde::Serialize;
 
+use super::sql::{self, Sql, SqliteSql};
 use super::PersistenceActor;
 use crate::clock::Stamp;
 use crate::error::StoreError;
+use crate::vals;
 
 /// Minutes the per-minute series covers.
 pub const CHART_MINUTES: usize = 60;
@@ -101,153 +103,206 @@ pub struct StoreSnapshot {
     pub life: Vec<LifeEvent>,
 }
 
-fn one(conn: &Connection, sql: &str) -> Result<i64, StoreError> {
-    Ok(conn.prepare_cached(sql)?.query_row([], |r| r.get(0))?)
+fn one(db: &mut dyn Sql, sql: &str, params: &[sql::Value]) -> Result<i64, StoreError> {
+    db.row(sql, params)?.map_or(Ok(0), |r| r.int(0))
 }
 
 /// Read the snapshot at wall-clock time `now_ms`.
 pub fn snapshot(conn: &Connection, now_ms: i64) -> Result<StoreSnapshot, StoreError> {
+    snapshot_sql(&mut SqliteSql(conn), now_ms)
+}
+
+/// [`snapshot`] on either backend.
+pub fn snapshot_sql(db: &mut dyn Sql, now_ms: i64) -> Result<StoreSnapshot, StoreError> {
     let mut s = StoreSnapshot {
-        schema_version: one(conn, "PRAGMA user_version")?,
-        boot_epoch: one(conn, "SELECT COALESCE((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'boot_epoch'), 0)")?,
-        sessions: one(conn, "SELECT COUNT(*) FROM sessions")?,
+        schema_version: super::meta::schema_version(db)?,
+        boot_epoch: one(
+            db,
+            "SELECT CAST(value AS BIGINT) FROM meta WHERE key = 'boot_epoch'",
+            &[],
+        )?,
+        sessions: one(db, "SELECT COUNT(*) FROM sessions", &[])?,
         acked_per_minute: vec![0; CHART_MINUTES],
         ..StoreSnapshot::default()
     };
-    s.statuses = super::adapter_state::statuses(conn)?
+    s.statuses = db
+        .rows(
+            "SELECT adapter, state_json, updated_at FROM adapter_state
+             WHERE substr(adapter, 1, length(CAST($1 AS TEXT))) = $1 ORDER BY adapter",
+            vals![super::adapter_state::STATUS_PREFIX],
+        )?
         .into_iter()
-        .map(|r| StatusRow {
-            adapter: r
-                .adapter
-                .trim_start_matches(super::adapter_state::STATUS_PREFIX)
-                .to_string(),
-            state_json: r.state_json,
-            updated_at: r.updated_at,
+        .map(|r| {
+            Ok(StatusRow {
+                adapter: r
+                    .text(0)?
+                    .trim_start_matches(super::adapter_state::STATUS_PREFIX)
+                    .to_string(),
+                state_json: r.text(1)?,
+                updated_at: r.text(2)?,
+            })
         })
-        .collect();
-    hour_counts(conn, now_ms, &mut s)?;
-    let mut stmt = conn.prepare_cached("SELECT state, n FROM outbox_counts")?;
-    s.outbox = stmt
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect::<Result<_, _>>()?;
+        .collect::<Result<_, StoreError>>()?;
+    hour_counts(db, now_ms, &mut s)?;
+    // Trigger-kept on SQLite (schema 11); counted on PostgreSQL.
+    let outbox = match db.backend() {
+        sql::Backend::Sqlite => "SELECT state, n FROM outbox_counts",
+        sql::Backend::Postgres => "SELECT state, COUNT(*) FROM outbox GROUP BY state",
+    };
+    s.outbox = db
+        .rows(outbox, &[])?
+        .into_iter()
+        .map(|r| Ok((r.text(0)?, r.int(1)?)))
+        .collect::<Result<_, StoreError>>()?;
     for st in ["pending", "unknown", "failed", "sent"] {
         s.outbox.entry(st.to_string()).or_insert(0);
     }
-    s.timers_active = one(conn, "SELECT COUNT(*) FROM timers WHERE state = 'active'")?;
-    s.timers_late = conn
-        .prepare_cached(
-            "SELECT COUNT(*) FROM timers WHERE state = 'active' AND next_run IS NOT NULL AND next_run < ?1",
-        )?
-        .query_row(params![now_ms], |r| r.get(0))?;
-    s.timers_missed = one(conn, "SELECT COALESCE(SUM(missed_count), 0) FROM timers")?;
-    let mut stmt = conn.prepare_cached(
-        "SELECT id, session_id, kind, callback, next_run FROM timers
-         WHERE state = 'active' AND next_run IS NOT NULL ORDER BY next_run, id LIMIT 10",
+    s.timers_active = one(
+        db,
+        "SELECT COUNT(*) FROM timers WHERE state = 'active'",
+        &[],
     )?;
-    s.timers_next = stmt
-        .query_map([], |r| {
+    s.timers_late = one(
+        db,
+        "SELECT COUNT(*) FROM timers WHERE state = 'active' AND next_run IS NOT NULL AND next_run < $1",
+        vals![now_ms],
+    )?;
+    s.timers_missed = one(
+        db,
+        "SELECT CAST(COALESCE(SUM(missed_count), 0) AS BIGINT) FROM timers",
+        &[],
+    )?;
+    s.timers_next = db
+        .rows(
+            "SELECT id, session_id, kind, callback, next_run FROM timers
+             WHERE state = 'active' AND next_run IS NOT NULL ORDER BY next_run, id LIMIT 10",
+            &[],
+        )?
+        .into_iter()
+        .map(|r| {
             Ok(DueTimer {
-                id: r.get(0)?,
-                session: r.get(1)?,
-                kind: r.get(2)?,
-                callback: r.get(3)?,
-                next_run_ms: r.get(4)?,
+                id: r.int(0)?,
+                session: r.text(1)?,
+                kind: r.text(2)?,
+                callback: r.text(3)?,
+                next_run_ms: r.int(4)?,
             })
-        })?
-        .collect::<Result<_, _>>()?;
-    let mut stmt = conn.prepare_cached("SELECT state, COUNT(*) FROM tasks GROUP BY state")?;
-    s.tasks_by_state = stmt
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect::<Result<_, _>>()?;
-    let task = |r: &rusqlite::Row<'_>| -> rusqlite::Result<TaskLine> {
+        })
+        .collect::<Result<_, StoreError>>()?;
+    s.tasks_by_state = db
+        .rows("SELECT state, COUNT(*) FROM tasks GROUP BY state", &[])?
+        .into_iter()
+        .map(|r| Ok((r.text(0)?, r.int(1)?)))
+        .collect::<Result<_, StoreError>>()?;
+    let task = |r: sql::Row| -> Result<TaskLine, StoreError> {
         Ok(TaskLine {
-            id: r.get(0)?,
-            name: r.get(1)?,
-            state: r.get(2)?,
-            exit_code: r.get(3)?,
-            detail: r.get(4)?,
-            at: r.get(5)?,
+            id: r.int(0)?,
+            name: r.text(1)?,
+            state: r.text(2)?,
+            exit_code: r.opt_int(3)?,
+            detail: r.opt_text(4)?,
+            at: r.text(5)?,
             log_tail: None,
         })
     };
-    let mut stmt = conn.prepare_cached(
-        "SELECT id, name, state, exit_code, detail, updated_at FROM tasks
-         WHERE state = 'RUNNING' ORDER BY id LIMIT 20",
-    )?;
-    s.tasks_running = stmt.query_map([], task)?.collect::<Result<_, _>>()?;
-    for t in &mut s.tasks_running {
-        t.log_tail = Some(log_tail(conn, t.id)?);
-    }
-    let mut stmt = conn.prepare_cached(
-        "SELECT id, name, state, exit_code, detail, finished_at FROM tasks
-         WHERE finished_at IS NOT NULL AND state IN ('FAILED', 'TIMED_OUT', 'INTERRUPTED')
-         ORDER BY finished_at DESC LIMIT 10",
-    )?;
-    s.tasks_failed = stmt.query_map([], task)?.collect::<Result<_, _>>()?;
-    let mut stmt = conn.prepare_cached(
-        "SELECT seq, at, kind, detail FROM audit WHERE kind IN ('started', 'stopped', 'owner_notified')
-         ORDER BY seq DESC LIMIT 40",
-    )?;
-    s.life = stmt
-        .query_map([], |r| {
-            Ok(LifeEvent {
-                seq: r.get(0)?,
-                at: r.get(1)?,
-                kind: r.get(2)?,
-                detail: r.get(3)?,
-            })
-        })?
+    s.tasks_running = db
+        .rows(
+            "SELECT id, name, state, exit_code, detail, updated_at FROM tasks
+             WHERE state = 'RUNNING' ORDER BY id LIMIT 20",
+            &[],
+        )?
+        .into_iter()
+        .map(task)
         .collect::<Result<_, _>>()?;
+    for t in &mut s.tasks_running {
+        t.log_tail = Some(log_tail(db, t.id)?);
+    }
+    s.tasks_failed = db
+        .rows(
+            "SELECT id, name, state, exit_code, detail, finished_at FROM tasks
+             WHERE finished_at IS NOT NULL AND state IN ('FAILED', 'TIMED_OUT', 'INTERRUPTED')
+             ORDER BY finished_at DESC LIMIT 10",
+            &[],
+        )?
+        .into_iter()
+        .map(task)
+        .collect::<Result<_, _>>()?;
+    s.life = db
+        .rows(
+            "SELECT seq, at, kind, detail FROM audit
+             WHERE kind IN ('started', 'stopped', 'owner_notified')
+             ORDER BY seq DESC LIMIT 40",
+            &[],
+        )?
+        .into_iter()
+        .map(|r| {
+            Ok(LifeEvent {
+                seq: r.int(0)?,
+                at: r.text(1)?,
+                kind: r.text(2)?,
+                detail: r.text(3)?,
+            })
+        })
+        .collect::<Result<_, StoreError>>()?;
     Ok(s)
 }
 
 /// Messages per channel (user turns in, assistant turns out) over the last
 /// minute and hour, and inbound turns per minute. Reads only sessions
-/// touched in the last hour, each newest turn first until the hour ends.
-fn hour_counts(conn: &Connection, now_ms: i64, s: &mut StoreSnapshot) -> Result<(), StoreError> {
+/// touched in the last hour, each newest turn first until the hour ends
+/// (a page of turns at a time).
+fn hour_counts(db: &mut dyn Sql, now_ms: i64, s: &mut StoreSnapshot) -> Result<(), StoreError> {
+    const PAGE: i64 = 500;
     let hour_ago = Stamp::from_ms(now_ms - 3_600_000).text;
     let minute_ago = Stamp::from_ms(now_ms - 60_000).text;
-    let mut sessions = conn.prepare_cached(
-        "SELECT id, channel FROM sessions WHERE updated_at >= ?1 ORDER BY updated_at DESC",
-    )?;
-    let active: Vec<(String, String)> = sessions
-        .query_map(params![hour_ago], |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect::<Result<_, _>>()?;
-    let mut turns = conn.prepare_cached(
-        "SELECT role, created_at FROM turns WHERE session_id = ?1 ORDER BY seq DESC",
+    let active = db.rows(
+        "SELECT id, channel FROM sessions WHERE updated_at >= $1 ORDER BY updated_at DESC",
+        vals![&hour_ago],
     )?;
     let mut read = 0usize;
-    for (id, channel) in active {
+    for session in active {
+        let (id, channel) = (session.text(0)?, session.text(1)?);
         let counts = s.channels.entry(channel).or_default();
-        let mut rows = turns.query(params![id])?;
-        while let Some(row) = rows.next()? {
-            let role: String = row.get(0)?;
-            let at: String = row.get(1)?;
-            if at < hour_ago {
-                break;
-            }
-            read += 1;
-            if read > MAX_HOUR_TURNS {
-                s.truncated = true;
-                return Ok(());
-            }
-            let recent = at >= minute_ago;
-            match role.as_str() {
-                "user" => {
-                    counts.in_hour += 1;
-                    counts.in_minute += u64::from(recent);
-                    if let Some(ms) = parse_ms(&at) {
-                        let back = ((now_ms - ms).max(0) / 60_000) as usize;
-                        if back < CHART_MINUTES {
-                            s.acked_per_minute[CHART_MINUTES - 1 - back] += 1;
+        let mut before = i64::MAX;
+        'pages: loop {
+            let page = db.rows(
+                "SELECT seq, role, created_at FROM turns WHERE session_id = $1 AND seq < $2
+                 ORDER BY seq DESC LIMIT $3",
+                vals![&id, before, PAGE],
+            )?;
+            let full = page.len() as i64 == PAGE;
+            for row in page {
+                before = row.int(0)?;
+                let (role, at) = (row.text(1)?, row.text(2)?);
+                if at < hour_ago {
+                    break 'pages;
+                }
+                read += 1;
+                if read > MAX_HOUR_TURNS {
+                    s.truncated = true;
+                    return Ok(());
+                }
+                let recent = at >= minute_ago;
+                match role.as_str() {
+                    "user" => {
+                        counts.in_hour += 1;
+                        counts.in_minute += u64::from(recent);
+                        if let Some(ms) = parse_ms(&at) {
+                            let back = ((now_ms - ms).max(0) / 60_000) as usize;
+                            if back < CHART_MINUTES {
+                                s.acked_per_minute[CHART_MINUTES - 1 - back] += 1;
+                            }
                         }
                     }
+                    "assistant" => {
+                        counts.out_hour += 1;
+                        counts.out_minute += u64::from(recent);
+                    }
+                    _ => {}
                 }
-                "assistant" => {
-                    counts.out_hour += 1;
-                    counts.out_minute += u64::from(recent);
-                }
-                _ => {}
+            }
+            if !full {
+                break;
             }
         }
     }
@@ -261,12 +316,14 @@ fn parse_ms(text: &str) -> Option<i64> {
 }
 
 /// The last bytes of a task's output (both streams, in order).
-fn log_tail(conn: &Connection, task: i64) -> Result<String, StoreError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT bytes FROM log_fragments WHERE task_id = ?1 ORDER BY seq DESC LIMIT 8",
-    )?;
-    let mut frags: Vec<Vec<u8>> = stmt
-        .query_map(params![task], |r| r.get(0))?
+fn log_tail(db: &mut dyn Sql, task: i64) -> Result<String, StoreError> {
+    let mut frags: Vec<Vec<u8>> = db
+        .rows(
+            "SELECT bytes FROM log_fragments WHERE task_id = $1 ORDER BY seq DESC LIMIT 8",
+            vals![task],
+        )?
+        .into_iter()
+        .map(|r| r.bytes(0))
         .collect::<Result<_, _>>()?;
     frags.reverse();
     let all: Vec<u8> = frags.concat();
@@ -286,7 +343,7 @@ pub struct GetConsoleSnapshot {
 impl Handler<GetConsoleSnapshot> for PersistenceActor {
     type Result = ResponseFuture<Result<StoreSnapshot, StoreError>>;
     fn handle(&mut self, m: GetConsoleSnapshot, _: &mut Context<Self>) -> Self::Result {
-        self.call(move |c, _| snapshot(c, m.now_ms))
+        self.call_sql(move |db, _| snapshot_sql(db, m.now_ms))
     }
 }
 
@@ -294,6 +351,7 @@ impl Handler<GetConsoleSnapshot> for PersistenceActor {
 mod tests {
     use super::*;
     use crate::persistence::testing::db;
+    use rusqlite::params;
 
     fn turn(conn: &Connection, session: &str, seq: i64, role: &str, at_ms: i64) {
         let at = Stamp::from_ms(at_ms).text;

@@ -242,33 +242,14 @@ pub fn record_delivery_status(
     at: &str,
     error: Option<&str>,
 ) -> Result<bool, StoreError> {
-    let rank = |s: &str| match s {
-        "sent" => 1,
-        "delivered" => 2,
-        "read" => 3,
-        "failed" => 4,
-        _ => 0,
-    };
-    let row: Option<(i64, Option<String>)> = conn
-        .prepare_cached(
-            "SELECT id, delivery_status FROM outbox WHERE channel = ?1 AND channel_ref = ?2
-             ORDER BY id DESC LIMIT 1",
-        )?
-        .query_row(params![channel, channel_ref], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
-        .optional()?;
-    let Some((id, current)) = row else {
-        return Ok(false);
-    };
-    if current.as_deref().map_or(0, rank) >= rank(status) && rank(status) > 0 {
-        return Ok(true);
-    }
-    conn.prepare_cached(
-        "UPDATE outbox SET delivery_status = ?2, delivery_at = ?3, delivery_error = ?4 WHERE id = ?1",
-    )?
-    .execute(params![id, status, at, error])?;
-    Ok(true)
+    super::portable::outbox::record_delivery_status(
+        &mut super::sql::SqliteSql(conn),
+        channel,
+        channel_ref,
+        status,
+        at,
+        error,
+    )
 }
 
 /// Record the outcome of one send attempt. Answers whether the row still
@@ -330,10 +311,17 @@ pub struct RecordDeliveryStatuses {
 impl Handler<RecordDeliveryStatuses> for PersistenceActor {
     type Result = ResponseFuture<Result<usize, StoreError>>;
     fn handle(&mut self, msg: RecordDeliveryStatuses, _: &mut Context<Self>) -> Self::Result {
-        self.call(move |c, at| {
+        self.call_sql(move |db, at| {
             let mut n = 0;
             for (r, status, error) in &msg.statuses {
-                if record_delivery_status(c, &msg.channel, r, status, &at.text, error.as_deref())? {
+                if super::portable::outbox::record_delivery_status(
+                    db,
+                    &msg.channel,
+                    r,
+                    status,
+                    &at.text,
+                    error.as_deref(),
+                )? {
                     n += 1;
                 }
             }

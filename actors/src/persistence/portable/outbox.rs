@@ -138,3 +138,40 @@ pub fn record_send(
         Some("pending" | "unknown")
     ))
 }
+
+/// Record a channel's delivery report (`sent` < `delivered` < `read`,
+/// `failed`) for the reply it knows as `channel_ref`; a report older than
+/// what is stored changes nothing. Answers whether a row matched.
+pub fn record_delivery_status(
+    db: &mut dyn Sql,
+    channel: &str,
+    channel_ref: &str,
+    status: &str,
+    at: &str,
+    error: Option<&str>,
+) -> Result<bool, StoreError> {
+    let rank = |s: &str| match s {
+        "sent" => 1,
+        "delivered" => 2,
+        "read" => 3,
+        "failed" => 4,
+        _ => 0,
+    };
+    let Some(row) = db.row(
+        "SELECT id, delivery_status FROM outbox WHERE channel = $1 AND channel_ref = $2
+         ORDER BY id DESC LIMIT 1",
+        vals![channel, channel_ref],
+    )?
+    else {
+        return Ok(false);
+    };
+    let (id, current) = (row.int(0)?, row.opt_text(1)?);
+    if current.as_deref().map_or(0, rank) >= rank(status) && rank(status) > 0 {
+        return Ok(true);
+    }
+    db.exec(
+        "UPDATE outbox SET delivery_status = $2, delivery_at = $3, delivery_error = $4 WHERE id = $1",
+        vals![id, status, at, error],
+    )?;
+    Ok(true)
+}
