@@ -9,8 +9,9 @@
 #![allow(clippy::disallowed_methods)]
 
 use anyhow::{bail, Result};
-use keel_actors::config::{Config, KeySource};
+use keel_actors::config::{Config, KeySource, StorageBackend};
 use keel_actors::masterkey::{self, Found, KeyHandle, MasterKey};
+use keel_actors::persistence::portable::secrets::SharedVault;
 use zeroize::Zeroizing;
 
 /// When a missing key file may be created.
@@ -130,4 +131,31 @@ pub fn store_key(config: &Config, create: Create) -> Result<Option<KeyHandle>> {
         return Ok(None);
     }
     master_key(config, create).map(Some)
+}
+
+/// True when secrets live in the shared store (`[storage] backend =
+/// "postgres"`), each value encrypted with the master key, instead of
+/// `secrets.db`.
+pub fn is_shared(config: &Config) -> bool {
+    config.storage.backend == StorageBackend::Postgres && !config.ephemeral
+}
+
+/// The shared store's vault opened with `key`: connected, migrated, and the
+/// key checked against the store's key check (written by the first opener).
+/// Sync: never call it on a tokio runtime thread.
+pub fn open_shared_vault(config: &Config, key: KeyHandle) -> Result<SharedVault> {
+    let url = config
+        .storage
+        .url
+        .as_ref()
+        .map(|u| Zeroizing::new(u.expose().to_string()))
+        .ok_or_else(|| {
+            anyhow::anyhow!("backend = \"postgres\" needs a URL (storage.url or KEEL_DATABASE_URL)")
+        })?;
+    Ok(SharedVault::open(&url, key)?)
+}
+
+/// [`open_shared_vault`] with the master key found the usual way.
+pub fn shared_vault(config: &Config, create: Create) -> Result<SharedVault> {
+    open_shared_vault(config, master_key(config, create)?)
 }

@@ -10,5 +10,6 @@ pub mod chats;
 pub mod instances;
 pub mod leases;
 pub mod outbox;
+pub mod secrets;
 pub mod sessions;
 pub mod timers;
