@@ -81,7 +81,7 @@ pub fn open(key: &MasterKey, name: &str, sealed: &str) -> Result<Zeroizing<Vec<u
     let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| SealError)?;
     let mut buf = Zeroizing::new(body.to_vec());
     let plain_len = aead_key(key)
-        .open_in_place(nonce, Aad::from(name.as_bytes()), &mut *buf)
+        .open_in_place(nonce, Aad::from(name.as_bytes()), &mut buf)
         .map_err(|_| SealError)?
         .len();
     buf.truncate(plain_len);

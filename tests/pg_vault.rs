@@ -1,0 +1,222 @@
+//! Secrets in the shared PostgreSQL store (issue 13) through the real
+//! binary: `keel secrets set/list/rm` with `[storage] backend = "postgres"`
+//! work on the shared store directly, the stored value is encrypted (a
+//! canary never appears in the row), each change leaves its audit record,
+//! and an instance given another master key is refused with one line
+//! naming its key source — by `keel secrets` and by `keel run`.
+
+#![allow(clippy::disallowed_methods)] // a deadline for the child processes
+
+#[path = "common/pg.rs"]
+mod pg;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+const DEADLINE: Duration = Duration::from_secs(60);
+const KEY_A: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+const KEY_B: &str = "ffeeddccbbaa99887766554433221100ffeeddccbbaa99887766554433221100";
+
+/// A data dir and its config file naming the shared store.
+struct Instance {
+    _dir: tempfile::TempDir,
+    data_dir: PathBuf,
+    config: PathBuf,
+    key: &'static str,
+}
+
+impl Instance {
+    fn new(url: &str, key: &'static str) -> Instance {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("data");
+        std::fs::create_dir_all(&data_dir).unwrap();
+        let config = dir.path().join("keel.toml");
+        std::fs::write(
+            &config,
+            format!("[storage]\nbackend = \"postgres\"\nurl = \"{url}\"\n"),
+        )
+        .unwrap();
+        Instance {
+            _dir: dir,
+            data_dir,
+            config,
+            key,
+        }
+    }
+
+    /// `keel ARGS --data-dir … --config …` with this instance's key in
+    /// `KEEL_MASTER_KEY`, `stdin` piped in.
+    fn keel(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_keel"));
+        cmd.args(args)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--config")
+            .arg(&self.config)
+            .env_remove("KEEL_DATA_DIR")
+            .env_remove("KEEL_CONFIG")
+            .env_remove("KEEL_LISTEN")
+            .env_remove("KEEL_DATABASE_URL")
+            .env("KEEL_MASTER_KEY", self.key)
+            .env("NO_COLOR", "1")
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn keel");
+        if let Some(input) = stdin {
+            let mut pipe = child.stdin.take().expect("stdin pipe");
+            pipe.write_all(input.as_bytes()).expect("write stdin");
+        }
+        let pid = child.id();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait_with_output());
+        });
+        match rx.recv_timeout(DEADLINE) {
+            Ok(out) => out.expect("wait keel"),
+            Err(_) => {
+                // SAFETY: kill on the pid of the child this test spawned.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                panic!(
+                    "`keel {}` did not finish within {DEADLINE:?}",
+                    args.join(" ")
+                );
+            }
+        }
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// The error lines of a failed command: exactly one, naming the key source
+/// and what to do.
+fn assert_key_refusal(out: &Output, what: &str) {
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{what} succeeded with another key");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.contains("error")).collect();
+    assert_eq!(
+        errors.len(),
+        1,
+        "{what}: one error line expected:\n{stderr}"
+    );
+    assert!(
+        errors[0].contains("KEEL_MASTER_KEY") && errors[0].contains("same master key"),
+        "{what}: the error names neither the key source nor the fix:\n{stderr}"
+    );
+}
+
+fn secret_names(out: &Output) -> Vec<String> {
+    assert!(out.status.success(), "list failed: {}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("list --json is JSON");
+    v["secrets"]
+        .as_array()
+        .expect("a secrets array")
+        .iter()
+        .map(|s| s["name"].as_str().expect("a name").to_string())
+        .collect()
+}
+
+fn sql(url: &str) -> postgres::Client {
+    postgres::Client::connect(url, postgres::NoTls).expect("connect to the test database")
+}
+
+fn no_secrets_db(data_dir: &Path) {
+    assert!(
+        !data_dir.join("secrets.db").exists(),
+        "secrets.db was written on backend = postgres"
+    );
+}
+
+#[test]
+fn secrets_live_encrypted_in_the_shared_store_and_another_key_is_refused() {
+    const CANARY: &str = "canary-shared-secret-5d1e8b";
+    let Some(db) = pg::fresh_db("pg_vault") else {
+        return;
+    };
+    let a = Instance::new(&db.url, KEY_A);
+
+    let set = a.keel(&["secrets", "set", "slack.bot_token"], Some(CANARY));
+    assert!(set.status.success(), "set failed: {}", text(&set.stderr));
+
+    let list = a.keel(&["secrets", "list", "--json"], None);
+    assert_eq!(secret_names(&list), ["slack.bot_token"]);
+    assert!(
+        !text(&list.stdout).contains(CANARY),
+        "list printed the value"
+    );
+
+    let mut client = sql(&db.url);
+    let rows = client
+        .query("SELECT name, value FROM secrets", &[])
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    let stored: String = rows[0].get(1);
+    assert!(!stored.contains(CANARY), "the value is stored in the clear");
+    assert!(
+        stored.len() > CANARY.len(),
+        "the stored value is too short to be sealed"
+    );
+    let check: i64 = client
+        .query_one(
+            "SELECT COUNT(*) FROM meta WHERE key = 'vault.key_check'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(check, 1, "no key check written");
+    no_secrets_db(&a.data_dir);
+
+    // Another instance given another key: refused before anything is read
+    // or written, by every command and by keel run.
+    let b = Instance::new(&db.url, KEY_B);
+    assert_key_refusal(&b.keel(&["secrets", "list"], None), "list");
+    assert_key_refusal(
+        &b.keel(&["secrets", "set", "other"], Some("value-b")),
+        "set",
+    );
+    assert_key_refusal(&b.keel(&["run"], None), "keel run");
+    let n: i64 = client
+        .query_one("SELECT COUNT(*) FROM secrets", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1, "the refused instance wrote a secret");
+
+    // An instance given the same key shares the secrets.
+    let c = Instance::new(&db.url, KEY_A);
+    let list = c.keel(&["secrets", "list", "--json"], None);
+    assert_eq!(secret_names(&list), ["slack.bot_token"]);
+
+    let rm = a.keel(&["secrets", "rm", "slack.bot_token"], None);
+    assert!(rm.status.success(), "rm failed: {}", text(&rm.stderr));
+    let list = a.keel(&["secrets", "list", "--json"], None);
+    assert!(secret_names(&list).is_empty(), "the secret is still listed");
+    let again = a.keel(&["secrets", "rm", "slack.bot_token"], None);
+    assert_eq!(again.status.code(), Some(2), "rm of a missing secret");
+
+    let audit: Vec<(String, String)> = client
+        .query("SELECT kind, detail FROM audit ORDER BY seq", &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let kinds: Vec<&str> = audit
+        .iter()
+        .filter(|(k, _)| k.starts_with("secret_"))
+        .map(|(k, _)| k.as_str())
+        .collect();
+    assert_eq!(kinds, ["secret_set", "secret_removed"]);
+    assert!(audit
+        .iter()
+        .filter(|(k, _)| k.starts_with("secret_"))
+        .all(|(_, d)| d.contains("slack.bot_token") && !d.contains(CANARY)));
+    no_secrets_db(&a.data_dir);
+}
