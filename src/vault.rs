@@ -152,7 +152,14 @@ pub fn open_shared_vault(config: &Config, key: KeyHandle) -> Result<SharedVault>
         .ok_or_else(|| {
             anyhow::anyhow!("backend = \"postgres\" needs a URL (storage.url or KEEL_DATABASE_URL)")
         })?;
-    Ok(SharedVault::open(&url, key)?)
+    SharedVault::open(&url, key).map_err(|e| match e {
+        // Already names the key source and what to do.
+        e @ keel_actors::error::StoreError::Key { .. } => anyhow::Error::new(e),
+        e => anyhow::anyhow!(
+            "the shared store {} (storage.backend = \"postgres\"): {e}",
+            keel_actors::persistence::pg::redact_url(&url)
+        ),
+    })
 }
 
 /// [`open_shared_vault`] with the master key found the usual way.
