@@ -30,13 +30,19 @@ struct Instance {
 
 impl Instance {
     fn new(url: &str, key: &'static str) -> Instance {
+        Instance::with_config(url, key, "")
+    }
+
+    /// An instance whose config has `extra` after the `[storage]` table
+    /// (top-level keys first: `extra` may start with them).
+    fn with_config(url: &str, key: &'static str, extra: &str) -> Instance {
         let dir = tempfile::tempdir().unwrap();
         let data_dir = dir.path().join("data");
         std::fs::create_dir_all(&data_dir).unwrap();
         let config = dir.path().join("keel.toml");
         std::fs::write(
             &config,
-            format!("[storage]\nbackend = \"postgres\"\nurl = \"{url}\"\n"),
+            format!("{extra}\n[storage]\nbackend = \"postgres\"\nurl = \"{url}\"\n"),
         )
         .unwrap();
         Instance {
@@ -219,4 +225,76 @@ fn secrets_live_encrypted_in_the_shared_store_and_another_key_is_refused() {
         .filter(|(k, _)| k.starts_with("secret_"))
         .all(|(_, d)| d.contains("slack.bot_token") && !d.contains(CANARY)));
     no_secrets_db(&a.data_dir);
+}
+
+/// Hold `data_dir`'s lock as a running keel does: a `keel run` gets past
+/// config load (where the vault is resolved) and stops at the lock, so the
+/// test sees how far it got without starting keel.
+fn hold_lock(data_dir: &Path) -> std::fs::File {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(data_dir.join("keel.lock"))
+        .unwrap();
+    // SAFETY: flock on a descriptor this test owns.
+    assert_eq!(
+        unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) },
+        0
+    );
+    f
+}
+
+fn stderr_of_run(i: &Instance) -> String {
+    let out = i.keel(&["run"], None);
+    assert!(!out.status.success(), "keel run started");
+    text(&out.stderr)
+}
+
+#[test]
+fn keel_run_on_postgres_resolves_config_secrets_from_the_shared_store() {
+    let Some(db) = pg::fresh_db("pg_vault_config") else {
+        return;
+    };
+    let i = Instance::with_config(&db.url, KEY_A, "[telegram]\ntoken = \"vault:tg-bot\"");
+    let _lock = hold_lock(&i.data_dir);
+    let err = stderr_of_run(&i);
+    assert!(
+        err.contains("telegram.token = \"vault:tg-bot\": no such secret in the shared store"),
+        "{err}"
+    );
+    let set = i.keel(&["secrets", "set", "tg-bot"], Some("123:canary-bot"));
+    assert!(set.status.success(), "{}", text(&set.stderr));
+    // Found: config load passed, keel stops at the held lock.
+    let err = stderr_of_run(&i);
+    assert!(err.contains("is in use by another keel"), "{err}");
+    assert!(!err.contains("canary"), "a value was printed: {err}");
+
+    // The `<channel>.<key>` fallback entries are looked up in the shared
+    // store too: one whose value was moved there from another name does
+    // not open, and keel run is refused naming it.
+    let set = i.keel(
+        &["secrets", "set", "telegram.webhook_secret"],
+        Some("canary-hook"),
+    );
+    assert!(set.status.success(), "{}", text(&set.stderr));
+    let err = stderr_of_run(&i);
+    assert!(err.contains("is in use by another keel"), "{err}");
+    let mut client = sql(&db.url);
+    client
+        .execute(
+            "UPDATE secrets SET value = (SELECT value FROM secrets WHERE name = 'tg-bot') \
+             WHERE name = 'telegram.webhook_secret'",
+            &[],
+        )
+        .unwrap();
+    let err = stderr_of_run(&i);
+    assert!(
+        err.contains("secret telegram.webhook_secret in the shared store")
+            && err.contains("does not open"),
+        "{err}"
+    );
+    assert!(!err.contains("canary"), "a value was printed: {err}");
+    no_secrets_db(&i.data_dir);
 }
