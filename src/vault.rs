@@ -57,10 +57,18 @@ pub fn master_key(config: &Config, create: Create) -> Result<KeyHandle> {
     }
     let (handle, found) = masterkey::resolve(env.as_deref().map(|s| s.as_str()), &file, create)?;
     if found == (Found::File { created: true }) {
-        crate::telemetry::notice(false, &format!(
-            "created the master key {} (0600); back it up: without it keel.db and secrets.db cannot be read",
-            file.display()
-        ));
+        let what = if is_shared(config) {
+            "the shared store's secrets cannot be read, and every instance needs this same key"
+        } else {
+            "keel.db and secrets.db cannot be read"
+        };
+        crate::telemetry::notice(
+            false,
+            &format!(
+                "created the master key {} (0600); back it up: without it {what}",
+                file.display()
+            ),
+        );
     }
     Ok(handle)
 }
