@@ -298,3 +298,66 @@ fn keel_run_on_postgres_resolves_config_secrets_from_the_shared_store() {
     assert!(!err.contains("canary"), "a value was printed: {err}");
     no_secrets_db(&i.data_dir);
 }
+
+/// The library path on PostgreSQL itself: `SharedVault` sets (an update
+/// keeps `created_at`), reads, lists and removes; of several first openers
+/// with different keys racing on an empty store exactly one key wins, and
+/// the others are refused naming their key source.
+#[test]
+fn shared_vault_on_postgres_and_racing_first_openers_agree_on_one_key() {
+    use keel_actors::masterkey::{KeyHandle, MasterKey};
+    use keel_actors::persistence::portable::secrets::SharedVault;
+    let Some(db) = pg::fresh_db("pg_vault_lib") else {
+        return;
+    };
+    let keys: Vec<KeyHandle> = (0..4)
+        .map(|i| KeyHandle::new(MasterKey::generate(), format!("test key {i}")))
+        .collect();
+    let barrier = std::sync::Barrier::new(keys.len());
+    let opened: Vec<Result<SharedVault, String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = keys
+            .iter()
+            .map(|k| {
+                let (url, barrier) = (&db.url, &barrier);
+                s.spawn(move || {
+                    barrier.wait();
+                    SharedVault::open(url, k.clone()).map_err(|e| e.to_string())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let winners: Vec<usize> = (0..keys.len()).filter(|i| opened[*i].is_ok()).collect();
+    assert_eq!(
+        winners.len(),
+        1,
+        "first openers: {:?}",
+        opened.iter().map(|r| r.as_ref().err()).collect::<Vec<_>>()
+    );
+    for (i, r) in opened.iter().enumerate() {
+        if let Err(e) = r {
+            assert!(
+                e.contains(&format!("test key {i}")) && e.contains("same master key"),
+                "{e}"
+            );
+        }
+    }
+    let winner = winners[0];
+    let mut v = opened.into_iter().nth(winner).unwrap().unwrap();
+    assert_eq!(v.key_source(), format!("test key {winner}"));
+    v.set("a.b", b"first").unwrap();
+    let created = v.list().unwrap()[0].created_at.clone();
+    v.set("a.b", b"second").unwrap();
+    assert_eq!(v.get("a.b").unwrap().unwrap().as_slice(), b"second");
+    assert!(v.get("missing").unwrap().is_none());
+    let list = v.list().unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].created_at, created, "an update changed created_at");
+    assert!(v.remove("a.b").unwrap());
+    assert!(!v.remove("a.b").unwrap());
+    assert!(v.list().unwrap().is_empty());
+    // A later opener with the winning key opens; with another it is refused.
+    assert!(SharedVault::open(&db.url, keys[winner].clone()).is_ok());
+    let other = (winner + 1) % keys.len();
+    assert!(SharedVault::open(&db.url, keys[other].clone()).is_err());
+}
