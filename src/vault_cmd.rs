@@ -572,6 +572,10 @@ pub fn recover_rekey(config: &Config, key: &KeyHandle) -> Result<()> {
 
 pub fn rekey(dir: &DataDirArg, new_key_file: Option<&Path>) -> Result<ExitCode> {
     let config = load(dir)?;
+    if is_shared(&config) {
+        // A new key here would lock this instance out of the shared store.
+        bail!("keel rekey does not re-encrypt the shared store's secrets yet: on storage.backend = \"postgres\" every instance keeps the master key that wrote them");
+    }
     if crate::run::running_pid(&config.data_dir).is_some() {
         bail!("keel is running; stop it before keel rekey");
     }

@@ -190,6 +190,14 @@ fn secrets_live_encrypted_in_the_shared_store_and_another_key_is_refused() {
         "set",
     );
     assert_key_refusal(&b.keel(&["run"], None), "keel run");
+    // Rotating the key of one instance would lock it out: refused.
+    let rekey = b.keel(&["rekey"], Some(""));
+    assert!(!rekey.status.success(), "rekey ran on the shared store");
+    assert!(
+        text(&rekey.stderr).contains("does not re-encrypt the shared store"),
+        "{}",
+        text(&rekey.stderr)
+    );
     let n: i64 = client
         .query_one("SELECT COUNT(*) FROM secrets", &[])
         .unwrap()
