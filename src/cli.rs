@@ -85,7 +85,8 @@ pub enum Command {
         #[arg(long)]
         encrypt: bool,
     },
-    /// Secrets in the encrypted vault (secrets.db); values come from stdin only.
+    /// Secrets in the encrypted vault (secrets.db, or the shared store on
+    /// `[storage] backend = "postgres"`); values come from stdin only.
     Secrets {
         #[command(subcommand)]
         cmd: SecretsCmd,

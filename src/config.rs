@@ -162,6 +162,9 @@ pub fn load(dir: &DataDirArg, run: Option<&RunArgs>) -> Result<Config> {
 /// entry named after its key (`telegram.token`, `slack.app_token`, …) when
 /// there is one. Only `keel run` (start and reload) resolves them.
 fn resolve_vault(config: &mut Config) -> Result<()> {
+    if crate::vault::is_shared(config) {
+        return resolve_shared_vault(config);
+    }
     let secrets = config.data_dir.join("secrets.db");
     let wants_vault = secret_slots(config)
         .iter()
@@ -208,6 +211,66 @@ fn resolve_vault(config: &mut Config) -> Result<()> {
             None if slot.is_none() => *slot = lookup(key_name)?,
             None => {}
         }
+    }
+    Ok(())
+}
+
+/// [`resolve_vault`] on `[storage] backend = "postgres"`: the values come
+/// from the shared store's secrets (each encrypted with the master key,
+/// which must open the store's key check), not from `secrets.db`.
+fn resolve_shared_vault(config: &mut Config) -> Result<()> {
+    // Which secret each slot wants: its `vault:NAME`, or the entry named
+    // after its key when the slot is empty.
+    let wanted: Vec<(&'static str, String, bool)> = secret_slots(config)
+        .into_iter()
+        .filter_map(|(key_name, slot)| {
+            match slot
+                .as_ref()
+                .map(|s| keel_actors::vault::vault_ref(s.expose()))
+            {
+                Some(Some(name)) => Some((key_name, name.to_string(), true)),
+                Some(None) => None,
+                None => Some((key_name, key_name.to_string(), false)),
+            }
+        })
+        .collect();
+    let shared: &Config = config;
+    // The sync postgres client must not run on a tokio runtime thread (a
+    // SIGHUP reload loads the config from one): its own thread.
+    let found = std::thread::scope(|s| {
+        s.spawn(|| -> Result<Vec<Option<Secret>>> {
+            let mut vault = crate::vault::shared_vault(shared, crate::vault::Create::IfFresh)?;
+            wanted
+                .iter()
+                .map(|(_, name, _)| {
+                    vault
+                        .get(name)?
+                        .map(|v| {
+                            String::from_utf8(v.to_vec())
+                                .map(Secret::new)
+                                .map_err(|_| anyhow::anyhow!("secret {name} is not UTF-8"))
+                        })
+                        .transpose()
+                })
+                .collect()
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("reading the shared vault failed (thread panicked)"))
+    })??;
+    let mut found: std::collections::HashMap<&str, Option<Secret>> = wanted
+        .iter()
+        .map(|(key_name, _, _)| *key_name)
+        .zip(found)
+        .collect();
+    for (key_name, slot) in secret_slots(config) {
+        let Some((_, name, named)) = wanted.iter().find(|(k, _, _)| *k == key_name) else {
+            continue;
+        };
+        let value = found.remove(key_name).flatten();
+        if *named && value.is_none() {
+            bail!("{key_name} = \"vault:{name}\": no such secret in the shared store (keel secrets set {name})");
+        }
+        *slot = value;
     }
     Ok(())
 }

@@ -114,6 +114,12 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         None => Some(lock_data_dir(&config.data_dir)?),
     };
     let key = crate::vault::master_key(&config, crate::vault::Create::IfFresh)?;
+    if crate::vault::is_shared(&config) {
+        // Every instance of a shared store must be given the same master
+        // key: one whose key does not open the store's key check (written
+        // by the first opener) is refused here, before anything starts.
+        crate::vault::open_shared_vault(&config, key.clone())?;
+    }
     if !config.ephemeral {
         // A rekey killed halfway is finished or undone before any store opens.
         crate::vault_cmd::recover_rekey(&config, &key)?;

@@ -9,8 +9,9 @@
 #![allow(clippy::disallowed_methods)]
 
 use anyhow::{bail, Result};
-use keel_actors::config::{Config, KeySource};
+use keel_actors::config::{Config, KeySource, StorageBackend};
 use keel_actors::masterkey::{self, Found, KeyHandle, MasterKey};
+use keel_actors::persistence::portable::secrets::SharedVault;
 use zeroize::Zeroizing;
 
 /// When a missing key file may be created.
@@ -56,10 +57,18 @@ pub fn master_key(config: &Config, create: Create) -> Result<KeyHandle> {
     }
     let (handle, found) = masterkey::resolve(env.as_deref().map(|s| s.as_str()), &file, create)?;
     if found == (Found::File { created: true }) {
-        crate::telemetry::notice(false, &format!(
-            "created the master key {} (0600); back it up: without it keel.db and secrets.db cannot be read",
-            file.display()
-        ));
+        let what = if is_shared(config) {
+            "the shared store's secrets cannot be read, and every instance needs this same key"
+        } else {
+            "keel.db and secrets.db cannot be read"
+        };
+        crate::telemetry::notice(
+            false,
+            &format!(
+                "created the master key {} (0600); back it up: without it {what}",
+                file.display()
+            ),
+        );
     }
     Ok(handle)
 }
@@ -130,4 +139,38 @@ pub fn store_key(config: &Config, create: Create) -> Result<Option<KeyHandle>> {
         return Ok(None);
     }
     master_key(config, create).map(Some)
+}
+
+/// True when secrets live in the shared store (`[storage] backend =
+/// "postgres"`), each value encrypted with the master key, instead of
+/// `secrets.db`.
+pub fn is_shared(config: &Config) -> bool {
+    config.storage.backend == StorageBackend::Postgres && !config.ephemeral
+}
+
+/// The shared store's vault opened with `key`: connected, migrated, and the
+/// key checked against the store's key check (written by the first opener).
+/// Sync: never call it on a tokio runtime thread.
+pub fn open_shared_vault(config: &Config, key: KeyHandle) -> Result<SharedVault> {
+    let url = config
+        .storage
+        .url
+        .as_ref()
+        .map(|u| Zeroizing::new(u.expose().to_string()))
+        .ok_or_else(|| {
+            anyhow::anyhow!("backend = \"postgres\" needs a URL (storage.url or KEEL_DATABASE_URL)")
+        })?;
+    SharedVault::open(&url, key).map_err(|e| match e {
+        // Already names the key source and what to do.
+        e @ keel_actors::error::StoreError::Key { .. } => anyhow::Error::new(e),
+        e => anyhow::anyhow!(
+            "the shared store {} (storage.backend = \"postgres\"): {e}",
+            keel_actors::persistence::pg::redact_url(&url)
+        ),
+    })
+}
+
+/// [`open_shared_vault`] with the master key found the usual way.
+pub fn shared_vault(config: &Config, create: Create) -> Result<SharedVault> {
+    open_shared_vault(config, master_key(config, create)?)
 }

@@ -7,6 +7,10 @@
 //! stopped, the command takes the data-dir lock and writes the stores
 //! itself. Secret values come from stdin only (never argv) and are never
 //! printed. Restore, rekey and migrate --encrypt need keel stopped.
+//!
+//! With `[storage] backend = "postgres"` secrets live in the shared store
+//! (each value encrypted with the master key): `keel secrets` works on it
+//! directly, keel running or not, after checking the key opens it.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -25,7 +29,7 @@ use zeroize::Zeroizing;
 
 use crate::cli::{DataDirArg, SecretsCmd, TokensCmd};
 use crate::progress::{ProgressLine, Unit, LARGE_BYTES};
-use crate::vault::{master_key, store_key, Create};
+use crate::vault::{is_shared, master_key, shared_vault, store_key, Create};
 
 fn load(dir: &DataDirArg) -> Result<Config> {
     let config = crate::config::load(dir, None)?;
@@ -152,7 +156,10 @@ pub fn secrets(cmd: SecretsCmd) -> Result<ExitCode> {
             let config = load(&dir)?;
             let value = read_secret_value(&name)?;
             let req = json!({"op": "secret_set", "name": name, "value": value.as_str()});
-            if ask_running(&config, &req)?.is_none() {
+            if is_shared(&config) {
+                // The shared store: written directly, keel running or not.
+                shared_vault(&config, Create::IfFresh)?.set(&name, value.as_bytes())?;
+            } else if ask_running(&config, &req)?.is_none() {
                 let _lock = crate::run::lock_data_dir(&config.data_dir)?;
                 let key = master_key(&config, Create::IfFresh)?;
                 let path = secrets_path(&config);
@@ -167,7 +174,9 @@ pub fn secrets(cmd: SecretsCmd) -> Result<ExitCode> {
         SecretsCmd::List { dir, json: as_json } => {
             let config = load(&dir)?;
             let path = secrets_path(&config);
-            let list = if path.exists() {
+            let list = if is_shared(&config) {
+                shared_vault(&config, Create::Never)?.list()?
+            } else if path.exists() {
                 let key = master_key(&config, Create::Never)?;
                 store::list_secrets(&store::open_secrets(Some(&path), &key, true)?)?
             } else {
@@ -185,26 +194,30 @@ pub fn secrets(cmd: SecretsCmd) -> Result<ExitCode> {
             check_secret_name(&name).map_err(|e| anyhow!(e))?;
             let config = load(&dir)?;
             let req = json!({"op": "secret_rm", "name": name});
-            let removed = match ask_running(&config, &req)? {
-                Some(v) => v["removed"].as_bool().unwrap_or(false),
-                None => {
-                    let _lock = crate::run::lock_data_dir(&config.data_dir)?;
-                    let path = secrets_path(&config);
-                    if !path.exists() {
-                        false
-                    } else {
-                        let key = master_key(&config, Create::Never)?;
-                        let c = store::open_secrets(Some(&path), &key, false)?;
-                        let removed = store::remove_secret(&c, &name)?;
-                        store::close_secrets(c)?;
-                        if removed {
-                            append_audit(
-                                &open_main(&config)?,
-                                "secret_removed",
-                                json!({"name": name}),
-                            )?;
+            let removed = if is_shared(&config) {
+                shared_vault(&config, Create::Never)?.remove(&name)?
+            } else {
+                match ask_running(&config, &req)? {
+                    Some(v) => v["removed"].as_bool().unwrap_or(false),
+                    None => {
+                        let _lock = crate::run::lock_data_dir(&config.data_dir)?;
+                        let path = secrets_path(&config);
+                        if !path.exists() {
+                            false
+                        } else {
+                            let key = master_key(&config, Create::Never)?;
+                            let c = store::open_secrets(Some(&path), &key, false)?;
+                            let removed = store::remove_secret(&c, &name)?;
+                            store::close_secrets(c)?;
+                            if removed {
+                                append_audit(
+                                    &open_main(&config)?,
+                                    "secret_removed",
+                                    json!({"name": name}),
+                                )?;
+                            }
+                            removed
                         }
-                        removed
                     }
                 }
             };
@@ -559,6 +572,10 @@ pub fn recover_rekey(config: &Config, key: &KeyHandle) -> Result<()> {
 
 pub fn rekey(dir: &DataDirArg, new_key_file: Option<&Path>) -> Result<ExitCode> {
     let config = load(dir)?;
+    if is_shared(&config) {
+        // A new key here would lock this instance out of the shared store.
+        bail!("keel rekey does not re-encrypt the shared store's secrets yet: on storage.backend = \"postgres\" every instance keeps the master key that wrote them");
+    }
     if crate::run::running_pid(&config.data_dir).is_some() {
         bail!("keel is running; stop it before keel rekey");
     }

@@ -76,6 +76,12 @@ impl MasterKey {
         Zeroizing::new(format!("PRAGMA {verb} = \"x'{}'\";", *self.to_hex()))
     }
 
+    /// The raw key bytes, for the shared store's per-value encryption
+    /// (`persistence::portable::secrets`).
+    pub(crate) fn bytes(&self) -> &[u8; KEY_BYTES] {
+        self.0.expose_secret()
+    }
+
     /// The SQL literal for `ATTACH … KEY "x'…'"`.
     pub fn attach_literal(&self) -> Zeroizing<String> {
         Zeroizing::new(format!("\"x'{}'\"", *self.to_hex()))

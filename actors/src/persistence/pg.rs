@@ -136,6 +136,11 @@ pub const PG_MIGRATIONS: &[PgMigration] = &[
         name: "audit_services_tokens",
         sql: include_str!("../../../migrations/postgres/0004_audit_services_tokens.sql"),
     },
+    PgMigration {
+        version: 5,
+        name: "secrets",
+        sql: include_str!("../../../migrations/postgres/0005_secrets.sql"),
+    },
 ];
 
 /// The PostgreSQL schema version this binary writes.

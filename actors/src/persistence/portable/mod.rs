@@ -10,6 +10,7 @@ pub mod chats;
 pub mod instances;
 pub mod leases;
 pub mod outbox;
+pub mod secrets;
 pub mod sessions;
 pub mod tasks;
 pub mod timers;
