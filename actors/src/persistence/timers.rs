@@ -221,9 +221,7 @@ pub fn apply_effect(
     principal: &str,
     effect: &Effect,
 ) -> Result<String, StoreError> {
-    match effect {
-        other => portable::timers::apply_effect(&mut sql(conn), stamp, session, principal, other),
-    }
+    portable::timers::apply_effect(&mut sql(conn), stamp, session, principal, effect)
 }
 
 /// Active and parked timers of one session, soonest first.
