@@ -89,66 +89,133 @@ pub(crate) fn open_ro(config: &Config) -> Result<persistence::Connection> {
     Ok(persistence::open_read_only(&path, key.as_ref())?)
 }
 
-fn status(dir: &DataDirArg, as_json: bool) -> Result<ExitCode> {
-    let config = config_for(dir)?;
-    let conn = open_ro(&config)?;
-    let stats = meta::stats(&conn)?;
-    let pid = crate::run::running_pid(&config.data_dir);
-    let adapters = adapter_statuses(&conn)?;
-    // Keys a reload could not apply; only meaningful while keel runs (the
-    // next start reads the file anyway).
-    let restart_needed: Vec<String> = match pid {
-        None => Vec::new(),
-        Some(_) => persistence::adapter_state::load(&conn, PENDING_KEY)?
-            .and_then(|j| serde_json::from_str::<serde_json::Value>(&j).ok())
-            .and_then(|v| v.get("keys").cloned())
-            .and_then(|k| serde_json::from_value(k).ok())
-            .unwrap_or_default(),
-    };
+/// What `keel status` shows of a store, read the same way on both backends.
+struct StoreView {
+    stats: meta::StoreStats,
+    adapters: serde_json::Value,
+    pending: Option<String>,
+    containers: serde_json::Value,
+    timers: serde_json::Map<String, serde_json::Value>,
+    tasks: serde_json::Map<String, serde_json::Value>,
+    task_log_bytes: i64,
+    instances: Vec<persistence::portable::instances::Instance>,
+    leases: Vec<persistence::portable::leases::Lease>,
+}
+
+fn store_view(
+    db: &mut dyn persistence::sql::Sql,
+) -> Result<StoreView, keel_actors::error::StoreError> {
+    use persistence::portable;
+    let version = meta::schema_version(db)?;
+    let stats = meta::stats_sql(db, version)?;
+    let adapters = adapter_statuses(db)?;
+    let pending = portable::sessions::load_adapter_state(db, PENDING_KEY)?;
     // The container reaper's last report (engine state, reaped at start,
     // event log check); none when containers never ran here.
-    let containers: serde_json::Value =
-        persistence::adapter_state::load(&conn, persistence::services::STATUS_KEY)?
-            .and_then(|j| serde_json::from_str(&j).ok())
-            .unwrap_or(serde_json::Value::Null);
-    let timers: serde_json::Map<String, serde_json::Value> =
-        persistence::timers::count_by_state(&conn)?
-            .into_iter()
-            .map(|(state, n)| (state, n.into()))
-            .collect();
+    let containers = portable::sessions::load_adapter_state(db, persistence::services::STATUS_KEY)?
+        .and_then(|j| serde_json::from_str(&j).ok())
+        .unwrap_or(serde_json::Value::Null);
+    let timers = portable::timers::count_by_state(db)?
+        .into_iter()
+        .map(|(state, n)| (state, n.into()))
+        .collect();
     // A store older than schema 4 has no tasks table: nothing to count.
-    let (task_states, task_log_bytes) =
-        persistence::tasks::counts(&conn).unwrap_or((Vec::new(), 0));
-    let tasks: serde_json::Map<String, serde_json::Value> = task_states
+    let (task_states, task_log_bytes) = portable::tasks::counts(db).unwrap_or((Vec::new(), 0));
+    let tasks = task_states
         .into_iter()
         .map(|(state, n)| (state, n.into()))
         .collect();
     // Instances sharing the store and the leases they hold (issue 13); a
     // store older than schema 12 has neither table.
-    let mut ro = persistence::sql::SqliteSql(&conn);
-    let instances = persistence::portable::instances::list(&mut ro).unwrap_or_default();
-    let leases = persistence::portable::leases::list(&mut ro).unwrap_or_default();
-    // R39: the store's highest commit against keel's record of the highest
-    // acknowledged one (read-only: the record is not repaired here).
-    let commit = persistence::acked::store_seq(&conn)?;
-    let record = persistence::acked::read(&persistence::acked::record_path(
-        &config.data_dir.join("keel.db"),
-    ));
-    let (acked_record, missing) = match record {
-        persistence::acked::Record::Seq(n) => (json!(n), (n - commit).max(0)),
-        persistence::acked::Record::Missing => (json!("missing"), 0),
-        persistence::acked::Record::Damaged => (json!("damaged"), 0),
+    let instances = portable::instances::list(db).unwrap_or_default();
+    let leases = portable::leases::list(db).unwrap_or_default();
+    Ok(StoreView {
+        stats,
+        adapters,
+        pending,
+        containers,
+        timers,
+        tasks,
+        task_log_bytes,
+        instances,
+        leases,
+    })
+}
+
+/// The shared store of `config` (`backend = "postgres"`), read in one
+/// read-only snapshot.
+fn shared_view(config: &Config) -> Result<StoreView> {
+    let url = config
+        .storage
+        .url
+        .as_ref()
+        .map(|u| u.expose().to_string())
+        .context("backend = \"postgres\" needs a URL (storage.url or KEEL_DATABASE_URL)")?;
+    let mut client = persistence::pg::connect(&url)?;
+    persistence::pg::pg_check_not_newer(&mut client, &url)?;
+    Ok(persistence::pg::read_only(&mut client, store_view)?)
+}
+
+fn status(dir: &DataDirArg, as_json: bool) -> Result<ExitCode> {
+    let config = config_for(dir)?;
+    let shared = config.storage.backend == keel_actors::config::StorageBackend::Postgres;
+    let pid = crate::run::running_pid(&config.data_dir);
+    // R39 (SQLite only): the store's highest commit against keel's record
+    // of the highest acknowledged one (read-only: the record is not
+    // repaired here). A shared store has no such file.
+    let (view, commit, acked_record, missing) = if shared {
+        (shared_view(&config)?, 0, json!(null), 0)
+    } else {
+        let conn = open_ro(&config)?;
+        let view = store_view(&mut persistence::sql::SqliteSql(&conn))?;
+        let commit = persistence::acked::store_seq(&conn)?;
+        let record = persistence::acked::read(&persistence::acked::record_path(
+            &config.data_dir.join("keel.db"),
+        ));
+        let (acked_record, missing) = match record {
+            persistence::acked::Record::Seq(n) => (json!(n), (n - commit).max(0)),
+            persistence::acked::Record::Missing => (json!("missing"), 0),
+            persistence::acked::Record::Damaged => (json!("damaged"), 0),
+        };
+        (view, commit, acked_record, missing)
+    };
+    let StoreView {
+        stats,
+        adapters,
+        pending,
+        containers,
+        timers,
+        tasks,
+        task_log_bytes,
+        instances,
+        leases,
+    } = view;
+    // Keys a reload could not apply; only meaningful while keel runs (the
+    // next start reads the file anyway).
+    let restart_needed: Vec<String> = match pid {
+        None => Vec::new(),
+        Some(_) => pending
+            .and_then(|j| serde_json::from_str::<serde_json::Value>(&j).ok())
+            .and_then(|v| v.get("keys").cloned())
+            .and_then(|k| serde_json::from_value(k).ok())
+            .unwrap_or_default(),
+    };
+    let schema_supported = if shared {
+        persistence::pg::pg_latest_version()
+    } else {
+        migrate::latest_version()
     };
     if as_json {
         println!(
             "{}",
             json!({
-                "commits": { "store": commit, "acked_record": acked_record, "missing": missing },
+                "commits": if shared { json!(null) } else { json!({ "store": commit, "acked_record": acked_record, "missing": missing }) },
+                "backend": if shared { "postgres" } else { "sqlite" },
                 "data_dir": config.data_dir,
                 "running": pid.is_some(),
                 "pid": pid,
                 "store": stats,
-                "schema_supported": migrate::latest_version(),
+                "schema_supported": schema_supported,
                 "adapters": adapters,
                 "timers": timers,
                 "tasks": { "by_state": tasks, "log_bytes": task_log_bytes },
@@ -164,13 +231,16 @@ fn status(dir: &DataDirArg, as_json: bool) -> Result<ExitCode> {
             Some(p) => println!("daemon:          running (pid {p})"),
             None => println!("daemon:          not running"),
         }
+        if shared {
+            println!("store:           shared (PostgreSQL)");
+        }
         println!(
-            "schema version:  {} (binary supports {})",
+            "schema version:  {} (binary supports {schema_supported})",
             stats.schema_version,
-            migrate::latest_version()
         );
         println!("boot epoch:      {}", stats.boot_epoch);
-        if missing > 0 {
+        if shared {
+        } else if missing > 0 {
             println!(
                 "DATA LOSS:       {missing} acknowledged commits missing (store at commit {commit}, keel.acked records {acked_record}); see the README, R39"
             );
@@ -263,9 +333,11 @@ fn status(dir: &DataDirArg, as_json: bool) -> Result<ExitCode> {
 }
 
 /// Each adapter's last reported status (`adapter_state` rows `status:*`).
-fn adapter_statuses(conn: &persistence::Connection) -> Result<serde_json::Value> {
+fn adapter_statuses(
+    db: &mut dyn persistence::sql::Sql,
+) -> Result<serde_json::Value, keel_actors::error::StoreError> {
     let mut out = serde_json::Map::new();
-    for row in persistence::adapter_state::statuses(conn)? {
+    for row in persistence::adapter_state::statuses_sql(db)? {
         let name = row
             .adapter
             .trim_start_matches(persistence::adapter_state::STATUS_PREFIX)

@@ -8,6 +8,8 @@
 //! Telegram offsets never went back, the poller lease moved to a live
 //! instance within 10 s each time its holder died, and every reply was sent.
 
+#![allow(clippy::disallowed_methods)] // real time: leases, heartbeats and due instants
+
 mod common;
 #[path = "common/pg.rs"]
 mod pg;
@@ -142,7 +144,7 @@ async fn three_instances_on_one_postgres_lose_nothing_through_kill_9_cycles() {
                 n += 1;
                 let id = format!("w{client}-{n}");
                 let chat = format!("c{client}-{}", n % 3);
-                let (text, note) = if n % 10 == 0 {
+                let (text, note) = if n.is_multiple_of(10) {
                     let note = format!("note-{client}-{n}");
                     (format!("/remind in {}s {note}", 1 + n % 3), Some(note))
                 } else {
@@ -193,7 +195,7 @@ async fn three_instances_on_one_postgres_lose_nothing_through_kill_9_cycles() {
             .iter()
             .position(|i| holder.starts_with(&format!("{i}#")))
             .expect("the lease holder is one of the instances");
-        let victim = if cycle % 2 == 0 {
+        let victim = if cycle.is_multiple_of(2) {
             held_by
         } else {
             (held_by + 1 + cycle % 2) % INSTANCES
@@ -387,6 +389,50 @@ async fn three_instances_on_one_postgres_lose_nothing_through_kill_9_cycles() {
         max_late,
         pushed.len(),
         moves
+    );
+    // `keel status` on any instance shows the cluster: every instance with
+    // its epoch and heartbeat, and the poller lease with its holder.
+    let out = daemons[1].status_json().await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: Value = serde_json::from_slice(&out.stdout).expect("status --json");
+    assert_eq!(status["backend"], "postgres", "{status}");
+    let listed: HashSet<&str> = status["instances"]
+        .as_array()
+        .expect("instances")
+        .iter()
+        .filter_map(|i| i["id"].as_str())
+        .collect();
+    assert_eq!(listed, ids.iter().map(String::as_str).collect(), "{status}");
+    let restarted = status["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["epoch"].as_i64() > Some(1))
+        .count();
+    assert!(
+        restarted >= 2,
+        "restarted instances show new epochs: {status}"
+    );
+    let lease = status["leases"]
+        .as_array()
+        .expect("leases")
+        .iter()
+        .find(|l| {
+            l["name"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("poller:telegram:"))
+        })
+        .unwrap_or_else(|| panic!("no poller lease in {status}"));
+    assert!(
+        ids.iter().any(|i| lease["holder"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with(&format!("{i}#"))),
+        "{status}"
     );
     for d in &mut daemons {
         let exit = d.sigterm(Duration::from_secs(20)).await;

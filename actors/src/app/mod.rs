@@ -942,10 +942,10 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
     let mut timer_settings =
         TimerSettings::new(config.timers.retention_days, routed_channels(&config));
     if shared {
-        // Other instances create timers too: reread the due window every
-        // second, so an instant fires within ~1 s on some live instance
-        // whichever created it (the receipt keeps it to once).
-        timer_settings.resync_every = Duration::from_secs(1);
+        // Other instances create timers too: reread the due window twice a
+        // second, so an instant fires within well under 2 s on some live
+        // instance whichever created it (the receipt keeps it to once).
+        timer_settings.resync_every = Duration::from_millis(500);
     }
     timer_ctx.run(
         TimerActor::new(

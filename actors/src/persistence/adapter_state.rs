@@ -49,20 +49,26 @@ pub fn save(
 
 /// Every adapter status row (key prefix [`STATUS_PREFIX`]), by name.
 pub fn statuses(conn: &Connection) -> Result<Vec<AdapterStateRow>, StoreError> {
-    let mut stmt = conn.prepare_cached(
+    statuses_sql(&mut super::sql::SqliteSql(conn))
+}
+
+/// [`statuses`] on either backend.
+pub fn statuses_sql(db: &mut dyn super::sql::Sql) -> Result<Vec<AdapterStateRow>, StoreError> {
+    db.rows(
+        // CAST: PostgreSQL cannot pick a `length` for an untyped parameter.
         "SELECT adapter, state_json, updated_at FROM adapter_state
-         WHERE substr(adapter, 1, length(?1)) = ?1 ORDER BY adapter",
-    )?;
-    let rows = stmt
-        .query_map(params![STATUS_PREFIX], |r| {
-            Ok(AdapterStateRow {
-                adapter: r.get(0)?,
-                state_json: r.get(1)?,
-                updated_at: r.get(2)?,
-            })
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(rows)
+         WHERE substr(adapter, 1, length(CAST($1 AS TEXT))) = $1 ORDER BY adapter",
+        crate::vals![STATUS_PREFIX],
+    )?
+    .into_iter()
+    .map(|r| {
+        Ok(AdapterStateRow {
+            adapter: r.text(0)?,
+            state_json: r.text(1)?,
+            updated_at: r.text(2)?,
+        })
+    })
+    .collect()
 }
 
 /// Read one adapter's state. Sent by adapters when they start.
