@@ -181,6 +181,14 @@ pub struct OutboxActor {
     draining: bool,
     drained: Vec<oneshot::Sender<()>>,
     wake_scheduled: bool,
+    /// On a shared store (issue 13): the token of the cluster's `outbox`
+    /// lease. Only its holder sends; see [`ShareOutbox`].
+    lease: Option<tokio::sync::watch::Receiver<Option<i64>>>,
+    /// Rows whose send finished since the last rescan was asked for: a
+    /// rescan's snapshot may predate their `sent`, so they are skipped.
+    done_since_rescan: HashSet<i64>,
+    rescanning: bool,
+    rescan_every: Option<Duration>,
 }
 
 impl OutboxActor {
@@ -212,11 +220,32 @@ impl OutboxActor {
             draining: false,
             drained: Vec::new(),
             wake_scheduled: false,
+            lease: None,
+            done_since_rescan: HashSet::new(),
+            rescanning: false,
+            rescan_every: None,
         }
     }
 
     /// Use `retry` (the `[adapters]` policy) for resends. Called by the app
     /// with the same config the adapter supervisor gets.
+    /// On a shared store: send only while `lease` (the cluster's `outbox`
+    /// lease) is held, and rescan every pending row every `every` — the
+    /// other instances commit replies this one is not told about, with ids
+    /// that may commit out of order, so no cursor can be trusted. When the
+    /// lease is lost, what is queued here is dropped (it stays pending in
+    /// the store for the next holder); a send in flight finishes
+    /// (at-least-once: the reply's id lets the receiver drop a repeat).
+    pub fn shared(
+        mut self,
+        lease: tokio::sync::watch::Receiver<Option<i64>>,
+        every: Duration,
+    ) -> OutboxActor {
+        self.lease = Some(lease);
+        self.rescan_every = Some(every);
+        self
+    }
+
     pub fn with_retry(mut self, retry: SupervisionConfig) -> OutboxActor {
         self.rng = match retry.seed {
             Some(seed) => StdRng::seed_from_u64(seed),
@@ -226,9 +255,18 @@ impl OutboxActor {
         self
     }
 
+    /// Whether this instance may send: always on one node; on a shared
+    /// store only while it holds the `outbox` lease.
+    fn holds_lease(&self) -> bool {
+        self.lease.as_ref().is_none_or(|l| l.borrow().is_some())
+    }
+
     fn refill(&mut self, ctx: &mut Context<Self>) {
         if self.refilling || self.draining {
             self.dirty = true;
+            return;
+        }
+        if !self.holds_lease() {
             return;
         }
         if self.queue.len() as i64 >= PAGE {
@@ -238,7 +276,12 @@ impl OutboxActor {
         }
         self.refilling = true;
         self.dirty = false;
-        let with_unknown = !self.unknown_loaded;
+        let rescan = std::mem::take(&mut self.rescanning);
+        if rescan {
+            self.high_water = 0;
+            self.done_since_rescan.clear();
+        }
+        let with_unknown = !self.unknown_loaded || rescan;
         let req = self.persistence.send(GetPendingOutbox {
             after: self.high_water,
             limit: PAGE,
@@ -258,7 +301,9 @@ impl OutboxActor {
                         // or still queued.
                         let known = this.in_flight.contains(&row.id)
                             || this.waiting.contains_key(&row.id)
-                            || (row.unknown && this.queue.iter().any(|q| q.id == row.id));
+                            || ((row.unknown || rescan)
+                                && this.queue.iter().any(|q| q.id == row.id))
+                            || this.done_since_rescan.contains(&row.id);
                         if !known {
                             this.queue.push_back(row);
                         }
@@ -316,7 +361,7 @@ impl OutboxActor {
     /// Start as many sends as allowed: one per session, none on a paused
     /// channel, at most `concurrency` overall.
     fn pump(&mut self, ctx: &mut Context<Self>) {
-        if self.draining {
+        if self.draining || !self.holds_lease() {
             return;
         }
         let now = tokio::time::Instant::now();
@@ -394,6 +439,9 @@ impl OutboxActor {
         };
         ctx.spawn(work.into_actor(self).map(|(row, result, recorded), this, ctx| {
             this.in_flight.remove(&row.id);
+            if this.lease.is_some() {
+                this.done_since_rescan.insert(row.id);
+            }
             this.busy_sessions.remove(&row.session_id);
             let channel = this.channels.entry(row.channel.clone()).or_default();
             match result {
@@ -478,6 +526,23 @@ impl Actor for OutboxActor {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(65_536);
+        if let Some(every) = self.rescan_every {
+            ctx.run_interval(every, |this, ctx| {
+                if !this.holds_lease() {
+                    if !this.queue.is_empty() || !this.waiting.is_empty() {
+                        tracing::info!(
+                            queued = this.queue.len() + this.waiting.len(),
+                            "outbox lease not held: another instance sends these replies"
+                        );
+                    }
+                    this.queue.clear();
+                    this.waiting.clear();
+                    return;
+                }
+                this.rescanning = true;
+                this.refill(ctx);
+            });
+        }
         // Replies left unsent by an earlier run go out first (R3).
         self.refill(ctx);
     }

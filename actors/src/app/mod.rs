@@ -630,6 +630,12 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         metrics.clone(),
     )
     .with_retry(config.adapters.clone());
+    let (outbox, outbox_lease) = if shared {
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        (outbox.shared(rx, Duration::from_millis(200)), Some(tx))
+    } else {
+        (outbox, None)
+    };
     let outbox = outbox.start();
     if let Some(clients) = &cli_clients {
         // A `keel chat` client subscribing releases the replies waiting for it.
@@ -828,6 +834,20 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
         )
         .await?
     };
+    if let Some(tx) = outbox_lease {
+        // One sender for the cluster (issue 13): the holder of the
+        // `outbox` lease sends every instance's replies, in order per chat;
+        // when it dies another instance takes the lease and the replies.
+        let mut held = leases.want("outbox").await;
+        actix_rt::spawn(async move {
+            loop {
+                let token = *held.borrow_and_update();
+                if tx.send(token).is_err() || held.changed().await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
     opts.steps.set("resuming turns awaiting the agent");
     let awaiting = registry
         .send(ResumeAwaiting)
