@@ -145,12 +145,7 @@ fn store_view(
 /// The shared store of `config` (`backend = "postgres"`), read in one
 /// read-only snapshot.
 fn shared_view(config: &Config) -> Result<StoreView> {
-    let url = config
-        .storage
-        .url
-        .as_ref()
-        .map(|u| u.expose().to_string())
-        .context("backend = \"postgres\" needs a URL (storage.url or KEEL_DATABASE_URL)")?;
+    let url = config.storage.shared_url().map_err(anyhow::Error::msg)?;
     let mut client = persistence::pg::connect(&url)?;
     persistence::pg::pg_check_not_newer(&mut client, &url)?;
     Ok(persistence::pg::read_only(&mut client, store_view)?)

@@ -152,14 +152,7 @@ pub fn is_shared(config: &Config) -> bool {
 /// key checked against the store's key check (written by the first opener).
 /// Sync: never call it on a tokio runtime thread.
 pub fn open_shared_vault(config: &Config, key: KeyHandle) -> Result<SharedVault> {
-    let url = config
-        .storage
-        .url
-        .as_ref()
-        .map(|u| Zeroizing::new(u.expose().to_string()))
-        .ok_or_else(|| {
-            anyhow::anyhow!("backend = \"postgres\" needs a URL (storage.url or KEEL_DATABASE_URL)")
-        })?;
+    let url = config.storage.shared_url().map_err(anyhow::Error::msg)?;
     SharedVault::open(&url, key).map_err(|e| match e {
         // Already names the key source and what to do.
         e @ keel_actors::error::StoreError::Key { .. } => anyhow::Error::new(e),

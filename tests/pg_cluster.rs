@@ -13,6 +13,8 @@
 mod common;
 #[path = "common/pg.rs"]
 mod pg;
+#[path = "common/slack.rs"]
+mod slack;
 #[path = "common/telegram.rs"]
 mod telegram;
 
@@ -446,6 +448,92 @@ async fn three_instances_on_one_postgres_lose_nothing_through_kill_9_cycles() {
             .starts_with(&format!("{i}#"))),
         "{status}"
     );
+    for d in &mut daemons {
+        let exit = d.sigterm(Duration::from_secs(20)).await;
+        assert!(exit.success(), "{exit}");
+    }
+}
+
+/// Slack Socket Mode on a shared store: one connection per app across the
+/// instances (the `poller:slack:<app>` lease); when its holder dies the
+/// other instance connects and answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_instance_holds_the_slack_socket_and_another_takes_it_over() {
+    let Some(db) = pg::fresh_db("slack_lease") else {
+        return;
+    };
+    let fake = slack::FakeSlack::start();
+    let key = "6b".repeat(32);
+    let mut daemons = Vec::new();
+    for _ in 0..2 {
+        let mut d = Daemon::new(Config::default(), None);
+        let text = d.config.to_toml()
+            + &format!(
+                "\n[storage]\nbackend = \"postgres\"\nurl = {}\n",
+                toml_str(&db.url)
+            )
+            + "\n[adapters]\nbackoff_initial_ms = 50\nbackoff_max_ms = 400\nattempts = 10\nseed = 1\n"
+            + &slack::config_toml(&fake.api_base, "xapp-lease-app", "xoxb-lease-bot", 30);
+        d.write_config_text(&text);
+        d.env.push(("KEEL_MASTER_KEY".into(), key.clone()));
+        d.boot().await;
+        daemons.push(d);
+    }
+    let replied = |n: usize| {
+        let fake = &fake;
+        async move { (fake.posts().len() >= n).then_some(()) }
+    };
+    for i in 0..10 {
+        fake.push_message(&format!("Ev{i}"), "C1", &format!("/recall k{i}"));
+    }
+    assert!(
+        poll_until(DEADLINE, || replied(10)).await.is_some(),
+        "the first ten messages were not answered"
+    );
+    // Both instances are up and ten round trips went through: the one
+    // without the lease never opened a connection.
+    assert_eq!(fake.opens(), 1, "one Socket Mode connection for the app");
+    let holder: String = sql(
+        &db.url,
+        "SELECT holder FROM leases WHERE name LIKE 'poller:slack:%'",
+    )[0]
+    .get(0);
+    let ids: Vec<String> = daemons
+        .iter()
+        .map(|d| {
+            std::fs::read_to_string(d.data_dir.join("instance.id"))
+                .unwrap()
+                .trim()
+                .to_string()
+        })
+        .collect();
+    let held_by = ids
+        .iter()
+        .position(|i| holder.starts_with(&format!("{i}#")))
+        .expect("the lease holder is one of the instances");
+    daemons[held_by].sigkill();
+    let other = 1 - held_by;
+    let took = poll_until(LEASE_MOVE, || async {
+        let h: String = sql(
+            &db.url,
+            "SELECT holder FROM leases WHERE name LIKE 'poller:slack:%'",
+        )[0]
+        .get(0);
+        (h.starts_with(&format!("{}#", ids[other])) && fake.opens() == 2).then_some(())
+    })
+    .await;
+    assert!(
+        took.is_some(),
+        "the other instance did not take the socket within {LEASE_MOVE:?}"
+    );
+    for i in 10..15 {
+        fake.push_message(&format!("Ev{i}"), "C1", &format!("/recall k{i}"));
+    }
+    assert!(
+        poll_until(DEADLINE, || replied(15)).await.is_some(),
+        "messages after the takeover were not answered"
+    );
+    daemons[held_by].boot().await;
     for d in &mut daemons {
         let exit = d.sigterm(Duration::from_secs(20)).await;
         assert!(exit.success(), "{exit}");

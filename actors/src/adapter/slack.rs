@@ -108,6 +108,17 @@ pub struct SlackAdapter {
     pub registry: Addr<SessionRegistry>,
     pub gate: Gate,
     pub metrics: Metrics,
+    /// Connects only while holding `poller:slack:<app fingerprint>` (one
+    /// Socket Mode connection per app across instances); `None`: always.
+    pub leases: Option<crate::lease::LeaseKeeper>,
+}
+
+/// The lease name of the app whose app-level token is `app_token`: a
+/// fingerprint, never the token.
+pub fn lease_name(app_token: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(app_token.as_bytes());
+    format!("poller:slack:{}", &hex::encode(digest)[..16])
 }
 
 impl Adapter for SlackAdapter {
@@ -121,7 +132,49 @@ impl Adapter for SlackAdapter {
         let registry = self.registry.clone();
         let gate = self.gate.clone();
         let metrics = self.metrics.clone();
-        Box::pin(async move { socket_loop(client, config, registry, gate, metrics, stop).await })
+        let leases = self.leases.clone();
+        Box::pin(async move {
+            let Some(keeper) = leases else {
+                return socket_loop(client, config, registry, gate, metrics, stop).await;
+            };
+            let name = lease_name(config.app_token.as_ref().map_or("", |t| t.expose()));
+            let mut held = keeper.want(&name).await;
+            let mut stop = stop;
+            loop {
+                if held.borrow().is_none() {
+                    tracing::info!(lease = %name, "slack socket mode waits for the app's lease");
+                }
+                let token = tokio::select! {
+                    t = held.wait_for(Option::is_some) => match t {
+                        Ok(t) => (*t).unwrap_or_default(),
+                        Err(_) => return Ok(()),
+                    },
+                    _ = stop.wait_for(|s| *s) => return Ok(()),
+                };
+                let lost = async {
+                    let mut rx = held.clone();
+                    let _ = rx.wait_for(|t| *t != Some(token)).await;
+                };
+                // Dropping the connection's future closes the socket: Slack
+                // redelivers what it had not been acknowledged for to the
+                // lease's next holder.
+                let run = socket_loop(
+                    client.clone(),
+                    config.clone(),
+                    registry.clone(),
+                    gate.clone(),
+                    metrics.clone(),
+                    stop.clone(),
+                );
+                tokio::select! {
+                    r = run => return r,
+                    () = lost => {
+                        keeper.lost(&name);
+                        tracing::info!(lease = %name, token, "slack socket mode closed: lease lost");
+                    }
+                }
+            }
+        })
     }
 }
 
@@ -818,6 +871,7 @@ pub const CHANNEL: super::Channel = super::Channel {
                 registry: deps.registry.clone(),
                 gate: deps.gate.clone(),
                 metrics: deps.metrics.clone(),
+                leases: deps.leases.clone(),
             }) as Arc<dyn Adapter>
         })
     },

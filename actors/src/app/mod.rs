@@ -529,14 +529,9 @@ async fn open_shared_store(
     opts.steps.set("connecting to the shared store");
     let url = config
         .storage
-        .url
-        .as_ref()
-        .map(|u| u.expose().to_string())
-        .ok_or_else(|| {
-            StartError::Config(
-                "backend = \"postgres\" needs a URL (storage.url or KEEL_DATABASE_URL)".into(),
-            )
-        })?;
+        .shared_url()
+        .map_err(|e| StartError::Config(e.into()))?
+        .to_string();
     let connect_url = url.clone();
     let (client, (from, to)) = tokio::task::spawn_blocking(move || {
         let mut client = persistence::pg::connect(&connect_url)?;

@@ -325,6 +325,21 @@ pub enum StorageBackend {
     Postgres,
 }
 
+/// What a shared store without a URL is told.
+pub const NO_SHARED_URL: &str =
+    "backend = \"postgres\" needs a URL (storage.url or KEEL_DATABASE_URL)";
+
+impl StorageConfig {
+    /// The shared store's URL (`storage.url`, or `KEEL_DATABASE_URL` as
+    /// loaded), or the one-line reason there is none.
+    pub fn shared_url(&self) -> Result<zeroize::Zeroizing<String>, &'static str> {
+        self.url
+            .as_ref()
+            .map(|u| zeroize::Zeroizing::new(u.expose().to_string()))
+            .ok_or(NO_SHARED_URL)
+    }
+}
+
 impl Default for StorageConfig {
     fn default() -> Self {
         StorageConfig {
@@ -536,10 +551,7 @@ impl Config {
         }
         match (&self.storage.backend, &self.storage.url) {
             (StorageBackend::Postgres, None) => {
-                return Err(invalid(
-                    "storage.url",
-                    "backend = \"postgres\" needs a URL (storage.url or KEEL_DATABASE_URL)".into(),
-                ))
+                return Err(invalid("storage.url", NO_SHARED_URL.into()))
             }
             (StorageBackend::Postgres, Some(url))
                 if url.expose().parse::<postgres::Config>().is_err() =>
