@@ -70,17 +70,6 @@ pub fn append(
     append_sql(&mut SqliteSql(conn), &at.text, kind, detail)
 }
 
-/// [`append`] with the write time as RFC 3339 text (for SQL functions that
-/// take the time that way).
-pub fn append_at(
-    conn: &Connection,
-    at: &str,
-    kind: &str,
-    detail: &Value,
-) -> Result<i64, StoreError> {
-    append_sql(&mut SqliteSql(conn), at, kind, detail)
-}
-
 /// [`append`] on either backend. On PostgreSQL, appends by several
 /// instances serialise on the lock row `lock:audit` first, so each reads
 /// the head the one before it committed.

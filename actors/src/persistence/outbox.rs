@@ -230,28 +230,6 @@ pub fn set_channel_ref(conn: &Connection, id: i64, channel_ref: &str) -> Result<
     Ok(())
 }
 
-/// One delivery report of a channel about a sent reply, found by the id the
-/// channel gave it. Statuses only move forward (`sent` < `delivered` <
-/// `read`; `failed` always wins): Meta may deliver them out of order.
-/// Returns whether a row matched.
-pub fn record_delivery_status(
-    conn: &Connection,
-    channel: &str,
-    channel_ref: &str,
-    status: &str,
-    at: &str,
-    error: Option<&str>,
-) -> Result<bool, StoreError> {
-    super::portable::outbox::record_delivery_status(
-        &mut super::sql::SqliteSql(conn),
-        channel,
-        channel_ref,
-        status,
-        at,
-        error,
-    )
-}
-
 /// Record the outcome of one send attempt. Answers whether the row still
 /// waits to be sent (`false` after `Sent`/`GaveUp`, or when it was failed
 /// meanwhile: the outbox then drops it instead of retrying).
