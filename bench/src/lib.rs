@@ -16,6 +16,9 @@
 //!   adopted against a start with none (needs a Docker engine).
 //! - [`sessions`] — `keel bench sessions --chats N`: one message to each of
 //!   N distinct chats against 64 chats: RSS high-water mark, throughput.
+//! - `scaleout` — `keel bench --backend postgres --instances 1,3`: the
+//!   webhook load spread over N keels on one PostgreSQL server, and SQLite
+//!   in the same run.
 //! - [`restart`] — `keel bench restart`: start → ready and SIGTERM → exit
 //!   with 1M messages and 1M timers against an empty store.
 //! - [`fake_telegram`], [`fake_slack`] — fake upstreams on loopback (Bot API
@@ -36,6 +39,7 @@ pub mod fake_telegram;
 pub mod messages;
 mod reference;
 pub mod restart;
+mod scaleout;
 mod seed;
 pub mod services;
 pub mod sessions;

@@ -77,6 +77,26 @@ pub struct BenchArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// The store under test: `sqlite` (encrypted and plain) or `postgres`
+    /// (each count of `--instances` on one server, SQLite in the same run).
+    #[arg(long, value_enum, default_value_t = Backend::Sqlite)]
+    pub backend: Backend,
+    /// With `--backend postgres`: how many instances share the server, one
+    /// measurement per count (default 1,3).
+    #[arg(long, value_delimiter = ',')]
+    pub instances: Option<Vec<usize>>,
+    /// With `--backend postgres`: a libpq URL whose user may create
+    /// databases (the bench makes one per measurement and drops it);
+    /// without it a private cluster is started in a temp dir.
+    #[arg(long, env = "KEEL_BENCH_PG_URL", hide_env_values = true)]
+    pub url: Option<String>,
+}
+
+/// `keel bench --backend`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
 }
 
 /// Run the benchmark; see the module documentation.
@@ -102,6 +122,13 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode> {
         Some(b) => b.clone(),
         None => std::env::current_exe().context("cannot find the keel executable")?,
     };
+
+    if args.backend == Backend::Postgres {
+        return crate::scaleout::bench_postgres(&args, &binary);
+    }
+    if args.url.is_some() || args.instances.is_some() {
+        bail!("--url and --instances are for --backend postgres");
+    }
 
     let scratch = Scratch::create(args.keep)?;
     let rows = RowMaker::new(args.clients);
@@ -214,36 +241,14 @@ fn measure(
         keel.addr, args.clients, args.warmup_seconds, args.seconds
     ));
 
-    let start = Instant::now();
-    let window = Window {
-        from: start + Duration::from_secs_f64(args.warmup_seconds),
-        until: start + Duration::from_secs_f64(args.warmup_seconds + args.seconds),
-    };
-    let load_threads = args.load_threads.clamp(1, args.clients);
-    let url = format!("{base}/v1/messages");
-    let (loads, probe) = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..load_threads)
-            .map(|t| {
-                let ids: Vec<usize> = (t..args.clients).step_by(load_threads).collect();
-                let url = url.as_str();
-                s.spawn(move || load_thread(url, ids, window))
-            })
-            .collect();
-        let probe = rt.block_on(observe(&base, keel.pid, window));
-        let loads: Vec<Result<LoadStats>> = handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a load thread panicked")))
-            })
-            .collect();
-        (loads, probe)
-    });
-    let mut load = LoadStats::default();
-    for l in loads {
-        load.merge(l?);
-    }
-    let probe = probe?;
+    let window = Window::after_warmup(args.warmup_seconds, args.seconds);
+    let (load, probe) = drive(
+        &rt,
+        &[(base, keel.pid)],
+        args.clients,
+        args.load_threads,
+        window,
+    )?;
     let status = keel.stop().context("stopping keel")?;
     if !status.success() {
         eprintln!(
@@ -462,6 +467,24 @@ impl Keel {
         encrypt: bool,
         extra: &str,
     ) -> Result<Keel> {
+        Keel::start_configured(
+            binary,
+            scratch,
+            &format!(
+                "[storage]\nsynchronous = \"full\"\nencrypt = {encrypt}\n\n[webhook]\nenabled = true\n{extra}"
+            ),
+            &[],
+        )
+    }
+
+    /// Start `binary run` on a fresh data dir under `scratch` and a free
+    /// port with the whole `config` (written 0600) and `env` set.
+    pub(crate) fn start_configured(
+        binary: &Path,
+        scratch: &Path,
+        config_text: &str,
+        env: &[(&str, &str)],
+    ) -> Result<Keel> {
         let addr = {
             let l = TcpListener::bind("127.0.0.1:0").context("cannot find a free port")?;
             l.local_addr()
@@ -474,15 +497,7 @@ impl Keel {
             .create_new(true)
             .mode(0o600)
             .open(&config)
-            .and_then(|mut f| {
-                f.write_all(
-                    format!(
-                        "[storage]\nsynchronous = \"full\"\nencrypt = {encrypt}\n\n[webhook]\nenabled = true\n"
-                    )
-                    .as_bytes(),
-                )?;
-                f.write_all(extra.as_bytes())
-            })
+            .and_then(|mut f| f.write_all(config_text.as_bytes()))
             .with_context(|| format!("cannot write {}", config.display()))?;
         let log = scratch.join("keel.log");
         let stderr =
@@ -491,6 +506,7 @@ impl Keel {
             .try_clone()
             .with_context(|| format!("cannot reopen {}", log.display()))?;
         let child = run_command(binary, &scratch.join("keel"), &config, &addr)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)
@@ -507,7 +523,7 @@ impl Keel {
     }
 
     /// Poll `GET /readyz` until it answers 200.
-    async fn wait_ready(&mut self, base: &str) -> Result<()> {
+    pub(crate) async fn wait_ready(&mut self, base: &str) -> Result<()> {
         self.wait_ready_polling(base, READY_DEADLINE, Duration::from_millis(20))
             .await
     }
@@ -608,23 +624,74 @@ pub(crate) fn log_tail(path: &Path) -> String {
 /// The measured window: requests that start at or after `from` and are
 /// answered by `until` count; clients stop sending at `until`.
 #[derive(Debug, Clone, Copy)]
-struct Window {
+pub(crate) struct Window {
     from: Instant,
     until: Instant,
 }
 
+impl Window {
+    /// A window of `seconds` that opens `warmup` seconds from now.
+    pub(crate) fn after_warmup(warmup: f64, seconds: f64) -> Window {
+        let start = Instant::now();
+        Window {
+            from: start + Duration::from_secs_f64(warmup),
+            until: start + Duration::from_secs_f64(warmup + seconds),
+        }
+    }
+}
+
+/// Run `clients` webhook clients on `load_threads` OS threads against the
+/// keels `targets` (`(base URL, pid)`; client `i` talks to target
+/// `i % targets.len()`) through `window`, observing the keels meanwhile.
+pub(crate) fn drive(
+    rt: &tokio::runtime::Runtime,
+    targets: &[(String, i32)],
+    clients: usize,
+    load_threads: usize,
+    window: Window,
+) -> Result<(LoadStats, Probe)> {
+    let load_threads = load_threads.clamp(1, clients);
+    let urls: Vec<String> = targets
+        .iter()
+        .map(|(base, _)| format!("{base}/v1/messages"))
+        .collect();
+    let (loads, probe) = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..load_threads)
+            .map(|t| {
+                let ids: Vec<usize> = (t..clients).step_by(load_threads).collect();
+                let urls = urls.as_slice();
+                s.spawn(move || load_thread(urls, ids, window))
+            })
+            .collect();
+        let probe = rt.block_on(observe(targets, window));
+        let loads: Vec<Result<LoadStats>> = handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a load thread panicked")))
+            })
+            .collect();
+        (loads, probe)
+    });
+    let mut load = LoadStats::default();
+    for l in loads {
+        load.merge(l?);
+    }
+    Ok((load, probe?))
+}
+
 /// What the webhook clients saw.
 #[derive(Debug, Default)]
-struct LoadStats {
+pub(crate) struct LoadStats {
     /// 200s inside the window.
-    acked: u64,
+    pub(crate) acked: u64,
     /// Ack latency of each of those, µs.
-    latencies: Vec<u32>,
+    pub(crate) latencies: Vec<u32>,
     /// Non-200 answers over the whole run (warm-up included).
-    non_200: u64,
+    pub(crate) non_200: u64,
     /// Requests without an answer (connection errors, timeouts).
-    errors: u64,
-    first_failure: Option<String>,
+    pub(crate) errors: u64,
+    pub(crate) first_failure: Option<String>,
 }
 
 impl LoadStats {
@@ -646,8 +713,8 @@ impl LoadStats {
 }
 
 /// One OS thread of the load generator: its own runtime, its own connection
-/// pool, clients `ids`.
-fn load_thread(url: &str, ids: Vec<usize>, window: Window) -> Result<LoadStats> {
+/// pool, clients `ids` (client `i` posts to `urls[i % urls.len()]`).
+fn load_thread(urls: &[String], ids: Vec<usize>, window: Window) -> Result<LoadStats> {
     let rt = runtime()?;
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(ids.len())
@@ -655,7 +722,8 @@ fn load_thread(url: &str, ids: Vec<usize>, window: Window) -> Result<LoadStats> 
         .build()
         .context("cannot build an HTTP client")?;
     let results = rt.block_on(futures::future::join_all(
-        ids.into_iter().map(|i| client(&http, url, i, window)),
+        ids.into_iter()
+            .map(|i| client(&http, &urls[i % urls.len()], i, window)),
     ));
     let mut all = LoadStats::default();
     for r in results {
@@ -718,39 +786,59 @@ async fn client(http: &reqwest::Client, url: &str, i: usize, window: Window) -> 
 
 /// keel's own figures over the measured window.
 #[derive(Debug, Default)]
-struct Probe {
+pub(crate) struct Probe {
     /// Group commits and the jobs they carried.
-    commits: f64,
-    jobs: f64,
+    pub(crate) commits: f64,
+    pub(crate) jobs: f64,
     /// Seconds spent inside commits (BEGIN … COMMIT, fsync included).
-    commit_seconds: f64,
+    pub(crate) commit_seconds: f64,
     /// p50 / p99 commit duration, seconds: upper bounds of histogram buckets.
-    commit_p50: Option<f64>,
-    commit_p99: Option<f64>,
+    pub(crate) commit_p50: Option<f64>,
+    pub(crate) commit_p99: Option<f64>,
     /// p50 / p99 jobs per commit: upper bounds of histogram buckets.
-    batch_p50: Option<f64>,
-    batch_p99: Option<f64>,
+    pub(crate) batch_p50: Option<f64>,
+    pub(crate) batch_p99: Option<f64>,
     /// CPU seconds used by keel and by this process (the load generator).
-    keel_cpu: Option<f64>,
-    load_cpu: Option<f64>,
-    elapsed: f64,
+    pub(crate) keel_cpu: Option<f64>,
+    pub(crate) load_cpu: Option<f64>,
+    pub(crate) elapsed: f64,
 }
 
-/// Scrape `/metrics` and CPU times at both ends of the window.
-async fn observe(base: &str, keel_pid: i32, window: Window) -> Result<Probe> {
+/// Scrape `/metrics` and CPU times of every keel in `targets` at both ends
+/// of the window; counters are summed over the keels.
+async fn observe(targets: &[(String, i32)], window: Window) -> Result<Probe> {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .build()
         .context("cannot build an HTTP client")?;
+    let cpu = || -> (Option<f64>, Option<f64>) {
+        let keels = targets
+            .iter()
+            .map(|(_, pid)| cpu_seconds(&pid.to_string()))
+            .sum::<Option<f64>>();
+        (keels, cpu_seconds("self"))
+    };
+    let scrape_all = || async {
+        let mut texts = Vec::with_capacity(targets.len());
+        for (base, _) in targets {
+            texts.push(scrape(&http, base).await?);
+        }
+        Ok::<_, anyhow::Error>(texts)
+    };
     tokio::time::sleep_until(tokio::time::Instant::from_std(window.from)).await;
     let t0 = Instant::now();
-    let (keel0, self0) = (cpu_seconds(&keel_pid.to_string()), cpu_seconds("self"));
-    let m0 = scrape(&http, base).await?;
+    let (keel0, self0) = cpu();
+    let m0 = scrape_all().await?;
     tokio::time::sleep_until(tokio::time::Instant::from_std(window.until)).await;
-    let (keel1, self1) = (cpu_seconds(&keel_pid.to_string()), cpu_seconds("self"));
+    let (keel1, self1) = cpu();
     let elapsed = t0.elapsed().as_secs_f64();
-    let m1 = scrape(&http, base).await?;
-    let delta = |name: &str| metric(&m1, name).unwrap_or(0.0) - metric(&m0, name).unwrap_or(0.0);
+    let m1 = scrape_all().await?;
+    let delta = |name: &str| {
+        m0.iter()
+            .zip(&m1)
+            .map(|(a, b)| metric(b, name).unwrap_or(0.0) - metric(a, name).unwrap_or(0.0))
+            .sum::<f64>()
+    };
     Ok(Probe {
         commits: delta("keel_commit_batch_jobs_count"),
         jobs: delta("keel_commit_batch_jobs_sum"),
@@ -806,17 +894,20 @@ fn buckets(text: &str, name: &str) -> Vec<(f64, f64)> {
 }
 
 /// The `q` quantile of histogram `name` over the interval between two
-/// scrapes, as the upper bound of the bucket it falls in.
-fn bucket_quantile(before: &str, after: &str, name: &str, q: f64) -> Option<f64> {
-    let old = buckets(before, name);
-    let new = buckets(after, name);
-    let cumulative: Vec<(f64, f64)> = new
-        .iter()
-        .map(|&(le, n)| {
+/// scrapes (of one or more keels, buckets summed), as the upper bound of the
+/// bucket it falls in.
+fn bucket_quantile(before: &[String], after: &[String], name: &str, q: f64) -> Option<f64> {
+    let mut cumulative: Vec<(f64, f64)> = Vec::new();
+    for (b, a) in before.iter().zip(after) {
+        let old = buckets(b, name);
+        for (le, n) in buckets(a, name) {
             let was = old.iter().find(|(l, _)| *l == le).map_or(0.0, |b| b.1);
-            (le, n - was)
-        })
-        .collect();
+            match cumulative.iter_mut().find(|(l, _)| *l == le) {
+                Some(slot) => slot.1 += n - was,
+                None => cumulative.push((le, n - was)),
+            }
+        }
+    }
     let total = cumulative.last()?.1;
     if total <= 0.0 {
         return None;
@@ -846,14 +937,14 @@ pub(crate) fn cpu_seconds(pid: &str) -> Option<f64> {
 
 /// Throughput and latency of one line of the table.
 #[derive(Debug, Clone, Copy)]
-struct Line {
-    per_second: f64,
-    p50_ms: Option<f64>,
-    p99_ms: Option<f64>,
+pub(crate) struct Line {
+    pub(crate) per_second: f64,
+    pub(crate) p50_ms: Option<f64>,
+    pub(crate) p99_ms: Option<f64>,
 }
 
 impl Line {
-    fn from_latencies(per_second: f64, latencies: &mut [u32]) -> Line {
+    pub(crate) fn from_latencies(per_second: f64, latencies: &mut [u32]) -> Line {
         latencies.sort_unstable();
         Line {
             per_second,
@@ -862,7 +953,7 @@ impl Line {
         }
     }
 
-    fn to_json(self) -> Value {
+    pub(crate) fn to_json(self) -> Value {
         json!({
             "msgs_per_s": round(self.per_second, 1),
             "p50_ms": self.p50_ms.map(|v| round(v, 3)),
@@ -885,7 +976,7 @@ fn percentile(sorted: &[u32], q: f64) -> Option<f64> {
     nearest_rank(sorted.len(), q).map(|i| f64::from(sorted[i]) / 1000.0)
 }
 
-fn round(v: f64, digits: i32) -> f64 {
+pub(crate) fn round(v: f64, digits: i32) -> f64 {
     let f = 10f64.powi(digits);
     (v * f).round() / f
 }
@@ -1124,9 +1215,17 @@ mod tests {
             "h_bucket{le=\"0.001\"} 10\nh_bucket{le=\"0.01\"} 10\nh_bucket{le=\"+Inf\"} 10\n";
         let after =
             "h_bucket{le=\"0.001\"} 60\nh_bucket{le=\"0.01\"} 109\nh_bucket{le=\"+Inf\"} 110\n";
-        assert_eq!(bucket_quantile(before, after, "h", 0.5), Some(0.001));
-        assert_eq!(bucket_quantile(before, after, "h", 0.99), Some(0.01));
-        assert_eq!(bucket_quantile(after, after, "h", 0.5), None);
+        let (before, after) = (vec![before.to_string()], vec![after.to_string()]);
+        assert_eq!(bucket_quantile(&before, &after, "h", 0.5), Some(0.001));
+        assert_eq!(bucket_quantile(&before, &after, "h", 0.99), Some(0.01));
+        assert_eq!(bucket_quantile(&after, &after, "h", 0.5), None);
+        // Two keels: their buckets add up.
+        let two_before = vec![before[0].clone(), before[0].clone()];
+        let two_after = vec![after[0].clone(), before[0].clone()];
+        assert_eq!(
+            bucket_quantile(&two_before, &two_after, "h", 0.5),
+            Some(0.001)
+        );
     }
 
     #[test]
