@@ -1163,6 +1163,15 @@ pub fn torture_noted(
             // The fakes' ledgers before the store is read: whatever keel
             // confirmed by then it had stored by then.
             let (tg, sl) = (upstreams.telegram.upstream(), upstreams.slack.upstream());
+            // The fakes' ledgers are cheap to read; the store (every turn
+            // over HTTP, ~1M after a soak) is not, and reading it competes
+            // with the replies keel is still sending: read it only once the
+            // fakes have seen every message acknowledged and answered.
+            if !(tg.settled() && sl.settled()) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                continue;
+            }
+            let read_at = Instant::now();
             let seen = observe(&http, &k.base).await?;
             let v = ledger.borrow().check(&seen.keys, &seen.fires);
             let stored_tasks = tasks::stored(&http, &k.base).await?;
@@ -1180,7 +1189,8 @@ pub fn torture_noted(
                 let t = tasks::check(&task_ledger.borrow(), &stored_tasks, &runs);
                 break (v, seen, channels, t);
             }
-            tokio::time::sleep(Duration::from_millis(250)).await;
+            // Leave keel at least as long as the read took to go on.
+            tokio::time::sleep(read_at.elapsed().max(Duration::from_millis(250))).await;
         };
         let containers = match &engine {
             Some(e) => services::converge(e, &service_ledger).await?,
