@@ -80,8 +80,14 @@ async fn post(d: &Daemon, id: &str, chat: &str, text: &str) -> Result<(), String
     }
 }
 
+/// The tests of this file run one at a time: each drives several keel
+/// processes and a server on two cores, and the reminders' 2 s bound is
+/// about keel, not about a neighbour test's load.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_instances_on_one_postgres_lose_nothing_through_kill_9_cycles() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let Some(db) = pg::fresh_db("three_instances") else {
         return;
     };
@@ -459,6 +465,7 @@ async fn three_instances_on_one_postgres_lose_nothing_through_kill_9_cycles() {
 /// other instance connects and answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_instance_holds_the_slack_socket_and_another_takes_it_over() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let Some(db) = pg::fresh_db("slack_lease") else {
         return;
     };
