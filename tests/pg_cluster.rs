@@ -196,6 +196,9 @@ async fn three_instances_on_one_postgres_lose_nothing_through_kill_9_cycles() {
 
     // Kill cycles: the lease holder on even cycles, another instance on odd.
     let mut moves = Vec::new();
+    // Replies received before each kill and once its victim is back: a
+    // reply in flight at a kill is received on both sides of it.
+    let mut kills: Vec<(usize, usize)> = Vec::new();
     for cycle in 0..CYCLES {
         tokio::time::sleep(Duration::from_millis(1_500)).await;
         let (holder, token, _) = poller_lease(&db.url).expect("poller lease row");
@@ -208,6 +211,7 @@ async fn three_instances_on_one_postgres_lose_nothing_through_kill_9_cycles() {
         } else {
             (held_by + 1 + cycle % 2) % INSTANCES
         };
+        let before_kill = replies.replies().len();
         daemons[victim].sigkill();
         if victim == held_by {
             let killed_at = Instant::now();
@@ -230,6 +234,7 @@ async fn three_instances_on_one_postgres_lose_nothing_through_kill_9_cycles() {
         }
         daemons[victim].boot().await;
         ports.lock().unwrap()[victim] = daemons[victim].port;
+        kills.push((before_kill, replies.replies().len()));
     }
     stop.store(true, Ordering::Relaxed);
     for l in load {
@@ -389,16 +394,56 @@ async fn three_instances_on_one_postgres_lose_nothing_through_kill_9_cycles() {
         "acknowledged without a reply: {missing:?}"
     );
     // One sender for the cluster (the `outbox` lease): a reply goes out
-    // again only when its sender died with the send in flight.
-    let mut per_reply: HashMap<String, usize> = HashMap::new();
-    for r in replies.replies() {
-        *per_reply.entry(r["id"].to_string()).or_default() += 1;
+    // again only when its sender died with the send in flight, so any two
+    // receipts of one reply lie on both sides of a kill — the earlier one
+    // before the victim was back, the later one after the kill.
+    let received = replies.replies();
+    let mut receipts: HashMap<String, Vec<usize>> = HashMap::new();
+    for (i, r) in received.iter().enumerate() {
+        receipts.entry(r["id"].to_string()).or_default().push(i);
     }
-    let resent = per_reply.values().filter(|n| **n > 1).count();
-    assert!(
-        resent <= CYCLES * 4,
-        "{resent} replies sent more than once in {CYCLES} kills"
-    );
+    let mut resent = 0;
+    for (id, at) in &receipts {
+        if at.len() > 1 {
+            resent += 1;
+        }
+        for w in at.windows(2) {
+            if kills
+                .iter()
+                .any(|&(before, back)| w[0] < back && w[1] >= before)
+            {
+                continue;
+            }
+            let needle = format!("id={}", id.trim_matches('"'));
+            let logs: Vec<String> = daemons
+                .iter()
+                .enumerate()
+                .flat_map(|(i, d)| {
+                    d.stderr_all()
+                        .lines()
+                        .filter(|l| {
+                            l.contains(&needle)
+                                || l.contains("lease gained")
+                                || l.contains("lease not held")
+                        })
+                        .map(|l| format!("[{i}] {l}"))
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            let peers = replies.peers();
+            let around: Vec<String> = (w[0].saturating_sub(3)..(w[1] + 4).min(received.len()))
+                .map(|i| format!("#{i} id {} from {}", received[i]["id"], peers[i]))
+                .collect();
+            panic!(
+                "reply {id} was sent again (receipts {} and {} of {}) with no kill between: kills at {kills:?}\n{}\n{}",
+                w[0],
+                w[1],
+                received.len(),
+                around.join("\n"),
+                logs.join("\n")
+            );
+        }
+    }
     eprintln!(
         "cluster: {} acked, {} unknown, {} reminders (fired late by p50 {} ms, max {} ms), {} telegram updates, {} replies resent, lease moves {:?}",
         acked.len(),

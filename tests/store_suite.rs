@@ -1392,6 +1392,70 @@ async fn two_instances_firing_the_same_timers_at_once_fire_each_instant_once() {
     }
 }
 
+/// On PostgreSQL a timer fire waits only briefly for its conversation's
+/// row lock: another instance's batch may hold the conversation while it
+/// waits for a lock of this batch, and PostgreSQL would break that cycle
+/// only after `deadlock_timeout` (1 s), twice in a row made reminders 2.8 s
+/// late. A raw connection holds the conversation (`FOR UPDATE`, as a
+/// message being numbered does) until the fire has answered: the fire must
+/// come back `Contended` (its due instant untouched) instead of waiting for
+/// the holder, and fire once the holder is gone.
+#[actix::test]
+async fn a_timer_fire_gives_up_on_a_held_conversation_lock_instead_of_waiting_for_deadlock_detection(
+) {
+    let Some(s) = postgres("fire_lock", 1) else {
+        return;
+    };
+    let Fixture::Postgres(url) = &s.fixture else {
+        unreachable!("a postgres store");
+    };
+    s.fixture(
+        "INSERT INTO sessions (id, channel, chat, created_at, updated_at)
+         VALUES ('webhook:held', 'webhook', 'held', 'x', 'x');
+         INSERT INTO timers (session_id, kind, schedule, timezone, callback, params_json,
+                             next_run, created_at, updated_at)
+         VALUES ('webhook:held', 'once', '5000', 'UTC', 'reminder', '{\"text\":\"tea\"}', 5000, 'x', 'x');",
+    );
+    let (locked_tx, locked_rx) = std::sync::mpsc::channel::<()>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let holder_url = url.clone();
+    let holder = std::thread::spawn(move || {
+        let mut c = connect(&holder_url).unwrap();
+        let mut t = c.transaction().unwrap();
+        t.query_one(
+            "SELECT next_seq FROM sessions WHERE id = 'webhook:held' FOR UPDATE",
+            &[],
+        )
+        .unwrap();
+        locked_tx.send(()).unwrap();
+        // Released once the fire answered; a fire that waits for the lock
+        // gets it only after this bound.
+        let _ = done_rx.recv_timeout(std::time::Duration::from_secs(20));
+        t.commit().unwrap();
+    });
+    locked_rx.recv().unwrap();
+    let st = &s.instances[0];
+    let fire = |st: &Addr<PersistenceActor>| {
+        st.send(FireTimers {
+            fires: vec![(1, 5000)],
+            now_ms: 5_000,
+            routed: routed(),
+        })
+    };
+    let held = fire(st).await.unwrap();
+    done_tx.send(()).unwrap();
+    holder.join().unwrap();
+    assert!(
+        matches!(held, Err(StoreError::Contended(_))),
+        "a fire behind a held conversation lock: {held:?}"
+    );
+    assert_eq!(timer(st, 1).await.next_run, Some(5000), "still due");
+    let free = fire(st).await.unwrap().unwrap();
+    assert_eq!(free.len(), 1);
+    assert_eq!(free[0].as_ref().unwrap().fired, 1, "{free:?}");
+    assert_eq!(texts(st, "webhook:held").await.len(), 1);
+}
+
 #[actix::test]
 async fn the_senders_timezone_is_stored_and_used_by_new_timers_only() {
     for s in backends("timer_tz", 1) {

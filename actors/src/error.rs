@@ -76,6 +76,9 @@ impl StoreError {
         match &code[..2] {
             // 40001 serialization_failure, 40P01 deadlock_detected.
             "40" if code == "40001" || code == "40P01" => StoreError::Contended(line),
+            // 55P03 lock_not_available: a `lock_timeout` ran out (see
+            // `portable::timers::fire_timers`); run again like a deadlock.
+            "55" if code == "55P03" => StoreError::Contended(line),
             // 08 connection, 53 insufficient resources (disk full), 57
             // operator intervention (shutdown), 58 system/I-O error, XX internal.
             "08" | "53" | "57" | "58" | "XX" => {

@@ -117,6 +117,10 @@ struct ChannelState {
     /// Consecutive failed sends (RetryAfter not counted); reset on success.
     failures: u32,
     paused_until: Option<tokio::time::Instant>,
+    /// `ChannelReady` messages seen: a send that started before the latest
+    /// one and comes back `Waiting` is tried again at once, not parked (the
+    /// recipient arrived while it was in flight).
+    readies: u64,
 }
 
 /// Outbox metrics beyond the shared counters in [`Metrics`]: registered here
@@ -293,17 +297,20 @@ impl OutboxActor {
                 Ok(rows) => {
                     this.unknown_loaded |= with_unknown;
                     let full = rows.iter().filter(|r| !r.unknown).count() as i64 == PAGE;
+                    // Any read may see a row still queued here: unknown
+                    // rows and re-reads after SetSinks always could, and
+                    // after a rescan of more than a page `high_water`
+                    // stands below rows queued before it (each was then
+                    // sent twice).
+                    let mut queued: HashSet<i64> = this.queue.iter().map(|q| q.id).collect();
                     for row in rows {
                         if !row.unknown {
                             this.high_water = this.high_water.max(row.id);
                         }
-                        // A re-read after SetSinks may see a row being sent
-                        // or still queued.
                         let known = this.in_flight.contains(&row.id)
                             || this.waiting.contains_key(&row.id)
-                            || ((row.unknown || rescan)
-                                && this.queue.iter().any(|q| q.id == row.id))
-                            || this.done_since_rescan.contains(&row.id);
+                            || this.done_since_rescan.contains(&row.id)
+                            || !queued.insert(row.id);
                         if !known {
                             this.queue.push_back(row);
                         }
@@ -401,6 +408,7 @@ impl OutboxActor {
 
     fn start_send(&mut self, row: OutboxRow, sink: Arc<dyn ReplySink>, ctx: &mut Context<Self>) {
         self.in_flight.insert(row.id);
+        let readies_at_start = self.channels.get(&row.channel).map_or(0, |c| c.readies);
         self.busy_sessions.insert(row.session_id.clone());
         let reply = OutboundReply {
             id: row.id,
@@ -437,7 +445,7 @@ impl OutboxActor {
                 .unwrap_or(Err(StoreError::Closed));
             (row, result, recorded)
         };
-        ctx.spawn(work.into_actor(self).map(|(row, result, recorded), this, ctx| {
+        ctx.spawn(work.into_actor(self).map(move |(row, result, recorded), this, ctx| {
             this.in_flight.remove(&row.id);
             if this.lease.is_some() {
                 this.done_since_rescan.insert(row.id);
@@ -465,6 +473,11 @@ impl OutboxActor {
                 Err(SendError::Permanent(e)) => {
                     this.own_metrics.failed.inc();
                     tracing::error!(id = row.id, channel = %row.channel, error = %e, "reply rejected by the channel; marked failed");
+                }
+                Err(SendError::Waiting(why)) if channel.readies != readies_at_start => {
+                    tracing::debug!(id = row.id, channel = %row.channel, %why,
+                        "reply found nobody, but a recipient arrived meanwhile; trying again");
+                    this.queue.push_front(row);
                 }
                 Err(SendError::Waiting(why)) => {
                     // Not the channel's failure: park the row (other chats
@@ -581,6 +594,7 @@ impl Handler<ForgetReplies> for OutboxActor {
 impl Handler<ChannelReady> for OutboxActor {
     type Result = ();
     fn handle(&mut self, msg: ChannelReady, ctx: &mut Context<Self>) {
+        self.channels.entry(msg.0.clone()).or_default().readies += 1;
         self.requeue_waiting(Some(&msg.0), ctx);
     }
 }

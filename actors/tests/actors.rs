@@ -15,7 +15,7 @@ use keel_actors::config::{OutboxConfig, Synchronous};
 use keel_actors::error::{SendError, StoreError};
 use keel_actors::health::Health;
 use keel_actors::metrics::Metrics;
-use keel_actors::outbox::{OutboundReply, OutboxActor, OutboxKick, ReplySink};
+use keel_actors::outbox::{ChannelReady, OutboundReply, OutboxActor, OutboxKick, ReplySink};
 use keel_actors::persistence::{
     self, CommitAgentReply, CommitExchange, Exchange, ExchangeOutcome, GetStats, GetTurns,
     PersistenceActor, ReplyPlan, SessionKey, StoreOptions,
@@ -321,6 +321,123 @@ async fn a_send_without_answer_is_recorded_unknown_counted_and_resent() {
     assert!(sent, "the unknown reply was never resent and marked sent");
     let stats = store.send(GetStats).await.unwrap().unwrap();
     assert_eq!(stats.outbox_unknown, 0);
+}
+
+/// Its first send finds nobody and answers `Waiting` only once `release`
+/// fires; every later send succeeds.
+struct LeavingClientSink {
+    release: Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
+    calls: mpsc::UnboundedSender<tokio::time::Instant>,
+}
+
+impl ReplySink for LeavingClientSink {
+    fn send(&self, _reply: OutboundReply) -> BoxFuture<'static, Result<(), SendError>> {
+        let _ = self.calls.send(tokio::time::Instant::now());
+        match self.release.lock().unwrap().take() {
+            Some(rx) => Box::pin(async move {
+                let _ = rx.await;
+                Err(SendError::Waiting("the client left".into()))
+            }),
+            None => Box::pin(async { Ok(()) }),
+        }
+    }
+}
+
+#[actix_rt::test]
+async fn a_recipient_arriving_while_a_send_is_in_flight_gets_the_reply_at_once() {
+    tokio::time::pause();
+    let metrics = Metrics::new();
+    let store = start_store(None, &metrics);
+    let (release, rx) = tokio::sync::oneshot::channel();
+    let (tx, mut calls) = mpsc::unbounded_channel();
+    let mut sinks: HashMap<String, Arc<dyn ReplySink>> = HashMap::new();
+    sinks.insert(
+        "webhook".into(),
+        Arc::new(LeavingClientSink {
+            release: Mutex::new(Some(rx)),
+            calls: tx,
+        }),
+    );
+    store
+        .send(CommitExchange(exchange("c1", "k1")))
+        .await
+        .unwrap()
+        .unwrap();
+    let outbox = OutboxActor::new(store.clone(), sinks, OutboxConfig::default(), metrics)
+        .with_retry(retry_policy())
+        .start();
+    outbox.do_send(OutboxKick);
+    let first = calls.recv().await.unwrap();
+    // A client subscribes while the first send is still out; then the
+    // first send comes back: its client had left.
+    outbox.send(ChannelReady("webhook".into())).await.unwrap();
+    release.send(()).unwrap();
+    let second = calls.recv().await.unwrap();
+    // Tried again at once, not parked until the 60 s backoff cap.
+    assert!(
+        second - first < Duration::from_secs(1),
+        "resent only after {:?}",
+        second - first
+    );
+    let sent = reply_marked_sent(&store, "webhook:c1").await;
+    assert!(sent, "the reply was never marked sent");
+}
+
+/// Counts every send per reply id; each send takes a millisecond.
+struct CountingSink {
+    sent: Arc<Mutex<HashMap<i64, usize>>>,
+}
+
+impl ReplySink for CountingSink {
+    fn send(&self, reply: OutboundReply) -> BoxFuture<'static, Result<(), SendError>> {
+        *self.sent.lock().unwrap().entry(reply.id).or_default() += 1;
+        Box::pin(async {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            Ok(())
+        })
+    }
+}
+
+#[actix_rt::test]
+async fn a_shared_outbox_rescanning_a_backlog_of_several_pages_sends_each_reply_once() {
+    // The lease holder of a shared store rescans every pending row often;
+    // a backlog of more than one page (256) left `high_water` below rows
+    // already queued, and the next read queued them again.
+    let metrics = Metrics::new();
+    let store = start_store(None, &metrics);
+    let n = 700;
+    let commits = (0..n).map(|i| store.send(CommitExchange(exchange(&format!("c{i}"), "k"))));
+    for res in join_all(commits).await {
+        res.unwrap().unwrap();
+    }
+    let sent: Arc<Mutex<HashMap<i64, usize>>> = Arc::default();
+    let mut sinks: HashMap<String, Arc<dyn ReplySink>> = HashMap::new();
+    sinks.insert(
+        "webhook".into(),
+        Arc::new(CountingSink { sent: sent.clone() }),
+    );
+    let (_lease, held) = tokio::sync::watch::channel(Some(1));
+    let _outbox = OutboxActor::new(store.clone(), sinks, OutboxConfig::default(), metrics)
+        .shared(held, Duration::from_millis(5))
+        .start();
+    let all = async {
+        while sent.lock().unwrap().len() < n {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), all)
+        .await
+        .expect("every reply sent within 60 s");
+    // Repeats still queued go out within a few more rescans.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sent = sent.lock().unwrap();
+    let twice: Vec<_> = sent.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        twice.is_empty(),
+        "{} of {n} replies sent more than once, e.g. {:?}",
+        twice.len(),
+        &twice[..twice.len().min(5)]
+    );
 }
 
 #[actix_rt::test]

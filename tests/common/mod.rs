@@ -923,6 +923,8 @@ fn parse_status(buf: &[u8]) -> RawOutcome {
 pub struct ReplyServer {
     pub url: String,
     replies: Arc<Mutex<Vec<Value>>>,
+    /// The sender's address of each reply, in the same order.
+    peers: Arc<Mutex<Vec<String>>>,
     handle: actix_web::dev::ServerHandle,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -937,7 +939,8 @@ impl ReplyServer {
             listener.local_addr().expect("addr").port()
         );
         let replies: Arc<Mutex<Vec<Value>>> = Arc::default();
-        let store = replies.clone();
+        let peers: Arc<Mutex<Vec<String>>> = Arc::default();
+        let store = (replies.clone(), peers.clone());
         let (tx, rx) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
             let system = actix_web::rt::System::new();
@@ -946,16 +949,23 @@ impl ReplyServer {
                     let store = store.clone();
                     App::new()
                         .app_data(web::PayloadConfig::new(16 * 1024 * 1024))
-                        .default_service(web::to(move |body: web::Bytes| {
-                            let store = store.clone();
-                            async move {
-                                let v = serde_json::from_slice(&body).unwrap_or_else(
-                                    |_| json!({"unparsed": String::from_utf8_lossy(&body)}),
-                                );
-                                store.lock().expect("replies lock").push(v);
-                                HttpResponse::Ok().json(json!({"ok": true}))
-                            }
-                        }))
+                        .default_service(web::to(
+                            move |req: actix_web::HttpRequest, body: web::Bytes| {
+                                let store = store.clone();
+                                async move {
+                                    let v = serde_json::from_slice(&body).unwrap_or_else(
+                                        |_| json!({"unparsed": String::from_utf8_lossy(&body)}),
+                                    );
+                                    let peer =
+                                        req.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+                                    let mut replies = store.0.lock().expect("replies lock");
+                                    replies.push(v);
+                                    store.1.lock().expect("peers lock").push(peer);
+                                    drop(replies);
+                                    HttpResponse::Ok().json(json!({"ok": true}))
+                                }
+                            },
+                        ))
                 })
                 .workers(1)
                 .disable_signals()
@@ -970,6 +980,7 @@ impl ReplyServer {
         ReplyServer {
             url,
             replies,
+            peers,
             handle,
             thread: Some(thread),
         }
@@ -978,6 +989,12 @@ impl ReplyServer {
     /// Every reply received so far.
     pub fn replies(&self) -> Vec<Value> {
         self.replies.lock().expect("replies lock").clone()
+    }
+
+    /// The sender's address (`ip:port`) of every reply so far, in the
+    /// order of [`ReplyServer::replies`].
+    pub fn peers(&self) -> Vec<String> {
+        self.peers.lock().expect("peers lock").clone()
     }
 
     /// The text of the first reply to message `id`, waited for up to `deadline`.

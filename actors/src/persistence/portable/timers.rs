@@ -502,7 +502,39 @@ fn transition_timer(
 /// the others commit together. Storage failure (`Unavailable`) fails all,
 /// and so does a lost deadlock (`Contended`: the writer runs the whole job
 /// again in its next transaction).
+///
+/// On PostgreSQL the fire waits at most [`FIRE_LOCK_TIMEOUT`] for a row lock
+/// (`lock_timeout`, `SET LOCAL`, undone with the job's savepoint if it fails):
+/// a fire locks its timer and then its conversation, while another
+/// instance's batch may hold that conversation and wait for a conversation
+/// of this batch. PostgreSQL would break that cycle only after
+/// `deadlock_timeout` (1 s by default, settable by superusers only), and
+/// two in a row made reminders fire 2.8 s late; a fire that waits too long
+/// is `Contended` instead and runs again in the next transaction, after
+/// this one released its locks.
 pub fn fire_timers(
+    db: &mut dyn Sql,
+    fires: &[(i64, i64)],
+    now_ms: i64,
+    routed: &HashSet<String>,
+) -> Result<Vec<Result<FireOutcome, StoreError>>, StoreError> {
+    let pg = db.backend() == Backend::Postgres;
+    if pg {
+        db.exec(FIRE_LOCK_TIMEOUT, &[])?;
+    }
+    let out = fire_each(db, fires, now_ms, routed)?;
+    if pg {
+        db.exec("SET LOCAL lock_timeout = 0", &[])?;
+    }
+    Ok(out)
+}
+
+/// How long a timer fire waits for a row lock on PostgreSQL (see
+/// [`fire_timers`]): longer than another instance's commit takes, far
+/// shorter than PostgreSQL's deadlock detection.
+pub const FIRE_LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '100ms'";
+
+fn fire_each(
     db: &mut dyn Sql,
     fires: &[(i64, i64)],
     now_ms: i64,
