@@ -1456,6 +1456,87 @@ async fn a_timer_fire_gives_up_on_a_held_conversation_lock_instead_of_waiting_fo
     assert_eq!(texts(st, "webhook:held").await.len(), 1);
 }
 
+/// A lease holder whose store stops answering (its renewal blocked behind
+/// a lock here; a hung server or network alike) must stop counting itself
+/// the holder once its last confirmed renewal runs out — another instance
+/// may take the lease from then on, and two outbox senders or pollers would
+/// each do the work. A raw connection holds the lease row `FOR UPDATE`, so
+/// the keeper's renewal (an upsert of that row) waits; the keeper must say
+/// "not held" within the lease's length, and "held" again once the row is
+/// free.
+#[actix::test]
+async fn a_lease_whose_renewal_hangs_is_given_up_when_it_runs_out() {
+    use keel_actors::lease::{LeaseKeeper, LeaseTimes};
+    let Some(s) = postgres("lease_hang", 1) else {
+        return;
+    };
+    let Fixture::Postgres(url) = &s.fixture else {
+        unreachable!("a postgres store");
+    };
+    let times = LeaseTimes {
+        renew: std::time::Duration::from_millis(100),
+        ttl: std::time::Duration::from_millis(600),
+    };
+    let clock: Arc<dyn Clock> = Arc::new(WallClock);
+    let keeper = LeaseKeeper::start(s.instances[0].clone(), clock, "ih", "{}", times)
+        .await
+        .unwrap();
+    let mut held = keeper.want("outbox").await;
+    let token = held
+        .borrow_and_update()
+        .expect("the only instance takes the lease");
+    let (locked_tx, locked_rx) = std::sync::mpsc::channel::<()>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let holder_url = url.clone();
+    let locker = std::thread::spawn(move || {
+        let mut c = connect(&holder_url).unwrap();
+        let mut t = c.transaction().unwrap();
+        t.query_one(
+            "SELECT token FROM leases WHERE name = 'outbox' FOR UPDATE",
+            &[],
+        )
+        .unwrap();
+        locked_tx.send(()).unwrap();
+        let _ = done_rx.recv_timeout(std::time::Duration::from_secs(20));
+        t.commit().unwrap();
+    });
+    locked_rx.recv().unwrap();
+    let locked_at = std::time::Instant::now();
+    let lost = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while held.borrow_and_update().is_some() {
+            held.changed().await.unwrap();
+        }
+    })
+    .await;
+    let waited = locked_at.elapsed();
+    done_tx.send(()).unwrap();
+    locker.join().unwrap();
+    assert!(
+        lost.is_ok(),
+        "still counted as held 10 s after its renewals stopped being answered (ttl {:?})",
+        times.ttl
+    );
+    assert!(
+        waited <= times.ttl + std::time::Duration::from_millis(500),
+        "given up only after {waited:?} (ttl {:?})",
+        times.ttl
+    );
+    let back = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            if let Some(t) = *held.borrow_and_update() {
+                return t;
+            }
+            held.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("held again once the store answers");
+    // The same token if a late renewal committed before the lease ran out
+    // in the store, a higher one (fencing anything of the gap) if not.
+    assert!(back >= token, "token {back} after {token}");
+    keeper.leave().await;
+}
+
 #[actix::test]
 async fn the_senders_timezone_is_stored_and_used_by_new_timers_only() {
     for s in backends("timer_tz", 1) {

@@ -162,18 +162,38 @@ impl LeaseKeeper {
         }
     }
 
+    /// How long an answer about `name` (or, without a name, about any held
+    /// lease) is worth waiting for: until the last confirmed renewal runs
+    /// out. `None` when nothing is held (nothing to lose by waiting).
+    fn patience(&self, name: Option<&str>) -> Option<Duration> {
+        let now = self.clock.now_ms();
+        self.lock()
+            .wanted
+            .iter()
+            .filter(|(n, w)| name.is_none_or(|x| x == n.as_str()) && w.tx.borrow().is_some())
+            .map(|(_, w)| w.valid_until)
+            .min()
+            .map(|until| Duration::from_millis(until.saturating_sub(now).max(0) as u64))
+    }
+
     async fn round(&self) {
         let now = self.clock.now_ms();
-        let alive = self
-            .persistence
-            .send(Heartbeat {
-                id: self.instance.clone(),
-                epoch: self.epoch,
-                now_ms: now,
-                ttl_ms: ms(self.times.ttl),
-            })
-            .await
-            .unwrap_or(Err(StoreError::Closed));
+        let beat = self.persistence.send(Heartbeat {
+            id: self.instance.clone(),
+            epoch: self.epoch,
+            now_ms: now,
+            ttl_ms: ms(self.times.ttl),
+        });
+        // A store that does not answer must not keep this instance
+        // believing it holds a lease past its expiry (another instance
+        // takes it then): the renewals below give up at that point.
+        let alive = match self.patience(None) {
+            Some(left) => tokio::time::timeout(left, beat)
+                .await
+                .unwrap_or_else(|_| Ok(Err(StoreError::Unavailable("no answer".into())))),
+            None => beat.await,
+        }
+        .unwrap_or(Err(StoreError::Closed));
         match alive {
             Ok(true) => {}
             Ok(false) => tracing::warn!(
@@ -195,16 +215,31 @@ impl LeaseKeeper {
 
     async fn renew(&self, name: &str) {
         let now = self.clock.now_ms();
-        let got = self
-            .persistence
-            .send(AcquireLease {
-                name: name.to_string(),
-                holder: self.holder(),
-                now_ms: now,
-                ttl_ms: ms(self.times.ttl),
-            })
-            .await
-            .unwrap_or(Err(StoreError::Closed));
+        let ask = self.persistence.send(AcquireLease {
+            name: name.to_string(),
+            holder: self.holder(),
+            now_ms: now,
+            ttl_ms: ms(self.times.ttl),
+        });
+        let got = match self.patience(Some(name)) {
+            // Held: a renewal still unanswered when the lease runs out may
+            // never come (a hung store), and another instance may hold
+            // it by then. Not held from here on; a late renewal that did
+            // commit is picked up by the next round.
+            Some(left) => match tokio::time::timeout(left, ask).await {
+                Ok(r) => r,
+                Err(_) => {
+                    tracing::warn!(
+                        lease = name,
+                        "lease renewal not answered before the lease ran out; not held"
+                    );
+                    self.set(name, None, 0);
+                    return;
+                }
+            },
+            None => ask.await,
+        }
+        .unwrap_or(Err(StoreError::Closed));
         match got {
             // Counted from the time asked, not answered: the store's expiry
             // is never later than this process believes.
