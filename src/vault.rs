@@ -20,8 +20,9 @@ pub enum Create {
     /// Never: read-only commands (a wrong `--data-dir` leaves nothing behind).
     Never,
     /// Only when the data dir holds no store yet (first start, `secrets set`
-    /// before the first start). A store without its key is an error: a new
-    /// key would not open it.
+    /// before the first start) or only a plain one and no `secrets.db`. An
+    /// encrypted store without its key is an error: a new key would not
+    /// open it.
     IfFresh,
     /// `keel migrate --encrypt`: also over a plain store, as long as no
     /// `secrets.db` exists (which the missing key would have encrypted).
@@ -45,7 +46,13 @@ pub fn master_key(config: &Config, create: Create) -> Result<KeyHandle> {
     let fresh = {
         let has =
             |name: &str| std::fs::metadata(config.data_dir.join(name)).is_ok_and(|m| m.len() > 0);
-        !has("keel.db") && !has("secrets.db")
+        // A plain store (`encrypt = false`, or made before the vault
+        // existed) needs no key: a new one loses nothing.
+        let plain_store = || {
+            keel_actors::persistence::is_plain_sqlite(&config.data_dir.join("keel.db"))
+                == Some(true)
+        };
+        !has("secrets.db") && (!has("keel.db") || plain_store())
     };
     let create = match create {
         Create::Never => false,

@@ -271,6 +271,55 @@ async fn encrypt_false_keeps_plain_sqlite_and_a_plain_store_is_not_opened_encryp
     assert_eq!(sha256_file(&d.db_path()), before);
 }
 
+/// A plain store with no vault yet (made by a keel before the vault, or
+/// seeded by a tool such as `keel bench timers`) holds nothing a key
+/// would open: keel starts, makes the key, and keeps what was stored. With
+/// a `secrets.db` present the missing key is still refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_store_without_a_vault_starts_with_a_new_key() {
+    let plain_cfg = Config {
+        extra: "[storage]\nencrypt = false\n".into(),
+        ..Config::default()
+    };
+    let mut d = Daemon::start(plain_cfg).await;
+    d.post_ok("1", "chat", "kept").await;
+    assert!(d.sigterm(DEADLINE).await.success());
+    let key = d.data_dir.join("master.key");
+    let secrets = d.data_dir.join("secrets.db");
+    // With a secret stored, the vault needs its key: keel refuses, as before.
+    let mut args = vec!["secrets", "set", "probe"];
+    let extra = dir_args(&d);
+    args.extend(extra.iter().map(String::as_str));
+    let set = run_keel_env(&args, &[], Some(b"value"), DEADLINE).await;
+    assert!(
+        set.status.success(),
+        "{}",
+        String::from_utf8_lossy(&set.stderr)
+    );
+    assert!(secrets.exists(), "secrets set made secrets.db");
+    std::fs::rename(&key, d.root().join("saved.key")).expect("move key");
+    let stderr = refused_start(&d, &[]).await;
+    assert!(stderr.contains("missing"), "{stderr}");
+    assert!(!key.exists(), "a fresh key was created beside a vault");
+    // No vault at all: nothing needs the old key.
+    for f in std::fs::read_dir(&d.data_dir).expect("data dir") {
+        let p = f.expect("entry").path();
+        if p.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("secrets.db"))
+        {
+            std::fs::remove_file(&p).expect("remove");
+        }
+    }
+    d.boot().await;
+    assert!(key.exists(), "a new key was made");
+    assert_eq!(
+        d.turns("webhook:chat").await.len(),
+        2,
+        "what was stored is kept"
+    );
+    assert!(d.sigterm(DEADLINE).await.success());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ephemeral_keeps_the_vault_in_memory_with_no_key_file() {
     let tmp = tempfile::tempdir().expect("tempdir");
