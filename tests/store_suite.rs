@@ -1456,6 +1456,77 @@ async fn a_timer_fire_gives_up_on_a_held_conversation_lock_instead_of_waiting_fo
     assert_eq!(texts(st, "webhook:held").await.len(), 1);
 }
 
+/// A window of fires runs under one savepoint; when one fire fails on its
+/// own (here a trigger refuses timer 2's receipt), the window is run again
+/// fire by fire: the others fire once, the failing one stays due, and
+/// nothing of it is half-applied.
+#[actix::test]
+async fn one_failing_fire_in_a_window_leaves_the_others_fired_once() {
+    for s in backends("fire_one_fails", 1) {
+        let trigger = match &s.fixture {
+            Fixture::Sqlite(_) => {
+                "CREATE TRIGGER boom BEFORE INSERT ON timer_fires
+                 WHEN NEW.timer_id = 2 BEGIN SELECT RAISE(ABORT, 'boom'); END;"
+            }
+            Fixture::Postgres(_) => {
+                "CREATE FUNCTION boom() RETURNS trigger AS $$
+                 BEGIN IF NEW.timer_id = 2 THEN RAISE EXCEPTION 'boom'; END IF; RETURN NEW; END
+                 $$ LANGUAGE plpgsql;
+                 CREATE TRIGGER boom BEFORE INSERT ON timer_fires
+                 FOR EACH ROW EXECUTE FUNCTION boom();"
+            }
+        };
+        let mut sql = String::from(
+            "INSERT INTO sessions (id, channel, chat, created_at, updated_at)
+             VALUES ('webhook:w', 'webhook', 'w', 'x', 'x');",
+        );
+        for note in ["one", "two", "three"] {
+            sql.push_str(&format!(
+                "INSERT INTO timers (session_id, kind, schedule, timezone, callback, params_json,
+                                     next_run, created_at, updated_at)
+                 VALUES ('webhook:w', 'once', '5000', 'UTC', 'reminder', '{{\"text\":\"{note}\"}}',
+                         5000, 'x', 'x');"
+            ));
+        }
+        sql.push_str(trigger);
+        s.fixture(&sql);
+        let st = &s.instances[0];
+        let out = st
+            .send(FireTimers {
+                fires: vec![(1, 5000), (2, 5000), (3, 5000)],
+                now_ms: 5_000,
+                routed: routed(),
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(out.len(), 3, "{}", s.name);
+        assert_eq!(
+            out[0].as_ref().map(|o| o.fired).ok(),
+            Some(1),
+            "{}: {out:?}",
+            s.name
+        );
+        assert!(out[1].is_err(), "{}: {out:?}", s.name);
+        assert_eq!(
+            out[2].as_ref().map(|o| o.fired).ok(),
+            Some(1),
+            "{}: {out:?}",
+            s.name
+        );
+        assert_eq!(
+            timer(st, 2).await.next_run,
+            Some(5000),
+            "{}: still due",
+            s.name
+        );
+        assert_ne!(timer(st, 1).await.next_run, Some(5000), "{}: fired", s.name);
+        let mut texts = texts(st, "webhook:w").await;
+        texts.sort();
+        assert_eq!(texts.len(), 2, "{}: {texts:?}", s.name);
+    }
+}
+
 /// A lease holder whose store stops answering (its renewal blocked behind
 /// a lock here; a hung server or network alike) must stop counting itself
 /// the holder once its last confirmed renewal runs out — another instance
