@@ -1392,6 +1392,28 @@ async fn two_instances_firing_the_same_timers_at_once_fire_each_instant_once() {
     }
 }
 
+/// A raw PostgreSQL connection runs `query` (a `… FOR UPDATE`) in a
+/// transaction and holds it; returns once the lock is taken. Sending on
+/// the sender (or 20 s) commits; join the handle after.
+fn hold_row_lock(
+    url: &str,
+    query: &'static str,
+) -> (std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>) {
+    let (locked_tx, locked_rx) = std::sync::mpsc::channel::<()>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let url = url.to_string();
+    let holder = std::thread::spawn(move || {
+        let mut c = connect(&url).unwrap();
+        let mut t = c.transaction().unwrap();
+        t.query_one(query, &[]).unwrap();
+        locked_tx.send(()).unwrap();
+        let _ = done_rx.recv_timeout(std::time::Duration::from_secs(20));
+        t.commit().unwrap();
+    });
+    locked_rx.recv().unwrap();
+    (done_tx, holder)
+}
+
 /// On PostgreSQL a timer fire waits only briefly for its conversation's
 /// row lock: another instance's batch may hold the conversation while it
 /// waits for a lock of this batch, and PostgreSQL would break that cycle
@@ -1416,24 +1438,12 @@ async fn a_timer_fire_gives_up_on_a_held_conversation_lock_instead_of_waiting_fo
                              next_run, created_at, updated_at)
          VALUES ('webhook:held', 'once', '5000', 'UTC', 'reminder', '{\"text\":\"tea\"}', 5000, 'x', 'x');",
     );
-    let (locked_tx, locked_rx) = std::sync::mpsc::channel::<()>();
-    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
-    let holder_url = url.clone();
-    let holder = std::thread::spawn(move || {
-        let mut c = connect(&holder_url).unwrap();
-        let mut t = c.transaction().unwrap();
-        t.query_one(
-            "SELECT next_seq FROM sessions WHERE id = 'webhook:held' FOR UPDATE",
-            &[],
-        )
-        .unwrap();
-        locked_tx.send(()).unwrap();
-        // Released once the fire answered; a fire that waits for the lock
-        // gets it only after this bound.
-        let _ = done_rx.recv_timeout(std::time::Duration::from_secs(20));
-        t.commit().unwrap();
-    });
-    locked_rx.recv().unwrap();
+    // Released once the fire answered; a fire that waits for the lock gets
+    // it only after the holder's 20 s bound.
+    let (done_tx, holder) = hold_row_lock(
+        url,
+        "SELECT next_seq FROM sessions WHERE id = 'webhook:held' FOR UPDATE",
+    );
     let st = &s.instances[0];
     let fire = |st: &Addr<PersistenceActor>| {
         st.send(FireTimers {
@@ -1556,22 +1566,10 @@ async fn a_lease_whose_renewal_hangs_is_given_up_when_it_runs_out() {
     let token = held
         .borrow_and_update()
         .expect("the only instance takes the lease");
-    let (locked_tx, locked_rx) = std::sync::mpsc::channel::<()>();
-    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
-    let holder_url = url.clone();
-    let locker = std::thread::spawn(move || {
-        let mut c = connect(&holder_url).unwrap();
-        let mut t = c.transaction().unwrap();
-        t.query_one(
-            "SELECT token FROM leases WHERE name = 'outbox' FOR UPDATE",
-            &[],
-        )
-        .unwrap();
-        locked_tx.send(()).unwrap();
-        let _ = done_rx.recv_timeout(std::time::Duration::from_secs(20));
-        t.commit().unwrap();
-    });
-    locked_rx.recv().unwrap();
+    let (done_tx, locker) = hold_row_lock(
+        url,
+        "SELECT token FROM leases WHERE name = 'outbox' FOR UPDATE",
+    );
     let locked_at = std::time::Instant::now();
     let lost = tokio::time::timeout(std::time::Duration::from_secs(10), async {
         while held.borrow_and_update().is_some() {
