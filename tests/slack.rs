@@ -91,6 +91,43 @@ async fn slack_acks_only_after_durable_dedups_redelivery_and_answers() {
     d.assert_no_panics();
 }
 
+/// A server that writes a long backlog before it reads a single ack (every
+/// envelope not acked yet, as after a long outage) must not hold the socket
+/// still: keel goes on reading while its acks wait to be written. The acks
+/// of 200,000 envelopes are ~7 MB, more than both ends' socket buffers hold
+/// (4 MB send, 128 KB receive here), so a reader that waits for each ack to
+/// be written stops for good halfway and never reaches the last message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slack_a_backlog_written_before_any_ack_is_read_is_acked_on_one_socket() {
+    const BACKLOG: usize = 200_000;
+    let fake = FakeSlack::start();
+    for n in 0..BACKLOG {
+        let envelope = json!({"envelope_id": format!("b{n}"), "type": "events_api",
+            "payload": {"event_id": format!("Evb{n}"), "type": "event_callback",
+                        "event": {"type": "reaction_added"}}});
+        fake.push_raw(envelope.to_string());
+    }
+    // After the backlog, on the same first write: a message to answer.
+    fake.push_event(
+        "EvAfter",
+        msg("CAFTER", "U1", "/recall kafter", &fake.next_ts()),
+        0,
+    );
+    let mut d = daemon(&fake, 30);
+    d.boot().await;
+    fake.set_daemon(&d.base());
+    wait_post(&fake, "kafter").await;
+    let acked = poll_until(DEADLINE, || async {
+        let n = fake.ack_count();
+        (n > BACKLOG).then_some(n)
+    })
+    .await
+    .unwrap_or_else(|| panic!("acks stopped at {} of {}", fake.ack_count(), BACKLOG + 1));
+    assert_eq!(acked, BACKLOG + 1);
+    assert_eq!(fake.opens(), 1, "one socket carried the whole backlog");
+    d.assert_no_panics();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slack_reconnects_after_a_silent_socket_and_on_disconnect() {
     let fake = FakeSlack::start();

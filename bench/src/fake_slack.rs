@@ -13,7 +13,7 @@
 //! again on the next socket as a new envelope with `retry_attempt` + 1, as
 //! Slack redelivers. An event is acknowledged once one of its envelopes is.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::net::TcpListener;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -47,6 +47,8 @@ struct Event {
 #[derive(Debug)]
 pub struct SlackLedger {
     events: Vec<Event>,
+    /// Indexes of the events not acked yet (what a new socket sends first).
+    unacked: BTreeSet<usize>,
     /// Event index of every envelope sent.
     envelopes: HashMap<String, usize>,
     /// Replies per tag (`sl-N`) that went to event N's channel.
@@ -64,6 +66,7 @@ impl Default for SlackLedger {
     fn default() -> SlackLedger {
         SlackLedger {
             events: Vec::new(),
+            unacked: BTreeSet::new(),
             envelopes: HashMap::new(),
             replies: HashMap::new(),
             stray_replies: 0,
@@ -87,17 +90,26 @@ impl SlackLedger {
             sent: 0,
             acked: false,
         });
+        self.unacked.insert(self.events.len() - 1);
         self.events.len() - 1
     }
 
-    /// The indexes of the events a socket that already sent `done` sends now.
-    fn due(&self, done: &HashSet<usize>) -> Vec<usize> {
+    /// The indexes of the events a socket sends now; `seen` is how many
+    /// events it has considered before (`None`: it just opened). A new
+    /// socket sends every event not acked yet; later it sends only events
+    /// queued since (each socket sends an event once).
+    fn due(&self, seen: &mut Option<usize>) -> Vec<usize> {
         if self.frozen {
             return Vec::new();
         }
-        (0..self.events.len())
-            .filter(|i| !self.events[*i].acked && !done.contains(i))
-            .collect()
+        let due: Vec<usize> = match *seen {
+            None => self.unacked.iter().copied().collect(),
+            Some(from) => (from..self.events.len())
+                .filter(|i| !self.events[*i].acked)
+                .collect(),
+        };
+        *seen = Some(self.events.len());
+        due
     }
 
     /// The next envelope of event `n` (a redelivery if one went out before).
@@ -135,6 +147,7 @@ impl SlackLedger {
         match self.envelopes.get(envelope_id) {
             Some(&n) => {
                 self.events[n].acked = true;
+                self.unacked.remove(&n);
                 true
             }
             None => false,
@@ -341,7 +354,7 @@ async fn socket(
     let mut ws = tokio_tungstenite::accept_async(stream).await?;
     let hello = json!({"type": "hello", "num_connections": 1});
     ws.send(Message::text(hello.to_string())).await?;
-    let mut done = HashSet::new();
+    let mut seen = None;
     let mut ping = tokio::time::interval(PING_EVERY);
     loop {
         let wake = queued.notified();
@@ -349,8 +362,7 @@ async fn socket(
         wake.as_mut().enable();
         let out: Vec<Value> = {
             let mut l = lock(ledger);
-            let due = l.due(&done);
-            done.extend(due.iter().copied());
+            let due = l.due(&mut seen);
             due.into_iter().map(|n| l.envelope(n)).collect()
         };
         for envelope in out {
@@ -464,22 +476,30 @@ mod tests {
         let a = l.push(CHANNELS[0]);
         let b = l.push(CHANNELS[1]);
         // The first socket sends both; keel acks only b before it dies.
-        let mut first = HashSet::new();
-        assert_eq!(l.due(&first), [a, b]);
-        first.extend([a, b]);
+        let mut first = None;
+        assert_eq!(l.due(&mut first), [a, b]);
         let (ea, eb) = (l.envelope(a), l.envelope(b));
         assert_eq!(ea["retry_attempt"], 0);
         assert_eq!(ea["payload"]["event_id"], event_id(a));
         assert!(l.ack(eb["envelope_id"].as_str().unwrap()));
-        assert!(l.due(&first).is_empty(), "a socket sends an envelope once");
+        assert!(
+            l.due(&mut first).is_empty(),
+            "a socket sends an envelope once"
+        );
+        // An event queued later goes out on the open socket once.
+        let c = l.push(CHANNELS[2]);
+        assert_eq!(l.due(&mut first), [c]);
+        assert!(l.due(&mut first).is_empty());
+        let ec = l.envelope(c);
+        assert!(l.ack(ec["envelope_id"].as_str().unwrap()));
         // The next socket sends a again, as a redelivery.
-        assert_eq!(l.due(&HashSet::new()), [a]);
+        assert_eq!(l.due(&mut None), [a]);
         let again = l.envelope(a);
         assert_eq!(again["retry_attempt"], 1);
         assert_eq!(again["payload"]["event_id"], event_id(a));
         assert_ne!(again["envelope_id"], ea["envelope_id"]);
         let acked: Vec<bool> = l.upstream().fed.iter().map(|f| f.acked).collect();
-        assert_eq!(acked, [false, true]);
+        assert_eq!(acked, [false, true, true]);
         // An ack of the old envelope still acknowledges the event; an
         // unknown one does not.
         assert!(!l.ack("env-unknown"));
@@ -490,6 +510,7 @@ mod tests {
         l.posted(CHANNELS[0], &format!("I have nothing under sl-{b}."));
         assert!(!l.upstream().settled(), "b's reply went to a's channel");
         l.posted(CHANNELS[1], &format!("I have nothing under sl-{b}."));
+        l.posted(CHANNELS[2], &format!("I have nothing under sl-{c}."));
         assert!(l.upstream().settled());
         assert_eq!(l.upstream().stray_replies, 1);
     }

@@ -344,6 +344,12 @@ impl FakeSlack {
         self.inner.lock().unwrap().acks.clone()
     }
 
+    /// How many acks came in (cheaper than [`FakeSlack::acks`] for many).
+    #[allow(dead_code)]
+    pub fn ack_count(&self) -> usize {
+        self.inner.lock().unwrap().acks.len()
+    }
+
     pub fn opens(&self) -> usize {
         self.inner.lock().unwrap().opens
     }

@@ -58,6 +58,8 @@ use crate::session::{Deliver, SessionRegistry};
 /// A socket that ends (disconnect, close) sooner than this after opening
 /// counts as a quick disconnect.
 pub const QUICK_SOCKET: Duration = Duration::from_secs(10);
+/// The longest a closing socket waits for its queued acks to be written.
+const ACK_FLUSH: Duration = Duration::from_secs(1);
 /// Quick disconnects in a row after which the run fails (and backs off).
 pub const MAX_QUICK_DISCONNECTS: u32 = 3;
 
@@ -641,7 +643,7 @@ async fn socket_loop(
             }
         };
         let connect = tokio::time::timeout(silence, tokio_tungstenite::connect_async(url.as_str()));
-        let (mut ws, _) = match connect.await {
+        let (ws, _) = match connect.await {
             Ok(Ok(pair)) => pair,
             Ok(Err(e)) => {
                 return Err(AdapterError::Transient(format!(
@@ -652,6 +654,11 @@ async fn socket_loop(
             Err(_) => return Err(AdapterError::Transient("socket connect timed out".into())),
         };
         let opened_at = tokio::time::Instant::now();
+        // Reading never waits for an ack to be written: a server that
+        // writes a backlog before it reads any ack would otherwise fill
+        // both directions of the socket and hold it still for good.
+        let (sink, mut ws) = ws.split();
+        let mut acks = AckWriter::start(sink, silence);
         let mut hello = false;
         loop {
             let frame = tokio::select! {
@@ -659,7 +666,7 @@ async fn socket_loop(
                 _ = stop.wait_for(|s| *s) => None,
             };
             let Some(frame) = frame else {
-                let _ = ws.close(None).await;
+                acks.close().await;
                 return Ok(());
             };
             let frame = match frame {
@@ -690,7 +697,6 @@ async fn socket_loop(
                 "hello" => hello = true,
                 "disconnect" => {
                     tracing::info!(reason = ?v["reason"].as_str(), "slack asked to reconnect");
-                    let _ = ws.close(None).await;
                     break;
                 }
                 _ => {
@@ -724,6 +730,7 @@ async fn socket_loop(
                                 }
                                 let Some(_guard) = gate.enter() else {
                                     // Shutting down: no ack, Slack resends later.
+                                    acks.close().await;
                                     return Ok(());
                                 };
                                 let res =
@@ -732,7 +739,10 @@ async fn socket_loop(
                                     // Stored, a repeat, or refused for good: ack.
                                     Ok(_) | Err(StoreError::Invalid(_)) => {}
                                     // No ack: Slack redelivers once we are back.
-                                    Err(e) => return Err(AdapterError::Store(e)),
+                                    Err(e) => {
+                                        acks.close().await;
+                                        return Err(AdapterError::Store(e));
+                                    }
                                 }
                             }
                             Parsed::Ignored => {}
@@ -748,13 +758,13 @@ async fn socket_loop(
                     }
                     // Durable (or not ours): acknowledge by envelope id.
                     let ack = json!({ "envelope_id": envelope }).to_string();
-                    if let Err(e) = ws.send(Message::text(ack)).await {
-                        tracing::warn!(error = %e, "slack ack failed; reconnecting");
+                    if !acks.send(ack) {
                         break;
                     }
                 }
             }
         }
+        acks.close().await;
         // The socket ended without a failure of ours. A server that ends
         // every socket at once must not get a reconnect hot loop.
         if opened_at.elapsed() < QUICK_SOCKET {
@@ -767,6 +777,62 @@ async fn socket_loop(
         } else {
             quick_disconnects = 0;
         }
+    }
+}
+
+type WsSink = futures::stream::SplitSink<
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    Message,
+>;
+
+/// The write half of a Socket Mode socket: acks queued by the reader go out
+/// in order from a task of their own. A write that does not finish within
+/// the silence timeout ends it (the socket is dead); the reader learns so at
+/// its next ack and reconnects.
+struct AckWriter {
+    queue: Option<tokio::sync::mpsc::UnboundedSender<String>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl AckWriter {
+    fn start(mut sink: WsSink, patience: Duration) -> AckWriter {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let task = tokio::spawn(async move {
+            while let Some(ack) = rx.recv().await {
+                let sent = tokio::time::timeout(patience, sink.send(Message::text(ack))).await;
+                let failed = match sent {
+                    Ok(Ok(())) => continue,
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => format!("not written within {patience:?}"),
+                };
+                tracing::warn!(error = %failed, "slack ack failed; reconnecting");
+                return;
+            }
+            // Every queued ack is out: a clean close.
+            let _ = tokio::time::timeout(patience, sink.close()).await;
+        });
+        AckWriter {
+            queue: Some(tx),
+            task,
+        }
+    }
+
+    /// Queue one ack; false once the writer has failed.
+    fn send(&self, ack: String) -> bool {
+        self.queue.as_ref().is_some_and(|q| q.send(ack).is_ok())
+    }
+
+    /// Write what is queued and close the socket, waiting for that at most
+    /// [`ACK_FLUSH`] (a peer that reads nothing must not hold up a stop).
+    async fn close(&mut self) {
+        self.queue = None;
+        let _ = tokio::time::timeout(ACK_FLUSH, &mut self.task).await;
+    }
+}
+
+impl Drop for AckWriter {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 
