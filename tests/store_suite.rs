@@ -27,9 +27,9 @@ use keel_actors::persistence::cluster::{
 use keel_actors::persistence::pg::{connect, pg_latest_version, pg_migrate, PgOptions};
 use keel_actors::persistence::portable::leases::Fence;
 use keel_actors::persistence::{
-    open_store, CommitExchange, Exchange, ExchangeOutcome, GetAdapterState, GetPendingOutbox,
-    GetSessions, GetTurns, PersistenceActor, RecordSend, ReplyPlan, SendOutcome, SessionKey,
-    StoreOptions,
+    open_store, CommitExchange, CommitExchanges, Exchange, ExchangeOutcome, GetAdapterState,
+    GetPendingOutbox, GetSession, GetSessions, GetTurns, PersistenceActor, RecordSend, ReplyPlan,
+    SendOutcome, SessionKey, StoreOptions,
 };
 
 /// One backend under test: the actors standing for instances, and what
@@ -143,6 +143,104 @@ fn msg(chat: &str, from: &str, key: &str, text: &str, reply: Option<&str>) -> Ex
             deliver: true,
         }),
     )
+}
+
+/// A session's backlog as one job: each message stored as by itself, in
+/// order; one whose guessed seq (`expect_seq`) is wrong, and every one after
+/// a message not accepted, is `Stale` with nothing written; the snapshot
+/// says which seq comes next.
+#[actix::test]
+async fn a_batch_of_exchanges_checks_each_guessed_seq_and_stops_at_the_first_not_accepted() {
+    for s in backends("batch", 1) {
+        let st = &s.instances[0];
+        let guess = |mut e: Exchange, seq: i64| {
+            e.expect_seq = Some(seq);
+            e
+        };
+        let batch = vec![
+            msg("b1", "u1", "m1", "one", Some("r1")),
+            guess(msg("b1", "u1", "m2", "two", None), 3),
+            guess(msg("b1", "u1", "m3", "three", Some("r3")), 4),
+        ];
+        let out = st.send(CommitExchanges(batch)).await.unwrap().unwrap();
+        let seqs: Vec<_> = out
+            .iter()
+            .map(|o| match o {
+                ExchangeOutcome::Accepted {
+                    user_seq,
+                    reply_seq,
+                    ..
+                } => (*user_seq, *reply_seq),
+                other => panic!("{}: {other:?}", s.name),
+            })
+            .collect();
+        assert_eq!(seqs, [(1, Some(2)), (3, None), (4, Some(5))], "{}", s.name);
+        // A wrong guess: that message and the one after it write nothing.
+        let batch = vec![
+            msg("b1", "u1", "m4", "four", Some("r4")),
+            guess(msg("b1", "u1", "m5", "five", Some("r5")), 7),
+            guess(msg("b1", "u1", "m6", "six", Some("r6")), 10),
+        ];
+        let out = st.send(CommitExchanges(batch)).await.unwrap().unwrap();
+        assert!(out[0].accepted(), "{}: {out:?}", s.name);
+        assert_eq!(
+            out[1..],
+            [ExchangeOutcome::Stale, ExchangeOutcome::Stale],
+            "{}",
+            s.name
+        );
+        // A duplicate stops the batch too; a right guess after it is not tried.
+        let batch = vec![
+            msg("b1", "u1", "m1", "one", Some("r1")),
+            guess(msg("b1", "u1", "m7", "seven", None), 8),
+        ];
+        let out = st.send(CommitExchanges(batch)).await.unwrap().unwrap();
+        assert_eq!(
+            out,
+            [
+                ExchangeOutcome::Duplicate { user_seq: 1 },
+                ExchangeOutcome::Stale
+            ],
+            "{}",
+            s.name
+        );
+        let turns = st
+            .send(GetTurns {
+                session: "webhook:b1".into(),
+                after_seq: 0,
+                limit: 100,
+            })
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let texts: Vec<(i64, &str)> = turns.iter().map(|t| (t.seq, t.text.as_str())).collect();
+        assert_eq!(
+            texts,
+            [
+                (1, "one"),
+                (2, "r1"),
+                (3, "two"),
+                (4, "three"),
+                (5, "r3"),
+                (6, "four"),
+                (7, "r4")
+            ],
+            "{}",
+            s.name
+        );
+        let snap = st
+            .send(GetSession {
+                id: "webhook:b1".into(),
+                tail: 2,
+            })
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(snap.next_seq, 8, "{}", s.name);
+        assert_eq!(snap.recent.len(), 2, "{}", s.name);
+    }
 }
 
 #[actix::test]

@@ -1,12 +1,17 @@
 //! Sessions (R6): the `SessionRegistry` spawns one `SessionActor` per
 //! conversation and forwards each inbound message to it.
 //!
-//! A session actor handles its messages one at a time (`AtomicResponse`), so
-//! a conversation's turns are ordered, while different sessions commit
-//! concurrently and share group commits. For each message it asks the brain
-//! for a decision against its cached snapshot (memory + recent turns), then
-//! sends ONE `CommitExchange`: the inbound turn, the reply and its outbox row
-//! become durable together, and only then does the adapter acknowledge.
+//! A session actor commits its messages in arrival order, one job at a
+//! time, so a conversation's turns are ordered, while different sessions
+//! commit concurrently and share group commits. For each message it asks
+//! the brain for a decision against its cached snapshot (memory + recent
+//! turns), then sends ONE `CommitExchange`: the inbound turn, the reply and
+//! its outbox row become durable together, and only then does the adapter
+//! acknowledge. Messages that queue up while a job commits (a Telegram
+//! batch, a busy group) form the next job, `CommitExchanges`: each is
+//! decided against the turns of those before it as they will be stored,
+//! and the store checks that guess (`expect_seq`) before it writes; a
+//! message whose guess was wrong is decided again after a reload.
 //! Free text for an external agent is stored as `awaiting` first (so the
 //! sender is acknowledged without waiting for the agent), then answered by a
 //! per-session queue; awaiting turns are resumed after a restart.
@@ -26,8 +31,8 @@ use crate::error::StoreError;
 use crate::metrics::Metrics;
 use crate::outbox::{ForgetReplies, OutboxKick};
 use crate::persistence::{
-    AwaitingTurn, ChatEvent, CommitAgentReply, CommitExchange, Exchange, ExchangeOutcome,
-    GetAwaiting, GetSession, PersistenceActor, ReplyPlan, SessionKey, TurnRow,
+    AwaitingTurn, ChatEvent, CommitAgentReply, CommitExchange, CommitExchanges, Exchange,
+    ExchangeOutcome, GetAwaiting, GetSession, PersistenceActor, ReplyPlan, SessionKey, TurnRow,
 };
 use crate::tasks::TasksChanged;
 use crate::timer::TimersChanged;
@@ -282,6 +287,8 @@ impl SessionRegistry {
                 clock: self.clock.clone(),
                 http: self.http.clone(),
                 cache: None,
+                inbox: VecDeque::new(),
+                draining: false,
                 agent_queue: VecDeque::new(),
                 agent_running: false,
                 work: work.clone(),
@@ -495,6 +502,10 @@ struct Cache {
     /// The session row exists, and these senders have principal rows.
     stored: bool,
     senders: HashSet<String>,
+    /// The seq the session's next turn gets, as far as this actor knows
+    /// (a reminder or an agent reply written meanwhile makes it stale; the
+    /// store checks before it relies on it).
+    next_seq: Option<i64>,
 }
 
 /// Senders remembered per session before the set is reset (bounds memory
@@ -507,6 +518,35 @@ impl Cache {
         while self.recent.len() > RECENT_TURNS {
             self.recent.pop_front();
         }
+    }
+
+    /// `msg` is stored as `user_seq`, its reply (if any) as `reply_seq`.
+    fn remember(
+        &mut self,
+        msg: &Deliver,
+        user_seq: i64,
+        reply_seq: Option<i64>,
+        reply: Option<&ReplyPlan>,
+        at: String,
+    ) {
+        self.stored = true;
+        if self.senders.len() >= MAX_KNOWN_SENDERS {
+            self.senders.clear();
+        }
+        self.senders.insert(msg.from.clone());
+        self.push(TurnRow::text(
+            user_seq,
+            "user",
+            &msg.text,
+            Some(&msg.key),
+            Some(&msg.from),
+            at.clone(),
+            None,
+        ));
+        if let (Some(seq), Some(plan)) = (reply_seq, reply) {
+            self.push(TurnRow::reply(seq, &plan.text, at, plan.deliver));
+        }
+        self.next_seq = Some(reply_seq.unwrap_or(user_seq) + 1);
     }
 }
 
@@ -526,6 +566,10 @@ pub struct SessionActor {
     /// Loaded lazily; dropped after a failed commit so the next message
     /// reloads what is really on disk.
     cache: Option<Cache>,
+    /// Messages not answered yet, in arrival order.
+    inbox: VecDeque<Queued>,
+    /// A round (load, decide, commit) is under way.
+    draining: bool,
     agent_queue: VecDeque<AwaitingTurn>,
     agent_running: bool,
     /// The registry's count of agent work in this actor (it is never
@@ -563,9 +607,76 @@ impl Handler<Resume> for SessionActor {
 }
 
 impl Handler<Deliver> for SessionActor {
-    type Result = AtomicResponse<Self, Result<Delivered, StoreError>>;
+    type Result = ResponseFuture<Result<Delivered, StoreError>>;
 
-    fn handle(&mut self, msg: Deliver, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: Deliver, ctx: &mut Context<Self>) -> Self::Result {
+        let (done, outcome) = tokio::sync::oneshot::channel();
+        self.inbox.push_back(Queued { msg, done });
+        self.drain(ctx);
+        Box::pin(async move { outcome.await.unwrap_or(Err(StoreError::Closed)) })
+    }
+}
+
+/// A `Deliver` in a session's inbox and where its outcome goes.
+struct Queued {
+    msg: Deliver,
+    done: tokio::sync::oneshot::Sender<Result<Delivered, StoreError>>,
+}
+
+/// The most messages of one session committed as one job.
+const MAX_BATCH: usize = 64;
+
+/// One message decided, before and while it commits.
+struct Planned {
+    exchange: Exchange,
+    decision: Option<Decision>,
+    reply: Option<ReplyPlan>,
+    /// The chat's new memory (not a person's), for the cache.
+    memory: Option<Map<String, Value>>,
+    timers_changed: bool,
+    tasks_changed: bool,
+    /// `(user_seq, reply_seq)` the cache was given before the commit,
+    /// because a later message of the same batch was decided against it.
+    speculated: Option<(i64, Option<i64>)>,
+}
+
+impl SessionActor {
+    /// The person `msg`'s sender is (`[principals]`), if configured.
+    fn person_of(&self, msg: &Deliver) -> Option<SessionKey> {
+        self.settings
+            .principals
+            .get(&self.key.channel)
+            .and_then(|users| users.get(&msg.from))
+            .map(|name| SessionKey::new("principal", name))
+    }
+
+    /// May share a job with other messages of this session: nothing of it
+    /// is read fresh (a person's memory) or written beside its turn (an
+    /// offset, a fence, what it says about the chat).
+    fn batchable(&self, msg: &Deliver) -> bool {
+        msg.adapter_state.is_none()
+            && msg.fence.is_none()
+            && msg.chat_event.is_none()
+            && self.person_of(msg).is_none()
+    }
+
+    /// Start a round unless one runs: messages are committed in arrival
+    /// order, one job at a time; the messages that arrive while a job
+    /// commits form the next job (so a chat's backlog commits together).
+    fn drain(&mut self, ctx: &mut Context<Self>) {
+        if self.draining || self.inbox.is_empty() {
+            return;
+        }
+        self.draining = true;
+        ctx.spawn(self.round().map(|(), this, ctx| {
+            this.draining = false;
+            this.drain(ctx);
+        }));
+    }
+
+    /// Load what the front message needs, then decide and commit it with
+    /// the batchable messages queued behind it.
+    fn round(&mut self) -> ResponseActFuture<Self, ()> {
         let load = self.cache.is_none().then(|| {
             self.persistence.send(GetSession {
                 id: self.key.id.clone(),
@@ -574,12 +685,7 @@ impl Handler<Deliver> for SessionActor {
         });
         // A configured person's memory is read fresh for each message (other
         // chats of theirs may have changed it); no cache to go stale.
-        let person = self
-            .settings
-            .principals
-            .get(&self.key.channel)
-            .and_then(|users| users.get(&msg.from))
-            .map(|name| SessionKey::new("principal", name));
+        let person = self.inbox.front().and_then(|q| self.person_of(&q.msg));
         let person_load = person.as_ref().map(|p| {
             self.persistence
                 .send(crate::persistence::GetMemory { id: p.id.clone() })
@@ -609,12 +715,10 @@ impl Handler<Deliver> for SessionActor {
                             recent: snapshot.recent.into(),
                             stored,
                             senders: HashSet::new(),
+                            next_seq: Some(if stored { snapshot.next_seq } else { 1 }),
                         });
                     }
-                    Err(e) => {
-                        let failed: ResponseActFuture<Self, _> = Box::pin(fut::ready(Err(e)));
-                        return failed;
-                    }
+                    Err(e) => return this.fail_front(e),
                 }
             }
             let person = match (person, person_memory) {
@@ -624,26 +728,112 @@ impl Handler<Deliver> for SessionActor {
                         .unwrap_or_default();
                     Some((key, memory))
                 }
-                (_, Some(Err(e))) => {
-                    let failed: ResponseActFuture<Self, _> = Box::pin(fut::ready(Err(e)));
-                    return failed;
-                }
+                (_, Some(Err(e))) => return this.fail_front(e),
                 _ => None,
             };
-            Box::pin(this.exchange(msg, person))
+            this.commit_round(person)
         });
-        AtomicResponse::new(Box::pin(fut))
+        Box::pin(fut)
     }
-}
 
-impl SessionActor {
-    /// Decide and commit one message. The cache is loaded.
-    fn exchange(
+    /// The front message fails with `e` (its load failed); the rest wait.
+    fn fail_front(&mut self, e: StoreError) -> ResponseActFuture<Self, ()> {
+        if let Some(q) = self.inbox.pop_front() {
+            let _ = q.done.send(Err(e));
+        }
+        Box::pin(fut::ready(()))
+    }
+
+    /// Decide the front message (and the batchable ones behind it, each
+    /// against the turns of those before it) and commit them as one job.
+    /// The cache is loaded.
+    fn commit_round(
         &mut self,
-        msg: Deliver,
         person: Option<(SessionKey, Map<String, Value>)>,
-    ) -> impl ActorFuture<Self, Output = Result<Delivered, StoreError>> {
-        let cache = self.cache.as_mut().expect("cache loaded before exchange");
+    ) -> ResponseActFuture<Self, ()> {
+        let mut items: Vec<(Queued, Planned)> = Vec::new();
+        let mut person = person;
+        while let Some(q) = self.inbox.pop_front() {
+            let first = items.is_empty();
+            let mut planned = self.plan(&q.msg, person.take());
+            if !first {
+                planned.exchange.expect_seq = self.cache.as_ref().and_then(|c| c.next_seq);
+            }
+            let solo = !self.batchable(&q.msg)
+                || matches!(planned.decision, Some(Decision::Act(_)))
+                || planned.exchange.expect_seq.is_none() && !first;
+            items.push((q, planned));
+            let more = !solo
+                && items.len() < MAX_BATCH
+                && self.cache.as_ref().is_some_and(|c| c.next_seq.is_some())
+                && self.inbox.front().is_some_and(|n| self.batchable(&n.msg));
+            if !more {
+                break;
+            }
+            if let Some((q, planned)) = items.last_mut() {
+                self.speculate(&q.msg, planned);
+            }
+        }
+        let exchanges: Vec<Exchange> = items
+            .iter_mut()
+            .map(|(_, p)| std::mem::take(&mut p.exchange))
+            .collect();
+        let commit: ResponseFuture<Result<Vec<ExchangeOutcome>, StoreError>> =
+            if exchanges.len() == 1 {
+                let req = self.persistence.send(CommitExchange(
+                    exchanges.into_iter().next().unwrap_or_default(),
+                ));
+                Box::pin(async move {
+                    let outcome = req.await.unwrap_or(Err(StoreError::Closed))?;
+                    Ok(vec![outcome])
+                })
+            } else {
+                let req = self.persistence.send(CommitExchanges(exchanges));
+                Box::pin(async move { req.await.unwrap_or(Err(StoreError::Closed)) })
+            };
+        Box::pin(commit.into_actor(self).map(move |res, this, ctx| {
+            let outcomes = match res {
+                Ok(o) if o.len() == items.len() => o,
+                Ok(_) => {
+                    this.cache = None;
+                    let e = StoreError::Invalid("a batch came back short".into());
+                    for (q, _) in items {
+                        let _ = q.done.send(Err(e.clone()));
+                    }
+                    return;
+                }
+                Err(e) => {
+                    this.cache = None;
+                    for (q, _) in items {
+                        let _ = q.done.send(Err(e.clone()));
+                    }
+                    return;
+                }
+            };
+            let mut again = Vec::new();
+            for ((q, planned), outcome) in items.into_iter().zip(outcomes) {
+                if outcome == ExchangeOutcome::Stale {
+                    again.push(q);
+                    continue;
+                }
+                let result = this.settle(q.msg, planned, outcome, ctx);
+                let _ = q.done.send(result);
+            }
+            if !again.is_empty() {
+                // Decided against turns that did not commit as guessed:
+                // decide them again against what is on disk, first.
+                this.cache = None;
+                for q in again.into_iter().rev() {
+                    this.inbox.push_front(q);
+                }
+            }
+        }))
+    }
+
+    /// Ask the brain about one message and build its exchange. The cache is
+    /// loaded.
+    fn plan(&mut self, msg: &Deliver, person: Option<(SessionKey, Map<String, Value>)>) -> Planned {
+        let cache = self.cache.as_mut().expect("cache loaded before plan");
         // A contiguous view, not a copy: this runs for every message.
         let recent: &[TurnRow] = cache.recent.make_contiguous();
         // A message only to store (not addressed to keel, an edit, another
@@ -714,116 +904,147 @@ impl SessionActor {
             answer: msg.answer,
             person_memory,
             chat_event: msg.chat_event.clone(),
+            expect_seq: None,
         };
-        self.persistence
-            .send(CommitExchange(exchange))
-            .into_actor(self)
-            .map(move |res, this, ctx| {
-                let outcome = match res.unwrap_or(Err(StoreError::Closed)) {
-                    Ok(o) => o,
-                    Err(e) => {
-                        this.cache = None;
-                        return Err(e);
-                    }
-                };
-                let session = this.key.id.clone();
-                match outcome {
-                    ExchangeOutcome::Duplicate { user_seq } => Ok(Delivered::Duplicate {
-                        session,
-                        seq: user_seq,
-                    }),
-                    ExchangeOutcome::Conflict { user_seq } => Ok(Delivered::Conflict {
-                        session,
-                        seq: user_seq,
-                    }),
-                    ExchangeOutcome::Accepted {
-                        user_seq,
-                        reply_seq,
-                        outbox_id,
-                    } => {
-                        let at = this.clock.stamp().text;
-                        let cache = this.cache.as_mut().expect("cache stays loaded");
-                        cache.stored = true;
-                        if cache.senders.len() >= MAX_KNOWN_SENDERS {
-                            cache.senders.clear();
-                        }
-                        cache.senders.insert(msg.from.clone());
-                        cache.push(TurnRow::text(
-                            user_seq,
-                            "user",
-                            &msg.text,
-                            Some(&msg.key),
-                            Some(&msg.from),
-                            at.clone(),
-                            None,
-                        ));
-                        if let (Some(seq), Some(plan)) = (reply_seq, &reply) {
-                            cache.push(TurnRow::reply(seq, &plan.text, at, plan.deliver));
-                        }
-                        if let Some(m) = memory {
-                            cache.memory = m;
-                        }
-                        if outbox_id.is_some() {
-                            this.outbox.do_send(OutboxKick);
-                        }
-                        if let Some(event) = &msg.chat_event {
-                            // The store moved turns or changed timers behind
-                            // every cached snapshot of the chats involved.
-                            this.cache = None;
-                            if let ChatEvent::Migrated { from, to } = event {
-                                for chat in [from, to] {
-                                    let key = SessionKey::new(&this.key.channel, chat);
-                                    if key.id != this.key.id {
-                                        this.registry.do_send(Forget { id: key.id });
-                                    }
-                                }
-                            }
-                            if let ChatEvent::Unreachable(_) = event {
-                                if let Some(outbox) = &this.forget_replies {
-                                    outbox.do_send(ForgetReplies {
-                                        session: this.key.id.clone(),
-                                    });
-                                }
-                            }
-                            if let Some(timers) = &this.timers {
-                                timers.do_send(TimersChanged);
-                            }
-                        }
-                        if let Some(Decision::Act(_)) = decision {
-                            // The reply text was rendered by the store: reload
-                            // the snapshot next time instead of caching "".
-                            this.cache = None;
-                        }
-                        if timers_changed {
-                            if let Some(timers) = &this.timers {
-                                timers.do_send(TimersChanged);
-                            }
-                        }
-                        if tasks_changed {
-                            if let Some(tasks) = &this.tasks {
-                                tasks.do_send(TasksChanged);
-                            }
-                        }
-                        if decision == Some(Decision::Forward) {
-                            this.enqueue_agent(
-                                AwaitingTurn {
-                                    session: this.key.clone(),
-                                    seq: user_seq,
-                                    key: Some(msg.key),
-                                    text: msg.text,
-                                },
-                                ctx,
-                            );
-                        }
-                        Ok(Delivered::Accepted {
-                            session,
-                            seq: user_seq,
-                        })
-                    }
-                }
-            })
+        Planned {
+            exchange,
+            decision,
+            reply,
+            memory,
+            timers_changed,
+            tasks_changed,
+            speculated: None,
+        }
     }
 
+    /// Give the cache the turns `msg` will get if it commits, before it
+    /// does, so the next message of the batch is decided after it. The
+    /// store checks the guess (`expect_seq`); a wrong one is decided again.
+    fn speculate(&mut self, msg: &Deliver, planned: &mut Planned) {
+        let at = self.clock.stamp().text;
+        let Some(cache) = self.cache.as_mut() else {
+            return;
+        };
+        let Some(user_seq) = cache.next_seq else {
+            return;
+        };
+        // As the store decides: a reply only for a message to answer.
+        let reply_seq = (planned.reply.is_some() && msg.answer).then_some(user_seq + 1);
+        cache.remember(msg, user_seq, reply_seq, planned.reply.as_ref(), at);
+        if let Some(m) = &planned.memory {
+            cache.memory = m.clone();
+        }
+        planned.speculated = Some((user_seq, reply_seq));
+    }
+
+    /// What follows one message's commit: the cache, the outbox, timers,
+    /// tasks, the agent; the outcome for the adapter.
+    fn settle(
+        &mut self,
+        msg: Deliver,
+        planned: Planned,
+        outcome: ExchangeOutcome,
+        ctx: &mut Context<Self>,
+    ) -> Result<Delivered, StoreError> {
+        let session = self.key.id.clone();
+        let (user_seq, reply_seq, outbox_id) = match outcome {
+            ExchangeOutcome::Accepted {
+                user_seq,
+                reply_seq,
+                outbox_id,
+            } => (user_seq, reply_seq, outbox_id),
+            other => {
+                if planned.speculated.is_some() {
+                    // The cache holds turns that were never written.
+                    self.cache = None;
+                }
+                let seq = match other {
+                    ExchangeOutcome::Duplicate { user_seq }
+                    | ExchangeOutcome::Conflict { user_seq } => user_seq,
+                    _ => 0,
+                };
+                return Ok(match other {
+                    ExchangeOutcome::Conflict { .. } => Delivered::Conflict { session, seq },
+                    _ => Delivered::Duplicate { session, seq },
+                });
+            }
+        };
+        match planned.speculated {
+            Some(guess) if guess == (user_seq, reply_seq) => {}
+            Some(_) => self.cache = None,
+            None => {
+                let at = self.clock.stamp().text;
+                match self.cache.as_mut() {
+                    // Turns were written behind the cache (a reminder, an
+                    // agent reply): reload it rather than miss them.
+                    Some(c) if c.next_seq.is_some_and(|n| n != user_seq) => self.cache = None,
+                    Some(cache) => {
+                        cache.remember(&msg, user_seq, reply_seq, planned.reply.as_ref(), at);
+                        if let Some(m) = planned.memory {
+                            cache.memory = m;
+                        }
+                    }
+                    None => {}
+                }
+            }
+        }
+        if outbox_id.is_some() {
+            self.outbox.do_send(OutboxKick);
+        }
+        if let Some(event) = &msg.chat_event {
+            // The store moved turns or changed timers behind
+            // every cached snapshot of the chats involved.
+            self.cache = None;
+            if let ChatEvent::Migrated { from, to } = event {
+                for chat in [from, to] {
+                    let key = SessionKey::new(&self.key.channel, chat);
+                    if key.id != self.key.id {
+                        self.registry.do_send(Forget { id: key.id });
+                    }
+                }
+            }
+            if let ChatEvent::Unreachable(_) = event {
+                if let Some(outbox) = &self.forget_replies {
+                    outbox.do_send(ForgetReplies {
+                        session: self.key.id.clone(),
+                    });
+                }
+            }
+            if let Some(timers) = &self.timers {
+                timers.do_send(TimersChanged);
+            }
+        }
+        if let Some(Decision::Act(_)) = planned.decision {
+            // The reply text was rendered by the store: reload
+            // the snapshot next time instead of caching "".
+            self.cache = None;
+        }
+        if planned.timers_changed {
+            if let Some(timers) = &self.timers {
+                timers.do_send(TimersChanged);
+            }
+        }
+        if planned.tasks_changed {
+            if let Some(tasks) = &self.tasks {
+                tasks.do_send(TasksChanged);
+            }
+        }
+        if planned.decision == Some(Decision::Forward) {
+            self.enqueue_agent(
+                AwaitingTurn {
+                    session: self.key.clone(),
+                    seq: user_seq,
+                    key: Some(msg.key),
+                    text: msg.text,
+                },
+                ctx,
+            );
+        }
+        Ok(Delivered::Accepted {
+            session,
+            seq: user_seq,
+        })
+    }
     fn enqueue_agent(&mut self, turn: AwaitingTurn, ctx: &mut Context<Self>) {
         // Counted before the `Deliver` that queued it is answered, so the
         // registry never sees this session idle in between.
@@ -897,6 +1118,7 @@ impl SessionActor {
                         this.clock.stamp().text,
                         plan.deliver,
                     ));
+                    cache.next_seq = cache.next_seq.map(|n| n.max(seq + 1));
                 }
                 if outbox.is_some() {
                     this.outbox.do_send(OutboxKick);

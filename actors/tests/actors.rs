@@ -673,3 +673,147 @@ async fn a_session_with_agent_work_in_flight_is_never_evicted() {
     let turns = turns_of(&store, "webhook:busy").await;
     assert_eq!(turns.len(), 2, "the agent's reply was not stored");
 }
+
+/// The texts and seqs of a session's stored turns.
+async fn stored_texts(store: &Addr<PersistenceActor>, session: &str) -> Vec<(i64, String)> {
+    let mut all = Vec::new();
+    loop {
+        let after = all.last().map_or(0, |(seq, _)| *seq);
+        let page = store
+            .send(GetTurns {
+                session: session.into(),
+                after_seq: after,
+                limit: 100,
+            })
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if page.is_empty() {
+            return all;
+        }
+        all.extend(
+            page.into_iter()
+                .map(|t| (t.seq, format!("{}: {}", t.role, t.text))),
+        );
+    }
+}
+
+/// What `/history N` answers for these turns (the brain's format).
+fn history_of(turns: &[(i64, String)]) -> String {
+    turns
+        .iter()
+        .map(|(seq, line)| format!("#{seq} {line}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A chat's backlog (messages that queue while its session commits)
+/// commits as a few jobs, not one per message, and each message is decided
+/// after the one before it: a /recall right after its /remember finds the
+/// value, /history lists the seqs the turns were stored under.
+#[actix_rt::test]
+async fn a_chats_backlog_commits_in_a_few_jobs_each_decided_after_the_one_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = Metrics::new();
+    let store = start_store(Some(dir.path().join("keel.db")), &metrics);
+    let registry = lru_registry(&store, &metrics, None, 100);
+    let say =
+        |key: String, text: String| Deliver::text("webhook", "q".into(), "u".into(), key, text);
+    let mut texts = Vec::new();
+    for i in 0..30 {
+        texts.push(format!("/remember k{i} v{i}"));
+        texts.push(format!("/recall k{i}"));
+    }
+    texts.push("/history 3".into());
+    let jobs_before = metrics.commit_batch_size.get_sample_sum();
+    // Sent at once, in order.
+    let sent: Vec<_> = texts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| registry.send(say(format!("m{i}"), t.clone())))
+        .collect();
+    for (i, res) in join_all(sent).await.into_iter().enumerate() {
+        match res.unwrap().unwrap() {
+            Delivered::Accepted { seq, .. } => assert_eq!(seq, 2 * i as i64 + 1, "message {i}"),
+            other => panic!("message {i}: {other:?}"),
+        }
+    }
+    let jobs = metrics.commit_batch_size.get_sample_sum() - jobs_before;
+    assert!(
+        jobs <= (texts.len() / 4) as f64,
+        "{jobs} jobs for {} messages of one chat: its backlog was not batched",
+        texts.len()
+    );
+    let turns = stored_texts(&store, "webhook:q").await;
+    assert_eq!(turns.len(), 2 * texts.len());
+    let seqs: Vec<i64> = turns.iter().map(|(s, _)| *s).collect();
+    assert_eq!(seqs, (1..=2 * texts.len() as i64).collect::<Vec<_>>());
+    for i in 0..30 {
+        let reply = &turns[4 * i + 3].1;
+        assert!(reply.ends_with(&format!(": k{i}: v{i}")), "{reply}");
+    }
+    let n = turns.len();
+    let want = history_of(&turns[n - 5..n - 2]);
+    let got = turns[n - 1].1.split_once(": ").unwrap().1;
+    assert_eq!(got, want);
+}
+
+/// Turns written behind a session's back (here straight to the store, as a
+/// reminder firing into the chat does) never make it decide against a stale
+/// view: its guesses fail the store's check, the messages are decided again
+/// after a reload, stored in order without gaps, and /history sees them.
+#[actix_rt::test]
+async fn turns_written_behind_a_session_are_seen_before_its_next_decision() {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = Metrics::new();
+    let store = start_store(Some(dir.path().join("keel.db")), &metrics);
+    let registry = lru_registry(&store, &metrics, None, 100);
+    let say = |key: &str, text: &str| {
+        Deliver::text("webhook", "s".into(), "u".into(), key.into(), text.into())
+    };
+    assert_eq!(accepted_seq(&registry, say("a", "/remember a 1")).await, 1);
+    for round in 0..5 {
+        let side = store
+            .send(CommitExchange(Exchange::text(
+                SessionKey::new("webhook", "s"),
+                "other",
+                &format!("side{round}"),
+                &format!("side {round}"),
+                Some(ReplyPlan {
+                    text: "ok".into(),
+                    deliver: false,
+                }),
+            )))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(side.accepted(), "{side:?}");
+        let burst = [
+            format!("/remember b{round} {round}"),
+            "/history 4".to_string(),
+            format!("/recall b{round}"),
+        ];
+        let sent: Vec<_> = burst
+            .iter()
+            .enumerate()
+            .map(|(i, t)| registry.send(say(&format!("r{round}-{i}"), t)))
+            .collect();
+        for res in join_all(sent).await {
+            assert!(matches!(res.unwrap().unwrap(), Delivered::Accepted { .. }));
+        }
+        let turns = stored_texts(&store, "webhook:s").await;
+        let seqs: Vec<i64> = turns.iter().map(|(s, _)| *s).collect();
+        assert_eq!(seqs, (1..=turns.len() as i64).collect::<Vec<_>>());
+        let n = turns.len();
+        // The burst's /history saw the side turns and the /remember before it.
+        let want = history_of(&turns[n - 8..n - 4]);
+        let got = turns[n - 3].1.split_once(": ").unwrap().1;
+        assert_eq!(got, want, "round {round}");
+        assert!(
+            turns[n - 1].1.ends_with(&format!("b{round}: {round}")),
+            "{:?}",
+            turns[n - 1]
+        );
+    }
+}

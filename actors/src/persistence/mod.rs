@@ -75,9 +75,9 @@ pub use open::{
 };
 pub use outbox::{GetPendingOutbox, OutboxRow, RecordDeliveryStatuses, RecordSend, SendOutcome};
 pub use sessions::{
-    ApplyChatEvent, AwaitingTurn, ChatEvent, CommitAgentReply, CommitExchange, CommitNotice,
-    Exchange, ExchangeOutcome, GetAwaiting, GetMemory, GetSession, GetSessions, GetTurns,
-    ReplyPlan, SessionKey, SessionSnapshot, SessionSummary, TurnRow,
+    ApplyChatEvent, AwaitingTurn, ChatEvent, CommitAgentReply, CommitExchange, CommitExchanges,
+    CommitNotice, Exchange, ExchangeOutcome, GetAwaiting, GetMemory, GetSession, GetSessions,
+    GetTurns, ReplyPlan, SessionKey, SessionSnapshot, SessionSummary, TurnRow,
 };
 use writer::{Cmd, FnJob};
 

@@ -81,6 +81,11 @@ pub struct Exchange {
     /// What the message says about the chat itself (it moved, keel was
     /// removed or added back), applied with the turn.
     pub chat_event: Option<ChatEvent>,
+    /// The seq the session actor expects this user turn to get: it decided
+    /// the message against turns it has not seen committed yet (an earlier
+    /// message of the same batch). Another seq means that guess was wrong:
+    /// nothing is written and the outcome is `Stale` (decide it again).
+    pub expect_seq: Option<i64>,
 }
 
 /// Something a channel learnt about a chat, applied in the same unit of
@@ -140,6 +145,7 @@ impl Exchange {
             answer: true,
             person_memory: None,
             chat_event: None,
+            expect_seq: None,
         }
     }
 }
@@ -164,6 +170,15 @@ pub enum ExchangeOutcome {
     /// The key was seen before with a different text (R41): nothing was
     /// written; the sender reused an id for another message.
     Conflict { user_seq: i64 },
+    /// `expect_seq` did not hold (or an earlier exchange of the same
+    /// `CommitExchanges` was not accepted): nothing was written.
+    Stale,
+}
+
+impl ExchangeOutcome {
+    pub fn accepted(&self) -> bool {
+        matches!(self, ExchangeOutcome::Accepted { .. })
+    }
 }
 
 /// A turn as shown to operators and to the brain.
@@ -255,6 +270,8 @@ pub struct SessionSnapshot {
     pub memory_json: String,
     /// The newest turns, oldest first.
     pub recent: Vec<TurnRow>,
+    /// The seq the next turn of the session gets.
+    pub next_seq: i64,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -445,6 +462,14 @@ pub fn commit_exchange(
         } else {
             ExchangeOutcome::Conflict { user_seq }
         });
+    }
+    if let Some(expected) = ex.expect_seq {
+        let next: i64 = conn
+            .prepare_cached("SELECT next_seq FROM sessions WHERE id = ?1")?
+            .query_row([&ex.session.id], |r| r.get(0))?;
+        if next != expected {
+            return Ok(ExchangeOutcome::Stale);
+        }
     }
     let rendered;
     let reply = match (&ex.reply, &ex.effect) {
@@ -666,11 +691,11 @@ pub fn load_session(
     session_id: &str,
     tail: i64,
 ) -> Result<Option<SessionSnapshot>, StoreError> {
-    let memory: Option<String> = conn
-        .prepare_cached("SELECT memory_json FROM sessions WHERE id = ?1")?
-        .query_row([session_id], |r| r.get(0))
+    let row: Option<(String, i64)> = conn
+        .prepare_cached("SELECT memory_json, next_seq FROM sessions WHERE id = ?1")?
+        .query_row([session_id], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
-    let Some(memory_json) = memory else {
+    let Some((memory_json, next_seq)) = row else {
         return Ok(None);
     };
     let mut recent = turns_desc(conn, session_id, tail)?;
@@ -678,6 +703,7 @@ pub fn load_session(
     Ok(Some(SessionSnapshot {
         memory_json,
         recent,
+        next_seq,
     }))
 }
 
@@ -830,6 +856,44 @@ impl Handler<CommitExchange> for PersistenceActor {
             });
         }
         self.call(move |c, at| commit_exchange(c, at, &msg.0))
+    }
+}
+
+/// Several messages of one session, in order, as one job (a session's
+/// backlog): each is stored as by `CommitExchange` until one is not
+/// accepted; those after it are `Stale` (nothing written). One outcome per
+/// exchange; a failure fails them all (nothing written).
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<Vec<ExchangeOutcome>, StoreError>")]
+pub struct CommitExchanges(pub Vec<Exchange>);
+
+/// Runs `one` over `exchanges` in order until one is not accepted.
+fn commit_in_order(
+    exchanges: &[Exchange],
+    mut one: impl FnMut(&Exchange) -> Result<ExchangeOutcome, StoreError>,
+) -> Result<Vec<ExchangeOutcome>, StoreError> {
+    let mut out = Vec::with_capacity(exchanges.len());
+    for ex in exchanges {
+        let o = match out.last() {
+            Some(o) if !ExchangeOutcome::accepted(o) => ExchangeOutcome::Stale,
+            _ => one(ex)?,
+        };
+        out.push(o);
+    }
+    Ok(out)
+}
+
+impl Handler<CommitExchanges> for PersistenceActor {
+    type Result = ResponseFuture<Result<Vec<ExchangeOutcome>, StoreError>>;
+    fn handle(&mut self, msg: CommitExchanges, _: &mut Context<Self>) -> Self::Result {
+        if self.backend() == super::sql::Backend::Postgres {
+            return self.call_sql(move |db, at| {
+                commit_in_order(&msg.0, |ex| {
+                    super::portable::sessions::commit_exchange(db, at, ex)
+                })
+            });
+        }
+        self.call(move |c, at| commit_in_order(&msg.0, |ex| commit_exchange(c, at, ex)))
     }
 }
 

@@ -191,6 +191,9 @@ pub fn commit_exchange(
             ExchangeOutcome::Conflict { user_seq }
         });
     }
+    if ex.expect_seq.is_some_and(|e| e != first) {
+        return Ok(ExchangeOutcome::Stale);
+    }
     let rendered;
     let reply = match (&ex.reply, &ex.effect) {
         (Some(plan), Some(effect)) => {
@@ -476,7 +479,7 @@ pub fn load_session(
     tail: i64,
 ) -> Result<Option<SessionSnapshot>, StoreError> {
     let Some(memory) = db.row(
-        "SELECT memory_json FROM sessions WHERE id = $1",
+        "SELECT memory_json, next_seq FROM sessions WHERE id = $1",
         vals![session_id],
     )?
     else {
@@ -492,6 +495,7 @@ pub fn load_session(
     Ok(Some(SessionSnapshot {
         memory_json: memory.text(0)?,
         recent,
+        next_seq: memory.int(1)?,
     }))
 }
 
