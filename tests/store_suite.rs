@@ -132,6 +132,22 @@ fn backends(test: &str, n: usize) -> Vec<Store> {
     v
 }
 
+/// The first 100 turns of an existing session.
+async fn turns_of(
+    st: &Addr<PersistenceActor>,
+    session: &str,
+) -> Vec<keel_actors::persistence::TurnRow> {
+    st.send(GetTurns {
+        session: session.into(),
+        after_seq: 0,
+        limit: 100,
+    })
+    .await
+    .unwrap()
+    .unwrap()
+    .unwrap()
+}
+
 fn msg(chat: &str, from: &str, key: &str, text: &str, reply: Option<&str>) -> Exchange {
     Exchange::text(
         SessionKey::new("webhook", chat),
@@ -204,16 +220,7 @@ async fn a_batch_of_exchanges_checks_each_guessed_seq_and_stops_at_the_first_not
             "{}",
             s.name
         );
-        let turns = st
-            .send(GetTurns {
-                session: "webhook:b1".into(),
-                after_seq: 0,
-                limit: 100,
-            })
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        let turns = turns_of(st, "webhook:b1").await;
         let texts: Vec<(i64, &str)> = turns.iter().map(|t| (t.seq, t.text.as_str())).collect();
         assert_eq!(
             texts,
@@ -1917,16 +1924,7 @@ async fn a_moved_chat_merges_into_its_new_session_and_an_unreachable_one_fails_i
             "{}: {again:?}",
             s.name
         );
-        let turns = st
-            .send(GetTurns {
-                session: "webhook:new".into(),
-                after_seq: 0,
-                limit: 100,
-            })
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        let turns = turns_of(st, "webhook:new").await;
         let texts: Vec<(i64, &str)> = turns.iter().map(|t| (t.seq, t.text.as_str())).collect();
         assert_eq!(
             texts,

@@ -53,10 +53,22 @@ pub struct Checkpoint {
 }
 
 /// Shared readiness. Cheap to clone.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Health {
     state: Arc<Mutex<State>>,
     metrics: crate::metrics::Metrics,
+    /// What gives way when the WAL outgrows its bound: the background
+    /// `quick_check`, whose read transaction would keep the WAL from ever
+    /// being restarted (see [`Health::on_wal_pressure`]).
+    wal_pressure: Arc<Mutex<Option<Box<dyn FnOnce() + Send>>>>,
+}
+
+impl std::fmt::Debug for Health {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Health")
+            .field("state", &self.state)
+            .finish()
+    }
 }
 
 /// What `/readyz` reports.
@@ -80,6 +92,25 @@ impl Health {
                 checkpoint: None,
             })),
             metrics,
+            wal_pressure: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// Run `give_way` (once) when the WAL outgrows its bound.
+    pub fn on_wal_pressure(&self, give_way: Box<dyn FnOnce() + Send>) {
+        *self.wal_pressure.lock().unwrap_or_else(|p| p.into_inner()) = Some(give_way);
+    }
+
+    /// The WAL outgrew its bound (the writer's WAL hook says so): whatever
+    /// registered with [`Health::on_wal_pressure`] gives way.
+    pub fn wal_pressure(&self) {
+        let give_way = self
+            .wal_pressure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(f) = give_way {
+            f();
         }
     }
 

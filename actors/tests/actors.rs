@@ -708,16 +708,27 @@ fn history_of(turns: &[(i64, String)]) -> String {
         .join("\n")
 }
 
+/// A store in a real file (fsync) and a registry on it.
+fn file_registry() -> (
+    tempfile::TempDir,
+    Metrics,
+    Addr<PersistenceActor>,
+    Addr<SessionRegistry>,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = Metrics::new();
+    let store = start_store(Some(dir.path().join("keel.db")), &metrics);
+    let registry = lru_registry(&store, &metrics, None, 100);
+    (dir, metrics, store, registry)
+}
+
 /// A chat's backlog (messages that queue while its session commits)
 /// commits as a few jobs, not one per message, and each message is decided
 /// after the one before it: a /recall right after its /remember finds the
 /// value, /history lists the seqs the turns were stored under.
 #[actix_rt::test]
 async fn a_chats_backlog_commits_in_a_few_jobs_each_decided_after_the_one_before() {
-    let dir = tempfile::tempdir().unwrap();
-    let metrics = Metrics::new();
-    let store = start_store(Some(dir.path().join("keel.db")), &metrics);
-    let registry = lru_registry(&store, &metrics, None, 100);
+    let (_dir, metrics, store, registry) = file_registry();
     let say =
         |key: String, text: String| Deliver::text("webhook", "q".into(), "u".into(), key, text);
     let mut texts = Vec::new();
@@ -765,10 +776,7 @@ async fn a_chats_backlog_commits_in_a_few_jobs_each_decided_after_the_one_before
 /// after a reload, stored in order without gaps, and /history sees them.
 #[actix_rt::test]
 async fn turns_written_behind_a_session_are_seen_before_its_next_decision() {
-    let dir = tempfile::tempdir().unwrap();
-    let metrics = Metrics::new();
-    let store = start_store(Some(dir.path().join("keel.db")), &metrics);
-    let registry = lru_registry(&store, &metrics, None, 100);
+    let (_dir, _, store, registry) = file_registry();
     let say = |key: &str, text: &str| {
         Deliver::text("webhook", "s".into(), "u".into(), key.into(), text.into())
     };
@@ -815,5 +823,76 @@ async fn turns_written_behind_a_session_are_seen_before_its_next_decision() {
             "{:?}",
             turns[n - 1]
         );
+    }
+}
+
+/// A reader that keeps the WAL from being restarted (the background
+/// quick_check of a large store) is told to give way once the WAL outgrows
+/// its bound, and once it has, the WAL restarts and its file shrinks back
+/// to `journal_size_limit`: under a kill loop the check never finished and
+/// the WAL grew to 7.6 GB in 25 minutes, every start reading all of it.
+#[actix_rt::test]
+async fn a_reader_holding_the_wal_back_gives_way_and_the_wal_shrinks() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keel.db");
+    let metrics = Metrics::new();
+    let health = Health::new(metrics.clone());
+    let opts = options(Some(path.clone()));
+    let (conn, _) = persistence::open_store(&opts).unwrap();
+    let store =
+        PersistenceActor::new(conn, opts, health.clone(), metrics, Arc::new(WallClock)).start();
+    // The long reader: a read transaction left open on its own connection.
+    let reader = Arc::new(Mutex::new(Some(rusqlite::Connection::open(&path).unwrap())));
+    {
+        let g = reader.lock().unwrap();
+        let r = g.as_ref().unwrap();
+        r.execute_batch("BEGIN").unwrap();
+        let _: i64 = r
+            .query_row("SELECT COUNT(*) FROM sessions", [], |x| x.get(0))
+            .unwrap();
+    }
+    let (tx, mut told) = mpsc::unbounded_channel();
+    let held = reader.clone();
+    health.on_wal_pressure(Box::new(move || {
+        // What the check does: end its read transaction.
+        held.lock().unwrap().take();
+        let _ = tx.send(());
+    }));
+    let wal = dir.path().join("keel.db-wal");
+    let big = "x".repeat(60_000);
+    let mut n = 0;
+    // ~140 MB of turns: past the 32,000-page bound only if nothing restarts
+    // the WAL meanwhile.
+    while told.try_recv().is_err() {
+        assert!(n < 400, "no wal pressure after {n} rounds");
+        let sends: Vec<_> = (0..20)
+            .map(|i| {
+                let mut e = exchange(&format!("w{}", i % 4), &format!("{n}-{i}"));
+                e.text = big.clone();
+                store.send(CommitExchange(e))
+            })
+            .collect();
+        for r in join_all(sends).await {
+            assert!(r.unwrap().unwrap().accepted());
+        }
+        n += 1;
+    }
+    let grown = std::fs::metadata(&wal).unwrap().len();
+    assert!(grown > 120 << 20, "the WAL was held back: {grown} bytes");
+    // Without the reader, the next commits restart the WAL and the file
+    // is cut back to journal_size_limit (64 MiB).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let size = std::fs::metadata(&wal).unwrap().len();
+        if size <= 64 << 20 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the WAL stayed at {size} bytes"
+        );
+        let r = store.send(CommitExchange(exchange("w9", &format!("after-{size}-{n}"))));
+        assert!(r.await.unwrap().unwrap().accepted());
+        n += 1;
     }
 }

@@ -96,8 +96,12 @@ pub fn open_connection(opts: &StoreOptions) -> Result<Connection, StoreError> {
         Synchronous::Full => "FULL",
         Synchronous::Normal => "NORMAL",
     };
+    // journal_size_limit: a WAL that grew past 64 MiB (a long reader held
+    // its restart) shrinks back to it at the next restart instead of
+    // staying that size on disk.
     conn.execute_batch(&format!(
-        "PRAGMA synchronous = {sync}; PRAGMA foreign_keys = ON; PRAGMA wal_autocheckpoint = 4000;"
+        "PRAGMA synchronous = {sync}; PRAGMA foreign_keys = ON; PRAGMA wal_autocheckpoint = 4000;
+         PRAGMA journal_size_limit = 67108864;"
     ))
     .map_err(|e| classify_open_error(path, e))?;
     Ok(conn)
@@ -216,6 +220,8 @@ pub fn check_in_background(db: PathBuf, key: Option<KeyHandle>, health: Health) 
     let check = BackgroundCheck::default();
     let shared = check.clone();
     health.integrity_check(Some("running"));
+    let yielded = check.clone();
+    health.on_wal_pressure(Box::new(move || yielded.give_way()));
     let on_spawn_error = health.clone();
     let spawned = std::thread::Builder::new()
         .name("keel-quick-check".into())
@@ -232,6 +238,10 @@ pub fn check_in_background(db: PathBuf, key: Option<KeyHandle>, health: Health) 
                 }
             });
             match result {
+                Ok(None) if shared.gave_way() => {
+                    health.integrity_check(Some("postponed"));
+                    tracing::warn!(path = %db.display(), "background quick_check postponed: its read transaction kept the WAL from being restarted and the WAL outgrew its bound; it runs again at the next start")
+                }
                 Ok(None) => {
                     health.integrity_check(Some("interrupted"));
                     tracing::info!(path = %db.display(), "background quick_check interrupted by shutdown; it runs again at the next start")
@@ -272,6 +282,8 @@ pub struct BackgroundCheck {
 #[derive(Default)]
 struct CheckState {
     stopped: bool,
+    /// Stopped because the WAL outgrew its bound (not by shutdown).
+    gave_way: bool,
     handle: Option<rusqlite::InterruptHandle>,
 }
 
@@ -298,6 +310,16 @@ impl BackgroundCheck {
 
     fn disarm(&self) {
         self.lock().handle = None;
+    }
+
+    /// Stop the check because the WAL outgrew its bound while it read.
+    fn give_way(&self) {
+        self.lock().gave_way = true;
+        self.interrupt();
+    }
+
+    fn gave_way(&self) -> bool {
+        self.lock().gave_way
     }
 
     /// Stop the check now (or before it starts); returns at once.

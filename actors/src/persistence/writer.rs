@@ -105,6 +105,11 @@ pub(super) fn install_wal_hook(
     conn.wal_hook(Some(
         move |wal: &mut rusqlite::hooks::Wal, pages: std::ffi::c_int| {
             if pages >= CHECKPOINT_FORCE_PAGES {
+                // A long reader (the background quick_check of a large store)
+                // keeps the WAL from being restarted however often it is
+                // checkpointed: it gives way. Under a kill loop it never
+                // finishes anyway, and the WAL grew by gigabytes (issue 12).
+                log.health.wal_pressure();
                 // Never fail the hook: its error would be reported as a failed
                 // COMMIT although the transaction is already durable. BUSY here
                 // means the background checkpoint is running; the next commit
