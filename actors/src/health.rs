@@ -60,8 +60,11 @@ pub struct Health {
     /// What gives way when the WAL outgrows its bound: the background
     /// `quick_check`, whose read transaction would keep the WAL from ever
     /// being restarted (see [`Health::on_wal_pressure`]).
-    wal_pressure: Arc<Mutex<Option<Box<dyn FnOnce() + Send>>>>,
+    wal_pressure: Arc<Mutex<Option<GiveWay>>>,
 }
+
+/// What runs once when the WAL outgrows its bound.
+pub type GiveWay = Box<dyn FnOnce() + Send>;
 
 impl std::fmt::Debug for Health {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -97,7 +100,7 @@ impl Health {
     }
 
     /// Run `give_way` (once) when the WAL outgrows its bound.
-    pub fn on_wal_pressure(&self, give_way: Box<dyn FnOnce() + Send>) {
+    pub fn on_wal_pressure(&self, give_way: GiveWay) {
         *self.wal_pressure.lock().unwrap_or_else(|p| p.into_inner()) = Some(give_way);
     }
 
