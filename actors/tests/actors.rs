@@ -853,17 +853,22 @@ async fn a_reader_holding_the_wal_back_gives_way_and_the_wal_shrinks() {
     }
     let (tx, mut told) = mpsc::unbounded_channel();
     let held = reader.clone();
-    health.on_wal_pressure(Box::new(move || {
-        // What the check does: end its read transaction.
-        held.lock().unwrap().take();
-        let _ = tx.send(());
-    }));
     let wal = dir.path().join("keel.db-wal");
+    let at_pressure = wal.clone();
+    health.on_wal_pressure(Box::new(move || {
+        // What the check does: end its read transaction. The WAL's size
+        // then, before the commits after it restart the WAL.
+        held.lock().unwrap().take();
+        let _ = tx.send(std::fs::metadata(&at_pressure).unwrap().len());
+    }));
     let big = "x".repeat(60_000);
     let mut n = 0;
     // ~140 MB of turns: past the 32,000-page bound only if nothing restarts
     // the WAL meanwhile.
-    while told.try_recv().is_err() {
+    let grown = loop {
+        if let Ok(size) = told.try_recv() {
+            break size;
+        }
         assert!(n < 400, "no wal pressure after {n} rounds");
         let sends: Vec<_> = (0..20)
             .map(|i| {
@@ -876,8 +881,7 @@ async fn a_reader_holding_the_wal_back_gives_way_and_the_wal_shrinks() {
             assert!(r.unwrap().unwrap().accepted());
         }
         n += 1;
-    }
-    let grown = std::fs::metadata(&wal).unwrap().len();
+    };
     assert!(grown > 120 << 20, "the WAL was held back: {grown} bytes");
     // Without the reader, the next commits restart the WAL and the file
     // is cut back to journal_size_limit (64 MiB).
