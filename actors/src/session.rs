@@ -759,11 +759,12 @@ impl SessionActor {
             if !first {
                 planned.exchange.expect_seq = self.cache.as_ref().and_then(|c| c.next_seq);
             }
-            let solo = !self.batchable(&q.msg)
-                || matches!(planned.decision, Some(Decision::Act(_)))
-                || planned.exchange.expect_seq.is_none() && !first;
+            // A command with an effect: the store renders its reply, so
+            // nothing can be decided after it before it commits.
+            let ends_batch =
+                !self.batchable(&q.msg) || matches!(planned.decision, Some(Decision::Act(_)));
             items.push((q, planned));
-            let more = !solo
+            let more = !ends_batch
                 && items.len() < MAX_BATCH
                 && self.cache.as_ref().is_some_and(|c| c.next_seq.is_some())
                 && self.inbox.front().is_some_and(|n| self.batchable(&n.msg));
@@ -792,16 +793,13 @@ impl SessionActor {
                 Box::pin(async move { req.await.unwrap_or(Err(StoreError::Closed)) })
             };
         Box::pin(commit.into_actor(self).map(move |res, this, ctx| {
+            let res = res.and_then(|o| {
+                (o.len() == items.len())
+                    .then_some(o)
+                    .ok_or_else(|| StoreError::Invalid("a batch came back short".into()))
+            });
             let outcomes = match res {
-                Ok(o) if o.len() == items.len() => o,
-                Ok(_) => {
-                    this.cache = None;
-                    let e = StoreError::Invalid("a batch came back short".into());
-                    for (q, _) in items {
-                        let _ = q.done.send(Err(e.clone()));
-                    }
-                    return;
-                }
+                Ok(o) => o,
                 Err(e) => {
                     this.cache = None;
                     for (q, _) in items {
