@@ -8,7 +8,8 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use keel_actors::app::lifecycle::PENDING_KEY;
 use keel_actors::config::Config;
-use keel_actors::persistence::{self, meta, migrate, sessions, StoreOptions};
+use keel_actors::error::StoreError;
+use keel_actors::persistence::{self, meta, migrate, portable, StoreOptions};
 use serde_json::json;
 
 use crate::cli::{Cli, Command, DataDirArg, SessionsCmd};
@@ -89,6 +90,78 @@ pub(crate) fn open_ro(config: &Config) -> Result<persistence::Connection> {
     Ok(persistence::open_read_only(&path, key.as_ref())?)
 }
 
+/// The store a command works on, either backend: `keel.db` (read-only
+/// unless opened with [`Store::open_rw`]), or the shared store (`[storage]
+/// backend = "postgres"`), where each call is one transaction.
+pub(crate) enum Store {
+    Local(persistence::Connection),
+    Shared(persistence::pg::Client),
+}
+
+impl Store {
+    /// Read-only (safe while keel runs).
+    pub(crate) fn open_ro(config: &Config) -> Result<Store> {
+        if crate::vault::is_shared(config) {
+            return Ok(Store::Shared(shared_client(config)?));
+        }
+        Ok(Store::Local(open_ro(config)?))
+    }
+
+    /// For writing: `keel.db` with keel stopped (the caller holds the
+    /// data-dir lock), or the shared store (other instances may run).
+    pub(crate) fn open_rw(config: &Config, create: crate::vault::Create) -> Result<Store> {
+        if crate::vault::is_shared(config) {
+            let url = config.storage.shared_url().map_err(anyhow::Error::msg)?;
+            let mut client = persistence::pg::connect(&url)?;
+            persistence::pg::pg_migrate(&mut client, &url)?;
+            return Ok(Store::Shared(client));
+        }
+        let key = crate::vault::store_key(config, create)?;
+        let (conn, _) = persistence::open_store(&StoreOptions::from_config(config, key.as_ref()))
+            .with_context(|| format!("opening {}", config.data_dir.display()))?;
+        Ok(Store::Local(conn))
+    }
+
+    pub(crate) fn is_shared(&self) -> bool {
+        matches!(self, Store::Shared(_))
+    }
+
+    /// `f` in one read-only snapshot.
+    pub(crate) fn read<T>(
+        &mut self,
+        f: impl FnOnce(&mut dyn persistence::sql::Sql) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        match self {
+            Store::Local(conn) => f(&mut persistence::sql::SqliteSql(conn)),
+            Store::Shared(client) => persistence::pg::read_only(client, f),
+        }
+    }
+
+    /// `f` in one transaction, committed when it returns `Ok`.
+    pub(crate) fn write<T>(
+        &mut self,
+        f: impl FnOnce(&mut dyn persistence::sql::Sql) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        match self {
+            Store::Local(conn) => {
+                let tx = conn.unchecked_transaction()?;
+                let out = f(&mut persistence::sql::SqliteSql(&tx))?;
+                tx.commit()?;
+                Ok(out)
+            }
+            Store::Shared(client) => persistence::pg::read_write(client, f),
+        }
+    }
+}
+
+/// A connection to the shared store, whose schema this keel understands.
+fn shared_client(config: &Config) -> Result<persistence::pg::Client> {
+    let url = config.storage.shared_url().map_err(anyhow::Error::msg)?;
+    let mut client = persistence::pg::connect(&url)?;
+    persistence::pg::pg_check_not_newer(&mut client, &url)?;
+    Ok(client)
+}
+
 /// What `keel status` shows of a store, read the same way on both backends.
 struct StoreView {
     stats: meta::StoreStats,
@@ -145,10 +218,10 @@ fn store_view(
 /// The shared store of `config` (`backend = "postgres"`), read in one
 /// read-only snapshot.
 fn shared_view(config: &Config) -> Result<StoreView> {
-    let url = config.storage.shared_url().map_err(anyhow::Error::msg)?;
-    let mut client = persistence::pg::connect(&url)?;
-    persistence::pg::pg_check_not_newer(&mut client, &url)?;
-    Ok(persistence::pg::read_only(&mut client, store_view)?)
+    Ok(persistence::pg::read_only(
+        &mut shared_client(config)?,
+        store_view,
+    )?)
 }
 
 fn status(dir: &DataDirArg, as_json: bool) -> Result<ExitCode> {
@@ -350,8 +423,8 @@ fn adapter_statuses(
 fn sessions(cmd: SessionsCmd) -> Result<ExitCode> {
     match cmd {
         SessionsCmd::List { dir, json: as_json } => {
-            let conn = open_ro(&config_for(&dir)?)?;
-            let list = sessions::list_sessions(&conn)?;
+            let mut store = Store::open_ro(&config_for(&dir)?)?;
+            let list = store.read(portable::sessions::list_sessions)?;
             if as_json {
                 println!("{}", json!({ "sessions": list }));
             } else if list.is_empty() {
@@ -373,12 +446,18 @@ fn sessions(cmd: SessionsCmd) -> Result<ExitCode> {
             dir,
             json: as_json,
         } => {
-            let conn = open_ro(&config_for(&dir)?)?;
-            let Some(turns) = sessions::session_turns(&conn, &id, 0, i64::MAX)? else {
+            let mut store = Store::open_ro(&config_for(&dir)?)?;
+            let found = store.read(|db| {
+                let Some(turns) = portable::sessions::session_turns(db, &id, 0, i64::MAX)? else {
+                    return Ok(None);
+                };
+                Ok(Some((turns, portable::sessions::session_memory(db, &id)?)))
+            })?;
+            let Some((turns, memory)) = found else {
                 eprintln!("keel: error: no session {:?}", id);
                 return Ok(ExitCode::from(2));
             };
-            let memory = sessions::session_memory(&conn, &id)?.unwrap_or_else(|| "{}".into());
+            let memory = memory.unwrap_or_else(|| "{}".into());
             if as_json {
                 let memory: serde_json::Value = serde_json::from_str(&memory).unwrap_or(json!({}));
                 println!(
@@ -406,10 +485,10 @@ fn sessions(cmd: SessionsCmd) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         SessionsCmd::Export { out, dir } => {
-            let conn = open_ro(&config_for(&dir)?)?;
+            let mut store = Store::open_ro(&config_for(&dir)?)?;
             let mut shown = ProgressLine::new("exporting sessions", Unit::Rows, LARGE_EXPORT);
-            let files = keel_actors::export::export_sessions_noted(&conn, &out, &mut |d, t| {
-                shown.show(d, t)
+            let files = store.read(|db| {
+                keel_actors::export::export_sessions_noted(db, &out, &mut |d, t| shown.show(d, t))
             })?;
             drop(shown);
             println!("exported {} sessions to {}", files.len(), out.display());
@@ -420,6 +499,25 @@ fn sessions(cmd: SessionsCmd) -> Result<ExitCode> {
 
 fn migrate_cmd(dir: &DataDirArg) -> Result<ExitCode> {
     let config = config_for(dir)?;
+    if crate::vault::is_shared(&config) {
+        // The shared store: several instances may migrate at once (each
+        // step runs once, under an advisory lock); no data-dir lock.
+        let url = config.storage.shared_url().map_err(anyhow::Error::msg)?;
+        let mut client = persistence::pg::connect(&url)?;
+        let (from, to) = persistence::pg::pg_migrate(&mut client, &url)?;
+        if from != to {
+            persistence::pg::read_write(&mut client, |db| {
+                persistence::audit::append_sql(
+                    db,
+                    &keel_actors::clock::Clock::stamp(&keel_actors::clock::WallClock).text,
+                    "migrated",
+                    &json!({"from": from, "to": to, "backend": "postgres"}),
+                )
+            })?;
+        }
+        println!("schema version {to} (was {from}) in the shared store");
+        return Ok(ExitCode::SUCCESS);
+    }
     let _lock = crate::run::lock_data_dir(&config.data_dir)?;
     // SAFETY: umask only changes this process's file-creation mask.
     unsafe { libc::umask(0o077) };
@@ -467,9 +565,9 @@ fn migrate_cmd(dir: &DataDirArg) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The store of `dir`, read-only (safe while keel runs).
-pub(crate) fn open_store_ro(dir: &DataDirArg) -> Result<persistence::Connection> {
-    open_ro(&config_for(dir)?)
+/// The store of `dir`, read-only (safe while keel runs), either backend.
+pub(crate) fn open_store_ro(dir: &DataDirArg) -> Result<Store> {
+    Store::open_ro(&config_for(dir)?)
 }
 
 /// A store older than the schema that brought `what` has no table for it:

@@ -272,12 +272,20 @@ pub fn verify(dir: &DataDirArg, as_json: bool) -> Result<ExitCode> {
 /// The comparison without a running keel: the store read-only, the engine
 /// of the config, this instance's containers only.
 fn offline(config: &keel_actors::config::Config) -> Result<Value> {
-    let conn = crate::commands::open_ro(config)?;
-    let links = services::load(&conn).map_err(crate::commands::no_table("service_events"))?;
+    let mut store = crate::commands::Store::open_ro(config)?;
+    let links = store
+        .read(services::load_sql)
+        .map_err(crate::commands::no_table("service_events"))?;
     let replay = keel_actors::containers::replay(&links);
     let instance = match &config.containers.instance {
         Some(i) => i.clone(),
-        None => services::stored_instance(&conn)?.unwrap_or_default(),
+        // On a shared store the id is this instance's, kept in its data dir.
+        None if store.is_shared() => std::fs::read_to_string(config.data_dir.join("instance.id"))
+            .map(|t| t.trim().to_string())
+            .unwrap_or_default(),
+        None => store
+            .read(services::stored_instance_sql)?
+            .unwrap_or_default(),
     };
     let engine = DockerEngine::new(
         config.containers.host(),

@@ -11,11 +11,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use keel_actors::persistence::tasks::{self, TaskDetail, TaskState};
-use keel_actors::persistence::Connection;
+use keel_actors::persistence::portable::tasks as portable;
+use keel_actors::persistence::tasks::{TaskDetail, TaskState};
 use serde_json::{json, Value};
 
 use crate::cli::{DataDirArg, TasksCmd};
+use crate::commands::Store;
 
 /// Bytes of output read from the store per query.
 const LOG_PAGE: usize = 4 * 1024 * 1024;
@@ -41,8 +42,9 @@ pub fn tasks_cmd(cmd: TasksCmd) -> Result<ExitCode> {
                     }
                 },
             };
-            let conn = crate::commands::open_store_ro(&dir)?;
-            let rows = tasks::list_details(&conn, state, i64::MAX)
+            let mut store = crate::commands::open_store_ro(&dir)?;
+            let rows = store
+                .read(|db| portable::list_details(db, state, i64::MAX))
                 .map_err(crate::commands::no_table("tasks"))?;
             crate::commands::print_rows(&rows, as_json, "tasks", "no tasks", line);
             Ok(ExitCode::SUCCESS)
@@ -52,9 +54,10 @@ pub fn tasks_cmd(cmd: TasksCmd) -> Result<ExitCode> {
             dir,
             json: as_json,
         } => {
-            let conn = crate::commands::open_store_ro(&dir)?;
-            let Some(t) =
-                tasks::task_detail(&conn, id).map_err(crate::commands::no_table("tasks"))?
+            let mut store = crate::commands::open_store_ro(&dir)?;
+            let Some(t) = store
+                .read(|db| portable::task_detail(db, id))
+                .map_err(crate::commands::no_table("tasks"))?
             else {
                 eprintln!("keel: error: no task {id}");
                 return Ok(ExitCode::from(2));
@@ -109,15 +112,16 @@ pub fn tasks_cmd(cmd: TasksCmd) -> Result<ExitCode> {
                     return Ok(ExitCode::from(2));
                 }
             }
-            let conn = crate::commands::open_store_ro(&dir)?;
-            if tasks::get_task(&conn, id)
+            let mut store = crate::commands::open_store_ro(&dir)?;
+            if store
+                .read(|db| portable::get_task(db, id))
                 .map_err(crate::commands::no_table("tasks"))?
                 .is_none()
             {
                 eprintln!("keel: error: no task {id}");
                 return Ok(ExitCode::from(2));
             }
-            logs(&conn, id, stream.as_deref(), follow)?;
+            logs(&mut store, id, stream.as_deref(), follow)?;
             Ok(ExitCode::SUCCESS)
         }
         TasksCmd::Run { name, args, dir } => {
@@ -163,17 +167,18 @@ pub fn tasks_cmd(cmd: TasksCmd) -> Result<ExitCode> {
 
 /// Print a task's output in order; with `follow`, until the task has ended
 /// and everything it wrote is printed.
-fn logs(conn: &Connection, id: i64, stream: Option<&str>, follow: bool) -> Result<()> {
+fn logs(store: &mut Store, id: i64, stream: Option<&str>, follow: bool) -> Result<()> {
     let mut out = std::io::stdout().lock();
     let mut after = 0i64;
     loop {
         // Read the state before the output: output stored before the end
         // is then always printed by the last round.
-        let ended = tasks::get_task(conn, id)?
+        let ended = store
+            .read(|db| portable::get_task(db, id))?
             .and_then(|t| TaskState::parse(&t.state))
             .is_none_or(TaskState::is_final);
         loop {
-            let page = tasks::log_fragments(conn, id, stream, after, LOG_PAGE)?;
+            let page = store.read(|db| portable::log_fragments(db, id, stream, after, LOG_PAGE))?;
             let Some(last) = page.last().map(|f| f.0) else {
                 break;
             };

@@ -6,10 +6,10 @@
 
 use std::process::ExitCode;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use keel_actors::clock::{Clock, WallClock};
-use keel_actors::persistence::timers::{self, TimerRow};
-use keel_actors::persistence::{self, StoreOptions};
+use keel_actors::persistence::portable::timers;
+use keel_actors::persistence::timers::{show_instant, TimerRow};
 use serde_json::json;
 
 use crate::cli::TimersCmd;
@@ -17,9 +17,10 @@ use crate::cli::TimersCmd;
 pub fn timers_cmd(cmd: TimersCmd) -> Result<ExitCode> {
     match cmd {
         TimersCmd::List { dir, json: as_json } => {
-            let conn = crate::commands::open_store_ro(&dir)?;
-            let rows =
-                timers::list_timers(&conn, 10_000).map_err(crate::commands::no_table("timers"))?;
+            let mut store = crate::commands::open_store_ro(&dir)?;
+            let rows = store
+                .read(|db| timers::list_timers(db, 10_000))
+                .map_err(crate::commands::no_table("timers"))?;
             crate::commands::print_rows(&rows, as_json, "timers", "no timers", line);
             Ok(ExitCode::SUCCESS)
         }
@@ -28,9 +29,10 @@ pub fn timers_cmd(cmd: TimersCmd) -> Result<ExitCode> {
             dir,
             json: as_json,
         } => {
-            let conn = crate::commands::open_store_ro(&dir)?;
-            let Some(t) =
-                timers::get_timer(&conn, id).map_err(crate::commands::no_table("timers"))?
+            let mut store = crate::commands::open_store_ro(&dir)?;
+            let Some(t) = store
+                .read(|db| timers::get_timer(db, id))
+                .map_err(crate::commands::no_table("timers"))?
             else {
                 eprintln!("keel: error: no timer {id}");
                 return Ok(ExitCode::from(2));
@@ -54,17 +56,19 @@ pub fn timers_cmd(cmd: TimersCmd) -> Result<ExitCode> {
         TimersCmd::Preview(args) => crate::timers_preview::preview(&args),
         TimersCmd::Cancel { id, dir } => {
             let config = crate::config::load(&dir, None)?;
-            if let Some(pid) = crate::run::running_pid(&config.data_dir) {
-                bail!("keel is running (pid {pid}); cancel in the chat with /cancel {id}, or stop keel first");
-            }
-            let _lock = crate::run::lock_data_dir(&config.data_dir)?;
-            let key = crate::vault::store_key(&config, crate::vault::Create::Never)?;
-            let (mut conn, _) =
-                persistence::open_store(&StoreOptions::from_config(&config, key.as_ref()))
-                    .with_context(|| format!("opening {}", config.data_dir.display()))?;
-            let tx = conn.transaction()?;
-            let cancelled = timers::cancel_timer(&tx, &WallClock.stamp(), id)?;
-            tx.commit()?;
+            // A shared store takes writes from every instance: cancel there
+            // directly, instances running or not (a running one drops the
+            // timer at its next window read).
+            let _lock = if crate::vault::is_shared(&config) {
+                None
+            } else {
+                if let Some(pid) = crate::run::running_pid(&config.data_dir) {
+                    bail!("keel is running (pid {pid}); cancel in the chat with /cancel {id}, or stop keel first");
+                }
+                Some(crate::run::lock_data_dir(&config.data_dir)?)
+            };
+            let cancelled = crate::commands::Store::open_rw(&config, crate::vault::Create::Never)?
+                .write(|db| timers::cancel_timer(db, &WallClock.stamp(), id))?;
             if cancelled {
                 println!("timer {id} cancelled");
                 Ok(ExitCode::SUCCESS)
@@ -80,7 +84,7 @@ fn line(t: &TimerRow) -> String {
     let tz = keel_actors::schedule::parse_tz(&t.timezone).unwrap_or_default();
     let next = t
         .next_run
-        .map(|n| timers::show_instant(n, tz))
+        .map(|n| show_instant(n, tz))
         .unwrap_or_else(|| "-".into());
     format!(
         "#{}\t{}\t{}\t{} {}\tnext {}\t{}",

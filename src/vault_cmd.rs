@@ -28,6 +28,7 @@ use serde_json::{json, Value};
 use zeroize::Zeroizing;
 
 use crate::cli::{DataDirArg, SecretsCmd, TokensCmd};
+use crate::commands::Store;
 use crate::progress::{ProgressLine, Unit, LARGE_BYTES};
 use crate::vault::{is_shared, master_key, shared_vault, store_key, Create};
 
@@ -89,6 +90,15 @@ fn open_main(config: &Config) -> Result<persistence::Connection> {
     let (conn, _) = persistence::open_store(&StoreOptions::from_config(config, key.as_ref()))
         .with_context(|| format!("opening {}", config.data_dir.display()))?;
     Ok(conn)
+}
+
+/// The data-dir lock a write to `keel.db` with keel stopped needs; none
+/// on a shared store, which takes every instance's writes.
+fn lock_unless_shared(config: &Config) -> Result<Option<std::fs::File>> {
+    if is_shared(config) {
+        return Ok(None);
+    }
+    crate::run::lock_data_dir(&config.data_dir).map(Some)
 }
 
 fn append_audit(conn: &persistence::Connection, kind: &str, detail: Value) -> Result<()> {
@@ -261,12 +271,10 @@ pub fn tokens(cmd: TokensCmd) -> Result<ExitCode> {
                     Zeroizing::new(v["token"].as_str().unwrap_or_default().to_string()),
                 ),
                 None => {
-                    let _lock = crate::run::lock_data_dir(&config.data_dir)?;
-                    let conn = open_main(&config)?;
+                    let _lock = lock_unless_shared(&config)?;
                     let t = new_token(&perms, scope.clone(), expires_ms, note.clone());
-                    let tx = conn.unchecked_transaction()?;
-                    store::insert_token(&tx, &WallClock.stamp(), &t.row)?;
-                    tx.commit()?;
+                    Store::open_rw(&config, Create::IfFresh)?
+                        .write(|db| store::insert_token_sql(db, &WallClock.stamp(), &t.row))?;
                     (t.row.id, t.token)
                 }
             };
@@ -286,8 +294,9 @@ pub fn tokens(cmd: TokensCmd) -> Result<ExitCode> {
         }
         TokensCmd::List { dir, json: as_json } => {
             let config = load(&dir)?;
-            let conn = crate::commands::open_ro(&config)?;
-            let rows = store::list_tokens(&conn).map_err(crate::commands::no_table("tokens"))?;
+            let rows = Store::open_ro(&config)?
+                .read(store::list_tokens_sql)
+                .map_err(crate::commands::no_table("tokens"))?;
             let now = WallClock.now_ms();
             if as_json {
                 let list: Vec<Value> = rows
@@ -326,12 +335,9 @@ pub fn tokens(cmd: TokensCmd) -> Result<ExitCode> {
             let revoked = match ask_running(&config, &req)? {
                 Some(v) => v["revoked"].as_bool().unwrap_or(false),
                 None => {
-                    let _lock = crate::run::lock_data_dir(&config.data_dir)?;
-                    let conn = open_main(&config)?;
-                    let tx = conn.unchecked_transaction()?;
-                    let r = store::revoke_token(&tx, &WallClock.stamp(), &id)?;
-                    tx.commit()?;
-                    r
+                    let _lock = lock_unless_shared(&config)?;
+                    Store::open_rw(&config, Create::IfFresh)?
+                        .write(|db| store::revoke_token_sql(db, &WallClock.stamp(), &id))?
                 }
             };
             if revoked {
@@ -362,9 +368,12 @@ pub fn audit(
     verify: bool,
 ) -> Result<ExitCode> {
     let config = load(dir)?;
-    let conn = crate::commands::open_ro(&config)?;
+    let mut db = Store::open_ro(&config)?;
     if verify {
-        return match audit::verify(&conn).map_err(crate::commands::no_table("audit log"))? {
+        return match db
+            .read(audit::verify_sql)
+            .map_err(crate::commands::no_table("audit log"))?
+        {
             Ok(n) => {
                 if as_json {
                     println!("{}", json!({"ok": true, "records": n}));
@@ -391,8 +400,9 @@ pub fn audit(
         ),
         None => None,
     };
-    let rows =
-        audit::list(&conn, since.as_deref()).map_err(crate::commands::no_table("audit log"))?;
+    let rows = db
+        .read(|db| audit::list_sql(db, since.as_deref()))
+        .map_err(crate::commands::no_table("audit log"))?;
     crate::commands::print_rows(&rows, as_json, "records", "no audit records", |r| {
         format!("#{} {} {} {}", r.seq, r.at, r.kind, r.detail)
     });

@@ -4,33 +4,30 @@
 
 use std::path::{Path, PathBuf};
 
-use rusqlite::Connection;
 use serde_json::{json, Value};
 
 use crate::error::StoreError;
 use crate::ids::session_file_name;
-use crate::persistence::{sessions, write_atomic};
+use crate::persistence::portable::sessions;
+use crate::persistence::sql::Sql;
+use crate::persistence::write_atomic;
 
-/// Export every session in `conn` into `dir`. Returns the files written.
-pub fn export_sessions(conn: &Connection, dir: &Path) -> Result<Vec<PathBuf>, StoreError> {
-    export_sessions_noted(conn, dir, &mut |_, _| {})
-}
-
-/// [`export_sessions`], telling `progress(done, total)` (sessions) after
-/// each file written.
+/// Export every session in `db` (either backend) into `dir`, telling
+/// `progress(done, total)` (sessions) after each file written. Returns the
+/// files written.
 pub fn export_sessions_noted(
-    conn: &Connection,
+    db: &mut dyn Sql,
     dir: &Path,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Vec<PathBuf>, StoreError> {
     std::fs::create_dir_all(dir)
         .map_err(|e| StoreError::Invalid(format!("cannot create {}: {e}", dir.display())))?;
     let mut written = Vec::new();
-    let list = sessions::list_sessions(conn)?;
+    let list = sessions::list_sessions(db)?;
     let total = list.len() as u64;
     for s in list {
-        let turns = sessions::session_turns(conn, &s.id, 0, i64::MAX)?.unwrap_or_default();
-        let memory: Value = sessions::session_memory(conn, &s.id)?
+        let turns = sessions::session_turns(db, &s.id, 0, i64::MAX)?.unwrap_or_default();
+        let memory: Value = sessions::session_memory(db, &s.id)?
             .and_then(|m| serde_json::from_str(&m).ok())
             .unwrap_or_else(|| json!({}));
         let doc = json!({

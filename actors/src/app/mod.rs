@@ -35,6 +35,10 @@ use crate::tasks::{Recover, TaskActor, TaskRecovery, TaskSettings};
 use crate::timer::{RecoverTimers, TimerActor, TimerSettings, TimerStats};
 use lifecycle::{ExitReport, Lifecycle, LogLevelHook};
 
+/// How often an instance on a shared store rereads the token table (grants
+/// and revocations made on other instances).
+const TOKEN_RESYNC: Duration = Duration::from_secs(1);
+
 /// Why keel could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -867,6 +871,7 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
                     clock: clock.clone(),
                     db_path: config.db_path(),
                     db_key: store_file.as_ref().and_then(|(_, key)| key.clone()),
+                    shared,
                 }),
                 reaper.clone(),
             )
@@ -1091,6 +1096,24 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Running, StartErr
             loop {
                 every.tick().await;
                 lifecycle::flush_auth_failures(&tokens, &persistence).await;
+            }
+        });
+    }
+    if shared {
+        // Other instances grant and revoke tokens in the shared store: read
+        // the table again every second, so a token granted or revoked
+        // anywhere is accepted or refused here within about a second.
+        let (tokens, persistence) = (tokens.clone(), persistence.clone());
+        actix_rt::spawn(async move {
+            let mut every = tokio::time::interval(TOKEN_RESYNC);
+            every.tick().await;
+            loop {
+                every.tick().await;
+                match persistence.send(crate::persistence::vault::GetTokens).await {
+                    Ok(Ok(rows)) => tokens.merge(rows),
+                    Ok(Err(StoreError::Closed)) | Err(_) => break,
+                    Ok(Err(e)) => tracing::warn!(error = %e, "token table not reread"),
+                }
             }
         });
     }

@@ -29,6 +29,9 @@ use crate::metrics::Metrics;
 /// told (each run is in a fresh transaction).
 const MAX_CONTENDED_RUNS: usize = 8;
 
+/// The client type of a shared-store connection (for the binary's commands).
+pub use postgres::Client;
+
 /// How the shared store is reached.
 #[derive(Clone)]
 pub struct PgOptions {
@@ -95,6 +98,22 @@ pub fn read_only<T>(
         .isolation_level(postgres::IsolationLevel::RepeatableRead)
         .start()
         .map_err(StoreError::from_pg)?;
+    let mut cache = std::collections::HashMap::new();
+    let out = f(&mut super::sql::PgSql {
+        tx: &mut tx,
+        cache: &mut cache,
+    })?;
+    tx.commit().map_err(StoreError::from_pg)?;
+    Ok(out)
+}
+
+/// Run `f` in one read-write transaction of `client` and commit (a
+/// command's write to the shared store).
+pub fn read_write<T>(
+    client: &mut postgres::Client,
+    f: impl FnOnce(&mut dyn super::sql::Sql) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    let mut tx = client.transaction().map_err(StoreError::from_pg)?;
     let mut cache = std::collections::HashMap::new();
     let out = f(&mut super::sql::PgSql {
         tx: &mut tx,

@@ -105,9 +105,8 @@ pub fn instance_sql(db: &mut dyn Sql, proposed: &str) -> Result<String, StoreErr
 }
 
 /// The stored instance id, if any (read-only callers).
-pub fn stored_instance(conn: &Connection) -> Result<Option<String>, StoreError> {
-    SqliteSql(conn)
-        .row("SELECT value FROM meta WHERE key = $1", vals![INSTANCE_KEY])?
+pub fn stored_instance_sql(db: &mut dyn Sql) -> Result<Option<String>, StoreError> {
+    db.row("SELECT value FROM meta WHERE key = $1", vals![INSTANCE_KEY])?
         .map(|r| r.text(0))
         .transpose()
 }
@@ -188,6 +187,9 @@ mod tests {
         assert!(c.execute("DELETE FROM service_events", []).is_err());
         assert_eq!(instance(&c, "abc").unwrap(), "abc");
         assert_eq!(instance(&c, "zzz").unwrap(), "abc");
-        assert_eq!(stored_instance(&c).unwrap().as_deref(), Some("abc"));
+        assert_eq!(
+            stored_instance_sql(&mut SqliteSql(&c)).unwrap().as_deref(),
+            Some("abc")
+        );
     }
 }

@@ -14,7 +14,7 @@ use serde_json::json;
 use zeroize::Zeroizing;
 
 use super::open::{apply_key, classify_key_error, connect_read_only};
-use super::sql::{Sql, SqliteSql};
+use super::sql::Sql;
 use super::{audit, PersistenceActor};
 use crate::clock::Stamp;
 use crate::error::StoreError;
@@ -39,12 +39,7 @@ pub struct TokenRow {
     pub revoked_at: Option<String>,
 }
 
-/// Insert a new token and its `token_granted` record.
-pub fn insert_token(conn: &Connection, at: &Stamp, row: &TokenRow) -> Result<(), StoreError> {
-    insert_token_sql(&mut SqliteSql(conn), at, row)
-}
-
-/// [`insert_token`] on either backend.
+/// Insert a new token and its `token_granted` record (either backend).
 pub fn insert_token_sql(db: &mut dyn Sql, at: &Stamp, row: &TokenRow) -> Result<(), StoreError> {
     db.exec(
         "INSERT INTO tokens (id, secret_sha256, perms, scope, note, created_at, expires_ms)
@@ -68,12 +63,7 @@ pub fn insert_token_sql(db: &mut dyn Sql, at: &Stamp, row: &TokenRow) -> Result<
     Ok(())
 }
 
-/// Every token, oldest first.
-pub fn list_tokens(conn: &Connection) -> Result<Vec<TokenRow>, StoreError> {
-    list_tokens_sql(&mut SqliteSql(conn))
-}
-
-/// [`list_tokens`] on either backend.
+/// Every token, oldest first (either backend).
 pub fn list_tokens_sql(db: &mut dyn Sql) -> Result<Vec<TokenRow>, StoreError> {
     db.rows(
         "SELECT id, secret_sha256, perms, scope, note, created_at, expires_ms, last_used_at, revoked_at
@@ -103,12 +93,7 @@ pub fn list_tokens_sql(db: &mut dyn Sql) -> Result<Vec<TokenRow>, StoreError> {
 }
 
 /// Revoke `id`; true when it existed and was not revoked yet (then a
-/// `token_revoked` record is appended).
-pub fn revoke_token(conn: &Connection, at: &Stamp, id: &str) -> Result<bool, StoreError> {
-    revoke_token_sql(&mut SqliteSql(conn), at, id)
-}
-
-/// [`revoke_token`] on either backend.
+/// `token_revoked` record is appended). Either backend.
 pub fn revoke_token_sql(db: &mut dyn Sql, at: &Stamp, id: &str) -> Result<bool, StoreError> {
     let n = db.exec(
         "UPDATE tokens SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL",
@@ -180,6 +165,48 @@ impl Handler<TouchToken> for PersistenceActor {
     type Result = ResponseFuture<Result<(), StoreError>>;
     fn handle(&mut self, msg: TouchToken, _: &mut Context<Self>) -> Self::Result {
         self.call_sql(move |db, at| touch_token_sql(db, at, &msg.0))
+    }
+}
+
+/// A secret operation on the shared store (`[storage] backend =
+/// "postgres"`, where secrets live in the `secrets` table, each value
+/// sealed with the master key), through the writer; set and remove append
+/// their audit record in the same transaction.
+#[derive(Message)]
+#[rtype(result = "Result<SecretAnswer, StoreError>")]
+pub enum SharedSecret {
+    Set {
+        key: KeyHandle,
+        name: String,
+        value: Zeroizing<Vec<u8>>,
+    },
+    List,
+    Remove {
+        name: String,
+    },
+}
+
+/// What a [`SharedSecret`] operation found.
+#[derive(Debug)]
+pub enum SecretAnswer {
+    Set,
+    List(Vec<SecretInfo>),
+    Removed(bool),
+}
+
+impl Handler<SharedSecret> for PersistenceActor {
+    type Result = ResponseFuture<Result<SecretAnswer, StoreError>>;
+    fn handle(&mut self, msg: SharedSecret, _: &mut Context<Self>) -> Self::Result {
+        use super::portable::secrets as shared;
+        self.call_sql(move |db, at| match &msg {
+            SharedSecret::Set { key, name, value } => {
+                shared::set_secret_sql(db, at, key, name, value).map(|()| SecretAnswer::Set)
+            }
+            SharedSecret::List => shared::list_secrets_sql(db).map(SecretAnswer::List),
+            SharedSecret::Remove { name } => {
+                shared::remove_secret_sql(db, at, name).map(SecretAnswer::Removed)
+            }
+        })
     }
 }
 

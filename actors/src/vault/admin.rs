@@ -23,7 +23,9 @@ use super::{check_secret_name, new_token, parse_perms, TokenTable};
 use crate::clock::Clock;
 use crate::masterkey::KeyHandle;
 use crate::persistence::audit::AppendAudit;
-use crate::persistence::vault::{self as store, GetTokens, GrantToken, RevokeToken};
+use crate::persistence::vault::{
+    self as store, GetTokens, GrantToken, RevokeToken, SecretAnswer, SharedSecret,
+};
 use crate::persistence::PersistenceActor;
 
 /// What the vault's admin operations need from the running daemon.
@@ -38,6 +40,9 @@ pub struct VaultAdmin {
     /// `keel.db` and its key (for `backup`).
     pub db_path: Option<PathBuf>,
     pub db_key: Option<KeyHandle>,
+    /// Secrets live in the shared store (`backend = "postgres"`), not in
+    /// `secrets.db`.
+    pub shared: bool,
 }
 
 #[derive(Deserialize)]
@@ -103,6 +108,23 @@ pub async fn handle(line: &str, v: &VaultAdmin, notes: Notes) -> Value {
             if let Err(e) = check_secret_name(&name) {
                 return err(e);
             }
+            if v.shared {
+                let value = zeroize::Zeroizing::new(value.expose_secret().as_bytes().to_vec());
+                let key = v.key.clone();
+                return match shared(
+                    v,
+                    SharedSecret::Set {
+                        key,
+                        name: name.clone(),
+                        value,
+                    },
+                )
+                .await
+                {
+                    Ok(_) => json!({"name": name, "set": true}),
+                    Err(e) => e,
+                };
+            }
             let (path, key, at) = (v.secrets_path.clone(), v.key.clone(), v.clock.stamp());
             let n = name.clone();
             let done = tokio::task::spawn_blocking(move || {
@@ -120,6 +142,11 @@ pub async fn handle(line: &str, v: &VaultAdmin, notes: Notes) -> Value {
                 Err(e) => err(e),
             }
         }
+        Request::SecretList if v.shared => match shared(v, SharedSecret::List).await {
+            Ok(SecretAnswer::List(list)) => json!({"secrets": list}),
+            Ok(_) => err("unexpected answer from the store"),
+            Err(e) => e,
+        },
         Request::SecretList => {
             let (path, key) = (v.secrets_path.clone(), v.key.clone());
             let done = tokio::task::spawn_blocking(move || {
@@ -139,6 +166,13 @@ pub async fn handle(line: &str, v: &VaultAdmin, notes: Notes) -> Value {
         Request::SecretRm { name } => {
             if let Err(e) = check_secret_name(&name) {
                 return err(e);
+            }
+            if v.shared {
+                return match shared(v, SharedSecret::Remove { name: name.clone() }).await {
+                    Ok(SecretAnswer::Removed(removed)) => json!({"name": name, "removed": removed}),
+                    Ok(_) => err("unexpected answer from the store"),
+                    Err(e) => e,
+                };
             }
             let (path, key) = (v.secrets_path.clone(), v.key.clone());
             let n = name.clone();
@@ -223,6 +257,16 @@ pub async fn handle(line: &str, v: &VaultAdmin, notes: Notes) -> Value {
                 Err(e) => err(e),
             }
         }
+    }
+}
+
+/// A secret operation on the shared store, through the writer (its audit
+/// record is written in the same transaction); `Err` is the answer to send.
+async fn shared(v: &VaultAdmin, op: SharedSecret) -> Result<SecretAnswer, Value> {
+    match v.persistence.send(op).await {
+        Ok(Ok(answer)) => Ok(answer),
+        Ok(Err(e)) => Err(err(e)),
+        Err(_) => Err(err("keel is shutting down")),
     }
 }
 

@@ -244,6 +244,22 @@ impl TokenTable {
         map.insert(row.id.clone(), row);
     }
 
+    /// Take in `rows` read from a shared store (other instances grant and
+    /// revoke too). A read that started before a grant or revocation made
+    /// here committed must not undo it: rows missing from `rows` stay, and a
+    /// token revoked here stays revoked.
+    pub fn merge(&self, rows: Vec<TokenRow>) {
+        let mut map = self.rows.write().unwrap_or_else(|p| p.into_inner());
+        for mut row in rows {
+            if let Some(old) = map.get(&row.id) {
+                if row.revoked_at.is_none() {
+                    row.revoked_at = old.revoked_at.clone();
+                }
+            }
+            map.insert(row.id.clone(), row);
+        }
+    }
+
     /// Mark `id` revoked in memory (the store already says so).
     pub fn revoke(&self, id: &str, at: &str) {
         let mut map = self.rows.write().unwrap_or_else(|p| p.into_inner());
@@ -399,6 +415,40 @@ mod tests {
         table.revoke(id, "now");
         assert_eq!(
             table.check(Some(header.as_bytes()), 1_000).unwrap_err().0,
+            Refusal::Revoked
+        );
+    }
+
+    #[test]
+    fn a_shared_stores_rows_merge_without_undoing_a_local_grant_or_revocation() {
+        let (table, header) = table_with(&[Perm::Read]);
+        let token = header.strip_prefix("Bearer ").unwrap();
+        let id = parse_token(token).unwrap().0.to_string();
+        let before = table.rows.read().unwrap().get(&id).cloned().unwrap();
+        // Granted on another instance: accepted here after the merge.
+        let other = new_token(&[Perm::Send], None, None, None);
+        let other_header = format!("Bearer {}", *other.token);
+        assert!(table.check(Some(other_header.as_bytes()), 1_000).is_err());
+        // A snapshot read before the local grant committed lacks `id`.
+        table.merge(vec![other.row.clone()]);
+        assert!(table.check(Some(other_header.as_bytes()), 1_000).is_ok());
+        assert!(table.check(Some(header.as_bytes()), 1_000).is_ok());
+        // Revoked here; a snapshot from before the revocation keeps it revoked.
+        table.revoke(&id, "now");
+        table.merge(vec![before.clone()]);
+        assert_eq!(
+            table.check(Some(header.as_bytes()), 1_000).unwrap_err().0,
+            Refusal::Revoked
+        );
+        // Revoked on another instance: refused here after the merge.
+        let mut gone = other.row.clone();
+        gone.revoked_at = Some("later".into());
+        table.merge(vec![gone]);
+        assert_eq!(
+            table
+                .check(Some(other_header.as_bytes()), 1_000)
+                .unwrap_err()
+                .0,
             Refusal::Revoked
         );
     }

@@ -22,14 +22,12 @@ use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 use serde_json::json;
 use zeroize::Zeroizing;
 
-use std::collections::HashMap;
-
 use crate::clock::{Clock, Stamp, WallClock};
 use crate::error::StoreError;
 use crate::masterkey::{KeyHandle, MasterKey};
 use crate::persistence::audit;
 use crate::persistence::pg;
-use crate::persistence::sql::{PgSql, Sql};
+use crate::persistence::sql::Sql;
 use crate::persistence::vault::SecretInfo;
 use crate::vals;
 
@@ -227,17 +225,7 @@ impl SharedVault {
         f: impl FnOnce(&mut dyn Sql, &Stamp) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let at = WallClock.stamp();
-        let mut tx = self.client.transaction().map_err(StoreError::from_pg)?;
-        let mut cache = HashMap::new();
-        let out = f(
-            &mut PgSql {
-                tx: &mut tx,
-                cache: &mut cache,
-            },
-            &at,
-        )?;
-        tx.commit().map_err(StoreError::from_pg)?;
-        Ok(out)
+        pg::read_write(&mut self.client, |db| f(db, &at))
     }
 
     /// [`set_secret_sql`], committed.
