@@ -23,6 +23,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    keel_actors::persistence::tune_sqlite();
     let args = cli::Cli::parse();
     match commands::dispatch(args) {
         Ok(code) => code,

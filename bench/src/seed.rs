@@ -99,6 +99,24 @@ pub fn receipts(conn: &Connection) -> Result<Vec<(i64, i64)>, StoreError> {
 }
 
 /// `keel bench timers`: receipts written so far.
+/// The highest timer id holding a receipt, if any (a read at the end of
+/// `timer_fires`' primary key).
+pub fn highest_receipt(conn: &Connection) -> Result<Option<i64>, StoreError> {
+    Ok(conn
+        .prepare_cached("SELECT max(timer_id) FROM timer_fires")?
+        .query_row([], |r| r.get(0))?)
+}
+
+/// The lowest timer id of the webhook chat `chat` (what [`seed_timers`]
+/// inserted there first).
+pub fn first_timer_id(conn: &Connection, chat: &str) -> Result<i64, StoreError> {
+    let session = SessionKey::new("webhook", chat);
+    Ok(conn
+        .prepare_cached("SELECT min(id) FROM timers WHERE session_id = ?1")?
+        .query_row([&session.id], |r| r.get::<_, Option<i64>>(0))?
+        .unwrap_or(0))
+}
+
 pub fn count_receipts(conn: &Connection) -> Result<i64, StoreError> {
     Ok(conn
         .prepare_cached("SELECT COUNT(*) FROM timer_fires")?

@@ -71,7 +71,7 @@ pub use adapter_state::{GetAdapterState, PutAdapterState};
 pub use meta::{GetStats, RecordBoot, StoreStats};
 pub use open::{
     check_in_background, is_plain_sqlite, open_connection, open_read_only, open_store,
-    open_store_noted, BackgroundCheck, OpenReport, StoreOptions, SYNC_CHECK_MAX_BYTES,
+    open_store_noted, tune_sqlite, BackgroundCheck, OpenReport, StoreOptions, SYNC_CHECK_MAX_BYTES,
 };
 pub use outbox::{GetPendingOutbox, OutboxRow, RecordDeliveryStatuses, RecordSend, SendOutcome};
 pub use sessions::{

@@ -64,6 +64,26 @@ pub struct OpenReport {
 
 /// Open a connection and set the pragmas keel relies on. A damaged file is
 /// reported as `Corrupt`; nothing is ever created over it.
+/// Process-wide SQLite settings, applied before the first connection opens
+/// (after that SQLite refuses them, and this does nothing): no memory
+/// statistics, so an allocation does not take SQLite's global memory mutex
+/// (4 % of the writer's time under load; keel reads no SQLite memory
+/// counters and sets no heap limit).
+pub fn tune_sqlite() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: sqlite3_config before sqlite3_initialize, with the int
+        // argument SQLITE_CONFIG_MEMSTATUS takes; SQLITE_MISUSE (already
+        // initialised) leaves everything as it was.
+        unsafe {
+            rusqlite::ffi::sqlite3_config(
+                rusqlite::ffi::SQLITE_CONFIG_MEMSTATUS,
+                0 as std::ffi::c_int,
+            );
+        }
+    });
+}
+
 pub fn open_connection(opts: &StoreOptions) -> Result<Connection, StoreError> {
     let Some(path) = &opts.path else {
         let conn = Connection::open_in_memory().map_err(|e| StoreError::Open {

@@ -92,6 +92,17 @@ impl Checkpointer {
     }
 }
 
+/// The writer connection's own settings. `cache_spill = OFF`: a group
+/// commit's dirty pages stay in memory until COMMIT instead of spilling to
+/// the WAL once they pass `cache_size` (a spill writes the pages out and
+/// then again at COMMIT). A batch is bounded (`max_batch` jobs, a timer
+/// window at most 1024 fires each), so the cache grows at most by one
+/// batch's pages, and only while that batch runs.
+fn tune_writer(conn: &Connection) -> Result<(), StoreError> {
+    conn.execute_batch("PRAGMA cache_spill = OFF;")?;
+    Ok(())
+}
+
 /// Replace SQLite's inline auto-checkpoint with a nudge to the checkpointer
 /// (and an inline checkpoint only past the hard bound).
 pub(super) fn install_wal_hook(
@@ -261,6 +272,7 @@ impl Writer {
     fn connection(&mut self) -> Result<&Connection, StoreError> {
         if self.conn.is_none() {
             let mut conn = open_connection(&self.opts)?;
+            tune_writer(&conn)?;
             install_wal_hook(
                 &mut conn,
                 self.checkpointer.as_ref().map(|c| c.nudge.clone()),
@@ -445,6 +457,9 @@ pub(super) fn spawn(
         clock: clock.clone(),
     };
     let checkpointer = Checkpointer::start(&opts, log.clone());
+    if let Err(e) = tune_writer(&conn) {
+        tracing::warn!(error = %e, "cannot set the writer's cache_spill");
+    }
     if let Err(e) = install_wal_hook(
         &mut conn,
         checkpointer.as_ref().map(|c| c.nudge.clone()),
