@@ -933,33 +933,8 @@ async fn a_message_waits_for_another_instances_open_transaction_on_its_session_a
     )));
     let waiting = actix::spawn(waiting);
     // The instance's transaction is blocked on the held row lock.
-    let watch_url = url.clone();
-    let mut watch = pg::off_runtime(move || connect(&watch_url).unwrap());
-    // Polled with a deadline; the pauses let the actor deliver the job.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let blocked = loop {
-        let n: i64 = pg::off_runtime(|| {
-            watch
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity
-                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
-                    &[],
-                )
-                .unwrap()
-                .get(0)
-        });
-        if n > 0 {
-            break true;
-        }
-        if std::time::Instant::now() >= deadline {
-            break false;
-        }
-        actix_rt::time::sleep(std::time::Duration::from_millis(20)).await;
-    };
-    // The sync client must not be dropped on a runtime thread either.
-    pg::off_runtime(move || drop(watch));
     assert!(
-        blocked,
+        waits_on_a_lock(url).await,
         "the message did not wait for the session's row lock"
     );
     go_tx.send(()).unwrap();
@@ -1495,6 +1470,101 @@ async fn two_instances_firing_the_same_timers_at_once_fire_each_instant_once() {
             s.name
         );
     }
+}
+
+/// Whether a session of the test database is seen waiting on a lock
+/// within 30 s (polled; the pauses let the actor deliver its job).
+async fn waits_on_a_lock(url: &str) -> bool {
+    let watch_url = url.to_string();
+    let mut watch = pg::off_runtime(move || connect(&watch_url).unwrap());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let blocked = loop {
+        let n: i64 = pg::off_runtime(|| {
+            watch
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                    &[],
+                )
+                .unwrap()
+                .get(0)
+        });
+        if n > 0 {
+            break true;
+        }
+        if std::time::Instant::now() >= deadline {
+            break false;
+        }
+        actix_rt::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    // The sync client must not be dropped on a runtime thread either.
+    pg::off_runtime(move || drop(watch));
+    blocked
+}
+
+/// On PostgreSQL the reads of the HTTP routes run beside the writer, on
+/// pooled read-only connections: while the writer is stuck on a session
+/// row another instance holds (its message waits for the lock), listing
+/// the sessions and reading the turns still answer, and the message goes
+/// through once the lock is let go. On the writer they would queue behind
+/// the stuck message until the other instance let go.
+#[actix::test]
+async fn reads_on_postgres_answer_while_the_writer_waits_on_another_instances_lock() {
+    let Some(s) = postgres("reads_beside", 1) else {
+        return;
+    };
+    let Fixture::Postgres(url) = &s.fixture else {
+        unreachable!("a postgres store");
+    };
+    let st = &s.instances[0];
+    st.send(CommitExchange(msg("held", "u1", "m1", "first", Some("ok"))))
+        .await
+        .unwrap()
+        .unwrap();
+    let (release, holder) = hold_row_lock(
+        url,
+        "SELECT next_seq FROM sessions WHERE id = 'webhook:held' FOR UPDATE",
+    );
+    let waiting = actix::spawn(st.send(CommitExchange(msg(
+        "held",
+        "u2",
+        "m2",
+        "second",
+        Some("ok"),
+    ))));
+    assert!(
+        waits_on_a_lock(url).await,
+        "the message did not wait for the session's row lock"
+    );
+    let within = std::time::Duration::from_secs(5);
+    let sessions = actix_rt::time::timeout(within, st.send(GetSessions))
+        .await
+        .expect("listing the sessions waited behind the stuck writer")
+        .unwrap()
+        .unwrap();
+    assert_eq!(sessions.len(), 1, "{sessions:?}");
+    let turns = actix_rt::time::timeout(
+        within,
+        st.send(GetTurns {
+            session: "webhook:held".into(),
+            after_seq: 0,
+            limit: 100,
+        }),
+    )
+    .await
+    .expect("reading the turns waited behind the stuck writer")
+    .unwrap()
+    .unwrap()
+    .expect("the session exists");
+    assert_eq!(turns.len(), 2, "the first exchange only: {turns:?}");
+    assert!(!waiting.is_finished(), "the message did not wait");
+    release.send(()).unwrap();
+    holder.join().unwrap();
+    let out = waiting.await.unwrap().unwrap().unwrap();
+    assert!(
+        matches!(out, ExchangeOutcome::Accepted { user_seq: 3, .. }),
+        "{out:?}"
+    );
 }
 
 /// A raw PostgreSQL connection runs `query` (a `… FOR UPDATE`) in a

@@ -129,7 +129,7 @@ pub struct GetCluster;
 impl Handler<GetCluster> for PersistenceActor {
     type Result = ResponseFuture<Result<(Vec<Instance>, Vec<Lease>), StoreError>>;
     fn handle(&mut self, _: GetCluster, _: &mut Context<Self>) -> Self::Result {
-        self.call_sql(|db, _| Ok((instances::list(db)?, leases::list(db)?)))
+        self.read_sql(|db| Ok((instances::list(db)?, leases::list(db)?)))
     }
 }
 

@@ -343,7 +343,7 @@ pub struct GetConsoleSnapshot {
 impl Handler<GetConsoleSnapshot> for PersistenceActor {
     type Result = ResponseFuture<Result<StoreSnapshot, StoreError>>;
     fn handle(&mut self, m: GetConsoleSnapshot, _: &mut Context<Self>) -> Self::Result {
-        self.call_sql(move |db, _| snapshot_sql(db, m.now_ms))
+        self.read_sql(move |db| snapshot_sql(db, m.now_ms))
     }
 }
 

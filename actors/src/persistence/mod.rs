@@ -84,6 +84,9 @@ use writer::{Cmd, FnJob};
 // ---------------------------------------------------------------------------
 // The actor façade.
 
+/// Read-only connections an instance keeps beside its PostgreSQL writer.
+const PG_READERS: u32 = 2;
+
 /// Owns the writer thread. Handlers return at once (the work is queued to the
 /// writer), so the mailbox drains as fast as messages arrive.
 pub struct PersistenceActor {
@@ -95,6 +98,8 @@ pub struct PersistenceActor {
     /// which runs portable jobs only (`call_sql`).
     pg: Option<mpsc::Sender<pg::PgCmd>>,
     pg_thread: Option<std::thread::JoinHandle<()>>,
+    /// On PostgreSQL: pooled read-only connections beside the writer.
+    pg_readers: Option<pg::PgReaders>,
     /// The database file and key, for reads that scan (counts for metrics)
     /// on a read-only connection of their own instead of the writer, whose
     /// commits would wait behind them. `None` in memory and on PostgreSQL.
@@ -118,6 +123,7 @@ impl PersistenceActor {
             check: None,
             pg: None,
             pg_thread: None,
+            pg_readers: None,
             reader,
         }
     }
@@ -137,6 +143,9 @@ impl PersistenceActor {
         metrics: Metrics,
         clock: Arc<dyn Clock>,
     ) -> PersistenceActor {
+        let readers = pg::PgReaders::new(&opts.url, PG_READERS)
+            .map_err(|e| tracing::warn!(error = %e, "no read pool; reads share the writer"))
+            .ok();
         let (tx, thread) = pg::spawn(client, opts, health, metrics, clock);
         PersistenceActor {
             tx: None,
@@ -144,8 +153,34 @@ impl PersistenceActor {
             check: None,
             pg: Some(tx),
             pg_thread: Some(thread),
+            pg_readers: readers,
             reader: None,
         }
+    }
+
+    /// The portable read `f` beside the writer where the store allows it:
+    /// on PostgreSQL in one snapshot on a pooled read-only connection, so
+    /// it neither waits behind nor delays a group commit; otherwise on the
+    /// writer (`call_sql`). Only for reads whose caller needs nothing queued
+    /// on the writer before them to be visible (HTTP routes, the console,
+    /// the token table), never for an actor reading back its own writes.
+    pub(crate) fn read_sql<T, F>(&self, f: F) -> ResponseFuture<Result<T, StoreError>>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut dyn sql::Sql) -> Result<T, StoreError> + Send + 'static,
+    {
+        let Some(readers) = self.pg_readers.clone() else {
+            let mut f = Some(f);
+            return self.call_sql(move |db, _| match f.take() {
+                Some(f) => f(db),
+                None => Err(StoreError::Invalid("a read was run twice".into())),
+            });
+        };
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || readers.read(f))
+                .await
+                .unwrap_or_else(|e| Err(StoreError::Invalid(format!("read thread failed: {e}"))))
+        })
     }
 
     /// Which backend this store runs on.

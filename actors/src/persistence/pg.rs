@@ -92,20 +92,67 @@ pub fn read_only<T>(
     client: &mut postgres::Client,
     f: impl FnOnce(&mut dyn super::sql::Sql) -> Result<T, StoreError>,
 ) -> Result<T, StoreError> {
-    let mut tx = client
+    let tx = client
         .build_transaction()
         .read_only(true)
         .isolation_level(postgres::IsolationLevel::RepeatableRead)
         .start()
         .map_err(StoreError::from_pg)?;
-    let mut cache = std::collections::HashMap::new();
-    let out = f(&mut super::sql::PgSql {
-        tx: &mut tx,
-        cache: &mut cache,
-    })?;
-    tx.commit().map_err(StoreError::from_pg)?;
-    Ok(out)
+    run_in(tx, f)
 }
+
+/// Read-only connections to the shared store beside the writer, pooled:
+/// reads for HTTP routes, the console and the token table run on them in
+/// one snapshot each, so they never wait behind a group commit and a slow
+/// read never delays one. Connections are made on first use (none at
+/// start) and reused; a broken one is dropped and replaced.
+#[derive(Clone)]
+pub struct PgReaders {
+    pool: r2d2::Pool<r2d2_postgres::PostgresConnectionManager<postgres::NoTls>>,
+}
+
+impl std::fmt::Debug for PgReaders {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgReaders")
+            .field("connections", &self.pool.state().connections)
+            .finish()
+    }
+}
+
+impl PgReaders {
+    /// At most `size` connections to `url`; none is opened yet.
+    pub fn new(url: &str, size: u32) -> Result<PgReaders, StoreError> {
+        let config: postgres::Config = url.parse().map_err(|e| {
+            StoreError::Invalid(format!(
+                "storage.url is not a PostgreSQL URL ({}): {e}",
+                redact_url(url)
+            ))
+        })?;
+        let manager = r2d2_postgres::PostgresConnectionManager::new(config, postgres::NoTls);
+        let pool = r2d2::Pool::builder()
+            .max_size(size.max(1))
+            .min_idle(Some(0))
+            .connection_timeout(READER_WAIT)
+            .build_unchecked(manager);
+        Ok(PgReaders { pool })
+    }
+
+    /// The portable read `f` in one read-only snapshot on a pooled
+    /// connection (blocking: call it on a blocking thread).
+    pub fn read<T>(
+        &self,
+        f: impl FnOnce(&mut dyn super::sql::Sql) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut client = self
+            .pool
+            .get()
+            .map_err(|e| StoreError::Unavailable(format!("no read connection to postgres: {e}")))?;
+        read_only(&mut client, f)
+    }
+}
+
+/// How long a read waits for a pooled connection (or to make one).
+const READER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Run `f` in one read-write transaction of `client` and commit (a
 /// command's write to the shared store).
@@ -113,7 +160,15 @@ pub fn read_write<T>(
     client: &mut postgres::Client,
     f: impl FnOnce(&mut dyn super::sql::Sql) -> Result<T, StoreError>,
 ) -> Result<T, StoreError> {
-    let mut tx = client.transaction().map_err(StoreError::from_pg)?;
+    run_in(client.transaction().map_err(StoreError::from_pg)?, f)
+}
+
+/// `f` on `tx` through [`super::sql::PgSql`], then COMMIT (a failure rolls
+/// back as `tx` drops).
+fn run_in<T>(
+    mut tx: postgres::Transaction<'_>,
+    f: impl FnOnce(&mut dyn super::sql::Sql) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
     let mut cache = std::collections::HashMap::new();
     let out = f(&mut super::sql::PgSql {
         tx: &mut tx,

@@ -1022,7 +1022,7 @@ impl Handler<GetTurns> for PersistenceActor {
     type Result = ResponseFuture<Result<Option<Vec<TurnRow>>, StoreError>>;
     fn handle(&mut self, msg: GetTurns, _: &mut Context<Self>) -> Self::Result {
         if self.backend() == super::sql::Backend::Postgres {
-            return self.call_sql(move |db, _| {
+            return self.read_sql(move |db| {
                 super::portable::sessions::session_turns(db, &msg.session, msg.after_seq, msg.limit)
             });
         }
@@ -1039,7 +1039,7 @@ impl Handler<GetSessions> for PersistenceActor {
     type Result = ResponseFuture<Result<Vec<SessionSummary>, StoreError>>;
     fn handle(&mut self, _: GetSessions, _: &mut Context<Self>) -> Self::Result {
         if self.backend() == super::sql::Backend::Postgres {
-            return self.call_sql(|db, _| super::portable::sessions::list_sessions(db));
+            return self.read_sql(super::portable::sessions::list_sessions);
         }
         self.call(|c, _| list_sessions(c))
     }

@@ -496,7 +496,7 @@ pub struct GetTasks {
 impl Handler<GetTasks> for PersistenceActor {
     type Result = ResponseFuture<Result<Vec<TaskDetail>, StoreError>>;
     fn handle(&mut self, msg: GetTasks, _: &mut Context<Self>) -> Self::Result {
-        self.call_sql(move |db, _| p::list_details(db, msg.state.as_deref(), msg.limit))
+        self.read_sql(move |db| p::list_details(db, msg.state.as_deref(), msg.limit))
     }
 }
 
@@ -525,7 +525,7 @@ pub struct GetTaskLogs {
 impl Handler<GetTaskLogs> for PersistenceActor {
     type Result = ResponseFuture<Result<Vec<(i64, String, Vec<u8>)>, StoreError>>;
     fn handle(&mut self, msg: GetTaskLogs, _: &mut Context<Self>) -> Self::Result {
-        self.call_sql(move |db, _| {
+        self.read_sql(move |db| {
             p::log_fragments(
                 db,
                 msg.id,

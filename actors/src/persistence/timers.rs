@@ -442,7 +442,7 @@ pub struct GetTimers {
 impl Handler<GetTimers> for PersistenceActor {
     type Result = ResponseFuture<Result<Vec<TimerRow>, StoreError>>;
     fn handle(&mut self, msg: GetTimers, _: &mut Context<Self>) -> Self::Result {
-        self.call_sql(move |db, _| portable::timers::list_timers(db, msg.limit))
+        self.read_sql(move |db| portable::timers::list_timers(db, msg.limit))
     }
 }
 

@@ -152,7 +152,7 @@ pub struct GetTokens;
 impl Handler<GetTokens> for PersistenceActor {
     type Result = ResponseFuture<Result<Vec<TokenRow>, StoreError>>;
     fn handle(&mut self, _: GetTokens, _: &mut Context<Self>) -> Self::Result {
-        self.call_sql(|db, _| list_tokens_sql(db))
+        self.read_sql(list_tokens_sql)
     }
 }
 
