@@ -35,6 +35,9 @@ use rusqlite::ffi;
 /// The environment variable holding the spec.
 pub const ENV: &str = "KEEL_TORTURE_STORAGE";
 
+/// The VFS's registered name.
+pub const NAME: &std::ffi::CStr = c"keel-faultfs";
+
 /// The file `power-loss` writes into the image when the power is "lost".
 pub const POWER_LOST: &str = "POWER_LOST";
 
@@ -133,7 +136,7 @@ pub fn install(spec: &str) -> Result<Spec, SpecError> {
         szOsFile: (HEADER + real_ref.szOsFile as usize) as c_int,
         mxPathname: real_ref.mxPathname,
         pNext: std::ptr::null_mut(),
-        zName: c"keel-faultfs".as_ptr(),
+        zName: NAME.as_ptr(),
         pAppData: std::ptr::null_mut(),
         xOpen: Some(x_open),
         xDelete: Some(x_delete),

@@ -33,6 +33,7 @@ pub mod sql;
 pub mod tasks;
 pub mod timers;
 pub mod vault;
+mod walbuf;
 mod writer;
 
 /// Shared helpers of the store's unit tests.

@@ -93,12 +93,17 @@ pub fn open_connection(opts: &StoreOptions) -> Result<Connection, StoreError> {
         conn.execute_batch("PRAGMA foreign_keys = ON;")?;
         return Ok(conn);
     };
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE
-            | OpenFlags::SQLITE_OPEN_CREATE
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_CREATE
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    // With `synchronous = FULL` a commit's WAL frames go out as one write
+    // at its sync (`walbuf`: only safe because FULL syncs before it
+    // publishes the frames).
+    let conn = if opts.synchronous == Synchronous::Full && super::walbuf::available() {
+        Connection::open_with_flags_and_vfs(path, flags, super::walbuf::NAME)
+    } else {
+        Connection::open_with_flags(path, flags)
+    }
     .map_err(|e| classify_open_error(path, e))?;
     apply_key(&conn, path, opts.key.as_ref())?;
     conn.busy_timeout(opts.busy_timeout)

@@ -228,9 +228,11 @@ impl IoError {
             at: 20,
             forever: false,
         },
+        // A commit reaches the WAL as one write (walbuf): the 20th
+        // counted write falls inside the 40 messages, after start.
         IoError {
             kind: "fail-write",
-            at: 300,
+            at: 20,
             forever: false,
         },
         IoError {
@@ -240,7 +242,7 @@ impl IoError {
         },
         IoError {
             kind: "fail-write",
-            at: 300,
+            at: 20,
             forever: true,
         },
     ];
