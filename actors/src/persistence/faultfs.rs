@@ -32,6 +32,8 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use rusqlite::ffi;
 
+use super::vfs_shim;
+
 /// The environment variable holding the spec.
 pub const ENV: &str = "KEEL_TORTURE_STORAGE";
 
@@ -265,24 +267,10 @@ const HEADER: usize = std::mem::size_of::<FaultFile>().next_multiple_of(16);
 /// # Safety
 /// `f` must be a file handle of this VFS (`szOsFile` bytes).
 unsafe fn inner(f: *mut ffi::sqlite3_file) -> *mut ffi::sqlite3_file {
-    // SAFETY: the caller's handle is `HEADER + real szOsFile` bytes long.
-    unsafe { f.cast::<u8>().add(HEADER).cast() }
+    // SAFETY: a handle our xOpen opened (header, then the real file).
+    unsafe { vfs_shim::inner::<HEADER>(f) }
 }
 
-/// The real file's methods (null only if its open failed, when SQLite does
-/// not call us).
-///
-/// # Safety
-/// `f` must be an open file handle of this VFS.
-unsafe fn methods(f: *mut ffi::sqlite3_file) -> &'static ffi::sqlite3_io_methods {
-    // SAFETY: an open real file has its methods set for its whole life.
-    unsafe { &*(*inner(f)).pMethods }
-}
-
-/// Our header of an open handle.
-///
-/// # Safety
-/// `f` must be an open file handle of this VFS.
 unsafe fn header<'a>(f: *mut ffi::sqlite3_file) -> &'a FaultFile {
     // SAFETY: xOpen wrote a FaultFile at the start of every open handle.
     unsafe { &*f.cast::<FaultFile>() }
@@ -295,14 +283,9 @@ fn real_vfs() -> *mut ffi::sqlite3_vfs {
 /// SQLite's calls are forwarded with this macro: the real method of the
 /// real file (`SQLITE_IOERR` should it be missing).
 macro_rules! forward {
-    ($f:expr, $method:ident $(, $arg:expr)*) => {{
-        // SAFETY: SQLite only calls io methods on handles our xOpen opened.
-        match unsafe { methods($f) }.$method {
-            // SAFETY: the real method on the real file, same arguments.
-            Some(m) => unsafe { m(inner($f) $(, $arg)*) },
-            None => ffi::SQLITE_IOERR,
-        }
-    }};
+    ($f:expr, $method:ident $(, $arg:expr)*) => {
+        vfs_shim::forward!(HEADER, $f, $method $(, $arg)*)
+    };
 }
 
 const FILE_KINDS_SHADOWED: c_int = ffi::SQLITE_OPEN_MAIN_DB
@@ -594,63 +577,12 @@ unsafe extern "C" fn x_file_size(
     forward!(f, xFileSize, size)
 }
 
-unsafe extern "C" fn x_lock(f: *mut ffi::sqlite3_file, level: c_int) -> c_int {
-    forward!(f, xLock, level)
-}
-
-unsafe extern "C" fn x_unlock(f: *mut ffi::sqlite3_file, level: c_int) -> c_int {
-    forward!(f, xUnlock, level)
-}
-
-unsafe extern "C" fn x_check_reserved_lock(f: *mut ffi::sqlite3_file, out: *mut c_int) -> c_int {
-    forward!(f, xCheckReservedLock, out)
-}
-
 unsafe extern "C" fn x_file_control(
     f: *mut ffi::sqlite3_file,
     op: c_int,
     arg: *mut c_void,
 ) -> c_int {
     forward!(f, xFileControl, op, arg)
-}
-
-unsafe extern "C" fn x_sector_size(f: *mut ffi::sqlite3_file) -> c_int {
-    forward!(f, xSectorSize)
-}
-
-unsafe extern "C" fn x_device_characteristics(f: *mut ffi::sqlite3_file) -> c_int {
-    forward!(f, xDeviceCharacteristics)
-}
-
-unsafe extern "C" fn x_shm_map(
-    f: *mut ffi::sqlite3_file,
-    page: c_int,
-    size: c_int,
-    extend: c_int,
-    out: *mut *mut c_void,
-) -> c_int {
-    forward!(f, xShmMap, page, size, extend, out)
-}
-
-unsafe extern "C" fn x_shm_lock(
-    f: *mut ffi::sqlite3_file,
-    offset: c_int,
-    n: c_int,
-    flags: c_int,
-) -> c_int {
-    forward!(f, xShmLock, offset, n, flags)
-}
-
-unsafe extern "C" fn x_shm_barrier(f: *mut ffi::sqlite3_file) {
-    // SAFETY: SQLite only calls io methods on handles our xOpen opened.
-    if let Some(m) = unsafe { methods(f) }.xShmBarrier {
-        // SAFETY: the real method on the real file.
-        unsafe { m(inner(f)) }
-    }
-}
-
-unsafe extern "C" fn x_shm_unmap(f: *mut ffi::sqlite3_file, delete: c_int) -> c_int {
-    forward!(f, xShmUnmap, delete)
 }
 
 /// Version 2: WAL mode needs the xShm* methods (no xFetch: no mmap).
@@ -662,16 +594,16 @@ static METHODS: ffi::sqlite3_io_methods = ffi::sqlite3_io_methods {
     xTruncate: Some(x_truncate),
     xSync: Some(x_sync),
     xFileSize: Some(x_file_size),
-    xLock: Some(x_lock),
-    xUnlock: Some(x_unlock),
-    xCheckReservedLock: Some(x_check_reserved_lock),
+    xLock: Some(vfs_shim::lock::<HEADER>),
+    xUnlock: Some(vfs_shim::unlock::<HEADER>),
+    xCheckReservedLock: Some(vfs_shim::check_reserved_lock::<HEADER>),
     xFileControl: Some(x_file_control),
-    xSectorSize: Some(x_sector_size),
-    xDeviceCharacteristics: Some(x_device_characteristics),
-    xShmMap: Some(x_shm_map),
-    xShmLock: Some(x_shm_lock),
-    xShmBarrier: Some(x_shm_barrier),
-    xShmUnmap: Some(x_shm_unmap),
+    xSectorSize: Some(vfs_shim::sector_size::<HEADER>),
+    xDeviceCharacteristics: Some(vfs_shim::device_characteristics::<HEADER>),
+    xShmMap: Some(vfs_shim::shm_map::<HEADER>),
+    xShmLock: Some(vfs_shim::shm_lock::<HEADER>),
+    xShmBarrier: Some(vfs_shim::shm_barrier::<HEADER>),
+    xShmUnmap: Some(vfs_shim::shm_unmap::<HEADER>),
     xFetch: None,
     xUnfetch: None,
 };

@@ -33,6 +33,7 @@ pub mod sql;
 pub mod tasks;
 pub mod timers;
 pub mod vault;
+mod vfs_shim;
 mod walbuf;
 mod writer;
 

@@ -38,6 +38,8 @@ use std::sync::OnceLock;
 
 use rusqlite::ffi;
 
+use super::vfs_shim;
+
 /// The name connections open this VFS by.
 pub const NAME: &CStr = c"keel-walbuf";
 
@@ -126,13 +128,8 @@ struct WalFile {
 const HEADER: usize = std::mem::size_of::<WalFile>().next_multiple_of(16);
 
 unsafe fn inner(f: *mut ffi::sqlite3_file) -> *mut ffi::sqlite3_file {
-    // SAFETY: the caller's handle is `HEADER + base szOsFile` bytes long.
-    unsafe { f.cast::<u8>().add(HEADER).cast() }
-}
-
-unsafe fn methods(f: *mut ffi::sqlite3_file) -> &'static ffi::sqlite3_io_methods {
-    // SAFETY: an open base file has its methods set for its whole life.
-    unsafe { &*(*inner(f)).pMethods }
+    // SAFETY: a WAL handle our xOpen opened (header, then the base file).
+    unsafe { vfs_shim::inner::<HEADER>(f) }
 }
 
 unsafe fn pending<'a>(f: *mut ffi::sqlite3_file) -> &'a mut Pending {
@@ -142,14 +139,9 @@ unsafe fn pending<'a>(f: *mut ffi::sqlite3_file) -> &'a mut Pending {
 }
 
 macro_rules! forward {
-    ($f:expr, $method:ident $(, $arg:expr)*) => {{
-        // SAFETY: SQLite only calls io methods on handles our xOpen opened.
-        match unsafe { methods($f) }.$method {
-            // SAFETY: the base method on the base file, same arguments.
-            Some(m) => unsafe { m(inner($f) $(, $arg)*) },
-            None => ffi::SQLITE_IOERR,
-        }
-    }};
+    ($f:expr, $method:ident $(, $arg:expr)*) => {
+        vfs_shim::forward!(HEADER, $f, $method $(, $arg)*)
+    };
 }
 
 /// Write what is buffered; the buffer is empty afterwards whatever the
@@ -305,26 +297,6 @@ unsafe extern "C" fn x_file_control(
     flushed!(f, forward!(f, xFileControl, op, arg))
 }
 
-unsafe extern "C" fn x_lock(f: *mut ffi::sqlite3_file, level: c_int) -> c_int {
-    forward!(f, xLock, level)
-}
-
-unsafe extern "C" fn x_unlock(f: *mut ffi::sqlite3_file, level: c_int) -> c_int {
-    forward!(f, xUnlock, level)
-}
-
-unsafe extern "C" fn x_check_reserved_lock(f: *mut ffi::sqlite3_file, out: *mut c_int) -> c_int {
-    forward!(f, xCheckReservedLock, out)
-}
-
-unsafe extern "C" fn x_sector_size(f: *mut ffi::sqlite3_file) -> c_int {
-    forward!(f, xSectorSize)
-}
-
-unsafe extern "C" fn x_device_characteristics(f: *mut ffi::sqlite3_file) -> c_int {
-    forward!(f, xDeviceCharacteristics)
-}
-
 /// A WAL file has no shared memory of its own (the wal-index hangs off the
 /// database handle) and no memory map: version 1 methods.
 static METHODS: ffi::sqlite3_io_methods = ffi::sqlite3_io_methods {
@@ -335,12 +307,12 @@ static METHODS: ffi::sqlite3_io_methods = ffi::sqlite3_io_methods {
     xTruncate: Some(x_truncate),
     xSync: Some(x_sync),
     xFileSize: Some(x_file_size),
-    xLock: Some(x_lock),
-    xUnlock: Some(x_unlock),
-    xCheckReservedLock: Some(x_check_reserved_lock),
+    xLock: Some(vfs_shim::lock::<HEADER>),
+    xUnlock: Some(vfs_shim::unlock::<HEADER>),
+    xCheckReservedLock: Some(vfs_shim::check_reserved_lock::<HEADER>),
     xFileControl: Some(x_file_control),
-    xSectorSize: Some(x_sector_size),
-    xDeviceCharacteristics: Some(x_device_characteristics),
+    xSectorSize: Some(vfs_shim::sector_size::<HEADER>),
+    xDeviceCharacteristics: Some(vfs_shim::device_characteristics::<HEADER>),
     xShmMap: None,
     xShmLock: None,
     xShmBarrier: None,
