@@ -301,12 +301,8 @@ unsafe extern "C" fn x_open(
     out_flags: *mut c_int,
 ) -> c_int {
     let real = real_vfs();
-    // SAFETY: `file` has room for our header and the real file; the real
-    // xOpen initialises the latter.
-    let rc = unsafe {
-        (*file).pMethods = std::ptr::null();
-        ((*real).xOpen.expect("the unix VFS has xOpen"))(real, name, inner(file), flags, out_flags)
-    };
+    // SAFETY: `file` has room for our header and the real file.
+    let rc = unsafe { vfs_shim::open_base::<HEADER>(real, name, file, flags, out_flags) };
     if rc != ffi::SQLITE_OK {
         return rc;
     }
@@ -586,27 +582,18 @@ unsafe extern "C" fn x_file_control(
 }
 
 /// Version 2: WAL mode needs the xShm* methods (no xFetch: no mmap).
-static METHODS: ffi::sqlite3_io_methods = ffi::sqlite3_io_methods {
-    iVersion: 2,
-    xClose: Some(x_close),
-    xRead: Some(x_read),
-    xWrite: Some(x_write),
-    xTruncate: Some(x_truncate),
-    xSync: Some(x_sync),
-    xFileSize: Some(x_file_size),
-    xLock: Some(vfs_shim::lock::<HEADER>),
-    xUnlock: Some(vfs_shim::unlock::<HEADER>),
-    xCheckReservedLock: Some(vfs_shim::check_reserved_lock::<HEADER>),
-    xFileControl: Some(x_file_control),
-    xSectorSize: Some(vfs_shim::sector_size::<HEADER>),
-    xDeviceCharacteristics: Some(vfs_shim::device_characteristics::<HEADER>),
-    xShmMap: Some(vfs_shim::shm_map::<HEADER>),
-    xShmLock: Some(vfs_shim::shm_lock::<HEADER>),
-    xShmBarrier: Some(vfs_shim::shm_barrier::<HEADER>),
-    xShmUnmap: Some(vfs_shim::shm_unmap::<HEADER>),
-    xFetch: None,
-    xUnfetch: None,
-};
+static METHODS: ffi::sqlite3_io_methods = vfs_shim::io_methods::<HEADER>(
+    vfs_shim::Own {
+        close: x_close,
+        read: x_read,
+        write: x_write,
+        truncate: x_truncate,
+        sync: x_sync,
+        file_size: x_file_size,
+        file_control: x_file_control,
+    },
+    true,
+);
 
 // ---------------------------------------------------------------------------
 // The VFS's own methods, forwarded to the real VFS.

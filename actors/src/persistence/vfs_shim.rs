@@ -109,3 +109,62 @@ pub(super) unsafe extern "C" fn shm_unmap<const H: usize>(
 ) -> c_int {
     forward!(H, f, xShmUnmap, delete)
 }
+
+/// The methods a shim implements itself; [`io_methods`] adds the rest.
+pub(super) struct Own {
+    pub close: unsafe extern "C" fn(*mut ffi::sqlite3_file) -> c_int,
+    pub read: unsafe extern "C" fn(*mut ffi::sqlite3_file, *mut c_void, c_int, i64) -> c_int,
+    pub write: unsafe extern "C" fn(*mut ffi::sqlite3_file, *const c_void, c_int, i64) -> c_int,
+    pub truncate: unsafe extern "C" fn(*mut ffi::sqlite3_file, i64) -> c_int,
+    pub sync: unsafe extern "C" fn(*mut ffi::sqlite3_file, c_int) -> c_int,
+    pub file_size: unsafe extern "C" fn(*mut ffi::sqlite3_file, *mut i64) -> c_int,
+    pub file_control: unsafe extern "C" fn(*mut ffi::sqlite3_file, c_int, *mut c_void) -> c_int,
+}
+
+/// A shim's io methods: `own`, the locks and sizes passed through, and with
+/// `shm` (version 2) the shared-memory methods too (a database handle's
+/// wal-index); never a memory map.
+pub(super) const fn io_methods<const H: usize>(own: Own, shm: bool) -> ffi::sqlite3_io_methods {
+    ffi::sqlite3_io_methods {
+        iVersion: if shm { 2 } else { 1 },
+        xClose: Some(own.close),
+        xRead: Some(own.read),
+        xWrite: Some(own.write),
+        xTruncate: Some(own.truncate),
+        xSync: Some(own.sync),
+        xFileSize: Some(own.file_size),
+        xLock: Some(lock::<H>),
+        xUnlock: Some(unlock::<H>),
+        xCheckReservedLock: Some(check_reserved_lock::<H>),
+        xFileControl: Some(own.file_control),
+        xSectorSize: Some(sector_size::<H>),
+        xDeviceCharacteristics: Some(device_characteristics::<H>),
+        xShmMap: if shm { Some(shm_map::<H>) } else { None },
+        xShmLock: if shm { Some(shm_lock::<H>) } else { None },
+        xShmBarrier: if shm { Some(shm_barrier::<H>) } else { None },
+        xShmUnmap: if shm { Some(shm_unmap::<H>) } else { None },
+        xFetch: None,
+        xUnfetch: None,
+    }
+}
+
+/// Open the base VFS's file behind a shim header of `H` bytes (the header
+/// is the shim's to write once this returns `SQLITE_OK`).
+///
+/// # Safety
+/// `base` is a registered VFS with xOpen; `file` is SQLite's memory of the
+/// shim's szOsFile (`H + base szOsFile`) bytes; `name` as SQLite passed it.
+pub(super) unsafe fn open_base<const H: usize>(
+    base: *mut ffi::sqlite3_vfs,
+    name: ffi::sqlite3_filename,
+    file: *mut ffi::sqlite3_file,
+    flags: c_int,
+    out_flags: *mut c_int,
+) -> c_int {
+    // SAFETY: as the caller promised; the base xOpen initialises its file.
+    unsafe {
+        (*file).pMethods = std::ptr::null();
+        let open = (*base).xOpen.expect("the base VFS has xOpen");
+        open(base, name, inner::<H>(file), flags, out_flags)
+    }
+}

@@ -127,11 +127,6 @@ struct WalFile {
 
 const HEADER: usize = std::mem::size_of::<WalFile>().next_multiple_of(16);
 
-unsafe fn inner(f: *mut ffi::sqlite3_file) -> *mut ffi::sqlite3_file {
-    // SAFETY: a WAL handle our xOpen opened (header, then the base file).
-    unsafe { vfs_shim::inner::<HEADER>(f) }
-}
-
 unsafe fn pending<'a>(f: *mut ffi::sqlite3_file) -> &'a mut Pending {
     // SAFETY: xOpen wrote a WalFile with a live `pending` box at the start
     // of every WAL handle; SQLite uses one handle from one thread at a time.
@@ -193,12 +188,8 @@ unsafe extern "C" fn x_open(
         // SAFETY: `file` has at least the base's szOsFile bytes.
         return unsafe { open(base, name, file, flags, out_flags) };
     }
-    // SAFETY: `file` has room for our header and the base file; the base
-    // xOpen initialises the latter.
-    let rc = unsafe {
-        (*file).pMethods = std::ptr::null();
-        open(base, name, inner(file), flags, out_flags)
-    };
+    // SAFETY: `file` has room for our header and the base file.
+    let rc = unsafe { vfs_shim::open_base::<HEADER>(base, name, file, flags, out_flags) };
     if rc != ffi::SQLITE_OK {
         return rc;
     }
@@ -299,27 +290,18 @@ unsafe extern "C" fn x_file_control(
 
 /// A WAL file has no shared memory of its own (the wal-index hangs off the
 /// database handle) and no memory map: version 1 methods.
-static METHODS: ffi::sqlite3_io_methods = ffi::sqlite3_io_methods {
-    iVersion: 1,
-    xClose: Some(x_close),
-    xRead: Some(x_read),
-    xWrite: Some(x_write),
-    xTruncate: Some(x_truncate),
-    xSync: Some(x_sync),
-    xFileSize: Some(x_file_size),
-    xLock: Some(vfs_shim::lock::<HEADER>),
-    xUnlock: Some(vfs_shim::unlock::<HEADER>),
-    xCheckReservedLock: Some(vfs_shim::check_reserved_lock::<HEADER>),
-    xFileControl: Some(x_file_control),
-    xSectorSize: Some(vfs_shim::sector_size::<HEADER>),
-    xDeviceCharacteristics: Some(vfs_shim::device_characteristics::<HEADER>),
-    xShmMap: None,
-    xShmLock: None,
-    xShmBarrier: None,
-    xShmUnmap: None,
-    xFetch: None,
-    xUnfetch: None,
-};
+static METHODS: ffi::sqlite3_io_methods = vfs_shim::io_methods::<HEADER>(
+    vfs_shim::Own {
+        close: x_close,
+        read: x_read,
+        write: x_write,
+        truncate: x_truncate,
+        sync: x_sync,
+        file_size: x_file_size,
+        file_control: x_file_control,
+    },
+    false,
+);
 
 #[cfg(test)]
 mod tests {
