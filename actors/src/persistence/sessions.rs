@@ -346,16 +346,33 @@ fn take_seqs_of(
     memory: Option<&str>,
     at: &str,
 ) -> Result<(i64, Option<String>), StoreError> {
-    let (first, unreachable): (i64, Option<String>) = conn
+    let (first, unreachable) = next_seq_of(conn, session_id)?;
+    bump_seqs(conn, session_id, n, memory, at)?;
+    Ok((first, unreachable))
+}
+
+/// The session's next sequence number and its `unreachable` mark.
+fn next_seq_of(conn: &Connection, session_id: &str) -> Result<(i64, Option<String>), StoreError> {
+    Ok(conn
         .prepare_cached("SELECT next_seq, unreachable FROM sessions WHERE id = ?1")?
-        .query_row([session_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        .query_row([session_id], |r| Ok((r.get(0)?, r.get(1)?)))?)
+}
+
+/// Advance the session's next sequence number by `n` (and set its memory).
+fn bump_seqs(
+    conn: &Connection,
+    session_id: &str,
+    n: i64,
+    memory: Option<&str>,
+    at: &str,
+) -> Result<(), StoreError> {
     conn.prepare_cached(
         "UPDATE sessions SET next_seq = next_seq + ?2, updated_at = ?3,
                 memory_json = COALESCE(?4, memory_json)
          WHERE id = ?1",
     )?
     .execute(params![session_id, n, at, memory])?;
-    Ok((first, unreachable))
+    Ok(())
 }
 
 /// One row of `turns` to insert.
@@ -463,14 +480,18 @@ pub fn commit_exchange(
             ExchangeOutcome::Conflict { user_seq }
         });
     }
-    if let Some(expected) = ex.expect_seq {
-        let next: i64 = conn
-            .prepare_cached("SELECT next_seq FROM sessions WHERE id = ?1")?
-            .query_row([&ex.session.id], |r| r.get(0))?;
-        if next != expected {
-            return Ok(ExchangeOutcome::Stale);
+    // The guessed sequence number is checked by the read that also serves
+    // as the reservation's read below (one lookup of the session row).
+    let checked = match ex.expect_seq {
+        Some(expected) => {
+            let row = next_seq_of(conn, &ex.session.id)?;
+            if row.0 != expected {
+                return Ok(ExchangeOutcome::Stale);
+            }
+            Some(row)
         }
-    }
+        None => None,
+    };
     let rendered;
     let reply = match (&ex.reply, &ex.effect) {
         (Some(plan), Some(effect)) => {
@@ -487,7 +508,15 @@ pub fn commit_exchange(
     // message) gets no reply and waits for nobody.
     let reply = reply.filter(|_| ex.answer);
     let n = if reply.is_some() { 2 } else { 1 };
-    let (user_seq, unreachable) = take_seqs_of(conn, &ex.session.id, n, ex.memory.as_deref(), at)?;
+    let (user_seq, unreachable) = match checked {
+        // Nothing between the check and here writes the session row (an
+        // effect writes timers, not sessions.next_seq).
+        Some(row) => {
+            bump_seqs(conn, &ex.session.id, n, ex.memory.as_deref(), at)?;
+            row
+        }
+        None => take_seqs_of(conn, &ex.session.id, n, ex.memory.as_deref(), at)?,
+    };
     // A chat that writes to keel (a user message keel answers) can be
     // written to again: a missed "member again" update does not leave it
     // marked unreachable with its timers paused. A moved chat stays moved.
