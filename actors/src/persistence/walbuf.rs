@@ -229,31 +229,32 @@ unsafe extern "C" fn x_write(
     ofst: ffi::sqlite3_int64,
 ) -> c_int {
     let n = amt.max(0) as usize;
-    {
-        // SAFETY: an open WAL handle of ours.
+    let continues = {
+        // SAFETY: an open WAL handle of ours (this borrow ends here).
         let p = unsafe { pending(f) };
-        let end = p.at + p.data.len() as i64;
-        if !p.data.is_empty() && ofst == end && p.data.len() + n <= MAX_BUFFER {
-            // SAFETY: SQLite passes `amt` readable bytes at `buf`.
-            p.data
-                .extend_from_slice(unsafe { std::slice::from_raw_parts(buf.cast::<u8>(), n) });
-            return ffi::SQLITE_OK;
+        !p.data.is_empty() && ofst == p.at + p.data.len() as i64 && p.data.len() + n <= MAX_BUFFER
+    };
+    if !continues {
+        // Not the next bytes of the run: what is buffered goes first, so
+        // writes reach the file in SQLite's order.
+        // SAFETY: an open WAL handle of ours.
+        let rc = unsafe { flush(f) };
+        if rc != ffi::SQLITE_OK {
+            return rc;
         }
-    }
-    // Not the next bytes of the run: what is buffered goes first, so
-    // writes reach the file in SQLite's order.
-    flushed!(f, {
         if n > MAX_WRITE {
             return forward!(f, xWrite, buf, amt, ofst);
         }
-        // SAFETY: an open WAL handle of ours.
-        let p = unsafe { pending(f) };
+    }
+    // SAFETY: an open WAL handle of ours.
+    let p = unsafe { pending(f) };
+    if !continues {
         p.at = ofst;
-        // SAFETY: SQLite passes `amt` readable bytes at `buf`.
-        p.data
-            .extend_from_slice(unsafe { std::slice::from_raw_parts(buf.cast::<u8>(), n) });
-        ffi::SQLITE_OK
-    })
+    }
+    // SAFETY: SQLite passes `amt` readable bytes at `buf`.
+    p.data
+        .extend_from_slice(unsafe { std::slice::from_raw_parts(buf.cast::<u8>(), n) });
+    ffi::SQLITE_OK
 }
 
 unsafe extern "C" fn x_read(
