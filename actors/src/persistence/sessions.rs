@@ -334,21 +334,9 @@ fn take_seqs(
     memory: Option<&str>,
     at: &str,
 ) -> Result<i64, StoreError> {
-    Ok(take_seqs_of(conn, session_id, n, memory, at)?.0)
-}
-
-/// `take_seqs`, also answering the session's `unreachable` mark (read by
-/// the same statement).
-fn take_seqs_of(
-    conn: &Connection,
-    session_id: &str,
-    n: i64,
-    memory: Option<&str>,
-    at: &str,
-) -> Result<(i64, Option<String>), StoreError> {
-    let (first, unreachable) = next_seq_of(conn, session_id)?;
+    let (first, _) = next_seq_of(conn, session_id)?;
     bump_seqs(conn, session_id, n, memory, at)?;
-    Ok((first, unreachable))
+    Ok(first)
 }
 
 /// The session's next sequence number and its `unreachable` mark.
@@ -480,18 +468,13 @@ pub fn commit_exchange(
             ExchangeOutcome::Conflict { user_seq }
         });
     }
-    // The guessed sequence number is checked by the read that also serves
-    // as the reservation's read below (one lookup of the session row).
-    let checked = match ex.expect_seq {
-        Some(expected) => {
-            let row = next_seq_of(conn, &ex.session.id)?;
-            if row.0 != expected {
-                return Ok(ExchangeOutcome::Stale);
-            }
-            Some(row)
-        }
-        None => None,
-    };
+    // One read of the session row: the guess is checked against it and it
+    // is the first of the numbers reserved below (nothing in between writes
+    // the session row: an effect writes timers and tasks).
+    let (user_seq, unreachable) = next_seq_of(conn, &ex.session.id)?;
+    if ex.expect_seq.is_some_and(|expected| expected != user_seq) {
+        return Ok(ExchangeOutcome::Stale);
+    }
     let rendered;
     let reply = match (&ex.reply, &ex.effect) {
         (Some(plan), Some(effect)) => {
@@ -508,15 +491,7 @@ pub fn commit_exchange(
     // message) gets no reply and waits for nobody.
     let reply = reply.filter(|_| ex.answer);
     let n = if reply.is_some() { 2 } else { 1 };
-    let (user_seq, unreachable) = match checked {
-        // Nothing between the check and here writes the session row (an
-        // effect writes timers, not sessions.next_seq).
-        Some(row) => {
-            bump_seqs(conn, &ex.session.id, n, ex.memory.as_deref(), at)?;
-            row
-        }
-        None => take_seqs_of(conn, &ex.session.id, n, ex.memory.as_deref(), at)?,
-    };
+    bump_seqs(conn, &ex.session.id, n, ex.memory.as_deref(), at)?;
     // A chat that writes to keel (a user message keel answers) can be
     // written to again: a missed "member again" update does not leave it
     // marked unreachable with its timers paused. A moved chat stays moved.
