@@ -250,6 +250,115 @@ async fn a_batch_of_exchanges_checks_each_guessed_seq_and_stops_at_the_first_not
     }
 }
 
+/// A long conversation: every earlier message is still a duplicate (same
+/// text) or a conflict (another text) when it comes again, wherever its
+/// key is kept by then (SQLite files keys in bulk after a few dozen turns),
+/// and a reminder-only stretch (turns without keys) changes nothing.
+#[actix::test]
+async fn every_key_of_a_long_conversation_is_still_deduplicated() {
+    for s in backends("longkeys", 1) {
+        let st = &s.instances[0];
+        let mut seqs = Vec::new();
+        for i in 0..100 {
+            // Every third message has no reply: seqs do not step by two.
+            let reply = (i % 3 != 0).then_some("ok");
+            let out = st
+                .send(CommitExchange(msg(
+                    "long",
+                    "u1",
+                    &format!("k{i}"),
+                    &format!("text {i}"),
+                    reply,
+                )))
+                .await
+                .unwrap()
+                .unwrap();
+            let ExchangeOutcome::Accepted { user_seq, .. } = out else {
+                panic!("{}: message {i}: {out:?}", s.name);
+            };
+            seqs.push(user_seq);
+        }
+        for (i, &user_seq) in seqs.iter().enumerate() {
+            let again = st
+                .send(CommitExchange(msg(
+                    "long",
+                    "u1",
+                    &format!("k{i}"),
+                    &format!("text {i}"),
+                    Some("ok"),
+                )))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(
+                again,
+                ExchangeOutcome::Duplicate { user_seq },
+                "{}: message {i}",
+                s.name
+            );
+            let changed = st
+                .send(CommitExchange(msg(
+                    "long",
+                    "u1",
+                    &format!("k{i}"),
+                    "another text",
+                    None,
+                )))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(
+                changed,
+                ExchangeOutcome::Conflict { user_seq },
+                "{}: message {i}",
+                s.name
+            );
+            // The same id from another sender is its own message.
+            if i % 10 == 0 {
+                let other = st
+                    .send(CommitExchange(msg(
+                        "long",
+                        "u2",
+                        &format!("k{i}"),
+                        "u2 says",
+                        None,
+                    )))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert!(
+                    other.accepted(),
+                    "{}: message {i} from u2: {other:?}",
+                    s.name
+                );
+            }
+        }
+        let turns = st
+            .send(GetTurns {
+                session: "webhook:long".into(),
+                after_seq: 0,
+                limit: 1000,
+            })
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let users = turns.iter().filter(|t| t.role == "user").count();
+        assert_eq!(
+            users, 110,
+            "{}: 100 from u1, 10 from u2, nothing twice",
+            s.name
+        );
+        let numbered: Vec<i64> = turns.iter().map(|t| t.seq).collect();
+        assert_eq!(
+            numbered,
+            (1..=numbered.len() as i64).collect::<Vec<_>>(),
+            "{}",
+            s.name
+        );
+    }
+}
+
 #[actix::test]
 async fn a_message_its_reply_and_outbox_row_commit_together_and_dedupe_by_sender_and_key() {
     for s in backends("exchange", 1) {
@@ -2002,6 +2111,19 @@ async fn a_moved_chat_merges_into_its_new_session_and_an_unreachable_one_fails_i
             "{}",
             s.name
         );
+        // The moved turns took their keys along, renumbered.
+        for (key, text, user_seq) in [("a", "one", 1), ("b", "two", 3)] {
+            let again = send(msg("new", "u1", key, text, Some("r")))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(
+                again,
+                ExchangeOutcome::Duplicate { user_seq },
+                "{}: {key}",
+                s.name
+            );
+        }
         let pending = st
             .send(GetPendingOutbox {
                 after: 0,

@@ -80,6 +80,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "task_instances",
         sql: include_str!("../../../migrations/0012_task_instances.sql"),
     },
+    Migration {
+        version: 13,
+        name: "turn_keys",
+        sql: include_str!("../../../migrations/0013_turn_keys.sql"),
+    },
 ];
 
 /// The schema version this binary writes.

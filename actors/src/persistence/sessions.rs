@@ -334,16 +334,86 @@ fn take_seqs(
     memory: Option<&str>,
     at: &str,
 ) -> Result<i64, StoreError> {
-    let (first, _) = next_seq_of(conn, session_id)?;
+    let first = session_row(conn, session_id)?.next_seq;
     bump_seqs(conn, session_id, n, memory, at)?;
     Ok(first)
 }
 
-/// The session's next sequence number and its `unreachable` mark.
-fn next_seq_of(conn: &Connection, session_id: &str) -> Result<(i64, Option<String>), StoreError> {
+/// What the message path reads of a session row, once per exchange.
+struct SessionRow {
+    next_seq: i64,
+    unreachable: Option<String>,
+    /// The first seq whose inbound key is not in `turn_keys` yet.
+    keys_from: i64,
+}
+
+/// The session's next sequence number, its `unreachable` mark and where
+/// its keys not yet in `turn_keys` begin.
+fn session_row(conn: &Connection, session_id: &str) -> Result<SessionRow, StoreError> {
     Ok(conn
-        .prepare_cached("SELECT next_seq, unreachable FROM sessions WHERE id = ?1")?
-        .query_row([session_id], |r| Ok((r.get(0)?, r.get(1)?)))?)
+        .prepare_cached("SELECT next_seq, unreachable, keys_from FROM sessions WHERE id = ?1")?
+        .query_row([session_id], |r| {
+            Ok(SessionRow {
+                next_seq: r.get(0)?,
+                unreachable: r.get(1)?,
+                keys_from: r.get(2)?,
+            })
+        })?)
+}
+
+/// How many turns past `keys_from` a conversation gathers before their
+/// keys go to `turn_keys` in one write: the duplicate check scans at most
+/// this many rows of the turns primary key (about one leaf), and the
+/// `turn_keys` leaf is written once per ~16 messages instead of once each.
+const KEYS_LAG: i64 = 32;
+
+/// The turn already stored under `(session, sender, key)` (R2, R41): among
+/// the session's newest turns, or in `turn_keys`.
+fn find_keyed_turn(
+    conn: &Connection,
+    session_id: &str,
+    principal: &str,
+    key: &str,
+    keys_from: i64,
+) -> Result<Option<(i64, String)>, StoreError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT seq, content FROM turns
+             WHERE session_id = ?1 AND seq >= ?4 AND principal_id = ?2 AND key = ?3
+             UNION ALL
+             SELECT t.seq, t.content FROM turn_keys k
+             JOIN turns t ON t.session_id = k.session_id AND t.seq = k.seq
+             WHERE k.session_id = ?1 AND k.principal_id = ?2 AND k.key = ?3
+             LIMIT 1",
+        )?
+        .query_row(params![session_id, principal, key, keys_from], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()?)
+}
+
+/// Once a session has `KEYS_LAG` turns past `keys_from`, copy their keys to
+/// `turn_keys` (one leaf write for all of them) and move `keys_from` to
+/// `next_seq`. In the same transaction as the turns, so the duplicate check
+/// always finds every key in one of its two places.
+fn file_keys(
+    conn: &Connection,
+    session_id: &str,
+    keys_from: i64,
+    next_seq: i64,
+) -> Result<(), StoreError> {
+    if next_seq - keys_from < KEYS_LAG {
+        return Ok(());
+    }
+    conn.prepare_cached(
+        "INSERT OR IGNORE INTO turn_keys (session_id, principal_id, key, seq)
+         SELECT session_id, principal_id, key, seq FROM turns
+         WHERE session_id = ?1 AND seq >= ?2 AND key IS NOT NULL AND principal_id IS NOT NULL",
+    )?
+    .execute(params![session_id, keys_from])?;
+    conn.prepare_cached("UPDATE sessions SET keys_from = ?2 WHERE id = ?1")?
+        .execute(params![session_id, next_seq])?;
+    Ok(())
 }
 
 /// Advance the session's next sequence number by `n` (and set its memory).
@@ -451,27 +521,21 @@ pub fn commit_exchange(
         ensure_session(conn, &ex.session, Some(&ex.from), at)?;
     }
     let principal = format!("{}:{}", ex.session.channel, ex.from);
+    // One read of the session row: where its unfiled keys begin, the guess
+    // checked below and the first of the numbers reserved (nothing in
+    // between writes the session row: an effect writes timers and tasks).
+    let row = session_row(conn, &ex.session.id)?;
     // The key is per sender (R41): (session, sender, id).
-    let seen: Option<(i64, String)> = conn
-        .prepare_cached(
-            "SELECT seq, content FROM turns
-             WHERE session_id = ?1 AND principal_id = ?2 AND key = ?3",
-        )?
-        .query_row(params![ex.session.id, principal, ex.key], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
-        .optional()?;
-    if let Some((user_seq, content)) = seen {
+    if let Some((user_seq, content)) =
+        find_keyed_turn(conn, &ex.session.id, &principal, &ex.key, row.keys_from)?
+    {
         return Ok(if content == ex.text {
             ExchangeOutcome::Duplicate { user_seq }
         } else {
             ExchangeOutcome::Conflict { user_seq }
         });
     }
-    // One read of the session row: the guess is checked against it and it
-    // is the first of the numbers reserved below (nothing in between writes
-    // the session row: an effect writes timers and tasks).
-    let (user_seq, unreachable) = next_seq_of(conn, &ex.session.id)?;
+    let (user_seq, unreachable) = (row.next_seq, row.unreachable);
     if ex.expect_seq.is_some_and(|expected| expected != user_seq) {
         return Ok(ExchangeOutcome::Stale);
     }
@@ -562,6 +626,7 @@ pub fn commit_exchange(
             )?);
         }
     }
+    file_keys(conn, &ex.session.id, row.keys_from, user_seq + n)?;
     Ok(ExchangeOutcome::Accepted {
         user_seq,
         reply_seq,
