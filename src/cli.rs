@@ -143,6 +143,21 @@ pub enum Command {
     Torture(keel_bench::torture::TortureArgs),
 }
 
+impl Command {
+    /// Commands that read the store (or ask keel) and print a report, so
+    /// that a closed stdout may simply end them (see `main`).
+    pub fn is_report(&self) -> bool {
+        matches!(
+            self,
+            Command::Status { .. }
+                | Command::Sessions { .. }
+                | Command::Timers { .. }
+                | Command::Audit { .. }
+                | Command::Verify { .. }
+        )
+    }
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
     #[command(flatten)]

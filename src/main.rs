@@ -25,12 +25,28 @@ use clap::Parser;
 fn main() -> ExitCode {
     keel_actors::persistence::tune_sqlite();
     let args = cli::Cli::parse();
+    if args.command.is_report() {
+        quiet_on_closed_stdout();
+    }
     match commands::dispatch(args) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("keel: error: {}", one_line(&e));
             ExitCode::from(1)
         }
+    }
+}
+
+/// A report piped into a reader that stopped reading (`keel status | head
+/// -3`) ends the way `cat` does, killed by SIGPIPE with nothing on stderr,
+/// instead of a panic from `println!` (Rust ignores SIGPIPE, so the write
+/// fails with EPIPE). Only for commands that just read and print: the
+/// daemon, `chat` and the commands that write keep SIGPIPE ignored and
+/// see EPIPE as an error on their sockets.
+fn quiet_on_closed_stdout() {
+    // SAFETY: signal(2) with SIG_DFL, before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 

@@ -140,6 +140,48 @@ async fn sessions_show_json_lists_the_turns_of_one_session() {
     finish(d, load, ledger).await;
 }
 
+/// `keel status | head -1`: a report whose reader went away ends quietly
+/// (SIGPIPE, as `cat` does), not with a panic and a backtrace on stderr.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_into_a_closed_pipe_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    std::fs::create_dir(&data).expect("mkdir");
+    let data_arg = data.to_str().expect("utf8");
+    let out = run_keel(&["migrate", "--data-dir", data_arg], None, CLI_DEADLINE).await;
+    assert!(
+        out.status.success(),
+        "migrate: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for args in [
+        vec!["status", "--data-dir", data_arg],
+        vec!["status", "--json", "--data-dir", data_arg],
+        vec!["sessions", "list", "--data-dir", data_arg],
+    ] {
+        // The read end is closed before keel starts: its first write fails.
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        drop(reader);
+        // std's `output()` keeps the stdout given (tokio's replaces it).
+        let out = std::process::Command::new(common::keel_bin())
+            .args(&args)
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .expect("run keel");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "keel {args:?}: {stderr}");
+        assert!(!stderr.contains("Broken pipe"), "keel {args:?}: {stderr}");
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGPIPE),
+            "keel {args:?} ended {} ({stderr})",
+            out.status
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_on_fresh_dir_prints_the_schema_version() {
     let tmp = tempfile::tempdir().expect("tempdir");
