@@ -140,11 +140,9 @@ async fn sessions_show_json_lists_the_turns_of_one_session() {
     finish(d, load, ledger).await;
 }
 
-/// `keel status | head -1`: a report whose reader went away ends quietly
-/// (SIGPIPE, as `cat` does), not with a panic and a backtrace on stderr.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_report_into_a_closed_pipe_ends_quietly() {
-    use std::os::unix::process::ExitStatusExt;
+/// A new data dir that `keel migrate` initialised (it must succeed), and
+/// what that migrate printed.
+async fn migrated_dir() -> (tempfile::TempDir, std::path::PathBuf, Output) {
     let tmp = tempfile::tempdir().expect("tempdir");
     let data = tmp.path().join("data");
     std::fs::create_dir(&data).expect("mkdir");
@@ -152,9 +150,20 @@ async fn a_report_into_a_closed_pipe_ends_quietly() {
     let out = run_keel(&["migrate", "--data-dir", data_arg], None, CLI_DEADLINE).await;
     assert!(
         out.status.success(),
-        "migrate: {}",
+        "keel migrate exited {}: {}",
+        out.status,
         String::from_utf8_lossy(&out.stderr)
     );
+    (tmp, data, out)
+}
+
+/// `keel status | head -1`: a report whose reader went away ends quietly
+/// (SIGPIPE, as `cat` does), not with a panic and a backtrace on stderr.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_into_a_closed_pipe_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let (_tmp, data, _) = migrated_dir().await;
+    let data_arg = data.to_str().expect("utf8");
     for args in [
         vec!["status", "--data-dir", data_arg],
         vec!["status", "--json", "--data-dir", data_arg],
@@ -184,17 +193,8 @@ async fn a_report_into_a_closed_pipe_ends_quietly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_on_fresh_dir_prints_the_schema_version() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let data = tmp.path().join("data");
-    std::fs::create_dir(&data).expect("mkdir");
+    let (_tmp, data, out) = migrated_dir().await;
     let data_arg = data.to_str().expect("utf8");
-    let out = run_keel(&["migrate", "--data-dir", data_arg], None, CLI_DEADLINE).await;
-    assert!(
-        out.status.success(),
-        "keel migrate exited {}: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
     let conn = common::open_db(&data.join("keel.db"));
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))

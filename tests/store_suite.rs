@@ -140,7 +140,7 @@ async fn turns_of(
     st.send(GetTurns {
         session: session.into(),
         after_seq: 0,
-        limit: 100,
+        limit: 1000,
     })
     .await
     .unwrap()
@@ -333,16 +333,7 @@ async fn every_key_of_a_long_conversation_is_still_deduplicated() {
                 );
             }
         }
-        let turns = st
-            .send(GetTurns {
-                session: "webhook:long".into(),
-                after_seq: 0,
-                limit: 1000,
-            })
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        let turns = turns_of(st, "webhook:long").await;
         let users = turns.iter().filter(|t| t.role == "user").count();
         assert_eq!(
             users, 110,
@@ -416,16 +407,7 @@ async fn a_message_its_reply_and_outbox_row_commit_together_and_dedupe_by_sender
             "{}: {u2:?}",
             s.name
         );
-        let turns = st
-            .send(GetTurns {
-                session: "webhook:c1".into(),
-                after_seq: 0,
-                limit: 100,
-            })
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        let turns = turns_of(st, "webhook:c1").await;
         let shape: Vec<_> = turns
             .iter()
             .map(|t| {
