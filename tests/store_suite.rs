@@ -258,18 +258,20 @@ async fn a_batch_of_exchanges_checks_each_guessed_seq_and_stops_at_the_first_not
 async fn every_key_of_a_long_conversation_is_still_deduplicated() {
     for s in backends("longkeys", 1) {
         let st = &s.instances[0];
+        let commit = |from: &str, i: usize, text: &str, reply: Option<&str>| {
+            st.send(CommitExchange(msg(
+                "long",
+                from,
+                &format!("k{i}"),
+                text,
+                reply,
+            )))
+        };
         let mut seqs = Vec::new();
         for i in 0..100 {
             // Every third message has no reply: seqs do not step by two.
             let reply = (i % 3 != 0).then_some("ok");
-            let out = st
-                .send(CommitExchange(msg(
-                    "long",
-                    "u1",
-                    &format!("k{i}"),
-                    &format!("text {i}"),
-                    reply,
-                )))
+            let out = commit("u1", i, &format!("text {i}"), reply)
                 .await
                 .unwrap()
                 .unwrap();
@@ -279,53 +281,18 @@ async fn every_key_of_a_long_conversation_is_still_deduplicated() {
             seqs.push(user_seq);
         }
         for (i, &user_seq) in seqs.iter().enumerate() {
-            let again = st
-                .send(CommitExchange(msg(
-                    "long",
-                    "u1",
-                    &format!("k{i}"),
-                    &format!("text {i}"),
-                    Some("ok"),
-                )))
-                .await
-                .unwrap()
-                .unwrap();
-            assert_eq!(
-                again,
-                ExchangeOutcome::Duplicate { user_seq },
-                "{}: message {i}",
-                s.name
-            );
-            let changed = st
-                .send(CommitExchange(msg(
-                    "long",
-                    "u1",
-                    &format!("k{i}"),
-                    "another text",
-                    None,
-                )))
-                .await
-                .unwrap()
-                .unwrap();
-            assert_eq!(
-                changed,
-                ExchangeOutcome::Conflict { user_seq },
-                "{}: message {i}",
-                s.name
-            );
+            // Again with the same text: a duplicate; with another: a conflict.
+            let same = format!("text {i}");
+            for (text, want) in [
+                (same.as_str(), ExchangeOutcome::Duplicate { user_seq }),
+                ("another text", ExchangeOutcome::Conflict { user_seq }),
+            ] {
+                let out = commit("u1", i, text, Some("ok")).await.unwrap().unwrap();
+                assert_eq!(out, want, "{}: message {i}", s.name);
+            }
             // The same id from another sender is its own message.
             if i % 10 == 0 {
-                let other = st
-                    .send(CommitExchange(msg(
-                        "long",
-                        "u2",
-                        &format!("k{i}"),
-                        "u2 says",
-                        None,
-                    )))
-                    .await
-                    .unwrap()
-                    .unwrap();
+                let other = commit("u2", i, "u2 says", None).await.unwrap().unwrap();
                 assert!(
                     other.accepted(),
                     "{}: message {i} from u2: {other:?}",
