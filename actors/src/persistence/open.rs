@@ -106,45 +106,16 @@ fn holds_nothing(path: &Path) -> bool {
     len(path) == 0 && len(Path::new(&wal)) == 0
 }
 
-/// The page size `path`'s WAL or rollback journal states in its header,
-/// which SQLCipher leaves in plaintext (it encrypts the page images only):
-/// WAL magic `0x377f068{2,3}` with the size at bytes 8–11; journal magic
-/// `d9d505f920a163d7` with the size at bytes 24–27. A hot journal must be
-/// rolled back at the file's own page size, so it is read from here.
-fn journal_page_size(path: &Path) -> Option<u32> {
-    use std::io::Read;
-    let head = |suffix: &str, n: usize| -> Option<Vec<u8>> {
-        let mut p = path.as_os_str().to_owned();
-        p.push(suffix);
-        let mut buf = vec![0u8; n];
-        File::open(Path::new(&p)).ok()?.read_exact(&mut buf).ok()?;
-        Some(buf)
-    };
-    let be = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
-    let valid = |size: u32| (512..=65536).contains(&size) && size.is_power_of_two();
-    if let Some(h) = head("-wal", 32) {
-        if matches!(be(&h[0..4]), 0x377f_0682 | 0x377f_0683) && valid(be(&h[8..12])) {
-            return Some(be(&h[8..12]));
-        }
-    }
-    let h = head("-journal", 28)?;
-    (h[0..8] == [0xd9, 0xd5, 0x05, 0xf9, 0x20, 0xa1, 0x63, 0xd7] && valid(be(&h[24..28])))
-        .then(|| be(&h[24..28]))
-}
-
 /// The page sizes to try, in order, when opening `path`. An encrypted
-/// file's page size is inside its encrypted header: unless its WAL or
-/// journal says it, a wrong one reads as "not a database", and SQLCipher
-/// takes `cipher_page_size` only before a connection's first read, so each
-/// try is a new connection. A plain file says its own size (the pragma
-/// only shapes a new file).
-fn page_sizes(path: &Path, key: Option<&KeyHandle>) -> Vec<u32> {
+/// file's page size is inside its encrypted header: a wrong one reads as
+/// "not a database", and SQLCipher takes `cipher_page_size` only before a
+/// connection's first read, so each try is a new connection. A plain file
+/// says its own size (the pragma only shapes a new file).
+fn page_sizes(path: &Path, key: Option<&KeyHandle>) -> &'static [u32] {
     if key.is_none() || holds_nothing(path) {
-        return vec![PAGE_SIZE];
-    }
-    match journal_page_size(path) {
-        Some(size) => vec![size],
-        None => vec![PAGE_SIZE, OLD_CIPHER_PAGE_SIZE],
+        &[PAGE_SIZE]
+    } else {
+        &[PAGE_SIZE, OLD_CIPHER_PAGE_SIZE]
     }
 }
 
