@@ -1489,45 +1489,16 @@ pub fn open_db_with(db: &Path, flags: rusqlite::OpenFlags) -> rusqlite::Connecti
     let plain = std::fs::read(db)
         .map(|b| b.starts_with(b"SQLite format 3\0"))
         .unwrap_or(false);
-    let Some(k) = key.filter(|_| !plain) else {
-        let conn = rusqlite::Connection::open_with_flags(db, flags).expect("open db");
-        conn.busy_timeout(Duration::from_secs(5))
-            .expect("busy timeout");
-        return conn;
-    };
-    // keel's own stores have 2 KiB pages, older ones (and the ones a test
-    // creates here) SQLCipher's 4 KiB: a wrong size reads as "not a
-    // database", and only a new connection can try another.
-    let new = !db.exists();
-    for size in [2048, 4096] {
-        let conn = rusqlite::Connection::open_with_flags(db, flags).expect("open db");
+    let conn = rusqlite::Connection::open_with_flags(db, flags).expect("open db");
+    if let Some(k) = key.filter(|_| !plain) {
         conn.execute_batch(&format!(
             "PRAGMA cipher_log_level = NONE; PRAGMA key = \"x'{k}'\";"
         ))
         .expect("apply key");
-        conn.busy_timeout(Duration::from_secs(5))
-            .expect("busy timeout");
-        // A store a test creates here is made the way keel made them
-        // before 2 KiB pages (SQLCipher's default), so keel's opening of
-        // older stores is what those tests exercise.
-        if new {
-            return conn;
-        }
-        conn.execute_batch(&format!("PRAGMA cipher_page_size = {size};"))
-            .expect("cipher_page_size");
-        match conn.query_row("SELECT count(*) FROM sqlite_schema", [], |r| {
-            r.get::<_, i64>(0)
-        }) {
-            Err(e)
-                if size == 2048
-                    && e.sqlite_error_code() == Some(rusqlite::ErrorCode::NotADatabase) =>
-            {
-                continue
-            }
-            _ => return conn,
-        }
     }
-    unreachable!("the last size returns")
+    conn.busy_timeout(Duration::from_secs(5))
+        .expect("busy timeout");
+    conn
 }
 
 /// `PRAGMA integrity_check` on a stopped daemon's database.

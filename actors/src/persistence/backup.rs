@@ -88,11 +88,6 @@ pub fn backup_db(
         detail: e.to_string(),
     })?;
     apply_key(&to, dest, key)?;
-    if key.is_some() {
-        // The copy is page for page: the destination reads and writes the
-        // source's page size (2 KiB, or 4 KiB for a store made before).
-        to.execute_batch(&format!("PRAGMA cipher_page_size = {page_size};"))?;
-    }
     let bytes = |p: Progress| {
         let total = u64::try_from(p.pagecount).unwrap_or(0);
         let left = u64::try_from(p.remaining).unwrap_or(0);

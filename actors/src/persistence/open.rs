@@ -84,55 +84,6 @@ pub fn tune_sqlite() {
     });
 }
 
-/// The page size of every database keel creates (issue 14). A commit
-/// writes whole pages, and a message's commit dirties a few leaves of
-/// b-trees clustered by conversation whatever their size: with 2 KiB pages
-/// a commit of the bench's 23 messages writes 37 % fewer bytes than with
-/// SQLite's 4 KiB (encrypted: fewer bytes through AES-CBC and the HMAC),
-/// for a few more, smaller frames. Files made before keep their size.
-pub const PAGE_SIZE: u32 = 2048;
-
-/// SQLCipher's default page size: encrypted stores created before
-/// [`PAGE_SIZE`].
-const OLD_CIPHER_PAGE_SIZE: u32 = 4096;
-
-/// Whether `path` holds no database yet: no file, or an empty one with no
-/// WAL content (a new database's first pages live in the WAL until the
-/// first checkpoint).
-fn holds_nothing(path: &Path) -> bool {
-    let len = |p: &Path| fs::metadata(p).map(|m| m.len()).unwrap_or(0);
-    let mut wal = path.as_os_str().to_owned();
-    wal.push("-wal");
-    len(path) == 0 && len(Path::new(&wal)) == 0
-}
-
-/// The page sizes to try, in order, when opening `path`. An encrypted
-/// file's page size is inside its encrypted header: a wrong one reads as
-/// "not a database", and SQLCipher takes `cipher_page_size` only before a
-/// connection's first read, so each try is a new connection. A plain file
-/// says its own size (the pragma only shapes a new file).
-fn page_sizes(path: &Path, key: Option<&KeyHandle>) -> &'static [u32] {
-    if key.is_none() || holds_nothing(path) {
-        &[PAGE_SIZE]
-    } else {
-        &[PAGE_SIZE, OLD_CIPHER_PAGE_SIZE]
-    }
-}
-
-/// Set the page size `conn` reads `path` with (encrypted) or creates a new
-/// file with (plain; ignored by an existing one).
-fn set_page_size(conn: &Connection, key: Option<&KeyHandle>, size: u32) -> rusqlite::Result<()> {
-    match key {
-        Some(_) => conn.execute_batch(&format!("PRAGMA cipher_page_size = {size};")),
-        None => conn.execute_batch(&format!("PRAGMA page_size = {size};")),
-    }
-}
-
-/// Whether `e` may only mean the page size tried was not the file's.
-fn maybe_other_page_size(e: &rusqlite::Error) -> bool {
-    e.sqlite_error_code() == Some(rusqlite::ErrorCode::NotADatabase)
-}
-
 pub fn open_connection(opts: &StoreOptions) -> Result<Connection, StoreError> {
     let Some(path) = &opts.path else {
         let conn = Connection::open_in_memory().map_err(|e| StoreError::Open {
@@ -145,36 +96,27 @@ pub fn open_connection(opts: &StoreOptions) -> Result<Connection, StoreError> {
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
         | OpenFlags::SQLITE_OPEN_CREATE
         | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    let key = opts.key.as_ref();
-    let sizes = page_sizes(path, key);
-    let mut tries = sizes.iter().peekable();
-    let conn = loop {
-        let size = *tries.next().expect("at least one page size");
-        // With `synchronous = FULL` a commit's WAL frames go out as one
-        // write at its sync (`walbuf`: only safe because FULL syncs before
-        // it publishes the frames).
-        let conn = if opts.synchronous == Synchronous::Full && super::walbuf::available() {
-            Connection::open_with_flags_and_vfs(path, flags, super::walbuf::NAME)
-        } else {
-            Connection::open_with_flags(path, flags)
-        }
+    // With `synchronous = FULL` a commit's WAL frames go out as one write
+    // at its sync (`walbuf`: only safe because FULL syncs before it
+    // publishes the frames).
+    let conn = if opts.synchronous == Synchronous::Full && super::walbuf::available() {
+        Connection::open_with_flags_and_vfs(path, flags, super::walbuf::NAME)
+    } else {
+        Connection::open_with_flags(path, flags)
+    }
+    .map_err(|e| classify_open_error(path, e))?;
+    apply_key(&conn, path, opts.key.as_ref())?;
+    conn.busy_timeout(opts.busy_timeout)
         .map_err(|e| classify_open_error(path, e))?;
-        apply_key(&conn, path, key)?;
-        set_page_size(&conn, key, size).map_err(|e| classify_open_error(path, e))?;
-        conn.busy_timeout(opts.busy_timeout)
-            .map_err(|e| classify_open_error(path, e))?;
-        match conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get::<_, String>(0)) {
-            Ok(mode) if mode.eq_ignore_ascii_case("wal") => break conn,
-            Ok(mode) => {
-                return Err(StoreError::Open {
-                    path: path.clone(),
-                    detail: format!("cannot switch to WAL mode (got {mode})"),
-                })
-            }
-            Err(e) if maybe_other_page_size(&e) && tries.peek().is_some() => continue,
-            Err(e) => return Err(classify_key_error(path, key, e)),
-        }
-    };
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+        .map_err(|e| classify_key_error(path, opts.key.as_ref(), e))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Open {
+            path: path.clone(),
+            detail: format!("cannot switch to WAL mode (got {mode})"),
+        });
+    }
     let sync = match opts.synchronous {
         Synchronous::Full => "FULL",
         Synchronous::Normal => "NORMAL",
@@ -504,37 +446,24 @@ pub(crate) fn connect_read_only(
     path: &Path,
     key: Option<&KeyHandle>,
 ) -> Result<Connection, StoreError> {
-    let open =
-        |flags: OpenFlags, size: u32| -> Result<(Connection, rusqlite::Result<i64>), StoreError> {
-            let conn = Connection::open_with_flags(path, flags | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-                .map_err(|e| classify_open_error(path, e))?;
-            apply_key(&conn, path, key)?;
-            if key.is_some() {
-                set_page_size(&conn, key, size).map_err(|e| classify_open_error(path, e))?;
-            }
-            conn.busy_timeout(Duration::from_secs(5))?;
-            let probe = conn.query_row("SELECT COUNT(*) FROM sqlite_master", [], |r| r.get(0));
-            Ok((conn, probe))
-        };
-    let sizes = page_sizes(path, key);
-    let mut tries = sizes.iter().peekable();
-    let (conn, probe, size) = loop {
-        let size = *tries.next().expect("at least one page size");
-        let (conn, probe) = open(OpenFlags::SQLITE_OPEN_READ_ONLY, size)?;
-        match &probe {
-            Err(e) if maybe_other_page_size(e) && tries.peek().is_some() => continue,
-            _ => break (conn, probe, size),
-        }
+    let open = |flags: OpenFlags| -> Result<(Connection, rusqlite::Result<i64>), StoreError> {
+        let conn = Connection::open_with_flags(path, flags | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+            .map_err(|e| classify_open_error(path, e))?;
+        apply_key(&conn, path, key)?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        let probe = conn.query_row("SELECT COUNT(*) FROM sqlite_master", [], |r| r.get(0));
+        Ok((conn, probe))
     };
+    let (conn, probe) = open(OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     match probe {
         Ok(_) => return Ok(conn),
         Err(e) if !is_hot_journal(&e) => return Err(classify_key_error(path, key, e)),
         Err(_) => drop(conn),
     }
-    let (writer, probe) = open(OpenFlags::SQLITE_OPEN_READ_WRITE, size)?;
+    let (writer, probe) = open(OpenFlags::SQLITE_OPEN_READ_WRITE)?;
     probe.map_err(|e| classify_key_error(path, key, e))?;
     drop(writer);
-    let (conn, probe) = open(OpenFlags::SQLITE_OPEN_READ_ONLY, size)?;
+    let (conn, probe) = open(OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     probe.map_err(|e| classify_key_error(path, key, e))?;
     Ok(conn)
 }
@@ -563,87 +492,4 @@ pub fn open_read_only(path: &Path, key: Option<&KeyHandle>) -> Result<Connection
         other => other,
     })?;
     Ok(conn)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::masterkey::{KeyHandle, MasterKey};
-
-    fn opts(path: &Path, key: Option<&KeyHandle>) -> StoreOptions {
-        StoreOptions {
-            path: Some(path.to_path_buf()),
-            synchronous: Synchronous::Full,
-            busy_timeout: Duration::from_secs(5),
-            max_batch: 64,
-            probe_interval: Duration::from_millis(500),
-            key: key.cloned(),
-        }
-    }
-
-    /// `PRAGMA page_size` (SQLCipher answers it as text).
-    fn page_size_of(conn: &Connection) -> i64 {
-        match conn
-            .query_row("PRAGMA page_size", [], |r| {
-                r.get::<_, rusqlite::types::Value>(0)
-            })
-            .unwrap()
-        {
-            rusqlite::types::Value::Integer(n) => n,
-            rusqlite::types::Value::Text(t) => t.trim().parse().unwrap(),
-            other => panic!("page_size {other:?}"),
-        }
-    }
-
-    #[test]
-    fn new_stores_get_2_kib_pages_and_older_encrypted_ones_keep_theirs() {
-        let dir = tempfile::tempdir().unwrap();
-        let key = KeyHandle::new(MasterKey::generate(), "a test key");
-        // New, encrypted and plain: 2 KiB, for the writer and for readers.
-        for (name, key) in [("enc.db", Some(&key)), ("plain.db", None)] {
-            let path = dir.path().join(name);
-            let conn = open_connection(&opts(&path, key)).unwrap();
-            conn.execute_batch("CREATE TABLE t (a); INSERT INTO t VALUES (1);")
-                .unwrap();
-            assert_eq!(page_size_of(&conn), i64::from(PAGE_SIZE), "{name}");
-            drop(conn);
-            let again = open_connection(&opts(&path, key)).unwrap();
-            assert_eq!(page_size_of(&again), i64::from(PAGE_SIZE), "{name}");
-            let reader = connect_read_only(&path, key).unwrap();
-            let n: i64 = reader
-                .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
-                .unwrap();
-            assert_eq!(n, 1, "{name}");
-        }
-        // An encrypted store made before (SQLCipher's 4 KiB default) opens
-        // as it is, for writing and reading, and stays 4 KiB.
-        let old = dir.path().join("old.db");
-        {
-            let c = Connection::open(&old).unwrap();
-            apply_key(&c, &old, Some(&key)).unwrap();
-            c.execute_batch(
-                "PRAGMA journal_mode = WAL; CREATE TABLE t (a); INSERT INTO t VALUES (7);",
-            )
-            .unwrap();
-            assert_eq!(page_size_of(&c), 4096);
-        }
-        let conn = open_connection(&opts(&old, Some(&key))).unwrap();
-        assert_eq!(page_size_of(&conn), 4096);
-        conn.execute_batch("INSERT INTO t VALUES (8);").unwrap();
-        drop(conn);
-        let reader = connect_read_only(&old, Some(&key)).unwrap();
-        let n: i64 = reader
-            .query_row("SELECT sum(a) FROM t", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(n, 15);
-        // A wrong key is still said as one, at either page size.
-        let wrong = KeyHandle::new(MasterKey::generate(), "another key");
-        for name in ["enc.db", "old.db"] {
-            let path = dir.path().join(name);
-            let e = open_connection(&opts(&path, Some(&wrong))).unwrap_err();
-            assert!(matches!(e, StoreError::Key { .. }), "{name}: {e}");
-            let e = connect_read_only(&path, Some(&wrong)).unwrap_err();
-            assert!(matches!(e, StoreError::Key { .. }), "{name}: {e}");
-        }
-    }
 }

@@ -1863,38 +1863,21 @@ fn print_figures(f: &Value) {
 /// the dir's `master.key` unless it is plain SQLite.
 fn open_store(data_dir: &Path) -> Result<rusqlite::Connection> {
     let db = data_dir.join("keel.db");
-    let open =
-        || rusqlite::Connection::open(&db).with_context(|| format!("cannot open {}", db.display()));
+    let conn =
+        rusqlite::Connection::open(&db).with_context(|| format!("cannot open {}", db.display()))?;
     let plain = fs::read(&db)
         .map(|b| b.starts_with(b"SQLite format 3\0"))
         .unwrap_or(false);
-    if plain {
-        return open();
-    }
-    let key = fs::read_to_string(data_dir.join("master.key"))
-        .context("the torture store has no master.key")?;
-    // keel's stores have 2 KiB pages, older ones 4 KiB; a wrong size reads
-    // as "not a database", and only a new connection can try another.
-    for size in [2048, 4096] {
-        let conn = open()?;
+    if !plain {
+        let key = fs::read_to_string(data_dir.join("master.key"))
+            .context("the torture store has no master.key")?;
         conn.execute_batch(&format!(
-            "PRAGMA cipher_log_level = NONE; PRAGMA key = \"x'{}'\"; PRAGMA cipher_page_size = {size};",
+            "PRAGMA cipher_log_level = NONE; PRAGMA key = \"x'{}'\";",
             key.trim()
         ))
         .context("cannot unlock the torture store")?;
-        match conn.query_row("SELECT count(*) FROM sqlite_schema", [], |r| {
-            r.get::<_, i64>(0)
-        }) {
-            Err(e)
-                if size == 2048
-                    && e.sqlite_error_code() == Some(rusqlite::ErrorCode::NotADatabase) =>
-            {
-                continue
-            }
-            _ => return Ok(conn),
-        }
     }
-    unreachable!("the last size returns")
+    Ok(conn)
 }
 
 /// `PRAGMA integrity_check` of the final store after its clean stop: the
