@@ -144,8 +144,10 @@ pub enum Command {
 }
 
 impl Command {
-    /// Commands that read the store (or ask keel) and print a report, so
-    /// that a closed stdout may simply end them (see `main`).
+    /// Commands whose work is a report on stdout, so that a closed stdout
+    /// may simply end them (see `main`). The few of them that write
+    /// (`timers cancel`, `sessions export`) finish their write before they
+    /// print what they did.
     pub fn is_report(&self) -> bool {
         matches!(
             self,

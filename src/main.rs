@@ -40,9 +40,9 @@ fn main() -> ExitCode {
 /// A report piped into a reader that stopped reading (`keel status | head
 /// -3`) ends the way `cat` does, killed by SIGPIPE with nothing on stderr,
 /// instead of a panic from `println!` (Rust ignores SIGPIPE, so the write
-/// fails with EPIPE). Only for commands that just read and print: the
-/// daemon, `chat` and the commands that write keep SIGPIPE ignored and
-/// see EPIPE as an error on their sockets.
+/// fails with EPIPE). Only for the report commands (`Command::is_report`):
+/// the daemon, `chat` and the commands that talk to keel's sockets or
+/// write stores keep SIGPIPE ignored and see EPIPE as an error.
 fn quiet_on_closed_stdout() {
     // SAFETY: signal(2) with SIG_DFL, before any other thread exists.
     unsafe {
